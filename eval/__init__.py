@@ -1,0 +1,1 @@
+"""KensaVL eval."""

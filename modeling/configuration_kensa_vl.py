@@ -1,0 +1,175 @@
+"""KensaVL configuration.
+
+Shipped to the Hub as remote code: imports only torch/transformers and siblings.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto import CONFIG_MAPPING
+
+# Per-family defaults for the keys of one encoder entry. `feature_layers` index `hidden_states`
+# (0 = embeddings, -1 = last layer), ViP-LLaVA / COMM style taps are lists of several indices.
+ENCODER_DEFAULTS = {
+    "siglip_vision_model": {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "feature_layers": [-1]},
+    "clip_vision_model": {
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "feature_layers": [-2],
+    },
+    "dinov2": {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "feature_layers": [-1]},
+    "dinov2_with_registers": {
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+        "feature_layers": [-1],
+    },
+}
+FALLBACK_ENCODER_DEFAULTS = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "feature_layers": [-1]}
+LAYER_MERGES = ("weighted", "concat")
+FUSIONS = ("concat", "interleave")
+
+
+def _config_dict(config) -> dict:
+    return config.to_dict() if isinstance(config, PretrainedConfig) else dict(config)
+
+
+def build_encoder_config(encoder: dict) -> PretrainedConfig:
+    """The transformers config of one encoder entry (SigLIP, CLIP vision, DINOv2, ...)."""
+    config = dict(encoder["config"])
+    model_type = config.pop("model_type")
+    if model_type == "siglip_vision_model":
+        config["vision_use_head"] = False  # the pooling head is never used: patch tokens only
+    return CONFIG_MAPPING[model_type](**config)
+
+
+def encoder_patch_grid(encoder: dict, tile_size: int) -> int:
+    """Side of the patch grid one encoder produces for a `tile_size` tile."""
+    patch_size = encoder["config"]["patch_size"]
+    if tile_size % patch_size:
+        raise ValueError(
+            f"Encoder {encoder['name']!r}: tile_size {tile_size} is not a multiple of its patch_size {patch_size}."
+        )
+    return tile_size // patch_size
+
+
+class KensaVLConfig(PretrainedConfig):
+    r"""
+    Configuration of a KensaVL model: one or more vision encoders, a projector and a decoder language model.
+
+    Args:
+        text_config (`dict` or `PretrainedConfig`): config of any causal LM (llama, qwen2, phi3, mistral, ...).
+        vision_encoders (`list[dict]`): one entry per encoder with keys `name`, `config` (a transformers vision
+            config or its dict, with `model_type`), and optionally `feature_layers`, `layer_merge`
+            (`"weighted"`: COMM's softmax-weighted sum of per-layer LayerNorm + Linear; `"concat"`), `image_mean`,
+            `image_std` (each encoder normalises the shared [0, 1] pixels itself).
+        fusion (`str`): `"concat"` (Eagle: encoders on a common grid, channels concatenated; default) or
+            `"interleave"` (Eyes Wide Shut: each encoder projected on its own, tokens interleaved).
+        pixel_shuffle (`int`): side of the space-to-depth block applied before the projector (2 → 4x fewer tokens).
+        projector_hidden_size (`int`, *optional*): hidden width of the MLP projector (default: the LM's width).
+        tile_size (`int`), max_tiles (`int`), use_thumbnail (`bool`): the tiling the processor uses.
+        vision_chunk_size (`int`): most tiles one encoder call sees (0: all tiles in one call).
+        image_token_id, ... : ids of the reserved special tokens (filled in by the builders).
+    """
+
+    model_type = "kensa_vl"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config=None,
+        vision_encoders: list[dict] | None = None,
+        fusion: str = "concat",
+        pixel_shuffle: int = 2,
+        projector_hidden_size: int | None = None,
+        tile_size: int = 448,
+        max_tiles: int = 12,
+        use_thumbnail: bool = True,
+        vision_chunk_size: int = 0,
+        image_token_id: int | None = None,
+        num_loc_bins: int = 256,
+        loc_token_start_id: int | None = None,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config = CONFIG_MAPPING[text_config.pop("model_type", "llama")](**text_config)
+        elif text_config is None:
+            text_config = CONFIG_MAPPING["llama"]()
+        # 4.x reads tie_word_embeddings from the text config, 5.x from the top-level config: set both.
+        text_config.tie_word_embeddings = tie_word_embeddings
+        self.text_config = text_config
+
+        encoders = []
+        for encoder in vision_encoders or []:
+            encoder = copy.deepcopy(dict(encoder))
+            encoder["config"] = _config_dict(encoder["config"])
+            for key, value in ENCODER_DEFAULTS.get(encoder["config"]["model_type"], FALLBACK_ENCODER_DEFAULTS).items():
+                encoder.setdefault(key, list(value))
+            encoder.setdefault("layer_merge", "weighted")
+            encoders.append(encoder)
+        self.vision_encoders = encoders
+        self.fusion = fusion
+        self.pixel_shuffle = pixel_shuffle
+        self.projector_hidden_size = projector_hidden_size
+        self.tile_size = tile_size
+        self.max_tiles = max_tiles
+        self.use_thumbnail = use_thumbnail
+        self.vision_chunk_size = vision_chunk_size
+        self.image_token_id = image_token_id
+        self.num_loc_bins = num_loc_bins
+        self.loc_token_start_id = loc_token_start_id
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        if encoders:
+            self.validate_vision()
+
+    def validate_vision(self) -> None:
+        """Raise `ValueError` when the encoders cannot share one patch grid or the options are unknown."""
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}.")
+        names = [encoder["name"] for encoder in self.vision_encoders]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Vision encoder names must be unique, got {names}.")
+        for encoder in self.vision_encoders:
+            if encoder["layer_merge"] not in LAYER_MERGES:
+                raise ValueError(
+                    f"Encoder {encoder['name']!r}: layer_merge must be one of {LAYER_MERGES}, "
+                    f"got {encoder['layer_merge']!r}."
+                )
+            if not encoder["feature_layers"]:
+                raise ValueError(f"Encoder {encoder['name']!r}: feature_layers is empty.")
+        grids = {encoder["name"]: encoder_patch_grid(encoder, self.tile_size) for encoder in self.vision_encoders}
+        common = self.grid_size
+        bad = {name: grid for name, grid in grids.items() if grid % common}
+        if bad:
+            raise ValueError(
+                f"Encoder grids cannot be aligned: every grid must be a multiple of the smallest ({common}), "
+                f"got {grids} for tile_size {self.tile_size}."
+            )
+        if common % self.pixel_shuffle:
+            raise ValueError(
+                f"The common patch grid {common} is not divisible by pixel_shuffle {self.pixel_shuffle} "
+                f"(tile_size {self.tile_size}, grids {grids})."
+            )
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the common patch grid all encoders are pooled to (the smallest encoder grid)."""
+        return min(encoder_patch_grid(encoder, self.tile_size) for encoder in self.vision_encoders)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Visual tokens one tile becomes in the language model (the processor repeats `<image>` this often)."""
+        side = self.grid_size // self.pixel_shuffle
+        streams = len(self.vision_encoders) if self.fusion == "interleave" else 1
+        return streams * side * side
+
+    def encoder_hidden_sizes(self) -> dict[str, int]:
+        """Channels each encoder contributes after its layer merge."""
+        sizes = {}
+        for encoder in self.vision_encoders:
+            hidden = encoder["config"]["hidden_size"]
+            sizes[encoder["name"]] = hidden * len(encoder["feature_layers"]) if encoder["layer_merge"] == "concat" else hidden
+        return sizes

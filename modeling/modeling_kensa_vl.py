@@ -1,0 +1,382 @@
+"""KensaVL: a tiled, multi-encoder vision-language model for fine-detail, few-shot inspection.
+
+Notable features:
+- every tile of every image in a batch goes through each vision encoder in one batched call (chunked only to bound
+  memory); any transformers vision model that returns patch hidden states works (SigLIP, CLIP, DINOv2, ...), CLS and
+  register tokens are dropped by count;
+- several layers per encoder, merged COMM-style (per-layer LayerNorm + Linear, softmax-weighted sum) or concatenated;
+- encoders pooled onto a common patch grid and fused by channel concatenation (Eagle) or token interleaving (EWS);
+- 2x2 pixel shuffle, then a LayerNorm + 2-layer GELU MLP projector into any causal LM;
+- image features replace the `<image>` tokens with `masked_scatter`; a count mismatch raises `ValueError`.
+
+Shipped to the Hub as remote code: imports only torch, transformers and siblings.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_kensa_vl import KensaVLConfig, build_encoder_config, encoder_patch_grid
+
+# transformers 5.2x renamed the cache argument and output field `past_key_values` -> `cache`.
+CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class KensaVLModelOutputWithPast(BaseModelOutputWithPast):
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class KensaVLCausalLMOutputWithPast(CausalLMOutputWithPast):
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class KensaVLLayerMerge(nn.Module):
+    """Merge the hidden states tapped from several layers of one encoder into one feature map."""
+
+    def __init__(self, hidden_size: int, num_layers: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode == "weighted" and num_layers > 1:
+            self.norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(num_layers))
+            self.projs = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_layers))
+            self.layer_logits = nn.Parameter(torch.zeros(num_layers))
+
+    def forward(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        if len(layers) == 1:
+            return layers[0]
+        if self.mode == "concat":
+            return torch.cat(layers, dim=-1)  # (N, P, C * L)
+        weights = self.layer_logits.softmax(dim=0)
+        return sum(w * proj(norm(h)) for w, norm, proj, h in zip(weights, self.norms, self.projs, layers))
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+
+class KensaVLProjector(nn.Module):
+    """LayerNorm + 2-layer GELU MLP: one over the concatenated encoders, or one per encoder when interleaving."""
+
+    def __init__(self, config: KensaVLConfig):
+        super().__init__()
+        out_dim = config.text_config.hidden_size
+        hidden = config.projector_hidden_size or out_dim
+        block = config.pixel_shuffle**2
+        sizes = config.encoder_hidden_sizes()
+        if config.fusion == "concat":
+            self.mlps = nn.ModuleDict({"fused": _mlp(sum(sizes.values()) * block, hidden, out_dim)})
+        else:
+            self.mlps = nn.ModuleDict({name: _mlp(size * block, hidden, out_dim) for name, size in sizes.items()})
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "fused" in self.mlps:
+            return self.mlps["fused"](torch.cat(list(features.values()), dim=-1))  # (N, L, D)
+        projected = [self.mlps[name](x) for name, x in features.items()]  # E x (N, L, D)
+        return torch.stack(projected, dim=2).flatten(1, 2)  # (N, L * E, D), tokens interleaved per position
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Space-to-depth: `(N, G, G, C)` -> `(N, (G/f)^2, C f^2)`."""
+    n, g, _, c = x.shape
+    x = x.view(n, g // factor, factor, g // factor, factor, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, (g // factor) ** 2, c * factor * factor)
+
+
+class KensaVLPreTrainedModel(PreTrainedModel):
+    config_class = KensaVLConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+
+    def _init_weights(self, module):
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(mean=0.0, std=std)
+        elif isinstance(module, KensaVLLayerMerge) and hasattr(module, "layer_logits"):
+            module.layer_logits.data.zero_()
+
+
+class KensaVLModel(KensaVLPreTrainedModel):
+    """Vision towers + layer merges + projector + language model backbone (no LM head)."""
+
+    def __init__(self, config: KensaVLConfig):
+        super().__init__(config)
+        if not config.vision_encoders:
+            raise ValueError("KensaVLConfig.vision_encoders is empty: a KensaVL model needs at least one encoder.")
+        attn = getattr(config, "_attn_implementation", None)
+        towers, no_split = {}, set()
+        for encoder in config.vision_encoders:
+            extra = {"attn_implementation": attn} if attn else {}
+            tower = AutoModel.from_config(build_encoder_config(encoder), **extra)
+            no_split.update(getattr(tower, "_no_split_modules", None) or [])
+            # 4.x wraps CLIP/SigLIP in `.vision_model`; 5.6+ does not. Unwrapping gives one key layout in both.
+            towers[encoder["name"]] = getattr(tower, "vision_model", tower)
+        self.vision_towers = nn.ModuleDict(towers)
+        self.layer_merges = nn.ModuleDict({
+            e["name"]: KensaVLLayerMerge(e["config"]["hidden_size"], len(e["feature_layers"]), e["layer_merge"])
+            for e in config.vision_encoders
+        })
+        self.multi_modal_projector = KensaVLProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        no_split.update(getattr(self.language_model, "_no_split_modules", None) or [])
+        self._no_split_modules = sorted(no_split)
+        self._tower_kwargs = {}
+        for encoder in config.vision_encoders:
+            params = inspect.signature(self.vision_towers[encoder["name"]].forward).parameters
+            image_size = encoder["config"].get("image_size", config.tile_size)
+            needs_interp = "interpolate_pos_encoding" in params and image_size != config.tile_size
+            self._tower_kwargs[encoder["name"]] = {"interpolate_pos_encoding": True} if needs_interp else {}
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    @staticmethod
+    def _tapped_hidden_states(tower: nn.Module, taps: list[int], pixel_values: torch.Tensor, tower_kwargs: dict):
+        """Run a tower and return `hidden_states[i]` for each tap `i` (0: the first layer's input, -1: the last layer).
+
+        Forward hooks on the encoder layers give the same indices as `output_hidden_states` in every transformers
+        version (4.x's unwrapped CLIP/SigLIP transformers do not return hidden states) and keep only the taps.
+        """
+        layers = getattr(tower.encoder, "layers", None) or getattr(tower.encoder, "layer", None)
+        if layers is None:
+            raise ValueError(f"{type(tower).__name__} has no `encoder.layers` / `encoder.layer` to tap features from.")
+        wanted = [tap % (len(layers) + 1) for tap in taps]
+        captured, handles = {}, []
+
+        def keep(index):
+            def hook(module, args, kwargs, output=None):
+                value = output if output is not None else (args[0] if args else kwargs["hidden_states"])
+                captured[index] = value[0] if isinstance(value, tuple) else value
+
+            return hook
+
+        for index in set(wanted):
+            if index == 0:
+                handles.append(layers[0].register_forward_pre_hook(keep(0), with_kwargs=True))
+            else:
+                handles.append(layers[index - 1].register_forward_hook(keep(index), with_kwargs=True))
+        try:
+            tower(pixel_values=pixel_values, **tower_kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [captured[index] for index in wanted]
+
+    def _encode(self, encoder: dict, pixel_values: torch.Tensor) -> torch.Tensor:
+        """One encoder over a chunk of tiles: `(n, 3, T, T)` in [0, 1] -> `(n, G, G, C)` on the common grid."""
+        name = encoder["name"]
+        tower = self.vision_towers[name]
+        mean = torch.tensor(encoder["image_mean"], device=pixel_values.device, dtype=pixel_values.dtype)
+        std = torch.tensor(encoder["image_std"], device=pixel_values.device, dtype=pixel_values.dtype)
+        x = (pixel_values - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        hidden_states = self._tapped_hidden_states(tower, encoder["feature_layers"], x, self._tower_kwargs[name])
+        grid = encoder_patch_grid(encoder, self.config.tile_size)
+        # (n, prefix + grid^2, C) each; CLS / register tokens come first and are dropped by count
+        layers = [hidden[:, hidden.shape[1] - grid * grid :] for hidden in hidden_states]
+        merged = self.layer_merges[name](layers)  # (n, grid^2, C')
+        n, _, channels = merged.shape
+        common = self.config.grid_size
+        if grid != common:  # average-pool onto the common grid (the config guarantees an integer factor)
+            merged = merged.transpose(1, 2).reshape(n, channels, grid, grid)
+            merged = F.avg_pool2d(merged, grid // common).flatten(2).transpose(1, 2)
+        return merged.reshape(n, common, common, channels)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Tiles `(N, 3, T, T)` in [0, 1] -> visual tokens `(N, tokens_per_tile, D)` in the LM's embedding space."""
+        tile = self.config.tile_size
+        if pixel_values.dim() != 4 or pixel_values.shape[1:] != (3, tile, tile):
+            raise ValueError(f"pixel_values must be (num_tiles, 3, {tile}, {tile}), got {tuple(pixel_values.shape)}.")
+        chunk = self.config.vision_chunk_size or pixel_values.shape[0]
+        shuffled = {}
+        for encoder in self.config.vision_encoders:
+            dtype = next(self.vision_towers[encoder["name"]].parameters()).dtype
+            x = pixel_values.to(dtype)
+            grids = [self._encode(encoder, x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
+            shuffled[encoder["name"]] = pixel_shuffle(torch.cat(grids), self.config.pixel_shuffle)
+        projector_dtype = self.multi_modal_projector.mlps[next(iter(self.multi_modal_projector.mlps))][1].weight.dtype
+        return self.multi_modal_projector({k: v.to(projector_dtype) for k, v in shuffled.items()})
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
+        if input_ids is None:
+            image_embed = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == image_embed).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        n_tokens, n_features = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"Image features and image tokens do not match: tokens: {n_tokens}, features: {n_features} "
+                f"({image_features.shape[0]} tiles x {image_features.shape[1]} tokens per tile)."
+            )
+        return mask.unsqueeze(-1).expand_as(inputs_embeds)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_grid: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> KensaVLModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        cache = kwargs.pop("cache", None) or past_key_values
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if image_grid is not None and pixel_values is not None and int(image_grid[:, 2].sum()) != pixel_values.shape[0]:
+            raise ValueError(
+                f"image_grid describes {int(image_grid[:, 2].sum())} tiles but pixel_values has {pixel_values.shape[0]}."
+            )
+        image_features = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            image_features = self.get_image_features(pixel_values)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+        elif self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank must run the towers, or ZeRO-3 waits forever for a text-only rank's all-gathers.
+            tile = self.config.tile_size
+            dummy = self.get_image_features(inputs_embeds.new_zeros(1, 3, tile, tile))
+            inputs_embeds = inputs_embeds + dummy.sum().to(inputs_embeds.dtype) * 0
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{CACHE_KEY: cache},
+            **kwargs,
+        )
+        return KensaVLModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+            **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
+        )
+
+
+class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
+    """KensaVL with a language-model head: `model` (backbone) + `lm_head`, the layout TRL and PEFT expect."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: KensaVLConfig):
+        super().__init__(config)
+        self.model = KensaVLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self._no_split_modules = self.model._no_split_modules
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_decoder(self):
+        return self.model.language_model
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_grid: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> KensaVLCausalLMOutputWithPast:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_tiles, 3, tile_size, tile_size)`): all tiles of all
+                images of the batch, in [0, 1], as the processor returns them.
+            image_grid (`torch.LongTensor` of shape `(num_images, 3)`): rows, cols and tiles per image (checked).
+            labels (`torch.LongTensor` of shape `(batch, seq)`): next-token targets, -100 where ignored.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grid=image_grid,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
+        return KensaVLCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_grid=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # Pixels go with the prefill only. 5.x flags it with `is_first_iteration`; 4.x re-sends pixels every step,
+        # and a decode step there feeds exactly one new token. Without a cache every step is a full prefill.
+        step_ids = model_inputs.get("input_ids")
+        prefill = (
+            bool(kwargs.get("is_first_iteration"))
+            or (step_ids is not None and step_ids.shape[1] > 1)
+            or not kwargs.get("use_cache", True)
+        )
+        if prefill:
+            model_inputs["pixel_values"] = pixel_values
+            model_inputs["image_grid"] = image_grid
+        return model_inputs
+
+__all__ = ["KensaVLConfig", "KensaVLModel", "KensaVLForConditionalGeneration", "KensaVLPreTrainedModel"]

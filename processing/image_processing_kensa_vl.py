@@ -1,0 +1,201 @@
+"""KensaVL image processor: dynamic tiling plus a global thumbnail (numpy / PIL only, no torchvision).
+
+Shipped to the Hub as remote code: imports only numpy, PIL, transformers and siblings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import load_image
+
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: ~8000 x 8000
+
+
+def select_tile_grid(width: int, height: int, tile_size: int, max_tiles: int) -> tuple[int, int]:
+    """The `(rows, cols)` tile grid for an image: the one tiling function of the project.
+
+    Among grids of at most `max_tiles` tiles, the grid whose aspect ratio is closest to the image's wins. On a tie
+    (e.g. 1x1, 2x2, 3x3 for a square image) a larger grid wins only when the image has more than half the pixels
+    of that grid, so small images are not upscaled into many tiles (InternVL's `dynamic_preprocess` rule).
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"Image size must be positive, got {width}x{height}.")
+    if max_tiles < 1:
+        raise ValueError(f"max_tiles must be >= 1, got {max_tiles}.")
+    aspect = width / height
+    grids = sorted(
+        ((rows, cols) for rows in range(1, max_tiles + 1) for cols in range(1, max_tiles + 1) if rows * cols <= max_tiles),
+        key=lambda grid: (grid[0] * grid[1], grid[1], grid[0]),
+    )
+    best, best_diff = (1, 1), float("inf")
+    for rows, cols in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (rows, cols), diff
+        elif diff == best_diff and width * height > 0.5 * tile_size * tile_size * rows * cols:
+            best = (rows, cols)
+    return best
+
+
+def num_tiles(rows: int, cols: int, use_thumbnail: bool) -> int:
+    """Tiles an image of grid `rows x cols` becomes: the grid plus a thumbnail when there is more than one tile."""
+    return rows * cols + int(use_thumbnail and rows * cols > 1)
+
+
+def _array_to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    array = array.astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError(f"Image contains {int((~np.isfinite(array)).sum())} NaN or infinite pixel values.")
+    peak = array.max(initial=0.0)
+    scale = 255.0 if peak <= 1.0 else 255.0 / 65535.0 if peak > 255.0 else 1.0
+    return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image) -> Image.Image:
+    """Any PIL image (RGBA on white, L, I;16, P, CMYK, ...), array (HW, HWC, CHW) or tensor as an RGB PIL image."""
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        try:
+            image = load_image(str(image) if not isinstance(image, bytes) else image)
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise ValueError(f"Could not read image {str(image)[:200]!r}: {error}") from error
+    if hasattr(image, "detach"):  # torch tensor, without importing torch here
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.transpose(1, 2, 0)  # CHW -> HWC
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+            raise ValueError(f"Expected an image array of shape (H, W), (H, W, C) or (C, H, W), got {array.shape}.")
+        if array.size == 0:
+            raise ValueError(f"Image has zero size: array of shape {array.shape}.")
+        image = Image.fromarray(_array_to_uint8(array))
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"Expected a PIL image, numpy array, tensor or path, got {type(image).__name__}.")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"Image has zero size: {image.width}x{image.height}.")
+    try:
+        image = ImageOps.exif_transpose(image)
+        image.load()
+    except OSError as error:
+        raise ValueError(f"Image data is corrupt or truncated: {error}") from error
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = Image.fromarray(_array_to_uint8(np.asarray(image)))
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, rgba)
+    return image.convert("RGB")
+
+
+def tile_image(
+    image: Image.Image, tile_size: int, max_tiles: int, use_thumbnail: bool, resample=Image.Resampling.BICUBIC
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Cut an RGB image into its tile grid (row-major) plus the thumbnail last: `(tiles, 3, T, T)` floats in [0, 1]."""
+    rows, cols = select_tile_grid(image.width, image.height, tile_size, max_tiles)
+    resized = np.asarray(image.resize((cols * tile_size, rows * tile_size), resample=resample))
+    tiles = resized.reshape(rows, tile_size, cols, tile_size, 3).transpose(0, 2, 4, 1, 3)
+    tiles = tiles.reshape(rows * cols, 3, tile_size, tile_size)
+    if num_tiles(rows, cols, use_thumbnail) > rows * cols:
+        thumbnail = np.asarray(image.resize((tile_size, tile_size), resample=resample)).transpose(2, 0, 1)
+        tiles = np.concatenate([tiles, thumbnail[None]], axis=0)
+    return tiles.astype(np.float32) / 255.0, (rows, cols)
+
+
+def _flatten_images(images) -> list:
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    flat = []
+    for item in images:
+        flat.extend(_flatten_images(item) if isinstance(item, (list, tuple)) else [item])
+    return flat
+
+
+class KensaVLImageProcessor(BaseImageProcessor):
+    r"""
+    Tiles each image into a grid of `tile_size` tiles chosen by `select_tile_grid` plus a global thumbnail.
+
+    Pixels are returned in [0, 1]; each vision encoder applies its own mean/std inside the model.
+
+    Args:
+        tile_size (`int`): side of a square tile in pixels.
+        max_tiles (`int`): most grid tiles per image (the thumbnail comes on top); can be overridden per call and
+            per image (`max_tiles=[1, 1, 12]` gives support images one tile and the query up to twelve).
+        use_thumbnail (`bool`): add a global thumbnail when an image has more than one tile.
+        max_image_pixels (`int`): images with more pixels are rejected (decompression-bomb guard).
+    """
+
+    model_input_names = ["pixel_values", "image_grid"]
+
+    def __init__(
+        self,
+        tile_size: int = 448,
+        max_tiles: int = 12,
+        use_thumbnail: bool = True,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.tile_size = tile_size
+        self.max_tiles = max_tiles
+        self.use_thumbnail = use_thumbnail
+        self.max_image_pixels = max_image_pixels
+
+    def fetch_images(self, images):  # 5.x ProcessorMixin hook: loading happens in `to_rgb`
+        return images
+
+    def grid_for(self, image: Image.Image, max_tiles: int | None = None) -> tuple[int, int]:
+        return select_tile_grid(image.width, image.height, self.tile_size, max_tiles or self.max_tiles)
+
+    def preprocess(
+        self,
+        images,
+        max_tiles: int | Sequence[int] | None = None,
+        return_tensors=None,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Returns a `BatchFeature` with `pixel_values` `(total_tiles, 3, tile_size, tile_size)` and `image_grid`
+        `(num_images, 3)` holding `rows, cols, num_tiles` per image, in input order (nested lists are flattened).
+
+        Raises:
+            ValueError: unreadable, empty, NaN or oversized images, or a `max_tiles` list of the wrong length.
+        """
+        images = _flatten_images(images)
+        budgets = max_tiles if isinstance(max_tiles, (list, tuple)) else [max_tiles or self.max_tiles] * len(images)
+        if len(budgets) != len(images):
+            raise ValueError(f"max_tiles has {len(budgets)} entries but {len(images)} images were given.")
+        all_tiles, grids = [], []
+        for index, (image, budget) in enumerate(zip(images, budgets)):
+            try:
+                image = to_rgb(image)
+            except ValueError as error:
+                raise ValueError(f"Image {index}: {error}") from error
+            if image.width * image.height > self.max_image_pixels:
+                raise ValueError(
+                    f"Image {index} has {image.width}x{image.height} = {image.width * image.height} pixels, more than "
+                    f"max_image_pixels={self.max_image_pixels}."
+                )
+            tiles, (rows, cols) = tile_image(image, self.tile_size, budget or self.max_tiles, self.use_thumbnail)
+            all_tiles.append(tiles)
+            grids.append([rows, cols, len(tiles)])
+        pixel_values = (
+            np.concatenate(all_tiles) if all_tiles else np.zeros((0, 3, self.tile_size, self.tile_size), np.float32)
+        )
+        image_grid = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
+        return BatchFeature({"pixel_values": pixel_values, "image_grid": image_grid}, tensor_type=return_tensors)
+
+
+__all__ = ["KensaVLImageProcessor", "select_tile_grid", "num_tiles", "tile_image", "to_rgb"]

@@ -1,0 +1,268 @@
+"""KensaVL processor: expands each `<image>` into its tile structure and tokenises; box <-> location tokens.
+
+Shipped to the Hub as remote code: imports only numpy, transformers and siblings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import transformers
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_kensa_vl import _flatten_images
+
+IMAGE_TOKEN = "<image>"  # the placeholder users write, and the token visual features replace
+IMAGE_START, IMAGE_END, GLOBAL_TOKEN = "<img>", "</img>", "<global>"
+BOX_START, BOX_END = "<box>", "</box>"
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+PAD_TOKEN = "<|endoftext|>"
+MAX_GRID_SIDE = 32  # row/column tags reserved in the vocabulary
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for block in content -%}"
+    "{%- if block['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- render(message['content']) + '<|im_end|>' -}}{%- endgeneration -%}{{- '\n' -}}"
+    "{%- else -%}{{- render(message['content']) + '<|im_end|>\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+def tile_tags(max_side: int = MAX_GRID_SIDE) -> list[str]:
+    return [f"<row_{i}>" for i in range(1, max_side + 1)] + [f"<col_{i}>" for i in range(1, max_side + 1)]
+
+
+def special_tokens() -> list[str]:
+    """Tokens skipped when decoding: chat markers, the image token and the tile structure tags."""
+    return [*CHAT_TOKENS, IMAGE_TOKEN, IMAGE_START, IMAGE_END, GLOBAL_TOKEN, *tile_tags()]
+
+
+def location_tokens(num_bins: int) -> list[str]:
+    """Box tokens, kept when decoding (they are the answer): `<box>`, `</box>` and `<loc_0>`..`<loc_{n-1}>`."""
+    return [BOX_START, BOX_END] + [f"<loc_{i}>" for i in range(num_bins)]
+
+
+def image_token_sequence(rows: int, cols: int, num_tiles: int, image_seq_len: int) -> list[str]:
+    """The tokens one image becomes; their count is the one token-count rule of the project.
+
+    `<img>`, then per tile in row-major order `<row_r><col_c>` and `image_seq_len` `<image>` tokens, then (with a
+    thumbnail) `<global>` and its `<image>` tokens, then `</img>`.
+    """
+    if rows > MAX_GRID_SIDE or cols > MAX_GRID_SIDE:
+        raise ValueError(f"Tile grid {rows}x{cols} exceeds the {MAX_GRID_SIDE} row/column tags in the vocabulary.")
+    if num_tiles not in (rows * cols, rows * cols + 1):
+        raise ValueError(f"A {rows}x{cols} grid has {rows * cols} or {rows * cols + 1} tiles, got {num_tiles}.")
+    tokens = [IMAGE_START]
+    for row in range(1, rows + 1):
+        for col in range(1, cols + 1):
+            tokens += [f"<row_{row}>", f"<col_{col}>"] + [IMAGE_TOKEN] * image_seq_len
+    if num_tiles > rows * cols:
+        tokens += [GLOBAL_TOKEN] + [IMAGE_TOKEN] * image_seq_len
+    tokens.append(IMAGE_END)
+    return tokens
+
+
+def boxes_to_text(boxes, width: int, height: int, num_bins: int) -> str:
+    """Boxes `(x0, y0, x1, y1)` in the image's pixel coordinates as `<box><loc_x0><loc_y0><loc_x1><loc_y1></box>`.
+
+    `x0, y0` take the bin they fall in, `x1, y1` the bin that ends at or after them, so the decoded box contains
+    the original one and each edge is off by less than one bin.
+    """
+    parts = []
+    for box in boxes:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ValueError(f"Box {tuple(box)} is not inside a {width}x{height} image with x0 < x1 and y0 < y1.")
+        bins = [
+            min(math.floor(x0 / width * num_bins + 1e-9), num_bins - 1),
+            min(math.floor(y0 / height * num_bins + 1e-9), num_bins - 1),
+            max(math.ceil(x1 / width * num_bins - 1e-9) - 1, 0),
+            max(math.ceil(y1 / height * num_bins - 1e-9) - 1, 0),
+        ]
+        parts.append(BOX_START + "".join(f"<loc_{b}>" for b in bins) + BOX_END)
+    return "".join(parts)
+
+
+_BOX_RE = re.compile(re.escape(BOX_START) + r"<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>" + re.escape(BOX_END))
+
+
+def text_to_boxes(text: str, width: int, height: int, num_bins: int) -> list[tuple[float, float, float, float]]:
+    """Parse every well-formed box in `text` back to pixel coordinates (the covering bins' outer edges)."""
+    boxes = []
+    for match in _BOX_RE.finditer(text):
+        a, b, c, d = (int(v) for v in match.groups())
+        if max(a, b, c, d) >= num_bins or a > c or b > d:
+            continue  # a malformed box in generated text is not a box
+        boxes.append((a * width / num_bins, b * height / num_bins, (c + 1) * width / num_bins, (d + 1) * height / num_bins))
+    return boxes
+
+
+class KensaVLProcessor(ProcessorMixin):
+    r"""
+    Wraps a [`KensaVLImageProcessor`] and a fast tokenizer.
+
+    Each `<image>` in the text becomes `<img>`, per tile `<row_r><col_c>` + `image_seq_len` image tokens, the
+    thumbnail as `<global>` + image tokens, and `</img>`. Text may be a string or a batch; images a flat list (in
+    placeholder order across the batch) or one list per sample; samples may have no image.
+
+    Args:
+        image_seq_len (`int`): image tokens per tile (`KensaVLConfig.tokens_per_tile`).
+        num_loc_bins (`int`): location bins per axis for boxes.
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.x reads these; 5.x infers them and warns if set
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
+    valid_kwargs = ["chat_template", "image_seq_len", "num_loc_bins"]
+    model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_grid"]
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_len: int = 256,
+                 num_loc_bins: int = 256, **kwargs):
+        # 5.x raises on unknown kwargs in ProcessorMixin.__init__: consume ours first.
+        self.image_seq_len = image_seq_len
+        self.num_loc_bins = num_loc_bins
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self._structure_ids = set(tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, IMAGE_START, IMAGE_END]))
+
+    def _pair_images(self, texts: list[str], images) -> list:
+        counts = [text.count(IMAGE_TOKEN) for text in texts]
+        nested = isinstance(images, (list, tuple)) and any(isinstance(item, (list, tuple)) for item in images)
+        if nested:
+            if len(images) != len(texts):
+                raise ValueError(f"Got {len(images)} image lists for {len(texts)} texts.")
+            per_sample = [len(_flatten_images(item)) for item in images]
+            if per_sample != counts:
+                raise ValueError(f"Each text needs one image per {IMAGE_TOKEN}: placeholders {counts}, images {per_sample}.")
+        flat = _flatten_images(images)
+        if len(flat) != sum(counts):
+            raise ValueError(
+                f"The text has {sum(counts)} {IMAGE_TOKEN} placeholders (per sample {counts}) but {len(flat)} images "
+                "were given."
+            )
+        return flat
+
+    def _expand(self, texts: list[str], image_grid) -> tuple[list[str], list[list[dict]]]:
+        expanded, offsets, index = [], [], 0
+        for text in texts:
+            pieces = text.split(IMAGE_TOKEN)
+            out, sample_offsets, cursor = pieces[0], [], len(pieces[0])
+            for piece in pieces[1:]:
+                rows, cols, tiles = (int(v) for v in image_grid[index])
+                replacement = "".join(image_token_sequence(rows, cols, tiles, self.image_seq_len))
+                sample_offsets.append({
+                    "type": "image", "span": (cursor, cursor + len(IMAGE_TOKEN)),
+                    "new_span": (len(out), len(out) + len(replacement)), "text": IMAGE_TOKEN, "replacement": replacement,
+                })
+                out += replacement + piece
+                cursor += len(IMAGE_TOKEN) + len(piece)
+                index += 1
+            expanded.append(out)
+            offsets.append(sample_offsets)
+        return expanded, offsets
+
+    def _check_truncation(self, texts: list[str], max_length: int, text_kwargs: dict) -> None:
+        encoded = self.tokenizer(texts, add_special_tokens=text_kwargs.get("add_special_tokens", True))["input_ids"]
+        left = self.tokenizer.truncation_side == "left"
+        for sample, ids in enumerate(encoded):
+            if len(ids) <= max_length:
+                continue
+            dropped = ids[: len(ids) - max_length] if left else ids[max_length:]
+            hits = sum(1 for token in dropped if token in self._structure_ids)
+            if hits:
+                raise ValueError(
+                    f"Sample {sample} needs {len(ids)} tokens; truncating to max_length={max_length} would cut "
+                    f"{hits} image tokens. Raise max_length to at least {len(ids)} or give the images fewer tiles."
+                )
+
+    def __call__(self, images=None, text=None, max_tiles=None, **kwargs) -> BatchFeature:
+        """
+        Returns a `BatchFeature` with `input_ids`, `attention_mask`, and for images `pixel_values` and
+        `image_grid` (see [`KensaVLImageProcessor.preprocess`]). With `return_text_replacement_offsets=True` also the
+        per-sample placeholder spans TRL's assistant-only loss needs. `max_tiles` may be one int or one per image.
+
+        Raises:
+            ValueError: placeholder/image count mismatch, bad images, or truncation that would cut an image.
+        """
+        for nested in ("text_kwargs", "images_kwargs", "common_kwargs"):
+            kwargs.update(kwargs.pop(nested, None) or {})
+        max_tiles = kwargs.pop("max_tiles", max_tiles)
+        return_tensors = kwargs.pop("return_tensors", None)
+        return_offsets = kwargs.pop("return_text_replacement_offsets", False)
+        for unused in ("sanitize_control_tokens", "videos", "audio", "return_token_type_ids", "return_mm_token_type_ids",
+                       "truncation_side"):
+            kwargs.pop(unused, None)
+        if text is None and images is None:
+            raise ValueError("KensaVLProcessor needs `text`, `images` or both.")
+
+        data = {}
+        texts = [text] if isinstance(text, str) else list(text) if text is not None else None
+        if images is not None:
+            flat = self._pair_images(texts, images) if texts is not None else _flatten_images(images)
+            data.update(self.image_processor(flat, max_tiles=max_tiles))
+        elif texts is not None and any(IMAGE_TOKEN in t for t in texts):
+            raise ValueError(f"The text has {sum(t.count(IMAGE_TOKEN) for t in texts)} {IMAGE_TOKEN} placeholders "
+                             "but no images were given.")
+        if texts is None:
+            return BatchFeature(data, tensor_type=return_tensors)
+
+        texts, offsets = self._expand(texts, data.get("image_grid", []))
+        if kwargs.get("truncation") and kwargs.get("max_length"):
+            self._check_truncation(texts, kwargs["max_length"], kwargs)
+        encoded = self.tokenizer(texts, return_token_type_ids=False, **kwargs)
+        data.update(encoded)
+        batch = BatchFeature(data, tensor_type=return_tensors)
+        if return_offsets:  # per-sample list of dicts; never tensor-converted
+            batch["text_replacement_offsets"] = offsets
+        return batch
+
+    def boxes_to_text(self, boxes, width: int, height: int) -> str:
+        return boxes_to_text(boxes, width, height, self.num_loc_bins)
+
+    def text_to_boxes(self, text: str, width: int, height: int):
+        return text_to_boxes(text, width, height, self.num_loc_bins)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """Decode generated ids to strings (location tokens are kept: they are not special)."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save so that transformers 4.57 and 5.x both load the folder (see the HF contract, section 2)."""
+        result = super().save_pretrained(save_directory, **kwargs)
+        self.image_processor.save_pretrained(save_directory)  # 4.x reads preprocessor_config.json
+        path = os.path.join(save_directory, "tokenizer_config.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                config = json.load(handle)
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"  # 5.x writes "TokenizersBackend"
+            extra = config.get("extra_special_tokens")
+            if isinstance(extra, list):  # 4.57 wants a dict here and the list under additional_special_tokens
+                config["additional_special_tokens"] = extra
+                config["extra_special_tokens"] = {}
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(config, handle, indent=2, ensure_ascii=False)
+        return result
+
+
+__all__ = ["KensaVLProcessor", "boxes_to_text", "text_to_boxes", "image_token_sequence", "special_tokens"]

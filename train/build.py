@@ -1,0 +1,244 @@
+"""Build KensaVL checkpoints: a tiny random one offline (`kensa-vl tiny`) or one assembled from pretrained parts.
+
+    kensa-vl tiny --out outputs/tiny
+    kensa-vl assemble --vision google/siglip-so400m-patch14-384 --vision facebook/dinov2-large \
+        --text Qwen/Qwen2.5-1.5B-Instruct --out outputs/kensa-1.5b
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
+
+from kensa_vl.modeling.configuration_kensa_vl import ENCODER_DEFAULTS, KensaVLConfig
+from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
+from kensa_vl.processing.image_processing_kensa_vl import KensaVLImageProcessor
+from kensa_vl.processing.processing_kensa_vl import (
+    DEFAULT_CHAT_TEMPLATE,
+    IMAGE_TOKEN,
+    PAD_TOKEN,
+    KensaVLProcessor,
+    location_tokens,
+    special_tokens,
+)
+
+logger = logging.getLogger(__name__)
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_kensa_vl.KensaVLConfig",
+    "AutoModel": "modeling_kensa_vl.KensaVLModel",
+    "AutoModelForCausalLM": "modeling_kensa_vl.KensaVLForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_kensa_vl.KensaVLForConditionalGeneration",
+    "AutoModelForVision2Seq": "modeling_kensa_vl.KensaVLForConditionalGeneration",
+}
+
+# Words the tiny tokenizer is trained on: enough for prompts, answers and descriptions to be short token runs.
+_CORPUS_WORDS = (
+    "good defective ok ng normal anomaly yes no is this one the a an of in at on with and or it what where which "
+    "image example product part surface query answer verdict defect type position box boxes describe description "
+    "scratch spot stain crack hole missing material contamination discolouration cut paste scar structure shuffle "
+    "tiny small medium large top bottom left right centre center upper lower middle corner edge near visible "
+    "brick grass gravel wood metal fabric paper marble leather tile grid screw nut cap board pcb texture colour "
+    "caption question classify class detect object photo picture shows there are no defects found clean "
+    "user assistant system please look carefully compare with examples above below first second third 0 1 2 3 4 5 "
+    "6 7 8 9 , . : ; ? ! ( ) - ' \" / \n"
+).split(" ")
+
+
+def _train_tokenizer(vocab_size: int = 1024, num_loc_bins: int = 256, seed: int = 0) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    generator = torch.Generator().manual_seed(seed)
+    words = _CORPUS_WORDS
+    lines = []
+    for _ in range(4000):  # random word sequences: every word and common pair becomes a merge
+        idx = torch.randint(len(words), (12,), generator=generator).tolist()
+        lines.append(" ".join(words[i] for i in idx))
+    lines.append("".join(chr(c) for c in range(32, 127)))
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = [PAD_TOKEN, *special_tokens()]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(lines, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=specials[1:],
+    )
+    tokenizer.add_tokens(location_tokens(num_loc_bins))
+    return tokenizer
+
+
+def add_kensa_tokens(tokenizer, num_loc_bins: int):
+    """Reserve every token KensaVL uses, up front (resizing later under ZeRO-3 + LoRA breaks)."""
+    missing = [t for t in special_tokens() if t not in tokenizer.get_vocab()]
+    extra = list(getattr(tokenizer, "additional_special_tokens", None) or [])
+    tokenizer.add_special_tokens({"additional_special_tokens": extra + missing}, replace_additional_special_tokens=False)
+    tokenizer.add_tokens([t for t in location_tokens(num_loc_bins) if t not in tokenizer.get_vocab()])
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer
+
+
+def make_processor(tokenizer, config: KensaVLConfig) -> KensaVLProcessor:
+    image_processor = KensaVLImageProcessor(
+        tile_size=config.tile_size, max_tiles=config.max_tiles, use_thumbnail=config.use_thumbnail
+    )
+    return KensaVLProcessor(
+        image_processor,
+        tokenizer,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+        image_seq_len=config.tokens_per_tile,
+        num_loc_bins=config.num_loc_bins,
+    )
+
+
+def set_token_ids(config: KensaVLConfig, tokenizer) -> None:
+    config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config.loc_token_start_id = tokenizer.convert_tokens_to_ids("<loc_0>")
+    for target in (config, config.text_config):
+        target.pad_token_id = tokenizer.pad_token_id
+        target.eos_token_id = tokenizer.eos_token_id
+        target.bos_token_id = tokenizer.bos_token_id
+
+
+def save_kensa(model: KensaVLForConditionalGeneration, processor: KensaVLProcessor, out: str | Path) -> Path:
+    """Save model + processor as a folder the Auto classes load with `trust_remote_code=True` (4.57 and 5.x)."""
+    out = Path(out)
+    model.register_for_auto_class("AutoModelForImageTextToText")
+    model.config.auto_map = dict(AUTO_MAP)
+    processor.register_for_auto_class("AutoProcessor")
+    processor.image_processor.register_for_auto_class("AutoImageProcessor")
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def tiny_config(tokenizer, tile_size: int = 224, max_tiles: int = 6, fusion: str = "concat") -> KensaVLConfig:
+    """Two encoders of different families (SigLIP-like, DINOv2-like with two taps) and a tiny Llama."""
+    vit = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "patch_size": 14, "image_size": tile_size}
+    encoders = [
+        {"name": "siglip", "config": {"model_type": "siglip_vision_model", "intermediate_size": 96, **vit}},
+        {"name": "dinov2", "config": {"model_type": "dinov2", "mlp_ratio": 2, **vit}, "feature_layers": [-2, -1]},
+    ]
+    text = {"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 16384, "rms_norm_eps": 1e-5}
+    config = KensaVLConfig(text_config=text, vision_encoders=encoders, fusion=fusion, tile_size=tile_size,
+                           max_tiles=max_tiles, projector_hidden_size=128)
+    set_token_ids(config, tokenizer)
+    return config
+
+
+def build_tiny(out: str | Path | None = None, seed: int = 0, **config_kwargs):
+    """A tiny random KensaVL + processor, built offline in seconds. Saved to `out` when given."""
+    tokenizer = _train_tokenizer(seed=seed)
+    config = tiny_config(tokenizer, **config_kwargs)
+    torch.manual_seed(seed)
+    model = KensaVLForConditionalGeneration(config).eval()
+    processor = make_processor(tokenizer, config)
+    if out is not None:
+        save_kensa(model, processor, out)
+    return model, processor
+
+
+def _load_vision(path: str):
+    """A vision tower and its config from a pretrained folder or Hub id (full CLIP/SigLIP checkpoints too)."""
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModel.from_pretrained(path)
+    if getattr(config, "vision_config", None) is not None:  # CLIPModel / SiglipModel: keep the vision half
+        model, config = model.vision_model, config.vision_config
+    state = {k.removeprefix("vision_model."): v for k, v in model.state_dict().items()}
+    try:
+        processor = AutoImageProcessor.from_pretrained(path)
+        mean, std = list(processor.image_mean), list(processor.image_std)
+    except (OSError, ValueError, AttributeError):
+        defaults = ENCODER_DEFAULTS.get(config.model_type, {})
+        mean, std = defaults.get("image_mean"), defaults.get("image_std")
+        logger.warning("%s: no image processor found, using %s defaults mean=%s std=%s", path, config.model_type,
+                       mean, std)
+    return config, state, mean, std
+
+
+def assemble(vision: list[str], text: str, out: str | Path, tile_size: int = 448, max_tiles: int = 12,
+             fusion: str = "concat", feature_layers: list[list[int]] | None = None, dtype=torch.float32):
+    """Copy pretrained towers and LM into a fresh KensaVL (random projector), reserve tokens, save."""
+    encoders, states = [], {}
+    for index, path in enumerate(vision):
+        config, state, mean, std = _load_vision(path)
+        name = config.model_type.removesuffix("_vision_model")
+        name = name if name not in states else f"{name}_{index}"
+        entry = {"name": name, "config": {**config.to_dict(), "model_type": config.model_type}}
+        entry.update({k: v for k, v in (("image_mean", mean), ("image_std", std)) if v is not None})
+        if feature_layers:
+            entry["feature_layers"] = feature_layers[index]
+        encoders.append(entry)
+        states[name] = state
+    lm = AutoModelForCausalLM.from_pretrained(text, dtype=torch.float32)
+    tokenizer = add_kensa_tokens(AutoTokenizer.from_pretrained(text), num_loc_bins=256)
+    config = KensaVLConfig(text_config=lm.config.to_dict(), vision_encoders=encoders, fusion=fusion,
+                           tile_size=tile_size, max_tiles=max_tiles,
+                           tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+                           base_models={"vision": list(vision), "text": text})
+    model = KensaVLForConditionalGeneration(config)
+    for name, state in states.items():
+        missing, unexpected = model.model.vision_towers[name].load_state_dict(state, strict=False)
+        unexpected = [k for k in unexpected if not k.startswith("head.")]  # SigLIP's unused pooling head
+        if missing or unexpected:
+            raise ValueError(f"Tower {name!r} does not match its checkpoint: missing {missing}, unexpected {unexpected}.")
+    model.model.language_model.load_state_dict(lm.base_model.state_dict())
+    model.lm_head.weight.data.copy_(lm.get_output_embeddings().weight.data)
+    model.resize_token_embeddings(len(tokenizer))
+    config.text_config.vocab_size = len(tokenizer)
+    set_token_ids(config, tokenizer)
+    model.to(dtype)
+    return save_kensa(model, make_processor(tokenizer, config), out)
+
+
+def add_parsers(subparsers) -> None:
+    tiny = subparsers.add_parser("tiny", help="build a tiny random KensaVL offline (the embedded default)")
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--tile-size", type=int, default=224)
+    tiny.add_argument("--max-tiles", type=int, default=6)
+    tiny.add_argument("--fusion", choices=["concat", "interleave"], default="concat")
+    tiny.set_defaults(func=lambda a: build_tiny(a.out, a.seed, tile_size=a.tile_size, max_tiles=a.max_tiles,
+                                                 fusion=a.fusion) and print(f"saved {a.out}"))
+
+    asm = subparsers.add_parser("assemble", help="assemble KensaVL from pretrained towers and an LM")
+    asm.add_argument("--vision", action="append", required=True, help="vision tower id or folder (repeatable)")
+    asm.add_argument("--text", required=True, help="causal LM id or folder")
+    asm.add_argument("--out", required=True)
+    asm.add_argument("--tile-size", type=int, default=448)
+    asm.add_argument("--max-tiles", type=int, default=12)
+    asm.add_argument("--fusion", choices=["concat", "interleave"], default="concat")
+    asm.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+
+    def run(a: argparse.Namespace) -> None:
+        out = assemble(a.vision, a.text, a.out, a.tile_size, a.max_tiles, a.fusion, dtype=getattr(torch, a.dtype))
+        print(f"saved {out}")
+
+    asm.set_defaults(func=run)
+
+
+__all__ = ["build_tiny", "assemble", "save_kensa", "make_processor"]

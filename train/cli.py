@@ -1,0 +1,21 @@
+"""The `kensa-vl` command: one entry point, one sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from kensa_vl.train import build
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="kensa-vl", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    build.add_parsers(subparsers)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
