@@ -171,5 +171,7 @@ class KensaVLConfig(PretrainedConfig):
         sizes = {}
         for encoder in self.vision_encoders:
             hidden = encoder["config"]["hidden_size"]
-            sizes[encoder["name"]] = hidden * len(encoder["feature_layers"]) if encoder["layer_merge"] == "concat" else hidden
+            sizes[encoder["name"]] = (
+                hidden * len(encoder["feature_layers"]) if encoder["layer_merge"] == "concat" else hidden
+            )
         return sizes

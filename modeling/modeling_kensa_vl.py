@@ -56,7 +56,7 @@ class KensaVLLayerMerge(nn.Module):
         if self.mode == "concat":
             return torch.cat(layers, dim=-1)  # (N, P, C * L)
         weights = self.layer_logits.softmax(dim=0)
-        return sum(w * proj(norm(h)) for w, norm, proj, h in zip(weights, self.norms, self.projs, layers))
+        return sum(w * proj(norm(h)) for w, norm, proj, h in zip(weights, self.norms, self.projs, layers, strict=True))
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -132,10 +132,12 @@ class KensaVLModel(KensaVLPreTrainedModel):
             # 4.x wraps CLIP/SigLIP in `.vision_model`; 5.6+ does not. Unwrapping gives one key layout in both.
             towers[encoder["name"]] = getattr(tower, "vision_model", tower)
         self.vision_towers = nn.ModuleDict(towers)
-        self.layer_merges = nn.ModuleDict({
-            e["name"]: KensaVLLayerMerge(e["config"]["hidden_size"], len(e["feature_layers"]), e["layer_merge"])
-            for e in config.vision_encoders
-        })
+        self.layer_merges = nn.ModuleDict(
+            {
+                e["name"]: KensaVLLayerMerge(e["config"]["hidden_size"], len(e["feature_layers"]), e["layer_merge"])
+                for e in config.vision_encoders
+            }
+        )
         self.multi_modal_projector = KensaVLProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         no_split.update(getattr(self.language_model, "_no_split_modules", None) or [])
@@ -253,10 +255,10 @@ class KensaVLModel(KensaVLPreTrainedModel):
         cache = kwargs.pop("cache", None) or past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if image_grid is not None and pixel_values is not None and int(image_grid[:, 2].sum()) != pixel_values.shape[0]:
-            raise ValueError(
-                f"image_grid describes {int(image_grid[:, 2].sum())} tiles but pixel_values has {pixel_values.shape[0]}."
-            )
+        if image_grid is not None and pixel_values is not None:
+            described = int(image_grid[:, 2].sum())
+            if described != pixel_values.shape[0]:
+                raise ValueError(f"image_grid describes {described} tiles, pixel_values has {pixel_values.shape[0]}.")
         image_features = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             image_features = self.get_image_features(pixel_values)
@@ -378,5 +380,6 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             model_inputs["pixel_values"] = pixel_values
             model_inputs["image_grid"] = image_grid
         return model_inputs
+
 
 __all__ = ["KensaVLConfig", "KensaVLModel", "KensaVLForConditionalGeneration", "KensaVLPreTrainedModel"]

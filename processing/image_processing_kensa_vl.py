@@ -29,7 +29,12 @@ def select_tile_grid(width: int, height: int, tile_size: int, max_tiles: int) ->
         raise ValueError(f"max_tiles must be >= 1, got {max_tiles}.")
     aspect = width / height
     grids = sorted(
-        ((rows, cols) for rows in range(1, max_tiles + 1) for cols in range(1, max_tiles + 1) if rows * cols <= max_tiles),
+        (
+            (rows, cols)
+            for rows in range(1, max_tiles + 1)
+            for cols in range(1, max_tiles + 1)
+            if rows * cols <= max_tiles
+        ),
         key=lambda grid: (grid[0] * grid[1], grid[1], grid[0]),
     )
     best, best_diff = (1, 1), float("inf")
@@ -178,7 +183,7 @@ class KensaVLImageProcessor(BaseImageProcessor):
         if len(budgets) != len(images):
             raise ValueError(f"max_tiles has {len(budgets)} entries but {len(images)} images were given.")
         all_tiles, grids = [], []
-        for index, (image, budget) in enumerate(zip(images, budgets)):
+        for index, (image, budget) in enumerate(zip(images, budgets, strict=True)):
             try:
                 image = to_rgb(image)
             except ValueError as error:

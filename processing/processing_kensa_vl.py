@@ -106,7 +106,9 @@ def text_to_boxes(text: str, width: int, height: int, num_bins: int) -> list[tup
         a, b, c, d = (int(v) for v in match.groups())
         if max(a, b, c, d) >= num_bins or a > c or b > d:
             continue  # a malformed box in generated text is not a box
-        boxes.append((a * width / num_bins, b * height / num_bins, (c + 1) * width / num_bins, (d + 1) * height / num_bins))
+        boxes.append(
+            (a * width / num_bins, b * height / num_bins, (c + 1) * width / num_bins, (d + 1) * height / num_bins)
+        )
     return boxes
 
 
@@ -130,8 +132,15 @@ class KensaVLProcessor(ProcessorMixin):
     valid_kwargs = ["chat_template", "image_seq_len", "num_loc_bins"]
     model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_grid"]
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_len: int = 256,
-                 num_loc_bins: int = 256, **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        image_seq_len: int = 256,
+        num_loc_bins: int = 256,
+        **kwargs,
+    ):
         # 5.x raises on unknown kwargs in ProcessorMixin.__init__: consume ours first.
         self.image_seq_len = image_seq_len
         self.num_loc_bins = num_loc_bins
@@ -148,7 +157,9 @@ class KensaVLProcessor(ProcessorMixin):
                 raise ValueError(f"Got {len(images)} image lists for {len(texts)} texts.")
             per_sample = [len(_flatten_images(item)) for item in images]
             if per_sample != counts:
-                raise ValueError(f"Each text needs one image per {IMAGE_TOKEN}: placeholders {counts}, images {per_sample}.")
+                raise ValueError(
+                    f"Each text needs one image per {IMAGE_TOKEN}: placeholders {counts}, images {per_sample}."
+                )
         flat = _flatten_images(images)
         if len(flat) != sum(counts):
             raise ValueError(
@@ -165,10 +176,15 @@ class KensaVLProcessor(ProcessorMixin):
             for piece in pieces[1:]:
                 rows, cols, tiles = (int(v) for v in image_grid[index])
                 replacement = "".join(image_token_sequence(rows, cols, tiles, self.image_seq_len))
-                sample_offsets.append({
-                    "type": "image", "span": (cursor, cursor + len(IMAGE_TOKEN)),
-                    "new_span": (len(out), len(out) + len(replacement)), "text": IMAGE_TOKEN, "replacement": replacement,
-                })
+                sample_offsets.append(
+                    {
+                        "type": "image",
+                        "span": (cursor, cursor + len(IMAGE_TOKEN)),
+                        "new_span": (len(out), len(out) + len(replacement)),
+                        "text": IMAGE_TOKEN,
+                        "replacement": replacement,
+                    }
+                )
                 out += replacement + piece
                 cursor += len(IMAGE_TOKEN) + len(piece)
                 index += 1
@@ -204,8 +220,14 @@ class KensaVLProcessor(ProcessorMixin):
         max_tiles = kwargs.pop("max_tiles", max_tiles)
         return_tensors = kwargs.pop("return_tensors", None)
         return_offsets = kwargs.pop("return_text_replacement_offsets", False)
-        for unused in ("sanitize_control_tokens", "videos", "audio", "return_token_type_ids", "return_mm_token_type_ids",
-                       "truncation_side"):
+        for unused in (
+            "sanitize_control_tokens",
+            "videos",
+            "audio",
+            "return_token_type_ids",
+            "return_mm_token_type_ids",
+            "truncation_side",
+        ):
             kwargs.pop(unused, None)
         if text is None and images is None:
             raise ValueError("KensaVLProcessor needs `text`, `images` or both.")
@@ -216,8 +238,10 @@ class KensaVLProcessor(ProcessorMixin):
             flat = self._pair_images(texts, images) if texts is not None else _flatten_images(images)
             data.update(self.image_processor(flat, max_tiles=max_tiles))
         elif texts is not None and any(IMAGE_TOKEN in t for t in texts):
-            raise ValueError(f"The text has {sum(t.count(IMAGE_TOKEN) for t in texts)} {IMAGE_TOKEN} placeholders "
-                             "but no images were given.")
+            raise ValueError(
+                f"The text has {sum(t.count(IMAGE_TOKEN) for t in texts)} {IMAGE_TOKEN} placeholders "
+                "but no images were given."
+            )
         if texts is None:
             return BatchFeature(data, tensor_type=return_tensors)
 

@@ -91,7 +91,9 @@ def add_kensa_tokens(tokenizer, num_loc_bins: int):
     """Reserve every token KensaVL uses, up front (resizing later under ZeRO-3 + LoRA breaks)."""
     missing = [t for t in special_tokens() if t not in tokenizer.get_vocab()]
     extra = list(getattr(tokenizer, "additional_special_tokens", None) or [])
-    tokenizer.add_special_tokens({"additional_special_tokens": extra + missing}, replace_additional_special_tokens=False)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": extra + missing}, replace_additional_special_tokens=False
+    )
     tokenizer.add_tokens([t for t in location_tokens(num_loc_bins) if t not in tokenizer.get_vocab()])
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
@@ -136,16 +138,36 @@ def save_kensa(model: KensaVLForConditionalGeneration, processor: KensaVLProcess
 
 def tiny_config(tokenizer, tile_size: int = 224, max_tiles: int = 6, fusion: str = "concat") -> KensaVLConfig:
     """Two encoders of different families (SigLIP-like, DINOv2-like with two taps) and a tiny Llama."""
-    vit = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "patch_size": 14, "image_size": tile_size}
+    vit = {
+        "hidden_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "patch_size": 14,
+        "image_size": tile_size,
+    }
     encoders = [
         {"name": "siglip", "config": {"model_type": "siglip_vision_model", "intermediate_size": 96, **vit}},
         {"name": "dinov2", "config": {"model_type": "dinov2", "mlp_ratio": 2, **vit}, "feature_layers": [-2, -1]},
     ]
-    text = {"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 16384, "rms_norm_eps": 1e-5}
-    config = KensaVLConfig(text_config=text, vision_encoders=encoders, fusion=fusion, tile_size=tile_size,
-                           max_tiles=max_tiles, projector_hidden_size=128)
+    text = {
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 16384,
+        "rms_norm_eps": 1e-5,
+    }
+    config = KensaVLConfig(
+        text_config=text,
+        vision_encoders=encoders,
+        fusion=fusion,
+        tile_size=tile_size,
+        max_tiles=max_tiles,
+        projector_hidden_size=128,
+    )
     set_token_ids(config, tokenizer)
     return config
 
@@ -175,13 +197,22 @@ def _load_vision(path: str):
     except (OSError, ValueError, AttributeError):
         defaults = ENCODER_DEFAULTS.get(config.model_type, {})
         mean, std = defaults.get("image_mean"), defaults.get("image_std")
-        logger.warning("%s: no image processor found, using %s defaults mean=%s std=%s", path, config.model_type,
-                       mean, std)
+        logger.warning(
+            "%s: no image processor found, using %s defaults mean=%s std=%s", path, config.model_type, mean, std
+        )
     return config, state, mean, std
 
 
-def assemble(vision: list[str], text: str, out: str | Path, tile_size: int = 448, max_tiles: int = 12,
-             fusion: str = "concat", feature_layers: list[list[int]] | None = None, dtype=torch.float32):
+def assemble(
+    vision: list[str],
+    text: str,
+    out: str | Path,
+    tile_size: int = 448,
+    max_tiles: int = 12,
+    fusion: str = "concat",
+    feature_layers: list[list[int]] | None = None,
+    dtype=torch.float32,
+):
     """Copy pretrained towers and LM into a fresh KensaVL (random projector), reserve tokens, save."""
     encoders, states = [], {}
     for index, path in enumerate(vision):
@@ -196,16 +227,23 @@ def assemble(vision: list[str], text: str, out: str | Path, tile_size: int = 448
         states[name] = state
     lm = AutoModelForCausalLM.from_pretrained(text, dtype=torch.float32)
     tokenizer = add_kensa_tokens(AutoTokenizer.from_pretrained(text), num_loc_bins=256)
-    config = KensaVLConfig(text_config=lm.config.to_dict(), vision_encoders=encoders, fusion=fusion,
-                           tile_size=tile_size, max_tiles=max_tiles,
-                           tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
-                           base_models={"vision": list(vision), "text": text})
+    config = KensaVLConfig(
+        text_config=lm.config.to_dict(),
+        vision_encoders=encoders,
+        fusion=fusion,
+        tile_size=tile_size,
+        max_tiles=max_tiles,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+        base_models={"vision": list(vision), "text": text},
+    )
     model = KensaVLForConditionalGeneration(config)
     for name, state in states.items():
         missing, unexpected = model.model.vision_towers[name].load_state_dict(state, strict=False)
         unexpected = [k for k in unexpected if not k.startswith("head.")]  # SigLIP's unused pooling head
         if missing or unexpected:
-            raise ValueError(f"Tower {name!r} does not match its checkpoint: missing {missing}, unexpected {unexpected}.")
+            raise ValueError(
+                f"Tower {name!r} does not match its checkpoint: missing {missing}, unexpected {unexpected}."
+            )
     model.model.language_model.load_state_dict(lm.base_model.state_dict())
     model.lm_head.weight.data.copy_(lm.get_output_embeddings().weight.data)
     model.resize_token_embeddings(len(tokenizer))
@@ -222,8 +260,12 @@ def add_parsers(subparsers) -> None:
     tiny.add_argument("--tile-size", type=int, default=224)
     tiny.add_argument("--max-tiles", type=int, default=6)
     tiny.add_argument("--fusion", choices=["concat", "interleave"], default="concat")
-    tiny.set_defaults(func=lambda a: build_tiny(a.out, a.seed, tile_size=a.tile_size, max_tiles=a.max_tiles,
-                                                 fusion=a.fusion) and print(f"saved {a.out}"))
+    tiny.set_defaults(
+        func=lambda a: (
+            build_tiny(a.out, a.seed, tile_size=a.tile_size, max_tiles=a.max_tiles, fusion=a.fusion)
+            and print(f"saved {a.out}")
+        )
+    )
 
     asm = subparsers.add_parser("assemble", help="assemble KensaVL from pretrained towers and an LM")
     asm.add_argument("--vision", action="append", required=True, help="vision tower id or folder (repeatable)")
