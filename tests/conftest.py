@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny random KensaVL built offline, and images of assorted sizes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny()
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny, tmp_path_factory):
+    from kensa_vl.train.build import save_kensa
+
+    model, processor = tiny
+    return save_kensa(model, processor, tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def images():
+    """Three images of different sizes and aspect ratios (2x3, 2x2 and 1x2 grids at 224 px)."""
+    return [random_image(200, 150, 1), random_image(448, 448, 2), random_image(500, 240, 3)]

@@ -1,0 +1,100 @@
+import io
+
+import numpy as np
+import pytest
+from conftest import random_image
+from PIL import Image
+
+from kensa_vl.processing.image_processing_kensa_vl import KensaVLImageProcessor, select_tile_grid, tile_image, to_rgb
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((1344, 1344), (3, 3)),  # square and big enough: the largest square grid within 12 tiles
+        ((300, 300), (1, 1)),  # small square: 2x2 would upscale it, so 1x1 wins the tie
+        ((448 * 2, 448), (1, 2)),
+        ((1920, 1080), (2, 4)),  # 16:9: 2:1 is the closest ratio within 12 tiles; 2x4 beats 1x2 on the tie
+        ((100, 1200), (12, 1)),  # very tall
+    ],
+)
+def test_select_tile_grid(size, expected):
+    assert select_tile_grid(*size, tile_size=448, max_tiles=12) == expected
+
+
+def test_tie_break_needs_enough_pixels():
+    # 1x1, 2x2 and 3x3 have the same aspect ratio: a grid wins only with more than half its pixels
+    assert select_tile_grid(448, 448, 448, 12) == (1, 1)
+    assert select_tile_grid(640, 640, 448, 12) == (2, 2)  # 409,600 > 0.5 * 4 * 448^2
+    assert select_tile_grid(1000, 1000, 448, 12) == (3, 3)
+    assert select_tile_grid(1000, 1000, 448, 4) == (2, 2)
+
+
+def test_tiles_are_crops_of_the_resized_image_and_thumbnail_last():
+    image = random_image(300, 140)
+    tiles, (rows, cols) = tile_image(image, 64, 6, use_thumbnail=True)
+    assert (rows, cols) == (1, 2)
+    assert tiles.shape == (3, 3, 64, 64) and tiles.dtype == np.float32
+    resized = np.asarray(image.resize((128, 64), Image.Resampling.BICUBIC)).astype(np.float32) / 255
+    np.testing.assert_allclose(tiles[1].transpose(1, 2, 0), resized[:, 64:], atol=1e-6)
+    thumb = np.asarray(image.resize((64, 64), Image.Resampling.BICUBIC)).astype(np.float32) / 255
+    np.testing.assert_allclose(tiles[2].transpose(1, 2, 0), thumb, atol=1e-6)
+    one, _ = tile_image(random_image(50, 50), 64, 6, use_thumbnail=True)
+    assert one.shape[0] == 1  # a single tile gets no thumbnail
+
+
+def test_modes_become_rgb():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("L", (4, 4), 7)).getpixel((0, 0)) == (7, 7, 7)
+    deep = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert deep.mode.startswith("I;16") and to_rgb(deep).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("CMYK", (4, 4), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("P", (4, 4))).mode == "RGB"
+    chw = np.zeros((3, 5, 7), dtype=np.float32)
+    assert to_rgb(chw).size == (7, 5)
+
+
+def test_exif_orientation_is_applied():
+    image = random_image(40, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert to_rgb(Image.open(io.BytesIO(buffer.getvalue()))).size == (20, 40)
+
+
+def test_per_image_max_tiles_and_layout():
+    processor = KensaVLImageProcessor(tile_size=64, max_tiles=6)
+    images = [random_image(256, 128), random_image(256, 128)]
+    out = processor(images, max_tiles=[1, 6])
+    assert out["image_grid"].tolist() == [[1, 1, 1], [1, 2, 3]]
+    assert out["pixel_values"].shape == (4, 3, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((0, 5, 3), dtype=np.uint8), "zero size"),
+        (np.full((4, 4, 3), np.nan, dtype=np.float32), "NaN"),
+        (b"not an image", "Could not read"),
+    ],
+)
+def test_bad_images_raise(image, message, tmp_path):
+    if isinstance(image, bytes):
+        path = tmp_path / "corrupt.png"
+        path.write_bytes(image)
+        image = str(path)
+    with pytest.raises(ValueError, match=message):
+        KensaVLImageProcessor(tile_size=64)([image])
+
+
+def test_pixel_limit():
+    processor = KensaVLImageProcessor(tile_size=64, max_image_pixels=100 * 100)
+    with pytest.raises(ValueError, match=r"101x100 = 10100 pixels, more than max_image_pixels=10000"):
+        processor([random_image(101, 100)])
+
+
+def test_max_tiles_list_must_match():
+    with pytest.raises(ValueError, match="max_tiles has 1 entries but 2 images"):
+        KensaVLImageProcessor(tile_size=64)([random_image(8, 8), random_image(8, 8)], max_tiles=[1])

@@ -1,0 +1,167 @@
+import copy
+
+import pytest
+import torch
+from conftest import random_image
+from transformers import AutoModel
+
+from kensa_vl.modeling.configuration_kensa_vl import KensaVLConfig, build_encoder_config
+from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration, KensaVLModel
+
+
+def _batch(processor, texts, images, **kwargs):
+    return processor(text=texts, images=images, padding=True, return_tensors="pt", **kwargs)
+
+
+def test_forward_shapes_and_loss(tiny, images):
+    model, processor = tiny
+    inputs = _batch(processor, ["a <image> b"], images[:1])
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert out.logits.shape == (*inputs["input_ids"].shape, model.config.text_config.vocab_size)
+    assert out.image_hidden_states.shape == (7, model.config.tokens_per_tile, model.config.text_config.hidden_size)
+    assert torch.isfinite(out.loss) and out.loss > 0
+
+
+def test_feature_token_mismatch_raises(tiny, images):
+    model, processor = tiny
+    inputs = _batch(processor, ["a <image> b"], images[:1])
+    first = int((inputs["input_ids"][0] == processor.image_token_id).nonzero()[0])
+    inputs["input_ids"][0, first] = 5  # one image token fewer than the features
+    with pytest.raises(ValueError, match=r"Image features and image tokens do not match: tokens: 447, features: 448"):
+        model(**inputs)
+
+
+def test_batch_mixing_zero_one_and_three_images(tiny, images):
+    model, processor = tiny
+    texts = ["text only sample", "one <image> image", "<image><image> three <image>"]
+    batch = _batch(processor, texts, [[], [images[2]], images])
+    with torch.no_grad():
+        logits = model(**batch).logits
+    processor.tokenizer.padding_side = "right"
+    for i, (text, imgs) in enumerate(zip(texts, [[], [images[2]], images], strict=True)):
+        single = processor(text=text, images=imgs or None, return_tensors="pt")
+        with torch.no_grad():
+            alone = model(**single).logits[0]
+        n = alone.shape[0]
+        torch.testing.assert_close(logits[i, :n], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batched_generation_equals_one_by_one(tiny, images, use_cache):
+    model, processor = tiny
+    processor.tokenizer.padding_side = "left"
+    texts = ["describe <image>", "is <image> defective? compare with <image> please"]
+    per_sample = [[images[0]], [images[1], images[2]]]
+    batch = _batch(processor, texts, per_sample)
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=use_cache)
+    for i, (text, imgs) in enumerate(zip(texts, per_sample, strict=True)):
+        single = processor(text=text, images=imgs, return_tensors="pt")
+        alone = model.generate(**single, max_new_tokens=6, do_sample=False, use_cache=use_cache)
+        assert out[i, -6:].tolist() == alone[0, -6:].tolist()
+    processor.tokenizer.padding_side = "right"
+
+
+def test_cached_generation_equals_uncached(tiny, images):
+    model, processor = tiny
+    inputs = processor(text="compare <image> with <image>", images=images[1:], return_tensors="pt")
+    cached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=True)
+    uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_gradient_checkpointing_backward(tiny, images):
+    model, processor = tiny
+    model = copy.deepcopy(model).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inputs = _batch(processor, ["x <image> y"], images[:1])
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    named = dict(model.named_parameters())
+    for key in ("model.multi_modal_projector.mlps.fused.1.weight", "model.layer_merges.dinov2.layer_logits",
+                "model.vision_towers.siglip.embeddings.patch_embedding.weight",
+                "model.language_model.layers.0.self_attn.q_proj.weight"):
+        assert named[key].grad is not None and named[key].grad.abs().sum() > 0, key
+
+
+VIT = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "patch_size": 8, "image_size": 64}
+FAMILIES = {
+    "siglip": {"model_type": "siglip_vision_model", "intermediate_size": 64, **VIT},
+    "clip": {"model_type": "clip_vision_model", "intermediate_size": 64, **VIT},
+    "dinov2": {"model_type": "dinov2", "mlp_ratio": 2, **VIT},
+    "dinov2reg": {"model_type": "dinov2_with_registers", "mlp_ratio": 2, "num_register_tokens": 4, **VIT},
+}
+
+
+def _small_config(encoders, fusion="concat", tile_size=64):
+    text = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    return KensaVLConfig(text_config=text, vision_encoders=encoders, fusion=fusion, tile_size=tile_size,
+                         image_token_id=3)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("fusion", ["concat", "interleave"])
+def test_every_encoder_family_and_fusion(family, fusion):
+    encoders = [{"name": family, "config": FAMILIES[family], "feature_layers": [1, -1], "layer_merge": "concat"},
+                {"name": "second", "config": FAMILIES["dinov2"], "feature_layers": [-2, -1]}]
+    config = _small_config(encoders, fusion)
+    model = KensaVLForConditionalGeneration(config).eval()
+    streams = 2 if fusion == "interleave" else 1
+    assert config.tokens_per_tile == streams * (64 // 8 // 2) ** 2
+    tiles = torch.rand(3, 3, 64, 64)
+    features = model.get_image_features(tiles)
+    assert features.shape == (3, config.tokens_per_tile, 32)
+    n = 3 * config.tokens_per_tile
+    ids = torch.tensor([[1] + [3] * n + [2]])
+    assert model(input_ids=ids, pixel_values=tiles).logits.shape == (1, n + 2, 64)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tapped_layers_equal_hidden_states(family):
+    """The hooks return what `output_hidden_states` returns, CLS/registers included before they are dropped."""
+    tower = AutoModel.from_config(build_encoder_config({"config": FAMILIES[family]})).eval()
+    tower = getattr(tower, "vision_model", tower)
+    x = torch.randn(2, 3, 64, 64)
+    taps = [0, 1, -2, -1]
+    got = KensaVLModel._tapped_hidden_states(tower, taps, x, {})
+    reference = tower(pixel_values=x, output_hidden_states=True).hidden_states
+    if reference is None:
+        pytest.skip("this transformers version returns no hidden_states from the unwrapped tower")
+    for tap, value in zip(taps, got, strict=True):
+        torch.testing.assert_close(value, reference[tap])
+
+
+def test_grids_that_cannot_align_raise():
+    a = {"name": "a", "config": {**FAMILIES["siglip"], "patch_size": 14}}  # 112 / 14 = 8
+    b = {"name": "b", "config": {**FAMILIES["dinov2"], "patch_size": 16}}  # 112 / 16 = 7: 8 is no multiple of 7
+    with pytest.raises(ValueError, match=r"Encoder grids cannot be aligned.*\{'a': 8, 'b': 7\}"):
+        _small_config([a, b], tile_size=112)
+    with pytest.raises(ValueError, match="tile_size 60 is not a multiple of its patch_size 14"):
+        _small_config([a], tile_size=60)
+
+
+def test_common_grid_pools_the_finer_encoder():
+    encoders = [{"name": "coarse", "config": {**FAMILIES["siglip"], "patch_size": 16}},
+                {"name": "fine", "config": FAMILIES["dinov2"]}]
+    config = _small_config(encoders)
+    assert config.grid_size == 4 and config.tokens_per_tile == 4
+    model = KensaVLModel(config).eval()
+    assert model.get_image_features(torch.rand(2, 3, 64, 64)).shape == (2, 4, 32)
+
+
+def test_save_load_round_trip(tiny, tiny_dir, images):
+    model, processor = tiny
+    loaded, info = KensaVLForConditionalGeneration.from_pretrained(tiny_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    inputs = processor(text="x <image>", images=images[:1], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_nan_and_wrong_shape_pixels(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=r"pixel_values must be \(num_tiles, 3, 224, 224\), got \(1, 3, 64, 64\)"):
+        model.get_image_features(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="NaN"):
+        from kensa_vl.processing.image_processing_kensa_vl import to_rgb
+
+        to_rgb(random_image(4, 4).convert("F").point(lambda _: float("nan")))
