@@ -1,0 +1,66 @@
+"""Load a saved KensaVL folder the way a Hub user does, in a process where `kensa_vl` cannot be imported.
+
+    python tests/remote_check.py FOLDER   # prints one JSON line; run under transformers 4.57 or 5.x
+"""
+
+import json
+import sys
+
+sys.modules["kensa_vl"] = None  # any import of the project from here on raises ImportError
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    pipeline,
+)
+
+
+def image(width, height, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def main(path: str) -> dict:
+    major = int(transformers.__version__.split(".")[0])
+    result = {"version": transformers.__version__}
+    result["config"] = type(AutoConfig.from_pretrained(path, trust_remote_code=True)).__name__
+    result["image_processor"] = type(AutoImageProcessor.from_pretrained(path, trust_remote_code=True)).__name__
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    result["processor"] = type(processor).__name__
+    auto_classes = [AutoModelForImageTextToText, AutoModelForCausalLM]
+    if major < 5:
+        auto_classes.append(transformers.AutoModelForVision2Seq)
+    for auto in auto_classes:
+        model, info = auto.from_pretrained(path, trust_remote_code=True, output_loading_info=True)
+        result[f"{auto.__name__}.loading_info"] = {k: sorted(v) for k, v in info.items() if v}
+    model.eval()
+    good, bad, query = image(300, 200, 1), image(480, 640, 2), image(120, 120, 3)
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "Good example:"}, {"type": "image", "image": good},
+        {"type": "text", "text": "Defective example (scratch):"}, {"type": "image", "image": bad},
+        {"type": "text", "text": "Is this one defective?"}, {"type": "image", "image": query}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
+    result["generated"] = cached[0, inputs["input_ids"].shape[1]:].tolist()
+    result["cached_equals_uncached"] = bool(torch.equal(cached, uncached))
+    pipe = pipeline("image-text-to-text", model=path, trust_remote_code=True)
+    greedy = {"max_new_tokens": 4, "do_sample": False}
+    raw = pipe(images=[query], text="Describe <image> please", generate_kwargs=greedy)
+    chat = pipe(text=messages, generate_kwargs=greedy)
+    result["pipeline_raw"] = raw[0]["generated_text"]
+    result["pipeline_chat"] = chat[0]["generated_text"][-1]["content"] if isinstance(
+        chat[0]["generated_text"], list) else chat[0]["generated_text"]
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1])))

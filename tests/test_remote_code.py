@@ -1,0 +1,67 @@
+"""The saved folder is what ships to the Hub: load it where `kensa_vl` cannot be imported, under 5.x and 4.57."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+TF457 = os.environ.get("KENSA_TF457_PYTHON")
+needs_457 = pytest.mark.skipif(not TF457, reason="set KENSA_TF457_PYTHON to a python with transformers 4.57 (.ci/run)")
+
+
+def _run(python: str, *args: str, env: dict | None = None) -> str:
+    done = subprocess.run([python, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def check(python: str, folder) -> dict:
+    result = json.loads(_run(python, str(HERE / "remote_check.py"), str(folder)).strip().splitlines()[-1])
+    for key, value in result.items():
+        if key.endswith("loading_info"):
+            assert value == {}, f"{result['version']} {key}: {value}"
+    assert result["cached_equals_uncached"]
+    assert (result["config"], result["processor"], result["image_processor"]) == (
+        "KensaVLConfig", "KensaVLProcessor", "KensaVLImageProcessor")
+    assert result["pipeline_raw"].startswith("Describe <image> please")
+    return result
+
+
+@pytest.fixture(scope="module")
+def saved_by_5x(tiny_dir):
+    return check(sys.executable, tiny_dir)
+
+
+@pytest.mark.slow
+def test_loads_and_generates_in_a_clean_process_5x(saved_by_5x):
+    assert saved_by_5x["version"].startswith("5.")
+    assert len(saved_by_5x["generated"]) == 8
+
+
+@pytest.mark.slow
+@needs_457
+def test_loads_in_457_and_generates_the_same_tokens(tiny_dir, saved_by_5x):
+    result = check(TF457, tiny_dir)
+    assert result["version"].startswith("4.57")
+    assert "AutoModelForVision2Seq.loading_info" in result
+    assert result["generated"] == saved_by_5x["generated"]
+    assert result["pipeline_raw"] == saved_by_5x["pipeline_raw"]
+
+
+@pytest.mark.slow
+@needs_457
+def test_saved_by_457_loads_in_both(tmp_path):
+    # Give the 4.57 interpreter the project without installing it there: a namespace folder of links.
+    shim = tmp_path / "shim" / "kensa_vl"
+    shim.mkdir(parents=True)
+    for name in ("modeling", "processing", "train"):
+        (shim / name).symlink_to(HERE.parent / name, target_is_directory=True)
+    out = tmp_path / "saved457"
+    _run(TF457, "-c", f"from kensa_vl.train.build import build_tiny; build_tiny({str(out)!r})",
+         env={"PYTHONPATH": str(shim.parent)})
+    assert check(TF457, out)["generated"] == check(sys.executable, out)["generated"]
