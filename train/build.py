@@ -90,10 +90,8 @@ def _train_tokenizer(vocab_size: int = 1024, num_loc_bins: int = 256, seed: int 
 def add_kensa_tokens(tokenizer, num_loc_bins: int):
     """Reserve every token KensaVL uses, up front (resizing later under ZeRO-3 + LoRA breaks)."""
     missing = [t for t in special_tokens() if t not in tokenizer.get_vocab()]
-    extra = list(getattr(tokenizer, "additional_special_tokens", None) or [])
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": extra + missing}, replace_additional_special_tokens=False
-    )
+    # second argument: keep the tokenizer's own extra special tokens (its keyword was renamed in 5.x)
+    tokenizer.add_special_tokens({"additional_special_tokens": missing}, False)
     tokenizer.add_tokens([t for t in location_tokens(num_loc_bins) if t not in tokenizer.get_vocab()])
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})

@@ -1,0 +1,93 @@
+"""`assemble` copies pretrained parts into KensaVL exactly: towers and LM behave as the standalone components."""
+
+import pytest
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BitImageProcessorPil,
+    Dinov2Config,
+    Dinov2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    SiglipConfig,
+    SiglipImageProcessorPil,
+    SiglipModel,
+)
+
+from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
+from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN
+from kensa_vl.train.build import assemble
+
+VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 14, "image_size": 56}
+
+
+def _plain_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["a plain language model tokenizer"] * 10, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    siglip = SiglipModel(SiglipConfig(vision_config={**VIT, "intermediate_size": 64},
+                                      text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                                   "num_attention_heads": 2, "vocab_size": 50}))
+    siglip.save_pretrained(root / "siglip")
+    SiglipImageProcessorPil(image_mean=[0.4, 0.4, 0.4], image_std=[0.2, 0.2, 0.2]).save_pretrained(root / "siglip")
+    Dinov2Model(Dinov2Config(**VIT, mlp_ratio=2)).save_pretrained(root / "dinov2")
+    BitImageProcessorPil().save_pretrained(root / "dinov2")
+    tokenizer = _plain_tokenizer()
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    lm.save_pretrained(root / "lm")
+    tokenizer.save_pretrained(root / "lm")
+    out = assemble([str(root / "siglip"), str(root / "dinov2")], str(root / "lm"), root / "kensa", tile_size=56,
+                   max_tiles=4)
+    return root, out
+
+
+@pytest.mark.slow
+def test_assembled_towers_and_lm_equal_the_components(parts):
+    root, out = parts
+    model = KensaVLForConditionalGeneration.from_pretrained(out).eval()
+    x = torch.randn(2, 3, 56, 56)
+    references = {"siglip": AutoModel.from_pretrained(root / "siglip").vision_model,
+                  "dinov2": AutoModel.from_pretrained(root / "dinov2")}
+    for name, reference in references.items():
+        with torch.no_grad():
+            expected = reference(pixel_values=x).last_hidden_state
+            got = model.model.vision_towers[name](pixel_values=x).last_hidden_state
+        torch.testing.assert_close(got, expected)
+    lm = AutoModelForCausalLM.from_pretrained(root / "lm").eval()
+    ids = torch.tensor([[5, 17, 42, 8, 99]])
+    with torch.no_grad():
+        expected = lm(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    assert got.shape[-1] > expected.shape[-1]  # KensaVL's tokens were added to the vocabulary
+    torch.testing.assert_close(got[..., : expected.shape[-1]], expected)
+
+
+@pytest.mark.slow
+def test_assembled_config_records_provenance_and_tokens(parts):
+    root, out = parts
+    model = KensaVLForConditionalGeneration.from_pretrained(out)
+    config = model.config
+    encoders = {e["name"]: e for e in config.vision_encoders}
+    assert set(encoders) == {"siglip", "dinov2"}
+    assert encoders["siglip"]["image_mean"] == [0.4, 0.4, 0.4]  # read from the component's image processor
+    assert config.base_models == {"vision": [str(root / "siglip"), str(root / "dinov2")], "text": str(root / "lm")}
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    assert config.image_token_id == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert processor.image_seq_len == config.tokens_per_tile == 4
+    assert model.get_input_embeddings().weight.shape[0] == len(processor.tokenizer)
