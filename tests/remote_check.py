@@ -1,6 +1,6 @@
 """Load a saved KensaVL folder the way a Hub user does, in a process where `kensa_vl` cannot be imported.
 
-    python tests/remote_check.py FOLDER   # prints one JSON line; run under transformers 4.57 or 5.x
+python tests/remote_check.py FOLDER   # prints one JSON line; run under transformers 4.57 or 5.x
 """
 
 import json
@@ -41,24 +41,37 @@ def main(path: str) -> dict:
         result[f"{auto.__name__}.loading_info"] = {k: sorted(v) for k, v in info.items() if v}
     model.eval()
     good, bad, query = image(300, 200, 1), image(480, 640, 2), image(120, 120, 3)
-    messages = [{"role": "user", "content": [
-        {"type": "text", "text": "Good example:"}, {"type": "image", "image": good},
-        {"type": "text", "text": "Defective example (scratch):"}, {"type": "image", "image": bad},
-        {"type": "text", "text": "Is this one defective?"}, {"type": "image", "image": query}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Good example:"},
+                {"type": "image", "image": good},
+                {"type": "text", "text": "Defective example (scratch):"},
+                {"type": "image", "image": bad},
+                {"type": "text", "text": "Is this one defective?"},
+                {"type": "image", "image": query},
+            ],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     with torch.no_grad():
         cached = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
-    result["generated"] = cached[0, inputs["input_ids"].shape[1]:].tolist()
+    result["generated"] = cached[0, inputs["input_ids"].shape[1] :].tolist()
     result["cached_equals_uncached"] = bool(torch.equal(cached, uncached))
     pipe = pipeline("image-text-to-text", model=path, trust_remote_code=True)
     greedy = {"max_new_tokens": 4, "do_sample": False}
     raw = pipe(images=[query], text="Describe <image> please", generate_kwargs=greedy)
     chat = pipe(text=messages, generate_kwargs=greedy)
     result["pipeline_raw"] = raw[0]["generated_text"]
-    result["pipeline_chat"] = chat[0]["generated_text"][-1]["content"] if isinstance(
-        chat[0]["generated_text"], list) else chat[0]["generated_text"]
+    result["pipeline_chat"] = (
+        chat[0]["generated_text"][-1]["content"]
+        if isinstance(chat[0]["generated_text"], list)
+        else chat[0]["generated_text"]
+    )
     return result
 
 

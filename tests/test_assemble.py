@@ -28,8 +28,12 @@ def _plain_tokenizer():
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(["a plain language model tokenizer"] * 10, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
 
@@ -38,20 +42,38 @@ def _plain_tokenizer():
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
-    siglip = SiglipModel(SiglipConfig(vision_config={**VIT, "intermediate_size": 64},
-                                      text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                                   "num_attention_heads": 2, "vocab_size": 50}))
+    siglip = SiglipModel(
+        SiglipConfig(
+            vision_config={**VIT, "intermediate_size": 64},
+            text_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "vocab_size": 50,
+            },
+        )
+    )
     siglip.save_pretrained(root / "siglip")
     SiglipImageProcessorPil(image_mean=[0.4, 0.4, 0.4], image_std=[0.2, 0.2, 0.2]).save_pretrained(root / "siglip")
     Dinov2Model(Dinov2Config(**VIT, mlp_ratio=2)).save_pretrained(root / "dinov2")
     BitImageProcessorPil().save_pretrained(root / "dinov2")
     tokenizer = _plain_tokenizer()
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     lm.save_pretrained(root / "lm")
     tokenizer.save_pretrained(root / "lm")
-    out = assemble([str(root / "siglip"), str(root / "dinov2")], str(root / "lm"), root / "kensa", tile_size=56,
-                   max_tiles=4)
+    out = assemble(
+        [str(root / "siglip"), str(root / "dinov2")], str(root / "lm"), root / "kensa", tile_size=56, max_tiles=4
+    )
     return root, out
 
 
@@ -60,8 +82,10 @@ def test_assembled_towers_and_lm_equal_the_components(parts):
     root, out = parts
     model = KensaVLForConditionalGeneration.from_pretrained(out).eval()
     x = torch.randn(2, 3, 56, 56)
-    references = {"siglip": AutoModel.from_pretrained(root / "siglip").vision_model,
-                  "dinov2": AutoModel.from_pretrained(root / "dinov2")}
+    references = {
+        "siglip": AutoModel.from_pretrained(root / "siglip").vision_model,
+        "dinov2": AutoModel.from_pretrained(root / "dinov2"),
+    }
     for name, reference in references.items():
         with torch.no_grad():
             expected = reference(pixel_values=x).last_hidden_state

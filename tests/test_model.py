@@ -76,9 +76,12 @@ def test_gradient_checkpointing_backward(tiny, images):
     inputs = _batch(processor, ["x <image> y"], images[:1])
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
     named = dict(model.named_parameters())
-    for key in ("model.multi_modal_projector.mlps.fused.1.weight", "model.layer_merges.dinov2.layer_logits",
-                "model.vision_towers.siglip.embeddings.patch_embedding.weight",
-                "model.language_model.layers.0.self_attn.q_proj.weight"):
+    for key in (
+        "model.multi_modal_projector.mlps.fused.1.weight",
+        "model.layer_merges.dinov2.layer_logits",
+        "model.vision_towers.siglip.embeddings.patch_embedding.weight",
+        "model.language_model.layers.0.self_attn.q_proj.weight",
+    ):
         assert named[key].grad is not None and named[key].grad.abs().sum() > 0, key
 
 
@@ -92,17 +95,27 @@ FAMILIES = {
 
 
 def _small_config(encoders, fusion="concat", tile_size=64):
-    text = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
-    return KensaVLConfig(text_config=text, vision_encoders=encoders, fusion=fusion, tile_size=tile_size,
-                         image_token_id=3)
+    text = {
+        "model_type": "llama",
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
+    return KensaVLConfig(
+        text_config=text, vision_encoders=encoders, fusion=fusion, tile_size=tile_size, image_token_id=3
+    )
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("fusion", ["concat", "interleave"])
 def test_every_encoder_family_and_fusion(family, fusion):
-    encoders = [{"name": family, "config": FAMILIES[family], "feature_layers": [1, -1], "layer_merge": "concat"},
-                {"name": "second", "config": FAMILIES["dinov2"], "feature_layers": [-2, -1]}]
+    encoders = [
+        {"name": family, "config": FAMILIES[family], "feature_layers": [1, -1], "layer_merge": "concat"},
+        {"name": "second", "config": FAMILIES["dinov2"], "feature_layers": [-2, -1]},
+    ]
     config = _small_config(encoders, fusion)
     model = KensaVLForConditionalGeneration(config).eval()
     streams = 2 if fusion == "interleave" else 1
@@ -140,8 +153,10 @@ def test_grids_that_cannot_align_raise():
 
 
 def test_common_grid_pools_the_finer_encoder():
-    encoders = [{"name": "coarse", "config": {**FAMILIES["siglip"], "patch_size": 16}},
-                {"name": "fine", "config": FAMILIES["dinov2"]}]
+    encoders = [
+        {"name": "coarse", "config": {**FAMILIES["siglip"], "patch_size": 16}},
+        {"name": "fine", "config": FAMILIES["dinov2"]},
+    ]
     config = _small_config(encoders)
     assert config.grid_size == 4 and config.tokens_per_tile == 4
     model = KensaVLModel(config).eval()

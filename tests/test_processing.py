@@ -74,12 +74,20 @@ def test_truncation_into_an_image_raises_and_text_truncation_works(tiny, images)
 def test_chat_template_and_assistant_mask(tiny, images):
     _, processor = tiny
     messages = [
-        {"role": "user", "content": [{"type": "text", "text": "Good:"}, {"type": "image", "image": images[1]},
-                                     {"type": "text", "text": "Defective?"}, {"type": "image", "image": images[2]}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Good:"},
+                {"type": "image", "image": images[1]},
+                {"type": "text", "text": "Defective?"},
+                {"type": "image", "image": images[2]},
+            ],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "yes scratch"}]},
     ]
-    out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
-                                        return_assistant_tokens_mask=True)
+    out = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True
+    )
     ids, mask = out["input_ids"][0], out["assistant_masks"][0].bool()
     assert out["pixel_values"].shape[0] == 5 + 3
     assert processor.tokenizer.decode(ids[mask]) == "yes scratch<|im_end|>"

@@ -14,8 +14,9 @@ needs_457 = pytest.mark.skipif(not TF457, reason="set KENSA_TF457_PYTHON to a py
 
 
 def _run(python: str, *args: str, env: dict | None = None) -> str:
-    done = subprocess.run([python, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          timeout=600)
+    done = subprocess.run(
+        [python, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout
 
@@ -27,7 +28,10 @@ def check(python: str, folder) -> dict:
             assert value == {}, f"{result['version']} {key}: {value}"
     assert result["cached_equals_uncached"]
     assert (result["config"], result["processor"], result["image_processor"]) == (
-        "KensaVLConfig", "KensaVLProcessor", "KensaVLImageProcessor")
+        "KensaVLConfig",
+        "KensaVLProcessor",
+        "KensaVLImageProcessor",
+    )
     assert result["pipeline_raw"].startswith("Describe <image> please")
     return result
 
@@ -62,6 +66,10 @@ def test_saved_by_457_loads_in_both(tmp_path):
     for name in ("modeling", "processing", "train"):
         (shim / name).symlink_to(HERE.parent / name, target_is_directory=True)
     out = tmp_path / "saved457"
-    _run(TF457, "-c", f"from kensa_vl.train.build import build_tiny; build_tiny({str(out)!r})",
-         env={"PYTHONPATH": str(shim.parent)})
+    _run(
+        TF457,
+        "-c",
+        f"from kensa_vl.train.build import build_tiny; build_tiny({str(out)!r})",
+        env={"PYTHONPATH": str(shim.parent)},
+    )
     assert check(TF457, out)["generated"] == check(sys.executable, out)["generated"]
