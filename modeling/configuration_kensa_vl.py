@@ -44,9 +44,14 @@ def build_encoder_config(encoder: dict) -> PretrainedConfig:
     return CONFIG_MAPPING[model_type](**config)
 
 
+def encoder_width(encoder: dict) -> int:
+    """Channels of one tapped layer (timm CNN entries give `hidden_size` for their chosen stage)."""
+    return encoder.get("hidden_size") or encoder["config"]["hidden_size"]
+
+
 def encoder_patch_grid(encoder: dict, tile_size: int) -> int:
-    """Side of the patch grid one encoder produces for a `tile_size` tile."""
-    patch_size = encoder["config"]["patch_size"]
+    """Side of the patch grid one encoder produces for a `tile_size` tile (timm CNNs: `feature_stride`)."""
+    patch_size = encoder.get("feature_stride") or encoder["config"]["patch_size"]
     if tile_size % patch_size:
         raise ValueError(
             f"Encoder {encoder['name']!r}: tile_size {tile_size} is not a multiple of its patch_size {patch_size}."
@@ -170,7 +175,7 @@ class KensaVLConfig(PretrainedConfig):
         """Channels each encoder contributes after its layer merge."""
         sizes = {}
         for encoder in self.vision_encoders:
-            hidden = encoder["config"]["hidden_size"]
+            hidden = encoder_width(encoder)
             sizes[encoder["name"]] = (
                 hidden * len(encoder["feature_layers"]) if encoder["layer_merge"] == "concat" else hidden
             )

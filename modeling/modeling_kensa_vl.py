@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_kensa_vl import KensaVLConfig, build_encoder_config, encoder_patch_grid
+from .configuration_kensa_vl import KensaVLConfig, build_encoder_config, encoder_patch_grid, encoder_width
 
 # transformers 5.2x renamed the cache argument and output field `past_key_values` -> `cache`.
 CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -134,7 +134,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         self.vision_towers = nn.ModuleDict(towers)
         self.layer_merges = nn.ModuleDict(
             {
-                e["name"]: KensaVLLayerMerge(e["config"]["hidden_size"], len(e["feature_layers"]), e["layer_merge"])
+                e["name"]: KensaVLLayerMerge(encoder_width(e), len(e["feature_layers"]), e["layer_merge"])
                 for e in config.vision_encoders
             }
         )
@@ -163,7 +163,11 @@ class KensaVLModel(KensaVLPreTrainedModel):
         Forward hooks on the encoder layers give the same indices as `output_hidden_states` in every transformers
         version (4.x's unwrapped CLIP/SigLIP transformers do not return hidden states) and keep only the taps.
         """
-        layers = getattr(tower.encoder, "layers", None) or getattr(tower.encoder, "layer", None)
+        if hasattr(tower, "timm_model"):  # transformers' timm wrapper: taps are timm stage indices, maps NCHW
+            out = tower(pixel_values=pixel_values, output_hidden_states=list(taps), do_pooling=False)
+            return [feature_map.flatten(2).transpose(1, 2) for feature_map in out.hidden_states]
+        encoder = getattr(tower, "encoder", None)
+        layers = getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
         if layers is None:
             raise ValueError(f"{type(tower).__name__} has no `encoder.layers` / `encoder.layer` to tap features from.")
         wanted = [tap % (len(layers) + 1) for tap in taps]

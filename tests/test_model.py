@@ -180,3 +180,35 @@ def test_nan_and_wrong_shape_pixels(tiny):
         from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 
         to_rgb(random_image(4, 4).convert("F").point(lambda _: float("nan")))
+
+
+def test_text_only_batch_under_distributed_still_runs_the_towers(tiny, tmp_path):
+    """ZeRO-3 needs every rank to run the towers: a text-only training batch runs them on a dummy tile."""
+    import torch.distributed as dist
+
+    model, processor = tiny
+    model = copy.deepcopy(model).train()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        inputs = processor(text=["only words here"], return_tensors="pt")
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    finally:
+        dist.destroy_process_group()
+    tower_grad = model.model.vision_towers["siglip"].embeddings.patch_embedding.weight.grad
+    assert tower_grad is not None and tower_grad.abs().sum() == 0  # in the graph, contributing nothing
+
+
+def test_timm_cnn_encoder_beside_a_vit():
+    """Optional extra: a timm CNN through transformers' timm wrapper, its stage map pooled onto the common grid."""
+    pytest.importorskip("timm", reason="timm is an optional extra (needs torchvision); exercised where installed")
+    cnn = {
+        "name": "resnet",
+        "config": {"model_type": "timm_wrapper", "architecture": "resnet18", "do_pooling": False},
+        "feature_layers": [3],
+        "feature_stride": 16,
+        "hidden_size": 256,
+    }
+    vit = {"name": "dinov2", "config": {**FAMILIES["dinov2"], "patch_size": 8}}
+    config = _small_config([vit, cnn])  # 64 px tiles: DINOv2 8x8 patches, resnet18 stage 3 at stride 16 -> 4x4
+    model = KensaVLModel(config).eval()
+    assert model.get_image_features(torch.rand(2, 3, 64, 64)).shape == (2, config.tokens_per_tile, 32)
