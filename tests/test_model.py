@@ -212,3 +212,17 @@ def test_timm_cnn_encoder_beside_a_vit():
     config = _small_config([vit, cnn])  # 64 px tiles: DINOv2 8x8 patches, resnet18 stage 3 at stride 16 -> 4x4
     model = KensaVLModel(config).eval()
     assert model.get_image_features(torch.rand(2, 3, 64, 64)).shape == (2, config.tokens_per_tile, 32)
+
+
+def test_tied_word_embeddings_survive_save_and_load(tmp_path):
+    config = _small_config([{"name": "dinov2", "config": FAMILIES["dinov2"]}])
+    config = KensaVLConfig(**{**config.to_dict(), "tie_word_embeddings": True})
+    assert config.text_config.tie_word_embeddings  # 4.x reads it here, 5.x at the top level
+    model = KensaVLForConditionalGeneration(config).eval()
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded, info = KensaVLForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    ids = torch.tensor([[1, 2, 5]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
