@@ -223,7 +223,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
             x = pixel_values.to(dtype)
             grids = [self._encode(encoder, x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
             shuffled[encoder["name"]] = pixel_shuffle(torch.cat(grids), self.config.pixel_shuffle)
-        projector_dtype = self.multi_modal_projector.mlps[next(iter(self.multi_modal_projector.mlps))][1].weight.dtype
+        projector_dtype = next(self.multi_modal_projector.parameters()).dtype
         return self.multi_modal_projector({k: v.to(projector_dtype) for k, v in shuffled.items()})
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
