@@ -112,6 +112,38 @@ def text_to_boxes(text: str, width: int, height: int, num_bins: int) -> list[tup
     return boxes
 
 
+# The inspection answer, one fixed format: the verdict comes first so P(defective) is read off one token.
+#   good
+#   defective: <type> at the <position> <box>...</box>[<box>...</box>...]
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+_ANSWER_RE = re.compile(
+    r"^\s*(?P<verdict>good|defective)\b(?::\s*(?P<type>[a-z][a-z ]*?)\s+at the\s+(?P<position>"
+    + "|".join(sorted(POSITIONS, key=len, reverse=True))
+    + r")\b)?"
+)
+
+
+def inspection_answer(defect_type: str | None, position: str | None, boxes, width: int, height: int, num_bins: int):
+    """The target answer: `"good"` when `defect_type` is None, else `"defective: <type> at the <position> <boxes>"`."""
+    if defect_type is None:
+        return "good"
+    if position not in POSITIONS:
+        raise ValueError(f"Position must be one of {POSITIONS}, got {position!r}.")
+    return f"defective: {defect_type} at the {position} " + boxes_to_text(boxes, width, height, num_bins)
+
+
+def parse_inspection_answer(text: str, width: int, height: int, num_bins: int) -> dict:
+    """Read an answer back: verdict ("good", "defective" or None when the text does not start with one), defect
+    type, position and boxes in pixels."""
+    match = _ANSWER_RE.match(text)
+    return {
+        "verdict": match["verdict"] if match else None,
+        "defect_type": match["type"] if match else None,
+        "position": match["position"] if match else None,
+        "boxes": text_to_boxes(text, width, height, num_bins),
+    }
+
+
 class KensaVLProcessor(ProcessorMixin):
     r"""
     Wraps a [`KensaVLImageProcessor`] and a fast tokenizer.
@@ -289,4 +321,12 @@ class KensaVLProcessor(ProcessorMixin):
         return result
 
 
-__all__ = ["KensaVLProcessor", "boxes_to_text", "text_to_boxes", "image_token_sequence", "special_tokens"]
+__all__ = [
+    "KensaVLProcessor",
+    "boxes_to_text",
+    "text_to_boxes",
+    "image_token_sequence",
+    "special_tokens",
+    "inspection_answer",
+    "parse_inspection_answer",
+]
