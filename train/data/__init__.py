@@ -1,0 +1,1 @@
+"""KensaSynth (offline inspection data) and the adapters that turn datasets into training conversations."""
