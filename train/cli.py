@@ -6,12 +6,14 @@ import argparse
 import logging
 
 from kensa_vl.train import build
+from kensa_vl.train.data import synth
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kensa-vl", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     build.add_parsers(subparsers)
+    synth.add_parsers(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.func(args)

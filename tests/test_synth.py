@@ -1,0 +1,165 @@
+"""KensaSynth: splits, ground truth, episodes, determinism, integrity and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from kensa_vl.train.data.defects import DEFECTS, SIZES, apply_defect, mask_boxes, position_word
+from kensa_vl.train.data.materials import MATERIALS, master, view
+from kensa_vl.train.data.synth import SynthConfig, generate, load_synth, verify_checksums
+
+SMALL = SynthConfig(seed=3, num_images=160, num_episodes=60, resolution=128)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = generate(SMALL, tmp_path_factory.mktemp("synth") / "ks", preview=True, workers=2)
+    return out, *load_synth(out)
+
+
+def test_splits_hold_out_categories_and_defects(synth):
+    _, items, episodes = synth
+    assert set(items) == set(episodes) == {"train", "validation", "test"}
+    train_cats = set(items["train"]["category"]) | set(items["validation"]["category"])
+    test_cats = set(items["test"]["category"])
+    assert test_cats == set(SMALL.test_categories) and not train_cats & test_cats
+    assert len(train_cats | test_cats) >= 10
+    seen = set(items["train"]["defect_type"]) | set(items["validation"]["defect_type"])
+    assert not seen & set(SMALL.heldout_defects) and len(SMALL.heldout_defects) >= 2
+    assert [len(items[s]) for s in ("train", "validation", "test")] == SMALL.split_sizes()
+    for split in items:  # every category of a split has good and defective photos, about half each
+        labels = items[split]["label"]
+        assert abs(labels.count("good") - labels.count("defective")) <= len(set(items[split]["category"]))
+
+
+def test_ground_truth_matches_the_pixels(synth):
+    _, items, _ = synth
+    for row in items["test"]:
+        mask = np.asarray(row["mask"]) > 0
+        assert row["image"].size == row["mask"].size == (SMALL.resolution, SMALL.resolution)
+        if row["label"] == "good":
+            assert not mask.any() and row["boxes"] == [] and row["defect_type"] is None
+            continue
+        assert mask.any() and row["position"] == position_word(mask)
+        assert row["area"] == pytest.approx(mask.mean(), abs=1e-4)
+        covered = np.zeros_like(mask)
+        for x0, y0, x1, y1 in row["boxes"]:
+            region = mask[y0:y1, x0:x1]  # tight: the defect touches every edge of its box
+            assert region[0].any() and region[-1].any() and region[:, 0].any() and region[:, -1].any()
+            covered[y0:y1, x0:x1] = True
+        assert covered[mask].all()
+        meta = json.loads(row["meta"])
+        assert meta["defect"]["size"] == row["size"] and row["position"] in row["description"]
+
+
+def test_good_photos_are_views_not_copies(synth):
+    _, items, _ = synth
+    goods = items["train"].filter(lambda c, lab: c == "wood" and lab == "good", input_columns=["category", "label"])
+    a, b = (np.asarray(goods[i]["image"], np.float32) for i in range(2))
+    assert np.abs(a - b).mean() > 5  # another crop, angle and light, not the same pixels
+
+
+def test_episodes_refer_to_items_of_their_category(synth):
+    _, items, episodes = synth
+    for split in episodes:
+        cats, labels = items[split]["category"], items[split]["label"]
+        queries = []
+        for ep in episodes[split]:
+            support, query = ep["support"], ep["query"]
+            assert query not in support and len(set(support)) == len(support)
+            assert all(cats[i] == ep["category"] for i in [*support, query])
+            assert [labels[i] for i in support].count("good") == ep["num_good"] <= SMALL.max_good_support
+            assert [labels[i] for i in support].count("defective") == ep["num_defective"]
+            queries.append(labels[query])
+        assert 0.2 < queries.count("good") / len(queries) < 0.8
+
+
+def test_same_seed_same_bytes_and_checksums_catch_changes(synth, tmp_path):
+    out, _, _ = synth
+    again = generate(SMALL, tmp_path / "again", preview=True, workers=1)  # other worker count, same bytes
+    assert (again / "checksums.json").read_bytes() == (out / "checksums.json").read_bytes()
+    assert verify_checksums(again) == []
+    arrow = next((again / "items" / "test").glob("*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    arrow.write_bytes(bytes(data))
+    assert verify_checksums(again) == [arrow.relative_to(again).as_posix()]
+    other = generate(SynthConfig(**{**SMALL.__dict__, "seed": 4}), tmp_path / "other", workers=2)
+    assert (other / "checksums.json").read_bytes() != (out / "checksums.json").read_bytes()
+
+
+def test_overwrite_rules(synth, tmp_path):
+    out, _, _ = synth
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        generate(SMALL, out)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a KensaSynth output"):
+        generate(SMALL, foreign, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_preview_and_card(synth):
+    out, items, _ = synth
+    from PIL import Image
+
+    for split in items:
+        sheet = Image.open(out / f"preview_{split}.png")
+        kinds = 1 + len({d for d in items[split]["defect_type"] if d})
+        assert sheet.width == 224 * kinds and sheet.height > 224 * len(set(items[split]["category"]))
+    card = (out / "README.md").read_text()
+    assert "## Answer format" in card and all(name in card for name in MATERIALS) and all(d in card for d in DEFECTS)
+
+
+@pytest.mark.parametrize("name", list(DEFECTS))
+def test_every_defect_spans_tiny_to_large(name):
+    res = 512
+    product, fg = master("metal", 0, res)
+    areas = {}
+    for size in ("tiny", "large"):
+        rng = np.random.default_rng(1)
+        rgb, fg_view, _ = view("metal", product, fg, res, rng)
+        out, mask, boxes, meta = apply_defect(name, rgb, fg_view, size, rng)
+        assert (
+            boxes
+            and np.abs(out - rgb)[mask].mean() > 0.03
+            and not np.abs(out - rgb)[~ndimage.binary_dilation(mask, iterations=4)].any()
+        )
+        areas[size] = mask.mean()
+    assert areas["tiny"] <= 2 * SIZES["tiny"][1] and areas["large"] > SIZES["small"][1]
+
+
+def test_defects_stay_on_the_product():
+    res = 256
+    product, fg = master("nut", 0, res)
+    rgb, fg_view, _ = view("nut", product, fg, res, np.random.default_rng(0))
+    for i, name in enumerate(DEFECTS):
+        out, mask, _, _ = apply_defect(name, rgb, fg_view, "medium", np.random.default_rng(i))
+        assert mask.any() and not mask[~fg_view].any() and np.array_equal(out[~fg_view], rgb[~fg_view])
+
+
+def test_mask_boxes_one_per_component_and_specks_removed():
+    mask = np.zeros((64, 64), bool)
+    mask[5:10, 5:20] = True
+    mask[40:50, 30:33] = True
+    mask[60, 60] = True  # a speck
+    cleaned, boxes = mask_boxes(mask)
+    assert boxes == [[5, 5, 20, 10], [30, 40, 33, 50]] and not cleaned[60, 60] and cleaned.sum() == mask.sum() - 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"resolution": 4096}, "resolution must be in"),
+        ({"num_images": 50}, "the splits need at least"),
+        ({"test_categories": ("plastic",)}, "unknown categories"),
+    ],
+)
+def test_bad_config_says_what_was_expected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SynthConfig(**kwargs)

@@ -1,0 +1,330 @@
+"""KensaSynth: an offline few-shot inspection dataset (real and procedural materials, synthetic defects, episodes).
+
+    kensa-vl synth --out data/kensa-synth --preview
+
+Writes `DIR/items` (a DatasetDict of photos with ground truth) and `DIR/episodes` (a DatasetDict of support sets and
+queries that refer to item rows, so pixels are stored once), a dataset card `DIR/README.md`, `DIR/checksums.json`
+and, with `--preview`, `DIR/preview_<split>.png`. The same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .defects import DEFECTS, SIZES, apply_defect, describe, position_word
+from .materials import MATERIALS, finish, master, view
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+SPLIT_FRACTIONS = (0.6, 0.15, 0.25)
+TEST_CATEGORIES = ("gravel", "marble", "nut")  # one real texture, one procedural material, one drawn product
+HELDOUT_DEFECTS = ("crack", "structure")  # appear only in test
+MAX_RESOLUTION = 2048
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    seed: int = 0
+    num_images: int = 1000
+    num_episodes: int = 5000
+    resolution: int = 1024
+    test_categories: tuple[str, ...] = TEST_CATEGORIES
+    heldout_defects: tuple[str, ...] = HELDOUT_DEFECTS
+    max_good_support: int = 8
+    max_defective_support: int = 2
+    jpeg_quality: int = 95
+
+    def __post_init__(self):
+        if not 128 <= self.resolution <= MAX_RESOLUTION:
+            raise ValueError(f"resolution must be in [128, {MAX_RESOLUTION}] pixels, got {self.resolution}")
+        unknown = set(self.test_categories) - set(MATERIALS) | set(self.heldout_defects) - set(DEFECTS)
+        if unknown:
+            raise ValueError(
+                f"unknown categories or defects {sorted(unknown)}; known: {list(MATERIALS)}, {list(DEFECTS)}"
+            )
+        needed = [2 * len(self.categories(s)) for s in SPLITS]  # a good and a defective photo per category
+        if any(n < need for n, need in zip(self.split_sizes(), needed, strict=True)) or self.num_episodes < 0:
+            raise ValueError(
+                f"num_images={self.num_images} gives {dict(zip(SPLITS, self.split_sizes(), strict=True))} images; "
+                f"the splits need at least {dict(zip(SPLITS, needed, strict=True))} (a good and a defective per "
+                f"category), and num_episodes must be >= 0 (got {self.num_episodes})"
+            )
+
+    def categories(self, split: str) -> list[str]:
+        return [c for c in MATERIALS if (c in self.test_categories) == (split == "test")]
+
+    def defects(self, split: str) -> list[str]:
+        return [d for d in DEFECTS if split == "test" or d not in self.heldout_defects]
+
+    def split_sizes(self, total: int | None = None) -> list[int]:
+        total = self.num_images if total is None else total
+        sizes = [int(total * f) for f in SPLIT_FRACTIONS[:-1]]
+        return [*sizes, total - sum(sizes)]
+
+
+def item_specs(cfg: SynthConfig, split: str, count: int) -> list[dict]:
+    """What each photo of a split shows: categories round-robin, good/defective alternating per category, defect
+    type and size class drawn uniformly (seeded)."""
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), 1])
+    cats, defects, sizes = cfg.categories(split), cfg.defects(split), list(SIZES)
+    specs = []
+    for i in range(count):
+        cat, defective = cats[i % len(cats)], (i // len(cats)) % 2 == 1
+        defect, size = str(rng.choice(defects)), str(rng.choice(sizes))
+        specs.append(
+            {
+                "category": cat,
+                "defect": defect if defective else None,
+                "size": size if defective else None,
+                "seed": [cfg.seed, SPLITS.index(split), i],
+                "foreign": [c for c in cats if c != cat],
+            }
+        )
+    return specs
+
+
+@functools.cache
+def _master(name: str, seed: int, resolution: int):
+    return master(name, seed, resolution)  # once per worker process; deterministic, so workers agree
+
+
+def _encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def render_item(spec: dict, cfg: SynthConfig) -> dict:
+    """Photograph one item and, if it is defective, damage it; returns an items-table row."""
+    rng = np.random.default_rng(spec["seed"])
+    name, res = spec["category"], cfg.resolution
+    product, fg = _master(name, cfg.seed, res)
+    rgb, fg_view, params = view(name, product, fg, res, rng)
+    mask, boxes, meta = np.zeros((res, res), bool), [], {}
+    noun = MATERIALS[name].noun
+    description = f"A good {noun} with no visible defect."
+    if spec["defect"] is not None:
+        foreign = None
+        if spec["defect"] == "contamination" and spec["foreign"]:
+            other = spec["foreign"][int(rng.integers(len(spec["foreign"])))]
+            source = _master(other, cfg.seed, res)[0]
+            y, x = rng.integers(0, source.shape[0] - res + 1, 2)
+            foreign = (source[y : y + res, x : x + res].astype(np.float32) / 255.0, other)
+        rgb, mask, boxes, meta = apply_defect(spec["defect"], rgb, fg_view, spec["size"], rng, foreign=foreign)
+        meta["position"] = position_word(mask)
+        description = describe(spec["defect"], meta, meta["position"], noun)
+    return {
+        "image": {"bytes": _encode(finish(rgb, params, rng), "JPEG", quality=cfg.jpeg_quality), "path": None},
+        "mask": {"bytes": _encode(mask.astype(np.uint8) * 255, "PNG"), "path": None},
+        "category": name,
+        "label": "good" if spec["defect"] is None else "defective",
+        "defect_type": spec["defect"],
+        "size": spec["size"],
+        "position": meta.get("position"),
+        "description": description,
+        "boxes": boxes,
+        "area": float(meta.get("area", 0.0)),
+        "meta": json.dumps({"view": params, "defect": meta}, sort_keys=True),
+    }
+
+
+def item_features():
+    from datasets import Features, Image, List, Value
+
+    return Features(
+        {
+            "image": Image(),
+            "mask": Image(),
+            "category": Value("string"),
+            "label": Value("string"),
+            "defect_type": Value("string"),
+            "size": Value("string"),
+            "position": Value("string"),
+            "description": Value("string"),
+            "boxes": List(List(Value("int32"), length=4)),
+            "area": Value("float32"),
+            "meta": Value("string"),
+        }
+    )
+
+
+def sample_episodes(cfg: SynthConfig, split: str, categories: list[str], labels: list[str], count: int) -> dict:
+    """Episodes over a split's items: a category, k good supports (0..max), m defective supports (none half of the
+    time, else 1..max) and a query that is good or defective with equal odds, never among its own supports."""
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), 2])
+    pools = {(c, lab): [] for c in set(categories) for lab in ("good", "defective")}
+    for row, (cat, lab) in enumerate(zip(categories, labels, strict=True)):
+        pools[(cat, lab)].append(row)
+    cats = sorted(set(categories), key=categories.index)
+    columns = {"category": [], "support": [], "query": [], "num_good": [], "num_defective": []}
+    for _ in range(count):
+        cat = cats[int(rng.integers(len(cats)))]
+        query_label = "defective" if rng.random() < 0.5 else "good"
+        query = int(rng.choice(pools[(cat, query_label)]))
+        good = [r for r in pools[(cat, "good")] if r != query]
+        bad = [r for r in pools[(cat, "defective")] if r != query]
+        k = min(int(rng.integers(0, cfg.max_good_support + 1)), len(good))
+        m = 0 if rng.random() < 0.5 else min(int(rng.integers(1, cfg.max_defective_support + 1)), len(bad))
+        support = [int(r) for r in rng.choice(good, k, replace=False)] + [
+            int(r) for r in rng.choice(bad, m, replace=False)
+        ]
+        support = [support[i] for i in rng.permutation(len(support))]
+        for key, value in zip(columns, (cat, support, query, k, m), strict=True):
+            columns[key].append(value)
+    return columns
+
+
+def episode_features():
+    from datasets import Features, List, Value
+
+    return Features(
+        {
+            "category": Value("string"),
+            "support": List(Value("int64")),
+            "query": Value("int64"),
+            "num_good": Value("int32"),
+            "num_defective": Value("int32"),
+        }
+    )
+
+
+def _dataset(table, features, split: str, fingerprint: str):
+    """A Dataset with a fingerprint from the config (datasets would otherwise hash a temporary path)."""
+    from datasets import Dataset, DatasetInfo
+
+    return Dataset(table, info=DatasetInfo(features=features), split=split, fingerprint=fingerprint)
+
+
+def generate(cfg: SynthConfig, out: str | Path, preview: bool = False, overwrite: bool = False, workers: int = 0):
+    """Generate KensaSynth into `out` (written to a temporary sibling, then renamed: never a half-written folder)."""
+    from datasets import DatasetDict
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.table import InMemoryTable, MemoryMappedTable
+    from tqdm.auto import tqdm
+
+    from .card import write_card
+    from .preview import contact_sheet
+
+    out = Path(out)
+    _check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        features, tag = item_features(), hashlib.sha256(json.dumps(asdict(cfg)).encode()).hexdigest()[:16]
+        items, episodes, stats = {}, {}, {}
+        workers = workers or min(os.cpu_count() or 1, 8)
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with context.Pool(workers) as pool:
+            for split, count, n_episodes in zip(
+                SPLITS, cfg.split_sizes(), cfg.split_sizes(cfg.num_episodes), strict=True
+            ):
+                specs = item_specs(cfg, split, count)
+                path, cats, labels, kinds = tmp / f"{split}.arrow", [], [], Counter()
+                with ArrowWriter(features=features, path=str(path)) as writer:
+                    rows = pool.imap(functools.partial(render_item, cfg=cfg), specs, chunksize=4)
+                    for row in tqdm(rows, total=count, desc=f"{split} images", unit="img"):
+                        writer.write(row)
+                        cats.append(row["category"])
+                        labels.append(row["label"])
+                        kinds[row["defect_type"] or "good"] += 1
+                    writer.finalize()
+                items[split] = _dataset(
+                    MemoryMappedTable.from_file(str(path)), features, split, f"{tag}-items-{split}"
+                )
+                columns = sample_episodes(cfg, split, cats, labels, n_episodes)
+                table = InMemoryTable.from_pydict(columns, schema=episode_features().arrow_schema)
+                episodes[split] = _dataset(table, episode_features(), split, f"{tag}-episodes-{split}")
+                stats[split] = {
+                    "items": Counter(zip(cats, labels, strict=True)),
+                    "kinds": kinds,
+                    "episodes": n_episodes,
+                }
+        DatasetDict(items).save_to_disk(str(tmp / "items"))
+        DatasetDict(episodes).save_to_disk(str(tmp / "episodes"))
+        for split in SPLITS:
+            (tmp / f"{split}.arrow").unlink()
+        write_card(tmp / "README.md", cfg, stats)
+        if preview:
+            for split in SPLITS:
+                contact_sheet(items[split], tmp / f"preview_{split}.png")
+        write_checksums(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if not (out / "checksums.json").exists():
+        raise FileExistsError(f"{out} is not a KensaSynth output (no checksums.json); refusing to delete it")
+
+
+def write_checksums(root: Path) -> dict:
+    """sha256 of every file under `root`, recorded in `root/checksums.json` (the file itself excluded)."""
+    sums = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "checksums.json"):
+        sums[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (root / "checksums.json").write_text(json.dumps(sums, indent=1) + "\n")
+    return sums
+
+
+def verify_checksums(root: str | Path) -> list[str]:
+    """Files whose bytes differ from `checksums.json` (or are missing or unlisted); empty when intact."""
+    root = Path(root)
+    recorded = json.loads((root / "checksums.json").read_text())
+    found = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != "checksums.json"}
+    bad = sorted(found ^ set(recorded))
+    for name in sorted(found & set(recorded)):
+        if hashlib.sha256((root / name).read_bytes()).hexdigest() != recorded[name]:
+            bad.append(name)
+    return bad
+
+
+def load_synth(path: str | Path):
+    """`(items, episodes)`: two DatasetDicts with splits train/validation/test."""
+    from datasets import load_from_disk
+
+    path = Path(path)
+    return load_from_disk(str(path / "items")), load_from_disk(str(path / "episodes"))
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("synth", help="generate the KensaSynth inspection dataset offline")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1000)
+    p.add_argument("--num-episodes", type=int, default=5000)
+    p.add_argument("--resolution", type=int, default=1024, help=f"square photos, 128 to {MAX_RESOLUTION} px")
+    p.add_argument("--preview", action="store_true", help="write a contact sheet PNG per split")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing KensaSynth folder")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores, at most 8)")
+
+    def run(a: argparse.Namespace) -> None:
+        cfg = SynthConfig(seed=a.seed, num_images=a.num_images, num_episodes=a.num_episodes, resolution=a.resolution)
+        print(f"saved {generate(cfg, a.out, preview=a.preview, overwrite=a.overwrite, workers=a.workers)}")
+
+    p.set_defaults(func=run)
