@@ -1,0 +1,258 @@
+"""Adapters from common VLM datasets to TRL conversations: rows of `messages` + `images`.
+
+Every adapter is a pure function of one record. An image placeholder (`{"type": "image"}`) sits exactly where the
+image was in the source, and `images` lists the images in placeholder order. Bad records raise `InvalidRecord`
+naming the record; `to_conversations(..., skip_invalid=True)` drops them instead and logs how many and why.
+
+    interleaved     MMC4/OBELICS documents: `texts` with None where images go, `images`
+    caption         COCO-style captions: `image`, `caption` | `captions` | `sentences`
+    vqa             `image`, `question`, `answer` | `answers` (the most common answer wins)
+    classification  imagefolder: `image`, `label` (class index or name)
+    detection       `image`, `objects: {bbox: [[x, y, w, h]], category: [...]}` (COCO boxes)
+    episode         KensaSynth episodes (lazily, via `episode_conversations`)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from kensa_vl.processing.processing_kensa_vl import boxes_to_text, inspection_answer
+
+logger = logging.getLogger(__name__)
+
+NUM_LOC_BINS = 256
+IMAGE = {"type": "image", "text": None}  # one struct type for every content block, so Arrow can store them
+
+
+class InvalidRecord(ValueError):
+    """A source record that cannot become a conversation; the message names the record."""
+
+
+def text(value: str) -> dict:
+    return {"type": "text", "text": value}
+
+
+def turn(role: str, *blocks) -> dict:
+    return {"role": role, "content": [text(b) if isinstance(b, str) else b for b in blocks]}
+
+
+def load_image(value, record) -> Image.Image:
+    """A PIL image from a PIL image, a path or a datasets image dict; a corrupt or missing file is named."""
+    try:
+        if isinstance(value, dict):
+            value = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+        image = value if isinstance(value, Image.Image) else Image.open(value)
+        image.load()  # decode now: a truncated file fails here, not inside a training step
+        return image
+    except Exception as err:  # noqa: BLE001 - PIL raises many types; all mean the same to the user
+        raise InvalidRecord(f"record {record}: image could not be read ({type(err).__name__}: {err})") from err
+
+
+def interleaved(record: dict, record_id=None) -> dict:
+    """An interleaved web document as one assistant turn (all of its text is learnt; images are placed inline).
+
+    `texts` has None where an image goes. `images` is either parallel to `texts` (OBELICS: None where text goes)
+    or lists just the images (MMC4-style, in order); the number of placeholders must equal the number of images.
+    """
+    texts = record["texts"]
+    images = [im for im in record["images"] if im is not None]
+    slots = sum(t is None for t in texts)
+    parallel = len(record["images"]) == len(texts)
+    if slots != len(images) or (
+        parallel and any((t is None) != (im is not None) for t, im in zip(texts, record["images"], strict=True))
+    ):
+        raise InvalidRecord(
+            f"record {record_id}: {slots} image placeholders (None in texts) but {len(images)} images, "
+            "or they are not at the same positions"
+        )
+    blocks = [IMAGE if t is None else text(t) for t in texts]
+    return {
+        "messages": [{"role": "assistant", "content": blocks}],
+        "images": [load_image(im, record_id) for im in images],
+    }
+
+
+def caption(record: dict, record_id=None, prompt: str = "Describe the image.") -> dict:
+    found = record.get("caption") or record.get("captions") or record.get("sentences")
+    if isinstance(found, list):
+        found = found[0] if found else None
+    if isinstance(found, dict):
+        found = found.get("raw") or found.get("text")
+    if not found:
+        raise InvalidRecord(f"record {record_id}: no caption (expected `caption`, `captions` or `sentences`)")
+    image = load_image(record["image"], record_id)
+    return {"messages": [turn("user", IMAGE, prompt), turn("assistant", found.strip())], "images": [image]}
+
+
+def vqa(record: dict, record_id=None) -> dict:
+    answer = record.get("answer")
+    if answer is None and record.get("answers"):
+        answers = [a["answer"] if isinstance(a, dict) else a for a in record["answers"]]
+        answer = Counter(answers).most_common(1)[0][0]
+    if not answer or not record.get("question"):
+        raise InvalidRecord(f"record {record_id}: needs `question` and `answer` or `answers`")
+    image = load_image(record["image"], record_id)
+    return {"messages": [turn("user", IMAGE, record["question"]), turn("assistant", str(answer))], "images": [image]}
+
+
+def classification(record: dict, record_id=None, class_names: list[str] = (), prompt: str | None = None) -> dict:
+    label = record["label"]
+    if isinstance(label, str) and label in class_names:
+        name = label
+    elif isinstance(label, int | np.integer) and 0 <= label < len(class_names):
+        name = class_names[label]
+    else:
+        raise InvalidRecord(f"record {record_id}: label {label!r} is not one of the {len(class_names)} classes")
+    prompt = prompt or f"Which of these is it: {', '.join(class_names)}?"
+    image = load_image(record["image"], record_id)
+    return {"messages": [turn("user", IMAGE, prompt), turn("assistant", name)], "images": [image]}
+
+
+def detection(record: dict, record_id=None, class_names: list[str] = (), num_bins: int = NUM_LOC_BINS) -> dict:
+    """Objects as `name<box>..</box>` in reading order (top to bottom, then left to right); COCO `[x, y, w, h]`."""
+    image = load_image(record["image"], record_id)
+    objects = record["objects"]
+    parts = []
+    for (x, y, w, h), cat in sorted(
+        zip(objects["bbox"], objects["category"], strict=True), key=lambda o: (o[0][1], o[0][0])
+    ):
+        if isinstance(cat, str):
+            if cat not in class_names:
+                raise InvalidRecord(f"record {record_id}: unknown category {cat!r}; known: {list(class_names)}")
+            name = cat
+        elif 0 <= cat < len(class_names):
+            name = class_names[cat]
+        else:
+            raise InvalidRecord(f"record {record_id}: category id {cat} is not one of the {len(class_names)} classes")
+        try:
+            parts.append(name + boxes_to_text([(x, y, x + w, y + h)], image.width, image.height, num_bins))
+        except ValueError as err:
+            raise InvalidRecord(f"record {record_id}: {err}") from err
+    answer = " ".join(parts) if parts else "none"
+    return {"messages": [turn("user", IMAGE, "Detect all objects."), turn("assistant", answer)], "images": [image]}
+
+
+def coco_detection(annotation_file: str, image_dir: str):
+    """A COCO detection json as `(dataset, class_names)`: rows of `id`, `image` (path), `objects`; category ids are
+    mapped to indices into `class_names`. Images are opened only when converted."""
+    from datasets import Dataset
+
+    coco = json.loads(open(annotation_file, encoding="utf-8").read())
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    index = {c["id"]: i for i, c in enumerate(categories)}
+    objects = {im["id"]: {"bbox": [], "category": []} for im in coco["images"]}
+    for ann in coco["annotations"]:
+        if ann["image_id"] not in objects:
+            raise InvalidRecord(f"annotation {ann.get('id')}: image_id {ann['image_id']} is not in `images`")
+        if ann["category_id"] not in index:
+            raise InvalidRecord(f"annotation {ann.get('id')}: unknown category_id {ann['category_id']}")
+        objects[ann["image_id"]]["bbox"].append([float(v) for v in ann["bbox"]])
+        objects[ann["image_id"]]["category"].append(index[ann["category_id"]])
+    rows = [
+        {"id": im["id"], "image": f"{image_dir}/{im['file_name']}", "objects": objects[im["id"]]}
+        for im in coco["images"]
+    ]
+    return Dataset.from_list(rows), [c["name"] for c in categories]
+
+
+def episode(support: list[dict], query: dict, noun: str, num_bins: int = NUM_LOC_BINS) -> dict:
+    """A KensaSynth episode (item rows) as one user turn with numbered references and the query, and the answer.
+
+    A good reference reads "good"; a defective one gives the answer format and the description, so the demos
+    teach the format the query is answered in.
+    """
+
+    def answer(item: dict) -> str:
+        width, height = item["image"].size
+        return inspection_answer(item["defect_type"], item["position"], item["boxes"], width, height, num_bins)
+
+    blocks = [f"Reference photos of a {noun}:\n"] if support else []
+    for j, item in enumerate(support, 1):
+        note = "" if item["defect_type"] is None else f" {item['description']}"
+        blocks += [f"{j}. ", IMAGE, f" {answer(item)}{note}\n"]
+    blocks += ["Query: " if support else "", IMAGE]
+    blocks.append(f"\nIs this {noun} good or defective? If defective, say which defect, where, and box it.")
+    messages = [turn("user", *[b for b in blocks if b != ""]), turn("assistant", answer(query))]
+    return {"messages": messages, "images": [item["image"] for item in [*support, query]]}
+
+
+def episode_conversations(items, episodes, num_bins: int = NUM_LOC_BINS):
+    """Episodes as `messages` + `images` rows, built on access (no pixels copied): `episodes.with_transform`."""
+    from .materials import MATERIALS
+
+    def transform(batch: dict) -> dict:
+        out = {"messages": [], "images": []}
+        for category, support, query in zip(batch["category"], batch["support"], batch["query"], strict=True):
+            row = episode([items[int(i)] for i in support], items[int(query)], MATERIALS[category].noun, num_bins)
+            out["messages"].append(row["messages"])
+            out["images"].append(row["images"])
+        return out
+
+    return episodes.with_transform(transform)
+
+
+def to_conversations(dataset, adapter: Callable, skip_invalid: bool = False, num_proc: int | None = None, **kwargs):
+    """Map a source dataset through an adapter into `messages` + `images` rows.
+
+    Raises `InvalidRecord` on the first bad record; with `skip_invalid=True` bad records are dropped and
+    counted, and the count with the reasons is logged and returned: `(dataset, {"skipped": n, "reasons": {...}})`.
+    """
+
+    def convert(record: dict, index: int) -> dict:
+        try:
+            return {**adapter(record, record_id=record.get("id", index), **kwargs), "error": None}
+        except InvalidRecord as err:
+            if not skip_invalid:
+                raise
+            return {"messages": [], "images": [], "error": str(err)}
+
+    out = dataset.map(convert, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc)
+    errors = [e for e in out["error"] if e is not None]
+    summary = {"skipped": len(errors), "reasons": dict(Counter(e.split(": ", 1)[-1] for e in errors))}
+    if errors:
+        logger.warning("skipped %d of %d records: %s", len(errors), len(dataset), summary["reasons"])
+        out = out.filter(lambda e: e is None, input_columns="error")
+    return out.remove_columns("error"), summary
+
+
+def mixture(sources: dict, weights: dict[str, float], num_rows: int, seed: int = 0):
+    """A weighted mixture for the multitask stage: `num_rows` rows drawn from `sources` (name -> dataset of
+    conversations) in proportion to `weights`, each source cycled in a seeded shuffled order.
+
+    Rows are fetched on access (sources may be lazy, like episodes). Each row also says its `source`.
+    """
+    from datasets import Dataset
+
+    if set(weights) != set(sources) or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"weights must be >= 0 for exactly the sources {sorted(sources)}, got {weights}")
+    empty = [name for name, ds in sources.items() if weights[name] > 0 and len(ds) == 0]
+    if empty:
+        raise ValueError(f"sources {empty} are empty but have weight > 0")
+    rng = np.random.default_rng(seed)
+    names = sorted(sources)
+    probs = np.array([weights[n] for n in names], np.float64) / sum(weights.values())
+    picks = rng.choice(len(names), size=num_rows, p=probs)
+    rows = np.zeros(num_rows, np.int64)
+    for s, name in enumerate(names):
+        where, n = np.flatnonzero(picks == s), len(sources[name])
+        if len(where):
+            cycles = [rng.permutation(n) for _ in range(-(-len(where) // n))]
+            rows[where] = np.concatenate(cycles)[: len(where)]
+
+    def transform(batch: dict) -> dict:
+        fetched = [sources[s][int(r)] for s, r in zip(batch["source"], batch["row"], strict=True)]
+        return {
+            "source": batch["source"],
+            "messages": [f["messages"] for f in fetched],
+            "images": [f["images"] for f in fetched],
+        }
+
+    index = Dataset.from_dict({"source": [names[p] for p in picks], "row": rows.tolist()})
+    return index.with_transform(transform)
