@@ -16,7 +16,10 @@ def main(argv: list[str] | None = None) -> None:
     synth.add_parsers(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, FileExistsError) as err:  # bad input: the message says what was expected and what came
+        parser.exit(2, f"kensa-vl {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":
