@@ -68,9 +68,7 @@ def test_detection_writes_location_tokens_and_rejects_bad_boxes():
     for (x0, y0, x1, y1), (x, y, w, h) in zip(boxes, [(10, 5, 20, 10), (100, 50, 50, 40)], strict=True):
         assert x0 <= x < x + w <= x1 and y0 <= y < y + h <= y1 and x1 - x0 - w < 2 and y1 - y0 - h < 1
     outside = {"image": image, "objects": {"bbox": [[190, 10, 20, 10]], "category": [0]}}
-    with pytest.raises(
-        conv.InvalidRecord, match=r"record img-4: Box \(190, 10, 210, 20\) is not inside a 200x100"
-    ):
+    with pytest.raises(conv.InvalidRecord, match=r"record img-4: Box \(190, 10, 210, 20\) is not inside a 200x100"):
         conv.detection(outside, "img-4", class_names=["nut"])
     with pytest.raises(conv.InvalidRecord, match="unknown category 'bolt'"):
         conv.detection({"image": image, "objects": {"bbox": [[1, 1, 2, 2]], "category": ["bolt"]}}, 1, ["nut"])
