@@ -79,8 +79,9 @@ def write_card(path: Path, cfg, stats: dict) -> None:
     sizes = ", ".join(f"{k} {lo * 100:g}–{hi * 100:g}%" for k, (lo, hi) in SIZES.items())
     lines += [
         "",
-        f"Size classes by share of the image area: {sizes}. A tiny defect in a {res}-px photo is a few pixels",
-        "wide after the 448-px thumbnail; it is visible only in full-resolution tiles.",
+        f"Size classes by share of the image area: {sizes}. At {res} px a tiny defect covers "
+        f"{SIZES['tiny'][0] * res * res:.0f}–{SIZES['tiny'][1] * res * res:.0f} pixels (a small spot or a 1–3 px wide",
+        f"scratch), which a 448-px thumbnail shrinks {res / 448:.1f}x per side: full-resolution tiles matter.",
         "",
         "## Columns",
         "",
