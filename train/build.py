@@ -120,15 +120,20 @@ def set_token_ids(config: KensaVLConfig, tokenizer) -> None:
         target.bos_token_id = tokenizer.bos_token_id
 
 
-def save_kensa(model: KensaVLForConditionalGeneration, processor: KensaVLProcessor, out: str | Path) -> Path:
-    """Save model + processor as a folder the Auto classes load with `trust_remote_code=True` (4.57 and 5.x)."""
-    out = Path(out)
+def register_kensa(model: KensaVLForConditionalGeneration, processor: KensaVLProcessor) -> None:
+    """Make every later `save_pretrained` (ours or a Trainer's) write the remote code and `auto_map`."""
     model.register_for_auto_class("AutoModelForImageTextToText")
     model.config.auto_map = dict(AUTO_MAP)
     processor.register_for_auto_class("AutoProcessor")
     processor.image_processor.register_for_auto_class("AutoImageProcessor")
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+
+
+def save_kensa(model: KensaVLForConditionalGeneration, processor: KensaVLProcessor, out: str | Path) -> Path:
+    """Save model + processor as a folder the Auto classes load with `trust_remote_code=True` (4.57 and 5.x)."""
+    out = Path(out)
+    register_kensa(model, processor)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

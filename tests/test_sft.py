@@ -1,0 +1,117 @@
+"""train/sft.py in one process: labels of a real batch, per-stage freezing, LoRA scoping, recipe errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kensa_vl.train import sft  # the module `accelerate launch train/sft.py` runs
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    from kensa_vl.train.data.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("sft") / "synth"
+    return generate(SynthConfig(seed=0, num_images=160, num_episodes=40, resolution=256), out, workers=2)
+
+
+def _args(synth_dir, tmp_path, **kwargs):
+    from trl import SFTConfig
+
+    recipe = {"data": str(synth_dir), "num_rows": 8, "mixture": ["episodes=1", "captions=1", "detection=1"], **kwargs}
+    training = SFTConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        bf16=False,
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+    )
+    return sft.KensaArguments(**recipe), training
+
+
+def test_only_assistant_answers_count_in_the_loss(synth_dir, tmp_path, tiny):
+    args, training = _args(synth_dir, tmp_path)
+    _, processor = tiny
+    train, _ = sft.load_data(args, seed=0)
+    rows = [train[i] for i in range(len(train))]
+    batch = sft.KensaCollator(processor, assistant_only_loss=True)(rows)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (batch["input_ids"] == image_id).any() and not (batch["labels"] == image_id).any()
+    for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"], strict=True):
+        answer = row["messages"][-1]["content"][0]["text"]
+        learnt = processor.tokenizer.decode(ids[labels != -100], skip_special_tokens=False)
+        assert learnt == answer + "<|im_end|>"
+
+
+def test_align_trains_only_projector_and_merges_and_saves_a_loadable_model(synth_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    args, training = _args(synth_dir, tmp_path)
+    from kensa_vl.train.build import build_tiny
+
+    before = {k: v.clone() for k, v in build_tiny()[0].state_dict().items()}
+    trainer = sft.main(args, training)
+    after = trainer.model.state_dict()
+    changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"multi_modal_projector", "layer_merges"}
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        training.output_dir, trust_remote_code=True, output_loading_info=True
+    )
+    assert not any(info.values())
+    assert torch.equal(
+        model.state_dict()["model.multi_modal_projector.mlps.fused.0.weight"],
+        after["model.multi_modal_projector.mlps.fused.0.weight"],
+    )
+
+
+def test_multitask_unfreezes_the_last_tower_layer_at_a_lower_rate(synth_dir, tmp_path):
+    args, training = _args(
+        synth_dir, tmp_path, train=["projector", "language_model"], vision_unfreeze_layers=1, vision_lr=1e-4
+    )
+    model, _ = sft.load_model(args)
+    groups = sft.select_trainable(model, args)
+    names = {id(p): n for n, p in model.named_parameters()}
+    vision = [names[id(p)] for p in groups["vision"]]
+    assert vision and all(".vision_towers." in n and (".layers.1." in n or ".layer.1." in n) for n in vision)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".layers.0." in n and "vision" in n)
+    trainer = sft.KensaTrainer(
+        model=model,
+        args=training,
+        train_dataset=sft.load_data(args, 0)[0],
+        processing_class=_,
+        data_collator=sft.KensaCollator(_, assistant_only_loss=True),
+        param_groups=groups,
+        vision_lr=1e-4,
+    )
+    optimizer = trainer.create_optimizer()
+    assert [g["lr"] for g in optimizer.param_groups] == [training.learning_rate, 1e-4]
+
+
+def test_lora_is_scoped_to_the_language_model(synth_dir, tmp_path):
+    regex = r".*language_model.*\.(q_proj|v_proj)"
+    args, _ = _args(synth_dir, tmp_path, lora_target=regex)
+    model, _ = sft.load_model(args)
+    config = sft.lora_config(model, args)
+    assert config.target_modules == regex and config.modules_to_save == ["multi_modal_projector"]
+    bad = sft.KensaArguments(lora_target=r".*\.(q_proj|v_proj)")  # SigLIP's attention has q_proj/v_proj too
+    with pytest.raises(ValueError, match="must hit the language model only"):
+        sft.lora_config(model, bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"stage": "pretrain"}, "stage must be one of"),
+        ({"train": ["projector", "adapter"]}, r"unknown components \['adapter'\]"),
+        ({"mixture": ["webdocs=1"]}, "mixture entries are `source=weight`"),
+    ],
+)
+def test_bad_recipes_fail_before_training(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sft.KensaArguments(**kwargs)

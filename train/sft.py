@@ -1,0 +1,237 @@
+"""One training script for every stage (align, multitask, finetune) on TRL's SFTTrainer.
+
+    accelerate launch [--config_file train/configs/accelerate/<setup>.yaml] train/sft.py \
+        --config train/configs/<stage>.yaml [--overrides]
+
+Stages are YAML files: which components train (and at which learning rate), LoRA, and the data mixture. Image,
+tile-structure and user-turn tokens never count in the loss (assistant-only loss through the chat template's
+generation markers, plus image tokens masked in any assistant turn that holds images).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import SFTConfig, SFTTrainer, TrlParser
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from kensa_vl.processing.processing_kensa_vl import GLOBAL_TOKEN, IMAGE_END, IMAGE_START, IMAGE_TOKEN, tile_tags
+
+logger = logging.getLogger(__name__)
+
+# Recipe names of the model's parts -> attribute paths in KensaVLForConditionalGeneration.
+COMPONENTS = {
+    "projector": "model.multi_modal_projector",
+    "layer_merges": "model.layer_merges",
+    "language_model": "model.language_model",
+    "lm_head": "lm_head",
+    "vision": "model.vision_towers",
+}
+STAGES = ("align", "multitask", "finetune")
+SOURCES = ("episodes", "captions", "classification", "detection")
+
+
+@dataclass
+class KensaArguments:
+    """The model and data sections of a recipe (the training section is TRL's `SFTConfig`)."""
+
+    stage: str = field(default="align", metadata={"help": f"one of {STAGES}"})
+    model: str | None = field(default=None, metadata={"help": "KensaVL folder; unset builds the tiny offline model"})
+    train: list[str] = field(
+        default_factory=lambda: ["projector", "layer_merges"], metadata={"help": str(list(COMPONENTS))}
+    )
+    vision_unfreeze_layers: int = field(default=0, metadata={"help": "last N layers of each tower also train"})
+    vision_lr: float | None = field(default=None, metadata={"help": "their learning rate (default: lr / 10)"})
+    lora_target: str | None = field(default=None, metadata={"help": "regex over module names (language model only)"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    data: str | None = field(default=None, metadata={"help": "KensaSynth folder; generated there if missing"})
+    synth_images: int = 400
+    synth_episodes: int = 2000
+    synth_resolution: int = 448
+    mixture: list[str] = field(default_factory=lambda: ["episodes=1"], metadata={"help": f"source=weight, {SOURCES}"})
+    num_rows: int = 2000
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        unknown = [c for c in self.train if c not in COMPONENTS]
+        if unknown:
+            raise ValueError(f"unknown components {unknown} in `train`; known: {list(COMPONENTS)}")
+        self.weights = {}
+        for item in self.mixture:
+            name, _, weight = item.partition("=")
+            if name not in SOURCES or not weight:
+                raise ValueError(f"mixture entries are `source=weight` with source in {SOURCES}, got {item!r}")
+            self.weights[name] = float(weight)
+
+
+class KensaCollator(DataCollatorForVisionLanguageModeling):
+    """TRL's VLM collator, plus: image and tile-structure tokens never count in the loss, in any turn."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        structure = self.processor.tokenizer.convert_tokens_to_ids(
+            [IMAGE_TOKEN, IMAGE_START, IMAGE_END, GLOBAL_TOKEN, *tile_tags()]
+        )
+        batch["labels"][torch.isin(batch["input_ids"], torch.tensor(structure))] = -100
+        return batch
+
+
+def _module(model, path: str):
+    for part in path.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def select_trainable(model, args: KensaArguments) -> dict[str, list]:
+    """Freeze everything, then unfreeze the recipe's components; returns parameter lists for "main" and "vision"."""
+    model.requires_grad_(False)
+    groups = {"main": [], "vision": []}
+    for name in args.train:
+        if name != "vision":
+            _module(model, COMPONENTS[name]).requires_grad_(True)
+    for tower in _module(model, COMPONENTS["vision"]).values():
+        layers = next((m for n, m in tower.named_modules() if n.endswith(("encoder.layers", "encoder.layer"))), None)
+        chosen = (
+            tower
+            if "vision" in args.train
+            else (layers[-args.vision_unfreeze_layers :] if layers and args.vision_unfreeze_layers else [])
+        )
+        for module in chosen if isinstance(chosen, torch.nn.ModuleList | list) else [chosen]:
+            module.requires_grad_(True)
+            groups["vision"] += list(module.parameters())
+    vision_ids = {id(p) for p in groups["vision"]}
+    groups["main"] = [p for p in model.parameters() if p.requires_grad and id(p) not in vision_ids]
+    return groups
+
+
+def lora_config(model, args: KensaArguments):
+    """PEFT LoRA on language-model modules matched by the recipe's regex; the projector is saved whole."""
+    from peft import LoraConfig
+
+    names = [
+        n for n, m in model.named_modules() if re.fullmatch(args.lora_target, n) and isinstance(m, torch.nn.Linear)
+    ]
+    if not names:
+        raise ValueError(f"lora_target {args.lora_target!r} matches no Linear module of the model")
+    outside = [n for n in names if not n.startswith(COMPONENTS["language_model"])]
+    if outside:
+        raise ValueError(
+            f"lora_target {args.lora_target!r} must hit the language model only; it also matches {outside[:3]}"
+        )
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target,
+        modules_to_save=["multi_modal_projector"],
+        task_type="CAUSAL_LM",
+    )
+
+
+class KensaTrainer(SFTTrainer):
+    """SFTTrainer with per-component learning rates (vision layers at `vision_lr`)."""
+
+    def __init__(self, *args, param_groups: dict | None = None, vision_lr: float | None = None, **kwargs):
+        self.param_groups, self.vision_lr = param_groups, vision_lr
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.param_groups and self.param_groups["vision"]:
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            lr = self.args.learning_rate
+            groups = [{"params": self.param_groups["main"], "lr": lr}]
+            groups.append({"params": self.param_groups["vision"], "lr": self.vision_lr or lr / 10})
+            self.optimizer = cls(groups, **{k: v for k, v in kwargs.items() if k != "lr"})
+        return super().create_optimizer(model)
+
+
+def load_model(args: KensaArguments):
+    from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
+    from kensa_vl.train.build import build_tiny, register_kensa
+
+    if args.model is None:
+        model, processor = build_tiny()
+    else:
+        from transformers import AutoProcessor
+
+        model = KensaVLForConditionalGeneration.from_pretrained(args.model)
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    register_kensa(model, processor)
+    return model.train(), processor
+
+
+def load_data(args: KensaArguments, seed: int):
+    """The recipe's mixture over a KensaSynth folder (train and validation splits), generated when missing."""
+    from kensa_vl.train.data import conversations as conv
+    from kensa_vl.train.data.synth import SynthConfig, generate, load_synth
+
+    path = Path(args.data or "outputs/kensa-synth")
+    if not (path / "checksums.json").exists():
+        cfg = SynthConfig(
+            num_images=args.synth_images, num_episodes=args.synth_episodes, resolution=args.synth_resolution
+        )
+        generate(cfg, path, preview=True)
+    items, episodes = load_synth(path)
+    splits = {}
+    for split in ("train", "validation"):
+        rows = (
+            items[split]
+            .rename_column("description", "caption")
+            .map(lambda lab: {"label": ["good", "defective"].index(lab)}, input_columns="label")
+        )
+        sources = {
+            "episodes": conv.episode_conversations(items[split], episodes[split]),
+            "captions": lambda r=rows: conv.to_conversations(r, conv.caption)[0],
+            "classification": lambda r=rows: conv.to_conversations(
+                r, conv.classification, class_names=["good", "defective"]
+            )[0],
+            "detection": lambda r=rows: conv.to_conversations(
+                r.map(_defect_objects), conv.detection, class_names=sorted({d for d in r["defect_type"] if d})
+            )[0],
+        }
+        chosen = {name: (sources[name]() if callable(sources[name]) else sources[name]) for name in args.weights}
+        size = args.num_rows if split == "train" else max(8, args.num_rows // 10)
+        splits[split] = conv.mixture(chosen, args.weights, size, seed=seed)
+    return splits["train"], splits["validation"]
+
+
+def _defect_objects(row: dict) -> dict:
+    boxes = [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in row["boxes"]]
+    return {"objects": {"bbox": boxes, "category": [row["defect_type"]] * len(boxes)}}
+
+
+def main(args: KensaArguments, training_args: SFTConfig) -> KensaTrainer:
+    model, processor = load_model(args)
+    peft = lora_config(model, args) if args.lora_target else None
+    groups = None if peft else select_trainable(model, args)
+    train, validation = load_data(args, training_args.seed)
+    training_args.remove_unused_columns = False  # rows are built on access from index columns
+    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    trainer = KensaTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=validation if training_args.eval_strategy != "no" else None,
+        processing_class=processor,
+        data_collator=KensaCollator(processor, max_length=training_args.max_length, assistant_only_loss=True),
+        peft_config=peft,
+        param_groups=groups,
+        vision_lr=args.vision_lr,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    parser = TrlParser((KensaArguments, SFTConfig))
+    main(*parser.parse_args_and_config())
