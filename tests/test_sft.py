@@ -26,6 +26,7 @@ def _args(synth_dir, tmp_path, **kwargs):
         per_device_train_batch_size=2,
         learning_rate=1e-2,
         report_to=[],
+        max_length=None,
         save_strategy="no",
         bf16=False,
         use_cpu=True,
@@ -102,6 +103,14 @@ def test_lora_is_scoped_to_the_language_model(synth_dir, tmp_path):
     bad = sft.KensaArguments(lora_target=r".*\.(q_proj|v_proj)")  # SigLIP's attention has q_proj/v_proj too
     with pytest.raises(ValueError, match="must hit the language model only"):
         sft.lora_config(model, bad)
+
+
+def test_max_length_inside_an_image_fails_before_training(synth_dir, tmp_path):
+    args, training = _args(synth_dir, tmp_path)
+    training.max_length = 40
+    with pytest.raises(ValueError, match="truncating to max_length=40 would cut"):
+        sft.main(args, training)
+    assert not (tmp_path / "run").exists()  # nothing trained or written
 
 
 @pytest.mark.parametrize(

@@ -207,6 +207,16 @@ def _defect_objects(row: dict) -> dict:
     return {"objects": {"bbox": boxes, "category": [row["defect_type"]] * len(boxes)}}
 
 
+def preflight(dataset, collator, rows: int = 8) -> None:
+    """Collate the first rows before training: a row without images or one that `max_length` would cut inside an
+    image fails here, with the processor's message, instead of hours into the run."""
+    sample = [dataset[i] for i in range(min(rows, len(dataset)))]
+    empty = [i for i, row in enumerate(sample) if not row["images"]]
+    if empty:
+        raise ValueError(f"rows {empty} of the training mixture have no images; every KensaSynth source needs them")
+    collator(sample)
+
+
 def main(args: KensaArguments, training_args: SFTConfig) -> KensaTrainer:
     model, processor = load_model(args)
     peft = lora_config(model, args) if args.lora_target else None
@@ -214,13 +224,15 @@ def main(args: KensaArguments, training_args: SFTConfig) -> KensaTrainer:
     train, validation = load_data(args, training_args.seed)
     training_args.remove_unused_columns = False  # rows are built on access from index columns
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    collator = KensaCollator(processor, max_length=training_args.max_length, assistant_only_loss=True)
+    preflight(train, collator)
     trainer = KensaTrainer(
         model=model,
         args=training_args,
         train_dataset=train,
         eval_dataset=validation if training_args.eval_strategy != "no" else None,
         processing_class=processor,
-        data_collator=KensaCollator(processor, max_length=training_args.max_length, assistant_only_loss=True),
+        data_collator=collator,
         peft_config=peft,
         param_groups=groups,
         vision_lr=args.vision_lr,
