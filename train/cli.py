@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileExistsError) as err:  # bad input: the message says what was expected and what came
+    except (ValueError, FileExistsError, ImportError) as err:  # bad input or a missing extra: say which
         parser.exit(2, f"kensa-vl {args.command}: error: {err}\n")
 
 

@@ -71,15 +71,17 @@ class KensaArguments:
             self.weights[name] = float(weight)
 
 
+@dataclass
 class KensaCollator(DataCollatorForVisionLanguageModeling):
     """TRL's VLM collator, plus: image and tile-structure tokens never count in the loss, in any turn."""
 
+    def __post_init__(self):
+        tokens = [IMAGE_TOKEN, IMAGE_START, IMAGE_END, GLOBAL_TOKEN, *tile_tags()]
+        self.structure_ids = torch.tensor(self.processor.tokenizer.convert_tokens_to_ids(tokens))
+
     def torch_call(self, examples):
         batch = super().torch_call(examples)
-        structure = self.processor.tokenizer.convert_tokens_to_ids(
-            [IMAGE_TOKEN, IMAGE_START, IMAGE_END, GLOBAL_TOKEN, *tile_tags()]
-        )
-        batch["labels"][torch.isin(batch["input_ids"], torch.tensor(structure))] = -100
+        batch["labels"][torch.isin(batch["input_ids"], self.structure_ids)] = -100
         return batch
 
 
@@ -96,14 +98,19 @@ def select_trainable(model, args: KensaArguments) -> dict[str, list]:
     for name in args.train:
         if name != "vision":
             _module(model, COMPONENTS[name]).requires_grad_(True)
-    for tower in _module(model, COMPONENTS["vision"]).values():
-        layers = next((m for n, m in tower.named_modules() if n.endswith(("encoder.layers", "encoder.layer"))), None)
-        chosen = (
-            tower
-            if "vision" in args.train
-            else (layers[-args.vision_unfreeze_layers :] if layers and args.vision_unfreeze_layers else [])
-        )
-        for module in chosen if isinstance(chosen, torch.nn.ModuleList | list) else [chosen]:
+    for name, tower in _module(model, COMPONENTS["vision"]).items():
+        if "vision" in args.train:
+            modules = [tower]
+        elif args.vision_unfreeze_layers:
+            layers = next(
+                (m for n, m in tower.named_modules() if n.endswith(("encoder.layers", "encoder.layer"))), None
+            )
+            if layers is None:
+                raise ValueError(f"vision_unfreeze_layers: tower {name!r} has no `encoder.layers` to unfreeze")
+            modules = list(layers[-args.vision_unfreeze_layers :])
+        else:
+            modules = []
+        for module in modules:
             module.requires_grad_(True)
             groups["vision"] += list(module.parameters())
     vision_ids = {id(p) for p in groups["vision"]}
@@ -169,7 +176,7 @@ def load_model(args: KensaArguments):
 
 def load_data(args: KensaArguments, seed: int):
     """The recipe's mixture over a KensaSynth folder (train and validation splits), generated when missing."""
-    from kensa_vl.train.data import conversations as conv
+    from kensa_vl.train.data.conversations import mixture
     from kensa_vl.train.data.synth import SynthConfig, generate, load_synth
 
     path = Path(args.data or "outputs/kensa-synth")
@@ -181,25 +188,26 @@ def load_data(args: KensaArguments, seed: int):
     items, episodes = load_synth(path)
     splits = {}
     for split in ("train", "validation"):
-        rows = (
-            items[split]
-            .rename_column("description", "caption")
-            .map(lambda lab: {"label": ["good", "defective"].index(lab)}, input_columns="label")
-        )
-        sources = {
-            "episodes": conv.episode_conversations(items[split], episodes[split]),
-            "captions": lambda r=rows: conv.to_conversations(r, conv.caption)[0],
-            "classification": lambda r=rows: conv.to_conversations(
-                r, conv.classification, class_names=["good", "defective"]
-            )[0],
-            "detection": lambda r=rows: conv.to_conversations(
-                r.map(_defect_objects), conv.detection, class_names=sorted({d for d in r["defect_type"] if d})
-            )[0],
-        }
-        chosen = {name: (sources[name]() if callable(sources[name]) else sources[name]) for name in args.weights}
+        chosen = {name: _source(name, items[split], episodes[split]) for name in args.weights}
         size = args.num_rows if split == "train" else max(8, args.num_rows // 10)
-        splits[split] = conv.mixture(chosen, args.weights, size, seed=seed)
+        splits[split] = mixture(chosen, args.weights, size, seed=seed)
     return splits["train"], splits["validation"]
+
+
+def _source(name: str, items, episodes):
+    """One KensaSynth split as conversations of one kind: episodes (lazy), captions from the descriptions,
+    good/defective classification, or defect detection."""
+    from kensa_vl.train.data import conversations as conv
+    from kensa_vl.train.data.defects import DEFECTS
+
+    if name == "episodes":
+        return conv.episode_conversations(items, episodes)
+    rows = items.rename_column("description", "caption")
+    if name == "captions":
+        return conv.to_conversations(rows, conv.caption)[0]
+    if name == "classification":
+        return conv.to_conversations(rows, conv.classification, class_names=["good", "defective"])[0]
+    return conv.to_conversations(rows.map(_defect_objects), conv.detection, class_names=sorted(DEFECTS))[0]
 
 
 def _defect_objects(row: dict) -> dict:

@@ -19,6 +19,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -144,7 +145,7 @@ def coco_detection(annotation_file: str, image_dir: str):
     mapped to indices into `class_names`. Images are opened only when converted."""
     from datasets import Dataset
 
-    coco = json.loads(open(annotation_file, encoding="utf-8").read())
+    coco = json.loads(Path(annotation_file).read_text(encoding="utf-8"))
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     index = {c["id"]: i for i, c in enumerate(categories)}
     objects = {im["id"]: {"bbox": [], "category": []} for im in coco["images"]}

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 from kensa_vl.processing.processing_kensa_vl import POSITIONS
 
@@ -228,6 +227,8 @@ def position_word(mask: np.ndarray) -> str:
 
 def mask_boxes(mask: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
     """Drop specks, then one tight box `[x0, y0, x1, y1]` (x1, y1 exclusive) per connected defect."""
+    from scipy import ndimage  # the `data` extra; imported here so `kensa-vl` starts without it
+
     labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
     sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
     mask = mask & np.isin(labels, 1 + np.flatnonzero(sizes >= MIN_COMPONENT_PX))
@@ -243,6 +244,8 @@ def mask_boxes(mask: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
 def apply_defect(name: str, rgb: np.ndarray, fg: np.ndarray, size: str, rng: np.random.Generator, foreign=None):
     """Put defect `name` of size class `size` on the product. Returns (rgb, mask, boxes, meta); retries placement
     until the cleaned defect is on the product and visible."""
+    from scipy import ndimage
+
     res = rgb.shape[0]
     low, high = SIZES[size]
     candidates = np.flatnonzero(ndimage.binary_erosion(fg, iterations=max(1, res // 128)) if not fg.all() else fg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -213,6 +214,9 @@ def _dataset(table, features, split: str, fingerprint: str):
 
 def generate(cfg: SynthConfig, out: str | Path, preview: bool = False, overwrite: bool = False, workers: int = 0):
     """Generate KensaSynth into `out` (written to a temporary sibling, then renamed: never a half-written folder)."""
+    missing = [m for m in ("datasets", "scipy", "skimage") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"kensa-vl synth needs the `data` extra (pip install -e '.[data]'); missing: {missing}")
     from datasets import DatasetDict
     from datasets.arrow_writer import ArrowWriter
     from datasets.table import InMemoryTable, MemoryMappedTable
@@ -258,12 +262,11 @@ def generate(cfg: SynthConfig, out: str | Path, preview: bool = False, overwrite
                 }
         DatasetDict(items).save_to_disk(str(tmp / "items"))
         DatasetDict(episodes).save_to_disk(str(tmp / "episodes"))
-        for split in SPLITS:
-            (tmp / f"{split}.arrow").unlink()
         write_card(tmp / "README.md", cfg, stats)
-        if preview:
-            for split in SPLITS:
+        for split in SPLITS:
+            if preview:
                 contact_sheet(items[split], tmp / f"preview_{split}.png")
+            (tmp / f"{split}.arrow").unlink()  # read by the contact sheet; the saved copy is under items/
         write_checksums(tmp)
         if out.exists():
             shutil.rmtree(out)
