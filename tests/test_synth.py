@@ -163,3 +163,19 @@ def test_mask_boxes_one_per_component_and_specks_removed():
 def test_bad_config_says_what_was_expected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SynthConfig(**kwargs)
+
+
+def test_the_cli_starts_without_the_data_extra(tmp_path):
+    """README command 1 installs no extras: `kensa-vl tiny` must not import scipy or scikit-image."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('scipy', 'skimage'): sys.modules[m] = None\n"  # as if not installed
+        "from kensa_vl.train.cli import main\n"
+        f"main(['tiny', '--out', {str(tmp_path / 'tiny')!r}])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "tiny" / "config.json").exists()
