@@ -332,6 +332,7 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache=None,
         **kwargs,
     ) -> KensaVLCausalLMOutputWithPast:
         r"""
@@ -340,6 +341,8 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
                 images of the batch, in [0, 1], as the processor returns them.
             image_grid (`torch.LongTensor` of shape `(num_images, 3)`): rows, cols and tiles per image (checked).
             labels (`torch.LongTensor` of shape `(batch, seq)`): next-token targets, -100 where ignored.
+            cache: the KV cache under the name recent 5.x `generate` passes a caller's cache by (else
+                `past_key_values`).
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -347,7 +350,7 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             image_grid=image_grid,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,

@@ -33,6 +33,15 @@ def tiny_dir(tiny, tmp_path_factory):
     return save_kensa(model, processor, tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A small KensaSynth folder (160 photos at 256 px, 40 episodes)."""
+    from kensa_vl.train.data.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("synth") / "ks"
+    return generate(SynthConfig(seed=0, num_images=160, num_episodes=40, resolution=256), out, workers=2)
+
+
 @pytest.fixture
 def images():
     """Three images of different sizes and aspect ratios (2x3, 2x2 and 1x2 grids at 224 px)."""

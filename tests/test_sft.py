@@ -8,14 +8,6 @@ import torch
 from kensa_vl.train import sft  # the module `accelerate launch train/sft.py` runs
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    from kensa_vl.train.data.synth import SynthConfig, generate
-
-    out = tmp_path_factory.mktemp("sft") / "synth"
-    return generate(SynthConfig(seed=0, num_images=160, num_episodes=40, resolution=256), out, workers=2)
-
-
 def _args(synth_dir, tmp_path, **kwargs):
     from trl import SFTConfig
 
@@ -124,3 +116,28 @@ def test_max_length_inside_an_image_fails_before_training(synth_dir, tmp_path):
 def test_bad_recipes_fail_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sft.KensaArguments(**kwargs)
+
+
+def _losses(trainer) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+def test_resuming_mid_run_repeats_the_uninterrupted_loss_sequence(synth_dir, tmp_path):
+    parts = ["projector", "language_model", "lm_head"]
+    args, training = _args(synth_dir, tmp_path, stage="multitask", train=parts)
+    args.num_rows = 12
+    training.max_steps, training.save_strategy, training.save_steps = 6, "steps", 3
+    whole = _losses(sft.main(args, training))
+    assert sorted(whole) == [1, 2, 3, 4, 5, 6]
+
+    args, resumed = _args(
+        synth_dir, tmp_path / "again", stage="multitask", train=["projector", "language_model", "lm_head"]
+    )
+    args.num_rows = 12
+    resumed.max_steps, resumed.save_strategy, resumed.save_steps = 6, "steps", 3
+    resumed.resume_from_checkpoint = str(tmp_path / "run" / "checkpoint-3")
+    trainer = sft.main(args, resumed)
+    saved = sorted(p.name for p in (tmp_path / "again" / "run").glob("checkpoint-*"))
+    assert saved == ["checkpoint-6"]  # it trained steps 4-6 only
+    rest = _losses(trainer)  # steps 1-3 come back from the checkpoint's state, 4-6 are trained again
+    assert [rest[s] for s in (4, 5, 6)] == pytest.approx([whole[s] for s in (4, 5, 6)], rel=1e-5)

@@ -158,12 +158,26 @@ class KensaTrainer(SFTTrainer):
             self.optimizer = cls(groups, **{k: v for k, v in kwargs.items() if k != "lr"})
         return super().create_optimizer(model)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        # A model loaded under ZeRO-3 remembers legacy key renamings and would save `language_model.model.*`
+        # keys that 4.57 does not read (hf-contract, section 5): save in the layout of a freshly built model.
+        model = self.accelerator.unwrap_model(self.model)
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        model._weight_conversions = None
+        return super().save_model(output_dir, _internal_call)
+
 
 def load_model(args: KensaArguments):
     from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
     from kensa_vl.train.build import build_tiny, register_kensa
 
     if args.model is None:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():  # random init of partitioned weights fails inside zero.Init
+            raise ValueError(
+                "ZeRO-3 needs a saved model: build one with `kensa-vl tiny --out DIR` and pass `--model DIR`"
+            )
         model, processor = build_tiny()
     else:
         from transformers import AutoProcessor
@@ -253,5 +267,12 @@ def main(args: KensaArguments, training_args: SFTConfig) -> KensaTrainer:
 
 
 if __name__ == "__main__":
-    parser = TrlParser((KensaArguments, SFTConfig))
-    main(*parser.parse_args_and_config())
+    import sys
+
+    if len(sys.argv) == 1:  # no recipe: the offline main job (build, generate, align, multitask, evaluate)
+        from kensa_vl.train.pipeline import run
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        run()
+    else:
+        main(*TrlParser((KensaArguments, SFTConfig)).parse_args_and_config())
