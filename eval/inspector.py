@@ -1,0 +1,210 @@
+"""Few-shot inspection the way an inspection line uses it: show a support set once, then judge many products.
+
+    inspector = Inspector.from_pretrained("outputs/run", noun="nut")
+    inspector.set_support([support_item(good_1), support_item(good_2),
+                           support_item(bad, description="a dark scratch", boxes=[[40, 60, 90, 70]])])
+    for result in inspector.judge([query_1, query_2]):
+        print(result.verdict, result.p_defective, result.text, result.boxes)
+
+`set_support` encodes the support images once and keeps the language model's KV cache of the shared prompt
+prefix; each query then costs only its own tokens. The prompt is the training episode's prompt
+(`conversations.episode`), so what the model learnt is what it is asked.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
+from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN, POSITIONS, parse_inspection_answer
+from kensa_vl.train.data.conversations import episode
+
+
+@dataclass
+class Judgement:
+    """One query's result; `boxes` are `[x0, y0, x1, y1]` in the query's pixels (x1, y1 exclusive)."""
+
+    verdict: str
+    p_defective: float
+    text: str = ""
+    defect_type: str | None = None
+    position: str | None = None
+    boxes: list[list[int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _position(boxes, width: int, height: int) -> str:
+    """The 3x3 position word of the boxes' union centre (as KensaSynth describes defects)."""
+    x = (min(b[0] for b in boxes) + max(b[2] for b in boxes)) / 2 / width
+    y = (min(b[1] for b in boxes) + max(b[3] for b in boxes)) / 2 / height
+    col, row = min(int(x * 3), 2), min(int(y * 3), 2)
+    return POSITIONS[row * 3 + col]
+
+
+def support_item(image, defective: bool = False, description: str | None = None, boxes=None, defect_type=None):
+    """A support example in the episode format: a good image, or a defective one with an optional short
+    description, boxes (query pixels, `[x0, y0, x1, y1]`) and defect type."""
+    image = _rgb(image)
+    boxes = [list(map(int, b)) for b in (boxes or [])]
+    if not defective:
+        if description or boxes or defect_type:
+            raise ValueError("a good support image takes no description, boxes or defect type")
+        return {"image": image, "defect_type": None, "position": None, "boxes": [], "description": ""}
+    for box in boxes:
+        if len(box) != 4 or not (0 <= box[0] < box[2] <= image.width and 0 <= box[1] < box[3] <= image.height):
+            raise ValueError(f"box {box} is not [x0, y0, x1, y1] inside the {image.width}x{image.height} image")
+    position = _position(boxes, image.width, image.height) if boxes else "center"
+    return {
+        "image": image,
+        "defect_type": defect_type or "defect",
+        "position": position,
+        "boxes": boxes,
+        "description": description or "",
+    }
+
+
+def _rgb(image) -> Image.Image:
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        image = Image.open(image)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"expected a PIL image or an image path, got {type(image).__name__}")
+    return image.convert("RGB")
+
+
+def verdict_token_ids(tokenizer) -> tuple[int, int]:
+    """First token of "good" and of "defective": P(defective) is read off these two at the answer's start."""
+    good, defective = (tokenizer(word, add_special_tokens=False).input_ids[0] for word in ("good", "defective"))
+    if good == defective:
+        raise ValueError("the tokenizer starts 'good' and 'defective' with the same token; P(defective) is undefined")
+    return good, defective
+
+
+class Inspector:
+    """Judge query images against one support set (see the module docstring).
+
+    Args:
+        noun: what the product is called in the prompt ("nut", "marble slab", "product").
+        threshold: P(defective) at or above which the verdict is "defective".
+        cache: keep the KV cache of the support prefix (False recomputes the whole prompt per query).
+        support_max_tiles / query_max_tiles: tile budget per support / query image (None: the processor's).
+        max_new_tokens: length of the generated description (0: score only, no text).
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        noun: str = "product",
+        threshold: float = 0.5,
+        cache: bool = True,
+        support_max_tiles: int | None = None,
+        query_max_tiles: int | None = None,
+        max_new_tokens: int = 48,
+    ):
+        self.model, self.processor = model.eval(), processor
+        self.noun, self.threshold, self.cache = noun, threshold, cache
+        self.support_max_tiles, self.query_max_tiles = support_max_tiles, query_max_tiles
+        self.max_new_tokens = max_new_tokens
+        self.verdict_ids = verdict_token_ids(processor.tokenizer)
+        self.support: list[dict] | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | None = None, dtype=None, **kwargs) -> Inspector:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype or "auto")
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        return cls(model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), processor, **kwargs)
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def _prompt(self, support: list[dict]) -> tuple[str, str]:
+        """The episode prompt split before the query image: (shared prefix, per-query suffix)."""
+        placeholder = {"image": Image.new("RGB", (1, 1)), "defect_type": None, "position": None, "boxes": []}
+        messages = episode(support, placeholder, self.noun, self.processor.num_loc_bins)["messages"][:1]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        cut = text.rindex(IMAGE_TOKEN)
+        return text[:cut], text[cut:]
+
+    def _encode(self, text: str, images: list, max_tiles, first: bool) -> dict:
+        tiles = [max_tiles] * len(images) if max_tiles else None
+        batch = self.processor(
+            text=text, images=images or None, max_tiles=tiles, add_special_tokens=first, return_tensors="pt"
+        )
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def set_support(self, support: list[dict]) -> None:
+        """Show the support set (items from `support_item` or KensaSynth rows); encodes it once when caching."""
+        self.support = list(support)
+        self._prefix_text, self._suffix_text = self._prompt(self.support)
+        self._prefix = self._encode(
+            self._prefix_text, [s["image"] for s in self.support], self.support_max_tiles, first=True
+        )
+        self._cache = None
+        if self.cache:
+            out = self.model(**self._prefix, use_cache=True)
+            self._cache = out.past_key_values
+
+    def _query_inputs(self, image: Image.Image) -> dict:
+        suffix = self._encode(self._suffix_text, [image], self.query_max_tiles, first=False)
+        ids = torch.cat([self._prefix["input_ids"], suffix["input_ids"]], 1)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if self._cache is not None:
+            return {**inputs, "pixel_values": suffix["pixel_values"], "image_grid": suffix["image_grid"]}
+        pixels = [self._prefix.get("pixel_values"), suffix["pixel_values"]]
+        grids = [self._prefix.get("image_grid"), suffix["image_grid"]]
+        inputs["pixel_values"] = torch.cat([p for p in pixels if p is not None])
+        inputs["image_grid"] = torch.cat([g for g in grids if g is not None])
+        return inputs
+
+    @torch.no_grad()
+    def judge(self, queries) -> list[Judgement]:
+        """Judge one image or a list (PIL images or paths); one `Judgement` per query, in order."""
+        if self.support is None:
+            raise ValueError("call set_support(...) before judge(...) (an empty list judges without examples)")
+        queries = [queries] if isinstance(queries, (Image.Image, str)) else list(queries)
+        return [self._judge_one(_rgb(q)) for q in queries]
+
+    def _judge_one(self, image: Image.Image) -> Judgement:
+        inputs = self._query_inputs(image)
+        prefix_len = self._prefix["input_ids"].shape[1]
+        cache = copy.deepcopy(self._cache) if self._cache is not None else None
+        step = dict(inputs)
+        if cache is not None:
+            step["input_ids"] = inputs["input_ids"][:, prefix_len:]
+        out = self.model(**step, **{CACHE_KEY: cache}, use_cache=self.max_new_tokens > 0, logits_to_keep=1)
+        logits = out.logits[0, -1].float()
+        p_defective = torch.softmax(logits[list(self.verdict_ids)], 0)[1].item()
+        verdict = "defective" if p_defective >= self.threshold else "good"
+        if self.max_new_tokens == 0:
+            return Judgement(verdict, p_defective)
+        text = self._describe(inputs, getattr(out, CACHE_KEY), verdict)
+        parsed = parse_inspection_answer(text, image.width, image.height, self.processor.num_loc_bins)
+        boxes = [list(map(int, b)) for b in np.asarray(parsed["boxes"]).reshape(-1, 4)] if verdict != "good" else []
+        return Judgement(verdict, p_defective, text, parsed["defect_type"], parsed["position"], boxes)
+
+    def _describe(self, inputs: dict, cache, verdict: str) -> str:
+        """Greedy answer that starts with the verdict read from P(defective), so text and score agree. `cache` holds
+        the whole prompt (images included), so generation feeds only new tokens."""
+        if verdict == "good":
+            return "good"
+        first = torch.tensor([[self.verdict_ids[1]]], device=self.device)
+        ids = torch.cat([inputs["input_ids"], first], 1)
+        generated = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            **{CACHE_KEY: cache},  # holds every image already: only the new tokens run
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+        )
+        return self.processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

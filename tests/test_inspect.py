@@ -1,0 +1,162 @@
+"""Inspection API (support caching, inputs) and the evaluator's metrics and episodes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kensa_vl.eval.evaluate import aggregate, ap50, evaluate, metrics, support_for
+from kensa_vl.eval.inspector import Inspector, support_item
+from tests.conftest import random_image
+
+
+@pytest.fixture(scope="module")
+def synth(synth_dir):
+    from kensa_vl.train.data.synth import load_synth
+
+    return load_synth(synth_dir)[0]
+
+
+def _support(test):
+    good = [i for i, label in enumerate(test["label"]) if label == "good"][:2]
+    bad = [i for i, label in enumerate(test["label"]) if label == "defective"][:1]
+    return [test[i] for i in good + bad]
+
+
+def test_cached_support_gives_the_same_results_as_recomputing(tiny, synth):
+    model, processor = tiny
+    test = synth["test"]
+    queries = [test[i]["image"] for i in (5, 6, 7)]
+    results = {}
+    for cache in (True, False):
+        inspector = Inspector(model, processor, noun="nut", cache=cache, threshold=0.0, max_new_tokens=6)
+        inspector.set_support(_support(test))
+        results[cache] = inspector.judge(queries)
+    cached, fresh = results[True], results[False]
+    assert [r.p_defective for r in cached] == pytest.approx([r.p_defective for r in fresh], abs=1e-5)
+    assert [r.text for r in cached] == [r.text for r in fresh]
+    assert all(r.verdict == "defective" and r.text.startswith("defective") for r in cached)  # threshold 0
+    # judging leaves the shared cache as it was: the same query twice scores the same
+    inspector = Inspector(model, processor, cache=True, max_new_tokens=0)
+    inspector.set_support(_support(test))
+    first, second = inspector.judge([queries[0], queries[0]])
+    assert first.p_defective == pytest.approx(second.p_defective, abs=1e-6)
+
+
+def test_support_tiles_are_a_separate_budget(tiny, synth):
+    model, processor = tiny
+    inspector = Inspector(model, processor, support_max_tiles=1, max_new_tokens=0)
+    inspector.set_support(_support(synth["test"]))
+    assert inspector._prefix["image_grid"][:, 2].tolist() == [1, 1, 1]  # one tile per support image
+    assert 0.0 <= inspector.judge(synth["test"][9]["image"])[0].p_defective <= 1.0
+
+
+def test_bad_inspection_input_is_named(tiny):
+    model, processor = tiny
+    inspector = Inspector(model, processor)
+    with pytest.raises(ValueError, match="set_support"):
+        inspector.judge(random_image(64, 64))
+    with pytest.raises(ValueError, match=r"box \[0, 0, 90, 10\] .* 64x48"):
+        support_item(random_image(64, 48), defective=True, boxes=[[0, 0, 90, 10]])
+    with pytest.raises(ValueError, match="good support image takes no description"):
+        support_item(random_image(64, 48), description="scratch")
+    with pytest.raises(ValueError, match="expected a PIL image"):
+        inspector.set_support([])
+        inspector.judge([np.zeros((4, 4, 3))])
+    item = support_item(random_image(90, 90), defective=True, boxes=[[60, 0, 90, 20]], description="a dent")
+    assert item["position"] == "top right" and item["defect_type"] == "defect"
+
+
+def _record(label, p, seed=0, boxes=(), true_boxes=(), defect=None, size=None, category="a"):
+    return dict(
+        seed=seed,
+        category=category,
+        label=label,
+        defect_type=defect,
+        size=size,
+        p_defective=p,
+        boxes=[list(b) for b in boxes],
+        true_boxes=[list(b) for b in true_boxes],
+    )
+
+
+def test_verdict_metrics_by_hand():
+    records = [
+        _record("good", 0.1),
+        _record("good", 0.6),
+        _record("good", 0.2),
+        _record("good", 0.3),
+        _record("defective", 0.9),
+        _record("defective", 0.4),
+        _record("defective", 0.7),
+        _record("defective", 0.8),
+    ]
+    m = metrics(records)
+    assert m["overkill"] == 0.25 and m["miss"] == 0.25 and m["balanced_accuracy"] == 0.75
+    assert m["yes_ratio_good"] == 0.25 and m["yes_ratio_defective"] == 0.75
+    # AUROC: of 16 (defective, good) pairs the defective one scores higher in 15 (0.4 < 0.6 is the exception)
+    assert m["auroc"] == pytest.approx(15 / 16)
+    perfect = metrics([_record("good", 0.0), _record("defective", 1.0)])
+    assert perfect["ece"] == pytest.approx(0.0) and perfect["balanced_accuracy"] == 1.0
+
+
+def test_box_metrics_by_hand():
+    hit = _record("defective", 0.9, boxes=[[0, 0, 10, 10]], true_boxes=[[0, 0, 10, 12]])  # IoU 100/120
+    wrong = _record("defective", 0.8, boxes=[[50, 50, 60, 60]], true_boxes=[[0, 0, 10, 10]])
+    missed = _record("defective", 0.3, boxes=[], true_boxes=[[5, 5, 9, 9]])
+    assert metrics([hit, wrong, missed])["box_hit_rate"] == pytest.approx(1 / 3)
+    # ranked: hit (p=.9) then a false positive: precision 1 at recall 1/3, so AP50 = 1/3
+    assert ap50([hit, wrong, missed]) == pytest.approx(1 / 3)
+    assert ap50([wrong, hit]) == pytest.approx(0.5)  # ranked by score, not by order: hit (.9) first
+    assert ap50([dict(hit, p_defective=0.1), wrong]) == pytest.approx(0.5 * 0.5)  # a false positive first
+
+
+def test_aggregate_is_mean_and_std_over_seeds_and_groups_defects():
+    records = [
+        _record("good", 0.1, seed=0),
+        _record("defective", 0.9, seed=0, defect="crack", size="large"),
+        _record("good", 0.9, seed=1),
+        _record("defective", 0.9, seed=1, defect="crack", size="large"),
+        _record("defective", 0.1, seed=1, defect="stain", size="tiny"),
+    ]
+    out = aggregate(records)
+    assert out["overall"]["balanced_accuracy"]["mean"] == pytest.approx((1.0 + 0.25) / 2)
+    assert out["overall"]["balanced_accuracy"]["std"] == pytest.approx(0.375)
+    assert out["per_defect"]["stain"]["n"] == 2  # its one query plus the good query of its seed
+    assert set(out["per_size"]) == {"large", "tiny"}
+
+
+def test_support_sets_are_fixed_per_seed_and_never_queried(synth):
+    test = synth["test"]
+    rows = {}
+    for i, (category, label) in enumerate(zip(test["category"], test["label"], strict=True)):
+        rows.setdefault(category, {"good": [], "defective": []})[label].append(i)
+    category = sorted(rows)[0]
+    assert support_for(rows, category, 2, 1, seed=0) == support_for(rows, category, 2, 1, seed=0)
+    assert support_for(rows, category, 2, 0, seed=0) != support_for(rows, category, 2, 0, seed=1)
+    good, _ = support_for(rows, category, 2, 0, seed=0, control="other_category")
+    assert all(test[i]["category"] != category for i in good)
+    with pytest.raises(ValueError, match=r"has \d+ good and \d+ defective photos; a support of 999 good"):
+        support_for(rows, category, 999, 0, seed=0)
+
+
+def test_evaluate_reports_shots_and_controls(tiny, synth):
+    model, processor = tiny
+    out = evaluate(
+        model,
+        processor,
+        synth["test"],
+        shots=(0, 1),
+        seeds=2,
+        queries_per_category=2,
+        controls=("noise", "shuffled_labels"),
+        control_shots=1,
+        generate=False,
+        progress=False,
+    )
+    assert set(out["shots"]) == {0, 1} and set(out["controls"]) == {"noise", "shuffled_labels"}
+    categories = sorted(set(synth["test"]["category"]))
+    assert set(out["shots"][1]["per_category"]) == set(categories)
+    assert out["shots"][0]["overall"]["n"] == 2 * 2 * len(categories)  # seeds x queries x categories
+    support = {(r["seed"], r["category"]) for r in out["records"] if r["shots"] == 1}
+    assert len(support) == 2 * len(categories)
