@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from kensa_vl.train import build
+from kensa_vl.train import build, pipeline
 from kensa_vl.train.data import synth
 
 
@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     subparsers = parser.add_subparsers(dest="command", required=True)
     build.add_parsers(subparsers)
     synth.add_parsers(subparsers)
+    pipeline.add_parsers(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
