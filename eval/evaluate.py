@@ -171,10 +171,12 @@ def evaluate(
     generate: bool = True,
     threshold: float = 0.5,
     progress: bool = True,
+    method: str = "kensa",
     **inspector_kwargs,
 ) -> dict:
     """Evaluate few-shot inspection on a split (a datasets `Dataset` of KensaSynth items).
 
+    `method="patchcore"` scores the training-free kNN baseline instead (k >= 1, no shuffled-label control).
     Returns {"shots": {k: aggregate}, "controls": {name: aggregate}, "records": [...], "config": {...}}; each
     record is one query (seed, shots, control, category, label, defect type, size, P(defective), boxes).
     """
@@ -184,11 +186,17 @@ def evaluate(
     for i, (category, label) in enumerate(zip(items["category"], items["label"], strict=True)):
         rows.setdefault(category, {"good": [], "defective": []})[label].append(i)
     runs = [(k, None) for k in shots] + [(control_shots, c) for c in controls]
-    if "shuffled_labels" in controls and defective_shots == 0:
-        runs = [r for r in runs if r[1] != "shuffled_labels"] + [(control_shots, "shuffled_labels")]
-    inspector = Inspector(
-        model, processor, threshold=threshold, max_new_tokens=48 if generate else 0, **inspector_kwargs
-    )
+    if method == "patchcore":  # training-free baseline: needs good supports, judges no label-swapped demos
+        from .baseline import PatchCore
+
+        runs = [(k, c) for k, c in runs if k > 0 and c != "shuffled_labels"]
+        inspector = PatchCore(model, processor, **inspector_kwargs)
+    elif method == "kensa":
+        inspector = Inspector(
+            model, processor, threshold=threshold, max_new_tokens=48 if generate else 0, **inspector_kwargs
+        )
+    else:
+        raise ValueError(f"method must be 'kensa' or 'patchcore', got {method!r}")
     total = len(runs) * seeds * len(rows)
     records = []
     with tqdm(total=total, desc="evaluating", disable=not progress, unit="support set") as bar:

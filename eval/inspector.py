@@ -150,17 +150,21 @@ class Inspector:
         self._prefix = self._encode(
             self._prefix_text, [s["image"] for s in self.support], self.support_max_tiles, first=True
         )
-        self._cache = None
+        self._cache, self._references = None, None
         if self.cache:
             out = self.model(**self._prefix, use_cache=True)
-            self._cache = out.past_key_values
+            self._cache = getattr(out, CACHE_KEY)
+            pixels = self._prefix.get("pixel_values")
+            if getattr(self.model.config, "reference_comparison", False) and pixels is not None:
+                self._references = [self.model.model.reference_features(pixels)]  # support patches, kept
 
     def _query_inputs(self, image: Image.Image) -> dict:
         suffix = self._encode(self._suffix_text, [image], self.query_max_tiles, first=False)
         ids = torch.cat([self._prefix["input_ids"], suffix["input_ids"]], 1)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if self._cache is not None:
-            return {**inputs, "pixel_values": suffix["pixel_values"], "image_grid": suffix["image_grid"]}
+            inputs.update(pixel_values=suffix["pixel_values"], image_grid=suffix["image_grid"])
+            return {**inputs, "reference_features": self._references} if self._references else inputs
         pixels = [self._prefix.get("pixel_values"), suffix["pixel_values"]]
         grids = [self._prefix.get("image_grid"), suffix["image_grid"]]
         inputs["pixel_values"] = torch.cat([p for p in pixels if p is not None])

@@ -27,7 +27,8 @@ def loss_curve(stages: dict[str, list[dict]], path: str | Path) -> Path:
             offset += max(h.get("step", 0) for h in history)
     ax.set(xlabel="optimizer step (stages back to back)", ylabel="training loss", title="KensaVL training loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a run shorter than `logging_steps` logs no loss
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

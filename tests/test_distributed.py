@@ -42,7 +42,12 @@ def test_zero3_with_a_text_only_rank_trains_and_saves(zero3_run, tiny_dir):
     before, after = load_file(tiny_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert set(before) == set(after)  # the same key layout as a model saved outside DeepSpeed
     changed = {k.removeprefix("model.").split(".")[0] for k in before if not (before[k] == after[k]).all()}
-    assert changed == {"multi_modal_projector", "layer_merges", "language_model", "lm_head"}  # towers frozen, all gathered
+    assert changed == {
+        "multi_modal_projector",
+        "layer_merges",
+        "language_model",
+        "lm_head",
+    }  # towers frozen, all gathered
 
 
 @pytest.mark.slow

@@ -160,3 +160,57 @@ def test_evaluate_reports_shots_and_controls(tiny, synth):
     assert out["shots"][0]["overall"]["n"] == 2 * 2 * len(categories)  # seeds x queries x categories
     support = {(r["seed"], r["category"]) for r in out["records"] if r["shots"] == 1}
     assert len(support) == 2 * len(categories)
+
+
+@pytest.fixture(scope="module")
+def tiny_comparison():
+    import torch
+
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.model.reference_comparison.mlp[-1].weight, std=0.5)  # as if trained
+    return model, processor
+
+
+def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth):
+    model, processor = tiny_comparison
+    test = synth["test"]
+    queries = [test[i]["image"] for i in (5, 6)]
+    scores = {}
+    for cache in (True, False):
+        inspector = Inspector(model, processor, cache=cache, max_new_tokens=0)
+        inspector.set_support(_support(test))
+        scores[cache] = [r.p_defective for r in inspector.judge(queries)]
+    assert scores[True] == pytest.approx(scores[False], abs=1e-5)
+    # and it matters: the same query against other references scores differently
+    inspector.set_support(_support(test)[:1])
+    assert inspector.judge(queries[0])[0].p_defective != pytest.approx(scores[False][0], abs=1e-4)
+
+
+def test_reference_comparison_only_touches_images_with_references(tiny_comparison, tmp_path):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from kensa_vl.train.build import save_kensa
+
+    model, processor = tiny_comparison
+    images = [random_image(224, 224, s) for s in (1, 2)]
+    one = processor(text="<image> a", images=images[:1], return_tensors="pt")
+    two = processor(text="<image> <image> a", images=images, return_tensors="pt")
+    with torch.no_grad():
+        base = model.model.get_image_features(two["pixel_values"])
+        out = model.model._compare(
+            base, model.model._grids(two["pixel_values"]), two["input_ids"], two["image_grid"], None
+        )
+        n = int(one["image_grid"][0, 2])
+        assert torch.equal(out[:n], base[:n]) and not torch.allclose(out[n:], base[n:])  # only the second image
+        logits = model(**one).logits
+    save_kensa(model, processor, tmp_path)
+    loaded, info = AutoModelForImageTextToText.from_pretrained(
+        tmp_path, trust_remote_code=True, output_loading_info=True
+    )
+    assert loaded.config.reference_comparison and not any(info.values())
+    with torch.no_grad():
+        assert torch.allclose(loaded(**one).logits, logits, atol=1e-5)

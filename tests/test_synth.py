@@ -166,7 +166,7 @@ def test_bad_config_says_what_was_expected(kwargs, match):
 
 
 def test_the_cli_starts_without_the_data_extra(tmp_path):
-    """README command 1 installs no extras: `kensa-vl tiny` must not import scipy or scikit-image."""
+    """The base install (no extras) builds the tiny model: `kensa-vl tiny` must not import scipy or scikit-image."""
     import subprocess
     import sys
 

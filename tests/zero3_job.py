@@ -74,7 +74,9 @@ def main(tiny: str, out: str) -> None:
         seed=0,
     )
     _shim()
-    args = sft.KensaArguments(model=tiny, stage="multitask", train=["projector", "layer_merges", "language_model", "lm_head"])
+    args = sft.KensaArguments(
+        model=tiny, stage="multitask", train=["projector", "layer_merges", "language_model", "lm_head"]
+    )
     model, processor = sft.load_model(args)
     groups = sft.select_trainable(model, args)
     collator = sft.KensaCollator(processor, assistant_only_loss=True)

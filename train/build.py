@@ -139,7 +139,9 @@ def save_kensa(model: KensaVLForConditionalGeneration, processor: KensaVLProcess
     return out
 
 
-def tiny_config(tokenizer, tile_size: int = 224, max_tiles: int = 6, fusion: str = "concat") -> KensaVLConfig:
+def tiny_config(
+    tokenizer, tile_size: int = 224, max_tiles: int = 6, fusion: str = "concat", reference_comparison: bool = False
+) -> KensaVLConfig:
     """Two encoders of different families (SigLIP-like, DINOv2-like with two taps) and a tiny Llama."""
     vit = {
         "hidden_size": 48,
@@ -170,6 +172,7 @@ def tiny_config(tokenizer, tile_size: int = 224, max_tiles: int = 6, fusion: str
         tile_size=tile_size,
         max_tiles=max_tiles,
         projector_hidden_size=128,
+        reference_comparison=reference_comparison,
     )
     set_token_ids(config, tokenizer)
     return config

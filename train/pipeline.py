@@ -39,8 +39,10 @@ def run(
     seeds: int = 3,
     queries_per_category: int = 20,
     overwrite: bool = False,
+    overrides: list[str] = (),
 ) -> dict:
-    """The whole job; returns the metrics written to `OUT/metrics.json`."""
+    """The whole job; returns the metrics written to `OUT/metrics.json`. `overrides` are recipe arguments added to
+    both stages (e.g. `["--max_steps", "2"]`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from kensa_vl.eval.evaluate import evaluate
@@ -56,10 +58,8 @@ def run(
     build_tiny(out / "tiny", **TINY)
     histories, previous = {}, out / "tiny"
     for stage, folder in (("align", "align"), ("multitask", "model")):
-        trainer = train_stage(
-            RECIPES / f"{stage}.yaml",
-            ["--model", str(previous), "--data", str(data), "--output_dir", str(out / folder)],
-        )
+        paths = ["--model", str(previous), "--data", str(data), "--output_dir", str(out / folder)]
+        trainer = train_stage(RECIPES / f"{stage}.yaml", [*paths, *overrides])
         histories[stage], previous = trainer.state.log_history, out / folder
         del trainer
     train_seconds = time.perf_counter() - start

@@ -1,0 +1,37 @@
+"""The offline main job end to end on a tiny budget: every output it promises, loadable by the Auto classes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_main_job_writes_model_metrics_plots_and_logs(synth_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from kensa_vl.train.pipeline import run
+
+    out = tmp_path / "run"
+    budget = ["--max_steps", "2", "--num_rows", "8", "--per_device_train_batch_size", "2"]
+    metrics = run(out, synth_dir, shots=(0, 1), seeds=2, queries_per_category=2, overrides=budget)
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["categories"] == ["gravel", "marble", "nut"] and saved["split"] == "test"
+    assert set(saved["shots"]) == {"0", "1"} and set(saved["controls"]) == {
+        "other_category",
+        "noise",
+        "shuffled_labels",
+    }
+    assert saved["shots"]["1"]["overall"]["n"] == metrics["shots"][1]["overall"]["n"] == 2 * 2 * 3
+    assert len((out / "records.jsonl").read_text().splitlines()) == 2 * 2 * 3 * (2 + 3)  # 2 shots + 3 controls
+    for png in ("loss.png", "accuracy_vs_shots.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "model" / "runs").rglob("events.out.tfevents.*"))  # TensorBoard
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        out / "model", trust_remote_code=True, output_loading_info=True
+    )
+    assert not any(info.values()) and model.config.tile_size == 112
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
+        run(out, synth_dir)
