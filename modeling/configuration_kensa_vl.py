@@ -75,6 +75,9 @@ class KensaVLConfig(PretrainedConfig):
         projector_hidden_size (`int`, *optional*): hidden width of the MLP projector (default: the LM's width).
         tile_size (`int`), max_tiles (`int`), use_thumbnail (`bool`): the tiling the processor uses.
         vision_chunk_size (`int`): most tiles one encoder call sees (0: all tiles in one call).
+        reference_comparison (`bool`): give each visual token of an image its distance to the nearest patch
+            feature of the earlier images of the same prompt (the references of an ICL episode), as a learned
+            embedding added to the token (see `KensaVLReferenceComparison`).
         image_token_id, ... : ids of the reserved special tokens (filled in by the builders).
     """
 
@@ -92,6 +95,7 @@ class KensaVLConfig(PretrainedConfig):
         max_tiles: int = 12,
         use_thumbnail: bool = True,
         vision_chunk_size: int = 0,
+        reference_comparison: bool = False,
         image_token_id: int | None = None,
         num_loc_bins: int = 256,
         loc_token_start_id: int | None = None,
@@ -123,6 +127,7 @@ class KensaVLConfig(PretrainedConfig):
         self.max_tiles = max_tiles
         self.use_thumbnail = use_thumbnail
         self.vision_chunk_size = vision_chunk_size
+        self.reference_comparison = reference_comparison
         self.image_token_id = image_token_id
         self.num_loc_bins = num_loc_bins
         self.loc_token_start_id = loc_token_start_id

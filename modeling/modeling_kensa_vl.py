@@ -91,6 +91,33 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     return x.reshape(n, (g // factor) ** 2, c * factor * factor)
 
 
+class KensaVLReferenceComparison(nn.Module):
+    """PatchCore inside the model: for each visual token of an image, the cosine distance of its patch features to
+    the nearest patch feature of the references (the earlier images of the same prompt), max-pooled over the
+    pixel-shuffle block, as a raw value and relative to the image's median, through a small MLP whose last layer
+    starts at zero (an untrained comparison changes nothing)."""
+
+    def __init__(self, config: KensaVLConfig):
+        super().__init__()
+        self.block = config.pixel_shuffle
+        width = config.text_config.hidden_size
+        self.mlp = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
+
+    @staticmethod
+    def features(grids: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-encoder L2-normalised patch features, concatenated: `(n, G, G, C)` each -> `(n, G, G, C_total)`."""
+        return torch.cat([F.normalize(g.float(), dim=-1) for g in grids.values()], -1) / len(grids) ** 0.5
+
+    def forward(self, query: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+        """`query` (n, G, G, C) tiles of one image, `references` (M, C) -> embeddings (n, tokens_per_tile, D)."""
+        n, g, _, c = query.shape
+        distance = (1 - query.reshape(-1, c) @ references.T).amin(-1).clamp_min(0).view(n, 1, g, g)
+        distance = F.max_pool2d(distance, self.block).flatten(1)  # (n, tokens_per_tile)
+        relative = distance / distance.median().clamp_min(1e-6)
+        dtype = self.mlp[0].weight.dtype
+        return self.mlp(torch.stack([distance, relative], -1).to(dtype))
+
+
 class KensaVLPreTrainedModel(PreTrainedModel):
     config_class = KensaVLConfig
     base_model_prefix = "model"
@@ -114,6 +141,9 @@ class KensaVLPreTrainedModel(PreTrainedModel):
             module.weight.data.normal_(mean=0.0, std=std)
         elif isinstance(module, KensaVLLayerMerge) and hasattr(module, "layer_logits"):
             module.layer_logits.data.zero_()
+        if isinstance(module, KensaVLReferenceComparison):
+            module.mlp[-1].weight.data.zero_()
+            module.mlp[-1].bias.data.zero_()
 
 
 class KensaVLModel(KensaVLPreTrainedModel):
@@ -139,6 +169,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
             }
         )
         self.multi_modal_projector = KensaVLProjector(config)
+        if config.reference_comparison:
+            self.reference_comparison = KensaVLReferenceComparison(config)
         self.language_model = AutoModel.from_config(config.text_config)
         no_split.update(getattr(self.language_model, "_no_split_modules", None) or [])
         self._no_split_modules = sorted(no_split)
@@ -216,15 +248,51 @@ class KensaVLModel(KensaVLPreTrainedModel):
         tile = self.config.tile_size
         if pixel_values.dim() != 4 or pixel_values.shape[1:] != (3, tile, tile):
             raise ValueError(f"pixel_values must be (num_tiles, 3, {tile}, {tile}), got {tuple(pixel_values.shape)}.")
+        return self._project(self._grids(pixel_values))
+
+    def _grids(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each encoder's merged features on the common grid: name -> `(N, G, G, C)`."""
         chunk = self.config.vision_chunk_size or pixel_values.shape[0]
-        shuffled = {}
+        grids = {}
         for encoder in self.config.vision_encoders:
             dtype = next(self.vision_towers[encoder["name"]].parameters()).dtype
             x = pixel_values.to(dtype)
-            grids = [self._encode(encoder, x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
-            shuffled[encoder["name"]] = pixel_shuffle(torch.cat(grids), self.config.pixel_shuffle)
+            grids[encoder["name"]] = torch.cat(
+                [self._encode(encoder, x[i : i + chunk]) for i in range(0, len(x), chunk)]
+            )
+        return grids
+
+    def _project(self, grids: dict[str, torch.Tensor]) -> torch.Tensor:
         projector_dtype = next(self.multi_modal_projector.parameters()).dtype
-        return self.multi_modal_projector({k: v.to(projector_dtype) for k, v in shuffled.items()})
+        shuffled = {k: pixel_shuffle(v, self.config.pixel_shuffle).to(projector_dtype) for k, v in grids.items()}
+        return self.multi_modal_projector(shuffled)
+
+    def reference_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The patch features `reference_comparison` compares against, `(tiles * G * G, C)`: what a cached support
+        prefix passes back as `reference_features` (one tensor per sample)."""
+        features = KensaVLReferenceComparison.features(self._grids(pixel_values))
+        return features.reshape(-1, features.shape[-1])
+
+    def _compare(self, image_features, grids, input_ids, image_grid, reference_features) -> torch.Tensor:
+        """Add the reference-comparison embedding to the tokens of every image that has references: the earlier
+        images of its sample, plus `reference_features[sample]` (a cached support set) when given."""
+        features = KensaVLReferenceComparison.features(grids)  # (N, G, G, C)
+        tiles = image_grid[:, 2].tolist()
+        per_row = ((input_ids == self.config.image_token_id).sum(1) // image_features.shape[1]).tolist()
+        starts = [0, *torch.tensor(tiles).cumsum(0).tolist()]
+        added = torch.zeros_like(image_features)
+        image = 0
+        for row, row_tiles in enumerate(per_row):
+            bank = [] if reference_features is None else [reference_features[row].float()]
+            while row_tiles > 0:
+                first, last = starts[image], starts[image + 1]
+                if bank:
+                    delta = self.reference_comparison(features[first:last], torch.cat(bank))
+                    added[first:last] = delta.to(added.dtype)
+                bank.append(features[first:last].reshape(-1, features.shape[-1]))
+                row_tiles -= last - first
+                image += 1
+        return image_features + added
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
         if input_ids is None:
@@ -252,6 +320,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        reference_features: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> KensaVLModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -265,7 +334,10 @@ class KensaVLModel(KensaVLPreTrainedModel):
                 raise ValueError(f"image_grid describes {described} tiles, pixel_values has {pixel_values.shape[0]}.")
         image_features = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            image_features = self.get_image_features(pixel_values)
+            grids = self._grids(pixel_values)
+            image_features = self._project(grids)
+            if self.config.reference_comparison and image_grid is not None and input_ids is not None:
+                image_features = self._compare(image_features, grids, input_ids, image_grid, reference_features)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
         elif self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -333,6 +405,7 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache=None,
+        reference_features: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> KensaVLCausalLMOutputWithPast:
         r"""
@@ -343,6 +416,8 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(batch, seq)`): next-token targets, -100 where ignored.
             cache: the KV cache under the name recent 5.x `generate` passes a caller's cache by (else
                 `past_key_values`).
+            reference_features (`list[torch.Tensor]`, *optional*): per sample, the `reference_features` of
+                support images already in the KV cache (with `reference_comparison`).
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -353,6 +428,7 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            reference_features=reference_features,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
