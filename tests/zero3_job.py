@@ -104,6 +104,7 @@ def main(tiny: str, out: str) -> None:
         processor.save_pretrained(out)
     print("REPORT " + json.dumps({**report, "losses": losses}), flush=True)
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a rank exiting with gloo threads alive can abort (SIGABRT)
 
 
 if __name__ == "__main__":
