@@ -71,8 +71,11 @@ def support_item(image, defective: bool = False, description: str | None = None,
 
 
 def _rgb(image) -> Image.Image:
-    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        image = Image.open(image)
+    if isinstance(image, str) or hasattr(image, "__fspath__"):
+        try:
+            image = Image.open(image)
+        except (OSError, ValueError) as err:  # missing file, not an image
+            raise ValueError(f"could not read image {str(image)!r}: {err}") from err
     if not isinstance(image, Image.Image):
         raise ValueError(f"expected a PIL image or an image path, got {type(image).__name__}")
     return image.convert("RGB")

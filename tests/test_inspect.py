@@ -214,3 +214,32 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
     assert loaded.config.reference_comparison and not any(info.values())
     with torch.no_grad():
         assert torch.allclose(loaded(**one).logits, logits, atol=1e-5)
+
+
+def test_inspect_and_eval_commands(tiny_dir, synth_dir, tmp_path, capsys):
+    import json
+
+    from kensa_vl.train.cli import main
+
+    test = __import__("kensa_vl.train.data.synth", fromlist=["load_synth"]).load_synth(synth_dir)[0]["test"]
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        test[i]["image"].save(paths[-1])
+    main(["inspect", "--model", str(tiny_dir), "--good", str(paths[0]), str(paths[1]),
+          "--defective", f"{paths[2]}=a dark scratch", "--query", str(paths[3]), str(paths[0]),
+          "--threshold", "0", "--out", str(tmp_path / "r.json"), "--viz", str(tmp_path / "viz")])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [[str(paths[3]), "defective"], [str(paths[0]), "defective"]]
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [r["file"] for r in results] == [str(paths[3]), str(paths[0])] and 0 <= results[0]["p_defective"] <= 1
+    assert (tmp_path / "viz" / "3.png").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--model", str(tiny_dir), "--query", str(tmp_path / "missing.png")])
+    assert exit_info.value.code == 2 and "could not read image" in capsys.readouterr().err
+
+    main(["eval", "--model", str(tiny_dir), "--data", str(synth_dir), "--shots", "0,2", "--seeds", "1",
+          "--queries-per-category", "2", "--out", str(tmp_path / "eval")])  # fmt: skip
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert "| KensaVL | 0 |" in table and "| kNN patch memory (PatchCore-style) | 2 |" in table
+    assert (tmp_path / "eval" / "accuracy_vs_shots.png").exists()

@@ -18,14 +18,13 @@ def test_main_job_writes_model_metrics_plots_and_logs(synth_dir, tmp_path):
     metrics = run(out, synth_dir, shots=(0, 1), seeds=2, queries_per_category=2, overrides=budget)
 
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["categories"] == ["gravel", "marble", "nut"] and saved["split"] == "test"
-    assert set(saved["shots"]) == {"0", "1"} and set(saved["controls"]) == {
-        "other_category",
-        "noise",
-        "shuffled_labels",
-    }
-    assert saved["shots"]["1"]["overall"]["n"] == metrics["shots"][1]["overall"]["n"] == 2 * 2 * 3
-    assert len((out / "records.jsonl").read_text().splitlines()) == 2 * 2 * 3 * (2 + 3)  # 2 shots + 3 controls
+    assert saved["run"]["categories"] == ["gravel", "marble", "nut"] and saved["run"]["split"] == "test"
+    assert set(saved["kensa"]["shots"]) == {"0", "1"} and set(saved["patchcore"]["shots"]) == {"1"}  # no k=0
+    assert set(saved["kensa"]["controls"]) == {"other_category", "noise", "shuffled_labels"}
+    assert saved["kensa"]["shots"]["1"]["overall"]["n"] == metrics["kensa"]["shots"]["1"]["overall"]["n"] == 2 * 2 * 3
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sum(r["method"] == "kensa" for r in records) == 2 * 2 * 3 * (2 + 3)  # (2 shot counts + 3 controls)
+    assert "| KensaVL | 1 |" in (out / "table.md").read_text()
     for png in ("loss.png", "accuracy_vs_shots.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "model" / "runs").rglob("events.out.tfevents.*"))  # TensorBoard

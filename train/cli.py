@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from kensa_vl.eval import report
 from kensa_vl.train import build, pipeline
 from kensa_vl.train.data import synth
 
@@ -15,6 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     build.add_parsers(subparsers)
     synth.add_parsers(subparsers)
     pipeline.add_parsers(subparsers)
+    report.add_parsers(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

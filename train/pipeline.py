@@ -3,7 +3,8 @@
     kensa-vl train --out outputs/main          # the same as `accelerate launch train/sft.py` with no arguments
 
 Writes `OUT/model` (model + processor, loadable by the Auto classes with `trust_remote_code=True`),
-`OUT/metrics.json`, `OUT/loss.png`, `OUT/accuracy_vs_shots.png`, TensorBoard logs under `OUT/<stage>/runs`, and
+`OUT/metrics.json` (the model and the kNN baseline, plus the run's timing), `OUT/table.md`, `OUT/records.jsonl`,
+`OUT/loss.png`, `OUT/accuracy_vs_shots.png`, TensorBoard logs under `OUT/<stage>/runs`, and
 the intermediate `OUT/tiny` and `OUT/align` checkpoints. The stage recipes are `train/configs/main/*.yaml`.
 """
 
@@ -45,8 +46,8 @@ def run(
     both stages (e.g. `["--max_steps", "2"]`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from kensa_vl.eval.evaluate import evaluate
-    from kensa_vl.eval.plots import accuracy_vs_shots, loss_curve
+    from kensa_vl.eval.plots import loss_curve
+    from kensa_vl.eval.report import evaluate_and_report
     from kensa_vl.train.build import build_tiny
     from kensa_vl.train.data.synth import load_synth
 
@@ -67,30 +68,27 @@ def run(
     model = AutoModelForImageTextToText.from_pretrained(previous, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(previous, trust_remote_code=True)
     items, _ = load_synth(data)
-    results = evaluate(
-        model, processor, items["test"], shots=shots, seeds=seeds, queries_per_category=queries_per_category
+    results = evaluate_and_report(
+        model, processor, items["test"], out, shots=shots, seeds=seeds, queries_per_category=queries_per_category
     )
-    metrics = {
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["run"] = {
         "model": str(previous),
         "data": str(data),
         "split": "test",
         "categories": sorted(set(items["test"]["category"])),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - start, 1),
-        **{k: v for k, v in results.items() if k != "records"},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    with open(out / "records.jsonl", "w") as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in results["records"])
     loss_curve(histories, out / "loss.png")
-    accuracy_vs_shots({"KensaVL tiny": results["shots"]}, out / "accuracy_vs_shots.png")
-    for k, result in results["shots"].items():
+    for k, result in results["kensa"]["shots"].items():
         overall = result["overall"]
         print(
             f"k={k}: balanced accuracy {overall['balanced_accuracy']['mean']:.3f} ± "
             f"{overall['balanced_accuracy']['std']:.3f}, AUROC {overall['auroc']['mean']:.3f}"
         )
-    print(f"wrote {out} in {metrics['total_seconds']:.0f} s")
+    print(f"wrote {out} in {metrics['run']['total_seconds']:.0f} s")
     return metrics
 
 

@@ -1,0 +1,128 @@
+"""`kensa-vl eval` and `kensa-vl inspect`: evaluation reports and one-off inspection from the command line.
+
+kensa-vl eval --model outputs/main/model --data outputs/kensa-synth-224 --shots 0,1,2,4,8 --seeds 3 --out DIR
+kensa-vl inspect --model DIR --good a.png b.png --defective c.png="a dark scratch" --query q1.png q2.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METHODS = {"kensa": "KensaVL", "patchcore": "kNN patch memory (PatchCore-style)"}
+
+
+def markdown_table(results: dict[str, dict], metrics=("balanced_accuracy", "auroc", "overkill", "miss")) -> str:
+    """One row per method and k: mean ± std over seeds; `results`: method -> `evaluate(...)` output."""
+    lines = ["| method | k | " + " | ".join(m.replace("_", " ") for m in metrics) + " |"]
+    lines.append("|---|---|" + "---|" * len(metrics))
+    for method, result in results.items():
+        rows = [(k, v) for k, v in result["shots"].items()] + list(result["controls"].items())
+        for k, value in rows:
+            cells = []
+            for metric in metrics:
+                m = value["overall"][metric]
+                cells.append("n/a" if m["mean"] is None else f"{m['mean']:.3f} ± {m['std']:.3f}")
+            lines.append(f"| {METHODS[method]} | {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_and_report(model, processor, items, out: str | Path, baseline: bool = True, **kwargs) -> dict:
+    """Evaluate the model (and the kNN baseline on the same support sets) and write `metrics.json`,
+    `records.jsonl`, `table.md` and `accuracy_vs_shots.png` into `out`. Returns {method: results}."""
+    from .evaluate import evaluate
+    from .plots import accuracy_vs_shots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"kensa": evaluate(model, processor, items, **kwargs)}
+    if baseline:
+        results["patchcore"] = evaluate(model, processor, items, method="patchcore", **kwargs)
+    summary = {method: {k: v for k, v in r.items() if k != "records"} for method, r in results.items()}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    with open(out / "records.jsonl", "w") as handle:
+        for method, r in results.items():
+            handle.writelines(json.dumps({"method": method, **record}) + "\n" for record in r["records"])
+    (out / "table.md").write_text(markdown_table(results))
+    accuracy_vs_shots({METHODS[m]: r["shots"] for m, r in results.items()}, out / "accuracy_vs_shots.png")
+    return results
+
+
+def _load(path: str):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
+    return model, AutoProcessor.from_pretrained(path, trust_remote_code=True)
+
+
+def _eval(args) -> None:
+    from kensa_vl.train.data.synth import load_synth
+
+    items, _ = load_synth(args.data)
+    if args.split not in items:
+        raise ValueError(f"--split {args.split!r} is not in {args.data}; it has {list(items)}")
+    model, processor = _load(args.model)
+    shots = [int(k) for k in args.shots.split(",")]
+    results = evaluate_and_report(
+        model, processor, items[args.split], args.out, baseline=not args.no_baseline, shots=shots,
+        seeds=args.seeds, queries_per_category=args.queries_per_category,
+    )  # fmt: skip
+    print(markdown_table(results), end="")
+    print(f"wrote {args.out}")
+
+
+def _inspect(args) -> None:
+    from .inspector import Inspector, support_item
+
+    support = [support_item(path) for path in args.good]
+    for spec in args.defective:
+        path, _, description = spec.partition("=")
+        support.append(support_item(path, defective=True, description=description or None))
+    model, processor = _load(args.model)
+    inspector = Inspector(model, processor, noun=args.noun, threshold=args.threshold)
+    inspector.set_support(support)
+    results = []
+    for path in args.query:
+        result = inspector.judge(path)[0]
+        print(f"{path}\t{result.verdict}\t{result.p_defective:.3f}")
+        results.append({"file": path, **result.to_dict()})
+        if args.viz:
+            _draw(path, result.boxes, Path(args.viz) / f"{Path(path).stem}.png", result.verdict)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def _draw(path: str, boxes, out: Path, verdict: str) -> None:
+    from PIL import Image, ImageDraw
+
+    image = Image.open(path).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for box in boxes:
+        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 40, 40), width=3)
+    draw.text((6, 6), verdict, fill=(255, 40, 40) if verdict == "defective" else (40, 200, 40))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="few-shot inspection metrics of a model on a KensaSynth split")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="KensaSynth folder")
+    p.add_argument("--split", default="test")
+    p.add_argument("--shots", default="0,1,2,4,8")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--queries-per-category", type=int, default=None, help="default: every remaining photo")
+    p.add_argument("--no-baseline", action="store_true", help="skip the kNN patch-memory baseline")
+    p.add_argument("--out", default="outputs/eval")
+    p.set_defaults(func=_eval)
+
+    p = subparsers.add_parser("inspect", help="judge query images against a few good/defective examples")
+    p.add_argument("--model", required=True)
+    p.add_argument("--good", nargs="+", default=[], metavar="IMAGE")
+    p.add_argument("--defective", nargs="*", default=[], metavar="IMAGE[=DESCRIPTION]")
+    p.add_argument("--query", nargs="+", required=True, metavar="IMAGE")
+    p.add_argument("--noun", default="product", help="what the product is called in the prompt")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--out", help="results as JSON")
+    p.add_argument("--viz", help="folder for each query with its boxes drawn")
+    p.set_defaults(func=_inspect)
