@@ -162,17 +162,19 @@ class Inspector:
                 self._references = [self.model.model.reference_features(pixels)]  # support patches, kept
 
     def _query_inputs(self, image: Image.Image) -> dict:
+        if self._cache is None:  # the whole prompt from scratch, as a caller without this API would run it
+            default = self.processor.image_processor.max_tiles
+            tiles = [self.support_max_tiles or default] * len(self.support) + [self.query_max_tiles or default]
+            images = [s["image"] for s in self.support] + [image]
+            batch = self.processor(
+                text=self._prefix_text + self._suffix_text, images=images, max_tiles=tiles, return_tensors="pt"
+            )
+            return {k: v.to(self.device) for k, v in batch.items()}
         suffix = self._encode(self._suffix_text, [image], self.query_max_tiles, first=False)
         ids = torch.cat([self._prefix["input_ids"], suffix["input_ids"]], 1)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if self._cache is not None:
-            inputs.update(pixel_values=suffix["pixel_values"], image_grid=suffix["image_grid"])
-            return {**inputs, "reference_features": self._references} if self._references else inputs
-        pixels = [self._prefix.get("pixel_values"), suffix["pixel_values"]]
-        grids = [self._prefix.get("image_grid"), suffix["image_grid"]]
-        inputs["pixel_values"] = torch.cat([p for p in pixels if p is not None])
-        inputs["image_grid"] = torch.cat([g for g in grids if g is not None])
-        return inputs
+        inputs.update(pixel_values=suffix["pixel_values"], image_grid=suffix["image_grid"])
+        return {**inputs, "reference_features": self._references} if self._references else inputs
 
     @torch.no_grad()
     def judge(self, queries) -> list[Judgement]:
