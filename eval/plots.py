@@ -45,6 +45,7 @@ def accuracy_vs_shots(curves: dict[str, dict], path: str | Path, metric: str = "
         mean = [shots[k]["overall"][metric]["mean"] for k in ks]
         std = [shots[k]["overall"][metric]["std"] for k in ks]
         ax.errorbar([int(k) for k in ks], mean, yerr=std, marker="o", capsize=3, label=name)
+    ax.set_xticks(sorted({int(k) for shots in curves.values() for k in shots}))
     ax.axhline(0.5, color="grey", linestyle=":", label="chance")
     ax.set(xlabel="good examples shown (k)", ylabel=metric.replace("_", " "), ylim=(0.3, 1.02))
     ax.set_title("Few-shot inspection on held-out categories")
