@@ -2,8 +2,8 @@
 same encoder features (the merged tower features KensaVL feeds its projector), with the inspector's interface.
 
 Score of a query: the largest distance of any of its patch features to the nearest patch feature of the good
-support photos. Threshold: the largest leave-one-out score of the good supports (needs two or more; with fewer,
-P(defective) is reported as 0.5 and only AUROC is meaningful).
+support photos. Threshold: the largest leave-one-out score of the good supports (needs two or more; with one, every
+query is judged good and only AUROC is meaningful).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class PatchCore:
         out = []
         for query in queries:
             score = self._score(self._features(query), bank)
-            p = 0.5 if self.threshold is None else score / (score + self.threshold + 1e-12)
-            # without a threshold the rank still counts for AUROC: nudge by the score, keep the verdict undecided
-            p = p if self.threshold is not None else 0.5 + 1e-3 * score
-            out.append(Judgement("defective" if p >= 0.5 and self.threshold is not None else "good", p))
+            # p >= 0.5 exactly when score >= threshold; without a threshold every verdict is "good" (p < 0.5) and
+            # only the ranking, hence AUROC, means anything
+            p = score / (score + (self.threshold if self.threshold is not None else score + 1.0) + 1e-12)
+            out.append(Judgement("defective" if p >= 0.5 else "good", p))
         return out

@@ -12,18 +12,13 @@ demos. A model that uses its examples does worse under each.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .inspector import Inspector
 
-logger = logging.getLogger(__name__)
-
 CONTROLS = ("other_category", "noise", "shuffled_labels")
-METRICS = ("balanced_accuracy", "overkill", "miss", "auroc", "ece", "yes_ratio_good", "yes_ratio_defective")
 
 
 def box_iou(a, b) -> float:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
-from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN, POSITIONS, parse_inspection_answer
+from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN, parse_inspection_answer, position_word
 from kensa_vl.train.data.conversations import episode
 
 
@@ -40,14 +40,6 @@ class Judgement:
         return asdict(self)
 
 
-def _position(boxes, width: int, height: int) -> str:
-    """The 3x3 position word of the boxes' union centre (as KensaSynth describes defects)."""
-    x = (min(b[0] for b in boxes) + max(b[2] for b in boxes)) / 2 / width
-    y = (min(b[1] for b in boxes) + max(b[3] for b in boxes)) / 2 / height
-    col, row = min(int(x * 3), 2), min(int(y * 3), 2)
-    return POSITIONS[row * 3 + col]
-
-
 def support_item(image, defective: bool = False, description: str | None = None, boxes=None, defect_type=None):
     """A support example in the episode format: a good image, or a defective one with an optional short
     description, boxes (query pixels, `[x0, y0, x1, y1]`) and defect type."""
@@ -60,7 +52,11 @@ def support_item(image, defective: bool = False, description: str | None = None,
     for box in boxes:
         if len(box) != 4 or not (0 <= box[0] < box[2] <= image.width and 0 <= box[1] < box[3] <= image.height):
             raise ValueError(f"box {box} is not [x0, y0, x1, y1] inside the {image.width}x{image.height} image")
-    position = _position(boxes, image.width, image.height) if boxes else "center"
+    position = "center"
+    if boxes:  # the cell of the boxes' union centre, as KensaSynth describes defects
+        x = (min(b[0] for b in boxes) + max(b[2] for b in boxes)) / 2 / image.width
+        y = (min(b[1] for b in boxes) + max(b[3] for b in boxes)) / 2 / image.height
+        position = position_word(x, y)
     return {
         "image": image,
         "defect_type": defect_type or "defect",
@@ -79,6 +75,14 @@ def _rgb(image) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise ValueError(f"expected a PIL image or an image path, got {type(image).__name__}")
     return image.convert("RGB")
+
+
+def load_pretrained(path, dtype=None):
+    """Model + processor of a KensaVL folder or Hub id, through the Auto classes (remote code)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype or "auto")
+    return model, AutoProcessor.from_pretrained(path, trust_remote_code=True)
 
 
 def verdict_token_ids(tokenizer) -> tuple[int, int]:
@@ -120,10 +124,7 @@ class Inspector:
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | None = None, dtype=None, **kwargs) -> Inspector:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype or "auto")
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        model, processor = load_pretrained(path, dtype)
         return cls(model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), processor, **kwargs)
 
     @property
@@ -150,11 +151,10 @@ class Inspector:
         """Show the support set (items from `support_item` or KensaSynth rows); encodes it once when caching."""
         self.support = list(support)
         self._prefix_text, self._suffix_text = self._prompt(self.support)
-        self._prefix = self._encode(
-            self._prefix_text, [s["image"] for s in self.support], self.support_max_tiles, first=True
-        )
         self._cache, self._references = None, None
         if self.cache:
+            images = [s["image"] for s in self.support]
+            self._prefix = self._encode(self._prefix_text, images, self.support_max_tiles, first=True)
             out = self.model(**self._prefix, use_cache=True)
             self._cache = getattr(out, CACHE_KEY)
             pixels = self._prefix.get("pixel_values")
@@ -186,11 +186,10 @@ class Inspector:
 
     def _judge_one(self, image: Image.Image) -> Judgement:
         inputs = self._query_inputs(image)
-        prefix_len = self._prefix["input_ids"].shape[1]
         cache = copy.deepcopy(self._cache) if self._cache is not None else None
         step = dict(inputs)
-        if cache is not None:
-            step["input_ids"] = inputs["input_ids"][:, prefix_len:]
+        if cache is not None:  # the prefix is in the cache: run the query's own tokens only
+            step["input_ids"] = inputs["input_ids"][:, self._prefix["input_ids"].shape[1] :]
         out = self.model(**step, **{CACHE_KEY: cache}, use_cache=self.max_new_tokens > 0, logits_to_keep=1)
         logits = out.logits[0, -1].float()
         p_defective = torch.softmax(logits[list(self.verdict_ids)], 0)[1].item()

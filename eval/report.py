@@ -27,9 +27,11 @@ def markdown_table(results: dict[str, dict], metrics=("balanced_accuracy", "auro
     return "\n".join(lines) + "\n"
 
 
-def evaluate_and_report(model, processor, items, out: str | Path, baseline: bool = True, **kwargs) -> dict:
-    """Evaluate the model (and the kNN baseline on the same support sets) and write `metrics.json`,
-    `records.jsonl`, `table.md` and `accuracy_vs_shots.png` into `out`. Returns {method: results}."""
+def evaluate_and_report(
+    model, processor, items, out: str | Path, baseline: bool = True, extra: dict | None = None, **kwargs
+) -> dict:
+    """Evaluate the model (and the kNN baseline on the same support sets) and write `metrics.json` (with `extra`
+    under "run"), `records.jsonl`, `table.md` and `accuracy_vs_shots.png` into `out`. Returns {method: results}."""
     from .evaluate import evaluate
     from .plots import accuracy_vs_shots
 
@@ -39,6 +41,8 @@ def evaluate_and_report(model, processor, items, out: str | Path, baseline: bool
     if baseline:
         results["patchcore"] = evaluate(model, processor, items, method="patchcore", **kwargs)
     summary = {method: {k: v for k, v in r.items() if k != "records"} for method, r in results.items()}
+    if extra:
+        summary["run"] = extra
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     with open(out / "records.jsonl", "w") as handle:
         for method, r in results.items():
@@ -48,20 +52,15 @@ def evaluate_and_report(model, processor, items, out: str | Path, baseline: bool
     return results
 
 
-def _load(path: str):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
-    return model, AutoProcessor.from_pretrained(path, trust_remote_code=True)
-
-
 def _eval(args) -> None:
     from kensa_vl.train.data.synth import load_synth
+
+    from .inspector import load_pretrained
 
     items, _ = load_synth(args.data)
     if args.split not in items:
         raise ValueError(f"--split {args.split!r} is not in {args.data}; it has {list(items)}")
-    model, processor = _load(args.model)
+    model, processor = load_pretrained(args.model)
     shots = [int(k) for k in args.shots.split(",")]
     results = evaluate_and_report(
         model, processor, items[args.split], args.out, baseline=not args.no_baseline, shots=shots,
@@ -72,13 +71,13 @@ def _eval(args) -> None:
 
 
 def _inspect(args) -> None:
-    from .inspector import Inspector, support_item
+    from .inspector import Inspector, load_pretrained, support_item
 
     support = [support_item(path) for path in args.good]
     for spec in args.defective:
         path, _, description = spec.partition("=")
         support.append(support_item(path, defective=True, description=description or None))
-    model, processor = _load(args.model)
+    model, processor = load_pretrained(args.model)
     inspector = Inspector(model, processor, noun=args.noun, threshold=args.threshold)
     inspector.set_support(support)
     results = []

@@ -116,6 +116,13 @@ def text_to_boxes(text: str, width: int, height: int, num_bins: int) -> list[tup
 #   good
 #   defective: <type> at the <position> <box>...</box>[<box>...</box>...]
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+
+
+def position_word(x: float, y: float) -> str:
+    """The 3x3 cell of a point given as fractions of the image's width and height."""
+    return POSITIONS[3 * min(2, int(y * 3)) + min(2, int(x * 3))]
+
+
 _ANSWER_RE = re.compile(
     r"^\s*(?P<verdict>good|defective)\b(?::\s*(?P<type>[a-z][a-z ]*?)\s+at the\s+(?P<position>"
     + "|".join(sorted(POSITIONS, key=len, reverse=True))

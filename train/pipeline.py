@@ -3,9 +3,10 @@
     kensa-vl train --out outputs/main          # the same as `accelerate launch train/sft.py` with no arguments
 
 Writes `OUT/model` (model + processor, loadable by the Auto classes with `trust_remote_code=True`),
-`OUT/metrics.json` (the model and the kNN baseline, plus the run's timing), `OUT/table.md`, `OUT/records.jsonl`,
-`OUT/loss.png`, `OUT/accuracy_vs_shots.png`, TensorBoard logs under `OUT/<stage>/runs`, and
-the intermediate `OUT/tiny` and `OUT/align` checkpoints. The stage recipes are `train/configs/main/*.yaml`.
+`OUT/metrics.json` (the model and the kNN baseline, plus the run: data, categories, training time),
+`OUT/table.md`, `OUT/records.jsonl`, `OUT/loss.png`, `OUT/accuracy_vs_shots.png`, TensorBoard logs under
+`OUT/<stage>/runs`, and the intermediate `OUT/tiny` and `OUT/align` checkpoints.
+The stage recipes are `train/configs/main/*.yaml`.
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ def run(
 ) -> dict:
     """The whole job; returns the metrics written to `OUT/metrics.json`. `overrides` are recipe arguments added to
     both stages (e.g. `["--max_steps", "2"]`)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    from kensa_vl.eval.inspector import load_pretrained
     from kensa_vl.eval.plots import loss_curve
     from kensa_vl.eval.report import evaluate_and_report
     from kensa_vl.train.build import build_tiny
@@ -65,22 +65,19 @@ def run(
         del trainer
     train_seconds = time.perf_counter() - start
 
-    model = AutoModelForImageTextToText.from_pretrained(previous, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(previous, trust_remote_code=True)
+    model, processor = load_pretrained(previous)
     items, _ = load_synth(data)
-    results = evaluate_and_report(
-        model, processor, items["test"], out, shots=shots, seeds=seeds, queries_per_category=queries_per_category
-    )
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["run"] = {
+    run_info = {
         "model": str(previous),
         "data": str(data),
         "split": "test",
         "categories": sorted(set(items["test"]["category"])),
         "train_seconds": round(train_seconds, 1),
-        "total_seconds": round(time.perf_counter() - start, 1),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    results = evaluate_and_report(
+        model, processor, items["test"], out, extra=run_info, shots=shots, seeds=seeds,
+        queries_per_category=queries_per_category,
+    )  # fmt: skip
     loss_curve(histories, out / "loss.png")
     for k, result in results["kensa"]["shots"].items():
         overall = result["overall"]
@@ -88,8 +85,8 @@ def run(
             f"k={k}: balanced accuracy {overall['balanced_accuracy']['mean']:.3f} ± "
             f"{overall['balanced_accuracy']['std']:.3f}, AUROC {overall['auroc']['mean']:.3f}"
         )
-    print(f"wrote {out} in {metrics['run']['total_seconds']:.0f} s")
-    return metrics
+    print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
+    return json.loads((out / "metrics.json").read_text())
 
 
 def add_parsers(subparsers) -> None:

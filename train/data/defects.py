@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from kensa_vl.processing.processing_kensa_vl import POSITIONS
+from kensa_vl.processing.processing_kensa_vl import position_word
 
 from .noise import perlin
 
@@ -218,11 +218,11 @@ DEFECTS: dict[str, Defect] = {
 }
 
 
-def position_word(mask: np.ndarray) -> str:
+def mask_position(mask: np.ndarray) -> str:
     """The 3x3 cell of the mask's centroid: "top left", "top", ..., "center", ..., "bottom right"."""
     ys, xs = np.nonzero(mask)
     h, w = mask.shape
-    return POSITIONS[3 * min(2, int(ys.mean() * 3 / h)) + min(2, int(xs.mean() * 3 / w))]
+    return position_word(xs.mean() / w, ys.mean() / h)
 
 
 def mask_boxes(mask: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
