@@ -26,6 +26,13 @@ ENCODER_DEFAULTS = {
         "feature_layers": [-1],
     },
 }
+# The DCT encoder (`KensaVLDCTEncoder`) is KensaVL's own, with no weights: it converts RGB itself.
+DCT_MODEL_TYPE = "kensa_dct"
+ENCODER_DEFAULTS[DCT_MODEL_TYPE] = {
+    "image_mean": [0.0, 0.0, 0.0],
+    "image_std": [1.0, 1.0, 1.0],
+    "feature_layers": [-1],
+}
 FALLBACK_ENCODER_DEFAULTS = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "feature_layers": [-1]}
 LAYER_MERGES = ("weighted", "concat")
 FUSIONS = ("concat", "interleave")
@@ -76,8 +83,10 @@ class KensaVLConfig(PretrainedConfig):
         tile_size (`int`), max_tiles (`int`), use_thumbnail (`bool`): the tiling the processor uses.
         vision_chunk_size (`int`): most tiles one encoder call sees (0: all tiles in one call).
         reference_comparison (`bool`): give each visual token of an image its distance to the nearest patch
-            feature of the earlier images of the same prompt (the references of an ICL episode), as a learned
-            embedding added to the token (see `KensaVLReferenceComparison`).
+            feature of the earlier images of the same prompt (the references of an ICL episode), turned into an
+            anomaly map and a learned embedding added to the token (see `KensaVLReferenceComparison`).
+        reference_encoders (`list[str]`, *optional*): the encoders compared (default: all).
+        anomaly_loss_weight (`float`): weight of the anomaly-map loss when `anomaly_labels` are given.
         image_token_id, ... : ids of the reserved special tokens (filled in by the builders).
     """
 
@@ -96,6 +105,8 @@ class KensaVLConfig(PretrainedConfig):
         use_thumbnail: bool = True,
         vision_chunk_size: int = 0,
         reference_comparison: bool = False,
+        reference_encoders: list[str] | None = None,
+        anomaly_loss_weight: float = 1.0,
         image_token_id: int | None = None,
         num_loc_bins: int = 256,
         loc_token_start_id: int | None = None,
@@ -118,6 +129,9 @@ class KensaVLConfig(PretrainedConfig):
             for key, value in ENCODER_DEFAULTS.get(encoder["config"]["model_type"], FALLBACK_ENCODER_DEFAULTS).items():
                 encoder.setdefault(key, list(value))
             encoder.setdefault("layer_merge", "weighted")
+            if encoder["config"]["model_type"] == DCT_MODEL_TYPE:
+                dct = encoder["config"]
+                dct.setdefault("hidden_size", dct["luma_coefficients"] + 2 * dct["chroma_coefficients"])
             encoders.append(encoder)
         self.vision_encoders = encoders
         self.fusion = fusion
@@ -128,6 +142,8 @@ class KensaVLConfig(PretrainedConfig):
         self.use_thumbnail = use_thumbnail
         self.vision_chunk_size = vision_chunk_size
         self.reference_comparison = reference_comparison
+        self.reference_encoders = list(reference_encoders) if reference_encoders else None
+        self.anomaly_loss_weight = anomaly_loss_weight
         self.image_token_id = image_token_id
         self.num_loc_bins = num_loc_bins
         self.loc_token_start_id = loc_token_start_id
@@ -158,11 +174,17 @@ class KensaVLConfig(PretrainedConfig):
                 f"Encoder grids cannot be aligned: every grid must be a multiple of the smallest ({common}), "
                 f"got {grids} for tile_size {self.tile_size}."
             )
+        unknown = sorted(set(self.reference_encoders or []) - set(names))
+        if unknown:
+            raise ValueError(f"reference_encoders {unknown} are not among the vision encoders {names}.")
         if common % self.pixel_shuffle:
             raise ValueError(
                 f"The common patch grid {common} is not divisible by pixel_shuffle {self.pixel_shuffle} "
                 f"(tile_size {self.tile_size}, grids {grids})."
             )
+
+    def reference_encoder_names(self) -> list[str]:
+        return self.reference_encoders or [encoder["name"] for encoder in self.vision_encoders]
 
     @property
     def grid_size(self) -> int:

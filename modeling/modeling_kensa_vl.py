@@ -23,7 +23,13 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_kensa_vl import KensaVLConfig, build_encoder_config, encoder_patch_grid, encoder_width
+from .configuration_kensa_vl import (
+    DCT_MODEL_TYPE,
+    KensaVLConfig,
+    build_encoder_config,
+    encoder_patch_grid,
+    encoder_width,
+)
 
 # transformers 5.2x renamed the cache argument and output field `past_key_values` -> `cache`.
 CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -32,11 +38,13 @@ CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ e
 @dataclass
 class KensaVLModelOutputWithPast(BaseModelOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
+    anomaly_map: torch.FloatTensor | None = None  # (num_tiles, tokens_per_tile) logits; NaN: no references
 
 
 @dataclass
 class KensaVLCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
+    anomaly_map: torch.FloatTensor | None = None
 
 
 class KensaVLLayerMerge(nn.Module):
@@ -91,31 +99,102 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     return x.reshape(n, (g // factor) ** 2, c * factor * factor)
 
 
+class KensaVLDCTEncoder(nn.Module):
+    """Frequency-domain input (DocPedia): JPEG-style block DCT of YCbCr, the lowest coefficients of each block in
+    zigzag order, signed-log compressed. No weights: a fixed local descriptor of texture and edges at a fine grid
+    (one cell per `patch_size` block) that compares well across views of a product (reference comparison).
+
+    Config keys: `patch_size` (block side), `luma_coefficients`, `chroma_coefficients`; `hidden_size` is their
+    total (`luma + 2 * chroma`)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        block = config["patch_size"]
+        self.block, self.luma, self.chroma = block, config["luma_coefficients"], config["chroma_coefficients"]
+        if not 1 <= self.chroma <= self.luma <= block * block:
+            raise ValueError(
+                f"DCT encoder: need 1 <= chroma_coefficients <= luma_coefficients <= {block * block} "
+                f"(patch_size {block}), got {self.chroma} and {self.luma}."
+            )
+        # Built in forward, not kept as buffers: `from_pretrained` leaves non-persistent buffers uninitialised.
+        self.zigzag = sorted(range(block * block), key=lambda i: (i // block + i % block, i // block))
+
+    def basis(self, device) -> torch.Tensor:
+        """The orthonormal DCT-II matrix `(k, k)`: row `u` is frequency `u` sampled at the block's pixels."""
+        k, n = torch.meshgrid(
+            torch.arange(self.block, device=device), torch.arange(self.block, device=device), indexing="ij"
+        )
+        basis = torch.cos(torch.pi * (2 * n + 1) * k / (2 * self.block)) * (2 / self.block) ** 0.5
+        basis[0] /= 2**0.5
+        return basis
+
+    def forward(self, pixel_values: torch.Tensor, **_) -> torch.Tensor:
+        """`(n, 3, T, T)` RGB in [0, 1] -> `(n, (T / patch_size)^2, luma + 2 * chroma)`."""
+        r, g, b = pixel_values.float().unbind(1)
+        y = 0.299 * r + 0.587 * g + 0.114 * b
+        ycc = torch.stack([y, 0.564 * (b - y), 0.713 * (r - y)], 1)  # (n, 3, T, T)
+        n, _, side, _ = ycc.shape
+        cells, k = side // self.block, self.block
+        blocks = ycc.view(n, 3, cells, k, cells, k).permute(0, 2, 4, 1, 3, 5)  # (n, g, g, 3, k, k)
+        basis = self.basis(ycc.device)
+        coefficients = (basis @ blocks @ basis.T).flatten(-2)[..., self.zigzag]  # (n, g, g, 3, k*k)
+        kept = [coefficients[..., 0, : self.luma], coefficients[..., 1:, : self.chroma].flatten(-2)]
+        features = torch.cat(kept, -1)
+        return (features.sign() * torch.log1p(10 * features.abs())).reshape(n, cells * cells, -1)
+
+
+@torch.no_grad()  # a fixed metric (PatchCore's): no gradient flows through the nearest-neighbour search
+def patch_distances(query: torch.Tensor, bank: torch.Tensor, token_side: int, chunk: int = 4096) -> torch.Tensor:
+    """Cosine distance of each cell of `query` (n, g, g, C), L2-normalised, to its nearest cell in `bank` (M, C),
+    averaged over the 3x3 neighbourhood and max-pooled onto a `token_side` grid: `(n, token_side^2)`."""
+    n, g, _, c = query.shape
+    flat = query.reshape(-1, c).to(bank.dtype)
+    nearest = torch.cat([(1 - part @ bank.T).amin(-1) for part in flat.split(chunk)])
+    d = F.avg_pool2d(nearest.clamp_min(0).view(n, 1, g, g), 3, 1, 1, count_include_pad=False)
+    return F.max_pool2d(d, g // token_side).flatten(1)
+
+
 class KensaVLReferenceComparison(nn.Module):
-    """PatchCore inside the model: for each visual token of an image, the cosine distance of its patch features to
-    the nearest patch feature of the references (the earlier images of the same prompt), max-pooled over the
-    pixel-shuffle block, as a raw value and relative to the image's median, through a small MLP whose last layer
-    starts at zero (an untrained comparison changes nothing)."""
+    """PatchCore inside the model, with a learned anomaly map.
+
+    For each image with references (the earlier images of its prompt, or a cached support set), per compared
+    encoder and per cell of that encoder's own patch grid: the cosine distance to the nearest reference cell,
+    averaged over the 3x3 neighbourhood (PatchCore's locally aware patches), max-pooled onto the visual tokens, raw
+    and relative to the image's median. Their logarithms become one anomaly logit per visual token (trained on
+    defect masks when they are given, see `anomaly_labels`): a linear term that starts as their mean (farther is
+    more anomalous, so an untrained map already ranks like PatchCore) plus an MLP that starts at zero. The token logit
+    and the image's largest logit become an embedding added to the token, through a last layer that starts at zero
+    (an untrained comparison changes no token)."""
 
     def __init__(self, config: KensaVLConfig):
         super().__init__()
-        self.block = config.pixel_shuffle
+        self.encoders = config.reference_encoder_names()
+        self.token_side = config.grid_size // config.pixel_shuffle
         width = config.text_config.hidden_size
-        self.mlp = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
+        inputs = 2 * len(self.encoders)
+        self.linear = nn.Linear(inputs, 1)
+        self.mlp = nn.Sequential(nn.Linear(inputs, 64), nn.GELU(), nn.Linear(64, 1))
+        self.embed = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
 
-    @staticmethod
-    def features(grids: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-encoder L2-normalised patch features, concatenated: `(n, G, G, C)` each -> `(n, G, G, C_total)`."""
-        return torch.cat([F.normalize(g.float(), dim=-1) for g in grids.values()], -1) / len(grids) ** 0.5
+    def features(self, grids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The compared encoders' L2-normalised cells on their own grids: name -> `(n, g, g, C)`."""
+        return {name: F.normalize(grids[name].float(), dim=-1) for name in self.encoders}
 
-    def forward(self, query: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-        """`query` (n, G, G, C) tiles of one image, `references` (M, C) -> embeddings (n, tokens_per_tile, D)."""
-        n, g, _, c = query.shape
-        distance = (1 - query.reshape(-1, c) @ references.T).amin(-1).clamp_min(0).view(n, 1, g, g)
-        distance = F.max_pool2d(distance, self.block).flatten(1)  # (n, tokens_per_tile)
-        relative = distance / distance.median().clamp_min(1e-6)
-        dtype = self.mlp[0].weight.dtype
-        return self.mlp(torch.stack([distance, relative], -1).to(dtype))
+    def distances(self, query: dict[str, torch.Tensor], bank: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`query` name -> (n, g, g, C) tiles of one image, `bank` name -> (M, C) -> log-distances
+        `(n, tokens_per_tile, 2E)`."""
+        out = []
+        for name in self.encoders:
+            d = patch_distances(query[name], bank[name], self.token_side)  # (n, tokens_per_tile)
+            out += [d, d / d.median().clamp_min(1e-6)]
+        return torch.stack(out, -1).clamp_min(1e-4).log()
+
+    def forward(self, query: dict[str, torch.Tensor], bank: dict[str, torch.Tensor]):
+        """-> (embeddings `(n, tokens_per_tile, D)`, anomaly logits `(n, tokens_per_tile)`) for one image."""
+        x = self.distances(query, bank).to(self.linear.weight.dtype)
+        logits = (self.linear(x) + self.mlp(x)).squeeze(-1)
+        summary = torch.stack([logits, logits.max().expand_as(logits)], -1)
+        return self.embed(summary), logits
 
 
 class KensaVLPreTrainedModel(PreTrainedModel):
@@ -142,8 +221,14 @@ class KensaVLPreTrainedModel(PreTrainedModel):
         elif isinstance(module, KensaVLLayerMerge) and hasattr(module, "layer_logits"):
             module.layer_logits.data.zero_()
         if isinstance(module, KensaVLReferenceComparison):
-            module.mlp[-1].weight.data.zero_()
-            module.mlp[-1].bias.data.zero_()
+            module.linear.weight.data.fill_(1.0 / module.linear.in_features)
+            for zero in (
+                module.linear.bias,
+                module.mlp[-1].weight,
+                module.mlp[-1].bias,
+                *module.embed[-1].parameters(),
+            ):
+                zero.data.zero_()
 
 
 class KensaVLModel(KensaVLPreTrainedModel):
@@ -157,7 +242,10 @@ class KensaVLModel(KensaVLPreTrainedModel):
         towers, no_split = {}, set()
         for encoder in config.vision_encoders:
             extra = {"attn_implementation": attn} if attn else {}
-            tower = AutoModel.from_config(build_encoder_config(encoder), **extra)
+            if encoder["config"]["model_type"] == DCT_MODEL_TYPE:
+                tower = KensaVLDCTEncoder(encoder["config"])
+            else:
+                tower = AutoModel.from_config(build_encoder_config(encoder), **extra)
             no_split.update(getattr(tower, "_no_split_modules", None) or [])
             # 4.x wraps CLIP/SigLIP in `.vision_model`; 5.6+ does not. Unwrapping gives one key layout in both.
             towers[encoder["name"]] = getattr(tower, "vision_model", tower)
@@ -195,6 +283,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
         Forward hooks on the encoder layers give the same indices as `output_hidden_states` in every transformers
         version (4.x's unwrapped CLIP/SigLIP transformers do not return hidden states) and keep only the taps.
         """
+        if isinstance(tower, KensaVLDCTEncoder):  # one fixed "layer": every tap is the coefficients
+            return [tower(pixel_values)] * len(taps)
         if hasattr(tower, "timm_model"):  # transformers' timm wrapper: taps are timm stage indices, maps NCHW
             out = tower(pixel_values=pixel_values, output_hidden_states=list(taps), do_pooling=False)
             return [feature_map.flatten(2).transpose(1, 2) for feature_map in out.hidden_states]
@@ -225,7 +315,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         return [captured[index] for index in wanted]
 
     def _encode(self, encoder: dict, pixel_values: torch.Tensor) -> torch.Tensor:
-        """One encoder over a chunk of tiles: `(n, 3, T, T)` in [0, 1] -> `(n, G, G, C)` on the common grid."""
+        """One encoder over a chunk of tiles: `(n, 3, T, T)` in [0, 1] -> `(n, g, g, C)` on its own patch grid."""
         name = encoder["name"]
         tower = self.vision_towers[name]
         mean = torch.tensor(encoder["image_mean"], device=pixel_values.device, dtype=pixel_values.dtype)
@@ -236,12 +326,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         # (n, prefix + grid^2, C) each; CLS / register tokens come first and are dropped by count
         layers = [hidden[:, hidden.shape[1] - grid * grid :] for hidden in hidden_states]
         merged = self.layer_merges[name](layers)  # (n, grid^2, C')
-        n, _, channels = merged.shape
-        common = self.config.grid_size
-        if grid != common:  # average-pool onto the common grid (the config guarantees an integer factor)
-            merged = merged.transpose(1, 2).reshape(n, channels, grid, grid)
-            merged = F.avg_pool2d(merged, grid // common).flatten(2).transpose(1, 2)
-        return merged.reshape(n, common, common, channels)
+        return merged.reshape(len(merged), grid, grid, -1)
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """Tiles `(N, 3, T, T)` in [0, 1] -> visual tokens `(N, tokens_per_tile, D)` in the LM's embedding space."""
@@ -251,12 +336,12 @@ class KensaVLModel(KensaVLPreTrainedModel):
         return self._project(self._grids(pixel_values))
 
     def _grids(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each encoder's merged features on the common grid: name -> `(N, G, G, C)`."""
+        """Each encoder's merged features on its own patch grid: name -> `(N, g, g, C)`."""
         chunk = self.config.vision_chunk_size or pixel_values.shape[0]
         grids = {}
         for encoder in self.config.vision_encoders:
-            dtype = next(self.vision_towers[encoder["name"]].parameters()).dtype
-            x = pixel_values.to(dtype)
+            weight = next(self.vision_towers[encoder["name"]].parameters(), None)
+            x = pixel_values.to(weight.dtype) if weight is not None else pixel_values
             grids[encoder["name"]] = torch.cat(
                 [self._encode(encoder, x[i : i + chunk]) for i in range(0, len(x), chunk)]
             )
@@ -264,35 +349,44 @@ class KensaVLModel(KensaVLPreTrainedModel):
 
     def _project(self, grids: dict[str, torch.Tensor]) -> torch.Tensor:
         projector_dtype = next(self.multi_modal_projector.parameters()).dtype
-        shuffled = {k: pixel_shuffle(v, self.config.pixel_shuffle).to(projector_dtype) for k, v in grids.items()}
+        common, shuffled = self.config.grid_size, {}
+        for name, grid in grids.items():
+            if grid.shape[1] != common:  # average-pool onto the common grid (the config guarantees the factor)
+                grid = F.avg_pool2d(grid.permute(0, 3, 1, 2), grid.shape[1] // common).permute(0, 2, 3, 1)
+            shuffled[name] = pixel_shuffle(grid, self.config.pixel_shuffle).to(projector_dtype)
         return self.multi_modal_projector(shuffled)
 
-    def reference_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The patch features `reference_comparison` compares against, `(tiles * G * G, C)`: what a cached support
-        prefix passes back as `reference_features` (one tensor per sample)."""
-        features = KensaVLReferenceComparison.features(self._grids(pixel_values))
-        return features.reshape(-1, features.shape[-1])
+    def reference_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The patch features `reference_comparison` compares against, name -> `(tiles * g * g, C)` per compared
+        encoder: what a cached support prefix passes back as `reference_features` (one dict per sample)."""
+        features = self.reference_comparison.features(self._grids(pixel_values))
+        return {name: f.reshape(-1, f.shape[-1]) for name, f in features.items()}
 
-    def _compare(self, image_features, grids, input_ids, image_grid, reference_features) -> torch.Tensor:
-        """Add the reference-comparison embedding to the tokens of every image that has references: the earlier
-        images of its sample, plus `reference_features[sample]` (a cached support set) when given."""
-        features = KensaVLReferenceComparison.features(grids)  # (N, G, G, C)
+    def _compare(self, image_features, grids, input_ids, image_grid, reference_features):
+        """Add the reference-comparison embedding to the tokens of every image that has references (the earlier
+        images of its sample, plus `reference_features[sample]`, a cached support set, when given); returns the
+        features and the anomaly map `(N, tokens_per_tile)`, NaN for images without references."""
+        features = self.reference_comparison.features(grids)  # name -> (N, g, g, C)
         tiles = image_grid[:, 2].tolist()
         per_row = ((input_ids == self.config.image_token_id).sum(1) // image_features.shape[1]).tolist()
         starts = [0, *torch.tensor(tiles).cumsum(0).tolist()]
         added = torch.zeros_like(image_features)
+        anomaly = image_features.new_full(image_features.shape[:2], float("nan"), dtype=torch.float32)
         image = 0
         for row, row_tiles in enumerate(per_row):
-            bank = [] if reference_features is None else [reference_features[row].float()]
+            cached = None if reference_features is None else reference_features[row]
+            banks = {name: [] if cached is None else [cached[name].float()] for name in features}
             while row_tiles > 0:
                 first, last = starts[image], starts[image + 1]
-                if bank:
-                    delta = self.reference_comparison(features[first:last], torch.cat(bank))
-                    added[first:last] = delta.to(added.dtype)
-                bank.append(features[first:last].reshape(-1, features.shape[-1]))
+                query = {name: f[first:last] for name, f in features.items()}
+                if banks[self.reference_comparison.encoders[0]]:
+                    delta, logits = self.reference_comparison(query, {n: torch.cat(b) for n, b in banks.items()})
+                    added[first:last], anomaly[first:last] = delta.to(added.dtype), logits.float()
+                for name, f in query.items():
+                    banks[name].append(f.reshape(-1, f.shape[-1]))
                 row_tiles -= last - first
                 image += 1
-        return image_features + added
+        return image_features + added, anomaly
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
         if input_ids is None:
@@ -332,12 +426,14 @@ class KensaVLModel(KensaVLPreTrainedModel):
             described = int(image_grid[:, 2].sum())
             if described != pixel_values.shape[0]:
                 raise ValueError(f"image_grid describes {described} tiles, pixel_values has {pixel_values.shape[0]}.")
-        image_features = None
+        image_features = anomaly_map = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             grids = self._grids(pixel_values)
             image_features = self._project(grids)
             if self.config.reference_comparison and image_grid is not None and input_ids is not None:
-                image_features = self._compare(image_features, grids, input_ids, image_grid, reference_features)
+                image_features, anomaly_map = self._compare(
+                    image_features, grids, input_ids, image_grid, reference_features
+                )
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
         elif self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -358,6 +454,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
+            anomaly_map=anomaly_map,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
 
@@ -405,7 +502,8 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache=None,
-        reference_features: list[torch.Tensor] | None = None,
+        reference_features: list[dict[str, torch.Tensor]] | None = None,
+        anomaly_labels: torch.Tensor | None = None,
         **kwargs,
     ) -> KensaVLCausalLMOutputWithPast:
         r"""
@@ -416,8 +514,12 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(batch, seq)`): next-token targets, -100 where ignored.
             cache: the KV cache under the name recent 5.x `generate` passes a caller's cache by (else
                 `past_key_values`).
-            reference_features (`list[torch.Tensor]`, *optional*): per sample, the `reference_features` of
-                support images already in the KV cache (with `reference_comparison`).
+            reference_features (`list[dict]`, *optional*): per sample, the `reference_features` of support
+                images already in the KV cache (with `reference_comparison`).
+            anomaly_labels (`torch.FloatTensor` of shape `(num_tiles, tokens_per_tile)`, *optional*): 1 where a
+                visual token covers a defect, 0 where it does not, -1 where unknown (the processor's
+                `anomaly_labels`). With `reference_comparison`, their class-balanced binary cross-entropy against
+                the anomaly map, times `config.anomaly_loss_weight`, is added to the loss.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -440,12 +542,28 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
+        anomaly_map = outputs.anomaly_map
+        if anomaly_labels is not None and anomaly_map is not None:
+            if anomaly_labels.shape != anomaly_map.shape:
+                raise ValueError(
+                    f"anomaly_labels must be (num_tiles, tokens_per_tile) = {tuple(anomaly_map.shape)}, "
+                    f"got {tuple(anomaly_labels.shape)}."
+                )
+            known = (anomaly_labels >= 0) & ~anomaly_map.isnan()
+            if known.any():
+                target = anomaly_labels[known].float()
+                # defects cover a few % of the tokens: weigh them as much as the rest, or the map learns "never"
+                balance = (target == 0).sum() / (target == 1).sum().clamp_min(1)
+                bce = F.binary_cross_entropy_with_logits(anomaly_map[known], target, pos_weight=balance)
+                weighted = self.config.anomaly_loss_weight * bce
+                loss = weighted if loss is None else loss + weighted
         return KensaVLCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            anomaly_map=outputs.anomaly_map,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
 
