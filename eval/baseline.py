@@ -1,14 +1,19 @@
 """The number to beat: a training-free PatchCore-style kNN patch-memory detector on the same support set and the
-same encoder features (the merged tower features KensaVL feeds its projector), with the inspector's interface.
+same encoder features (each compared encoder's cells on its own grid, as KensaVL's reference comparison sees them),
+with the inspector's interface.
 
-Score of a query: the largest distance of any of its patch features to the nearest patch feature of the good
-support photos. Threshold: the largest leave-one-out score of the good supports (needs two or more; with one, every
+Score of a query: over its visual tokens, the largest distance (averaged over the encoders) of the token's cells to
+the nearest cell of the good support photos, with the comparison's 3x3 neighbourhood (`patch_distances`).
+Threshold: the largest leave-one-out score of the good supports (needs two or more; with one, every
 query is judged good and only AUROC is meaningful).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from kensa_vl.modeling.modeling_kensa_vl import patch_distances
 
 from .inspector import Judgement, _rgb
 
@@ -21,29 +26,35 @@ class PatchCore:
         self.noun = None  # set by the evaluator; unused
 
     @torch.no_grad()
-    def _features(self, image) -> torch.Tensor:
+    def _features(self, image) -> dict[str, torch.Tensor]:
+        """name -> `(tiles, g, g, C)` L2-normalised cells of each encoder the model compares (all without one)."""
         batch = self.processor.image_processor([_rgb(image)], max_tiles=self.max_tiles, return_tensors="pt")
-        return self.model.model.reference_features(batch["pixel_values"].to(self.model.device))
+        grids = self.model.model._grids(batch["pixel_values"].to(self.model.device))
+        names = self.model.config.reference_encoder_names()
+        return {name: F.normalize(grids[name].float(), dim=-1) for name in names}
 
     def set_support(self, support: list[dict]) -> None:
         self.bank = [self._features(item["image"]) for item in support if item["defect_type"] is None]
         self.threshold = None
         if len(self.bank) >= 2:  # leave one out: how far a good photo is from the other good photos
-            scores = [self._score(f, torch.cat(self.bank[:i] + self.bank[i + 1 :])) for i, f in enumerate(self.bank)]
+            scores = [self._score(f, self.bank[:i] + self.bank[i + 1 :]) for i, f in enumerate(self.bank)]
             self.threshold = max(scores)
 
-    @staticmethod
-    def _score(features: torch.Tensor, bank: torch.Tensor) -> float:
-        return float((1 - features @ bank.T).amin(-1).max())
+    def _score(self, features: dict[str, torch.Tensor], bank: list[dict[str, torch.Tensor]]) -> float:
+        side = self.model.config.grid_size // self.model.config.pixel_shuffle
+        distances = [
+            patch_distances(query, torch.cat([b[name].reshape(-1, query.shape[-1]) for b in bank]), side)
+            for name, query in features.items()
+        ]
+        return float(torch.stack(distances).mean(0).max())
 
     def judge(self, queries) -> list[Judgement]:
         if not self.bank:
             raise ValueError("PatchCore needs at least one good support image (k >= 1)")
         queries = queries if isinstance(queries, list) else [queries]
-        bank = torch.cat(self.bank)
         out = []
         for query in queries:
-            score = self._score(self._features(query), bank)
+            score = self._score(self._features(query), self.bank)
             # p >= 0.5 exactly when score >= threshold; without a threshold every verdict is "good" (p < 0.5) and
             # only the ranking, hence AUROC, means anything
             p = score / (score + (self.threshold if self.threshold is not None else score + 1.0) + 1e-12)

@@ -104,10 +104,16 @@ def to_rgb(image) -> Image.Image:
 
 
 def tile_image(
-    image: Image.Image, tile_size: int, max_tiles: int, use_thumbnail: bool, resample=Image.Resampling.BICUBIC
+    image: Image.Image,
+    tile_size: int,
+    max_tiles: int,
+    use_thumbnail: bool,
+    resample=Image.Resampling.BICUBIC,
+    grid: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Cut an RGB image into its tile grid (row-major) plus the thumbnail last: `(tiles, 3, T, T)` floats in [0, 1]."""
-    rows, cols = select_tile_grid(image.width, image.height, tile_size, max_tiles)
+    """Cut an RGB image into its tile grid (row-major) plus the thumbnail last: `(tiles, 3, T, T)` floats in [0, 1].
+    `grid` forces the `(rows, cols)` grid (a mask cut like its image)."""
+    rows, cols = grid or select_tile_grid(image.width, image.height, tile_size, max_tiles)
     resized = np.asarray(image.resize((cols * tile_size, rows * tile_size), resample=resample))
     tiles = resized.reshape(rows, tile_size, cols, tile_size, 3).transpose(0, 2, 4, 1, 3)
     tiles = tiles.reshape(rows * cols, 3, tile_size, tile_size)
@@ -201,6 +207,26 @@ class KensaVLImageProcessor(BaseImageProcessor):
         )
         image_grid = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
         return BatchFeature({"pixel_values": pixel_values, "image_grid": image_grid}, tensor_type=return_tensors)
+
+    def anomaly_labels(self, masks: list, image_grid, tokens_per_side: int) -> np.ndarray:
+        """Per visual token, whether it covers a defect: `(total_tiles, tokens_per_side^2)`, 1 where the token's
+        square of a tile holds a mask pixel (>= 0.5 after resizing), 0 elsewhere, -1 for images whose mask is None.
+        Each mask is cut into the same tiles as its image (`image_grid` from `preprocess`)."""
+        if len(masks) != len(image_grid):
+            raise ValueError(f"{len(masks)} masks were given for {len(image_grid)} images.")
+        cell, out = self.tile_size // tokens_per_side, []
+        for index, (mask, (rows, cols, tiles)) in enumerate(zip(masks, np.asarray(image_grid).tolist(), strict=True)):
+            if mask is None:
+                out.append(np.full((tiles, tokens_per_side**2), -1.0, np.float32))
+                continue
+            cut, _ = tile_image(
+                to_rgb(mask), self.tile_size, rows * cols, self.use_thumbnail, Image.BILINEAR, (rows, cols)
+            )
+            if len(cut) != tiles:
+                raise ValueError(f"Mask {index} gives {len(cut)} tiles, its image {tiles}.")
+            square = cut[:, 0].reshape(tiles, tokens_per_side, cell, tokens_per_side, cell).max(axis=(2, 4))
+            out.append((square >= 0.5).reshape(tiles, -1).astype(np.float32))
+        return np.concatenate(out) if out else np.zeros((0, tokens_per_side**2), np.float32)
 
 
 __all__ = ["KensaVLImageProcessor", "select_tile_grid", "num_tiles", "tile_image", "to_rgb"]

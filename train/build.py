@@ -140,9 +140,16 @@ def save_kensa(model: KensaVLForConditionalGeneration, processor: KensaVLProcess
 
 
 def tiny_config(
-    tokenizer, tile_size: int = 224, max_tiles: int = 6, fusion: str = "concat", reference_comparison: bool = False
+    tokenizer,
+    tile_size: int = 224,
+    max_tiles: int = 6,
+    fusion: str = "concat",
+    reference_comparison: bool = False,
+    dct: bool = False,
+    reference_encoders: list[str] | None = None,
 ) -> KensaVLConfig:
-    """Two encoders of different families (SigLIP-like, DINOv2-like with two taps) and a tiny Llama."""
+    """Two encoders of different families (SigLIP-like, DINOv2-like with two taps), optionally the DCT encoder, and
+    a tiny Llama."""
     vit = {
         "hidden_size": 48,
         "num_hidden_layers": 2,
@@ -154,6 +161,9 @@ def tiny_config(
         {"name": "siglip", "config": {"model_type": "siglip_vision_model", "intermediate_size": 96, **vit}},
         {"name": "dinov2", "config": {"model_type": "dinov2", "mlp_ratio": 2, **vit}, "feature_layers": [-2, -1]},
     ]
+    if dct:  # 7 px blocks: a grid twice as fine as the ViTs' 14 px patches
+        dct_config = {"model_type": "kensa_dct", "patch_size": 7, "luma_coefficients": 36, "chroma_coefficients": 3}
+        encoders.append({"name": "dct", "config": dct_config})
     text = {
         "model_type": "llama",
         "vocab_size": len(tokenizer),
@@ -173,6 +183,7 @@ def tiny_config(
         max_tiles=max_tiles,
         projector_hidden_size=128,
         reference_comparison=reference_comparison,
+        reference_encoders=reference_encoders,
     )
     set_token_ids(config, tokenizer)
     return config

@@ -30,6 +30,7 @@ COMPONENTS = {
     "language_model": "model.language_model",
     "lm_head": "lm_head",
     "vision": "model.vision_towers",
+    "reference_comparison": "model.reference_comparison",
 }
 STAGES = ("align", "multitask", "finetune")
 SOURCES = ("episodes", "captions", "classification", "detection")
@@ -80,13 +81,21 @@ class KensaCollator(DataCollatorForVisionLanguageModeling):
         self.structure_ids = torch.tensor(self.processor.tokenizer.convert_tokens_to_ids(tokens))
 
     def torch_call(self, examples):
+        masks = [m for example in examples for m in (example.pop("masks", None) or [None] * len(example["images"]))]
         batch = super().torch_call(examples)
         batch["labels"][torch.isin(batch["input_ids"], self.structure_ids)] = -100
+        config = self.processor.image_processor
+        if any(m is not None for m in masks) and "image_grid" in batch:  # defect masks -> anomaly-map targets
+            side = int(round((self.processor.image_seq_len) ** 0.5))
+            labels = config.anomaly_labels(masks, batch["image_grid"], side)
+            batch["anomaly_labels"] = torch.from_numpy(labels)
         return batch
 
 
 def _module(model, path: str):
     for part in path.split("."):
+        if not hasattr(model, part):
+            raise ValueError(f"the model has no {path!r} (is it switched off in its config?)")
         model = getattr(model, part)
     return model
 
@@ -211,6 +220,8 @@ def load_data(args: KensaArguments, seed: int):
 def _source(name: str, items, episodes):
     """One KensaSynth split as conversations of one kind: episodes (lazy), captions from the descriptions,
     good/defective classification, or defect detection."""
+    from datasets import concatenate_datasets
+
     from kensa_vl.train.data import conversations as conv
     from kensa_vl.train.data.defects import DEFECTS
 
@@ -218,10 +229,13 @@ def _source(name: str, items, episodes):
         return conv.episode_conversations(items, episodes)
     rows = items.rename_column("description", "caption")
     if name == "captions":
-        return conv.to_conversations(rows, conv.caption)[0]
-    if name == "classification":
-        return conv.to_conversations(rows, conv.classification, class_names=["good", "defective"])[0]
-    return conv.to_conversations(rows.map(_defect_objects), conv.detection, class_names=sorted(DEFECTS))[0]
+        rows = conv.to_conversations(rows, conv.caption)[0]
+    elif name == "classification":
+        rows = conv.to_conversations(rows, conv.classification, class_names=["good", "defective"])[0]
+    else:
+        rows = conv.to_conversations(rows.map(_defect_objects), conv.detection, class_names=sorted(DEFECTS))[0]
+    masks = items.select_columns(["mask"]).map(lambda r: {"masks": [r["mask"]]}, remove_columns=["mask"])
+    return concatenate_datasets([rows, masks], axis=1)  # the defect mask of each image, for the anomaly map
 
 
 def _defect_objects(row: dict) -> dict:

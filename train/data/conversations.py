@@ -181,7 +181,8 @@ def episode(support: list[dict], query: dict, noun: str, num_bins: int = NUM_LOC
     blocks += ["Query: " if support else "", IMAGE]
     blocks.append(f"\nIs this {noun} good or defective? If defective, say which defect, where, and box it.")
     messages = [turn("user", *[b for b in blocks if b != ""]), turn("assistant", answer(query))]
-    return {"messages": messages, "images": [item["image"] for item in [*support, query]]}
+    shown = [*support, query]
+    return {"messages": messages, "images": [i["image"] for i in shown], "masks": [i.get("mask") for i in shown]}
 
 
 def episode_conversations(items, episodes, num_bins: int = NUM_LOC_BINS):
@@ -189,11 +190,11 @@ def episode_conversations(items, episodes, num_bins: int = NUM_LOC_BINS):
     from .materials import MATERIALS
 
     def transform(batch: dict) -> dict:
-        out = {"messages": [], "images": []}
+        out = {"messages": [], "images": [], "masks": []}
         for category, support, query in zip(batch["category"], batch["support"], batch["query"], strict=True):
             row = episode([items[int(i)] for i in support], items[int(query)], MATERIALS[category].noun, num_bins)
-            out["messages"].append(row["messages"])
-            out["images"].append(row["images"])
+            for key in out:
+                out[key].append(row[key])
         return out
 
     return episodes.with_transform(transform)
@@ -253,6 +254,7 @@ def mixture(sources: dict, weights: dict[str, float], num_rows: int, seed: int =
             "source": batch["source"],
             "messages": [f["messages"] for f in fetched],
             "images": [f["images"] for f in fetched],
+            "masks": [f.get("masks") for f in fetched],  # defect masks parallel to images, where a source has them
         }
 
     index = Dataset.from_dict({"source": [names[p] for p in picks], "row": rows.tolist()})
