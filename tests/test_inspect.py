@@ -168,9 +168,9 @@ def tiny_comparison():
 
     from kensa_vl.train.build import build_tiny
 
-    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True)
+    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True)
     torch.manual_seed(1)
-    torch.nn.init.normal_(model.model.reference_comparison.mlp[-1].weight, std=0.5)  # as if trained
+    torch.nn.init.normal_(model.model.reference_comparison.embed[-1].weight, std=0.5)  # as if trained
     return model, processor
 
 
@@ -201,11 +201,13 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
     two = processor(text="<image> <image> a", images=images, return_tensors="pt")
     with torch.no_grad():
         base = model.model.get_image_features(two["pixel_values"])
-        out = model.model._compare(
+        out, anomaly = model.model._compare(
             base, model.model._grids(two["pixel_values"]), two["input_ids"], two["image_grid"], None
         )
         n = int(one["image_grid"][0, 2])
         assert torch.equal(out[:n], base[:n]) and not torch.allclose(out[n:], base[n:])  # only the second image
+        assert anomaly[:n].isnan().all() and not anomaly[n:].isnan().any()
+        assert model(**one).anomaly_map.isnan().all()  # no references: no map
         logits = model(**one).logits
     save_kensa(model, processor, tmp_path)
     loaded, info = AutoModelForImageTextToText.from_pretrained(

@@ -1,0 +1,97 @@
+"""The DCT encoder, the anomaly map's targets and loss, and the untrained comparison's PatchCore ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import random_image
+
+
+@pytest.fixture(scope="module")
+def tiny_dct():
+    from kensa_vl.train.build import build_tiny
+
+    return build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True)
+
+
+def test_dct_encoder_matches_scipy_block_dct(tiny_dct):
+    from scipy.fft import dctn
+
+    model, processor = tiny_dct
+    tower = model.model.vision_towers["dct"]
+    pixels = processor.image_processor([random_image(224, 224, 3)], return_tensors="pt")["pixel_values"][:1]
+    out = tower(pixels).view(16, 16, -1)  # 112 px tile, 7 px blocks
+    rgb = pixels[0].numpy()
+    y = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    cr = 0.713 * (rgb[0] - y)
+    row, col = 3, 5  # block (3, 5): rows 21..27, columns 35..41
+    luma, chroma = dctn(y[21:28, 35:42], norm="ortho"), dctn(cr[21:28, 35:42], norm="ortho")
+    compress = lambda v: np.sign(v) * np.log1p(10 * np.abs(v))  # noqa: E731
+    # zigzag order: (0,0), (0,1), (1,0), (0,2), (1,1), (2,0), ...
+    expected = [luma[0, 0], luma[0, 1], luma[1, 0], luma[0, 2], luma[1, 1], luma[2, 0]]
+    np.testing.assert_allclose(out[row, col, :6].numpy(), compress(np.array(expected)), rtol=1e-4, atol=1e-5)
+    cr_start = 36 + 3  # 36 luma, 3 Cb, then Cr
+    np.testing.assert_allclose(out[row, col, cr_start].item(), compress(chroma[0, 0]), rtol=1e-4, atol=1e-5)
+    assert not any(True for _ in tower.parameters())  # a fixed transform: nothing to train or save
+
+
+def test_dct_config_is_checked():
+    from kensa_vl.modeling.modeling_kensa_vl import KensaVLDCTEncoder
+
+    with pytest.raises(ValueError, match="luma_coefficients <= 49"):
+        KensaVLDCTEncoder({"patch_size": 7, "luma_coefficients": 64, "chroma_coefficients": 3})
+
+
+def test_anomaly_labels_follow_the_mask_into_tiles_and_tokens(tiny_dct):
+    _, processor = tiny_dct
+    mask = np.zeros((224, 224), np.uint8)
+    mask[120:130, 10:20] = 255  # bottom-left tile (rows 112..223, columns 0..111), its token row 0, column 0
+    batch = processor.image_processor([random_image(224, 224), random_image(224, 224)], return_tensors="pt")
+    labels = processor.image_processor.anomaly_labels([Image.fromarray(mask), None], batch["image_grid"], 4)
+    assert labels.shape == (10, 16)
+    first = labels[:5].reshape(5, 4, 4)
+    assert first[2, 0, 0] == 1 and first[2].sum() == 1  # the tile and the token that hold the defect
+    assert first[[0, 1, 3]].sum() == 0
+    assert first[4, 2, 0] == 1  # the thumbnail sees it at half scale: rows 60..65, columns 5..10
+    assert (labels[5:] == -1).all()  # no mask: unknown, not "good"
+    with pytest.raises(ValueError, match="1 masks were given for 2 images"):
+        processor.image_processor.anomaly_labels([None], batch["image_grid"], 4)
+
+
+def test_collator_gives_anomaly_labels_and_the_model_learns_from_them(tiny_dct, synth_dir):
+    from kensa_vl.train.data.conversations import episode_conversations
+    from kensa_vl.train.data.synth import load_synth
+    from kensa_vl.train.sft import KensaCollator
+
+    model, processor = tiny_dct
+    items, episodes = load_synth(synth_dir)
+    rows = episode_conversations(items["train"], episodes["train"])
+    batch = KensaCollator(processor, max_length=None, assistant_only_loss=True)([rows[i] for i in range(4)])
+    labels = batch.pop("anomaly_labels")
+    assert labels.shape == (batch["pixel_values"].shape[0], 16) and set(labels.unique().tolist()) <= {0.0, 1.0}
+    with torch.no_grad():
+        plain = model(**batch).loss
+        both = model(**batch, anomaly_labels=labels).loss
+        out = model(**batch)
+    known = ~out.anomaly_map.isnan()
+    assert known.any() and both > plain  # the map's loss is added where there are references
+    with pytest.raises(ValueError, match="anomaly_labels must be"):
+        model(**batch, anomaly_labels=labels[:-1])
+
+
+def test_untrained_comparison_ranks_a_defect_like_patchcore(tiny_dct):
+    """Before any training the map already says where the query differs from its references."""
+    model, processor = tiny_dct
+    rng = np.random.default_rng(0)
+    texture = rng.integers(90, 110, (224, 224, 3), dtype=np.uint8)
+    query = texture.copy()
+    query[40:60, 150:170] = 20  # a dark spot in the top-right tile
+    images = [Image.fromarray(texture), Image.fromarray(query)]
+    batch = processor(text="<image> <image>", images=images, return_tensors="pt")
+    with torch.no_grad():
+        anomaly = model(**batch).anomaly_map[5:10]  # the query's 5 tiles
+    assert anomaly.isnan().sum() == 0
+    assert anomaly[1].max() > anomaly[[0, 2, 3]].max()  # the top-right tile holds the highest score
