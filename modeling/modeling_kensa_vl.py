@@ -45,6 +45,7 @@ class KensaVLModelOutputWithPast(BaseModelOutputWithPast):
 class KensaVLCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
     anomaly_map: torch.FloatTensor | None = None
+    anomaly_loss: torch.FloatTensor | None = None  # included in `loss`; trainers that build their own loss add it
 
 
 class KensaVLLayerMerge(nn.Module):
@@ -542,7 +543,7 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
-        anomaly_map = outputs.anomaly_map
+        anomaly_map, anomaly_loss = outputs.anomaly_map, None
         if anomaly_labels is not None and anomaly_map is not None:
             if anomaly_labels.shape != anomaly_map.shape:
                 raise ValueError(
@@ -555,8 +556,8 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
                 # defects cover a few % of the tokens: weigh them as much as the rest, or the map learns "never"
                 balance = (target == 0).sum() / (target == 1).sum().clamp_min(1)
                 bce = F.binary_cross_entropy_with_logits(anomaly_map[known], target, pos_weight=balance)
-                weighted = self.config.anomaly_loss_weight * bce
-                loss = weighted if loss is None else loss + weighted
+                anomaly_loss = self.config.anomaly_loss_weight * bce
+                loss = anomaly_loss if loss is None else loss + anomaly_loss
         return KensaVLCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -564,6 +565,7 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
             anomaly_map=outputs.anomaly_map,
+            anomaly_loss=anomaly_loss,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
 

@@ -95,3 +95,28 @@ def test_untrained_comparison_ranks_a_defect_like_patchcore(tiny_dct):
         anomaly = model(**batch).anomaly_map[5:10]  # the query's 5 tiles
     assert anomaly.isnan().sum() == 0
     assert anomaly[1].max() > anomaly[[0, 2, 3]].max()  # the top-right tile holds the highest score
+
+
+def test_trainer_adds_the_anomaly_loss_that_trl_drops(tiny_dct, synth_dir, tmp_path):
+    """TRL 1.16 builds its loss from log-probabilities and ignores `outputs.loss`; KensaTrainer adds the map's."""
+    from trl import SFTConfig, SFTTrainer
+
+    from kensa_vl.train.data.conversations import episode_conversations
+    from kensa_vl.train.data.synth import load_synth
+    from kensa_vl.train.sft import KensaCollator, KensaTrainer
+
+    model, processor = tiny_dct
+    items, episodes = load_synth(synth_dir)
+    rows = episode_conversations(items["train"], episodes["train"])
+    collator = KensaCollator(processor, max_length=None, assistant_only_loss=True)
+    args = SFTConfig(output_dir=str(tmp_path), bf16=False, report_to=[], max_length=None, remove_unused_columns=False,
+                     dataset_kwargs={"skip_prepare_dataset": True}, activation_checkpointing=False)  # fmt: skip
+    trainer = KensaTrainer(
+        model=model, args=args, train_dataset=rows, processing_class=processor, data_collator=collator
+    )
+    batch = collator([rows[i] for i in range(4)])
+    with torch.no_grad():
+        ours, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+        trl = SFTTrainer.compute_loss(trainer, model, dict(batch))
+    assert outputs["anomaly_loss"] > 0
+    torch.testing.assert_close(ours, trl + outputs["anomaly_loss"])

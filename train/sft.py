@@ -167,6 +167,15 @@ class KensaTrainer(SFTTrainer):
             self.optimizer = cls(groups, **{k: v for k, v in kwargs.items() if k != "lr"})
         return super().create_optimizer(model)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # TRL builds the language-model loss from the outputs' log-probabilities and drops `outputs.loss`: add the
+        # anomaly-map loss (the model returns it on its own) to what TRL computed.
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        extra = outputs.get("anomaly_loss") if hasattr(outputs, "get") else None
+        if extra is not None:
+            loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         # A model loaded under ZeRO-3 remembers legacy key renamings and would save `language_model.model.*`
         # keys that 4.57 does not read (hf-contract, section 5): save in the layout of a freshly built model.
