@@ -84,10 +84,9 @@ class KensaCollator(DataCollatorForVisionLanguageModeling):
         masks = [m for example in examples for m in (example.pop("masks", None) or [None] * len(example["images"]))]
         batch = super().torch_call(examples)
         batch["labels"][torch.isin(batch["input_ids"], self.structure_ids)] = -100
-        config = self.processor.image_processor
         if any(m is not None for m in masks) and "image_grid" in batch:  # defect masks -> anomaly-map targets
-            side = int(round((self.processor.image_seq_len) ** 0.5))
-            labels = config.anomaly_labels(masks, batch["image_grid"], side)
+            side = int(round(self.processor.image_seq_len**0.5))  # tokens per tile side (square token grid)
+            labels = self.processor.image_processor.anomaly_labels(masks, batch["image_grid"], side)
             batch["anomaly_labels"] = torch.from_numpy(labels)
         return batch
 
