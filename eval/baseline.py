@@ -3,7 +3,8 @@ same encoder features (each compared encoder's cells on its own grid, as KensaVL
 with the inspector's interface.
 
 Score of a query: over its visual tokens, the largest distance (averaged over the encoders) of the token's cells to
-the nearest cell of the good support photos, with the comparison's 3x3 neighbourhood (`patch_distances`).
+the nearest cell of the good support photos, with the comparison's 3x3 neighbourhood (`patch_distances`), over the
+query's grid tiles (`scored_tiles`: the thumbnail's distances are mostly scale noise), as the model's summary does.
 Threshold: the largest leave-one-out score of the good supports (needs two or more; with one, every
 query is judged good and only AUROC is meaningful).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kensa_vl.modeling.modeling_kensa_vl import patch_distances
+from kensa_vl.modeling.modeling_kensa_vl import patch_distances, scored_tiles, thumbnail_tiles
 
 from .inspector import Judgement, _rgb
 
@@ -26,12 +27,13 @@ class PatchCore:
         self.noun = None  # set by the evaluator; unused
 
     @torch.no_grad()
-    def _features(self, image) -> dict[str, torch.Tensor]:
-        """name -> `(tiles, g, g, C)` L2-normalised cells of each encoder the model compares (all without one)."""
+    def _features(self, image) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(name -> `(tiles, g, g, C)` L2-normalised cells of each encoder the model compares, thumbnail flags)."""
         batch = self.processor.image_processor([_rgb(image)], max_tiles=self.max_tiles, return_tensors="pt")
         grids = self.model.model._grids(batch["pixel_values"].to(self.model.device))
         names = self.model.config.reference_encoder_names()
-        return {name: F.normalize(grids[name].float(), dim=-1) for name in names}
+        cells = {name: F.normalize(grids[name].float(), dim=-1) for name in names}
+        return cells, thumbnail_tiles(batch["image_grid"]).to(self.model.device)
 
     def set_support(self, support: list[dict]) -> None:
         self.bank = [self._features(item["image"]) for item in support if item["defect_type"] is None]
@@ -40,13 +42,14 @@ class PatchCore:
             scores = [self._score(f, self.bank[:i] + self.bank[i + 1 :]) for i, f in enumerate(self.bank)]
             self.threshold = max(scores)
 
-    def _score(self, features: dict[str, torch.Tensor], bank: list[dict[str, torch.Tensor]]) -> float:
+    def _score(self, features, bank: list) -> float:
         side = self.model.config.grid_size // self.model.config.pixel_shuffle
+        cells, thumbnail = features
         distances = [
-            patch_distances(query, torch.cat([b[name].reshape(-1, query.shape[-1]) for b in bank]), side)
-            for name, query in features.items()
+            patch_distances(query, torch.cat([b[name].reshape(-1, query.shape[-1]) for b, _ in bank]), side)
+            for name, query in cells.items()
         ]
-        return float(torch.stack(distances).mean(0).max())
+        return float(torch.stack(distances).mean(0)[scored_tiles(thumbnail)].max())
 
     def judge(self, queries) -> list[Judgement]:
         if not self.bank:

@@ -87,6 +87,9 @@ class KensaVLConfig(PretrainedConfig):
             anomaly map and a learned embedding added to the token (see `KensaVLReferenceComparison`).
         reference_encoders (`list[str]`, *optional*): the encoders compared (default: all).
         anomaly_loss_weight (`float`): weight of the anomaly-map loss when `anomaly_labels` are given.
+        summary_stop_token_ids (`list[int]`): a compared image's summary embedding is added to its `</img>` token and
+            the text after it, up to the next of these tokens (the builders set `<img>` and `<|im_start|>`: the
+            next image or the next chat turn); empty: to the `</img>` token alone.
         image_token_id, ... : ids of the reserved special tokens (filled in by the builders).
     """
 
@@ -107,6 +110,7 @@ class KensaVLConfig(PretrainedConfig):
         reference_comparison: bool = False,
         reference_encoders: list[str] | None = None,
         anomaly_loss_weight: float = 1.0,
+        summary_stop_token_ids: list[int] | None = None,
         image_token_id: int | None = None,
         num_loc_bins: int = 256,
         loc_token_start_id: int | None = None,
@@ -144,6 +148,7 @@ class KensaVLConfig(PretrainedConfig):
         self.reference_comparison = reference_comparison
         self.reference_encoders = list(reference_encoders) if reference_encoders else None
         self.anomaly_loss_weight = anomaly_loss_weight
+        self.summary_stop_token_ids = list(summary_stop_token_ids or [])
         self.image_token_id = image_token_id
         self.num_loc_bins = num_loc_bins
         self.loc_token_start_id = loc_token_start_id

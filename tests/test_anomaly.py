@@ -82,6 +82,27 @@ def test_collator_gives_anomaly_labels_and_the_model_learns_from_them(tiny_dct, 
         model(**batch, anomaly_labels=labels[:-1])
 
 
+def test_untrained_comparison_starts_as_patchcore_and_changes_no_visual_token(tiny_dct):
+    """`_init_weights` reaches the comparison's layers (5.x skips custom modules without parameters of their own):
+    the map starts as the mean log-distance, the per-token residuals at zero."""
+    model, processor = tiny_dct
+    comparison = model.model.reference_comparison
+    weight = comparison.linear.weight
+    assert torch.equal(weight, torch.full_like(weight, 1 / weight.shape[1]))
+    images = [random_image(224, 224, s) for s in (1, 2)]
+    batch = processor(text="<image> <image>", images=images, return_tensors="pt")
+    with torch.no_grad():
+        grids = model.model._grids(batch["pixel_values"])
+        base = model.model._project(grids)
+        out, anomaly, _ = model.model._compare(base, grids, batch["input_ids"], batch["image_grid"], None)
+        features = comparison.features(grids)
+        query = {name: f[5:] for name, f in features.items()}
+        bank = {name: f[:5].reshape(-1, f.shape[-1]) for name, f in features.items()}
+        expected = comparison.distances(query, bank).mean(-1)
+    torch.testing.assert_close(out, base)
+    torch.testing.assert_close(anomaly[5:], expected)
+
+
 def test_untrained_comparison_ranks_a_defect_like_patchcore(tiny_dct):
     """Before any training the map already says where the query differs from its references."""
     model, processor = tiny_dct
@@ -115,8 +136,34 @@ def test_trainer_adds_the_anomaly_loss_that_trl_drops(tiny_dct, synth_dir, tmp_p
         model=model, args=args, train_dataset=rows, processing_class=processor, data_collator=collator
     )
     batch = collator([rows[i] for i in range(4)])
+    ours = trainer.compute_loss(model, dict(batch))
     with torch.no_grad():
-        ours, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
         trl = SFTTrainer.compute_loss(trainer, model, dict(batch))
-    assert outputs["anomaly_loss"] > 0
-    torch.testing.assert_close(ours, trl + outputs["anomaly_loss"])
+        extra = model(**batch).anomaly_loss
+    assert extra > 0
+    torch.testing.assert_close(ours.detach(), trl + extra)
+    linear = model.model.reference_comparison.linear.weight
+    linear.grad = None
+    ours.backward()  # the map learns from the same pass (no second, gradient-free forward)
+    assert linear.grad is not None and linear.grad.abs().sum() > 0
+    model.zero_grad()
+
+
+def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
+    from kensa_vl.modeling.modeling_kensa_vl import scored_tiles
+
+    assert scored_tiles(torch.tensor([False, False, True])).tolist() == [True, True, False]
+    assert scored_tiles(torch.tensor([False])).tolist() == [True]  # one tile, no grid: that tile
+    model, processor = tiny_dct
+    comparison = model.model.reference_comparison
+    batch = processor.image_processor([random_image(224, 224, s) for s in (1, 2)], return_tensors="pt")
+    with torch.no_grad():
+        features = comparison.features(model.model._grids(batch["pixel_values"]))
+        bank = {name: f[:5].reshape(-1, f.shape[-1]) for name, f in features.items()}
+        query = {name: f[5:] for name, f in features.items()}
+        other = {name: torch.cat([f[5:9], f[:1]]) for name, f in features.items()}  # another thumbnail
+        thumbnail = torch.tensor([False] * 4 + [True])
+        _, logits, summary = comparison(query, thumbnail, bank)
+        _, other_logits, other_summary = comparison(other, thumbnail, bank)
+    assert not torch.allclose(logits[4], other_logits[4])  # the thumbnail's own map changes ...
+    torch.testing.assert_close(summary, other_summary)  # ... the image's summary does not

@@ -201,12 +201,15 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
     two = processor(text="<image> <image> a", images=images, return_tensors="pt")
     with torch.no_grad():
         base = model.model.get_image_features(two["pixel_values"])
-        out, anomaly = model.model._compare(
+        out, anomaly, (rows, ends, summaries) = model.model._compare(
             base, model.model._grids(two["pixel_values"]), two["input_ids"], two["image_grid"], None
         )
         n = int(one["image_grid"][0, 2])
         assert torch.equal(out[:n], base[:n]) and not torch.allclose(out[n:], base[n:])  # only the second image
         assert anomaly[:n].isnan().all() and not anomaly[n:].isnan().any()
+        # and the second image's summary goes onto its closing tag, the token right after its last visual token
+        assert rows == [0] and processor.tokenizer.convert_ids_to_tokens(int(two["input_ids"][0, ends[0]])) == "</img>"
+        assert len(summaries) == 1 and summaries[0].abs().sum() > 0
         assert model(**one).anomaly_map.isnan().all()  # no references: no map
         logits = model(**one).logits
     save_kensa(model, processor, tmp_path)

@@ -25,7 +25,9 @@ from kensa_vl.modeling.configuration_kensa_vl import ENCODER_DEFAULTS, KensaVLCo
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
 from kensa_vl.processing.image_processing_kensa_vl import KensaVLImageProcessor
 from kensa_vl.processing.processing_kensa_vl import (
+    CHAT_TOKENS,
     DEFAULT_CHAT_TEMPLATE,
+    IMAGE_START,
     IMAGE_TOKEN,
     PAD_TOKEN,
     KensaVLProcessor,
@@ -114,6 +116,7 @@ def make_processor(tokenizer, config: KensaVLConfig) -> KensaVLProcessor:
 def set_token_ids(config: KensaVLConfig, tokenizer) -> None:
     config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config.loc_token_start_id = tokenizer.convert_tokens_to_ids("<loc_0>")
+    config.summary_stop_token_ids = tokenizer.convert_tokens_to_ids([IMAGE_START, CHAT_TOKENS[0]])
     for target in (config, config.text_config):
         target.pad_token_id = tokenizer.pad_token_id
         target.eos_token_id = tokenizer.eos_token_id

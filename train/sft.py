@@ -10,6 +10,7 @@ generation markers, plus image tokens masked in any assistant turn that holds im
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -167,12 +168,25 @@ class KensaTrainer(SFTTrainer):
         return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # TRL builds the language-model loss from the outputs' log-probabilities and drops `outputs.loss`: add the
-        # anomaly-map loss (the model returns it on its own) to what TRL computed.
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        extra = outputs.get("anomaly_loss") if hasattr(outputs, "get") else None
-        if extra is not None:
-            loss = loss + extra
+        # TRL 1.16 runs the backbone with its own fused LM head and builds the loss from log-probabilities: the
+        # model's `loss`, and the anomaly-map loss in it, never reach it. The backbone returns that loss on its own;
+        # a hook takes it from the same forward pass (so it has gradients) and it is added like TRL's MoE aux loss.
+        backbone = self.accelerator.unwrap_model(model)
+        backbone = (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).model
+        captured = []
+        handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output.anomaly_loss))
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            handle.remove()
+        extra = captured[0] if captured else None  # the first pass is the one the loss came from
+        if extra is None:
+            return result
+        mode = "train" if model.training else "eval"
+        self._metrics[mode]["anomaly_loss"].append(self.accelerator.gather_for_metrics(extra.detach()).mean().item())
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) if num_items_in_batch is not None else 1
+        loss, outputs = result if return_outputs else (result, None)
+        loss = loss + extra / steps
         return (loss, outputs) if return_outputs else loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -285,7 +299,35 @@ def main(args: KensaArguments, training_args: SFTConfig) -> KensaTrainer:
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
+        write_training_record(args, training_args, trainer.state.global_step)
     return trainer
+
+
+TRAINING_RECORD = "kensa_training.json"
+
+
+def write_training_record(args: KensaArguments, training_args: SFTConfig, steps: int) -> None:
+    """Append this stage to the input model's record of stages into the output folder (the model card's recipe)."""
+    previous = Path(args.model) / TRAINING_RECORD if args.model else None
+    stages = json.loads(previous.read_text()) if previous is not None and previous.exists() else []
+    lora = {"target": args.lora_target, "r": args.lora_r, "alpha": args.lora_alpha} if args.lora_target else None
+    stages.append(
+        {
+            "stage": args.stage,
+            "train": list(args.train) if lora is None else [],
+            "lora": lora,
+            "mixture": args.weights,
+            "rows": args.num_rows,
+            "steps": steps,
+            "batch_size": training_args.per_device_train_batch_size
+            * training_args.gradient_accumulation_steps
+            * training_args.world_size,
+            "learning_rate": training_args.learning_rate,
+            "vision_lr": args.vision_lr,
+            "seed": training_args.seed,
+        }
+    )
+    (Path(training_args.output_dir) / TRAINING_RECORD).write_text(json.dumps(stages, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Load a saved KensaVL folder the way a Hub user does, in a process where `kensa_vl` cannot be imported.
 
-python tests/remote_check.py FOLDER   # prints one JSON line; run under transformers 4.57 or 5.x
+python train/verify_export.py FOLDER   # prints one JSON line; run under transformers 4.57 or 5.x
+
+`kensa-vl publish` runs it on an export before anything is pushed, and the tests run it under both versions. The
+line's "problems" lists what a Hub user would hit (non-empty loading info, no tokens generated, a cache mismatch).
 """
 
 import json
@@ -72,6 +75,11 @@ def main(path: str) -> dict:
         if isinstance(chat[0]["generated_text"], list)
         else chat[0]["generated_text"]
     )
+    result["problems"] = [f"{key}: {value}" for key, value in result.items() if key.endswith("loading_info") and value]
+    if not result["generated"]:
+        result["problems"].append("generate returned no new tokens")
+    if not result["cached_equals_uncached"]:
+        result["problems"].append("generation with the KV cache differs from generation without it")
     return result
 
 
