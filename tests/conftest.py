@@ -42,6 +42,16 @@ def synth_dir(tmp_path_factory):
     return generate(SynthConfig(seed=0, num_images=160, num_episodes=40, resolution=256), out, workers=2)
 
 
+@pytest.fixture(scope="session")
+def main_run(synth_dir, tmp_path_factory):
+    """The offline main job on a 2-step budget: (output folder, returned metrics)."""
+    from kensa_vl.train.pipeline import run
+
+    out = tmp_path_factory.mktemp("main") / "run"
+    budget = ["--max_steps", "2", "--num_rows", "8", "--per_device_train_batch_size", "2"]
+    return out, run(out, synth_dir, shots=(0, 1), seeds=2, queries_per_category=2, overrides=budget)
+
+
 @pytest.fixture
 def images():
     """Three images of different sizes and aspect ratios (2x3, 2x2 and 1x2 grids at 224 px)."""

@@ -8,14 +8,12 @@ import pytest
 
 
 @pytest.mark.slow
-def test_main_job_writes_model_metrics_plots_and_logs(synth_dir, tmp_path):
+def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     from transformers import AutoModelForImageTextToText
 
     from kensa_vl.train.pipeline import run
 
-    out = tmp_path / "run"
-    budget = ["--max_steps", "2", "--num_rows", "8", "--per_device_train_batch_size", "2"]
-    metrics = run(out, synth_dir, shots=(0, 1), seeds=2, queries_per_category=2, overrides=budget)
+    out, metrics = main_run
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["run"]["categories"] == ["gravel", "marble", "nut"] and saved["run"]["split"] == "test"
@@ -32,5 +30,7 @@ def test_main_job_writes_model_metrics_plots_and_logs(synth_dir, tmp_path):
         out / "model", trust_remote_code=True, output_loading_info=True
     )
     assert not any(info.values()) and model.config.tile_size == 112
+    stages = json.loads((out / "model" / "kensa_training.json").read_text())  # both stages, for the model card
+    assert [s["stage"] for s in stages] == ["align", "multitask"] and [s["steps"] for s in stages] == [2, 2]
     with pytest.raises(FileExistsError, match="already holds a finished run"):
         run(out, synth_dir)

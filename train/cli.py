@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from kensa_vl.eval import report
-from kensa_vl.train import build, pipeline
+from kensa_vl.train import build, pipeline, publish
 from kensa_vl.train.data import synth
 
 
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     synth.add_parsers(subparsers)
     pipeline.add_parsers(subparsers)
     report.add_parsers(subparsers)
+    publish.add_parsers(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,0 +1,100 @@
+"""`kensa-vl publish`: the export folder, the rendered model card, the clean-process check and the push."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def trained(main_run, tmp_path_factory):
+    """The main job's model folder, with the leftovers a training run leaves beside the model."""
+    out, _ = main_run
+    (out / "model" / "training_args.bin").write_bytes(b"pickle")
+    (out / "model" / "checkpoint-1").mkdir(exist_ok=True)
+    return out
+
+
+def test_export_holds_the_model_and_a_card_of_measured_results(trained, tmp_path):
+    from kensa_vl.train.publish import export
+
+    folder = export(trained / "model", tmp_path / "export", trained / "metrics.json", repo_id="acme/kensa-tiny")
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_kensa_vl.py", "processing_kensa_vl.py",
+            "tokenizer.json", "chat_template.jinja", "generation_config.json", "preprocessor_config.json",
+            "README.md", "accuracy_vs_shots.png", "loss.png"} <= names  # fmt: skip
+    assert not {"training_args.bin", "checkpoint-1", "runs"} & names
+    card = (folder / "README.md").read_text()
+    header = card.split("---")[1]
+    for line in ("license: apache-2.0", "library_name: transformers", "pipeline_tag: image-text-to-text"):
+        assert line in header
+    assert 'from_pretrained("acme/kensa-tiny", trust_remote_code=True)' in card
+    assert "AutoModelForVision2Seq" in card and "AutoModelForImageTextToText" in card
+    assert "| align | projector, layer_merges | captions=1.0 | 8 | 2 |" in card  # the recipe actually run
+    assert "| KensaVL | 1 |" in card and "![accuracy_vs_shots.png](accuracy_vs_shots.png)" in card
+    assert "gravel, marble, nut" in card and "{{" not in card and "No evaluation results" not in card
+
+
+def test_publishing_without_results_needs_the_flag_and_says_so(trained, tmp_path):
+    from kensa_vl.train.publish import export
+
+    with pytest.raises(ValueError, match="--allow-missing-results"):
+        export(trained / "model", tmp_path / "a")
+    folder = export(trained / "model", tmp_path / "b", allow_missing_results=True)
+    assert "**No evaluation results**" in (folder / "README.md").read_text()
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(trained / "model", folder, allow_missing_results=True)
+
+
+def test_a_folder_that_is_not_kensa_vl_is_refused(tmp_path):
+    from kensa_vl.train.publish import export
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="not a KensaVL"):
+        export(tmp_path, tmp_path / "out", allow_missing_results=True)
+    with pytest.raises(ValueError, match="no config.json"):
+        export(tmp_path / "missing", tmp_path / "out", allow_missing_results=True)
+
+
+@pytest.mark.slow
+def test_publish_verifies_in_a_clean_process_then_pushes_one_commit(trained, tmp_path, monkeypatch, capsys):
+    """The Hub client is replaced where it would reach the network (create_repo, create_commit) by a recorder."""
+    from huggingface_hub import HfApi
+
+    from kensa_vl.train.cli import main
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls.append(("create_commit", repo_id, sorted(op.path_in_repo for op in operations), kwargs))
+        return type("CommitInfo", (), {"oid": "0123abcd"})()
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    out = tmp_path / "export"
+    main(["publish", "--model", str(trained / "model"), "--out", str(out), "--eval", str(trained / "metrics.json"),
+          "--repo-id", "acme/kensa-tiny", "--push", "--private"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "loads with empty loading info" in printed and "revision 0123abcd" in printed
+    assert [c[0] for c in calls] == ["create_repo", "create_commit"]  # one commit
+    assert calls[0][1] == "acme/kensa-tiny" and calls[0][2]["private"] is True
+    assert calls[1][2] == sorted(p.name for p in out.iterdir()) and "README.md" in calls[1][2]
+
+
+def test_a_broken_export_is_not_pushed(trained, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from kensa_vl.train.cli import main
+
+    monkeypatch.setattr(HfApi, "create_commit", lambda *a, **k: pytest.fail("pushed a broken export"))
+    broken = tmp_path / "broken"
+    shutil.copytree(trained / "model", broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["publish", "--model", str(broken), "--out", str(tmp_path / "out"), "--allow-missing-results",
+              "--repo-id", "acme/x", "--push"])  # fmt: skip
+    assert exit_info.value.code == 2
