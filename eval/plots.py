@@ -55,3 +55,16 @@ def accuracy_vs_shots(curves: dict[str, dict], path: str | Path, metric: str = "
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def draw_judgement(image, boxes, verdict: str):
+    """A copy of the query (PIL) with its predicted boxes and the verdict drawn on it."""
+    from PIL import ImageDraw
+
+    image = image.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    width = max(2, round(max(image.size) / 200))
+    for box in boxes:
+        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 40, 40), width=width)
+    draw.text((6, 6), verdict, fill=(255, 40, 40) if verdict == "defective" else (40, 200, 40))
+    return image

@@ -92,15 +92,12 @@ def _inspect(args) -> None:
 
 
 def _draw(path: str, boxes, out: Path, verdict: str) -> None:
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
-    image = Image.open(path).convert("RGB")
-    draw = ImageDraw.Draw(image)
-    for box in boxes:
-        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 40, 40), width=3)
-    draw.text((6, 6), verdict, fill=(255, 40, 40) if verdict == "defective" else (40, 200, 40))
+    from .plots import draw_judgement
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    draw_judgement(Image.open(path), boxes, verdict).save(out)
 
 
 def add_parsers(subparsers) -> None:

@@ -1,0 +1,159 @@
+"""KensaVL few-shot inspection demo (Gradio; also the Hugging Face Space).
+
+    KENSA_MODEL=outputs/main/model python demo/app.py      # a local folder, or a Hub id (trust_remote_code)
+    python demo/app.py                                     # neither: the offline tiny default (random weights)
+
+Upload good examples, defective examples (one description per line, optional), and queries; press Inspect. Each
+query gets its verdict, P(defective), the description, its boxes drawn, and the time it took. The support set is
+encoded once and kept (KV cache) until it changes. Bad input gets a message in the page, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from kensa_vl.eval.inspector import Inspector, load_pretrained, support_item
+from kensa_vl.eval.plots import draw_judgement
+
+logger = logging.getLogger("kensa_vl.demo")
+
+LIMITS = {"good": 8, "defective": 4, "queries": 8}
+MAX_FILE_MB = 10
+MAX_PIXELS = 4096 * 4096
+
+
+def load_inspector() -> Inspector:
+    """The model named by KENSA_MODEL (folder or Hub id), else the tiny offline default of the main job."""
+    source = os.environ.get("KENSA_MODEL")
+    if source:
+        model, processor = load_pretrained(source)
+    else:
+        from kensa_vl.train.build import build_tiny
+        from kensa_vl.train.pipeline import TINY
+
+        model, processor = build_tiny(**TINY)
+    return Inspector(model, processor, max_new_tokens=int(os.environ.get("KENSA_MAX_NEW_TOKENS", "48")))
+
+
+def open_image(path: str, role: str) -> Image.Image:
+    """The image at `path`, or a ValueError that says which file and what is wrong with it."""
+    name = Path(path).name
+    size_mb = Path(path).stat().st_size / 2**20
+    if size_mb > MAX_FILE_MB:
+        raise ValueError(f"{role} {name}: {size_mb:.1f} MB, the limit is {MAX_FILE_MB} MB per file")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{role} {name} is not a readable image ({err})") from err
+    if image.width * image.height > MAX_PIXELS:
+        raise ValueError(
+            f"{role} {name}: {image.width}x{image.height} = {image.width * image.height:,} pixels, "
+            f"the limit is {MAX_PIXELS:,}"
+        )
+    return image.convert("RGB")
+
+
+def check_counts(**files) -> None:
+    for role, paths in files.items():
+        if len(paths) > LIMITS[role]:
+            raise ValueError(f"{role}: {len(paths)} images, at most {LIMITS[role]}")
+    if not files["queries"]:
+        raise ValueError("upload at least one query image")
+
+
+class Demo:
+    """The page's state: one inspector and the key of the support set it holds."""
+
+    def __init__(self, inspector: Inspector):
+        self.inspector, self.support_key = inspector, None
+
+    def set_support(self, good: list[str], defective: list[str], descriptions: str, noun: str) -> bool:
+        """Encode the support set unless it is the one already cached; returns whether it was encoded."""
+        notes = [line.strip() for line in (descriptions or "").splitlines()]
+        digest = hashlib.sha256(noun.encode())
+        for path in [*good, *defective]:
+            digest.update(Path(path).read_bytes())
+        digest.update("\n".join(notes).encode())
+        if digest.hexdigest() == self.support_key:
+            return False
+        support = [support_item(open_image(p, "good example")) for p in good]
+        for i, path in enumerate(defective):
+            note = notes[i] if i < len(notes) and notes[i] else None
+            support.append(support_item(open_image(path, "defective example"), defective=True, description=note))
+        self.inspector.noun = noun.strip() or "product"
+        self.inspector.set_support(support)
+        self.support_key = digest.hexdigest()
+        return True
+
+    def run(self, good, defective, descriptions, noun, queries):
+        """The button: (gallery of drawn queries, results table, status line). Never raises."""
+        good, defective, queries = good or [], defective or [], queries or []
+        try:
+            check_counts(good=good, defective=defective, queries=queries)
+            start = time.perf_counter()
+            encoded = self.set_support(good, defective, descriptions, noun)
+            support_ms = (time.perf_counter() - start) * 1000
+            gallery, rows = [], []
+            for path in queries:
+                start = time.perf_counter()
+                try:
+                    image = open_image(path, "query")
+                    result = self.inspector.judge(image)[0]
+                except ValueError as err:  # one bad query: say which, judge the others
+                    rows.append([Path(path).name, "error", None, str(err), None])
+                    continue
+                ms = (time.perf_counter() - start) * 1000
+                caption = f"{Path(path).name}: {result.verdict} (P(defective) {result.p_defective:.2f})"
+                gallery.append((draw_judgement(image, result.boxes, result.verdict), caption))
+                rows.append([Path(path).name, result.verdict, round(result.p_defective, 3), result.text, round(ms)])
+            cached = "encoded" if encoded else "reused from the cache"
+            status = f"Support set ({len(good)} good, {len(defective)} defective) {cached} in {support_ms:.0f} ms."
+            return gallery, rows, status
+        except ValueError as err:
+            return [], [], f"**Cannot inspect:** {err}"
+        except Exception:  # the page gets a message, the log gets the traceback
+            logger.exception("inspection failed")
+            return [], [], "**Something went wrong** while inspecting; the server log has the details."
+
+
+def build(demo: Demo) -> gr.Blocks:
+    with gr.Blocks(title="KensaVL few-shot inspection") as page:
+        gr.Markdown(
+            "# KensaVL: few-shot visual inspection\nShow a few good (and optionally defective) examples, then "
+            f"judge new products. Limits: {LIMITS['good']} good, {LIMITS['defective']} defective and "
+            f"{LIMITS['queries']} query images, {MAX_FILE_MB} MB and {MAX_PIXELS // 2**20} megapixels per image."
+        )
+        with gr.Row():
+            good = gr.File(label="Good examples", file_count="multiple", file_types=["image"], elem_id="good")
+            defective = gr.File(
+                label="Defective examples", file_count="multiple", file_types=["image"], elem_id="defective"
+            )
+            descriptions = gr.Textbox(label="Defect descriptions, one per line", lines=3, elem_id="descriptions")
+        with gr.Row():
+            noun = gr.Textbox(label="Product", value="product", elem_id="noun")
+            queries = gr.File(label="Queries", file_count="multiple", file_types=["image"], elem_id="queries")
+        button = gr.Button("Inspect", variant="primary", elem_id="inspect")
+        status = gr.Markdown(elem_id="status")
+        gallery = gr.Gallery(label="Queries with boxes", elem_id="gallery", columns=4)
+        table = gr.Dataframe(
+            headers=["file", "verdict", "P(defective)", "description", "ms"], elem_id="results", interactive=False
+        )
+        button.click(demo.run, [good, defective, descriptions, noun, queries], [gallery, table, status])
+    return page
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    page = build(Demo(load_inspector()))
+    page.queue(default_concurrency_limit=1).launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+    )

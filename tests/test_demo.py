@@ -1,0 +1,134 @@
+"""The Gradio demo: limits and bad files as messages (no browser), then end to end in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import random_image
+
+ROOT = Path(__file__).parents[1]
+pytest.importorskip("gradio")
+
+
+@pytest.fixture(scope="module")
+def app():
+    sys.path.insert(0, str(ROOT / "demo"))
+    try:
+        import app as demo_app
+    finally:
+        sys.path.remove(str(ROOT / "demo"))
+    return demo_app
+
+
+@pytest.fixture(scope="module")
+def demo(app, tiny):
+    from kensa_vl.eval.inspector import Inspector
+
+    model, processor = tiny
+    return app.Demo(Inspector(model, processor, max_new_tokens=4))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i in range(4):
+        paths.append(str(folder / f"p{i}.png"))
+        random_image(200 + 20 * i, 160, i).save(paths[-1])
+    (folder / "broken.png").write_bytes(b"not a png")
+    return paths, str(folder / "broken.png")
+
+
+def test_support_is_cached_and_a_bad_query_is_reported_while_the_others_are_judged(demo, photos):
+    paths, broken = photos
+    gallery, rows, status = demo.run(paths[:2], [paths[2]], "a dark scratch", "nut", [paths[3], broken])
+    assert "encoded" in status and len(gallery) == 1
+    assert rows[0][0] == "p3.png" and rows[0][1] in ("good", "defective") and 0 <= rows[0][2] <= 1
+    assert rows[1][:2] == ["broken.png", "error"] and "not a readable image" in rows[1][3]
+    _, again, status = demo.run(paths[:2], [paths[2]], "a dark scratch", "nut", [paths[3]])
+    assert "reused from the cache" in status and again[0][2] == rows[0][2]
+    _, _, status = demo.run(paths[:1], [paths[2]], "a dark scratch", "nut", [paths[3]])
+    assert "encoded" in status  # another support set
+
+
+def test_limits_and_bad_examples_become_messages(app, demo, photos, monkeypatch):
+    paths, broken = photos
+    *_, status = demo.run(paths, [], "", "nut", paths * 3)
+    assert status.startswith("**Cannot inspect:**") and "queries: 12 images, at most 8" in status
+    *_, status = demo.run([broken], [], "", "nut", paths[:1])
+    assert "good example broken.png is not a readable image" in status
+    *_, status = demo.run(paths[:1], [], "", "nut", [])
+    assert "at least one query" in status
+    monkeypatch.setattr(app, "MAX_PIXELS", 100 * 100)
+    *_, status = demo.run(paths[:1], [], "", "bolt", paths[:1])
+    assert "200x160 = 32,000 pixels, the limit is 10,000" in status
+    monkeypatch.setattr(demo.inspector, "judge", lambda image: 1 / 0)
+    monkeypatch.setattr(app, "MAX_PIXELS", 4096 * 4096)
+    gallery, rows, status = demo.run(paths[:1], [], "", "screw", paths[:1])
+    assert "Something went wrong" in status and "ZeroDivisionError" not in status and gallery == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_inspection_in_a_real_browser(photos, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no system Chromium (apt-get install chromium; .ci/run installs it)")
+    paths, _ = photos
+    port = _free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "KENSA_MAX_NEW_TOKENS": "8", "GRADIO_ANALYTICS_ENABLED": "0"}
+    env.pop("KENSA_MODEL", None)  # the offline tiny default
+    log = open(tmp_path / "app.log", "w")
+    server = subprocess.Popen([sys.executable, str(ROOT / "demo" / "app.py")], env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"the demo did not start: {(tmp_path / 'app.log').read_text()[-3000:]}")
+                time.sleep(1)
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            page.goto(url)
+            page.locator("#good input[type=file]").set_input_files(paths[:2])
+            page.locator("#defective input[type=file]").set_input_files(paths[2:3])
+            page.locator("#queries input[type=file]").set_input_files(paths[3:4])
+            page.locator("#good").get_by_text("p1", exact=True).wait_for(timeout=60_000)  # uploads finished
+            page.locator("#queries").get_by_text("p3", exact=True).wait_for(timeout=60_000)
+            page.locator("#inspect").click()
+            page.locator("#status").get_by_text("Support set").wait_for(timeout=120_000)
+            results = page.locator("#results").inner_text()
+            assert "p3.png" in results and ("good" in results or "defective" in results)
+            drawn = page.locator("#gallery img").first
+            drawn.wait_for(timeout=30_000)
+            assert (
+                drawn.evaluate("img => img.complete && img.naturalWidth") == 260
+            )  # the query (p3), boxes drawn on it
+            artifacts = Path(os.environ.get("KENSA_ARTIFACTS", tmp_path))
+            artifacts.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(artifacts / "demo.png"), full_page=True)
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
