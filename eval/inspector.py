@@ -27,7 +27,8 @@ from kensa_vl.train.data.conversations import episode
 
 @dataclass
 class Judgement:
-    """One query's result; `boxes` are `[x0, y0, x1, y1]` in the query's pixels (x1, y1 exclusive)."""
+    """One query's result; `boxes` are `[x0, y0, x1, y1]` in the query's pixels (x1, y1 exclusive). A query file
+    that cannot be read gets the verdict "error", P(defective) NaN and the reason as `text`."""
 
     verdict: str
     p_defective: float
@@ -79,8 +80,11 @@ def _rgb(image) -> Image.Image:
 
 def load_pretrained(path, dtype=None):
     """Model + processor of a KensaVL folder or Hub id, through the Auto classes (remote code)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    model_type = AutoConfig.from_pretrained(path, trust_remote_code=True).model_type
+    if model_type != "kensa_vl":
+        raise ValueError(f"{path} holds a {model_type!r} model, not a KensaVL (model_type 'kensa_vl')")
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype or "auto")
     return model, AutoProcessor.from_pretrained(path, trust_remote_code=True)
 
@@ -149,6 +153,11 @@ class Inspector:
     @torch.no_grad()
     def set_support(self, support: list[dict]) -> None:
         """Show the support set (items from `support_item` or KensaSynth rows); encodes it once when caching."""
+        if support and all(s["defect_type"] is not None for s in support):
+            raise ValueError(
+                f"the support set has {len(support)} defective images and no good one: show at least one good "
+                "example (an empty support set judges without examples)"
+            )
         self.support = list(support)
         self._prefix_text, self._suffix_text = self._prompt(self.support)
         self._cache, self._references = None, None
@@ -182,7 +191,17 @@ class Inspector:
         if self.support is None:
             raise ValueError("call set_support(...) before judge(...) (an empty list judges without examples)")
         queries = [queries] if isinstance(queries, (Image.Image, str)) else list(queries)
-        return [self._judge_one(_rgb(q)) for q in queries]
+        out = []
+        for query in queries:
+            try:
+                image = _rgb(query)
+            except ValueError as err:
+                if not isinstance(query, str) and not hasattr(query, "__fspath__"):
+                    raise
+                out.append(Judgement("error", float("nan"), str(err)))  # an unreadable file: say so, judge the rest
+                continue
+            out.append(self._judge_one(image))
+        return out
 
     def _judge_one(self, image: Image.Image) -> Judgement:
         inputs = self._query_inputs(image)

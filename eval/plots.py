@@ -68,3 +68,81 @@ def draw_judgement(image, boxes, verdict: str):
         draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 40, 40), width=width)
     draw.text((6, 6), verdict, fill=(255, 40, 40) if verdict == "defective" else (40, 200, 40))
     return image
+
+
+def _save(fig, plt, path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def roc_curves(records: dict[str, list[dict]], k: int, path: str | Path) -> Path:
+    """ROC of P(defective) at `k` good examples (all seeds pooled), one curve per method (`records`: name -> the
+    evaluator's query records)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, rows in records.items():
+        chosen = [r for r in rows if r["shots"] == k and r["control"] is None]
+        labels = [r["label"] == "defective" for r in chosen]
+        if len(set(labels)) < 2:
+            continue
+        scores = [r["p_defective"] for r in chosen]
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(labels, scores):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+    ax.set(xlabel="good parts rejected (false positive rate)", ylabel="defects caught (true positive rate)")
+    ax.set_title(f"ROC at k = {k}, held-out categories")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def accuracy_vs_size(results: dict[str, dict], k: int, path: str | Path) -> Path:
+    """Balanced accuracy per defect-size bin at `k` (each bin's defects against all good queries), one group of bars
+    per method (`results`: name -> `evaluate(...)`)."""
+    plt = _pyplot()
+    order = ["tiny", "small", "medium", "large"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / max(len(results), 1)
+    for i, (name, result) in enumerate(results.items()):
+        per_size = result["shots"].get(k, result["shots"].get(str(k), {})).get("per_size", {})
+        sizes = [s for s in order if per_size.get(s)] + sorted(s for s in per_size if s not in order and per_size[s])
+        mean = [per_size[s]["balanced_accuracy"]["mean"] for s in sizes]
+        std = [per_size[s]["balanced_accuracy"]["std"] for s in sizes]
+        ax.bar([j + i * width for j in range(len(sizes))], mean, width, yerr=std, capsize=3, label=name)
+        ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(sizes))], sizes)
+    ax.axhline(0.5, color="grey", linestyle=":", label="chance")
+    ax.set(xlabel="defect size (share of the image area)", ylabel="balanced accuracy", ylim=(0, 1.05))
+    ax.set_title(f"Accuracy by defect size at k = {k}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, plt, path)
+
+
+def example_grid(items, records: list[dict], path: str | Path, count: int = 8, threshold: float = 0.5) -> Path:
+    """Queries with their predicted boxes (red) and true boxes (green), titled with the verdict and P(defective):
+    the first `count` defective and good queries of `records` (the model's, one k), `items` the evaluated split."""
+    from PIL import ImageDraw
+
+    plt = _pyplot()
+    chosen = [r for r in records if r["label"] == "defective"][: count // 2]
+    chosen += [r for r in records if r["label"] == "good"][: count - len(chosen)]
+    columns = 4
+    fig, axes = plt.subplots((len(chosen) + columns - 1) // columns, columns, figsize=(3 * columns, 3.2 * 2))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, record in zip(axes.flat, chosen, strict=False):
+        image = items[record["index"]]["image"].convert("RGB")
+        draw = ImageDraw.Draw(image)
+        for box in record["true_boxes"]:
+            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(40, 200, 40), width=2)
+        for box in record["boxes"]:
+            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 40, 40), width=2)
+        verdict = "defective" if record["p_defective"] >= threshold else "good"
+        ax.imshow(image)
+        ax.set_title(f"{record['label']} → {verdict} ({record['p_defective']:.2f})", fontsize=9)
+    fig.suptitle("Example queries: true boxes green, predicted red")
+    return _save(fig, plt, path)

@@ -31,9 +31,10 @@ def evaluate_and_report(
     model, processor, items, out: str | Path, baseline: bool = True, extra: dict | None = None, **kwargs
 ) -> dict:
     """Evaluate the model (and the kNN baseline on the same support sets) and write `metrics.json` (with `extra`
-    under "run"), `records.jsonl`, `table.md` and `accuracy_vs_shots.png` into `out`. Returns {method: results}."""
+    under "run"), `records.jsonl`, `table.md` and the plots (`accuracy_vs_shots.png`, `roc.png` and
+    `accuracy_vs_size.png` at the largest k, `examples.png`) into `out`. Returns {method: results}."""
     from .evaluate import evaluate
-    from .plots import accuracy_vs_shots
+    from .plots import accuracy_vs_shots, accuracy_vs_size, example_grid, roc_curves
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,6 +50,11 @@ def evaluate_and_report(
             handle.writelines(json.dumps({"method": method, **record}) + "\n" for record in r["records"])
     (out / "table.md").write_text(markdown_table(results))
     accuracy_vs_shots({METHODS[m]: r["shots"] for m, r in results.items()}, out / "accuracy_vs_shots.png")
+    k = max(results["kensa"]["shots"])
+    roc_curves({METHODS[m]: r["records"] for m, r in results.items()}, k, out / "roc.png")
+    accuracy_vs_size({METHODS[m]: r for m, r in results.items()}, k, out / "accuracy_vs_size.png")
+    shown = [r for r in results["kensa"]["records"] if r["shots"] == k and r["control"] is None and r["seed"] == 0]
+    example_grid(items, shown, out / "examples.png", threshold=results["kensa"]["config"]["threshold"])
     return results
 
 
@@ -81,14 +87,21 @@ def _inspect(args) -> None:
     inspector = Inspector(model, processor, noun=args.noun, threshold=args.threshold)
     inspector.set_support(support)
     results = []
-    for path in args.query:
-        result = inspector.judge(path)[0]
-        print(f"{path}\t{result.verdict}\t{result.p_defective:.3f}")
+    for path, result in zip(args.query, inspector.judge(list(args.query)), strict=True):
+        if result.verdict == "error":
+            print(f"{path}\terror\t{result.text}")
+        else:
+            print(f"{path}\t{result.verdict}\t{result.p_defective:.3f}")
+            if args.viz:
+                _draw(path, result.boxes, Path(args.viz) / f"{Path(path).stem}.png", result.verdict)
         results.append({"file": path, **result.to_dict()})
-        if args.viz:
-            _draw(path, result.boxes, Path(args.viz) / f"{Path(path).stem}.png", result.verdict)
+        if result.verdict == "error":
+            results[-1]["p_defective"] = None  # JSON has no NaN
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
+    failed = [r["file"] for r in results if r["verdict"] == "error"]
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(results)} queries could not be read: {', '.join(failed)}")
 
 
 def _draw(path: str, boxes, out: Path, verdict: str) -> None:

@@ -240,8 +240,23 @@ def test_inspect_and_eval_commands(tiny_dir, synth_dir, tmp_path, capsys):
     assert [r["file"] for r in results] == [str(paths[3]), str(paths[0])] and 0 <= results[0]["p_defective"] <= 1
     assert (tmp_path / "viz" / "3.png").exists()
     with pytest.raises(SystemExit) as exit_info:
-        main(["inspect", "--model", str(tiny_dir), "--query", str(tmp_path / "missing.png")])
-    assert exit_info.value.code == 2 and "could not read image" in capsys.readouterr().err
+        main(["inspect", "--model", str(tiny_dir), "--query", str(tmp_path / "missing.png"), str(paths[0]),
+              "--out", str(tmp_path / "partial.json")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and "1 of 2 queries could not be read" in captured.err
+    missing, judged = captured.out.strip().splitlines()
+    assert missing.startswith(f"{tmp_path / 'missing.png'}\terror\tcould not read image")
+    assert judged.split("\t")[0] == str(paths[0]) and judged.split("\t")[1] in ("good", "defective")
+    partial = json.loads((tmp_path / "partial.json").read_text())
+    assert partial[0]["verdict"] == "error" and partial[0]["p_defective"] is None and partial[1]["verdict"] != "error"
+    with pytest.raises(SystemExit) as exit_info:  # only defective examples
+        main(["inspect", "--model", str(tiny_dir), "--defective", str(paths[2]), "--query", str(paths[0])])
+    assert exit_info.value.code == 2 and "no good one" in capsys.readouterr().err
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--model", str(tmp_path / "llama"), "--good", str(paths[0]), "--query", str(paths[0])])
+    assert exit_info.value.code == 2 and "not a KensaVL" in capsys.readouterr().err
 
     main(["eval", "--model", str(tiny_dir), "--data", str(synth_dir), "--shots", "0,2", "--seeds", "1",
           "--queries-per-category", "2", "--out", str(tmp_path / "eval")])  # fmt: skip

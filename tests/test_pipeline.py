@@ -23,7 +23,7 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert sum(r["method"] == "kensa" for r in records) == 2 * 2 * 3 * (2 + 3)  # (2 shot counts + 3 controls)
     assert "| KensaVL | 1 |" in (out / "table.md").read_text()
-    for png in ("loss.png", "accuracy_vs_shots.png"):
+    for png in ("loss.png", "accuracy_vs_shots.png", "roc.png", "accuracy_vs_size.png", "examples.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "model" / "runs").rglob("events.out.tfevents.*"))  # TensorBoard
     model, info = AutoModelForImageTextToText.from_pretrained(

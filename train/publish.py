@@ -27,7 +27,7 @@ VERIFY = Path(__file__).parent / "verify_export.py"
 # What a Hub repo of the model needs; everything else in a training folder (runs/, checkpoints, optimizer states,
 # training_args.bin) stays behind.
 SHIPPED = ("*.py", "*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")
-PLOTS = ("accuracy_vs_shots.png", "loss.png")
+PLOTS = ("accuracy_vs_shots.png", "roc.png", "accuracy_vs_size.png", "examples.png", "loss.png")
 LEFTOVER = re.compile(r"\{\{|\{%|REPO_ID|TODO|TBD|<fill", re.IGNORECASE)
 
 
