@@ -151,7 +151,7 @@ def patch_distances(query: torch.Tensor, bank: torch.Tensor, token_side: int, ch
     averaged over the 3x3 neighbourhood and max-pooled onto a `token_side` grid: `(n, token_side^2)`."""
     n, g, _, c = query.shape
     flat = query.reshape(-1, c).to(bank.dtype)
-    nearest = torch.cat([(1 - part @ bank.T).amin(-1) for part in flat.split(chunk)])
+    nearest = 1 - torch.cat([(part @ bank.T).amax(-1) for part in flat.split(chunk)])  # one (cells, M) matrix
     d = F.avg_pool2d(nearest.clamp_min(0).view(n, 1, g, g), 3, 1, 1, count_include_pad=False)
     return F.max_pool2d(d, g // token_side).flatten(1)
 
