@@ -19,7 +19,9 @@ def trained(main_run, tmp_path_factory):
 def test_export_holds_the_model_and_a_card_of_measured_results(trained, tmp_path):
     from kensa_vl.train.publish import export
 
-    folder = export(trained / "model", tmp_path / "export", trained / "metrics.json", repo_id="acme/kensa-tiny")
+    folder = export(
+        trained / "model", tmp_path / "export", trained / "metrics.json", "acme/kensa-tiny", ["acme/inspection-set"]
+    )
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "modeling_kensa_vl.py", "processing_kensa_vl.py",
             "tokenizer.json", "chat_template.jinja", "generation_config.json", "preprocessor_config.json",
@@ -29,11 +31,25 @@ def test_export_holds_the_model_and_a_card_of_measured_results(trained, tmp_path
     header = card.split("---")[1]
     for line in ("license: apache-2.0", "library_name: transformers", "pipeline_tag: image-text-to-text"):
         assert line in header
+    assert "datasets:\n- acme/inspection-set" in header and "base_model" not in header  # tiny: no pretrained parts
     assert 'from_pretrained("acme/kensa-tiny", trust_remote_code=True)' in card
     assert "AutoModelForVision2Seq" in card and "AutoModelForImageTextToText" in card
     assert "| align | projector, layer_merges | captions=1.0 | 8 | 2 |" in card  # the recipe actually run
     assert "| KensaVL | 1 |" in card and "![accuracy_vs_shots.png](accuracy_vs_shots.png)" in card
     assert "gravel, marble, nut" in card and "{{" not in card and "No evaluation results" not in card
+
+
+@pytest.mark.slow
+@pytest.mark.tf457
+def test_the_export_loads_under_457(trained, tmp_path):
+    import os
+
+    from kensa_vl.train.publish import export, verify
+
+    if not os.environ.get("KENSA_TF457_PYTHON"):
+        pytest.skip("set KENSA_TF457_PYTHON to a python with transformers 4.57 (.ci/run)")
+    folder = export(trained / "model", tmp_path / "export", trained / "metrics.json")
+    assert verify(folder, python=os.environ["KENSA_TF457_PYTHON"])["version"].startswith("4.57")
 
 
 def test_publishing_without_results_needs_the_flag_and_says_so(trained, tmp_path):
@@ -98,3 +114,16 @@ def test_a_broken_export_is_not_pushed(trained, tmp_path, monkeypatch):
         main(["publish", "--model", str(broken), "--out", str(tmp_path / "out"), "--allow-missing-results",
               "--repo-id", "acme/x", "--push"])  # fmt: skip
     assert exit_info.value.code == 2
+
+
+def test_the_card_names_the_assembled_parts_as_base_models(tiny_dir):
+    import json
+
+    from kensa_vl.train.publish import model_card
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["base_models"] = {"vision": ["google/siglip-so400m-patch14-384"], "text": "Qwen/Qwen2.5-1.5B-Instruct"}
+    card = model_card(config, None, [], [], "acme/kensa")
+    header = card.split("---")[1]
+    assert "base_model:\n- google/siglip-so400m-patch14-384\n- Qwen/Qwen2.5-1.5B-Instruct" in header
+    assert "not trained with `kensa-vl` recipes" in card and "**No evaluation results**" in card

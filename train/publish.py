@@ -31,8 +31,15 @@ PLOTS = ("accuracy_vs_shots.png", "roc.png", "accuracy_vs_size.png", "examples.p
 LEFTOVER = re.compile(r"\{\{|\{%|REPO_ID|TODO|TBD|<fill", re.IGNORECASE)
 
 
-def export(model_dir, out, metrics=None, allow_missing_results: bool = False, repo_id: str | None = None) -> Path:
-    """Write the export folder (see the module docstring); returns it."""
+def export(
+    model_dir,
+    out,
+    metrics=None,
+    allow_missing_results: bool = False,
+    repo_id: str | None = None,
+    datasets: list[str] = (),
+) -> Path:
+    """Write the export folder (see the module docstring); `datasets` are Hub dataset ids for the card's header."""
     model_dir, out = Path(model_dir), Path(out)
     if not (model_dir / "config.json").exists():
         raise ValueError(f"{model_dir} has no config.json: not a saved model folder")
@@ -57,11 +64,13 @@ def export(model_dir, out, metrics=None, allow_missing_results: bool = False, re
                 plots.append(name)
     record = model_dir / TRAINING_RECORD
     stages = json.loads(record.read_text()) if record.exists() else []
-    (out / "README.md").write_text(model_card(config, results, stages, plots, repo_id))
+    (out / "README.md").write_text(model_card(config, results, stages, plots, repo_id, datasets))
     return out
 
 
-def model_card(config: dict, results: dict | None, stages: list[dict], plots: list[str], repo_id: str | None) -> str:
+def model_card(
+    config: dict, results: dict | None, stages: list[dict], plots: list[str], repo_id: str | None, datasets=()
+) -> str:
     """The model card: `model_card.md` rendered with the config, the training record and the evaluation."""
     import jinja2
 
@@ -76,6 +85,7 @@ def model_card(config: dict, results: dict | None, stages: list[dict], plots: li
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     card = environment.from_string(TEMPLATE.read_text()).render(
         repo_id=repo_id or "path/to/export",
+        datasets=list(datasets),
         base_models=[*base.get("vision", []), *([base["text"]] if base.get("text") else [])],
         encoders=[
             {"name": e["name"], "type": e["config"]["model_type"], "layers": e["feature_layers"]}
@@ -151,13 +161,14 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--eval", default=None, help="metrics.json of kensa-vl eval / kensa-vl train")
     p.add_argument("--allow-missing-results", action="store_true")
     p.add_argument("--repo-id", default=None, help="USER/NAME on the Hub")
+    p.add_argument("--dataset", action="append", default=[], help="Hub dataset id trained on (repeatable)")
     p.add_argument("--push", action="store_true")
     p.add_argument("--private", action="store_true")
 
     def run(a) -> None:
         if a.push and not a.repo_id:
             raise ValueError("--push needs --repo-id USER/NAME")
-        out = export(a.model, a.out, a.eval, a.allow_missing_results, a.repo_id)
+        out = export(a.model, a.out, a.eval, a.allow_missing_results, a.repo_id, a.dataset)
         result = verify(out)
         print(f"exported {out}; loads with empty loading info under transformers {result['version']} and generates")
         if a.push:
