@@ -57,6 +57,12 @@ def accuracy_vs_shots(curves: dict[str, dict], path: str | Path, metric: str = "
     return Path(path)
 
 
+def outline(draw, box, color, width: int) -> None:
+    """Draw box `[x0, y0, x1, y1]` (x1, y1 exclusive); a box one bin wide (x0 == x1) is drawn as a line."""
+    x0, y0, x1, y1 = box
+    draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=width)
+
+
 def draw_judgement(image, boxes, verdict: str):
     """A copy of the query (PIL) with its predicted boxes and the verdict drawn on it."""
     from PIL import ImageDraw
@@ -65,7 +71,7 @@ def draw_judgement(image, boxes, verdict: str):
     draw = ImageDraw.Draw(image)
     width = max(2, round(max(image.size) / 200))
     for box in boxes:
-        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 40, 40), width=width)
+        outline(draw, box, (255, 40, 40), width)
     draw.text((6, 6), verdict, fill=(255, 40, 40) if verdict == "defective" else (40, 200, 40))
     return image
 
@@ -138,9 +144,9 @@ def example_grid(items, records: list[dict], path: str | Path, count: int = 8, t
         image = items[record["index"]]["image"].convert("RGB")
         draw = ImageDraw.Draw(image)
         for box in record["true_boxes"]:
-            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(40, 200, 40), width=2)
+            outline(draw, box, (40, 200, 40), 2)
         for box in record["boxes"]:
-            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 40, 40), width=2)
+            outline(draw, box, (255, 40, 40), 2)
         verdict = "defective" if record["p_defective"] >= threshold else "good"
         ax.imshow(image)
         ax.set_title(f"{record['label']} → {verdict} ({record['p_defective']:.2f})", fontsize=9)
