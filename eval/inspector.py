@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
+from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY, REFERENCE_SCORES
 from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN, parse_inspection_answer, position_word
 from kensa_vl.train.data.conversations import episode
 
@@ -168,7 +168,9 @@ class Inspector:
             self._cache = getattr(out, CACHE_KEY)
             pixels = self._prefix.get("pixel_values")
             if getattr(self.model.config, "reference_comparison", False) and pixels is not None:
-                self._references = [self.model.model.reference_features(pixels)]  # support patches, kept
+                scores = out.image_scores[~out.image_scores.isnan()]  # the supports against each other
+                cells = self.model.model.reference_features(pixels)  # support patches, kept
+                self._references = [{**cells, REFERENCE_SCORES: scores}]
 
     def _query_inputs(self, image: Image.Image) -> dict:
         if self._cache is None:  # the whole prompt from scratch, as a caller without this API would run it

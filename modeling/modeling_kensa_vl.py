@@ -31,6 +31,8 @@ from .configuration_kensa_vl import (
     encoder_width,
 )
 
+# Key of a cached support set's own image scores in `reference_features` (beside the encoders' cells).
+REFERENCE_SCORES = "_scores"
 # transformers 5.2x renamed the cache argument and output field `past_key_values` -> `cache`.
 CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -40,6 +42,7 @@ class KensaVLModelOutputWithPast(BaseModelOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
     anomaly_map: torch.FloatTensor | None = None  # (num_tiles, tokens_per_tile) logits; NaN: no references
     anomaly_loss: torch.FloatTensor | None = None  # with `anomaly_labels`
+    image_scores: torch.FloatTensor | None = None  # (num_images,) kNN score per image; NaN: no references
 
 
 @dataclass
@@ -47,6 +50,7 @@ class KensaVLCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
     anomaly_map: torch.FloatTensor | None = None
     anomaly_loss: torch.FloatTensor | None = None  # included in `loss`; computed by the backbone (`model`)
+    image_scores: torch.FloatTensor | None = None
 
 
 class KensaVLLayerMerge(nn.Module):
@@ -195,7 +199,7 @@ class KensaVLReferenceComparison(nn.Module):
         self.linear = nn.Linear(inputs, 1)
         self.mlp = nn.Sequential(nn.Linear(inputs, 64), nn.GELU(), nn.Linear(64, 1))
         self.embed = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
-        self.summary = nn.Sequential(nn.Linear(3, width), nn.GELU(), nn.Linear(width, width))
+        self.summary = nn.Sequential(nn.Linear(6, width), nn.GELU(), nn.Linear(width, width))
         # how `_init_weights` starts them: the mean of the log-distances, and residuals that change nothing yet
         self.linear.kensa_init = "mean"
         self.mlp[-1].kensa_init = self.embed[-1].kensa_init = "zero"
@@ -213,16 +217,22 @@ class KensaVLReferenceComparison(nn.Module):
             out += [d, d / d.median().clamp_min(1e-6)]
         return torch.stack(out, -1).clamp_min(1e-4).log()
 
-    def forward(self, query: dict[str, torch.Tensor], thumbnail: torch.Tensor, bank: dict[str, torch.Tensor]):
-        """-> (token embeddings `(n, tokens_per_tile, D)`, anomaly logits `(n, tokens_per_tile)`, the summary
-        embedding `(D,)`) for one image whose tiles are `thumbnail`-flagged `(n,)`."""
+    def forward(self, query, thumbnail: torch.Tensor, bank, level: torch.Tensor | None = None):
+        """One image whose tiles are `thumbnail`-flagged `(n,)` against `bank` -> (token embeddings
+        `(n, tokens_per_tile, D)`, anomaly logits `(n, tokens_per_tile)`, the summary embedding `(D,)`, the image's
+        kNN score). The score is the largest log-distance over the grid tiles (untrained, PatchCore's); `level` is
+        the median score of the earlier images of the prompt (each against the images before it), the prompt's own
+        measure of how far good photos of this product lie from each other."""
         x = self.distances(query, bank).to(self.linear.weight.dtype)
         logits = (self.linear(x) + self.mlp(x)).squeeze(-1)
-        scored = logits[scored_tiles(thumbnail)].flatten()
+        selected = scored_tiles(thumbnail)
+        scored = logits[selected].flatten()
         top = scored.topk(min(len(scored), logits.shape[-1])).values.mean()
-        image = torch.stack([scored.max(), top, scored.mean()])
+        score = x[selected][..., 0::2].mean(-1).max()  # log-distance, mean over the compared encoders
+        relative, known = (score - level, 1.0) if level is not None else (torch.zeros_like(score), 0.0)
+        image = torch.stack([scored.max(), top, scored.mean(), score, relative, torch.full_like(score, known)])
         summary = torch.stack([logits, image[0].expand_as(logits)], -1)
-        return self.embed(summary), logits, self.summary(image)
+        return self.embed(summary), logits, self.summary(image), score.detach()
 
 
 class KensaVLPreTrainedModel(PreTrainedModel):
@@ -390,7 +400,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
         """Compare every image that has references (the earlier images of its sample, plus
         `reference_features[sample]`, a cached support set, when given) with them. Returns the image features with
         the comparison's token embeddings added, the anomaly map `(N, tokens_per_tile)` (NaN for images without
-        references), and the `</img>` embeddings as (rows, positions, embeddings)."""
+        references), the `</img>` embeddings as (rows, positions, embeddings), and each image's kNN score
+        `(num_images,)` (NaN without references; a cached support set passes its own under `REFERENCE_SCORES`)."""
         comparison = self.reference_comparison
         features = comparison.features(grids)  # name -> (N, g, g, C)
         thumbnail = thumbnail_tiles(image_grid)
@@ -400,18 +411,22 @@ class KensaVLModel(KensaVLPreTrainedModel):
         added = torch.zeros_like(image_features)
         anomaly = image_features.new_full(image_features.shape[:2], float("nan"), dtype=torch.float32)
         ends, image = ([], [], []), 0
+        scores = anomaly.new_full((len(tiles),), float("nan"))
         for row, row_tokens in enumerate(is_image.sum(1).tolist()):
             positions = is_image[row].nonzero().flatten()
             cached = None if reference_features is None else reference_features[row]
             banks = {name: [] if cached is None else [cached[name].float()] for name in features}
+            levels = [] if cached is None else list(cached[REFERENCE_SCORES].float().to(anomaly.device))
             seen = 0
             while seen < row_tokens:
                 first, last = starts[image], starts[image + 1]
                 query = {name: f[first:last] for name, f in features.items()}
                 if banks[comparison.encoders[0]]:
-                    delta, logits, summary = comparison(
-                        query, thumbnail[first:last], {n: torch.cat(b) for n, b in banks.items()}
+                    level = torch.stack(levels).median() if levels else None
+                    delta, logits, summary, scores[image] = comparison(
+                        query, thumbnail[first:last], {n: torch.cat(b) for n, b in banks.items()}, level
                     )
+                    levels.append(scores[image])
                     added[first:last], anomaly[first:last] = delta.to(added.dtype), logits.float()
                     end = int(positions[seen + (last - first) * per_tile - 1]) + 1  # the image's `</img>`
                     if end < input_ids.shape[1]:
@@ -421,7 +436,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
                     banks[name].append(f.reshape(-1, f.shape[-1]))
                 seen += (last - first) * per_tile
                 image += 1
-        return image_features + added, anomaly, ends
+        return image_features + added, anomaly, ends, scores
 
     def _add_summaries(self, inputs_embeds, input_ids, rows, starts, summaries):
         """Add each compared image's summary embedding to its `</img>` token (`starts`) and the text after it, up to
@@ -479,12 +494,12 @@ class KensaVLModel(KensaVLPreTrainedModel):
             described = int(image_grid[:, 2].sum())
             if described != pixel_values.shape[0]:
                 raise ValueError(f"image_grid describes {described} tiles, pixel_values has {pixel_values.shape[0]}.")
-        image_features = anomaly_map = anomaly_loss = None
+        image_features = anomaly_map = anomaly_loss = image_scores = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             grids = self._grids(pixel_values)
             image_features = self._project(grids)
             if self.config.reference_comparison and image_grid is not None and input_ids is not None:
-                image_features, anomaly_map, ends = self._compare(
+                image_features, anomaly_map, ends, image_scores = self._compare(
                     image_features, grids, input_ids, image_grid, reference_features
                 )
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
@@ -513,6 +528,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
             image_hidden_states=image_features,
             anomaly_map=anomaly_map,
             anomaly_loss=anomaly_loss,
+            image_scores=image_scores,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
 
@@ -591,7 +607,8 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             cache: the KV cache under the name recent 5.x `generate` passes a caller's cache by (else
                 `past_key_values`).
             reference_features (`list[dict]`, *optional*): per sample, the `reference_features` of support
-                images already in the KV cache (with `reference_comparison`).
+                images already in the KV cache (with `reference_comparison`), and their own `image_scores` under
+                `REFERENCE_SCORES`.
             anomaly_labels (`torch.FloatTensor` of shape `(num_tiles, tokens_per_tile)`, *optional*): 1 where a
                 visual token covers a defect, 0 where it does not, -1 where unknown (the processor's
                 `anomaly_labels`). With `reference_comparison`, their class-balanced binary cross-entropy against
@@ -630,6 +647,7 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
             anomaly_map=outputs.anomaly_map,
             anomaly_loss=anomaly_loss,
+            image_scores=outputs.image_scores,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
 

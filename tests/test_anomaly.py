@@ -94,7 +94,7 @@ def test_untrained_comparison_starts_as_patchcore_and_changes_no_visual_token(ti
     with torch.no_grad():
         grids = model.model._grids(batch["pixel_values"])
         base = model.model._project(grids)
-        out, anomaly, _ = model.model._compare(base, grids, batch["input_ids"], batch["image_grid"], None)
+        out, anomaly, _, _ = model.model._compare(base, grids, batch["input_ids"], batch["image_grid"], None)
         features = comparison.features(grids)
         query = {name: f[5:] for name, f in features.items()}
         bank = {name: f[:5].reshape(-1, f.shape[-1]) for name, f in features.items()}
@@ -163,7 +163,8 @@ def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
         query = {name: f[5:] for name, f in features.items()}
         other = {name: torch.cat([f[5:9], f[:1]]) for name, f in features.items()}  # another thumbnail
         thumbnail = torch.tensor([False] * 4 + [True])
-        _, logits, summary = comparison(query, thumbnail, bank)
-        _, other_logits, other_summary = comparison(other, thumbnail, bank)
+        _, logits, summary, score = comparison(query, thumbnail, bank)
+        _, other_logits, other_summary, other_score = comparison(other, thumbnail, bank)
     assert not torch.allclose(logits[4], other_logits[4])  # the thumbnail's own map changes ...
     torch.testing.assert_close(summary, other_summary)  # ... the image's summary does not
+    assert score == other_score

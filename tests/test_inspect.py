@@ -7,6 +7,7 @@ import pytest
 
 from kensa_vl.eval.evaluate import aggregate, ap50, evaluate, metrics, support_for
 from kensa_vl.eval.inspector import Inspector, support_item
+from kensa_vl.modeling.modeling_kensa_vl import REFERENCE_SCORES
 from tests.conftest import random_image
 
 
@@ -184,6 +185,12 @@ def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth)
         inspector.set_support(_support(test))
         scores[cache] = [r.p_defective for r in inspector.judge(queries)]
     assert scores[True] == pytest.approx(scores[False], abs=1e-5)
+    # the supports' own scores (each against those before it) are cached too, and the query's summary reads them
+    inspector = Inspector(model, processor, max_new_tokens=0)
+    inspector.set_support(_support(test))
+    assert len(inspector._references[0][REFERENCE_SCORES]) == 2
+    inspector._references[0][REFERENCE_SCORES] += 1.0
+    assert inspector.judge(queries[0])[0].p_defective != pytest.approx(scores[True][0], abs=1e-6)
     # and it matters: the same query against other references scores differently
     inspector.set_support(_support(test)[:1])
     assert inspector.judge(queries[0])[0].p_defective != pytest.approx(scores[False][0], abs=1e-4)
@@ -201,7 +208,7 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
     two = processor(text="<image> <image> a", images=images, return_tensors="pt")
     with torch.no_grad():
         base = model.model.get_image_features(two["pixel_values"])
-        out, anomaly, (rows, ends, summaries) = model.model._compare(
+        out, anomaly, (rows, ends, summaries), scores = model.model._compare(
             base, model.model._grids(two["pixel_values"]), two["input_ids"], two["image_grid"], None
         )
         n = int(one["image_grid"][0, 2])
@@ -210,6 +217,7 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
         # and the second image's summary goes onto its closing tag, the token right after its last visual token
         assert rows == [0] and processor.tokenizer.convert_ids_to_tokens(int(two["input_ids"][0, ends[0]])) == "</img>"
         assert len(summaries) == 1 and summaries[0].abs().sum() > 0
+        assert scores[0].isnan() and scores[1] > -10  # the second image's kNN score (a log-distance)
         assert model(**one).anomaly_map.isnan().all()  # no references: no map
         logits = model(**one).logits
     save_kensa(model, processor, tmp_path)
@@ -263,3 +271,19 @@ def test_inspect_and_eval_commands(tiny_dir, synth_dir, tmp_path, capsys):
     table = (tmp_path / "eval" / "table.md").read_text()
     assert "| KensaVL | 0 |" in table and "| kNN patch memory (PatchCore-style) | 2 |" in table
     assert (tmp_path / "eval" / "accuracy_vs_shots.png").exists()
+
+
+def test_boxes_of_any_width_are_drawn(tmp_path):
+    """A predicted box one location bin wide (x0 == x1) is a line, not a crash at the end of a run."""
+    from kensa_vl.eval.plots import draw_judgement, example_grid
+
+    image = random_image(64, 48)
+    drawn = draw_judgement(image, [[10, 10, 10, 20], [5, 5, 30, 30]], "defective")
+    assert drawn.size == (64, 48) and drawn.getpixel((5, 5)) == (255, 40, 40) and drawn.getpixel((10, 15))[0] == 255
+    items = [{"image": image}]
+    records = [
+        {"index": 0, "label": "defective", "p_defective": 0.9, "boxes": [[3, 3, 3, 9]], "true_boxes": [[1, 1, 8, 8]]},
+        {"index": 0, "label": "good", "p_defective": 0.1, "boxes": [], "true_boxes": []},
+    ]
+    path = example_grid(items, records, tmp_path / "grid.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

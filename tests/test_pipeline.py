@@ -34,3 +34,15 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     assert [s["stage"] for s in stages] == ["align", "multitask"] and [s["steps"] for s in stages] == [2, 2]
     with pytest.raises(FileExistsError, match="already holds a finished run"):
         run(out, synth_dir)
+
+
+def test_tiny_model_settings_are_checked_before_any_work(tmp_path, capsys):
+    from kensa_vl.train.cli import main
+    from kensa_vl.train.pipeline import run
+
+    with pytest.raises(ValueError, match=r"unknown tiny-model settings \['comparison'\]"):
+        run(tmp_path / "run", tmp_path / "data", tiny={"comparison": False})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", str(tmp_path / "run"), "--tiny", "reference_comparison=maybe"])
+    assert exit_info.value.code == 2 and "must be JSON" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()

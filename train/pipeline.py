@@ -44,9 +44,11 @@ def run(
     queries_per_category: int = 20,
     overwrite: bool = False,
     overrides: list[str] = (),
+    tiny: dict | None = None,
 ) -> dict:
     """The whole job; returns the metrics written to `OUT/metrics.json`. `overrides` are recipe arguments added to
-    both stages (e.g. `["--max_steps", "2"]`)."""
+    both stages (e.g. `["--max_steps", "2"]`); `tiny` replaces entries of the tiny model's `TINY` settings (e.g.
+    `{"reference_comparison": False}` for plain in-context learning)."""
     from kensa_vl.eval.inspector import load_pretrained
     from kensa_vl.eval.plots import loss_curve
     from kensa_vl.eval.report import evaluate_and_report
@@ -58,7 +60,10 @@ def run(
         raise FileExistsError(f"{out} already holds a finished run; pass --overwrite or another --out")
     start = time.perf_counter()
     data = Path(data) if data else out.parent / "kensa-synth-224"
-    build_tiny(out / "tiny", **TINY)
+    unknown = sorted(set(tiny or {}) - set(TINY))
+    if unknown:
+        raise ValueError(f"unknown tiny-model settings {unknown}; known: {sorted(TINY)}")
+    build_tiny(out / "tiny", **{**TINY, **(tiny or {})})
     histories, previous = {}, out / "tiny"
     for stage, folder in (("align", "align"), ("multitask", "model")):
         paths = ["--model", str(previous), "--data", str(data), "--output_dir", str(out / folder)]
@@ -99,8 +104,27 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--queries-per-category", type=int, default=20)
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(
-        func=lambda a: run(
-            a.out, a.data, [int(k) for k in a.shots.split(",")], a.seeds, a.queries_per_category, a.overwrite
+    p.add_argument(
+        "--tiny", action="append", default=[], metavar="KEY=JSON",
+        help=f"change a tiny-model setting, e.g. reference_comparison=false (settings: {', '.join(TINY)})",
+    )  # fmt: skip
+
+    def start(a) -> None:
+        tiny = {}
+        for item in a.tiny:
+            key, _, value = item.partition("=")
+            try:
+                tiny[key] = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f'--tiny {item!r}: the value must be JSON (true, 112, ["dct"]), {err}') from err
+        run(
+            a.out,
+            a.data,
+            [int(k) for k in a.shots.split(",")],
+            a.seeds,
+            a.queries_per_category,
+            a.overwrite,
+            tiny=tiny,
         )
-    )
+
+    p.set_defaults(func=start)
