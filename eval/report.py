@@ -21,8 +21,8 @@ def markdown_table(results: dict[str, dict], metrics=("balanced_accuracy", "auro
         for k, value in rows:
             cells = []
             for metric in metrics:
-                m = value["overall"][metric]
-                cells.append("n/a" if m["mean"] is None else f"{m['mean']:.3f} ± {m['std']:.3f}")
+                m = value["overall"].get(metric)  # the baseline draws no boxes
+                cells.append("n/a" if m is None or m["mean"] is None else f"{m['mean']:.3f} ± {m['std']:.3f}")
             lines.append(f"| {METHODS[method]} | {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -46,3 +46,17 @@ def test_tiny_model_settings_are_checked_before_any_work(tmp_path, capsys):
         main(["train", "--out", str(tmp_path / "run"), "--tiny", "reference_comparison=maybe"])
     assert exit_info.value.code == 2 and "must be JSON" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_main_job_without_the_comparison_for_plain_icl(synth_dir, tmp_path):
+    """`--tiny reference_comparison=false`: the recipes' `reference_comparison` component is left out, not an error."""
+    from kensa_vl.train.pipeline import run
+
+    budget = ["--max_steps", "1", "--num_rows", "4", "--per_device_train_batch_size", "2"]
+    metrics = run(tmp_path / "plain", synth_dir, shots=(1,), seeds=1, queries_per_category=2, overrides=budget,
+                  tiny={"reference_comparison": False})  # fmt: skip
+    config = json.loads((tmp_path / "plain" / "model" / "config.json").read_text())
+    assert config["reference_comparison"] is False and metrics["kensa"]["shots"]["1"]["overall"]["n"] == 6
+    stages = json.loads((tmp_path / "plain" / "model" / "kensa_training.json").read_text())
+    assert "reference_comparison" not in stages[1]["train"] and "language_model" in stages[1]["train"]

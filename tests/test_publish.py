@@ -39,6 +39,16 @@ def test_export_holds_the_model_and_a_card_of_measured_results(trained, tmp_path
     assert "gravel, marble, nut" in card and "{{" not in card and "No evaluation results" not in card
 
 
+def test_notes_with_their_plots_join_the_card(trained, tmp_path):
+    from kensa_vl.train.publish import export
+
+    (tmp_path / "ablation.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "notes.md").write_text("| run | accuracy |\n|---|---|\n| plain | 0.5 |\n\n![ablation](ablation.png)\n")
+    folder = export(trained / "model", tmp_path / "export", trained / "metrics.json", notes=tmp_path / "notes.md")
+    card = (folder / "README.md").read_text()
+    assert "## Further results\n\n| run | accuracy |" in card and (folder / "ablation.png").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.tf457
 def test_the_export_loads_under_457(trained, tmp_path):

@@ -24,8 +24,9 @@ RECIPES = Path(__file__).parent / "configs" / "main"
 TINY = {"tile_size": 112, "max_tiles": 4, "dct": True, "reference_comparison": True, "reference_encoders": ["dct"]}
 
 
-def train_stage(recipe: Path, overrides: list[str]):
-    """Run one stage recipe through `sft.main`, as `accelerate launch train/sft.py --config recipe` would."""
+def train_stage(recipe: Path, overrides: list[str], absent: tuple[str, ...] = ()):
+    """Run one stage recipe through `sft.main`, as `accelerate launch train/sft.py --config recipe` would;
+    components in `absent` (switched off in the tiny model's config) are left out of the recipe's `train`."""
     from trl import SFTConfig, TrlParser
 
     from kensa_vl.train.sft import KensaArguments, main
@@ -33,6 +34,7 @@ def train_stage(recipe: Path, overrides: list[str]):
     args, training_args = TrlParser((KensaArguments, SFTConfig)).parse_args_and_config(
         ["--config", str(recipe), *overrides]
     )
+    args.train = [component for component in args.train if component not in absent]
     return main(args, training_args)
 
 
@@ -63,11 +65,13 @@ def run(
     unknown = sorted(set(tiny or {}) - set(TINY))
     if unknown:
         raise ValueError(f"unknown tiny-model settings {unknown}; known: {sorted(TINY)}")
-    build_tiny(out / "tiny", **{**TINY, **(tiny or {})})
+    settings = {**TINY, **(tiny or {})}
+    build_tiny(out / "tiny", **settings)
+    absent = () if settings["reference_comparison"] else ("reference_comparison",)
     histories, previous = {}, out / "tiny"
     for stage, folder in (("align", "align"), ("multitask", "model")):
         paths = ["--model", str(previous), "--data", str(data), "--output_dir", str(out / folder)]
-        trainer = train_stage(RECIPES / f"{stage}.yaml", [*paths, *overrides])
+        trainer = train_stage(RECIPES / f"{stage}.yaml", [*paths, *overrides], absent)
         histories[stage], previous = trainer.state.log_history, out / folder
         del trainer
     train_seconds = time.perf_counter() - start

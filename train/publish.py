@@ -38,8 +38,11 @@ def export(
     allow_missing_results: bool = False,
     repo_id: str | None = None,
     datasets: list[str] = (),
+    notes=None,
 ) -> Path:
-    """Write the export folder (see the module docstring); `datasets` are Hub dataset ids for the card's header."""
+    """Write the export folder (see the module docstring); `datasets` are Hub dataset ids for the card's header,
+    `notes` a markdown file of further measured results (an ablation, say) the card includes, and plots it links
+    that lie beside it."""
     model_dir, out = Path(model_dir), Path(out)
     if not (model_dir / "config.json").exists():
         raise ValueError(f"{model_dir} has no config.json: not a saved model folder")
@@ -64,12 +67,23 @@ def export(
                 plots.append(name)
     record = model_dir / TRAINING_RECORD
     stages = json.loads(record.read_text()) if record.exists() else []
-    (out / "README.md").write_text(model_card(config, results, stages, plots, repo_id, datasets))
+    extra = None
+    if notes is not None:
+        extra = Path(notes).read_text()
+        for link in re.findall(r"\]\(([^)/]+\.png)\)", extra):  # plots beside the notes travel with them
+            shutil.copy2(Path(notes).parent / link, out / link)
+    (out / "README.md").write_text(model_card(config, results, stages, plots, repo_id, datasets, extra))
     return out
 
 
 def model_card(
-    config: dict, results: dict | None, stages: list[dict], plots: list[str], repo_id: str | None, datasets=()
+    config: dict,
+    results: dict | None,
+    stages: list[dict],
+    plots: list[str],
+    repo_id: str | None,
+    datasets=(),
+    notes: str | None = None,
 ) -> str:
     """The model card: `model_card.md` rendered with the config, the training record and the evaluation."""
     import jinja2
@@ -80,12 +94,14 @@ def model_card(
     evaluation = None
     if results is not None:
         methods = {k: v for k, v in results.items() if k != "run"}
-        evaluation = {"table": markdown_table(methods), "run": results.get("run", {}), "shots": shot_summary(methods)}
+        table = markdown_table(methods, ("balanced_accuracy", "auroc", "overkill", "miss", "box_hit_rate"))
+        evaluation = {"table": table, "run": results.get("run", {}), "shots": shot_summary(methods)}
     text = config["text_config"]
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     card = environment.from_string(TEMPLATE.read_text()).render(
         repo_id=repo_id or "path/to/export",
         datasets=list(datasets),
+        notes=notes,
         base_models=[*base.get("vision", []), *([base["text"]] if base.get("text") else [])],
         encoders=[
             {"name": e["name"], "type": e["config"]["model_type"], "layers": e["feature_layers"]}
@@ -162,13 +178,14 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--allow-missing-results", action="store_true")
     p.add_argument("--repo-id", default=None, help="USER/NAME on the Hub")
     p.add_argument("--dataset", action="append", default=[], help="Hub dataset id trained on (repeatable)")
+    p.add_argument("--notes", default=None, help="markdown of further measured results for the card")
     p.add_argument("--push", action="store_true")
     p.add_argument("--private", action="store_true")
 
     def run(a) -> None:
         if a.push and not a.repo_id:
             raise ValueError("--push needs --repo-id USER/NAME")
-        out = export(a.model, a.out, a.eval, a.allow_missing_results, a.repo_id, a.dataset)
+        out = export(a.model, a.out, a.eval, a.allow_missing_results, a.repo_id, a.dataset, a.notes)
         result = verify(out)
         print(f"exported {out}; loads with empty loading info under transformers {result['version']} and generates")
         if a.push:
