@@ -178,17 +178,18 @@ class KensaVLReferenceComparison(nn.Module):
     """PatchCore inside the model, with a learned anomaly map.
 
     For each image with references (the earlier images of its prompt, or a cached support set), per compared
-    encoder and per cell of that encoder's own patch grid: the cosine distance to the nearest reference cell of the
-    same scale (grid tiles against grid tiles, thumbnails against thumbnails), averaged over the 3x3 neighbourhood
-    (PatchCore's locally aware patches), max-pooled onto the visual tokens, raw and relative to the image's median.
+    encoder and per cell of that encoder's own patch grid: the cosine distance to the nearest cell of any reference
+    tile, averaged over the 3x3 neighbourhood (PatchCore's locally aware patches), max-pooled onto the visual
+    tokens, raw and relative to the image's median.
     Their logarithms become one anomaly logit per visual token (trained on defect masks when they are given, see
     `anomaly_labels`): a linear term that starts as their mean (farther is more anomalous, so an untrained map
     already ranks like PatchCore) plus an MLP that starts at zero.
 
     The model receives it twice: the token logit and the image's largest logit become an embedding added to each
-    visual token (through a last layer that starts at zero), and the image's summary (largest logit, mean of the
-    top tokens, mean, over its grid tiles: `scored_tiles`) becomes an embedding added to the image's closing `</img>`
-    token and the text that follows it (AnomalyGPT's prompt embedding, see `_add_summaries`)."""
+    visual token (through a last layer that starts at zero), and the image's summary becomes an embedding added to
+    the image's closing `</img>` token and the text that follows it (AnomalyGPT's prompt embedding, see
+    `_add_summaries`). The summary, over the image's grid tiles (`scored_tiles`): the largest, top-mean and mean
+    logit, the image's kNN score, that score minus the prompt's level (see `forward`), and whether there is one."""
 
     def __init__(self, config: KensaVLConfig):
         super().__init__()
