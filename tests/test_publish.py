@@ -19,9 +19,8 @@ def trained(main_run, tmp_path_factory):
 def test_export_holds_the_model_and_a_card_of_measured_results(trained, tmp_path):
     from kensa_vl.train.publish import export
 
-    folder = export(
-        trained / "model", tmp_path / "export", trained / "metrics.json", "acme/kensa-tiny", ["acme/inspection-set"]
-    )
+    metrics = trained / "metrics.json"
+    folder = export(trained / "model", tmp_path / "export", metrics, repo_id="acme/kensa-tiny", datasets=["acme/set"])
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "modeling_kensa_vl.py", "processing_kensa_vl.py",
             "tokenizer.json", "chat_template.jinja", "generation_config.json", "preprocessor_config.json",
@@ -31,7 +30,7 @@ def test_export_holds_the_model_and_a_card_of_measured_results(trained, tmp_path
     header = card.split("---")[1]
     for line in ("license: apache-2.0", "library_name: transformers", "pipeline_tag: image-text-to-text"):
         assert line in header
-    assert "datasets:\n- acme/inspection-set" in header and "base_model" not in header  # tiny: no pretrained parts
+    assert "datasets:\n- acme/set" in header and "base_model" not in header  # tiny: no pretrained parts
     assert 'from_pretrained("acme/kensa-tiny", trust_remote_code=True)' in card
     assert "AutoModelForVision2Seq" in card and "AutoModelForImageTextToText" in card
     assert "| align | projector, layer_merges | captions=1.0 | 8 | 2 |" in card  # the recipe actually run
