@@ -70,6 +70,9 @@ def test_publishing_without_results_needs_the_flag_and_says_so(trained, tmp_path
     assert "**No evaluation results**" in (folder / "README.md").read_text()
     with pytest.raises(FileExistsError, match="not empty"):
         export(trained / "model", folder, allow_missing_results=True)
+    with pytest.raises(ValueError, match=r"--eval .*missing.json: no such file"):
+        export(trained / "model", tmp_path / "c", tmp_path / "missing.json")
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_folder_that_is_not_kensa_vl_is_refused(tmp_path):

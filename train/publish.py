@@ -52,27 +52,27 @@ def export(
     if metrics is None and not allow_missing_results:
         raise ValueError("no evaluation results: pass --eval METRICS_JSON (from kensa-vl eval or kensa-vl train), "
                          "or --allow-missing-results to publish a card that says it has none")  # fmt: skip
-    results = json.loads(Path(metrics).read_text()) if metrics is not None else None
+    for name, path in (("--eval", metrics), ("--notes", notes)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{name} {path}: no such file")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new --out")
+    results = json.loads(Path(metrics).read_text()) if metrics is not None else None
+    plots = [name for name in PLOTS if metrics is not None and (Path(metrics).parent / name).exists()]
+    record = model_dir / TRAINING_RECORD
+    stages = json.loads(record.read_text()) if record.exists() else []
+    extra = Path(notes).read_text() if notes is not None else None
+    linked = re.findall(r"\]\(([^)/]+\.png)\)", extra or "")  # plots beside the notes travel with them
+    card = model_card(config, results, stages, plots, repo_id, datasets, extra)  # fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     for pattern in SHIPPED:
         for path in model_dir.glob(pattern):
             shutil.copy2(path, out / path.name)
-    plots = []
-    if metrics is not None:
-        for name in PLOTS:
-            if (Path(metrics).parent / name).exists():
-                shutil.copy2(Path(metrics).parent / name, out / name)
-                plots.append(name)
-    record = model_dir / TRAINING_RECORD
-    stages = json.loads(record.read_text()) if record.exists() else []
-    extra = None
-    if notes is not None:
-        extra = Path(notes).read_text()
-        for link in re.findall(r"\]\(([^)/]+\.png)\)", extra):  # plots beside the notes travel with them
-            shutil.copy2(Path(notes).parent / link, out / link)
-    (out / "README.md").write_text(model_card(config, results, stages, plots, repo_id, datasets, extra))
+    for name in plots:
+        shutil.copy2(Path(metrics).parent / name, out / name)
+    for name in linked:
+        shutil.copy2(Path(notes).parent / name, out / name)
+    (out / "README.md").write_text(card)
     return out
 
 
