@@ -3,8 +3,9 @@
 Per category and seed one fixed support set of k good photos (plus `defective_shots` described defective ones);
 queries are the category's other photos, half good, half defective. Metrics: balanced accuracy, overkill (good
 rejected), miss (defect passed), AUROC from P(defective), expected calibration error, yes-ratio on the good and on
-the defective queries, and for defective queries box hit rate (IoU >= 0.5) and AP50; overall, per category, per
-defect type and per defect size, mean +- std over seeds.
+the defective queries, and for defective queries box hit rate (IoU >= 0.5), the same on defects covering at least
+1% of the image (`box_hit_rate_1pct`) and AP50; overall, per category, per defect type and per defect size,
+mean +- std over seeds.
 
 Controls (at `control_shots`): support from another category, noise images as support, and labels swapped in the
 demos. A model that uses its examples does worse under each.
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from .inspector import Inspector
 
 CONTROLS = ("other_category", "noise", "shuffled_labels")
+LARGE_AREA = 0.01  # `box_hit_rate_1pct`: the hit rate on defects covering at least this fraction of the image
 
 
 def box_iou(a, b) -> float:
@@ -80,6 +82,9 @@ def metrics(records: list[dict], threshold: float = 0.5, bins: int = 10) -> dict
     if defective and "true_boxes" in defective[0]:
         hit = [any(box_iou(b, t) >= 0.5 for b in r["boxes"] for t in r["true_boxes"]) for r in defective]
         out["box_hit_rate"], out["ap50"] = float(np.mean(hit)), ap50(defective)
+        visible = [h for h, r in zip(hit, defective, strict=True) if (r.get("area") or 0) >= LARGE_AREA]
+        if visible:
+            out["box_hit_rate_1pct"] = float(np.mean(visible))
     return out
 
 
@@ -241,6 +246,7 @@ def _judge(inspector: Inspector, items, rows: dict, used: set, per_category: int
                 "label": item["label"],
                 "defect_type": item["defect_type"],
                 "size": item["size"],
+                "area": item.get("area"),
                 "p_defective": result.p_defective,
                 "boxes": result.boxes,
                 "true_boxes": [list(b) for b in item["boxes"]],

@@ -161,15 +161,15 @@ class Inspector:
         self.support = list(support)
         self._prefix_text, self._suffix_text = self._prompt(self.support)
         self._cache, self._references = None, None
-        if self.cache:
+        compares = getattr(self.model.config, "reference_comparison", False) and bool(self.support)
+        if self.cache or compares:  # uncached, the support features still give the boxes (`_locate`)
             images = [s["image"] for s in self.support]
             self._prefix = self._encode(self._prefix_text, images, self.support_max_tiles, first=True)
-            out = self.model(**self._prefix, use_cache=True)
-            self._cache = getattr(out, CACHE_KEY)
-            pixels = self._prefix.get("pixel_values")
-            if getattr(self.model.config, "reference_comparison", False) and pixels is not None:
+            out = self.model(**self._prefix, use_cache=self.cache)
+            self._cache = getattr(out, CACHE_KEY) if self.cache else None
+            if compares:
                 scores = out.image_scores[~out.image_scores.isnan()]  # the supports against each other
-                cells = self.model.model.reference_features(pixels)  # support patches, kept
+                cells = self.model.model.reference_features(self._prefix["pixel_values"])  # support patches, kept
                 self._references = [{**cells, REFERENCE_SCORES: scores}]
 
     def _query_inputs(self, image: Image.Image) -> dict:
@@ -186,6 +186,17 @@ class Inspector:
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         inputs.update(pixel_values=suffix["pixel_values"], image_grid=suffix["image_grid"])
         return {**inputs, "reference_features": self._references} if self._references else inputs
+
+    def _locate(self, inputs: dict, width: int, height: int) -> list[list[int]] | None:
+        """The box of the query's most anomalous region from the reference comparison (`KensaVLModel.locate`), in
+        the query's pixels; None without a comparison against supports. The query is the inputs' last image."""
+        if not self._references or not hasattr(self.model.model, "locate"):  # older remote code has no `locate`
+            return None
+        grid = inputs["image_grid"][-1:]
+        pixels = inputs["pixel_values"][inputs["pixel_values"].shape[0] - int(grid[0, 2]) :]
+        box, _ = self.model.model.locate(pixels, grid, self._references[0])
+        x0, y0, x1, y1 = (round(f * size) for f, size in zip(box, (width, height, width, height), strict=True))
+        return [[x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]]
 
     @torch.no_grad()
     def judge(self, queries) -> list[Judgement]:
@@ -215,12 +226,14 @@ class Inspector:
         logits = out.logits[0, -1].float()
         p_defective = torch.softmax(logits[list(self.verdict_ids)], 0)[1].item()
         verdict = "defective" if p_defective >= self.threshold else "good"
+        # the comparison's map places a defect better than the LM's box tokens (docs/reference-comparison.md)
+        located = self._locate(inputs, image.width, image.height) if verdict != "good" else None
         if self.max_new_tokens == 0:
-            return Judgement(verdict, p_defective)
+            return Judgement(verdict, p_defective, boxes=located or [])
         text = self._describe(inputs, getattr(out, CACHE_KEY), verdict)
         parsed = parse_inspection_answer(text, image.width, image.height, self.processor.num_loc_bins)
         boxes = [list(map(int, b)) for b in np.asarray(parsed["boxes"]).reshape(-1, 4)] if verdict != "good" else []
-        return Judgement(verdict, p_defective, text, parsed["defect_type"], parsed["position"], boxes)
+        return Judgement(verdict, p_defective, text, parsed["defect_type"], parsed["position"], located or boxes)
 
     def _describe(self, inputs: dict, cache, verdict: str) -> str:
         """Greedy answer that starts with the verdict read from P(defective), so text and score agree. `cache` holds

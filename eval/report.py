@@ -12,9 +12,13 @@ from pathlib import Path
 METHODS = {"kensa": "KensaVL", "patchcore": "kNN patch memory (PatchCore-style)"}
 
 
-def markdown_table(results: dict[str, dict], metrics=("balanced_accuracy", "auroc", "overkill", "miss")) -> str:
+TABLE_METRICS = ("balanced_accuracy", "auroc", "overkill", "miss", "box_hit_rate", "box_hit_rate_1pct")
+
+
+def markdown_table(results: dict[str, dict], metrics=TABLE_METRICS) -> str:
     """One row per method and k: mean ± std over seeds; `results`: method -> `evaluate(...)` output."""
-    lines = ["| method | k | " + " | ".join(m.replace("_", " ") for m in metrics) + " |"]
+    names = [m.replace("_1pct", " (≥ 1% of image)").replace("_", " ") for m in metrics]
+    lines = ["| method | k | " + " | ".join(names) + " |"]
     lines.append("|---|---|" + "---|" * len(metrics))
     for method, result in results.items():
         rows = [(k, v) for k, v in result["shots"].items()] + list(result["controls"].items())

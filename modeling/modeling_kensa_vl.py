@@ -33,6 +33,9 @@ from .configuration_kensa_vl import (
 
 # Key of a cached support set's own image scores in `reference_features` (beside the encoders' cells).
 REFERENCE_SCORES = "_scores"
+# `locate`: a cell belongs to the defect when its log-distance is LOCATE_MARGIN above the supports' level and within
+# LOCATE_RANGE of the peak's (at least e^-2 = 14% of its distance: near-identical photos give tiny, noisy distances)
+LOCATE_MARGIN, LOCATE_RANGE = 0.05, 2.0
 # transformers 5.2x renamed the cache argument and output field `past_key_values` -> `cache`.
 CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -150,14 +153,46 @@ class KensaVLDCTEncoder(nn.Module):
 
 
 @torch.no_grad()  # a fixed metric (PatchCore's): no gradient flows through the nearest-neighbour search
-def patch_distances(query: torch.Tensor, bank: torch.Tensor, token_side: int, chunk: int = 4096) -> torch.Tensor:
+def nearest_distances(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Cosine distance of each cell of `query` (n, g, g, C), L2-normalised, to its nearest cell in `bank` (M, C),
-    averaged over the 3x3 neighbourhood and max-pooled onto a `token_side` grid: `(n, token_side^2)`."""
+    L2-normalised: `(n, g, g)`, at least 0."""
     n, g, _, c = query.shape
     flat = query.reshape(-1, c).to(bank.dtype)
     nearest = 1 - torch.cat([(part @ bank.T).amax(-1) for part in flat.split(chunk)])  # one (cells, M) matrix
-    d = F.avg_pool2d(nearest.clamp_min(0).view(n, 1, g, g), 3, 1, 1, count_include_pad=False)
+    return nearest.clamp_min(0).view(n, g, g)
+
+
+def patch_distances(query: torch.Tensor, bank: torch.Tensor, token_side: int, chunk: int = 4096) -> torch.Tensor:
+    """`nearest_distances` averaged over the 3x3 neighbourhood and max-pooled onto a `token_side` grid:
+    `(n, token_side^2)`."""
+    n, g = query.shape[:2]
+    d = F.avg_pool2d(nearest_distances(query, bank, chunk).view(n, 1, g, g), 3, 1, 1, count_include_pad=False)
     return F.max_pool2d(d, g // token_side).flatten(1)
+
+
+def stitch_tiles(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """An image's grid tiles' cell maps `(rows * cols, g, g)` (row-major, as the processor cuts them) -> the map of
+    the whole image `(rows * g, cols * g)`."""
+    g = cells.shape[-1]
+    return cells[: rows * cols].reshape(rows, cols, g, g).permute(0, 2, 1, 3).reshape(rows * g, cols * g)
+
+
+def peak_region_box(cells: torch.Tensor, threshold: float) -> tuple[list[float], float]:
+    """The box around the connected region (8-neighbourhood) of cells above `threshold` that holds the map's largest
+    cell, as `[x0, y0, x1, y1]` fractions of the map's width and height, with that cell's value. When no cell passes
+    the threshold, the box of the largest cell alone."""
+    h, w = cells.shape
+    above = cells > threshold
+    region = torch.zeros_like(above)
+    region.view(-1)[cells.argmax()] = True
+    while True:  # grow from the peak through cells above the threshold (flood fill as repeated 3x3 dilation)
+        grown = F.max_pool2d(region[None, None].float(), 3, 1, 1)[0, 0].bool() & above | region
+        if torch.equal(grown, region):
+            break
+        region = grown
+    ys, xs = region.nonzero(as_tuple=True)
+    box = [xs.min().item() / w, ys.min().item() / h, (xs.max().item() + 1) / w, (ys.max().item() + 1) / h]
+    return box, cells.max().item()
 
 
 def thumbnail_tiles(image_grid: torch.Tensor) -> torch.Tensor:
@@ -370,11 +405,13 @@ class KensaVLModel(KensaVLPreTrainedModel):
             raise ValueError(f"pixel_values must be (num_tiles, 3, {tile}, {tile}), got {tuple(pixel_values.shape)}.")
         return self._project(self._grids(pixel_values))
 
-    def _grids(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each encoder's merged features on its own patch grid: name -> `(N, g, g, C)`."""
+    def _grids(self, pixel_values: torch.Tensor, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Each encoder's (or each of `names`') merged features on its own patch grid: name -> `(N, g, g, C)`."""
         chunk = self.config.vision_chunk_size or pixel_values.shape[0]
         grids = {}
         for encoder in self.config.vision_encoders:
+            if names is not None and encoder["name"] not in names:
+                continue
             weight = next(self.vision_towers[encoder["name"]].parameters(), None)
             x = pixel_values.to(weight.dtype) if weight is not None else pixel_values
             grids[encoder["name"]] = torch.cat(
@@ -396,6 +433,40 @@ class KensaVLModel(KensaVLPreTrainedModel):
         encoder: what a cached support prefix passes back as `reference_features` (one dict per sample)."""
         features = self.reference_comparison.features(self._grids(pixel_values))
         return {name: f.reshape(-1, f.shape[-1]) for name, f in features.items()}
+
+    @torch.no_grad()
+    def locate(self, pixel_values: torch.Tensor, image_grid: torch.Tensor, reference_features: dict):
+        """Where one image differs most from its references: `(box, peak)`, the box `[x0, y0, x1, y1]` as fractions
+        of the image's width and height (see `peak_region_box`), `peak` the largest cell's log-distance.
+
+        The map is each grid-tile cell's distance to the nearest reference cell (`nearest_distances`, on the finest
+        compared grid, log, mean over the compared encoders), stitched over the image; the region grows from its
+        largest cell through cells farther than the references' level (the median kNN score of the support images,
+        `reference_features[REFERENCE_SCORES]`, as the cached inspector keeps them) plus `LOCATE_MARGIN`, or, with
+        fewer than two supports (no level), than the map's 95th percentile; and within `LOCATE_RANGE` of the peak.
+        These were chosen on KensaSynth's validation split (docs/reference-comparison.md). `pixel_values` and
+        `image_grid` hold the one image's tiles as the processor made them; `reference_features` is one sample's dict
+        of `reference_features`."""
+        if image_grid.shape[0] != 1 or int(image_grid[0, 2]) != pixel_values.shape[0]:
+            raise ValueError(
+                f"locate takes one image: image_grid must be (1, 3) and describe all {pixel_values.shape[0]} tiles, "
+                f"got {tuple(image_grid.shape)} {image_grid.tolist()}."
+            )
+        rows, cols, _ = image_grid[0].tolist()
+        comparison = self.reference_comparison
+        features = comparison.features(self._grids(pixel_values, comparison.encoders))
+        maps = []
+        for name in comparison.encoders:
+            cells = stitch_tiles(nearest_distances(features[name], reference_features[name].float()), rows, cols)
+            maps.append(cells.clamp_min(1e-4).log())
+        side = max(m.shape[0] for m in maps) // rows
+        cells = torch.stack([F.interpolate(m[None, None], (rows * side, cols * side))[0, 0] for m in maps]).mean(0)
+        scores = reference_features.get(REFERENCE_SCORES)
+        if scores is not None and len(scores):
+            threshold = scores.float().median().item() + LOCATE_MARGIN
+        else:
+            threshold = cells.float().quantile(0.95).item()
+        return peak_region_box(cells, max(threshold, cells.max().item() - LOCATE_RANGE))
 
     def _compare(self, image_features, grids, input_ids, image_grid, reference_features):
         """Compare every image that has references (the earlier images of its sample, plus

@@ -168,3 +168,63 @@ def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
     assert not torch.allclose(logits[4], other_logits[4])  # the thumbnail's own map changes ...
     torch.testing.assert_close(summary, other_summary)  # ... the image's summary does not
     assert score == other_score
+
+
+def test_peak_region_box_grows_from_the_peak_through_cells_above_the_threshold():
+    from kensa_vl.modeling.modeling_kensa_vl import peak_region_box
+
+    cells = torch.zeros(8, 16)
+    cells[2:5, 10:14] = 1.0  # the defect: rows 2..4, columns 10..13
+    cells[3, 12] = 2.0  # its peak
+    cells[6, 1] = 1.5  # a separate bright cell that is not connected to the peak
+    box, peak = peak_region_box(cells, threshold=0.5)
+    assert box == pytest.approx([10 / 16, 2 / 8, 14 / 16, 5 / 8]) and peak == 2.0
+    cells[5, 14] = 1.0  # touches the defect's corner: 8-connected, so it joins
+    assert peak_region_box(cells, 0.5)[0] == pytest.approx([10 / 16, 2 / 8, 15 / 16, 6 / 8])
+    assert peak_region_box(cells, 5.0)[0] == pytest.approx([12 / 16, 3 / 8, 13 / 16, 4 / 8])  # nothing passes
+
+
+def test_stitch_tiles_puts_each_tile_where_the_processor_cut_it(tiny_dct):
+    from kensa_vl.modeling.modeling_kensa_vl import stitch_tiles
+
+    _, processor = tiny_dct
+    image = np.zeros((224, 448, 3), np.uint8)  # 2 x 4 tiles of 112 px: the value of each pixel is its tile's
+    for tile in range(8):
+        row, col = divmod(tile, 4)
+        image[row * 112 : (row + 1) * 112, col * 112 : (col + 1) * 112] = tile * 30
+    batch = processor.image_processor([Image.fromarray(image)], max_tiles=8, return_tensors="pt")
+    rows, cols, tiles = batch["image_grid"][0].tolist()
+    assert (rows, cols, tiles) == (2, 4, 9)
+    cells = batch["pixel_values"][:, 0, ::7, ::7]  # (tiles, 16, 16): a 7 px cell map of the red channel
+    stitched = stitch_tiles(cells, rows, cols)
+    assert stitched.shape == (32, 64)
+    expected = torch.from_numpy(image[::7, ::7, 0] / 255.0).float()
+    torch.testing.assert_close(stitched, expected)
+
+
+def test_locate_finds_a_defect_against_good_references_before_any_training(tiny_dct):
+    """The comparison's map gives the box (the untrained DCT encoder has no weights to learn): a dark spot in the
+    lower-right tile of a 2 x 2 grid is boxed there, in the query's pixel fractions, cached or recomputed."""
+    from kensa_vl.eval.inspector import Inspector, support_item
+
+    model, processor = tiny_dct
+    rng = np.random.default_rng(0)
+    stripes = 100 + 40 * np.sin(np.arange(224) / 4)[None, :, None]  # a product's regular texture, photographed
+    photos = [np.clip(stripes + rng.normal(0, 2, (224, 224, 3)), 0, 255).astype(np.uint8) for _ in range(4)]
+    query = photos.pop()
+    query[150:178, 130:165] = 20  # x 130..164, y 150..177
+    support = [support_item(Image.fromarray(photo)) for photo in photos]
+    boxes = {}
+    for cache in (True, False):
+        inspector = Inspector(model, processor, cache=cache, max_new_tokens=0)
+        inspector.set_support(support)
+        inputs = inspector._query_inputs(Image.fromarray(query))
+        boxes[cache] = inspector._locate(inputs, 224, 224)
+    assert boxes[True] == boxes[False]
+    (x0, y0, x1, y1), true = boxes[True][0], (130, 150, 165, 178)
+    inter = max(0, min(x1, true[2]) - max(x0, true[0])) * max(0, min(y1, true[3]) - max(y0, true[1]))
+    union = (x1 - x0) * (y1 - y0) + 35 * 28 - inter
+    assert inter / union >= 0.5, (boxes[True], true)
+    grid = processor.image_processor([Image.fromarray(query)], return_tensors="pt")
+    with pytest.raises(ValueError, match="locate takes one image"):
+        model.model.locate(grid["pixel_values"][:2], grid["image_grid"], inspector._references[0])

@@ -106,6 +106,10 @@ def test_box_metrics_by_hand():
     wrong = _record("defective", 0.8, boxes=[[50, 50, 60, 60]], true_boxes=[[0, 0, 10, 10]])
     missed = _record("defective", 0.3, boxes=[], true_boxes=[[5, 5, 9, 9]])
     assert metrics([hit, wrong, missed])["box_hit_rate"] == pytest.approx(1 / 3)
+    # on the defects that cover at least 1% of the image only: the hit and the wrong box
+    sized = [dict(hit, area=0.02), dict(wrong, area=0.01), dict(missed, area=0.005)]
+    assert metrics(sized)["box_hit_rate_1pct"] == pytest.approx(1 / 2)
+    assert "box_hit_rate_1pct" not in metrics([hit, wrong, missed])  # no areas known: not reported
     # ranked: hit (p=.9) then a false positive: precision 1 at recall 1/3, so AP50 = 1/3
     assert ap50([hit, wrong, missed]) == pytest.approx(1 / 3)
     assert ap50([wrong, hit]) == pytest.approx(0.5)  # ranked by score, not by order: hit (.9) first

@@ -95,6 +95,11 @@ def run(
         print(
             f"k={k}: balanced accuracy {overall['balanced_accuracy']['mean']:.3f} ± "
             f"{overall['balanced_accuracy']['std']:.3f}, AUROC {overall['auroc']['mean']:.3f}"
+            + (
+                f", box hit rate (≥ 1%) {overall['box_hit_rate_1pct']['mean']:.3f}"
+                if k and "box_hit_rate_1pct" in overall
+                else ""
+            )
         )
     print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
     return json.loads((out / "metrics.json").read_text())

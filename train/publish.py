@@ -94,7 +94,7 @@ def model_card(
     evaluation = None
     if results is not None:
         methods = {k: v for k, v in results.items() if k != "run"}
-        table = markdown_table(methods, ("balanced_accuracy", "auroc", "overkill", "miss", "box_hit_rate"))
+        table = markdown_table(methods)
         evaluation = {"table": table, "run": results.get("run", {}), "shots": shot_summary(methods)}
     text = config["text_config"]
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)

@@ -1,0 +1,104 @@
+"""Which rule turns the reference comparison's cell map into a box: hit rates (IoU >= 0.5) on defects covering at
+least 1% of the image, every defective photo of a split, k good supports, 3 seeds (docs/reference-comparison.md).
+
+    python benchmarks/locate_rules.py outputs/main/model --data outputs/kensa-synth-224 [--split validation]
+
+The kept rule is `KensaVLModel.locate`; the others are what it was chosen against. A photo counts whether or not
+the verdict would find it (no verdict is computed here).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from kensa_vl.eval.evaluate import LARGE_AREA, _control_support, box_iou, support_for
+from kensa_vl.eval.inspector import Inspector, load_pretrained
+from kensa_vl.modeling.modeling_kensa_vl import (
+    LOCATE_MARGIN,
+    REFERENCE_SCORES,
+    nearest_distances,
+    stitch_tiles,
+)
+from kensa_vl.train.data.synth import load_synth
+
+
+def _box(region: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(region)
+    h, w = region.shape
+    return [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]
+
+
+def _peak_region(cells: np.ndarray, threshold: float, dilate: int = 0) -> list[float]:
+    peak = np.unravel_index(cells.argmax(), cells.shape)
+    mask = cells > threshold
+    mask[peak] = True
+    bridged = ndimage.binary_dilation(mask, np.ones((3, 3)), iterations=dilate) if dilate else mask
+    labels, _ = ndimage.label(bridged, np.ones((3, 3)))
+    return _box((labels == labels[peak]) & mask)
+
+
+def rules(raw: torch.Tensor, averaged: torch.Tensor, level: float) -> dict[str, list[float]]:
+    m, a = raw.numpy(), averaged.numpy()
+    return {
+        "box around all cells above the level": _box(m > level) if (m > level).any() else _peak_region(m, level),
+        "the same on the 3x3-averaged map": _box(a > level) if (a > level).any() else _peak_region(a, level),
+        "peak's region, above the level": _peak_region(m, level),
+        f"peak's region, above level + {LOCATE_MARGIN}": _peak_region(m, level + LOCATE_MARGIN),
+        "the same, regions bridged by a 1-cell dilation": _peak_region(m, level + LOCATE_MARGIN, dilate=1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    model, processor = load_pretrained(args.model)
+    items = load_synth(args.data)[0][args.split]
+    rows = {}
+    for i, (category, label) in enumerate(zip(items["category"], items["label"], strict=True)):
+        rows.setdefault(category, {"good": [], "defective": []})[label].append(i)
+    inspector, hits = Inspector(model, processor, max_new_tokens=0), {}
+    for seed in tqdm(range(args.seeds), desc="seeds"):
+        for category in sorted(rows):
+            good, bad = support_for(rows, category, args.shots, 0, seed)
+            inspector.set_support(_control_support(items, good, bad, None, seed))
+            references = inspector._references[0]
+            level = references[REFERENCE_SCORES].median().item()
+            for i in rows[category]["defective"]:
+                item = items[i]
+                if item["area"] < LARGE_AREA:
+                    continue
+                inputs = processor.image_processor([item["image"].convert("RGB")], return_tensors="pt")
+                pixels, grid = inputs["pixel_values"], inputs["image_grid"]
+                rows_, cols, _ = grid[0].tolist()
+                with torch.no_grad():
+                    features = model.model.reference_comparison.features(model.model._grids(pixels, ["dct"]))["dct"]
+                    near = nearest_distances(features, references["dct"].float())
+                    pooled = F.avg_pool2d(near[:, None], 3, 1, 1, count_include_pad=False)[:, 0]
+                raw, averaged = (stitch_tiles(d, rows_, cols).clamp_min(1e-4).log() for d in (near, pooled))
+                boxes = rules(raw, averaged, level)
+                boxes["kept: the same, within 2 of the peak (`locate`)"] = model.model.locate(
+                    pixels, grid, references
+                )[0]
+                w, h = item["image"].size
+                for name, (x0, y0, x1, y1) in boxes.items():
+                    box = [x0 * w, y0 * h, x1 * w, y1 * h]
+                    hits.setdefault(name, []).append(any(box_iou(box, t) >= 0.5 for t in item["boxes"]))
+    print(f"{args.split}, k = {args.shots}, {args.seeds} seeds, {len(next(iter(hits.values())))} defects >= 1%")
+    print("| rule | hit rate, defects >= 1% |\n|---|---|")
+    for name, values in hits.items():
+        print(f"| {name} | {np.mean(values):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
