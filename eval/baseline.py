@@ -6,17 +6,26 @@ Score of a query: over its visual tokens, the largest distance (averaged over th
 the nearest cell of the good support photos, with the comparison's 3x3 neighbourhood (`patch_distances`), over the
 query's grid tiles (`scored_tiles`: the thumbnail's distances are mostly scale noise), as the model's summary does.
 Threshold: the largest leave-one-out score of the good supports (needs two or more; with one, every
-query is judged good and only AUROC is meaningful).
+query is judged good and only AUROC is meaningful). A defective verdict's box: the model's rule (`locate_box`) on
+the same distances, with the threshold as the level.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from kensa_vl.modeling.modeling_kensa_vl import patch_distances, scored_tiles, thumbnail_tiles
+from kensa_vl.modeling.modeling_kensa_vl import (
+    locate_box,
+    nearest_distances,
+    patch_distances,
+    scored_tiles,
+    thumbnail_tiles,
+)
 
-from .inspector import Judgement, _rgb
+from .inspector import Judgement, _rgb, pixel_box
 
 
 class PatchCore:
@@ -27,13 +36,14 @@ class PatchCore:
         self.noun = None  # set by the evaluator; unused
 
     @torch.no_grad()
-    def _features(self, image) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """(name -> `(tiles, g, g, C)` L2-normalised cells of each encoder the model compares, thumbnail flags)."""
+    def _features(self, image) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]:
+        """(name -> `(tiles, g, g, C)` L2-normalised cells of each encoder the model compares, thumbnail flags,
+        the tile grid's rows and columns)."""
         batch = self.processor.image_processor([_rgb(image)], max_tiles=self.max_tiles, return_tensors="pt")
-        grids = self.model.model._grids(batch["pixel_values"].to(self.model.device))
         names = self.model.config.reference_encoder_names()
+        grids = self.model.model._grids(batch["pixel_values"].to(self.model.device), names)
         cells = {name: F.normalize(grids[name].float(), dim=-1) for name in names}
-        return cells, thumbnail_tiles(batch["image_grid"]).to(self.model.device)
+        return cells, thumbnail_tiles(batch["image_grid"]).to(self.model.device), batch["image_grid"][0, :2].tolist()
 
     def set_support(self, support: list[dict]) -> None:
         self.bank = [self._features(item["image"]) for item in support if item["defect_type"] is None]
@@ -44,11 +54,8 @@ class PatchCore:
 
     def _score(self, features, bank: list) -> float:
         side = self.model.config.grid_size // self.model.config.pixel_shuffle
-        cells, thumbnail = features
-        distances = [
-            patch_distances(query, torch.cat([b[name].reshape(-1, query.shape[-1]) for b, _ in bank]), side)
-            for name, query in cells.items()
-        ]
+        cells, thumbnail, _ = features
+        distances = [patch_distances(query, _bank(bank, name), side) for name, query in cells.items()]
         return float(torch.stack(distances).mean(0)[scored_tiles(thumbnail)].max())
 
     def judge(self, queries) -> list[Judgement]:
@@ -57,9 +64,24 @@ class PatchCore:
         queries = queries if isinstance(queries, list) else [queries]
         out = []
         for query in queries:
-            score = self._score(self._features(query), self.bank)
+            features = self._features(query)
+            score = self._score(features, self.bank)
             # p >= 0.5 exactly when score >= threshold; without a threshold every verdict is "good" (p < 0.5) and
             # only the ranking, hence AUROC, means anything
             p = score / (score + (self.threshold if self.threshold is not None else score + 1.0) + 1e-12)
-            out.append(Judgement("defective" if p >= 0.5 else "good", p))
+            out.append(
+                Judgement("defective", p, boxes=self._box(features, query)) if p >= 0.5 else Judgement("good", p)
+            )
         return out
+
+    @torch.no_grad()
+    def _box(self, features, query) -> list[list[int]]:
+        cells, thumbnail, (rows, cols) = features
+        distances = [nearest_distances(f[~thumbnail], _bank(self.bank, name)) for name, f in cells.items()]
+        box, _ = locate_box(distances, rows, cols, math.log(max(self.threshold, 1e-4)))
+        return [pixel_box(box, *_rgb(query).size)]
+
+
+def _bank(bank: list, name: str) -> torch.Tensor:
+    """All support cells of one encoder: `(M, C)`."""
+    return torch.cat([cells[name].reshape(-1, cells[name].shape[-1]) for cells, *_ in bank])

@@ -67,6 +67,12 @@ def support_item(image, defective: bool = False, description: str | None = None,
     }
 
 
+def pixel_box(box, width: int, height: int) -> list[int]:
+    """`[x0, y0, x1, y1]` as fractions of the image -> pixels, at least one pixel wide and high."""
+    x0, y0, x1, y1 = (round(f * size) for f, size in zip(box, (width, height, width, height), strict=True))
+    return [x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]
+
+
 def _rgb(image) -> Image.Image:
     if isinstance(image, str) or hasattr(image, "__fspath__"):
         try:
@@ -194,27 +200,67 @@ class Inspector:
             return None
         grid = inputs["image_grid"][-1:]
         pixels = inputs["pixel_values"][inputs["pixel_values"].shape[0] - int(grid[0, 2]) :]
-        box, _ = self.model.model.locate(pixels, grid, self._references[0])
-        x0, y0, x1, y1 = (round(f * size) for f, size in zip(box, (width, height, width, height), strict=True))
-        return [[x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]]
+        return [pixel_box(self.model.model.locate(pixels, grid, self._references[0])[0], width, height)]
 
     @torch.no_grad()
-    def judge(self, queries) -> list[Judgement]:
-        """Judge one image or a list (PIL images or paths); one `Judgement` per query, in order."""
+    def judge(self, queries, batch_size: int = 1) -> list[Judgement]:
+        """Judge one image or a list (PIL images or paths); one `Judgement` per query, in order.
+
+        `batch_size` > 1 runs up to that many queries through one forward pass when scoring only
+        (`max_new_tokens=0`) from a cached support set: queries whose prompts have the same length (same tile
+        grid) share a batch, and the results equal one-by-one judging within float tolerance."""
         if self.support is None:
             raise ValueError("call set_support(...) before judge(...) (an empty list judges without examples)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         queries = [queries] if isinstance(queries, (Image.Image, str)) else list(queries)
-        out = []
-        for query in queries:
+        out, images = [None] * len(queries), {}
+        for index, query in enumerate(queries):
             try:
-                image = _rgb(query)
+                images[index] = _rgb(query)
             except ValueError as err:
                 if not isinstance(query, str) and not hasattr(query, "__fspath__"):
                     raise
-                out.append(Judgement("error", float("nan"), str(err)))  # an unreadable file: say so, judge the rest
-                continue
-            out.append(self._judge_one(image))
+                out[index] = Judgement("error", float("nan"), str(err))  # an unreadable file: say so, judge the rest
+        if batch_size == 1 or self._cache is None or self.max_new_tokens > 0:
+            for index, image in images.items():
+                out[index] = self._judge_one(image)
+            return out
+        inputs = {index: self._query_inputs(image) for index, image in images.items()}
+        groups = {}
+        for index, x in inputs.items():
+            groups.setdefault(x["input_ids"].shape[1], []).append(index)
+        for group in groups.values():
+            for start in range(0, len(group), batch_size):
+                chosen = group[start : start + batch_size]
+                for index, result in zip(
+                    chosen, self._judge_batch([inputs[i] for i in chosen], [images[i] for i in chosen]), strict=True
+                ):
+                    out[index] = result
         return out
+
+    def _judge_batch(self, inputs: list[dict], images: list[Image.Image]) -> list[Judgement]:
+        """Score queries of equal prompt length in one forward pass over the cached prefix (repeated per row)."""
+        batch = {
+            k: torch.cat([x[k] for x in inputs]) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid")
+        }
+        batch["input_ids"] = batch["input_ids"][:, self._prefix["input_ids"].shape[1] :]
+        if self._references:
+            batch["reference_features"] = self._references * len(inputs)
+        cache = copy.deepcopy(self._cache)
+        cache.batch_repeat_interleave(len(inputs))
+        logits = self.model(**batch, **{CACHE_KEY: cache}, use_cache=False, logits_to_keep=1).logits[:, -1]
+        out = []
+        for row, (x, image) in enumerate(zip(inputs, images, strict=True)):
+            verdict, p_defective = self._verdict(logits[row])
+            located = self._locate(x, image.width, image.height) if verdict != "good" else None
+            out.append(Judgement(verdict, p_defective, boxes=located or []))
+        return out
+
+    def _verdict(self, logits: torch.Tensor) -> tuple[str, float]:
+        """The answer's first-token logits -> (verdict, P(defective)) from the "good" and "defective" tokens."""
+        p_defective = torch.softmax(logits.float()[list(self.verdict_ids)], 0)[1].item()
+        return ("defective" if p_defective >= self.threshold else "good"), p_defective
 
     def _judge_one(self, image: Image.Image) -> Judgement:
         inputs = self._query_inputs(image)
@@ -223,9 +269,7 @@ class Inspector:
         if cache is not None:  # the prefix is in the cache: run the query's own tokens only
             step["input_ids"] = inputs["input_ids"][:, self._prefix["input_ids"].shape[1] :]
         out = self.model(**step, **{CACHE_KEY: cache}, use_cache=self.max_new_tokens > 0, logits_to_keep=1)
-        logits = out.logits[0, -1].float()
-        p_defective = torch.softmax(logits[list(self.verdict_ids)], 0)[1].item()
-        verdict = "defective" if p_defective >= self.threshold else "good"
+        verdict, p_defective = self._verdict(out.logits[0, -1])
         # the comparison's map places a defect better than the LM's box tokens (docs/reference-comparison.md)
         located = self._locate(inputs, image.width, image.height) if verdict != "good" else None
         if self.max_new_tokens == 0:

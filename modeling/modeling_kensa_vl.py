@@ -209,6 +209,18 @@ def scored_tiles(thumbnail: torch.Tensor) -> torch.Tensor:
     return ~thumbnail if (~thumbnail).any() else torch.ones_like(thumbnail)
 
 
+def locate_box(distances: list[torch.Tensor], rows: int, cols: int, level: float | None):
+    """The defect's box from one image's nearest-reference distances, one `(tiles, g, g)` map per compared encoder
+    (grid tiles first, as the processor cuts them): the maps are stitched, logged, brought to the finest grid and
+    averaged; the region grows from the peak through cells above `level + LOCATE_MARGIN` (without a level, the map's
+    95th percentile) and within `LOCATE_RANGE` of the peak (`peak_region_box`). Returns `(box, peak)`."""
+    maps = [stitch_tiles(d, rows, cols).clamp_min(1e-4).log() for d in distances]
+    side = max(m.shape[0] for m in maps) // rows
+    cells = torch.stack([F.interpolate(m[None, None], (rows * side, cols * side))[0, 0] for m in maps]).mean(0)
+    threshold = level + LOCATE_MARGIN if level is not None else cells.float().quantile(0.95).item()
+    return peak_region_box(cells, max(threshold, cells.max().item() - LOCATE_RANGE))
+
+
 class KensaVLReferenceComparison(nn.Module):
     """PatchCore inside the model, with a learned anomaly map.
 
@@ -437,36 +449,22 @@ class KensaVLModel(KensaVLPreTrainedModel):
     @torch.no_grad()
     def locate(self, pixel_values: torch.Tensor, image_grid: torch.Tensor, reference_features: dict):
         """Where one image differs most from its references: `(box, peak)`, the box `[x0, y0, x1, y1]` as fractions
-        of the image's width and height (see `peak_region_box`), `peak` the largest cell's log-distance.
-
-        The map is each grid-tile cell's distance to the nearest reference cell (`nearest_distances`, on the finest
-        compared grid, log, mean over the compared encoders), stitched over the image; the region grows from its
-        largest cell through cells farther than the references' level (the median kNN score of the support images,
-        `reference_features[REFERENCE_SCORES]`, as the cached inspector keeps them) plus `LOCATE_MARGIN`, or, with
-        fewer than two supports (no level), than the map's 95th percentile; and within `LOCATE_RANGE` of the peak.
-        These were chosen on KensaSynth's validation split (docs/reference-comparison.md). `pixel_values` and
-        `image_grid` hold the one image's tiles as the processor made them; `reference_features` is one sample's dict
-        of `reference_features`."""
+        of the image's width and height, `peak` the largest cell's log-distance (`locate_box`). The level is the
+        median kNN score of the support images (`reference_features[REFERENCE_SCORES]`, as the cached inspector
+        keeps them). The rule was chosen on KensaSynth's validation split (docs/reference-comparison.md).
+        `pixel_values` and `image_grid` hold the one image's tiles as the processor made them; `reference_features`
+        is one sample's dict of `reference_features`."""
         if image_grid.shape[0] != 1 or int(image_grid[0, 2]) != pixel_values.shape[0]:
             raise ValueError(
                 f"locate takes one image: image_grid must be (1, 3) and describe all {pixel_values.shape[0]} tiles, "
                 f"got {tuple(image_grid.shape)} {image_grid.tolist()}."
             )
-        rows, cols, _ = image_grid[0].tolist()
         comparison = self.reference_comparison
         features = comparison.features(self._grids(pixel_values, comparison.encoders))
-        maps = []
-        for name in comparison.encoders:
-            cells = stitch_tiles(nearest_distances(features[name], reference_features[name].float()), rows, cols)
-            maps.append(cells.clamp_min(1e-4).log())
-        side = max(m.shape[0] for m in maps) // rows
-        cells = torch.stack([F.interpolate(m[None, None], (rows * side, cols * side))[0, 0] for m in maps]).mean(0)
+        distances = [nearest_distances(features[n], reference_features[n].float()) for n in comparison.encoders]
         scores = reference_features.get(REFERENCE_SCORES)
-        if scores is not None and len(scores):
-            threshold = scores.float().median().item() + LOCATE_MARGIN
-        else:
-            threshold = cells.float().quantile(0.95).item()
-        return peak_region_box(cells, max(threshold, cells.max().item() - LOCATE_RANGE))
+        level = scores.float().median().item() if scores is not None and len(scores) else None
+        return locate_box(distances, *image_grid[0, :2].tolist(), level)
 
     def _compare(self, image_features, grids, input_ids, image_grid, reference_features):
         """Compare every image that has references (the earlier images of its sample, plus

@@ -225,6 +225,14 @@ def test_locate_finds_a_defect_against_good_references_before_any_training(tiny_
     inter = max(0, min(x1, true[2]) - max(x0, true[0])) * max(0, min(y1, true[3]) - max(y0, true[1]))
     union = (x1 - x0) * (y1 - y0) + 35 * 28 - inter
     assert inter / union >= 0.5, (boxes[True], true)
+    # the training-free baseline boxes it with the same rule on the same distances
+    from kensa_vl.eval.baseline import PatchCore
+
+    baseline = PatchCore(model, processor)
+    baseline.set_support(support)
+    judged = baseline.judge([Image.fromarray(query), Image.fromarray(photos[0])])
+    assert [j.verdict for j in judged] == ["defective", "good"]
+    assert judged[0].boxes == boxes[True] and judged[1].boxes == []
     grid = processor.image_processor([Image.fromarray(query)], return_tensors="pt")
     with pytest.raises(ValueError, match="locate takes one image"):
         model.model.locate(grid["pixel_values"][:2], grid["image_grid"], inspector._references[0])

@@ -200,6 +200,30 @@ def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth)
     assert inspector.judge(queries[0])[0].p_defective != pytest.approx(scores[False][0], abs=1e-4)
 
 
+def test_batched_judging_equals_one_by_one(tiny_comparison, synth, tmp_path):
+    """Queries of one prompt length share a forward pass; other sizes and unreadable files keep their places."""
+    from tests.conftest import random_image
+
+    model, processor = tiny_comparison
+    test = synth["test"]
+    queries = [test[i]["image"] for i in range(5, 10)]
+    queries[2:2] = [random_image(300, 150), str(tmp_path / "missing.png")]  # another tile grid, an unreadable file
+    inspector = Inspector(model, processor, max_new_tokens=0)
+    inspector.set_support(_support(test))
+    one = inspector.judge(queries)
+    sizes, judge_batch = [], inspector._judge_batch
+    inspector._judge_batch = lambda inputs, images: sizes.append(len(inputs)) or judge_batch(inputs, images)
+    batched = inspector.judge(queries, batch_size=3)
+    assert sorted(sizes) == [1, 2, 3]  # five photos of one size in batches of 3 and 2, the odd one alone
+    assert [r.verdict for r in batched] == [r.verdict for r in one]
+    assert batched[3].verdict == "error" and "missing.png" in batched[3].text
+    good = [i for i, r in enumerate(one) if r.verdict != "error"]
+    assert [batched[i].p_defective for i in good] == pytest.approx([one[i].p_defective for i in good], abs=1e-5)
+    assert [batched[i].boxes for i in good] == [one[i].boxes for i in good]
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        inspector.judge(queries, batch_size=0)
+
+
 def test_reference_comparison_only_touches_images_with_references(tiny_comparison, tmp_path):
     import torch
     from transformers import AutoModelForImageTextToText
