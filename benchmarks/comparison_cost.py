@@ -1,54 +1,58 @@
-"""Cost of the reference comparison's nearest-patch search (`patch_distances`), the old and the current formula side
-by side in one run: `min(1 - Q @ B.T)` builds a second (cells, bank) matrix, `1 - max(Q @ B.T)` does not.
+"""Cost of the reference comparison's nearest-patch search (`nearest_distances`), its formulas side by side in one
+run: `min(1 - Q @ B.T)` (two (cells, bank) matrices), `1 - max(Q @ B.T)` over 4096-row chunks (one such matrix
+per chunk), and the current blocked running max (`nearest_distances`: 2048 x 2048 blocks).
 
-    python benchmarks/comparison_cost.py [--references 8] [--repeats 30]
+    python -m benchmarks.comparison_cost [--repeats 3]
 
-Shapes of the main job: one query photo of 5 tiles of 16x16 DCT cells (42 channels) against `references` photos.
+Two shapes: the main job's (one query photo of 5 tiles of 16x16 DCT cells, 42 channels, against 4 references) and
+448 px tiles (10 tiles of 64x64 cells: a 1344² photo with 7 px DCT blocks, against 4 references).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
-from kensa_vl.modeling.modeling_kensa_vl import patch_distances
+from benchmarks.measure import machine, timed
+from kensa_vl.modeling.modeling_kensa_vl import nearest_distances
+
+SHAPES = {"main job (112 px tiles)": (5, 16), "448 px tiles": (10, 64)}
 
 
-def old_formula(query: torch.Tensor, bank: torch.Tensor, token_side: int) -> torch.Tensor:
+def two_matrices(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     n, g, _, c = query.shape
-    nearest = (1 - query.reshape(-1, c) @ bank.T).amin(-1)
-    d = F.avg_pool2d(nearest.clamp_min(0).view(n, 1, g, g), 3, 1, 1, count_include_pad=False)
-    return F.max_pool2d(d, g // token_side).flatten(1)
+    return torch.cat([(1 - part @ bank.T).amin(-1) for part in query.reshape(-1, c).split(4096)]).view(n, g, g)
 
 
-def timed(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1000
+def row_chunks(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    n, g, _, c = query.shape
+    return 1 - torch.cat([(part @ bank.T).amax(-1) for part in query.reshape(-1, c).split(4096)]).view(n, g, g)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--references", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--references", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
-    query = F.normalize(torch.randn(5, 16, 16, 42), dim=-1)
-    bank = F.normalize(torch.randn(args.references * 5 * 256, 42), dim=-1)
-    torch.testing.assert_close(patch_distances(query, bank, 4), old_formula(query, bank, 4))
-    old = timed(lambda: old_formula(query, bank, 4), args.repeats)
-    new = timed(lambda: patch_distances(query, bank, 4), args.repeats)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bank {len(bank)} cells")
+    print(f"{machine()}; {args.references} reference photos")
     print(
-        f"| formula | ms per query photo |\n|---|---|\n| min(1 - Q B^T) | {old:.1f} |\n| 1 - max(Q B^T) | {new:.1f} |"
+        "| shape | bank cells | min(1 - Q B^T) ms | 1 - max(Q B^T), row chunks ms | blocked (current) ms | speed-up |"
     )
-    print(f"speed-up: {old / new:.2f}x")
+    print("|---|---|---|---|---|---|")
+    for label, (tiles, cells) in SHAPES.items():
+        query = F.normalize(torch.randn(tiles, cells, cells, 42), dim=-1)
+        bank = F.normalize(torch.randn(args.references * tiles * cells * cells, 42), dim=-1)
+        expected = nearest_distances(query, bank)
+        torch.testing.assert_close(row_chunks(query, bank).clamp_min(0), expected)
+        torch.testing.assert_close(two_matrices(query, bank).clamp_min(0), expected)
+        ms = [
+            timed(lambda f=f, q=query, b=bank: f(q, b), args.repeats) * 1e3
+            for f in (two_matrices, row_chunks, nearest_distances)
+        ]
+        print(f"| {label} | {len(bank)} | {ms[0]:.0f} | {ms[1]:.0f} | {ms[2]:.0f} | {ms[1] / ms[2]:.1f}× |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""Timing and peak-memory helpers shared by the benchmarks (CPU and GPU)."""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import threading
+import time
+
+import psutil
+import torch
+
+
+def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in seconds, after `warmup` calls (GPU work is synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory of the block above what was in use when it started, in bytes (`.peak`).
+
+    On a GPU: `torch.cuda.max_memory_allocated`. On a CPU: the process's resident set, sampled every millisecond
+    by a thread (torch releases the GIL in its kernels), after glibc has returned freed memory (`malloc_trim`), so
+    short spikes between samples can be missed; good to a few MB, enough for ratios between models."""
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = 0
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        _trim()
+        self._process = psutil.Process()
+        self._base = self._high = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._high = max(self._high, self._process.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self._high, self._process.memory_info().rss) - self._base
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the baseline may then include freed memory
+        pass
+
+
+def machine() -> str:
+    """One line for BENCHMARKS.md: device, torch and transformers versions, threads."""
+    import platform
+
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{psutil.cpu_count()}-core CPU"
+    return (
+        f"{device} ({platform.machine()}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
