@@ -1,6 +1,7 @@
-"""Per-query latency of the inspection API with the support set cached vs recomputed, side by side in one run.
+"""Inspection throughput: per-query latency with the support set cached vs the whole prompt recomputed, at several
+shot counts, and queries per second with the cache at batch 8, side by side in one run.
 
-    python benchmarks/inspect_latency.py [--shots 4] [--queries 20] [--size 448] [--model DIR]
+    python -m benchmarks.inspect_latency [--shots 1,2,4,8] [--queries 20] [--size 448] [--batch 8] [--model DIR]
 
 Without --model: the tiny offline KensaVL (random weights; 224 px tiles, up to 6 tiles + thumbnail per image).
 Scores only (P(defective)); the generated description costs the same in both modes (it always reuses the cache).
@@ -9,28 +10,34 @@ Scores only (P(defective)); the generated description costs the same in both mod
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
+from benchmarks.episode import photos
+from benchmarks.measure import machine
 from kensa_vl.eval.inspector import Inspector, load_pretrained, support_item
 
 
-def _photo(size: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+def per_query(inspector: Inspector, queries) -> tuple[float, list[float]]:
+    """Median seconds per query judged one by one, and the scores."""
+    inspector.judge(queries[:1])  # warm-up
+    times, scores = [], []
+    for query in queries:
+        start = time.perf_counter()
+        scores.append(inspector.judge(query)[0].p_defective)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), scores
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--shots", default="1,2,4,8")
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--size", type=int, default=448)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -40,33 +47,33 @@ def main() -> None:
         from kensa_vl.train.build import build_tiny
 
         model, processor = build_tiny()
-    support = [support_item(_photo(args.size, i)) for i in range(args.shots)]
-    queries = [_photo(args.size, 1000 + i) for i in range(args.queries)]
-    timings, scores, prefix = {}, {}, None
-    for cache in (True, False):
-        inspector = Inspector(model, processor, cache=cache, max_new_tokens=0)
+    queries = photos(args.queries, args.size, seed=1)
+    rows = []
+    for k in tqdm([int(k) for k in args.shots.split(",")], desc="shots"):
+        support = [support_item(image) for image in photos(k, args.size)]
+        cached = Inspector(model, processor, max_new_tokens=0)
+        cached.set_support(support)
+        recomputed = Inspector(model, processor, cache=False, max_new_tokens=0)
+        recomputed.set_support(support)
+        fast, a = per_query(cached, queries)
+        slow, b = per_query(recomputed, queries)
         start = time.perf_counter()
-        inspector.set_support(support)
-        setup = time.perf_counter() - start
-        prefix = prefix or inspector._prefix["input_ids"].shape[1]  # the cached run comes first
-        inspector.judge(queries[:1])  # warm-up
-        per_query = []
-        for query in tqdm(queries, desc=f"cache={cache}"):
-            start = time.perf_counter()
-            scores.setdefault(cache, []).append(inspector.judge(query)[0].p_defective)
-            per_query.append(time.perf_counter() - start)
-        timings[cache] = (setup, statistics.median(per_query))
-    machine = platform.processor() or platform.machine()
-    print(f"machine: {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{args.shots}-shot, {args.size} px photos, prefix {prefix} tokens, {args.queries} queries")
-    print("| mode | set_support (s) | median per query (ms) |")
-    print("|---|---|---|")
-    for cache, label in ((True, "support cached (KV + features)"), (False, "prefix recomputed per query")):
-        print(f"| {label} | {timings[cache][0]:.3f} | {timings[cache][1] * 1000:.1f} |")
+        batched = cached.judge(queries, batch_size=args.batch)
+        qps = len(queries) / (time.perf_counter() - start)
+        others = b + [r.p_defective for r in batched]  # recomputed and batched, each against one-by-one cached
+        diff = max(abs(x - y) for x, y in zip(a + a, others, strict=True))
+        rows.append((k, cached._prefix["input_ids"].shape[1], fast, slow, qps, diff))
+    print(f"{machine()}; {args.size} px photos, {args.queries} queries, scores only")
     print(
-        f"speed-up per query: {timings[False][1] / timings[True][1]:.1f}x; "
-        f"max |ΔP(defective)| = {max(abs(a - b) for a, b in zip(scores[True], scores[False], strict=True)):.2e}"
+        "| k | prefix tokens | cached ms/query | recomputed ms/query | speed-up | queries/s one by one (cached) "
+        f"| queries/s at batch {args.batch} (cached) | max ΔP(defective) |"
     )
+    print("|---|---|---|---|---|---|---|---|")
+    for k, prefix, fast, slow, qps, diff in rows:
+        print(
+            f"| {k} | {prefix} | {fast * 1e3:.1f} | {slow * 1e3:.1f} | {slow / fast:.1f}× | {1 / fast:.0f} "
+            f"| {qps:.0f} | {diff:.1e} |"
+        )
 
 
 if __name__ == "__main__":

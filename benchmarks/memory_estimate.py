@@ -2,7 +2,7 @@
 device, offline) and the ZeRO partitioning arithmetic; activations are not included (they depend on the tokens
 per batch; see the README).
 
-    python benchmarks/memory_estimate.py [--gpus 8]
+    python -m benchmarks.memory_estimate [--gpus 8]
 
 Bytes per parameter, bf16 mixed precision with AdamW: a trainable parameter holds bf16 weight + bf16 gradient +
 fp32 master weight + two fp32 Adam moments = 2 + 2 + 12 bytes; a frozen one its bf16 weight, 2 bytes. ZeRO-2 splits
@@ -32,9 +32,15 @@ GIB = 1024**3
 
 
 def build(size: str) -> KensaVLForConditionalGeneration:
+    with torch.device("meta"):
+        return KensaVLForConditionalGeneration(real_config(size))
+
+
+def real_config(size: str) -> KensaVLConfig:
+    """The real-size layout: SigLIP-so400m/14 + DINOv2-L/14 (two taps each) at 448 px tiles, a Qwen2.5 LM."""
     text = dict(QWEN[size])
     tie = text.pop("tie")
-    config = KensaVLConfig(
+    return KensaVLConfig(
         text_config=text,
         vision_encoders=[
             {"name": "siglip", "config": SIGLIP, "feature_layers": [-2, -1]},
@@ -44,8 +50,6 @@ def build(size: str) -> KensaVLForConditionalGeneration:
         max_tiles=12,
         tie_word_embeddings=tie,
     )
-    with torch.device("meta"):
-        return KensaVLForConditionalGeneration(config)
 
 
 def counts(model, size: str) -> dict[str, int]:

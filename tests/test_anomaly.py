@@ -236,3 +236,15 @@ def test_locate_finds_a_defect_against_good_references_before_any_training(tiny_
     grid = processor.image_processor([Image.fromarray(query)], return_tensors="pt")
     with pytest.raises(ValueError, match="locate takes one image"):
         model.model.locate(grid["pixel_values"][:2], grid["image_grid"], inspector._references[0])
+
+
+def test_nearest_distances_in_blocks_equal_the_full_matrix():
+    import torch.nn.functional as F
+
+    from kensa_vl.modeling.modeling_kensa_vl import nearest_distances
+
+    torch.manual_seed(0)
+    query, bank = F.normalize(torch.randn(3, 5, 5, 8), dim=-1), F.normalize(torch.randn(50, 8), dim=-1)
+    full = (1 - query.reshape(-1, 8) @ bank.T).amin(-1).clamp_min(0).view(3, 5, 5)
+    for chunk in (7, 16, 4096):  # blocks that split rows and bank unevenly, and one block
+        torch.testing.assert_close(nearest_distances(query, bank, chunk=chunk), full)

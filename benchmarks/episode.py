@@ -1,0 +1,100 @@
+"""One few-shot episode side by side: KensaVL against LLaVA-NeXT, Idefics3 and InternVL from transformers, all at
+the same vision-encoder and language-model size (`benchmarks/peers.py`), random weights, in one process.
+
+    python -m benchmarks.episode [--shots 4] [--size 1344] [--repeats 3] [--train]
+
+Per model: visual tokens and sequence length of the prompt (k support photos and a query, all `--size` square),
+forward time and peak memory (inference, no gradients),
+and with `--train` a training step (forward + backward of the LM loss on the whole prompt) with its peak memory.
+Ratios are KensaVL's time over each model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from benchmarks.measure import PeakMemory, machine, timed
+from benchmarks.peers import build, tokenizer_with_peer_tokens
+
+
+def photos(count: int, size: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def variants() -> dict[str, tuple[str, dict, dict]]:
+    """Row label -> (model name, `build` extras, input extras)."""
+    return {
+        "KensaVL (default)": ("KensaVL", {}, {}),
+        "KensaVL, supports ≤ 4 tiles": ("KensaVL", {}, {"support_tiles": 4}),
+        "KensaVL + reference comparison (DCT)": ("KensaVL", {"dct": True}, {}),
+        "LLaVA-NeXT": ("LLaVA-NeXT", {}, {}),
+        "Idefics3": ("Idefics3", {}, {}),
+        "InternVL": ("InternVL", {}, {}),
+    }
+
+
+def measure(built, images, repeats: int, train: bool, support_tiles: int | None = None) -> dict:
+    tiles = [support_tiles] * (len(images) - 1) + [12] if support_tiles else None
+    inputs = built.inputs(images, tiles)
+    model = built.model.eval()
+    image_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+    out = {
+        "visual tokens": int((inputs["input_ids"] == image_id).sum()),
+        "sequence": inputs["input_ids"].shape[1],
+    }
+    with torch.no_grad():
+        out["forward s"] = timed(lambda: model(**inputs), repeats)
+        with PeakMemory() as memory:
+            model(**inputs)
+    out["forward MiB"] = memory.peak / 2**20
+    if train:
+        model.train()
+        labels = inputs["input_ids"].clone()
+
+        def step():
+            model(**inputs, labels=labels).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        out["train step s"] = timed(step, repeats)
+        with PeakMemory() as memory:
+            step()
+        out["train step MiB"] = memory.peak / 2**20
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--size", type=int, default=1344)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train", action="store_true")
+    parser.add_argument("--only", nargs="*", help="row labels to run (default: all)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    tokenizer, images = tokenizer_with_peer_tokens(), photos(args.shots + 1, args.size)
+    results = {}
+    for label, (name, config, extra) in tqdm(variants().items(), desc="models"):
+        if args.only and label not in args.only:
+            continue
+        built = build(name, tokenizer, **config)
+        results[label] = measure(built, images, args.repeats, args.train, **extra)
+        del built
+    print(f"{machine()}; {args.shots} supports + query, all {args.size}², median of {args.repeats}")
+    keys = list(next(iter(results.values())))
+    print("| model | " + " | ".join(keys) + " | KensaVL's forward time / this |")
+    print("|---|" + "---|" * (len(keys) + 1))
+    ours = results.get("KensaVL (default)", {}).get("forward s")
+    for label, row in results.items():
+        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()]
+        ratio = f"{ours / row['forward s']:.2f}" if ours else "n/a"
+        print(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

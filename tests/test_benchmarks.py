@@ -1,0 +1,39 @@
+"""The performance suite's models keep running: KensaVL and transformers' peers at one size, fed by their own
+processors (benchmarks/peers.py). No timing is asserted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.episode import photos
+from benchmarks.peers import NAMES, build, tokenizer_with_peer_tokens
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tokenizer_with_peer_tokens()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_peer_runs_a_two_photo_prompt_from_its_own_processor(name, tokenizer):
+    built = build(name, tokenizer)
+    inputs = built.inputs(photos(2, 448))
+    with torch.no_grad():
+        logits = built.model(**inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape
+    config = built.model.config
+    image_id = getattr(config, "image_token_id", None) or config.image_token_index
+    tokens = int((inputs["input_ids"] == image_id).sum())
+    # 448² photos: one 448 px tile each for KensaVL and InternVL (256 tokens); the peers upscale to their grids
+    expected = {"KensaVL": 512, "InternVL": 512, "LLaVA-NeXT": 2 * 2928, "Idefics3": 2 * 17 * 169}
+    assert tokens == expected[name]
+
+
+def test_kensa_with_the_comparison_and_fewer_support_tiles(tokenizer):
+    built = build("KensaVL", tokenizer, dct=True)
+    inputs = built.inputs(photos(2, 896), max_tiles=[1, 12])  # the support one tile, the query 2x2 + thumbnail
+    assert inputs["image_grid"].tolist() == [[1, 1, 1], [2, 2, 5]]
+    with torch.no_grad():
+        out = built.model(**inputs)
+    assert out.anomaly_map[1:].isnan().sum() == 0 and out.anomaly_map[:1].isnan().all()
