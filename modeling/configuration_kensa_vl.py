@@ -33,6 +33,18 @@ ENCODER_DEFAULTS[DCT_MODEL_TYPE] = {
     "image_std": [1.0, 1.0, 1.0],
     "feature_layers": [-1],
 }
+# Direct patch input (Fuyu, OtterHD): `KensaVLPatchEncoder`, a linear projection of raw pixel patches.
+PATCH_MODEL_TYPE = "kensa_patch"
+ENCODER_DEFAULTS[PATCH_MODEL_TYPE] = {
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "feature_layers": [-1],
+}
+# transformers CNN backbones: `feature_layers` index `hidden_states` (0: the stem, 1..: the stages' outputs)
+IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+CNN_MODEL_TYPES = ("resnet", "convnext", "convnextv2")
+for _cnn in CNN_MODEL_TYPES:
+    ENCODER_DEFAULTS[_cnn] = {**IMAGENET, "feature_layers": [-2]}
 FALLBACK_ENCODER_DEFAULTS = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "feature_layers": [-1]}
 LAYER_MERGES = ("weighted", "concat")
 FUSIONS = ("concat", "interleave")
@@ -51,14 +63,35 @@ def build_encoder_config(encoder: dict) -> PretrainedConfig:
     return CONFIG_MAPPING[model_type](**config)
 
 
+def _cnn_stage(encoder: dict, tap: int) -> tuple[int, int]:
+    """(channels, stride) of `hidden_states[tap]` of a transformers ResNet / ConvNeXt: the stem has stride 4, the
+    first stage keeps it, each later stage halves the map."""
+    config = encoder["config"]
+    widths = [config.get("embedding_size") or config["hidden_sizes"][0], *config["hidden_sizes"]]
+    index = tap % len(widths)
+    return widths[index], 4 * 2 ** max(index - 1, 0)
+
+
 def encoder_width(encoder: dict) -> int:
     """Channels of one tapped layer (timm CNN entries give `hidden_size` for their chosen stage)."""
+    if encoder["config"]["model_type"] in CNN_MODEL_TYPES:
+        return _cnn_stage(encoder, encoder["feature_layers"][0])[0]
     return encoder.get("hidden_size") or encoder["config"]["hidden_size"]
 
 
 def encoder_patch_grid(encoder: dict, tile_size: int) -> int:
-    """Side of the patch grid one encoder produces for a `tile_size` tile (timm CNNs: `feature_stride`)."""
-    patch_size = encoder.get("feature_stride") or encoder["config"]["patch_size"]
+    """Side of the patch grid one encoder produces for a `tile_size` tile (CNNs: the stride of the tapped stage;
+    timm CNNs: `feature_stride`)."""
+    if encoder["config"]["model_type"] in CNN_MODEL_TYPES:
+        strides = {_cnn_stage(encoder, tap)[1] for tap in encoder["feature_layers"]}
+        if len(strides) > 1:
+            raise ValueError(
+                f"Encoder {encoder['name']!r}: the tapped stages {encoder['feature_layers']} have different strides "
+                f"{sorted(strides)}; tap stages of one stride."
+            )
+        patch_size = strides.pop()
+    else:
+        patch_size = encoder.get("feature_stride") or encoder["config"]["patch_size"]
     if tile_size % patch_size:
         raise ValueError(
             f"Encoder {encoder['name']!r}: tile_size {tile_size} is not a multiple of its patch_size {patch_size}."
@@ -73,9 +106,14 @@ class KensaVLConfig(PretrainedConfig):
     Args:
         text_config (`dict` or `PretrainedConfig`): config of any causal LM (llama, qwen2, phi3, mistral, ...).
         vision_encoders (`list[dict]`): one entry per encoder with keys `name`, `config` (a transformers vision
-            config or its dict, with `model_type`), and optionally `feature_layers`, `layer_merge`
-            (`"weighted"`: COMM's softmax-weighted sum of per-layer LayerNorm + Linear; `"concat"`), `image_mean`,
-            `image_std` (each encoder normalises the shared [0, 1] pixels itself).
+            config or its dict, with `model_type`: a ViT such as SigLIP, CLIP or DINOv2; a CNN, `resnet` or
+            `convnext`, whose `feature_layers` pick stages of one stride; KensaVL's own `kensa_dct` (block-DCT
+            coefficients, DocPedia) or `kensa_patch` (a linear projection of raw pixel patches, Fuyu)), and
+            optionally `feature_layers`, `layer_merge` (`"weighted"`: COMM's softmax-weighted sum of per-layer
+            LayerNorm + Linear; `"concat"`), `scales` (S2-Wrapper: `[1, 2]` also encodes each tile at 2x as 2x2
+            sub-tiles in the same call, stitched, average-pooled back to the tile's grid and concatenated along
+            channels; default `[1]`), `image_mean`, `image_std` (each encoder normalises the shared [0, 1] pixels
+            itself). Encoder grids are average-pooled onto the smallest one.
         fusion (`str`): `"concat"` (Eagle: encoders on a common grid, channels concatenated; default) or
             `"interleave"` (Eyes Wide Shut: each encoder projected on its own, tokens interleaved).
         pixel_shuffle (`int`): side of the space-to-depth block applied before the projector (2 → 4x fewer tokens).
@@ -133,6 +171,7 @@ class KensaVLConfig(PretrainedConfig):
             for key, value in ENCODER_DEFAULTS.get(encoder["config"]["model_type"], FALLBACK_ENCODER_DEFAULTS).items():
                 encoder.setdefault(key, list(value))
             encoder.setdefault("layer_merge", "weighted")
+            encoder.setdefault("scales", [1])
             if encoder["config"]["model_type"] == DCT_MODEL_TYPE:
                 dct = encoder["config"]
                 dct.setdefault("hidden_size", dct["luma_coefficients"] + 2 * dct["chroma_coefficients"])
@@ -171,14 +210,18 @@ class KensaVLConfig(PretrainedConfig):
                 )
             if not encoder["feature_layers"]:
                 raise ValueError(f"Encoder {encoder['name']!r}: feature_layers is empty.")
+            scales = encoder["scales"]
+            if (
+                scales[0] != 1
+                or any(not isinstance(x, int) or x < 1 for x in scales)
+                or len(set(scales)) != len(scales)
+            ):
+                raise ValueError(
+                    f"Encoder {encoder['name']!r}: scales must be distinct whole numbers starting with 1 "
+                    f"(e.g. [1, 2]), got {scales}."
+                )
         grids = {encoder["name"]: encoder_patch_grid(encoder, self.tile_size) for encoder in self.vision_encoders}
         common = self.grid_size
-        bad = {name: grid for name, grid in grids.items() if grid % common}
-        if bad:
-            raise ValueError(
-                f"Encoder grids cannot be aligned: every grid must be a multiple of the smallest ({common}), "
-                f"got {grids} for tile_size {self.tile_size}."
-            )
         unknown = sorted(set(self.reference_encoders or []) - set(names))
         if unknown:
             raise ValueError(f"reference_encoders {unknown} are not among the vision encoders {names}.")
@@ -208,7 +251,6 @@ class KensaVLConfig(PretrainedConfig):
         sizes = {}
         for encoder in self.vision_encoders:
             hidden = encoder_width(encoder)
-            sizes[encoder["name"]] = (
-                hidden * len(encoder["feature_layers"]) if encoder["layer_merge"] == "concat" else hidden
-            )
+            merged = hidden * len(encoder["feature_layers"]) if encoder["layer_merge"] == "concat" else hidden
+            sizes[encoder["name"]] = merged * len(encoder.get("scales", [1]))
         return sizes

@@ -24,7 +24,9 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_kensa_vl import (
+    CNN_MODEL_TYPES,
     DCT_MODEL_TYPE,
+    PATCH_MODEL_TYPE,
     KensaVLConfig,
     build_encoder_config,
     encoder_patch_grid,
@@ -152,6 +154,22 @@ class KensaVLDCTEncoder(nn.Module):
         return (features.sign() * torch.log1p(10 * features.abs())).reshape(n, cells * cells, -1)
 
 
+class KensaVLPatchEncoder(nn.Module):
+    """Direct patch input (Fuyu, OtterHD): each `patch_size` block of raw pixels, flattened, through one linear
+    layer. No vision transformer: the cheapest way to reach a tile's full resolution, and the LM (or the other
+    encoders it sits beside) does the seeing. Config keys: `patch_size`, `hidden_size`."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.block = config["patch_size"]
+        self.proj = nn.Linear(3 * self.block * self.block, config["hidden_size"])
+
+    def forward(self, pixel_values: torch.Tensor, **_) -> torch.Tensor:
+        """`(n, 3, T, T)` -> `(n, (T / patch_size)^2, hidden_size)`, patches in row-major order."""
+        patches = F.unfold(pixel_values.to(self.proj.weight.dtype), self.block, stride=self.block)
+        return self.proj(patches.transpose(1, 2))
+
+
 @torch.no_grad()  # a fixed metric (PatchCore's): no gradient flows through the nearest-neighbour search
 def nearest_distances(query: torch.Tensor, bank: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """Cosine distance of each cell of `query` (n, g, g, C), L2-normalised, to its nearest cell in `bank` (M, C),
@@ -174,7 +192,7 @@ def patch_distances(query: torch.Tensor, bank: torch.Tensor, token_side: int, ch
     `(n, token_side^2)`."""
     n, g = query.shape[:2]
     d = F.avg_pool2d(nearest_distances(query, bank, chunk).view(n, 1, g, g), 3, 1, 1, count_include_pad=False)
-    return F.max_pool2d(d, g // token_side).flatten(1)
+    return F.adaptive_max_pool2d(d, token_side).flatten(1)
 
 
 def stitch_tiles(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -330,9 +348,12 @@ class KensaVLModel(KensaVLPreTrainedModel):
         attn = getattr(config, "_attn_implementation", None)
         towers, no_split = {}, set()
         for encoder in config.vision_encoders:
-            extra = {"attn_implementation": attn} if attn else {}
+            cnn = encoder["config"]["model_type"] in CNN_MODEL_TYPES  # no attention to choose
+            extra = {"attn_implementation": attn} if attn and not cnn else {}
             if encoder["config"]["model_type"] == DCT_MODEL_TYPE:
                 tower = KensaVLDCTEncoder(encoder["config"])
+            elif encoder["config"]["model_type"] == PATCH_MODEL_TYPE:
+                tower = KensaVLPatchEncoder(encoder["config"])
             else:
                 tower = AutoModel.from_config(build_encoder_config(encoder), **extra)
             no_split.update(getattr(tower, "_no_split_modules", None) or [])
@@ -372,8 +393,11 @@ class KensaVLModel(KensaVLPreTrainedModel):
         Forward hooks on the encoder layers give the same indices as `output_hidden_states` in every transformers
         version (4.x's unwrapped CLIP/SigLIP transformers do not return hidden states) and keep only the taps.
         """
-        if isinstance(tower, KensaVLDCTEncoder):  # one fixed "layer": every tap is the coefficients
+        if isinstance(tower, (KensaVLDCTEncoder, KensaVLPatchEncoder)):  # one "layer": every tap is its output
             return [tower(pixel_values)] * len(taps)
+        if getattr(tower.config, "model_type", None) in CNN_MODEL_TYPES:  # stage maps (n, C, h, w) -> tokens
+            out = tower(pixel_values=pixel_values, output_hidden_states=True)
+            return [out.hidden_states[tap].flatten(2).transpose(1, 2) for tap in taps]
         if hasattr(tower, "timm_model"):  # transformers' timm wrapper: taps are timm stage indices, maps NCHW
             out = tower(pixel_values=pixel_values, output_hidden_states=list(taps), do_pooling=False)
             return [feature_map.flatten(2).transpose(1, 2) for feature_map in out.hidden_states]
@@ -410,12 +434,23 @@ class KensaVLModel(KensaVLPreTrainedModel):
         mean = torch.tensor(encoder["image_mean"], device=pixel_values.device, dtype=pixel_values.dtype)
         std = torch.tensor(encoder["image_std"], device=pixel_values.device, dtype=pixel_values.dtype)
         x = (pixel_values - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        n, tile, scales = len(x), x.shape[-1], encoder.get("scales", [1])
+        for s in scales[1:]:  # S2-Wrapper: the tile at s x, cut into s x s sub-tiles of the native size
+            big = F.interpolate(x[:n], scale_factor=s, mode="bilinear", align_corners=False)
+            x = torch.cat([x, big.view(n, 3, s, tile, s, tile).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, tile, tile)])
         hidden_states = self._tapped_hidden_states(tower, encoder["feature_layers"], x, self._tower_kwargs[name])
         grid = encoder_patch_grid(encoder, self.config.tile_size)
         # (n, prefix + grid^2, C) each; CLS / register tokens come first and are dropped by count
         layers = [hidden[:, hidden.shape[1] - grid * grid :] for hidden in hidden_states]
-        merged = self.layer_merges[name](layers)  # (n, grid^2, C')
-        return merged.reshape(len(merged), grid, grid, -1)
+        merged = self.layer_merges[name](layers)  # (n * sum(s^2), grid^2, C')
+        merged = merged.reshape(len(merged), grid, grid, -1)
+        out, start = [merged[:n]], n
+        for s in scales[1:]:  # stitch each tile's sub-tiles and pool them back onto the tile's grid
+            part = merged[start : start + n * s * s].view(n, s, s, grid, grid, -1)
+            stitched = part.permute(0, 5, 1, 3, 2, 4).reshape(n, -1, s * grid, s * grid)
+            out.append(F.avg_pool2d(stitched, s).permute(0, 2, 3, 1))
+            start += n * s * s
+        return torch.cat(out, -1) if len(out) > 1 else merged
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """Tiles `(N, 3, T, T)` in [0, 1] -> visual tokens `(N, tokens_per_tile, D)` in the LM's embedding space."""
@@ -442,8 +477,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
         projector_dtype = next(self.multi_modal_projector.parameters()).dtype
         common, shuffled = self.config.grid_size, {}
         for name, grid in grids.items():
-            if grid.shape[1] != common:  # average-pool onto the common grid (the config guarantees the factor)
-                grid = F.avg_pool2d(grid.permute(0, 3, 1, 2), grid.shape[1] // common).permute(0, 2, 3, 1)
+            if grid.shape[1] != common:  # average-pool onto the common grid (a CNN's need not be a multiple)
+                grid = F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), common).permute(0, 2, 3, 1)
             shuffled[name] = pixel_shuffle(grid, self.config.pixel_shuffle).to(projector_dtype)
         return self.multi_modal_projector(shuffled)
 

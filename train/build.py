@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 from pathlib import Path
 
@@ -142,6 +143,26 @@ def save_kensa(model: KensaVLForConditionalGeneration, processor: KensaVLProcess
     return out
 
 
+_VIT = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "patch_size": 14}
+# The tiny model's encoders by name: ViTs of two families, a ResNet's stride-8 stage (twice the ViTs' grid, pooled
+# onto it) and direct patches (a linear map of raw 14 px patches).
+TINY_ENCODERS = {
+    "siglip": {"config": {"model_type": "siglip_vision_model", "intermediate_size": 96, **_VIT}},
+    "dinov2": {"config": {"model_type": "dinov2", "mlp_ratio": 2, **_VIT}, "feature_layers": [-2, -1]},
+    "resnet": {
+        "config": {
+            "model_type": "resnet",
+            "embedding_size": 16,
+            "hidden_sizes": [16, 32, 48, 64],
+            "depths": [1, 1, 1, 1],
+            "layer_type": "basic",
+        },
+        "feature_layers": [2],
+    },
+    "patch": {"config": {"model_type": "kensa_patch", "patch_size": 14, "hidden_size": 48}},
+}
+
+
 def tiny_config(
     tokenizer,
     tile_size: int = 224,
@@ -150,23 +171,29 @@ def tiny_config(
     reference_comparison: bool = False,
     dct: bool = False,
     reference_encoders: list[str] | None = None,
+    encoders: list[str] = ("siglip", "dinov2"),
+    taps: list[int] | None = None,
+    s2: bool = False,
+    pixel_shuffle: int = 2,
 ) -> KensaVLConfig:
     """Two encoders of different families (SigLIP-like, DINOv2-like with two taps), optionally the DCT encoder, and
-    a tiny Llama."""
-    vit = {
-        "hidden_size": 48,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "patch_size": 14,
-        "image_size": tile_size,
-    }
-    encoders = [
-        {"name": "siglip", "config": {"model_type": "siglip_vision_model", "intermediate_size": 96, **vit}},
-        {"name": "dinov2", "config": {"model_type": "dinov2", "mlp_ratio": 2, **vit}, "feature_layers": [-2, -1]},
-    ]
+    a tiny Llama. `encoders` picks among `TINY_ENCODERS` (the fine-detail switches of the ablation); `taps`
+    replaces the ViTs' feature layers (e.g. `[0, 1, 2]`: every hidden state of the 2-layer towers); `s2` encodes
+    each ViT tile at 1x and 2x (S2-Wrapper)."""
+    unknown = sorted(set(encoders) - set(TINY_ENCODERS))
+    if unknown or not encoders and not dct:
+        raise ValueError(f"encoders must be a non-empty subset of {list(TINY_ENCODERS)}, got {list(encoders)}")
+    entries = []
+    for name in encoders:
+        entry = copy.deepcopy(TINY_ENCODERS[name])
+        if name in ("siglip", "dinov2"):
+            entry["config"]["image_size"] = tile_size
+            entry.update({"feature_layers": taps} if taps else {})
+            entry.update({"scales": [1, 2]} if s2 else {})
+        entries.append({"name": name, **entry})
     if dct:  # 7 px blocks: a grid twice as fine as the ViTs' 14 px patches
         dct_config = {"model_type": "kensa_dct", "patch_size": 7, "luma_coefficients": 36, "chroma_coefficients": 3}
-        encoders.append({"name": "dct", "config": dct_config})
+        entries.append({"name": "dct", "config": dct_config})
     text = {
         "model_type": "llama",
         "vocab_size": len(tokenizer),
@@ -180,8 +207,9 @@ def tiny_config(
     }
     config = KensaVLConfig(
         text_config=text,
-        vision_encoders=encoders,
+        vision_encoders=entries,
         fusion=fusion,
+        pixel_shuffle=pixel_shuffle,
         tile_size=tile_size,
         max_tiles=max_tiles,
         projector_hidden_size=128,
