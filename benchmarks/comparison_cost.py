@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.measure import machine, timed
+from kensa_vl.eval.measure import machine, timed
 from kensa_vl.modeling.modeling_kensa_vl import nearest_distances
 
 SHAPES = {"main job (112 px tiles)": (5, 16), "448 px tiles": (10, 64)}

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from benchmarks.measure import PeakMemory, machine, timed
 from benchmarks.peers import build, tokenizer_with_peer_tokens
+from kensa_vl.eval.measure import PeakMemory, machine, timed
 
 
 def photos(count: int, size: int, seed: int = 0) -> list[Image.Image]:

@@ -18,9 +18,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.episode import photos
-from benchmarks.measure import PeakMemory, machine, timed
 from benchmarks.memory_estimate import real_config
 from kensa_vl.eval.inspector import Inspector, support_item
+from kensa_vl.eval.measure import PeakMemory, machine, timed
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
 from kensa_vl.train.build import _train_tokenizer, make_processor, set_token_ids, tiny_config
 

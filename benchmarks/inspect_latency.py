@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.episode import photos
-from benchmarks.measure import machine
 from kensa_vl.eval.inspector import Inspector, load_pretrained, support_item
+from kensa_vl.eval.measure import machine
 
 
 def per_query(inspector: Inspector, queries) -> tuple[float, list[float]]:

@@ -7,45 +7,12 @@ top-level component, from forward hooks, for inference and for a training step's
 from __future__ import annotations
 
 import argparse
-import time
-from collections import defaultdict
 
 import torch
 
 from benchmarks.episode import photos
-from benchmarks.measure import machine
 from benchmarks.peers import build, tokenizer_with_peer_tokens
-
-
-def component_times(model, inputs: dict) -> dict[str, float]:
-    """Seconds spent inside each of the backbone's top-level components during one forward (the rest: glue)."""
-    backbone, spent, handles = model.model, defaultdict(float), []
-    parts = {f"tower {n}": m for n, m in backbone.vision_towers.items()}
-    parts.update(
-        {
-            "layer merges": backbone.layer_merges,
-            "projector": backbone.multi_modal_projector,
-            "language model": backbone.language_model,
-        }
-    )
-    if getattr(backbone, "reference_comparison", None) is not None:
-        parts["reference comparison"] = backbone.reference_comparison
-    for name, module in parts.items():
-        starts = []
-        handles.append(module.register_forward_pre_hook(lambda *_, s=starts: s.append(time.perf_counter())))
-        handles.append(
-            module.register_forward_hook(
-                lambda *_, s=starts, n=name: spent.__setitem__(n, spent[n] + time.perf_counter() - s.pop())
-            )
-        )
-    try:
-        start = time.perf_counter()
-        model(**inputs)
-        total = time.perf_counter() - start
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {**spent, "other (glue: tiling bookkeeping, scatter, LM head)": total - sum(spent.values()), "total": total}
+from kensa_vl.eval.measure import component_times, machine
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.episode import photos
-from benchmarks.measure import PeakMemory, machine, timed
 from benchmarks.peers import NAMES, build, tokenizer_with_peer_tokens
+from kensa_vl.eval.measure import PeakMemory, machine, timed
 
 GRIDS = [(1, 1), (1, 2), (1, 3), (2, 2), (1, 5), (2, 3), (1, 7), (2, 4), (3, 3), (2, 5), (1, 11), (3, 4)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from kensa_vl.eval import report
+from kensa_vl.eval import ablate, report
 from kensa_vl.train import build, pipeline, publish
 from kensa_vl.train.data import synth
 
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     pipeline.add_parsers(subparsers)
     report.add_parsers(subparsers)
     publish.add_parsers(subparsers)
+    ablate.add_parsers(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -11,6 +11,7 @@ The stage recipes are `train/configs/main/*.yaml`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -38,6 +39,29 @@ def train_stage(recipe: Path, overrides: list[str], absent: tuple[str, ...] = ()
     return main(args, training_args)
 
 
+def train(out: Path, data: Path, tiny: dict | None = None, overrides: list[str] = ()) -> tuple[Path, dict, float]:
+    """Build the tiny model (`TINY` with `tiny` replacing entries; any `tiny_config` argument is allowed) into
+    `out/tiny` and train the two stage recipes on `data` into `out/align` and `out/model`. Returns (the model
+    folder, the stages' log histories, seconds)."""
+    from kensa_vl.train.build import build_tiny, tiny_config
+
+    start = time.perf_counter()
+    known = set(inspect.signature(tiny_config).parameters) - {"tokenizer"}
+    unknown = sorted(set(tiny or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown tiny-model settings {unknown}; known: {sorted(known)}")
+    settings = {**TINY, **(tiny or {})}
+    build_tiny(out / "tiny", **settings)
+    absent = () if settings["reference_comparison"] else ("reference_comparison",)
+    histories, previous = {}, out / "tiny"
+    for stage, folder in (("align", "align"), ("multitask", "model")):
+        paths = ["--model", str(previous), "--data", str(data), "--output_dir", str(out / folder)]
+        trainer = train_stage(RECIPES / f"{stage}.yaml", [*paths, *overrides], absent)
+        histories[stage], previous = trainer.state.log_history, out / folder
+        del trainer
+    return previous, histories, time.perf_counter() - start
+
+
 def run(
     out: str | Path = "outputs/main",
     data: str | Path | None = None,
@@ -54,7 +78,6 @@ def run(
     from kensa_vl.eval.inspector import load_pretrained
     from kensa_vl.eval.plots import loss_curve
     from kensa_vl.eval.report import evaluate_and_report
-    from kensa_vl.train.build import build_tiny
     from kensa_vl.train.data.synth import load_synth
 
     out = Path(out)
@@ -62,19 +85,7 @@ def run(
         raise FileExistsError(f"{out} already holds a finished run; pass --overwrite or another --out")
     start = time.perf_counter()
     data = Path(data) if data else out.parent / "kensa-synth-224"
-    unknown = sorted(set(tiny or {}) - set(TINY))
-    if unknown:
-        raise ValueError(f"unknown tiny-model settings {unknown}; known: {sorted(TINY)}")
-    settings = {**TINY, **(tiny or {})}
-    build_tiny(out / "tiny", **settings)
-    absent = () if settings["reference_comparison"] else ("reference_comparison",)
-    histories, previous = {}, out / "tiny"
-    for stage, folder in (("align", "align"), ("multitask", "model")):
-        paths = ["--model", str(previous), "--data", str(data), "--output_dir", str(out / folder)]
-        trainer = train_stage(RECIPES / f"{stage}.yaml", [*paths, *overrides], absent)
-        histories[stage], previous = trainer.state.log_history, out / folder
-        del trainer
-    train_seconds = time.perf_counter() - start
+    previous, histories, train_seconds = train(out, data, tiny, overrides)
 
     model, processor = load_pretrained(previous)
     items, _ = load_synth(data)

@@ -1,4 +1,4 @@
-"""Timing and peak-memory helpers shared by the benchmarks (CPU and GPU)."""
+"""Timing, peak-memory and per-component helpers shared by the benchmarks and the ablation (CPU and GPU)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import ctypes
 import statistics
 import threading
 import time
+from collections import defaultdict
 
-import psutil
 import torch
 
 
@@ -44,6 +44,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
             return self
+        import psutil
+
         _trim()
         self._process = psutil.Process()
         self._base = self._high = self._process.memory_info().rss
@@ -78,6 +80,7 @@ def machine() -> str:
     """One line for BENCHMARKS.md: device, torch and transformers versions, threads."""
     import platform
 
+    import psutil
     import transformers
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{psutil.cpu_count()}-core CPU"
@@ -85,3 +88,28 @@ def machine() -> str:
         f"{device} ({platform.machine()}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}"
     )
+
+
+def component_times(model, inputs: dict) -> dict[str, float]:
+    """Seconds spent inside each of the backbone's top-level components during one forward (the rest: glue)."""
+    backbone, spent, handles = model.model, defaultdict(float), []
+    parts = {f"tower {n}": m for n, m in backbone.vision_towers.items()}
+    parts.update({"projector": backbone.multi_modal_projector, "language model": backbone.language_model})
+    if getattr(backbone, "reference_comparison", None) is not None:
+        parts["reference comparison"] = backbone.reference_comparison
+    for name, module in parts.items():
+        starts = []
+        handles.append(module.register_forward_pre_hook(lambda *_, s=starts: s.append(time.perf_counter())))
+        handles.append(
+            module.register_forward_hook(
+                lambda *_, s=starts, n=name: spent.__setitem__(n, spent[n] + time.perf_counter() - s.pop())
+            )
+        )
+    try:
+        start = time.perf_counter()
+        model(**inputs)
+        total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {**spent, "other (glue: tiling bookkeeping, scatter, LM head)": total - sum(spent.values()), "total": total}

@@ -1,0 +1,166 @@
+"""The fine-detail ablation: a ladder of tiny models, each rung adding one technique, all trained by the main job's
+recipes with the same budget and evaluated the same way on KensaSynth's held-out test split.
+
+    kensa-vl ablate --out outputs/ablate [--data outputs/kensa-synth-224] [--max-steps 150] [--rungs 0,1,7]
+
+Per rung: 4-shot balanced accuracy overall, on tiny defects (<= 0.2% of the image) and on large ones, box hit rate,
+visual tokens per query, encoder time and total time of one 4-shot episode's forward, its peak memory. Every rung
+has the reference comparison on all of its encoders; the main job compares on the DCT encoder alone (its row).
+Writes `ablation.json`, `table.md` and `ablation.png` into `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+LADDER = [
+    ("one ViT, one view of the photo", {"encoders": ["siglip"], "max_tiles": 1, "taps": [-1]}),
+    ("+ tiles (2x2 + thumbnail)", {"max_tiles": 4}),
+    ("+ second encoder (DINOv2-like, channels concatenated)", {"encoders": ["siglip", "dinov2"]}),
+    ("+ multi-layer taps (every hidden state)", {"taps": [0, 1, 2]}),
+    ("+ S2 (each tile also at 2x)", {"s2": True}),
+    ("+ CNN encoder (ResNet stage 2)", {"encoders": ["siglip", "dinov2", "resnet"]}),
+    ("+ direct patches", {"encoders": ["siglip", "dinov2", "resnet", "patch"]}),
+    ("+ DCT encoder", {"dct": True}),
+]
+SIDE = [  # each changes one thing of the full ladder's last rung
+    ("top rung, encoders interleaved instead of concatenated", {"fusion": "interleave"}),
+    ("top rung, no pixel shuffle", {"pixel_shuffle": 1}),
+    ("main job (comparison on the DCT encoder alone)", None),
+]
+
+
+def rungs() -> list[tuple[str, dict]]:
+    """(label, `tiny` settings) of every rung: the ladder's cumulative settings, then the side comparisons."""
+    out, settings = [], {"reference_comparison": True, "reference_encoders": None, "dct": False}
+    for label, change in LADDER:
+        settings = {**settings, **change}
+        out.append((label, dict(settings)))
+    for label, change in SIDE:
+        out.append((label, {**settings, **change} if change is not None else {}))
+    return out
+
+
+@torch.no_grad()
+def episode_cost(model, processor, items) -> dict:
+    """Visual tokens of one query, encoder and total time of one 4-shot episode's forward, its peak memory."""
+    from .measure import PeakMemory, component_times
+
+    images = [items[i]["image"] for i in range(5)]
+    batch = processor(text="".join(["<image>"] * 5), images=images, return_tensors="pt")
+    query = processor(text="<image>", images=images[-1:], return_tensors="pt")
+    model.eval()
+    model(**batch)  # warm-up
+    times = component_times(model, batch)
+    with PeakMemory() as memory:
+        model(**batch)
+    image_id = model.config.image_token_id
+    return {
+        "visual_tokens": int((query["input_ids"] == image_id).sum()),
+        "encoder_s": sum(v for k, v in times.items() if k.startswith("tower ")),
+        "episode_s": times["total"],
+        "peak_mib": memory.peak / 2**20,
+    }
+
+
+def run(out: str | Path, data: str | Path, max_steps: int = 150, chosen=None, seeds: int = 3, queries: int = 20):
+    from kensa_vl.train.data.synth import load_synth
+    from kensa_vl.train.pipeline import train
+
+    from .evaluate import evaluate
+    from .inspector import load_pretrained
+
+    out, data = Path(out), Path(data)
+    test = load_synth(data)[0]["test"]
+    results = json.loads((out / "ablation.json").read_text()) if (out / "ablation.json").exists() else {}
+    todo = [(i, label, tiny) for i, (label, tiny) in enumerate(rungs()) if chosen is None or i in chosen]
+    for index, label, tiny in tqdm(todo, desc="rungs"):
+        folder = out / f"rung{index}"
+        model_dir, _, seconds = train(folder, data, tiny, ["--max_steps", str(max_steps), "--report_to", "none"])
+        model, processor = load_pretrained(model_dir)
+        result = evaluate(model, processor, test, shots=(4,), seeds=seeds, queries_per_category=queries,
+                          controls=(), generate=False, progress=False)["shots"][4]  # fmt: skip
+        mean = lambda group, key: (group or {}).get(key, {}).get("mean")  # noqa: E731
+        results[str(index)] = {
+            "rung": label,
+            "tiny": tiny,
+            "balanced_accuracy": mean(result["overall"], "balanced_accuracy"),
+            "balanced_accuracy_tiny": mean(result["per_size"].get("tiny"), "balanced_accuracy"),
+            "balanced_accuracy_large": mean(result["per_size"].get("large"), "balanced_accuracy"),
+            "box_hit_rate": mean(result["overall"], "box_hit_rate"),
+            "box_hit_rate_1pct": mean(result["overall"], "box_hit_rate_1pct"),
+            "train_s": round(seconds, 1),
+            **episode_cost(model, processor, test),
+        }
+        (out / "ablation.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results[str(index)]), flush=True)
+    (out / "table.md").write_text(table(results))
+    plot(results, out / "ablation.png")
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| rung | 4-shot BA | BA, tiny defects | BA, large | box hit rate (≥ 1%) | visual tokens per query "
+        "| encoders s / episode s | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    for key in sorted(results, key=int):
+        r = results[key]
+        lines.append(
+            f"| {r['rung']} | {fmt(r['balanced_accuracy'])} | {fmt(r['balanced_accuracy_tiny'])} "
+            f"| {fmt(r['balanced_accuracy_large'])} | {fmt(r['box_hit_rate_1pct'])} | {r['visual_tokens']} "
+            f"| {r['encoder_s']:.2f} / {r['episode_s']:.2f} | {r['peak_mib']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(results, key=int)
+    labels = [results[k]["rung"] for k in keys]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(keys) + 1.5), sharey=True)
+    y = range(len(keys))
+    for name, key, marker in (("overall", "balanced_accuracy", "o"), ("tiny defects", "balanced_accuracy_tiny", "v"),
+                              ("large defects", "balanced_accuracy_large", "^")):  # fmt: skip
+        left.plot([results[k][key] or float("nan") for k in keys], y, marker, label=name)
+    left.axvline(0.5, color="grey", lw=0.5)
+    left.set_xlabel("4-shot balanced accuracy")
+    left.legend(loc="lower right")
+    right.barh(y, [results[k]["episode_s"] for k in keys], color="lightgrey", label="episode")
+    right.barh(y, [results[k]["encoder_s"] for k in keys], color="tab:blue", label="encoders")
+    right.set_xlabel("4-shot episode forward (s)")
+    right.legend(loc="lower right")
+    left.set_yticks(list(y), labels)
+    left.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("ablate", help="the fine-detail ablation ladder (train, evaluate, time each rung)")
+    p.add_argument("--out", default="outputs/ablate")
+    p.add_argument("--data", default="outputs/kensa-synth-224", help="KensaSynth folder (generated when missing)")
+    p.add_argument("--max-steps", type=int, default=150, help="training steps per stage, the same for every rung")
+    p.add_argument("--rungs", default=None, help="comma-separated rung numbers (default: all; see --list)")
+    p.add_argument("--list", action="store_true", help="print the rungs and exit")
+
+    def start(a) -> None:
+        if a.list:
+            for index, (label, tiny) in enumerate(rungs()):
+                print(f"{index}: {label} {json.dumps(tiny)}")
+            return
+        chosen = None if a.rungs is None else {int(x) for x in a.rungs.split(",")}
+        run(a.out, a.data, a.max_steps, chosen)
+
+    p.set_defaults(func=start)
