@@ -1,7 +1,7 @@
 """The fine-detail ablation: a ladder of tiny models, each rung adding one technique, all trained by the main job's
 recipes with the same budget and evaluated the same way on KensaSynth's held-out test split.
 
-    kensa-vl ablate --out outputs/ablate [--data outputs/kensa-synth-224] [--max-steps 150] [--rungs 0,1,7]
+    kensa-vl ablate --out outputs/ablate [--data outputs/kensa-synth-224] [--max-steps N] [--rungs 0,1,7]
 
 Per rung: 4-shot balanced accuracy overall, on tiny defects (<= 0.2% of the image) and on large ones, box hit rate,
 visual tokens per query, encoder time and total time of one 4-shot episode's forward, its peak memory. Every rung
@@ -67,7 +67,19 @@ def episode_cost(model, processor, items) -> dict:
     }
 
 
-def run(out: str | Path, data: str | Path, max_steps: int = 150, chosen=None, seeds: int = 3, queries: int = 20):
+def run(
+    out: str | Path,
+    data: str | Path,
+    max_steps: int = 0,
+    chosen=None,
+    seeds: int = 3,
+    queries: int = 20,
+    trained: dict[int, str] | None = None,
+):
+    """Train, evaluate and time the `chosen` rungs (all by default); `max_steps` > 0 caps both stages' steps
+    (0: the main job's own budget). `trained` maps a rung to a model already trained with its settings and the
+    same budget (e.g. the main job's `outputs/main/model` for its row): evaluated and timed, not retrained.
+    Results accumulate in `out/ablation.json`."""
     from kensa_vl.train.data.synth import load_synth
     from kensa_vl.train.pipeline import train
 
@@ -80,7 +92,11 @@ def run(out: str | Path, data: str | Path, max_steps: int = 150, chosen=None, se
     todo = [(i, label, tiny) for i, (label, tiny) in enumerate(rungs()) if chosen is None or i in chosen]
     for index, label, tiny in tqdm(todo, desc="rungs"):
         folder = out / f"rung{index}"
-        model_dir, _, seconds = train(folder, data, tiny, ["--max_steps", str(max_steps), "--report_to", "none"])
+        budget = ["--max_steps", str(max_steps)] if max_steps > 0 else []
+        if index in (trained or {}):
+            model_dir, seconds = Path(trained[index]), None
+        else:
+            model_dir, _, seconds = train(folder, data, tiny, [*budget, "--report_to", "none"])
         model, processor = load_pretrained(model_dir)
         result = evaluate(model, processor, test, shots=(4,), seeds=seeds, queries_per_category=queries,
                           controls=(), generate=False, progress=False)["shots"][4]  # fmt: skip
@@ -93,7 +109,7 @@ def run(out: str | Path, data: str | Path, max_steps: int = 150, chosen=None, se
             "balanced_accuracy_large": mean(result["per_size"].get("large"), "balanced_accuracy"),
             "box_hit_rate": mean(result["overall"], "box_hit_rate"),
             "box_hit_rate_1pct": mean(result["overall"], "box_hit_rate_1pct"),
-            "train_s": round(seconds, 1),
+            "train_s": None if seconds is None else round(seconds, 1),
             **episode_cost(model, processor, test),
         }
         (out / "ablation.json").write_text(json.dumps(results, indent=2))
@@ -151,9 +167,13 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("ablate", help="the fine-detail ablation ladder (train, evaluate, time each rung)")
     p.add_argument("--out", default="outputs/ablate")
     p.add_argument("--data", default="outputs/kensa-synth-224", help="KensaSynth folder (generated when missing)")
-    p.add_argument("--max-steps", type=int, default=150, help="training steps per stage, the same for every rung")
+    p.add_argument("--max-steps", type=int, default=0, help="cap on each stage's steps (0: the main job's budget)")
     p.add_argument("--rungs", default=None, help="comma-separated rung numbers (default: all; see --list)")
     p.add_argument("--list", action="store_true", help="print the rungs and exit")
+    p.add_argument(
+        "--trained", action="append", default=[], metavar="RUNG=DIR",
+        help="a model already trained with that rung's settings and budget, e.g. 10=outputs/main/model",
+    )  # fmt: skip
 
     def start(a) -> None:
         if a.list:
@@ -161,6 +181,7 @@ def add_parsers(subparsers) -> None:
                 print(f"{index}: {label} {json.dumps(tiny)}")
             return
         chosen = None if a.rungs is None else {int(x) for x in a.rungs.split(",")}
-        run(a.out, a.data, a.max_steps, chosen)
+        trained = {int(rung): path for rung, _, path in (item.partition("=") for item in a.trained)}
+        run(a.out, a.data, a.max_steps, chosen, trained=trained)
 
     p.set_defaults(func=start)

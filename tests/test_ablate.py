@@ -27,3 +27,6 @@ def test_one_rung_end_to_end(synth_dir, tmp_path):
     assert row["visual_tokens"] > 0 and 0 < row["encoder_s"] < row["episode_s"]
     assert json.loads((tmp_path / "ablation.json").read_text())["7"]["visual_tokens"] == row["visual_tokens"]
     assert (tmp_path / "table.md").read_text().count("\n") == 3 and (tmp_path / "ablation.png").exists()
+    # a rung whose model is already trained (the main job's row) is evaluated and timed, not retrained
+    again = run(tmp_path, synth_dir, chosen={10}, seeds=1, queries=2, trained={10: tmp_path / "rung7" / "model"})
+    assert again["10"]["train_s"] is None and not (tmp_path / "rung10").exists() and "7" in again
