@@ -121,17 +121,17 @@ def run(
 
 def table(results: dict) -> str:
     lines = [
-        "| rung | 4-shot BA | BA, tiny defects | BA, large | box hit rate (≥ 1%) | visual tokens per query "
-        "| encoders s / episode s | peak MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| # | rung | 4-shot BA | BA, tiny defects | BA, large | box hit rate (≥ 1%) | visual tokens per query "
+        "| encoders ms / episode ms | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for key in sorted(results, key=int):
         r = results[key]
         lines.append(
-            f"| {r['rung']} | {fmt(r['balanced_accuracy'])} | {fmt(r['balanced_accuracy_tiny'])} "
+            f"| {key} | {r['rung']} | {fmt(r['balanced_accuracy'])} | {fmt(r['balanced_accuracy_tiny'])} "
             f"| {fmt(r['balanced_accuracy_large'])} | {fmt(r['box_hit_rate_1pct'])} | {r['visual_tokens']} "
-            f"| {r['encoder_s']:.2f} / {r['episode_s']:.2f} | {r['peak_mib']:.0f} |"
+            f"| {r['encoder_s'] * 1e3:.1f} / {r['episode_s'] * 1e3:.1f} | {r['peak_mib']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -144,14 +144,15 @@ def plot(results: dict, path: Path) -> None:
 
     keys = sorted(results, key=int)
     labels = [results[k]["rung"] for k in keys]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(keys) + 1.5), sharey=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(keys) + 2.0), sharey=True)
     y = range(len(keys))
     for name, key, marker in (("overall", "balanced_accuracy", "o"), ("tiny defects", "balanced_accuracy_tiny", "v"),
                               ("large defects", "balanced_accuracy_large", "^")):  # fmt: skip
         left.plot([results[k][key] or float("nan") for k in keys], y, marker, label=name)
     left.axvline(0.5, color="grey", lw=0.5)
     left.set_xlabel("4-shot balanced accuracy")
-    left.legend(loc="lower right")
+    left.set_xlim(0.45, 1.0)
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     right.barh(y, [results[k]["episode_s"] for k in keys], color="lightgrey", label="episode")
     right.barh(y, [results[k]["encoder_s"] for k in keys], color="tab:blue", label="encoders")
     right.set_xlabel("4-shot episode forward (s)")
