@@ -36,14 +36,16 @@ class PatchCore:
         self.noun = None  # set by the evaluator; unused
 
     @torch.no_grad()
-    def _features(self, image) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]:
+    def _features(self, image) -> tuple:
         """(name -> `(tiles, g, g, C)` L2-normalised cells of each encoder the model compares, thumbnail flags,
-        the tile grid's rows and columns)."""
-        batch = self.processor.image_processor([_rgb(image)], max_tiles=self.max_tiles, return_tensors="pt")
+        the tile grid's rows and columns, the image's width and height)."""
+        image = _rgb(image)
+        batch = self.processor.image_processor([image], max_tiles=self.max_tiles, return_tensors="pt")
         names = self.model.config.reference_encoder_names()
         grids = self.model.model._grids(batch["pixel_values"].to(self.model.device), names)
         cells = {name: F.normalize(grids[name].float(), dim=-1) for name in names}
-        return cells, thumbnail_tiles(batch["image_grid"]).to(self.model.device), batch["image_grid"][0, :2].tolist()
+        grid = batch["image_grid"][0, :2].tolist()
+        return cells, thumbnail_tiles(batch["image_grid"]).to(self.model.device), grid, image.size
 
     def set_support(self, support: list[dict]) -> None:
         self.bank = [self._features(item["image"]) for item in support if item["defect_type"] is None]
@@ -54,7 +56,7 @@ class PatchCore:
 
     def _score(self, features, bank: list) -> float:
         side = self.model.config.grid_size // self.model.config.pixel_shuffle
-        cells, thumbnail, _ = features
+        cells, thumbnail, *_ = features
         distances = [patch_distances(query, _bank(bank, name), side) for name, query in cells.items()]
         return float(torch.stack(distances).mean(0)[scored_tiles(thumbnail)].max())
 
@@ -69,17 +71,15 @@ class PatchCore:
             # p >= 0.5 exactly when score >= threshold; without a threshold every verdict is "good" (p < 0.5) and
             # only the ranking, hence AUROC, means anything
             p = score / (score + (self.threshold if self.threshold is not None else score + 1.0) + 1e-12)
-            out.append(
-                Judgement("defective", p, boxes=self._box(features, query)) if p >= 0.5 else Judgement("good", p)
-            )
+            out.append(Judgement("defective", p, boxes=self._box(features)) if p >= 0.5 else Judgement("good", p))
         return out
 
     @torch.no_grad()
-    def _box(self, features, query) -> list[list[int]]:
-        cells, thumbnail, (rows, cols) = features
+    def _box(self, features) -> list[list[int]]:
+        cells, thumbnail, (rows, cols), size = features
         distances = [nearest_distances(f[~thumbnail], _bank(self.bank, name)) for name, f in cells.items()]
         box, _ = locate_box(distances, rows, cols, math.log(max(self.threshold, 1e-4)))
-        return [pixel_box(box, *_rgb(query).size)]
+        return [pixel_box(box, *size)]
 
 
 def _bank(bank: list, name: str) -> torch.Tensor:
