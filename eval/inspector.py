@@ -73,6 +73,19 @@ def pixel_box(box, width: int, height: int) -> list[int]:
     return [x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]
 
 
+def fork_cache(cache):
+    """A KV cache for one query that starts from the shared support prefix without copying it. A dynamic cache's
+    layers grow by concatenation (`torch.cat` makes new tensors) and never write into the tensors they hold, so new
+    layer objects over the same prefix tensors keep the shared cache intact; a deep copy would copy every cached key
+    and value per query. Other caches (no `layers`, or layers that write in place) are deep-copied."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):  # exactly: no subclasses
+        return copy.deepcopy(cache)
+    fork = copy.copy(cache)
+    fork.layers = [copy.copy(layer) for layer in layers]
+    return fork
+
+
 def _rgb(image) -> Image.Image:
     if isinstance(image, str) or hasattr(image, "__fspath__"):
         try:
@@ -247,7 +260,7 @@ class Inspector:
         batch["input_ids"] = batch["input_ids"][:, self._prefix["input_ids"].shape[1] :]
         if self._references:
             batch["reference_features"] = self._references * len(inputs)
-        cache = copy.deepcopy(self._cache)
+        cache = fork_cache(self._cache)
         cache.batch_repeat_interleave(len(inputs))
         logits = self.model(**batch, **{CACHE_KEY: cache}, use_cache=False, logits_to_keep=1).logits[:, -1]
         out = []
@@ -264,7 +277,7 @@ class Inspector:
 
     def _judge_one(self, image: Image.Image) -> Judgement:
         inputs = self._query_inputs(image)
-        cache = copy.deepcopy(self._cache) if self._cache is not None else None
+        cache = fork_cache(self._cache) if self._cache is not None else None
         step = dict(inputs)
         if cache is not None:  # the prefix is in the cache: run the query's own tokens only
             step["input_ids"] = inputs["input_ids"][:, self._prefix["input_ids"].shape[1] :]

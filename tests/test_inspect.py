@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from kensa_vl.eval.evaluate import aggregate, ap50, evaluate, metrics, support_for
 from kensa_vl.eval.inspector import Inspector, support_item
@@ -37,11 +38,18 @@ def test_cached_support_gives_the_same_results_as_recomputing(tiny, synth):
     assert [r.p_defective for r in cached] == pytest.approx([r.p_defective for r in fresh], abs=1e-5)
     assert [r.text for r in cached] == [r.text for r in fresh]
     assert all(r.verdict == "defective" and r.text.startswith("defective") for r in cached)  # threshold 0
-    # judging leaves the shared cache as it was: the same query twice scores the same
-    inspector = Inspector(model, processor, cache=True, max_new_tokens=0)
+    # judging (scores, generation, a batch) leaves the shared cache as it was: same length, same keys and values
+    inspector = Inspector(model, processor, noun="nut", threshold=0.0, max_new_tokens=0)
     inspector.set_support(_support(test))
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in inspector._cache.layers]
     first, second = inspector.judge([queries[0], queries[0]])
+    inspector.judge(queries, batch_size=2)
+    inspector.max_new_tokens = 6
+    assert inspector.judge(queries[0])[0].text == cached[0].text
     assert first.p_defective == pytest.approx(second.p_defective, abs=1e-6)
+    assert first.p_defective == pytest.approx(cached[0].p_defective, abs=1e-5)
+    for (keys, values), layer in zip(before, inspector._cache.layers, strict=True):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
 
 
 def test_support_tiles_are_a_separate_budget(tiny, synth):
