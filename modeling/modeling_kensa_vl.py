@@ -45,7 +45,7 @@ CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ e
 @dataclass
 class KensaVLModelOutputWithPast(BaseModelOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
-    anomaly_map: torch.FloatTensor | None = None  # (num_tiles, tokens_per_tile) logits; NaN: no references
+    anomaly_map: torch.FloatTensor | None = None  # (num_tiles, token positions per tile) logits; NaN: no references
     anomaly_loss: torch.FloatTensor | None = None  # with `anomaly_labels`
     image_scores: torch.FloatTensor | None = None  # (num_images,) kNN score per image; NaN: no references
 
@@ -511,17 +511,22 @@ class KensaVLModel(KensaVLPreTrainedModel):
     def _compare(self, image_features, grids, input_ids, image_grid, reference_features):
         """Compare every image that has references (the earlier images of its sample, plus
         `reference_features[sample]`, a cached support set, when given) with them. Returns the image features with
-        the comparison's token embeddings added, the anomaly map `(N, tokens_per_tile)` (NaN for images without
-        references), the `</img>` embeddings as (rows, positions, embeddings), and each image's kNN score
-        `(num_images,)` (NaN without references; a cached support set passes its own under `REFERENCE_SCORES`)."""
+        the comparison's token embeddings added (with interleaved encoders, to each encoder's token of a position),
+        the anomaly map `(N, positions)` per token position of a tile (`(grid_size / pixel_shuffle)^2`; NaN for
+        images without references), the `</img>` embeddings as (rows, positions, embeddings), and each image's kNN
+        score `(num_images,)` (NaN without references; a cached support set passes its own under
+        `REFERENCE_SCORES`)."""
         comparison = self.reference_comparison
         features = comparison.features(grids)  # name -> (N, g, g, C)
         thumbnail = thumbnail_tiles(image_grid)
         tiles, per_tile = image_grid[:, 2].tolist(), image_features.shape[1]
+        streams = per_tile // comparison.token_side**2  # tokens per position: one per encoder when interleaved
         starts = [0, *torch.tensor(tiles).cumsum(0).tolist()]
         is_image = input_ids == self.config.image_token_id
         added = torch.zeros_like(image_features)
-        anomaly = image_features.new_full(image_features.shape[:2], float("nan"), dtype=torch.float32)
+        anomaly = image_features.new_full(
+            (len(image_features), comparison.token_side**2), float("nan"), dtype=torch.float32
+        )
         ends, image = ([], [], []), 0
         scores = anomaly.new_full((len(tiles),), float("nan"))
         for row, row_tokens in enumerate(is_image.sum(1).tolist()):
@@ -539,7 +544,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
                         query, thumbnail[first:last], {n: torch.cat(b) for n, b in banks.items()}, level
                     )
                     levels.append(scores[image])
-                    added[first:last], anomaly[first:last] = delta.to(added.dtype), logits.float()
+                    added[first:last] = delta.repeat_interleave(streams, 1).to(added.dtype)
+                    anomaly[first:last] = logits.float()
                     end = int(positions[seen + (last - first) * per_tile - 1]) + 1  # the image's `</img>`
                     if end < input_ids.shape[1]:
                         for out, value in zip(ends, (row, end, summary), strict=True):
@@ -650,7 +656,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         the backbone, so trainers that run the backbone with their own LM head (TRL's fused head) still get it."""
         if anomaly_labels.shape != anomaly_map.shape:
             raise ValueError(
-                f"anomaly_labels must be (num_tiles, tokens_per_tile) = {tuple(anomaly_map.shape)}, "
+                f"anomaly_labels must be (num_tiles, token positions per tile) = {tuple(anomaly_map.shape)}, "
                 f"got {tuple(anomaly_labels.shape)}."
             )
         known = (anomaly_labels >= 0) & ~anomaly_map.isnan()

@@ -82,6 +82,35 @@ def test_collator_gives_anomaly_labels_and_the_model_learns_from_them(tiny_dct, 
         model(**batch, anomaly_labels=labels[:-1])
 
 
+def test_interleaved_encoders_get_the_comparison_on_each_token_of_a_position(synth_dir):
+    """With `fusion="interleave"` a tile has one token per encoder at each position: the map and its targets are per
+    position, and every encoder's token of a position gets the same comparison embedding."""
+    from kensa_vl.train.build import build_tiny
+    from kensa_vl.train.data.conversations import episode_conversations
+    from kensa_vl.train.data.synth import load_synth
+    from kensa_vl.train.sft import KensaCollator
+
+    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True, fusion="interleave")
+    side, streams = model.config.grid_size // model.config.pixel_shuffle, len(model.config.vision_encoders)
+    assert model.config.tokens_per_tile == streams * side * side == 3 * 16
+    items, episodes = load_synth(synth_dir)
+    rows = episode_conversations(items["train"], episodes["train"])
+    collator = KensaCollator(processor, max_length=None, assistant_only_loss=True, token_side=side)
+    batch = collator([rows[i] for i in range(2)])
+    labels = batch.pop("anomaly_labels")
+    assert labels.shape == (batch["pixel_values"].shape[0], side * side)
+    comparison = model.model.reference_comparison
+    torch.nn.init.normal_(comparison.embed[-1].weight)  # trained: the embedding is no longer zero
+    with torch.no_grad():
+        out = model(**batch, anomaly_labels=labels)
+        plain = model.model._project(model.model._grids(batch["pixel_values"]))
+    assert out.anomaly_map.shape == labels.shape and torch.isfinite(out.loss)
+    added = (out.image_hidden_states - plain).view(len(plain), side * side, streams, -1)
+    compared = ~out.anomaly_map.isnan().all(1)
+    assert added[compared].abs().amax() > 0 and not added[~compared].any()
+    torch.testing.assert_close(added[:, :, 1:], added[:, :, :1].expand_as(added[:, :, 1:]))
+
+
 def test_untrained_comparison_starts_as_patchcore_and_changes_no_visual_token(tiny_dct):
     """`_init_weights` reaches the comparison's layers (5.x skips custom modules without parameters of their own):
     the map starts as the mean log-distance, the per-token residuals at zero."""

@@ -75,7 +75,11 @@ class KensaArguments:
 
 @dataclass
 class KensaCollator(DataCollatorForVisionLanguageModeling):
-    """TRL's VLM collator, plus: image and tile-structure tokens never count in the loss, in any turn."""
+    """TRL's VLM collator, plus: image and tile-structure tokens never count in the loss, in any turn; defect masks
+    become anomaly-map targets per token position (`token_side`^2 per tile: `grid_size / pixel_shuffle` on a side;
+    None: the square of `image_seq_len`, which holds unless the encoders are interleaved)."""
+
+    token_side: int | None = None
 
     def __post_init__(self):
         tokens = [IMAGE_TOKEN, IMAGE_START, IMAGE_END, GLOBAL_TOKEN, *tile_tags()]
@@ -86,7 +90,7 @@ class KensaCollator(DataCollatorForVisionLanguageModeling):
         batch = super().torch_call(examples)
         batch["labels"][torch.isin(batch["input_ids"], self.structure_ids)] = -100
         if any(m is not None for m in masks) and "image_grid" in batch:  # defect masks -> anomaly-map targets
-            side = int(round(self.processor.image_seq_len**0.5))  # tokens per tile side (square token grid)
+            side = self.token_side or int(round(self.processor.image_seq_len**0.5))
             labels = self.processor.image_processor.anomaly_labels(masks, batch["image_grid"], side)
             batch["anomaly_labels"] = torch.from_numpy(labels)
         return batch
@@ -282,7 +286,12 @@ def main(args: KensaArguments, training_args: SFTConfig) -> KensaTrainer:
     train, validation = load_data(args, training_args.seed)
     training_args.remove_unused_columns = False  # rows are built on access from index columns
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    collator = KensaCollator(processor, max_length=training_args.max_length, assistant_only_loss=True)
+    collator = KensaCollator(
+        processor,
+        max_length=training_args.max_length,
+        assistant_only_loss=True,
+        token_side=model.config.grid_size // model.config.pixel_shuffle,
+    )
     preflight(train, collator)
     trainer = KensaTrainer(
         model=model,
