@@ -5,9 +5,10 @@ with the inspector's interface.
 Score of a query: over its visual tokens, the largest distance (averaged over the encoders) of the token's cells to
 the nearest cell of the good support photos, with the comparison's 3x3 neighbourhood (`patch_distances`), over the
 query's grid tiles (`scored_tiles`: the thumbnail's distances are mostly scale noise), as the model's summary does.
-Threshold: the largest leave-one-out score of the good supports (needs two or more; with one, every
-query is judged good and only AUROC is meaningful). A defective verdict's box: the model's rule (`locate_box`) on
-the same distances, with the threshold as the level.
+The bank holds the good supports' cells, and their flipped or turned copies when the model's config has
+`reference_views` (as the model's bank does). Threshold: the largest leave-one-out score of the good supports
+(needs two or more; with one, every query is judged good and only AUROC is meaningful). A defective verdict's box:
+the model's rule (`locate_box`) on the same distances, with the threshold as the level.
 """
 
 from __future__ import annotations
@@ -36,19 +37,25 @@ class PatchCore:
         self.noun = None  # set by the evaluator; unused
 
     @torch.no_grad()
-    def _features(self, image) -> tuple:
+    def _features(self, image, reference: bool = False) -> tuple:
         """(name -> `(tiles, g, g, C)` L2-normalised cells of each encoder the model compares, thumbnail flags,
-        the tile grid's rows and columns, the image's width and height)."""
+        the tile grid's rows and columns, the image's width and height, and for a `reference` its bank cells,
+        name -> `(cells, C)`, views included)."""
         image = _rgb(image)
         batch = self.processor.image_processor([image], max_tiles=self.max_tiles, return_tensors="pt")
         names = self.model.config.reference_encoder_names()
-        grids = self.model.model._grids(batch["pixel_values"].to(self.model.device), names)
+        pixel_values = batch["pixel_values"].to(self.model.device)
+        grids = self.model.model._grids(pixel_values, names)
         cells = {name: F.normalize(grids[name].float(), dim=-1) for name in names}
         grid = batch["image_grid"][0, :2].tolist()
-        return cells, thumbnail_tiles(batch["image_grid"]).to(self.model.device), grid, image.size
+        bank = None
+        if reference:
+            flat = {name: c.reshape(-1, c.shape[-1]) for name, c in cells.items()}
+            bank = self.model.model._bank(pixel_values, cells) if self.model.config.reference_views else flat
+        return cells, thumbnail_tiles(batch["image_grid"]).to(self.model.device), grid, image.size, bank
 
     def set_support(self, support: list[dict]) -> None:
-        self.bank = [self._features(item["image"]) for item in support if item["defect_type"] is None]
+        self.bank = [self._features(item["image"], reference=True) for item in support if item["defect_type"] is None]
         self.threshold = None
         if len(self.bank) >= 2:  # leave one out: how far a good photo is from the other good photos
             scores = [self._score(f, self.bank[:i] + self.bank[i + 1 :]) for i, f in enumerate(self.bank)]
@@ -76,12 +83,12 @@ class PatchCore:
 
     @torch.no_grad()
     def _box(self, features) -> list[list[int]]:
-        cells, thumbnail, (rows, cols), size = features
+        cells, thumbnail, (rows, cols), size, _ = features
         distances = [nearest_distances(f[~thumbnail], _bank(self.bank, name)) for name, f in cells.items()]
         box, _ = locate_box(distances, rows, cols, math.log(max(self.threshold, 1e-4)))
         return [pixel_box(box, *size)]
 
 
 def _bank(bank: list, name: str) -> torch.Tensor:
-    """All support cells of one encoder: `(M, C)`."""
-    return torch.cat([cells[name].reshape(-1, cells[name].shape[-1]) for cells, *_ in bank])
+    """All support cells of one encoder, views included: `(M, C)`."""
+    return torch.cat([cells[name] for *_, cells in bank])

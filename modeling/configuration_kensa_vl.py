@@ -33,6 +33,9 @@ ENCODER_DEFAULTS[DCT_MODEL_TYPE] = {
     "image_std": [1.0, 1.0, 1.0],
     "feature_layers": [-1],
 }
+# Extra views of each reference tile that `reference_views` adds to the comparison's bank (square tiles: all keep
+# the tile's shape): a flip or a quarter turn of a good photo is still a good photo.
+REFERENCE_VIEWS = ("hflip", "vflip", "rot90", "rot180", "rot270")
 # Direct patch input (Fuyu, OtterHD): `KensaVLPatchEncoder`, a linear projection of raw pixel patches.
 PATCH_MODEL_TYPE = "kensa_patch"
 ENCODER_DEFAULTS[PATCH_MODEL_TYPE] = {
@@ -124,6 +127,10 @@ class KensaVLConfig(PretrainedConfig):
             feature of the earlier images of the same prompt (the references of an ICL episode), turned into an
             anomaly map and a learned embedding added to the token (see `KensaVLReferenceComparison`).
         reference_encoders (`list[str]`, *optional*): the encoders compared (default: all).
+        reference_views (`list[str]`, *optional*): each reference tile also enters the bank flipped or turned, one
+            copy per view (`REFERENCE_VIEWS`): PatchCore's memory bank augmented, so a few photos cover more of the
+            orientations a good texture or part shows. Costs the compared encoders once more per view on the
+            references (not on the query) and a bank that many times larger.
         anomaly_loss_weight (`float`): weight of the anomaly-map loss when `anomaly_labels` are given.
         summary_stop_token_ids (`list[int]`): a compared image's summary embedding is added to its `</img>` token and
             the text after it, up to the next of these tokens (the builders set `<img>` and `<|im_start|>`: the
@@ -147,6 +154,7 @@ class KensaVLConfig(PretrainedConfig):
         vision_chunk_size: int = 0,
         reference_comparison: bool = False,
         reference_encoders: list[str] | None = None,
+        reference_views: list[str] | None = None,
         anomaly_loss_weight: float = 1.0,
         summary_stop_token_ids: list[int] | None = None,
         image_token_id: int | None = None,
@@ -186,6 +194,7 @@ class KensaVLConfig(PretrainedConfig):
         self.vision_chunk_size = vision_chunk_size
         self.reference_comparison = reference_comparison
         self.reference_encoders = list(reference_encoders) if reference_encoders else None
+        self.reference_views = list(reference_views or [])
         self.anomaly_loss_weight = anomaly_loss_weight
         self.summary_stop_token_ids = list(summary_stop_token_ids or [])
         self.image_token_id = image_token_id
@@ -225,6 +234,11 @@ class KensaVLConfig(PretrainedConfig):
         unknown = sorted(set(self.reference_encoders or []) - set(names))
         if unknown:
             raise ValueError(f"reference_encoders {unknown} are not among the vision encoders {names}.")
+        views = [view for view in self.reference_views if view not in REFERENCE_VIEWS]
+        if views or len(set(self.reference_views)) != len(self.reference_views):
+            raise ValueError(
+                f"reference_views must be distinct views of {REFERENCE_VIEWS}, got {self.reference_views}."
+            )
         if common % self.pixel_shuffle:
             raise ValueError(
                 f"The common patch grid {common} is not divisible by pixel_shuffle {self.pixel_shuffle} "

@@ -220,6 +220,16 @@ def peak_region_box(cells: torch.Tensor, threshold: float) -> tuple[list[float],
     return box, cells.max().item()
 
 
+def reference_view(pixel_values: torch.Tensor, view: str) -> torch.Tensor:
+    """Square tiles `(n, 3, T, T)` seen as one of `REFERENCE_VIEWS`: flipped left-right or up-down, or turned
+    counter-clockwise by 90, 180 or 270 degrees."""
+    if view == "hflip":
+        return pixel_values.flip(-1)
+    if view == "vflip":
+        return pixel_values.flip(-2)
+    return pixel_values.rot90(int(view.removeprefix("rot")) // 90, (-2, -1))
+
+
 def thumbnail_tiles(image_grid: torch.Tensor) -> torch.Tensor:
     """`(N,)` bool over all tiles of `image_grid` (rows, cols, tiles per image): True for each image's thumbnail."""
     flags = [[False] * (rows * cols) + [True] * (tiles - rows * cols) for rows, cols, tiles in image_grid.tolist()]
@@ -485,8 +495,18 @@ class KensaVLModel(KensaVLPreTrainedModel):
     def reference_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The patch features `reference_comparison` compares against, name -> `(tiles * g * g, C)` per compared
         encoder: what a cached support prefix passes back as `reference_features` (one dict per sample)."""
-        features = self.reference_comparison.features(self._grids(pixel_values))
-        return {name: f.reshape(-1, f.shape[-1]) for name, f in features.items()}
+        comparison = self.reference_comparison
+        return self._bank(pixel_values, comparison.features(self._grids(pixel_values, comparison.encoders)))
+
+    def _bank(self, pixel_values: torch.Tensor, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Reference tiles' cells as the comparison's bank, name -> `(cells, C)`: `features` (the tiles' own
+        compared features, name -> `(n, g, g, C)`), then the same tiles in each of `config.reference_views`."""
+        comparison, parts = self.reference_comparison, {name: [f] for name, f in features.items()}
+        for view in self.config.reference_views:
+            seen = self._grids(reference_view(pixel_values, view).contiguous(), comparison.encoders)
+            for name, f in comparison.features(seen).items():
+                parts[name].append(f)
+        return {name: torch.cat([f.reshape(-1, f.shape[-1]) for f in fs]) for name, fs in parts.items()}
 
     @torch.no_grad()
     def locate(self, pixel_values: torch.Tensor, image_grid: torch.Tensor, reference_features: dict):
@@ -508,7 +528,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         level = scores.float().median().item() if scores is not None and len(scores) else None
         return locate_box(distances, *image_grid[0, :2].tolist(), level)
 
-    def _compare(self, image_features, grids, input_ids, image_grid, reference_features):
+    def _compare(self, image_features, grids, input_ids, image_grid, reference_features, pixel_values):
         """Compare every image that has references (the earlier images of its sample, plus
         `reference_features[sample]`, a cached support set, when given) with them. Returns the image features with
         the comparison's token embeddings added (with interleaved encoders, to each encoder's token of a position),
@@ -550,9 +570,10 @@ class KensaVLModel(KensaVLPreTrainedModel):
                     if end < input_ids.shape[1]:
                         for out, value in zip(ends, (row, end, summary), strict=True):
                             out.append(value)
-                for name, f in query.items():
-                    banks[name].append(f.reshape(-1, f.shape[-1]))
                 seen += (last - first) * per_tile
+                if seen < row_tokens:  # a later image of the row compares with this one
+                    for name, cells in self._bank(pixel_values[first:last], query).items():
+                        banks[name].append(cells)
                 image += 1
         return image_features + added, anomaly, ends, scores
 
@@ -618,7 +639,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
             image_features = self._project(grids)
             if self.config.reference_comparison and image_grid is not None and input_ids is not None:
                 image_features, anomaly_map, ends, image_scores = self._compare(
-                    image_features, grids, input_ids, image_grid, reference_features
+                    image_features, grids, input_ids, image_grid, reference_features, pixel_values
                 )
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))

@@ -111,6 +111,31 @@ def test_interleaved_encoders_get_the_comparison_on_each_token_of_a_position(syn
     torch.testing.assert_close(added[:, :, 1:], added[:, :, :1].expand_as(added[:, :, 1:]))
 
 
+def test_reference_views_let_a_flipped_or_turned_photo_match_its_reference(tiny_dct, monkeypatch):
+    """With `reference_views`, a query that is the reference flipped (or turned) finds every cell in the bank: its
+    kNN score drops to the floor; without them it is far. Bad views are named."""
+    from kensa_vl.modeling.configuration_kensa_vl import KensaVLConfig
+    from kensa_vl.modeling.modeling_kensa_vl import reference_view
+
+    model, processor = tiny_dct
+    tiles = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(
+        reference_view(tiles, "rot270"), reference_view(reference_view(tiles, "rot90"), "rot180")
+    )
+    reference = random_image(224, 224, 3)
+    scores = {}
+    for view, query in (("hflip", reference.transpose(Image.FLIP_LEFT_RIGHT)), ("rot90", reference.rotate(90))):
+        batch = processor(text="<image> <image>", images=[reference, query], return_tensors="pt")
+        for views in ([], [view]):
+            monkeypatch.setattr(model.config, "reference_views", views)
+            with torch.no_grad():
+                scores[view, bool(views)] = model(**batch).image_scores[1].item()
+    for view in ("hflip", "rot90"):
+        assert scores[view, True] < np.log(1e-3) < scores[view, False]
+    with pytest.raises(ValueError, match=r"reference_views must be distinct views of .*\['mirror'\]"):
+        KensaVLConfig(**{**model.config.to_dict(), "reference_views": ["mirror"]})
+
+
 def test_untrained_comparison_starts_as_patchcore_and_changes_no_visual_token(tiny_dct):
     """`_init_weights` reaches the comparison's layers (5.x skips custom modules without parameters of their own):
     the map starts as the mean log-distance, the per-token residuals at zero."""
@@ -123,7 +148,9 @@ def test_untrained_comparison_starts_as_patchcore_and_changes_no_visual_token(ti
     with torch.no_grad():
         grids = model.model._grids(batch["pixel_values"])
         base = model.model._project(grids)
-        out, anomaly, _, _ = model.model._compare(base, grids, batch["input_ids"], batch["image_grid"], None)
+        out, anomaly, _, _ = model.model._compare(
+            base, grids, batch["input_ids"], batch["image_grid"], None, batch["pixel_values"]
+        )
         features = comparison.features(grids)
         query = {name: f[5:] for name, f in features.items()}
         bank = {name: f[:5].reshape(-1, f.shape[-1]) for name, f in features.items()}

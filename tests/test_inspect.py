@@ -187,8 +187,10 @@ def tiny_comparison():
     return model, processor
 
 
-def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth):
+@pytest.mark.parametrize("views", [[], ["hflip", "rot90"]])
+def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth, monkeypatch, views):
     model, processor = tiny_comparison
+    monkeypatch.setattr(model.config, "reference_views", views)
     test = synth["test"]
     queries = [test[i]["image"] for i in (5, 6)]
     scores = {}
@@ -197,6 +199,10 @@ def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth)
         inspector.set_support(_support(test))
         scores[cache] = [r.p_defective for r in inspector.judge(queries)]
     assert scores[True] == pytest.approx(scores[False], abs=1e-5)
+    cells = inspector._prefix["pixel_values"].shape[0] * 16 * 16  # 7 px DCT cells of 112 px tiles
+    assert inspector._references[0]["dct"].shape[0] == (1 + len(views)) * cells  # the views are cached too
+    if views:
+        return
     # the supports' own scores (each against those before it) are cached too, and the query's summary reads them
     inspector = Inspector(model, processor, max_new_tokens=0)
     inspector.set_support(_support(test))
@@ -245,7 +251,12 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
     with torch.no_grad():
         base = model.model.get_image_features(two["pixel_values"])
         out, anomaly, (rows, ends, summaries), scores = model.model._compare(
-            base, model.model._grids(two["pixel_values"]), two["input_ids"], two["image_grid"], None
+            base,
+            model.model._grids(two["pixel_values"]),
+            two["input_ids"],
+            two["image_grid"],
+            None,
+            two["pixel_values"],
         )
         n = int(one["image_grid"][0, 2])
         assert torch.equal(out[:n], base[:n]) and not torch.allclose(out[n:], base[n:])  # only the second image

@@ -175,6 +175,7 @@ def tiny_config(
     taps: list[int] | None = None,
     s2: bool = False,
     pixel_shuffle: int = 2,
+    reference_views: list[str] | None = None,
 ) -> KensaVLConfig:
     """Two encoders of different families (SigLIP-like, DINOv2-like with two taps), optionally the DCT encoder, and
     a tiny Llama. `encoders` picks among `TINY_ENCODERS` (the fine-detail switches of the ablation); `taps`
@@ -215,6 +216,7 @@ def tiny_config(
         projector_hidden_size=128,
         reference_comparison=reference_comparison,
         reference_encoders=reference_encoders,
+        reference_views=reference_views,
     )
     set_token_ids(config, tokenizer)
     return config
