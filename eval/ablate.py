@@ -5,7 +5,8 @@ recipes with the same budget and evaluated the same way on KensaSynth's held-out
 
 Per rung: 4-shot balanced accuracy overall, on tiny defects (<= 0.2% of the image) and on large ones, box hit rate,
 visual tokens per query, encoder time and total time of one 4-shot episode's forward, its peak memory. Every rung
-has the reference comparison on all of its encoders; the main job compares on the DCT encoder alone (its row).
+has the reference comparison on all of its encoders; the main job compares on the DCT encoder alone (its row), and
+the side comparisons (interleaved encoders, no pixel shuffle) change one thing of the main job.
 Writes `ablation.json`, `table.md` and `ablation.png` into `--out`.
 """
 
@@ -27,22 +28,21 @@ LADDER = [
     ("+ direct patches", {"encoders": ["siglip", "dinov2", "resnet", "patch"]}),
     ("+ DCT encoder", {"dct": True}),
 ]
-SIDE = [  # each changes one thing of the full ladder's last rung
-    ("top rung, encoders interleaved instead of concatenated", {"fusion": "interleave"}),
-    ("top rung, no pixel shuffle", {"pixel_shuffle": 1}),
-    ("main job (comparison on the DCT encoder alone)", None),
+SIDE = [  # each changes one thing of the main job's model (`train/pipeline.py`: `TINY`), the ladder's best
+    ("main job, encoders interleaved instead of concatenated", {"fusion": "interleave"}),
+    ("main job, no pixel shuffle", {"pixel_shuffle": 1}),
+    ("main job (comparison on the DCT encoder alone)", {}),
 ]
 
 
 def rungs() -> list[tuple[str, dict]]:
-    """(label, `tiny` settings) of every rung: the ladder's cumulative settings, then the side comparisons."""
+    """(label, `tiny` settings) of every rung: the ladder's cumulative settings, then the side comparisons (changes
+    of the main job's settings)."""
     out, settings = [], {"reference_comparison": True, "reference_encoders": None, "dct": False}
     for label, change in LADDER:
         settings = {**settings, **change}
         out.append((label, dict(settings)))
-    for label, change in SIDE:
-        out.append((label, {**settings, **change} if change is not None else {}))
-    return out
+    return out + [(label, dict(change)) for label, change in SIDE]
 
 
 @torch.no_grad()

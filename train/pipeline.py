@@ -22,7 +22,14 @@ logger = logging.getLogger(__name__)
 RECIPES = Path(__file__).parent / "configs" / "main"
 # 224 px photos: a 2x2 grid + thumbnail, 16 tokens per tile. The reference comparison runs on the DCT encoder
 # alone: the random tiny ViTs' distances rank defects at chance (docs/reference-comparison.md).
-TINY = {"tile_size": 112, "max_tiles": 4, "dct": True, "reference_comparison": True, "reference_encoders": ["dct"]}
+TINY = {
+    "tile_size": 112,
+    "max_tiles": 4,
+    "dct": True,
+    "reference_comparison": True,
+    "reference_encoders": ["dct"],
+    "reference_views": ["hflip", "vflip", "rot90", "rot180", "rot270"],  # chosen on the validation split
+}
 
 
 def train_stage(recipe: Path, overrides: list[str], absent: tuple[str, ...] = ()):
