@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from kensa_vl.modeling.modeling_kensa_vl import (
     locate_box,
@@ -24,6 +23,7 @@ from kensa_vl.modeling.modeling_kensa_vl import (
     patch_distances,
     scored_tiles,
     thumbnail_tiles,
+    unit_cells,
 )
 
 from .inspector import Judgement, _rgb, pixel_box
@@ -46,12 +46,13 @@ class PatchCore:
         names = self.model.config.reference_encoder_names()
         pixel_values = batch["pixel_values"].to(self.model.device)
         grids = self.model.model._grids(pixel_values, names)
-        cells = {name: F.normalize(grids[name].float(), dim=-1) for name in names}
+        cells = unit_cells(grids, names)
         grid = batch["image_grid"][0, :2].tolist()
         bank = None
         if reference:
             flat = {name: c.reshape(-1, c.shape[-1]) for name, c in cells.items()}
             bank = self.model.model._bank(pixel_values, cells) if self.model.config.reference_views else flat
+            # (`_bank` needs no comparison module: a plain-ICL model's baseline gets the same bank)
         return cells, thumbnail_tiles(batch["image_grid"]).to(self.model.device), grid, image.size, bank
 
     def set_support(self, support: list[dict]) -> None:

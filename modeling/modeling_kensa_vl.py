@@ -220,6 +220,11 @@ def peak_region_box(cells: torch.Tensor, threshold: float) -> tuple[list[float],
     return box, cells.max().item()
 
 
+def unit_cells(grids: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
+    """The compared encoders' (`names`) cells, L2-normalised in float32: name -> `(n, g, g, C)`."""
+    return {name: F.normalize(grids[name].float(), dim=-1) for name in names}
+
+
 def reference_view(pixel_values: torch.Tensor, view: str) -> torch.Tensor:
     """Square tiles `(n, 3, T, T)` seen as one of `REFERENCE_VIEWS`: flipped left-right or up-down, or turned
     counter-clockwise by 90, 180 or 270 degrees."""
@@ -289,7 +294,7 @@ class KensaVLReferenceComparison(nn.Module):
 
     def features(self, grids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The compared encoders' L2-normalised cells on their own grids: name -> `(n, g, g, C)`."""
-        return {name: F.normalize(grids[name].float(), dim=-1) for name in self.encoders}
+        return unit_cells(grids, self.encoders)
 
     def distances(self, query: dict[str, torch.Tensor], bank: dict[str, torch.Tensor]) -> torch.Tensor:
         """`query` name -> (n, g, g, C) tiles of one image, `bank` name -> (M, C) -> log-distances
@@ -501,10 +506,10 @@ class KensaVLModel(KensaVLPreTrainedModel):
     def _bank(self, pixel_values: torch.Tensor, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reference tiles' cells as the comparison's bank, name -> `(cells, C)`: `features` (the tiles' own
         compared features, name -> `(n, g, g, C)`), then the same tiles in each of `config.reference_views`."""
-        comparison, parts = self.reference_comparison, {name: [f] for name, f in features.items()}
+        parts = {name: [f] for name, f in features.items()}  # no comparison module needed (the kNN baseline)
         for view in self.config.reference_views:
-            seen = self._grids(reference_view(pixel_values, view).contiguous(), comparison.encoders)
-            for name, f in comparison.features(seen).items():
+            seen = self._grids(reference_view(pixel_values, view).contiguous(), list(parts))
+            for name, f in unit_cells(seen, parts).items():
                 parts[name].append(f)
         return {name: torch.cat([f.reshape(-1, f.shape[-1]) for f in fs]) for name, fs in parts.items()}
 
