@@ -48,11 +48,8 @@ class PatchCore:
         grids = self.model.model._grids(pixel_values, names)
         cells = unit_cells(grids, names)
         grid = batch["image_grid"][0, :2].tolist()
-        bank = None
-        if reference:
-            flat = {name: c.reshape(-1, c.shape[-1]) for name, c in cells.items()}
-            bank = self.model.model._bank(pixel_values, cells) if self.model.config.reference_views else flat
-            # (`_bank` needs no comparison module: a plain-ICL model's baseline gets the same bank)
+        # the model's own bank (views included; it needs no comparison module, so a plain-ICL model's works too)
+        bank = self.model.model._bank(pixel_values, cells) if reference else None
         return cells, thumbnail_tiles(batch["image_grid"]).to(self.model.device), grid, image.size, bank
 
     def set_support(self, support: list[dict]) -> None:

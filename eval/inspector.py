@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from PIL import Image
+from transformers.cache_utils import DynamicLayer
 
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY, REFERENCE_SCORES
 from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN, parse_inspection_answer, position_word
@@ -79,7 +80,7 @@ def fork_cache(cache):
     layer objects over the same prefix tensors keep the shared cache intact; a deep copy would copy every cached key
     and value per query. Other caches (no `layers`, or layers that write in place) are deep-copied."""
     layers = getattr(cache, "layers", None)
-    if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):  # exactly: no subclasses
+    if layers is None or any(type(layer) is not DynamicLayer for layer in layers):  # exactly: no subclasses
         return copy.deepcopy(cache)
     fork = copy.copy(cache)
     fork.layers = [copy.copy(layer) for layer in layers]

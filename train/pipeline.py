@@ -17,6 +17,8 @@ import logging
 import time
 from pathlib import Path
 
+from kensa_vl.modeling.configuration_kensa_vl import REFERENCE_VIEWS
+
 logger = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).parent / "configs" / "main"
@@ -28,7 +30,7 @@ TINY = {
     "dct": True,
     "reference_comparison": True,
     "reference_encoders": ["dct"],
-    "reference_views": ["hflip", "vflip", "rot90", "rot180", "rot270"],  # chosen on the validation split
+    "reference_views": list(REFERENCE_VIEWS),  # all five, chosen on the validation split
 }
 
 
