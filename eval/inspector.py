@@ -14,6 +14,7 @@ prefix; each query then costs only its own tokens. The prompt is the training ep
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicLayer
 
-from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY, REFERENCE_SCORES
+from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY, REFERENCE_SCORES, locate_box, reference_level
 from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN, parse_inspection_answer, position_word
 from kensa_vl.train.data.conversations import episode
 
@@ -145,6 +146,9 @@ class Inspector:
         self.max_new_tokens = max_new_tokens
         self.verdict_ids = verdict_token_ids(processor.tokenizer)
         self.support: list[dict] | None = None
+        # the forward pass hands back the query's distances to the supports, so a box needs no second comparison
+        # (older remote code cannot: `_locate` then compares again)
+        self._distances = "return_reference_distances" in inspect.signature(model.model.forward).parameters
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | None = None, dtype=None, **kwargs) -> Inspector:
@@ -207,14 +211,25 @@ class Inspector:
         inputs.update(pixel_values=suffix["pixel_values"], image_grid=suffix["image_grid"])
         return {**inputs, "reference_features": self._references} if self._references else inputs
 
-    def _locate(self, inputs: dict, width: int, height: int) -> list[list[int]] | None:
-        """The box of the query's most anomalous region from the reference comparison (`KensaVLModel.locate`), in
-        the query's pixels; None without a comparison against supports. The query is the inputs' last image."""
-        if not self._references or not hasattr(self.model.model, "locate"):  # older remote code has no `locate`
-            return None
+    def _forward(self, inputs: dict, cache, **kwargs):
+        """The model on `inputs` after the cached prefix (`cache`), with the query's reference distances."""
+        if self._references and self._distances:
+            kwargs["return_reference_distances"] = True
+        return self.model(**inputs, **{CACHE_KEY: cache}, logits_to_keep=1, **kwargs)
+
+    def _locate(self, inputs: dict, image: Image.Image, distances=None) -> list[list[int]] | None:
+        """The box of the query's most anomalous region from the reference comparison (`locate_box` on the forward
+        pass's `distances` of the query; `KensaVLModel.locate` compares again without them), in the query's
+        pixels; None without a comparison against supports. The query is the inputs' last image."""
         grid = inputs["image_grid"][-1:]
-        pixels = inputs["pixel_values"][inputs["pixel_values"].shape[0] - int(grid[0, 2]) :]
-        return [pixel_box(self.model.model.locate(pixels, grid, self._references[0])[0], width, height)]
+        if distances is not None:
+            box, _ = locate_box(distances, *grid[0, :2].tolist(), reference_level(self._references[0]))
+        elif self._references and hasattr(self.model.model, "locate"):  # older remote code has no `locate`
+            pixels = inputs["pixel_values"][inputs["pixel_values"].shape[0] - int(grid[0, 2]) :]
+            box, _ = self.model.model.locate(pixels, grid, self._references[0])
+        else:
+            return None
+        return [pixel_box(box, image.width, image.height)]
 
     @torch.no_grad()
     def judge(self, queries, batch_size: int = 1) -> list[Judgement]:
@@ -263,11 +278,12 @@ class Inspector:
             batch["reference_features"] = self._references * len(inputs)
         cache = fork_cache(self._cache)
         cache.batch_repeat_interleave(len(inputs))
-        logits = self.model(**batch, **{CACHE_KEY: cache}, use_cache=False, logits_to_keep=1).logits[:, -1]
+        forward = self._forward(batch, cache, use_cache=False)
+        distances = getattr(forward, "reference_distances", None) or [None] * len(inputs)  # one query per row
         out = []
         for row, (x, image) in enumerate(zip(inputs, images, strict=True)):
-            verdict, p_defective = self._verdict(logits[row])
-            located = self._locate(x, image.width, image.height) if verdict != "good" else None
+            verdict, p_defective = self._verdict(forward.logits[row, -1])
+            located = self._locate(x, image, distances[row]) if verdict != "good" else None
             out.append(Judgement(verdict, p_defective, boxes=located or []))
         return out
 
@@ -276,16 +292,21 @@ class Inspector:
         p_defective = torch.softmax(logits.float()[list(self.verdict_ids)], 0)[1].item()
         return ("defective" if p_defective >= self.threshold else "good"), p_defective
 
-    def _judge_one(self, image: Image.Image) -> Judgement:
+    def _score(self, image: Image.Image) -> tuple[dict, object]:
+        """One query's inputs (the whole prompt) and the model's output on it, after the cached prefix if any."""
         inputs = self._query_inputs(image)
         cache = fork_cache(self._cache) if self._cache is not None else None
         step = dict(inputs)
         if cache is not None:  # the prefix is in the cache: run the query's own tokens only
             step["input_ids"] = inputs["input_ids"][:, self._prefix["input_ids"].shape[1] :]
-        out = self.model(**step, **{CACHE_KEY: cache}, use_cache=self.max_new_tokens > 0, logits_to_keep=1)
+        return inputs, self._forward(step, cache, use_cache=self.max_new_tokens > 0)
+
+    def _judge_one(self, image: Image.Image) -> Judgement:
+        inputs, out = self._score(image)
         verdict, p_defective = self._verdict(out.logits[0, -1])
         # the comparison's map places a defect better than the LM's box tokens (docs/reference-comparison.md)
-        located = self._locate(inputs, image.width, image.height) if verdict != "good" else None
+        distances = getattr(out, "reference_distances", None)
+        located = self._locate(inputs, image, distances and distances[-1]) if verdict != "good" else None
         if self.max_new_tokens == 0:
             return Judgement(verdict, p_defective, boxes=located or [])
         text = self._describe(inputs, getattr(out, CACHE_KEY), verdict)

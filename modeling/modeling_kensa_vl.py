@@ -48,6 +48,9 @@ class KensaVLModelOutputWithPast(BaseModelOutputWithPast):
     anomaly_map: torch.FloatTensor | None = None  # (num_tiles, token positions per tile) logits; NaN: no references
     anomaly_loss: torch.FloatTensor | None = None  # with `anomaly_labels`
     image_scores: torch.FloatTensor | None = None  # (num_images,) kNN score per image; NaN: no references
+    # with `return_reference_distances`: per image, the compared encoders' `nearest_distances` maps (None: no
+    # references), what `locate_box` boxes
+    reference_distances: tuple | None = None
 
 
 @dataclass
@@ -56,6 +59,7 @@ class KensaVLCausalLMOutputWithPast(CausalLMOutputWithPast):
     anomaly_map: torch.FloatTensor | None = None
     anomaly_loss: torch.FloatTensor | None = None  # included in `loss`; computed by the backbone (`model`)
     image_scores: torch.FloatTensor | None = None
+    reference_distances: tuple | None = None
 
 
 class KensaVLLayerMerge(nn.Module):
@@ -187,12 +191,23 @@ def nearest_distances(query: torch.Tensor, bank: torch.Tensor, chunk: int = 2048
     return torch.cat(nearest).clamp_min(0).view(n, g, g)
 
 
-def patch_distances(query: torch.Tensor, bank: torch.Tensor, token_side: int, chunk: int = 2048) -> torch.Tensor:
-    """`nearest_distances` averaged over the 3x3 neighbourhood and max-pooled onto a `token_side` grid:
+def pooled_distances(nearest: torch.Tensor, token_side: int) -> torch.Tensor:
+    """`nearest_distances` `(n, g, g)` averaged over the 3x3 neighbourhood and max-pooled onto a `token_side` grid:
     `(n, token_side^2)`."""
-    n, g = query.shape[:2]
-    d = F.avg_pool2d(nearest_distances(query, bank, chunk).view(n, 1, g, g), 3, 1, 1, count_include_pad=False)
+    d = F.avg_pool2d(nearest.unsqueeze(1), 3, 1, 1, count_include_pad=False)
     return F.adaptive_max_pool2d(d, token_side).flatten(1)
+
+
+def patch_distances(query: torch.Tensor, bank: torch.Tensor, token_side: int, chunk: int = 2048) -> torch.Tensor:
+    """`pooled_distances` of `query`'s cells against `bank`: `(n, token_side^2)`."""
+    return pooled_distances(nearest_distances(query, bank, chunk), token_side)
+
+
+def reference_level(reference_features: dict) -> float | None:
+    """The supports' level `locate_box` measures a query against: the median kNN score of the support images of a
+    cached support set (`REFERENCE_SCORES`), None without one."""
+    scores = reference_features.get(REFERENCE_SCORES)
+    return scores.float().median().item() if scores is not None and len(scores) else None
 
 
 def stitch_tiles(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -296,22 +311,23 @@ class KensaVLReferenceComparison(nn.Module):
         """The compared encoders' L2-normalised cells on their own grids: name -> `(n, g, g, C)`."""
         return unit_cells(grids, self.encoders)
 
-    def distances(self, query: dict[str, torch.Tensor], bank: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`query` name -> (n, g, g, C) tiles of one image, `bank` name -> (M, C) -> log-distances
-        `(n, tokens_per_tile, 2E)`."""
-        out = []
-        for name in self.encoders:
-            d = patch_distances(query[name], bank[name], self.token_side)  # (n, tokens_per_tile)
+    def distances(self, query: dict[str, torch.Tensor], bank: dict[str, torch.Tensor]):
+        """`query` name -> (n, g, g, C) tiles of one image, `bank` name -> (M, C) -> (log-distances
+        `(n, tokens_per_tile, 2E)`, each encoder's `nearest_distances` `(n, g, g)`)."""
+        out, nearest = [], [nearest_distances(query[name], bank[name]) for name in self.encoders]
+        for cells in nearest:
+            d = pooled_distances(cells, self.token_side)  # (n, tokens_per_tile)
             out += [d, d / d.median().clamp_min(1e-6)]
-        return torch.stack(out, -1).clamp_min(1e-4).log()
+        return torch.stack(out, -1).clamp_min(1e-4).log(), nearest
 
     def forward(self, query, thumbnail: torch.Tensor, bank, level: torch.Tensor | None = None):
         """One image whose tiles are `thumbnail`-flagged `(n,)` against `bank` -> (token embeddings
         `(n, tokens_per_tile, D)`, anomaly logits `(n, tokens_per_tile)`, the summary embedding `(D,)`, the image's
-        kNN score). The score is the largest log-distance over the grid tiles (untrained, PatchCore's); `level` is
-        the median score of the earlier images of the prompt (each against the images before it), the prompt's own
-        measure of how far good photos of this product lie from each other."""
-        x = self.distances(query, bank).to(self.linear.weight.dtype)
+        kNN score, each encoder's `nearest_distances`). The score is the largest log-distance over the grid tiles
+        (untrained, PatchCore's); `level` is the median score of the earlier images of the prompt (each against the
+        images before it), the prompt's own measure of how far good photos of this product lie from each other."""
+        x, nearest = self.distances(query, bank)
+        x = x.to(self.linear.weight.dtype)
         logits = (self.linear(x) + self.mlp(x)).squeeze(-1)
         selected = scored_tiles(thumbnail)
         scored = logits[selected].flatten()
@@ -320,7 +336,7 @@ class KensaVLReferenceComparison(nn.Module):
         relative, known = (score - level, 1.0) if level is not None else (torch.zeros_like(score), 0.0)
         image = torch.stack([scored.max(), top, scored.mean(), score, relative, torch.full_like(score, known)])
         summary = torch.stack([logits, image[0].expand_as(logits)], -1)
-        return self.embed(summary), logits, self.summary(image), score.detach()
+        return self.embed(summary), logits, self.summary(image), score.detach(), nearest
 
 
 class KensaVLPreTrainedModel(PreTrainedModel):
@@ -529,9 +545,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         comparison = self.reference_comparison
         features = comparison.features(self._grids(pixel_values, comparison.encoders))
         distances = [nearest_distances(features[n], reference_features[n].float()) for n in comparison.encoders]
-        scores = reference_features.get(REFERENCE_SCORES)
-        level = scores.float().median().item() if scores is not None and len(scores) else None
-        return locate_box(distances, *image_grid[0, :2].tolist(), level)
+        return locate_box(distances, *image_grid[0, :2].tolist(), reference_level(reference_features))
 
     def _compare(self, image_features, grids, input_ids, image_grid, reference_features, pixel_values):
         """Compare every image that has references (the earlier images of its sample, plus
@@ -540,7 +554,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         the anomaly map `(N, positions)` per token position of a tile (`(grid_size / pixel_shuffle)^2`; NaN for
         images without references), the `</img>` embeddings as (rows, positions, embeddings), and each image's kNN
         score `(num_images,)` (NaN without references; a cached support set passes its own under
-        `REFERENCE_SCORES`)."""
+        `REFERENCE_SCORES`), and per image the compared encoders' `nearest_distances` (None without references)."""
         comparison = self.reference_comparison
         features = comparison.features(grids)  # name -> (N, g, g, C)
         thumbnail = thumbnail_tiles(image_grid)
@@ -554,6 +568,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         )
         ends, image = ([], [], []), 0
         scores = anomaly.new_full((len(tiles),), float("nan"))
+        nearest = [None] * len(tiles)
         for row, row_tokens in enumerate(is_image.sum(1).tolist()):
             positions = is_image[row].nonzero().flatten()
             cached = None if reference_features is None else reference_features[row]
@@ -565,7 +580,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
                 query = {name: f[first:last] for name, f in features.items()}
                 if banks[comparison.encoders[0]]:
                     level = torch.stack(levels).median() if levels else None
-                    delta, logits, summary, scores[image] = comparison(
+                    delta, logits, summary, scores[image], nearest[image] = comparison(
                         query, thumbnail[first:last], {n: torch.cat(b) for n, b in banks.items()}, level
                     )
                     levels.append(scores[image])
@@ -580,7 +595,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
                     for name, cells in self._bank(pixel_values[first:last], query).items():
                         banks[name].append(cells)
                 image += 1
-        return image_features + added, anomaly, ends, scores
+        return image_features + added, anomaly, ends, scores, tuple(nearest)
 
     def _add_summaries(self, inputs_embeds, input_ids, rows, starts, summaries):
         """Add each compared image's summary embedding to its `</img>` token (`starts`) and the text after it, up to
@@ -627,6 +642,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         use_cache: bool | None = None,
         reference_features: list[torch.Tensor] | None = None,
         anomaly_labels: torch.Tensor | None = None,
+        return_reference_distances: bool = False,
         **kwargs,
     ) -> KensaVLModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -638,12 +654,12 @@ class KensaVLModel(KensaVLPreTrainedModel):
             described = int(image_grid[:, 2].sum())
             if described != pixel_values.shape[0]:
                 raise ValueError(f"image_grid describes {described} tiles, pixel_values has {pixel_values.shape[0]}.")
-        image_features = anomaly_map = anomaly_loss = image_scores = None
+        image_features = anomaly_map = anomaly_loss = image_scores = nearest = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             grids = self._grids(pixel_values)
             image_features = self._project(grids)
             if self.config.reference_comparison and image_grid is not None and input_ids is not None:
-                image_features, anomaly_map, ends, image_scores = self._compare(
+                image_features, anomaly_map, ends, image_scores, nearest = self._compare(
                     image_features, grids, input_ids, image_grid, reference_features, pixel_values
                 )
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
@@ -673,6 +689,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
             anomaly_map=anomaly_map,
             anomaly_loss=anomaly_loss,
             image_scores=image_scores,
+            reference_distances=nearest if return_reference_distances else None,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
 
@@ -757,6 +774,9 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
                 visual token covers a defect, 0 where it does not, -1 where unknown (the processor's
                 `anomaly_labels`). With `reference_comparison`, their class-balanced binary cross-entropy against
                 the anomaly map, times `config.anomaly_loss_weight`, is added to the loss.
+            return_reference_distances (`bool`, *optional*): also return, per image, the compared encoders'
+                nearest-reference cell distances (`reference_distances`; what `locate_box` boxes, so a caller need
+                not compare the image again).
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -792,6 +812,7 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             anomaly_map=outputs.anomaly_map,
             anomaly_loss=anomaly_loss,
             image_scores=outputs.image_scores,
+            reference_distances=outputs.reference_distances,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
 

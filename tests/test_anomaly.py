@@ -148,13 +148,13 @@ def test_untrained_comparison_starts_as_patchcore_and_changes_no_visual_token(ti
     with torch.no_grad():
         grids = model.model._grids(batch["pixel_values"])
         base = model.model._project(grids)
-        out, anomaly, _, _ = model.model._compare(
+        out, anomaly, _, _, _ = model.model._compare(
             base, grids, batch["input_ids"], batch["image_grid"], None, batch["pixel_values"]
         )
         features = comparison.features(grids)
         query = {name: f[5:] for name, f in features.items()}
         bank = {name: f[:5].reshape(-1, f.shape[-1]) for name, f in features.items()}
-        expected = comparison.distances(query, bank).mean(-1)
+        expected = comparison.distances(query, bank)[0].mean(-1)
     torch.testing.assert_close(out, base)
     torch.testing.assert_close(anomaly[5:], expected)
 
@@ -219,8 +219,8 @@ def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
         query = {name: f[5:] for name, f in features.items()}
         other = {name: torch.cat([f[5:9], f[:1]]) for name, f in features.items()}  # another thumbnail
         thumbnail = torch.tensor([False] * 4 + [True])
-        _, logits, summary, score = comparison(query, thumbnail, bank)
-        _, other_logits, other_summary, other_score = comparison(other, thumbnail, bank)
+        _, logits, summary, score, _ = comparison(query, thumbnail, bank)
+        _, other_logits, other_summary, other_score, _ = comparison(other, thumbnail, bank)
     assert not torch.allclose(logits[4], other_logits[4])  # the thumbnail's own map changes ...
     torch.testing.assert_close(summary, other_summary)  # ... the image's summary does not
     assert score == other_score
@@ -260,7 +260,8 @@ def test_stitch_tiles_puts_each_tile_where_the_processor_cut_it(tiny_dct):
 
 def test_locate_finds_a_defect_against_good_references_before_any_training(tiny_dct):
     """The comparison's map gives the box (the untrained DCT encoder has no weights to learn): a dark spot in the
-    lower-right tile of a 2 x 2 grid is boxed there, in the query's pixel fractions, cached or recomputed."""
+    lower-right tile of a 2 x 2 grid is boxed there, in the query's pixel fractions, cached or recomputed, from the
+    forward pass's distances as from `locate` comparing again."""
     from kensa_vl.eval.inspector import Inspector, support_item
 
     model, processor = tiny_dct
@@ -274,8 +275,9 @@ def test_locate_finds_a_defect_against_good_references_before_any_training(tiny_
     for cache in (True, False):
         inspector = Inspector(model, processor, cache=cache, max_new_tokens=0)
         inspector.set_support(support)
-        inputs = inspector._query_inputs(Image.fromarray(query))
-        boxes[cache] = inspector._locate(inputs, 224, 224)
+        inputs, out = inspector._score(Image.fromarray(query))
+        boxes[cache] = inspector._locate(inputs, Image.fromarray(query), out.reference_distances[-1])
+        assert inspector._locate(inputs, Image.fromarray(query)) == boxes[cache]  # `locate`: compared again
     assert boxes[True] == boxes[False]
     (x0, y0, x1, y1), true = boxes[True][0], (130, 150, 165, 178)
     inter = max(0, min(x1, true[2]) - max(x0, true[0])) * max(0, min(y1, true[3]) - max(y0, true[1]))

@@ -250,7 +250,7 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
     two = processor(text="<image> <image> a", images=images, return_tensors="pt")
     with torch.no_grad():
         base = model.model.get_image_features(two["pixel_values"])
-        out, anomaly, (rows, ends, summaries), scores = model.model._compare(
+        out, anomaly, (rows, ends, summaries), scores, nearest = model.model._compare(
             base,
             model.model._grids(two["pixel_values"]),
             two["input_ids"],
@@ -265,6 +265,13 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
         assert rows == [0] and processor.tokenizer.convert_ids_to_tokens(int(two["input_ids"][0, ends[0]])) == "</img>"
         assert len(summaries) == 1 and summaries[0].abs().sum() > 0
         assert scores[0].isnan() and scores[1] > -10  # the second image's kNN score (a log-distance)
+        # its distances to the first image's cells, one map per compared encoder, handed back only when asked
+        tiles = int(two["image_grid"][1, 2])
+        assert nearest[0] is None and len(nearest[1]) == len(model.config.reference_encoder_names())
+        assert all(d.shape[0] == tiles and d.min() >= 0 for d in nearest[1])
+        assert model(**two).reference_distances is None
+        returned = model(**two, return_reference_distances=True).reference_distances
+        assert returned[0] is None and all(torch.equal(a, b) for a, b in zip(returned[1], nearest[1], strict=True))
         assert model(**one).anomaly_map.isnan().all()  # no references: no map
         logits = model(**one).logits
     save_kensa(model, processor, tmp_path)
