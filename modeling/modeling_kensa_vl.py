@@ -281,8 +281,9 @@ class KensaVLReferenceComparison(nn.Module):
 
     For each image with references (the earlier images of its prompt, or a cached support set), per compared
     encoder and per cell of that encoder's own patch grid: the cosine distance to the nearest cell of any reference
-    tile, averaged over the 3x3 neighbourhood (PatchCore's locally aware patches), max-pooled onto the visual
-    tokens, raw and relative to the image's median.
+    tile, averaged over the 3x3 neighbourhood (PatchCore's locally aware patches) and max-pooled onto the visual
+    tokens, and the farthest single cell under each token (a defect of a cell or two, which the mean dilutes); each
+    raw and relative to the image's median.
     Their logarithms become one anomaly logit per visual token (trained on defect masks when they are given, see
     `anomaly_labels`): a linear term that starts as their mean (farther is more anomalous, so an untrained map
     already ranks like PatchCore) plus an MLP that starts at zero.
@@ -293,12 +294,14 @@ class KensaVLReferenceComparison(nn.Module):
     `_add_summaries`). The summary, over the image's grid tiles (`scored_tiles`): the largest, top-mean and mean
     logit, the image's kNN score, that score minus the prompt's level (see `forward`), and whether there is one."""
 
+    PER_ENCODER = 4  # log-distances per encoder and token: 3x3 mean and farthest cell, raw and over the median
+
     def __init__(self, config: KensaVLConfig):
         super().__init__()
         self.encoders = config.reference_encoder_names()
         self.token_side = config.grid_size // config.pixel_shuffle
         width = config.text_config.hidden_size
-        inputs = 2 * len(self.encoders)
+        inputs = self.PER_ENCODER * len(self.encoders)
         self.linear = nn.Linear(inputs, 1)
         self.mlp = nn.Sequential(nn.Linear(inputs, 64), nn.GELU(), nn.Linear(64, 1))
         self.embed = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
@@ -317,7 +320,9 @@ class KensaVLReferenceComparison(nn.Module):
         out, nearest = [], [nearest_distances(query[name], bank[name]) for name in self.encoders]
         for cells in nearest:
             d = pooled_distances(cells, self.token_side)  # (n, tokens_per_tile)
-            out += [d, d / d.median().clamp_min(1e-6)]
+            # the single farthest cell under each token: a defect of a cell or two, which the 3x3 mean dilutes
+            far = F.adaptive_max_pool2d(cells.unsqueeze(1), self.token_side).flatten(1)
+            out += [d, d / d.median().clamp_min(1e-6), far, far / far.median().clamp_min(1e-6)]
         return torch.stack(out, -1).clamp_min(1e-4).log(), nearest
 
     def forward(self, query, thumbnail: torch.Tensor, bank, level: torch.Tensor | None = None):
@@ -332,7 +337,7 @@ class KensaVLReferenceComparison(nn.Module):
         selected = scored_tiles(thumbnail)
         scored = logits[selected].flatten()
         top = scored.topk(min(len(scored), logits.shape[-1])).values.mean()
-        score = x[selected][..., 0::2].mean(-1).max()  # log-distance, mean over the compared encoders
+        score = x[selected][..., 0 :: self.PER_ENCODER].mean(-1).max()  # 3x3 log-distance, mean over encoders
         relative, known = (score - level, 1.0) if level is not None else (torch.zeros_like(score), 0.0)
         image = torch.stack([scored.max(), top, scored.mean(), score, relative, torch.full_like(score, known)])
         summary = torch.stack([logits, image[0].expand_as(logits)], -1)
