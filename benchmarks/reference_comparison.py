@@ -5,7 +5,7 @@ kNN baseline, from two `kensa-vl eval` outputs of models trained by the same rec
     kensa-vl train --out outputs/plain --tiny reference_comparison=false    # the same without the comparison
     kensa-vl eval --model outputs/comparison/model --data outputs/kensa-synth-224 --shots 1,2,4,8 \
         --out outputs/eval-comparison                                       # and the same for outputs/plain
-    python benchmarks/reference_comparison.py outputs/eval-plain outputs/eval-comparison \
+    python -m benchmarks.reference_comparison outputs/eval-plain outputs/eval-comparison \
         --plot docs/reference-comparison.png
 
 Prints a markdown table (balanced accuracy, AUROC, box hit rate; mean ± std over seeds) and writes the plot.
