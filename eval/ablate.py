@@ -87,6 +87,7 @@ def run(
     from .inspector import load_pretrained
 
     out, data = Path(out), Path(data)
+    out.mkdir(parents=True, exist_ok=True)  # a trained rung alone trains nothing that would make it
     test = load_synth(data)[0]["test"]
     results = json.loads((out / "ablation.json").read_text()) if (out / "ablation.json").exists() else {}
     todo = [(i, label, tiny) for i, (label, tiny) in enumerate(rungs()) if chosen is None or i in chosen]

@@ -32,3 +32,7 @@ def test_one_rung_end_to_end(synth_dir, tmp_path):
     # a rung whose model is already trained (the main job's row) is evaluated and timed, not retrained
     again = run(tmp_path, synth_dir, chosen={10}, seeds=1, queries=2, trained={10: tmp_path / "rung7" / "model"})
     assert again["10"]["train_s"] is None and not (tmp_path / "rung10").exists() and "7" in again
+    alone = run(
+        tmp_path / "new", synth_dir, chosen={10}, seeds=1, queries=2, trained={10: tmp_path / "rung7" / "model"}
+    )
+    assert list(alone) == ["10"] and (tmp_path / "new" / "ablation.json").exists()  # into a folder not made yet
