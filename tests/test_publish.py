@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +47,11 @@ def test_notes_with_their_plots_join_the_card(trained, tmp_path):
     folder = export(trained / "model", tmp_path / "export", trained / "metrics.json", notes=tmp_path / "notes.md")
     card = (folder / "README.md").read_text()
     assert "## Further results\n\n| run | accuracy |" in card and (folder / "ablation.png").exists()
+    # the notes the README publishes with: the comparison's table, and its plot beside them
+    notes = Path(__file__).resolve().parents[1] / "docs" / "card-notes.md"
+    folder = export(trained / "model", tmp_path / "with-docs", trained / "metrics.json", notes=notes)
+    card = (folder / "README.md").read_text()
+    assert "| plain ICL | 4 |" in card and (folder / "reference-comparison.png").exists()
 
 
 @pytest.mark.slow
