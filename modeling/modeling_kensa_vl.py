@@ -316,7 +316,7 @@ class KensaVLReferenceComparison(nn.Module):
 
     def distances(self, query: dict[str, torch.Tensor], bank: dict[str, torch.Tensor]):
         """`query` name -> (n, g, g, C) tiles of one image, `bank` name -> (M, C) -> (log-distances
-        `(n, tokens_per_tile, 2E)`, each encoder's `nearest_distances` `(n, g, g)`)."""
+        `(n, tokens_per_tile, PER_ENCODER * E)`, each encoder's `nearest_distances` `(n, g, g)`)."""
         out, nearest = [], [nearest_distances(query[name], bank[name]) for name in self.encoders]
         for cells in nearest:
             d = pooled_distances(cells, self.token_side)  # (n, tokens_per_tile)

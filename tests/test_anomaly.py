@@ -205,6 +205,25 @@ def test_trainer_adds_the_anomaly_loss_that_trl_drops(tiny_dct, synth_dir, tmp_p
     model.zero_grad()
 
 
+def test_a_one_cell_defect_shows_in_the_farthest_cell_not_diluted_by_the_mean(tiny_dct):
+    """Each token reads the 3x3 mean distance and the farthest single cell under it: a query identical to its
+    reference except for one cell is 9x farther there by the farthest cell than by the mean."""
+    model, processor = tiny_dct
+    comparison = model.model.reference_comparison
+    batch = processor.image_processor([random_image(224, 224, 1)], return_tensors="pt")
+    with torch.no_grad():
+        features = comparison.features(model.model._grids(batch["pixel_values"]))
+        bank = {name: f.reshape(-1, f.shape[-1]) for name, f in features.items()}
+        query = {name: f.clone() for name, f in features.items()}
+        for f in query.values():  # one interior cell of the first tile points the other way
+            f[0, 5, 5] = -f[0, 5, 5]
+        x, _ = comparison.distances(query, bank)
+    mean, far = x[..., 0], x[..., 2]  # the first encoder's 3x3 mean and farthest cell (logs)
+    assert comparison.PER_ENCODER == 4 and x.shape[-1] == 4 * len(comparison.encoders)
+    assert far.max() - mean.max() == pytest.approx(np.log(9), abs=1e-4)
+    assert far[1:].max() <= np.log(1e-4) + 1e-6  # the other tiles match their reference exactly
+
+
 def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
     from kensa_vl.modeling.modeling_kensa_vl import scored_tiles
 
