@@ -143,19 +143,29 @@ class KensaVLDCTEncoder(nn.Module):
         basis[0] /= 2**0.5
         return basis
 
+    def kernel(self, device) -> torch.Tensor:
+        """RGB block -> kept YCbCr coefficients as one linear map, `(luma + 2 * chroma, 3, k, k)`: the 2-D DCT basis
+        (`kron(basis, basis)`, rows in zigzag order) times the colour conversion (Y, then Cb, then Cr)."""
+        y = torch.tensor([0.299, 0.587, 0.114], device=device)
+        cb = 0.564 * (torch.tensor([0.0, 0.0, 1.0], device=device) - y)
+        cr = 0.713 * (torch.tensor([1.0, 0.0, 0.0], device=device) - y)
+        basis = self.basis(device)
+        dct = torch.kron(basis, basis)[self.zigzag]  # (k*k coefficients, k*k pixels)
+        rows = [(colour, dct[:kept]) for colour, kept in ((y, self.luma), (cb, self.chroma), (cr, self.chroma))]
+        weight = torch.cat([torch.einsum("c,rp->rcp", colour, coefficients) for colour, coefficients in rows])
+        return weight.view(-1, 3, self.block, self.block)
+
     def forward(self, pixel_values: torch.Tensor, **_) -> torch.Tensor:
-        """`(n, 3, T, T)` RGB in [0, 1] -> `(n, (T / patch_size)^2, luma + 2 * chroma)`."""
-        r, g, b = pixel_values.float().unbind(1)
-        y = 0.299 * r + 0.587 * g + 0.114 * b
-        ycc = torch.stack([y, 0.564 * (b - y), 0.713 * (r - y)], 1)  # (n, 3, T, T)
-        n, _, side, _ = ycc.shape
-        cells, k = side // self.block, self.block
-        blocks = ycc.view(n, 3, cells, k, cells, k).permute(0, 2, 4, 1, 3, 5)  # (n, g, g, 3, k, k)
-        basis = self.basis(ycc.device)
-        coefficients = (basis @ blocks @ basis.T).flatten(-2)[..., self.zigzag]  # (n, g, g, 3, k*k)
-        kept = [coefficients[..., 0, : self.luma], coefficients[..., 1:, : self.chroma].flatten(-2)]
-        features = torch.cat(kept, -1)
-        return (features.sign() * torch.log1p(10 * features.abs())).reshape(n, cells * cells, -1)
+        """`(n, 3, T, T)` RGB in [0, 1] -> `(n, (T / patch_size)^2, luma + 2 * chroma)`. One strided convolution
+        with `kernel`: 10x faster on a CPU than colour conversion and separable DCT as tensor ops (BENCHMARKS.md)."""
+        pixels = pixel_values.float()
+        if pixels.shape[-1] % self.block or pixels.shape[-2] % self.block:
+            raise ValueError(
+                f"DCT encoder: tile sides must be multiples of patch_size {self.block}, "
+                f"got {tuple(pixels.shape[-2:])}."
+            )
+        features = F.conv2d(pixels, self.kernel(pixels.device), stride=self.block).flatten(2).transpose(1, 2)
+        return features.sign() * torch.log1p(10 * features.abs())
 
 
 class KensaVLPatchEncoder(nn.Module):

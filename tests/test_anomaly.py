@@ -24,25 +24,28 @@ def test_dct_encoder_matches_scipy_block_dct(tiny_dct):
     tower = model.model.vision_towers["dct"]
     pixels = processor.image_processor([random_image(224, 224, 3)], return_tensors="pt")["pixel_values"][:1]
     out = tower(pixels).view(16, 16, -1)  # 112 px tile, 7 px blocks
-    rgb = pixels[0].numpy()
+    rgb = pixels[0].numpy().astype(np.float64)
     y = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
-    cr = 0.713 * (rgb[0] - y)
-    row, col = 3, 5  # block (3, 5): rows 21..27, columns 35..41
-    luma, chroma = dctn(y[21:28, 35:42], norm="ortho"), dctn(cr[21:28, 35:42], norm="ortho")
-    compress = lambda v: np.sign(v) * np.log1p(10 * np.abs(v))  # noqa: E731
-    # zigzag order: (0,0), (0,1), (1,0), (0,2), (1,1), (2,0), ...
-    expected = [luma[0, 0], luma[0, 1], luma[1, 0], luma[0, 2], luma[1, 1], luma[2, 0]]
-    np.testing.assert_allclose(out[row, col, :6].numpy(), compress(np.array(expected)), rtol=1e-4, atol=1e-5)
-    cr_start = 36 + 3  # 36 luma, 3 Cb, then Cr
-    np.testing.assert_allclose(out[row, col, cr_start].item(), compress(chroma[0, 0]), rtol=1e-4, atol=1e-5)
+    ycc = np.stack([y, 0.564 * (rgb[2] - y), 0.713 * (rgb[0] - y)])
+    blocks = ycc.reshape(3, 16, 7, 16, 7).transpose(1, 3, 0, 2, 4)  # (16, 16, 3, 7, 7): every 7 px block
+    coefficients = dctn(blocks, axes=(-2, -1), norm="ortho")
+    zigzag = sorted(((u, v) for u in range(7) for v in range(7)), key=lambda uv: (sum(uv), uv[0]))
+    assert zigzag[:6] == [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1), (2, 0)]
+    pick = lambda channel, count: [coefficients[:, :, channel, u, v] for u, v in zigzag[:count]]  # noqa: E731
+    expected = np.stack(pick(0, 36) + pick(1, 3) + pick(2, 3), -1)  # 36 luma, 3 Cb, 3 Cr
+    compress = np.sign(expected) * np.log1p(10 * np.abs(expected))
+    np.testing.assert_allclose(out.numpy(), compress, rtol=1e-4, atol=1e-4)
     assert not any(True for _ in tower.parameters())  # a fixed transform: nothing to train or save
 
 
-def test_dct_config_is_checked():
+def test_dct_config_and_tile_size_are_checked():
     from kensa_vl.modeling.modeling_kensa_vl import KensaVLDCTEncoder
 
     with pytest.raises(ValueError, match="luma_coefficients <= 49"):
         KensaVLDCTEncoder({"patch_size": 7, "luma_coefficients": 64, "chroma_coefficients": 3})
+    encoder = KensaVLDCTEncoder({"patch_size": 7, "luma_coefficients": 36, "chroma_coefficients": 3})
+    with pytest.raises(ValueError, match=r"multiples of patch_size 7, got \(112, 110\)"):
+        encoder(torch.rand(1, 3, 112, 110))
 
 
 def test_anomaly_labels_follow_the_mask_into_tiles_and_tokens(tiny_dct):
