@@ -1,14 +1,16 @@
 """Cost of the DCT encoder (`KensaVLDCTEncoder`): colour conversion and the separable block DCT as tensor ops (what
 it was) against one strided convolution with the combined kernel (what it is), side by side in one run, on the
 tile counts the main job meets: a query (5 tiles), a 4-shot prompt (25), its supports in the five reference
-views (100 more).
+views (100 more). With `--data`, also the main job's training step (the tiny model of `kensa-vl train`, random
+weights; forward + backward of 4 KensaSynth training episodes) with each encoder, taking turns.
 
-    python -m benchmarks.dct_encoder [--repeats 5]
+    python -m benchmarks.dct_encoder [--repeats 5] [--data outputs/kensa-synth-224]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -31,10 +33,40 @@ def separable(encoder: KensaVLDCTEncoder, pixel_values: torch.Tensor) -> torch.T
     return (features.sign() * torch.log1p(10 * features.abs())).reshape(n, cells * cells, -1)
 
 
+def training_step(data: str, repeats: int) -> tuple[float, float]:
+    """Median seconds of the main job's training step with the separable encoder and with the current one."""
+    from kensa_vl.train.build import build_tiny
+    from kensa_vl.train.data.conversations import episode_conversations
+    from kensa_vl.train.data.synth import load_synth
+    from kensa_vl.train.pipeline import TINY
+    from kensa_vl.train.sft import KensaCollator
+
+    model, processor = build_tiny(**TINY)
+    model.train()
+    items, episodes = load_synth(data)
+    rows = episode_conversations(items["train"], episodes["train"])
+    batch = KensaCollator(processor, max_length=None, assistant_only_loss=True)([rows[i] for i in range(4)])
+    tower = model.model.vision_towers["dct"]
+    current = tower.forward
+
+    def step(forward) -> None:
+        tower.forward = forward
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    encoders = {"separable": lambda pixels, **_: separable(tower, pixels), "convolution": current}
+    times = {name: [] for name in encoders}
+    for _ in range(repeats + 1):  # taking turns, so a slow spell of the machine falls on both; the first warms up
+        for name, forward in encoders.items():
+            times[name].append(timed(lambda f=forward: step(f), 1, warmup=0))
+    return statistics.median(times["separable"][1:]), statistics.median(times["convolution"][1:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tile", type=int, default=112)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--data", default=None, help="a KensaSynth folder: also time the main job's training step")
     args = parser.parse_args()
     torch.manual_seed(0)
     encoder = KensaVLDCTEncoder({"patch_size": 7, "luma_coefficients": 36, "chroma_coefficients": 3})
@@ -47,6 +79,12 @@ def main() -> None:
         before = timed(lambda p=pixels: separable(encoder, p), args.repeats) * 1e3
         after = timed(lambda p=pixels: encoder(p), args.repeats) * 1e3
         print(f"| {tiles} | {before:.2f} | {after:.2f} | {before / after:.1f}× | {diff:.1e} |")
+    if args.data:
+        before, after = training_step(args.data, args.repeats)
+        print(
+            f"\nmain job's training step (4 episodes, forward + backward): separable {before:.2f} s, "
+            f"convolution {after:.2f} s, {before / after:.2f}× faster"
+        )
 
 
 if __name__ == "__main__":

@@ -96,18 +96,21 @@ def main() -> None:
         qps = len(queries) / (time.perf_counter() - start)
         others = b + [r.p_defective for r in batched]  # recomputed and batched, each against one-by-one cached
         diff = max(abs(x - y) for x, y in zip(a + a, others, strict=True))
-        rows.append((k, cached._prefix["input_ids"].shape[1], fast, fast_median, slow, slow_median, qps, diff))
+        prefix = cached._prefix["input_ids"].shape[1]
+        query_tokens = cached._query_inputs(queries[0])["input_ids"].shape[1] - prefix
+        rows.append((k, prefix, query_tokens, fast, fast_median, slow, slow_median, qps, diff))
     source = f"KensaSynth {args.split} photos" if args.data else f"{args.size} px noise photos"
     print(f"{machine()}; {source}, {args.queries} queries, scores only")
     print(
-        "| k | prefix tokens | cached ms/query: mean (median) | recomputed ms/query: mean (median) | speed-up (means) "
+        "| k | prefix tokens | query tokens | cached ms/query: mean (median) | recomputed ms/query: mean (median) "
+        "| speed-up (means) "
         "| queries/s one by one (cached) "
         f"| queries/s at batch {args.batch} (cached) | max ΔP(defective) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for k, prefix, fast, fast_median, slow, slow_median, qps, diff in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k, prefix, query_tokens, fast, fast_median, slow, slow_median, qps, diff in rows:
         print(
-            f"| {k} | {prefix} | {fast * 1e3:.1f} ({fast_median * 1e3:.1f}) "
+            f"| {k} | {prefix} | {query_tokens} | {fast * 1e3:.1f} ({fast_median * 1e3:.1f}) "
             f"| {slow * 1e3:.1f} ({slow_median * 1e3:.1f}) "
             f"| {slow / fast:.1f}× | {1 / fast:.0f} "
             f"| {qps:.0f} | {diff:.1e} |"
