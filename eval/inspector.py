@@ -146,9 +146,12 @@ class Inspector:
         self.max_new_tokens = max_new_tokens
         self.verdict_ids = verdict_token_ids(processor.tokenizer)
         self.support: list[dict] | None = None
-        # the forward pass hands back the query's distances to the supports, so a box needs no second comparison
-        # (older remote code cannot: `_locate` then compares again)
-        self._distances = "return_reference_distances" in inspect.signature(model.model.forward).parameters
+        # the forward pass hands back the query's distances to the supports, so a box needs no second comparison,
+        # and the supports' bank, so they are encoded once (older remote code cannot: `_locate` then compares again,
+        # `set_support` encodes the supports again)
+        parameters = inspect.signature(model.model.forward).parameters
+        self._distances = "return_reference_distances" in parameters
+        self._keeps_bank = "return_reference_bank" in parameters
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | None = None, dtype=None, **kwargs) -> Inspector:
@@ -189,11 +192,13 @@ class Inspector:
         if self.cache or compares:  # uncached, the support features still give the boxes (`_locate`)
             images = [s["image"] for s in self.support]
             self._prefix = self._encode(self._prefix_text, images, self.support_max_tiles, first=True)
-            out = self.model(**self._prefix, use_cache=self.cache)
+            keep = compares and self._keeps_bank
+            out = self.model(**self._prefix, use_cache=self.cache, **({"return_reference_bank": True} if keep else {}))
             self._cache = getattr(out, CACHE_KEY) if self.cache else None
             if compares:
                 scores = out.image_scores[~out.image_scores.isnan()]  # the supports against each other
-                cells = self.model.model.reference_features(self._prefix["pixel_values"])  # support patches, kept
+                pixels = self._prefix["pixel_values"]  # the support patches, kept
+                cells = out.reference_bank[0] if keep else self.model.model.reference_features(pixels)
                 self._references = [{**cells, REFERENCE_SCORES: scores}]
 
     def _query_inputs(self, image: Image.Image) -> dict:

@@ -51,6 +51,9 @@ class KensaVLModelOutputWithPast(BaseModelOutputWithPast):
     # with `return_reference_distances`: per image, the compared encoders' `nearest_distances` maps (None: no
     # references), what `locate_box` boxes
     reference_distances: tuple | None = None
+    # with `return_reference_bank`: per sample, the bank a later image would compare with (`_compare`), what a
+    # caller caches as that sample's `reference_features` (the support set's cells, encoded once)
+    reference_bank: tuple | None = None
 
 
 @dataclass
@@ -60,6 +63,7 @@ class KensaVLCausalLMOutputWithPast(CausalLMOutputWithPast):
     anomaly_loss: torch.FloatTensor | None = None  # included in `loss`; computed by the backbone (`model`)
     image_scores: torch.FloatTensor | None = None
     reference_distances: tuple | None = None
+    reference_bank: tuple | None = None
 
 
 class KensaVLLayerMerge(nn.Module):
@@ -562,14 +566,17 @@ class KensaVLModel(KensaVLPreTrainedModel):
         distances = [nearest_distances(features[n], reference_features[n].float()) for n in comparison.encoders]
         return locate_box(distances, *image_grid[0, :2].tolist(), reference_level(reference_features))
 
-    def _compare(self, image_features, grids, input_ids, image_grid, reference_features, pixel_values):
+    def _compare(self, image_features, grids, input_ids, image_grid, reference_features, pixel_values, keep=False):
         """Compare every image that has references (the earlier images of its sample, plus
         `reference_features[sample]`, a cached support set, when given) with them. Returns the image features with
         the comparison's token embeddings added (with interleaved encoders, to each encoder's token of a position),
         the anomaly map `(N, positions)` per token position of a tile (`(grid_size / pixel_shuffle)^2`; NaN for
         images without references), the `</img>` embeddings as (rows, positions, embeddings), and each image's kNN
         score `(num_images,)` (NaN without references; a cached support set passes its own under
-        `REFERENCE_SCORES`), and per image the compared encoders' `nearest_distances` (None without references)."""
+        `REFERENCE_SCORES`), per image the compared encoders' `nearest_distances` (None without references), and
+        with `keep` per sample the bank a later image would compare with: the cached support set's cells, then every
+        image's own, in every reference view (the cells `reference_features` gives, image by image; None for a
+        sample without images)."""
         comparison = self.reference_comparison
         features = comparison.features(grids)  # name -> (N, g, g, C)
         thumbnail = thumbnail_tiles(image_grid)
@@ -583,7 +590,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         )
         ends, image = ([], [], []), 0
         scores = anomaly.new_full((len(tiles),), float("nan"))
-        nearest = [None] * len(tiles)
+        nearest, kept = [None] * len(tiles), []
         for row, row_tokens in enumerate(is_image.sum(1).tolist()):
             positions = is_image[row].nonzero().flatten()
             cached = None if reference_features is None else reference_features[row]
@@ -606,11 +613,13 @@ class KensaVLModel(KensaVLPreTrainedModel):
                         for out, value in zip(ends, (row, end, summary), strict=True):
                             out.append(value)
                 seen += (last - first) * per_tile
-                if seen < row_tokens:  # a later image of the row compares with this one
+                if seen < row_tokens or keep:  # a later image of the row (or a caller's later query) compares with it
                     for name, cells in self._bank(pixel_values[first:last], query).items():
                         banks[name].append(cells)
                 image += 1
-        return image_features + added, anomaly, ends, scores, tuple(nearest)
+            if keep:
+                kept.append({n: torch.cat(b) for n, b in banks.items()} if banks[comparison.encoders[0]] else None)
+        return image_features + added, anomaly, ends, scores, tuple(nearest), tuple(kept) if keep else None
 
     def _add_summaries(self, inputs_embeds, input_ids, rows, starts, summaries):
         """Add each compared image's summary embedding to its `</img>` token (`starts`) and the text after it, up to
@@ -658,6 +667,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         reference_features: list[torch.Tensor] | None = None,
         anomaly_labels: torch.Tensor | None = None,
         return_reference_distances: bool = False,
+        return_reference_bank: bool = False,
         **kwargs,
     ) -> KensaVLModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -669,13 +679,19 @@ class KensaVLModel(KensaVLPreTrainedModel):
             described = int(image_grid[:, 2].sum())
             if described != pixel_values.shape[0]:
                 raise ValueError(f"image_grid describes {described} tiles, pixel_values has {pixel_values.shape[0]}.")
-        image_features = anomaly_map = anomaly_loss = image_scores = nearest = None
+        image_features = anomaly_map = anomaly_loss = image_scores = nearest = bank = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             grids = self._grids(pixel_values)
             image_features = self._project(grids)
             if self.config.reference_comparison and image_grid is not None and input_ids is not None:
-                image_features, anomaly_map, ends, image_scores, nearest = self._compare(
-                    image_features, grids, input_ids, image_grid, reference_features, pixel_values
+                image_features, anomaly_map, ends, image_scores, nearest, bank = self._compare(
+                    image_features,
+                    grids,
+                    input_ids,
+                    image_grid,
+                    reference_features,
+                    pixel_values,
+                    keep=return_reference_bank,
                 )
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
@@ -705,6 +721,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
             anomaly_loss=anomaly_loss,
             image_scores=image_scores,
             reference_distances=nearest if return_reference_distances else None,
+            reference_bank=bank,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
 
@@ -792,6 +809,9 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             return_reference_distances (`bool`, *optional*): also return, per image, the compared encoders'
                 nearest-reference cell distances (`reference_distances`; what `locate_box` boxes, so a caller need
                 not compare the image again).
+            return_reference_bank (`bool`, *optional*): also return, per sample, its images' cells as the bank a
+                later image compares with (`reference_bank`: the cells `reference_features` would give, without
+                encoding the images again).
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -828,6 +848,7 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             anomaly_loss=anomaly_loss,
             image_scores=outputs.image_scores,
             reference_distances=outputs.reference_distances,
+            reference_bank=outputs.reference_bank,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
 

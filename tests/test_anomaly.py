@@ -151,7 +151,7 @@ def test_untrained_comparison_starts_as_patchcore_and_changes_no_visual_token(ti
     with torch.no_grad():
         grids = model.model._grids(batch["pixel_values"])
         base = model.model._project(grids)
-        out, anomaly, _, _, _ = model.model._compare(
+        out, anomaly, *_ = model.model._compare(
             base, grids, batch["input_ids"], batch["image_grid"], None, batch["pixel_values"]
         )
         features = comparison.features(grids)

@@ -201,6 +201,21 @@ def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth,
     assert scores[True] == pytest.approx(scores[False], abs=1e-5)
     cells = inspector._prefix["pixel_values"].shape[0] * 16 * 16  # 7 px DCT cells of 112 px tiles
     assert inspector._references[0]["dct"].shape[0] == (1 + len(views)) * cells  # the views are cached too
+    # the supports are encoded once: their bank comes from the forward pass, equal to encoding them again (as
+    # `set_support` does for remote code without `return_reference_bank`)
+    calls, encode = [], model.model.reference_features
+    monkeypatch.setattr(model.model, "reference_features", lambda pixels: calls.append(1) or encode(pixels))
+    inspector = Inspector(model, processor, max_new_tokens=0)
+    inspector.set_support(_support(test))
+    older = Inspector(model, processor, max_new_tokens=0)
+    older._keeps_bank = False
+    older.set_support(_support(test))
+    assert len(calls) == 1
+    # the same cells; the forward pass keeps them image by image (each image in every view), which the nearest-cell
+    # search does not see
+    again = older._references[0]["dct"].view(1 + len(views), -1, 16 * 16, 42)  # (views, tiles, cells, channels)
+    images = again.split(inspector._prefix["image_grid"][:, 2].tolist(), dim=1)
+    torch.testing.assert_close(inspector._references[0]["dct"], torch.cat([image.reshape(-1, 42) for image in images]))
     if views:
         return
     # the supports' own scores (each against those before it) are cached too, and the query's summary reads them
@@ -250,7 +265,7 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
     two = processor(text="<image> <image> a", images=images, return_tensors="pt")
     with torch.no_grad():
         base = model.model.get_image_features(two["pixel_values"])
-        out, anomaly, (rows, ends, summaries), scores, nearest = model.model._compare(
+        out, anomaly, (rows, ends, summaries), scores, nearest, kept = model.model._compare(
             base,
             model.model._grids(two["pixel_values"]),
             two["input_ids"],
@@ -272,6 +287,17 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
         assert model(**two).reference_distances is None
         returned = model(**two, return_reference_distances=True).reference_distances
         assert returned[0] is None and all(torch.equal(a, b) for a, b in zip(returned[1], nearest[1], strict=True))
+        # the bank a later query compares with: both images' cells in every reference view, as `reference_features`
+        # gives them, handed back only when asked (the inspector's support set, encoded once)
+        assert kept is None and model(**two).reference_bank is None
+        bank = model(**two, return_reference_bank=True).reference_bank
+        expected = model.model.reference_features(two["pixel_values"])
+        views = 1 + len(model.config.reference_views)
+        assert len(bank) == 1 and set(bank[0]) == set(expected)
+        for name, cells in expected.items():
+            per_tile = model.model._grids(two["pixel_values"][:1], [name])[name].shape[1:3].numel()  # its own grid
+            assert len(cells) == views * len(two["pixel_values"]) * per_tile
+            torch.testing.assert_close(bank[0][name], cells)
         assert model(**one).anomaly_map.isnan().all()  # no references: no map
         logits = model(**one).logits
     save_kensa(model, processor, tmp_path)
