@@ -135,8 +135,10 @@ class KensaVLDCTEncoder(nn.Module):
                 f"DCT encoder: need 1 <= chroma_coefficients <= luma_coefficients <= {block * block} "
                 f"(patch_size {block}), got {self.chroma} and {self.luma}."
             )
-        # Built in forward, not kept as buffers: `from_pretrained` leaves non-persistent buffers uninitialised.
+        # Built here and in forward, not kept as buffers: `from_pretrained` leaves non-persistent buffers
+        # uninitialised. The kernel is built on first use on a device and kept (a quarter of a 5-tile call otherwise).
         self.zigzag = sorted(range(block * block), key=lambda i: (i // block + i % block, i // block))
+        self._kernel: torch.Tensor | None = None
 
     def basis(self, device) -> torch.Tensor:
         """The orthonormal DCT-II matrix `(k, k)`: row `u` is frequency `u` sampled at the block's pixels."""
@@ -168,7 +170,9 @@ class KensaVLDCTEncoder(nn.Module):
                 f"DCT encoder: tile sides must be multiples of patch_size {self.block}, "
                 f"got {tuple(pixels.shape[-2:])}."
             )
-        features = F.conv2d(pixels, self.kernel(pixels.device), stride=self.block).flatten(2).transpose(1, 2)
+        if self._kernel is None or self._kernel.device != pixels.device:
+            self._kernel = self.kernel(pixels.device)
+        features = F.conv2d(pixels, self._kernel, stride=self.block).flatten(2).transpose(1, 2)
         return features.sign() * torch.log1p(10 * features.abs())
 
 
