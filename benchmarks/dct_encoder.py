@@ -15,7 +15,7 @@ import statistics
 import torch
 
 from kensa_vl.eval.measure import machine, timed
-from kensa_vl.modeling.modeling_kensa_vl import KensaVLDCTEncoder
+from kensa_vl.modeling.vision_kensa_vl import KensaVLDCTEncoder
 
 
 def separable(encoder: KensaVLDCTEncoder, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from kensa_vl.eval.evaluate import support_for
-from kensa_vl.modeling.modeling_kensa_vl import patch_distances, thumbnail_tiles
+from kensa_vl.modeling.comparison_kensa_vl import patch_distances, thumbnail_tiles
 from kensa_vl.train.build import build_tiny
 from kensa_vl.train.data.synth import load_synth
 from kensa_vl.train.pipeline import TINY
@@ -47,7 +47,7 @@ def main() -> None:
     def cells(i):
         if i not in cache:
             batch = processor.image_processor([test[i]["image"].convert("RGB")], return_tensors="pt")
-            grid = model.model._grids(batch["pixel_values"])["dct"]
+            grid = model.model.image_grids(batch["pixel_values"])["dct"]
             cache[i] = (F.normalize(grid.float(), dim=-1), thumbnail_tiles(batch["image_grid"]))
         return cache[i]
 

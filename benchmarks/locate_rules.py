@@ -19,12 +19,7 @@ from tqdm.auto import tqdm
 
 from kensa_vl.eval.evaluate import LARGE_AREA, _control_support, box_iou, support_for
 from kensa_vl.eval.inspector import Inspector, load_pretrained
-from kensa_vl.modeling.modeling_kensa_vl import (
-    LOCATE_MARGIN,
-    REFERENCE_SCORES,
-    nearest_distances,
-    stitch_tiles,
-)
+from kensa_vl.modeling.comparison_kensa_vl import LOCATE_MARGIN, nearest_distances, stitch_tiles
 from kensa_vl.train.data.synth import load_synth
 
 
@@ -72,8 +67,8 @@ def main() -> None:
         for category in sorted(rows):
             good, bad = support_for(rows, category, args.shots, 0, seed)
             inspector.set_support(_control_support(items, good, bad, None, seed))
-            references = inspector._references[0]
-            level = references[REFERENCE_SCORES].median().item()
+            references = inspector._bank.cells
+            level = inspector._bank.level
             for i in rows[category]["defective"]:
                 item = items[i]
                 if item["area"] < LARGE_AREA:
@@ -82,7 +77,8 @@ def main() -> None:
                 pixels, grid = inputs["pixel_values"], inputs["image_grid"]
                 rows_, cols, _ = grid[0].tolist()
                 with torch.no_grad():
-                    features = model.model.reference_comparison.features(model.model._grids(pixels, ["dct"]))["dct"]
+                    grids = model.model.image_grids(pixels, ["dct"])
+                    features = model.model.reference_comparison.features(grids)["dct"]
                     near = nearest_distances(features, references["dct"].float())
                     pooled = F.avg_pool2d(near[:, None], 3, 1, 1, count_include_pad=False)[:, 0]
                 raw, averaged = (stitch_tiles(d, rows_, cols).clamp_min(1e-4).log() for d in (near, pooled))

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from kensa_vl.modeling.modeling_kensa_vl import KensaVLDCTEncoder, patch_distances
+from kensa_vl.modeling.comparison_kensa_vl import patch_distances
+from kensa_vl.modeling.vision_kensa_vl import KensaVLDCTEncoder
 from kensa_vl.train.build import build_tiny
 from kensa_vl.train.data.synth import load_synth
 
@@ -31,7 +32,7 @@ def features(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         out[f"DCT {block} px"] = dct(pixels).view(len(pixels), side // block, side // block, -1)
     model, _ = build_tiny(tile_size=side)
     with torch.no_grad():
-        grids = model.model._grids(pixels)
+        grids = model.model.image_grids(pixels)
     out.update({f"untrained tiny {name} (14 px)": grid for name, grid in grids.items()})
     raw = F.unfold(pixels, 7, stride=7).transpose(1, 2)
     out["raw pixels 7 px"] = raw.reshape(len(pixels), side // 7, side // 7, -1)

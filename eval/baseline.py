@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from kensa_vl.modeling.modeling_kensa_vl import (
+from kensa_vl.modeling.comparison_kensa_vl import (
     locate_box,
     nearest_distances,
     patch_distances,
@@ -45,11 +45,11 @@ class PatchCore:
         batch = self.processor.image_processor([image], max_tiles=self.max_tiles, return_tensors="pt")
         names = self.model.config.reference_encoder_names()
         pixel_values = batch["pixel_values"].to(self.model.device)
-        grids = self.model.model._grids(pixel_values, names)
+        grids = self.model.model.image_grids(pixel_values, names)
         cells = unit_cells(grids, names)
         grid = batch["image_grid"][0, :2].tolist()
         # the model's own bank (views included; it needs no comparison module, so a plain-ICL model's works too)
-        bank = self.model.model._bank(pixel_values, cells) if reference else None
+        bank = self.model.model.reference_cells(pixel_values, cells) if reference else None
         return cells, thumbnail_tiles(batch["image_grid"]).to(self.model.device), grid, image.size, bank
 
     def set_support(self, support: list[dict]) -> None:

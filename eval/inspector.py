@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicLayer
 
-from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY, REFERENCE_SCORES, locate_box, reference_level
+from kensa_vl.modeling.comparison_kensa_vl import locate_box
+from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
 from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN, parse_inspection_answer, position_word
 from kensa_vl.train.data.conversations import episode
 
@@ -146,12 +147,12 @@ class Inspector:
         self.max_new_tokens = max_new_tokens
         self.verdict_ids = verdict_token_ids(processor.tokenizer)
         self.support: list[dict] | None = None
-        # the forward pass hands back the query's distances to the supports, so a box needs no second comparison,
-        # and the supports' bank, so they are encoded once (older remote code cannot: `_locate` then compares again,
-        # `set_support` encodes the supports again)
-        parameters = inspect.signature(model.model.forward).parameters
-        self._distances = "return_reference_distances" in parameters
-        self._keeps_bank = "return_reference_bank" in parameters
+        if getattr(model.config, "reference_comparison", False):
+            if "reference_banks" not in inspect.signature(model.model.forward).parameters:
+                raise ValueError(
+                    "this model folder's remote code predates `ReferenceBank` (kensa-vl 0.1): copy the current "
+                    "modeling/*.py files into it (the weights are unchanged), or build it again"
+                )
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | None = None, dtype=None, **kwargs) -> Inspector:
@@ -187,19 +188,16 @@ class Inspector:
             )
         self.support = list(support)
         self._prefix_text, self._suffix_text = self._prompt(self.support)
-        self._cache, self._references = None, None
+        self._cache, self._bank = None, None
         compares = getattr(self.model.config, "reference_comparison", False) and bool(self.support)
-        if self.cache or compares:  # uncached, the support features still give the boxes (`_locate`)
+        if self.cache or compares:  # uncached, the supports' bank still gives the boxes (`_locate`)
             images = [s["image"] for s in self.support]
             self._prefix = self._encode(self._prefix_text, images, self.support_max_tiles, first=True)
-            keep = compares and self._keeps_bank
-            out = self.model(**self._prefix, use_cache=self.cache, **({"return_reference_bank": True} if keep else {}))
+            extra = {"return_reference_bank": True} if compares else {}
+            out = self.model(**self._prefix, use_cache=self.cache, **extra)
             self._cache = getattr(out, CACHE_KEY) if self.cache else None
-            if compares:
-                scores = out.image_scores[~out.image_scores.isnan()]  # the supports against each other
-                pixels = self._prefix["pixel_values"]  # the support patches, kept
-                cells = out.reference_bank[0] if keep else self.model.model.reference_features(pixels)
-                self._references = [{**cells, REFERENCE_SCORES: scores}]
+            # the supports' cells (every view) and their scores against each other, encoded once
+            self._bank = out.reference_bank[0] if compares else None
 
     def _query_inputs(self, image: Image.Image) -> dict:
         if self._cache is None:  # the whole prompt from scratch, as a caller without this API would run it
@@ -214,26 +212,21 @@ class Inspector:
         ids = torch.cat([self._prefix["input_ids"], suffix["input_ids"]], 1)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         inputs.update(pixel_values=suffix["pixel_values"], image_grid=suffix["image_grid"])
-        return {**inputs, "reference_features": self._references} if self._references else inputs
+        return {**inputs, "reference_banks": [self._bank]} if self._bank else inputs
 
     def _forward(self, inputs: dict, cache, **kwargs):
         """The model on `inputs` after the cached prefix (`cache`), with the query's reference distances."""
-        if self._references and self._distances:
+        if self._bank:
             kwargs["return_reference_distances"] = True
         return self.model(**inputs, **{CACHE_KEY: cache}, logits_to_keep=1, **kwargs)
 
     def _locate(self, inputs: dict, image: Image.Image, distances=None) -> list[list[int]] | None:
         """The box of the query's most anomalous region from the reference comparison (`locate_box` on the forward
-        pass's `distances` of the query; `KensaVLModel.locate` compares again without them), in the query's
-        pixels; None without a comparison against supports. The query is the inputs' last image."""
-        grid = inputs["image_grid"][-1:]
-        if distances is not None:
-            box, _ = locate_box(distances, *grid[0, :2].tolist(), reference_level(self._references[0]))
-        elif self._references and hasattr(self.model.model, "locate"):  # older remote code has no `locate`
-            pixels = inputs["pixel_values"][inputs["pixel_values"].shape[0] - int(grid[0, 2]) :]
-            box, _ = self.model.model.locate(pixels, grid, self._references[0])
-        else:
+        pass's `distances` of the query to the supports' bank), in the query's pixels; None without a comparison
+        against supports. The query is the inputs' last image."""
+        if distances is None:
             return None
+        box, _ = locate_box(distances, *inputs["image_grid"][-1, :2].tolist(), self._bank.level)
         return [pixel_box(box, image.width, image.height)]
 
     @torch.no_grad()
@@ -279,8 +272,8 @@ class Inspector:
             k: torch.cat([x[k] for x in inputs]) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid")
         }
         batch["input_ids"] = batch["input_ids"][:, self._prefix["input_ids"].shape[1] :]
-        if self._references:
-            batch["reference_features"] = self._references * len(inputs)
+        if self._bank:
+            batch["reference_banks"] = [self._bank] * len(inputs)
         cache = fork_cache(self._cache)
         cache.batch_repeat_interleave(len(inputs))
         forward = self._forward(batch, cache, use_cache=False)

@@ -254,11 +254,16 @@ class KensaVLConfig(PretrainedConfig):
         return min(encoder_patch_grid(encoder, self.tile_size) for encoder in self.vision_encoders)
 
     @property
+    def token_side(self) -> int:
+        """Side of a tile's grid of visual token positions: the common patch grid after the pixel shuffle."""
+        return self.grid_size // self.pixel_shuffle
+
+    @property
     def tokens_per_tile(self) -> int:
-        """Visual tokens one tile becomes in the language model (the processor repeats `<image>` this often)."""
-        side = self.grid_size // self.pixel_shuffle
+        """Visual tokens one tile becomes in the language model (the processor repeats `<image>` this often): one
+        per token position, or one per encoder and position when interleaving."""
         streams = len(self.vision_encoders) if self.fusion == "interleave" else 1
-        return streams * side * side
+        return streams * self.token_side**2
 
     def encoder_hidden_sizes(self) -> dict[str, int]:
         """Channels each encoder contributes after its layer merge."""

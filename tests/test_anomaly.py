@@ -39,7 +39,7 @@ def test_dct_encoder_matches_scipy_block_dct(tiny_dct):
 
 
 def test_dct_config_and_tile_size_are_checked():
-    from kensa_vl.modeling.modeling_kensa_vl import KensaVLDCTEncoder
+    from kensa_vl.modeling.vision_kensa_vl import KensaVLDCTEncoder
 
     with pytest.raises(ValueError, match="luma_coefficients <= 49"):
         KensaVLDCTEncoder({"patch_size": 7, "luma_coefficients": 64, "chroma_coefficients": 3})
@@ -106,7 +106,7 @@ def test_interleaved_encoders_get_the_comparison_on_each_token_of_a_position(syn
     torch.nn.init.normal_(comparison.embed[-1].weight)  # trained: the embedding is no longer zero
     with torch.no_grad():
         out = model(**batch, anomaly_labels=labels)
-        plain = model.model._project(model.model._grids(batch["pixel_values"]))
+        plain = model.model.project_grids(model.model.image_grids(batch["pixel_values"]))
     assert out.anomaly_map.shape == labels.shape and torch.isfinite(out.loss)
     added = (out.image_hidden_states - plain).view(len(plain), side * side, streams, -1)
     compared = ~out.anomaly_map.isnan().all(1)
@@ -117,8 +117,8 @@ def test_interleaved_encoders_get_the_comparison_on_each_token_of_a_position(syn
 def test_reference_views_let_a_flipped_or_turned_photo_match_its_reference(tiny_dct, monkeypatch):
     """With `reference_views`, a query that is the reference flipped (or turned) finds every cell in the bank: its
     kNN score drops to the floor; without them it is far. Bad views are named."""
+    from kensa_vl.modeling.comparison_kensa_vl import reference_view
     from kensa_vl.modeling.configuration_kensa_vl import KensaVLConfig
-    from kensa_vl.modeling.modeling_kensa_vl import reference_view
 
     model, processor = tiny_dct
     tiles = torch.rand(2, 3, 8, 8)
@@ -149,11 +149,12 @@ def test_untrained_comparison_starts_as_patchcore_and_changes_no_visual_token(ti
     images = [random_image(224, 224, s) for s in (1, 2)]
     batch = processor(text="<image> <image>", images=images, return_tensors="pt")
     with torch.no_grad():
-        grids = model.model._grids(batch["pixel_values"])
-        base = model.model._project(grids)
-        out, anomaly, *_ = model.model._compare(
-            base, grids, batch["input_ids"], batch["image_grid"], None, batch["pixel_values"]
+        grids = model.model.image_grids(batch["pixel_values"])
+        base = model.model.project_grids(grids)
+        compared = comparison.compare_prompt(
+            base, grids, batch["input_ids"], batch["image_grid"], batch["pixel_values"], model.model.reference_cells
         )
+        out, anomaly = base + compared.token_embeddings, compared.anomaly_map
         features = comparison.features(grids)
         query = {name: f[5:] for name, f in features.items()}
         bank = {name: f[:5].reshape(-1, f.shape[-1]) for name, f in features.items()}
@@ -215,7 +216,7 @@ def test_a_one_cell_defect_shows_in_the_farthest_cell_not_diluted_by_the_mean(ti
     comparison = model.model.reference_comparison
     batch = processor.image_processor([random_image(224, 224, 1)], return_tensors="pt")
     with torch.no_grad():
-        features = comparison.features(model.model._grids(batch["pixel_values"]))
+        features = comparison.features(model.model.image_grids(batch["pixel_values"]))
         bank = {name: f.reshape(-1, f.shape[-1]) for name, f in features.items()}
         query = {name: f.clone() for name, f in features.items()}
         for f in query.values():  # one interior cell of the first tile points the other way
@@ -228,7 +229,7 @@ def test_a_one_cell_defect_shows_in_the_farthest_cell_not_diluted_by_the_mean(ti
 
 
 def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
-    from kensa_vl.modeling.modeling_kensa_vl import scored_tiles
+    from kensa_vl.modeling.comparison_kensa_vl import scored_tiles
 
     assert scored_tiles(torch.tensor([False, False, True])).tolist() == [True, True, False]
     assert scored_tiles(torch.tensor([False])).tolist() == [True]  # one tile, no grid: that tile
@@ -236,7 +237,7 @@ def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
     comparison = model.model.reference_comparison
     batch = processor.image_processor([random_image(224, 224, s) for s in (1, 2)], return_tensors="pt")
     with torch.no_grad():
-        features = comparison.features(model.model._grids(batch["pixel_values"]))
+        features = comparison.features(model.model.image_grids(batch["pixel_values"]))
         bank = {name: f[:5].reshape(-1, f.shape[-1]) for name, f in features.items()}
         query = {name: f[5:] for name, f in features.items()}
         other = {name: torch.cat([f[5:9], f[:1]]) for name, f in features.items()}  # another thumbnail
@@ -249,7 +250,7 @@ def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
 
 
 def test_peak_region_box_grows_from_the_peak_through_cells_above_the_threshold():
-    from kensa_vl.modeling.modeling_kensa_vl import peak_region_box
+    from kensa_vl.modeling.comparison_kensa_vl import peak_region_box
 
     cells = torch.zeros(8, 16)
     cells[2:5, 10:14] = 1.0  # the defect: rows 2..4, columns 10..13
@@ -263,7 +264,7 @@ def test_peak_region_box_grows_from_the_peak_through_cells_above_the_threshold()
 
 
 def test_stitch_tiles_puts_each_tile_where_the_processor_cut_it(tiny_dct):
-    from kensa_vl.modeling.modeling_kensa_vl import stitch_tiles
+    from kensa_vl.modeling.comparison_kensa_vl import stitch_tiles
 
     _, processor = tiny_dct
     image = np.zeros((224, 448, 3), np.uint8)  # 2 x 4 tiles of 112 px: the value of each pixel is its tile's
@@ -284,7 +285,7 @@ def test_locate_finds_a_defect_against_good_references_before_any_training(tiny_
     """The comparison's map gives the box (the untrained DCT encoder has no weights to learn): a dark spot in the
     lower-right tile of a 2 x 2 grid is boxed there, in the query's pixel fractions, cached or recomputed, from the
     forward pass's distances as from `locate` comparing again."""
-    from kensa_vl.eval.inspector import Inspector, support_item
+    from kensa_vl.eval.inspector import Inspector, pixel_box, support_item
 
     model, processor = tiny_dct
     rng = np.random.default_rng(0)
@@ -299,7 +300,9 @@ def test_locate_finds_a_defect_against_good_references_before_any_training(tiny_
         inspector.set_support(support)
         inputs, out = inspector._score(Image.fromarray(query))
         boxes[cache] = inspector._locate(inputs, Image.fromarray(query), out.reference_distances[-1])
-        assert inspector._locate(inputs, Image.fromarray(query)) == boxes[cache]  # `locate`: compared again
+        grid = inputs["image_grid"][-1:]  # `locate` compares the query again
+        box, _ = model.model.locate(inputs["pixel_values"][-int(grid[0, 2]) :], grid, inspector._bank)
+        assert [pixel_box(box, 224, 224)] == boxes[cache]
     assert boxes[True] == boxes[False]
     (x0, y0, x1, y1), true = boxes[True][0], (130, 150, 165, 178)
     inter = max(0, min(x1, true[2]) - max(x0, true[0])) * max(0, min(y1, true[3]) - max(y0, true[1]))
@@ -315,13 +318,13 @@ def test_locate_finds_a_defect_against_good_references_before_any_training(tiny_
     assert judged[0].boxes == boxes[True] and judged[1].boxes == []
     grid = processor.image_processor([Image.fromarray(query)], return_tensors="pt")
     with pytest.raises(ValueError, match="locate takes one image"):
-        model.model.locate(grid["pixel_values"][:2], grid["image_grid"], inspector._references[0])
+        model.model.locate(grid["pixel_values"][:2], grid["image_grid"], inspector._bank)
 
 
 def test_nearest_distances_in_blocks_equal_the_full_matrix():
     import torch.nn.functional as F
 
-    from kensa_vl.modeling.modeling_kensa_vl import nearest_distances
+    from kensa_vl.modeling.comparison_kensa_vl import nearest_distances
 
     torch.manual_seed(0)
     query, bank = F.normalize(torch.randn(3, 5, 5, 8), dim=-1), F.normalize(torch.randn(50, 8), dim=-1)

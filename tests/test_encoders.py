@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from kensa_vl.modeling.configuration_kensa_vl import KensaVLConfig
-from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration, KensaVLModel, KensaVLPatchEncoder
+from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration, KensaVLModel
+from kensa_vl.modeling.vision_kensa_vl import KensaVLPatchEncoder
 from kensa_vl.train.build import TINY_ENCODERS
 
 TEXT = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -32,7 +33,7 @@ def test_cnn_stage_is_pooled_onto_the_common_grid():
     model = KensaVLModel(config).eval()
     x = torch.rand(2, 3, 112, 112)
     with torch.no_grad():
-        grids = model._grids(x)
+        grids = model.image_grids(x)
         mean, std = (
             torch.tensor(v).view(1, 3, 1, 1)
             for v in (config.vision_encoders[1]["image_mean"], config.vision_encoders[1]["image_std"])
@@ -63,7 +64,7 @@ def test_s2_scales_encode_sub_tiles_in_one_call_and_pool_them_back():
     model.vision_towers["dct"].register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
     x = torch.rand(3, 3, 112, 112)
     with torch.no_grad():
-        grid = model._grids(x)["dct"]  # (3, 16, 16, 16)
+        grid = model.image_grids(x)["dct"]  # (3, 16, 16, 16)
         assert calls == [3 + 3 * 4]  # the tiles and their sub-tiles in one call
         base, doubled = grid[..., :8], grid[..., 8:]
         tower = model.vision_towers["dct"]

@@ -8,7 +8,6 @@ import torch
 
 from kensa_vl.eval.evaluate import aggregate, ap50, evaluate, metrics, support_for
 from kensa_vl.eval.inspector import Inspector, support_item
-from kensa_vl.modeling.modeling_kensa_vl import REFERENCE_SCORES
 from tests.conftest import random_image
 
 
@@ -200,29 +199,25 @@ def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth,
         scores[cache] = [r.p_defective for r in inspector.judge(queries)]
     assert scores[True] == pytest.approx(scores[False], abs=1e-5)
     cells = inspector._prefix["pixel_values"].shape[0] * 16 * 16  # 7 px DCT cells of 112 px tiles
-    assert inspector._references[0]["dct"].shape[0] == (1 + len(views)) * cells  # the views are cached too
-    # the supports are encoded once: their bank comes from the forward pass, equal to encoding them again (as
-    # `set_support` does for remote code without `return_reference_bank`)
-    calls, encode = [], model.model.reference_features
-    monkeypatch.setattr(model.model, "reference_features", lambda pixels: calls.append(1) or encode(pixels))
+    assert inspector._bank.cells["dct"].shape[0] == (1 + len(views)) * cells  # the views are cached too
+    # the supports are encoded once: their bank comes from the forward pass, equal to encoding them again
+    calls, encode = [], model.model.reference_cells
+    spy = lambda *args, **kwargs: calls.append(len(args) + len(kwargs)) or encode(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(model.model, "reference_cells", spy)
     inspector = Inspector(model, processor, max_new_tokens=0)
     inspector.set_support(_support(test))
-    older = Inspector(model, processor, max_new_tokens=0)
-    older._keeps_bank = False
-    older.set_support(_support(test))
-    assert len(calls) == 1
+    assert calls and all(n == 2 for n in calls)  # always handed the features already encoded
+    again = encode(inspector._prefix["pixel_values"])
     # the same cells; the forward pass keeps them image by image (each image in every view), which the nearest-cell
     # search does not see
-    again = older._references[0]["dct"].view(1 + len(views), -1, 16 * 16, 42)  # (views, tiles, cells, channels)
+    again = again["dct"].view(1 + len(views), -1, 16 * 16, 42)  # (views, tiles, cells, channels)
     images = again.split(inspector._prefix["image_grid"][:, 2].tolist(), dim=1)
-    torch.testing.assert_close(inspector._references[0]["dct"], torch.cat([image.reshape(-1, 42) for image in images]))
+    torch.testing.assert_close(inspector._bank.cells["dct"], torch.cat([image.reshape(-1, 42) for image in images]))
     if views:
         return
     # the supports' own scores (each against those before it) are cached too, and the query's summary reads them
-    inspector = Inspector(model, processor, max_new_tokens=0)
-    inspector.set_support(_support(test))
-    assert len(inspector._references[0][REFERENCE_SCORES]) == 2
-    inspector._references[0][REFERENCE_SCORES] += 1.0
+    assert len(inspector._bank.scores) == 2
+    inspector._bank.scores += 1.0
     assert inspector.judge(queries[0])[0].p_defective != pytest.approx(scores[True][0], abs=1e-6)
     # and it matters: the same query against other references scores differently
     inspector.set_support(_support(test)[:1])
@@ -265,20 +260,24 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
     two = processor(text="<image> <image> a", images=images, return_tensors="pt")
     with torch.no_grad():
         base = model.model.get_image_features(two["pixel_values"])
-        out, anomaly, (rows, ends, summaries), scores, nearest, kept = model.model._compare(
+        compared = model.model.reference_comparison.compare_prompt(
             base,
-            model.model._grids(two["pixel_values"]),
+            model.model.image_grids(two["pixel_values"]),
             two["input_ids"],
             two["image_grid"],
-            None,
             two["pixel_values"],
+            model.model.reference_cells,
         )
+        out, anomaly = base + compared.token_embeddings, compared.anomaly_map
+        scores, nearest = compared.image_scores, compared.distances
         n = int(one["image_grid"][0, 2])
         assert torch.equal(out[:n], base[:n]) and not torch.allclose(out[n:], base[n:])  # only the second image
         assert anomaly[:n].isnan().all() and not anomaly[n:].isnan().any()
         # and the second image's summary goes onto its closing tag, the token right after its last visual token
-        assert rows == [0] and processor.tokenizer.convert_ids_to_tokens(int(two["input_ids"][0, ends[0]])) == "</img>"
-        assert len(summaries) == 1 and summaries[0].abs().sum() > 0
+        (summary,) = compared.summaries
+        closing = processor.tokenizer.convert_ids_to_tokens(int(two["input_ids"][0, summary.start]))
+        assert summary.row == 0 and closing == "</img>"
+        assert summary.embedding.abs().sum() > 0
         assert scores[0].isnan() and scores[1] > -10  # the second image's kNN score (a log-distance)
         # its distances to the first image's cells, one map per compared encoder, handed back only when asked
         tiles = int(two["image_grid"][1, 2])
@@ -287,17 +286,17 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
         assert model(**two).reference_distances is None
         returned = model(**two, return_reference_distances=True).reference_distances
         assert returned[0] is None and all(torch.equal(a, b) for a, b in zip(returned[1], nearest[1], strict=True))
-        # the bank a later query compares with: both images' cells in every reference view, as `reference_features`
-        # gives them, handed back only when asked (the inspector's support set, encoded once)
-        assert kept is None and model(**two).reference_bank is None
-        bank = model(**two, return_reference_bank=True).reference_bank
-        expected = model.model.reference_features(two["pixel_values"])
+        # the bank a later query compares with: both images' cells in every reference view, as `reference_cells`
+        # gives them, with the images' scores, handed back only when asked (the inspector's support set, encoded once)
+        assert compared.banks is None and model(**two).reference_bank is None
+        (bank,) = model(**two, return_reference_bank=True).reference_bank
+        expected = model.model.reference_cells(two["pixel_values"])
         views = 1 + len(model.config.reference_views)
-        assert len(bank) == 1 and set(bank[0]) == set(expected)
+        assert set(bank.cells) == set(expected) and torch.equal(bank.scores, scores[1:])
         for name, cells in expected.items():
-            per_tile = model.model._grids(two["pixel_values"][:1], [name])[name].shape[1:3].numel()  # its own grid
+            per_tile = model.model.image_grids(two["pixel_values"][:1], [name])[name].shape[1:3].numel()  # own grid
             assert len(cells) == views * len(two["pixel_values"]) * per_tile
-            torch.testing.assert_close(bank[0][name], cells)
+            torch.testing.assert_close(bank.cells[name], cells)
         assert model(**one).anomaly_map.isnan().all()  # no references: no map
         logits = model(**one).logits
     save_kensa(model, processor, tmp_path)

@@ -7,6 +7,7 @@ from transformers import AutoModel
 
 from kensa_vl.modeling.configuration_kensa_vl import KensaVLConfig, build_encoder_config
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration, KensaVLModel
+from kensa_vl.modeling.vision_kensa_vl import tapped_hidden_states
 
 
 def _batch(processor, texts, images, **kwargs):
@@ -135,7 +136,7 @@ def test_tapped_layers_equal_hidden_states(family):
     tower = getattr(tower, "vision_model", tower)
     x = torch.randn(2, 3, 64, 64)
     taps = [0, 1, -2, -1]
-    got = KensaVLModel._tapped_hidden_states(tower, taps, x, {})
+    got = tapped_hidden_states(tower, taps, x, {})
     reference = tower(pixel_values=x, output_hidden_states=True).hidden_states
     if reference is None:
         pytest.skip("this transformers version returns no hidden_states from the unwrapped tower")

@@ -71,3 +71,38 @@ def test_saved_by_457_loads_in_both(tmp_path):
         env={"PYTHONPATH": str(shim.parent)},
     )
     assert check(TF457, out)["generated"] == check(sys.executable, out)["generated"]
+
+
+def test_saved_folder_holds_every_file_its_remote_code_imports(tiny_dir):
+    """Each `auto_map` entry's file and every sibling it imports (transitively) is in the folder, and nothing of
+    the project outside modeling/ and processing/ is."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    processor = json.loads((tiny_dir / "processor_config.json").read_text())
+    entries = [*config["auto_map"].values(), *processor["auto_map"].values()]
+    files = {tiny_dir / (entry.split(".")[0] + ".py") for entry in entries}
+    for file in list(files):
+        assert file.exists(), file.name
+        files.update(Path(f) for f in get_relative_import_files(str(file)))
+    shipped = {p.name for p in tiny_dir.glob("*.py")}
+    assert {f.name for f in files} == shipped
+    assert shipped == {p.name for d in ("modeling", "processing") for p in (ROOT / d).glob("*_kensa_vl.py")}
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("default", {}),
+        ("comparison_dct", {"tile_size": 112, "max_tiles": 4, "reference_comparison": True, "dct": True}),
+        ("interleave", {"fusion": "interleave"}),
+    ],
+)
+def test_checkpoint_keys_are_those_of_earlier_releases(name, kwargs):
+    """Saved weights keep loading: the state-dict keys equal the ones recorded from kensa-vl 0.1 (before the model
+    file was split into vision, comparison and model files)."""
+    from kensa_vl.train.build import build_tiny
+
+    recorded = json.loads((ROOT / "tests" / "data" / "checkpoint_keys.json").read_text())[name]
+    model, _ = build_tiny(**kwargs)
+    assert sorted(model.state_dict()) == recorded

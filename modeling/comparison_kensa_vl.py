@@ -1,0 +1,332 @@
+"""KensaVL's reference comparison: PatchCore inside the model, with a learned anomaly map.
+
+An image with references (the earlier images of its prompt, or a cached support set given as a `ReferenceBank`) is
+compared cell by cell with them on the compared encoders' own patch grids (`nearest_distances`). The per-token
+evidence (`KensaVLReferenceComparison.distances`) becomes an anomaly logit per visual token, an embedding added to
+each visual token, and a summary embedding added to the image's `</img>` token and the text after it
+(`add_summaries`). The same distances give a defective image's box (`locate_box`). `compare_prompt` runs the whole
+prompt; its result is a `PromptComparison`.
+
+Shipped to the Hub as remote code: imports only torch, transformers and siblings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_kensa_vl import KensaVLConfig
+
+# `locate_box`: a cell belongs to the defect when its log-distance is LOCATE_MARGIN above the supports' level and
+# within LOCATE_RANGE of the peak's (at least e^-2 = 14% of its distance: near-identical photos give tiny, noisy
+# distances)
+LOCATE_MARGIN, LOCATE_RANGE = 0.05, 2.0
+
+
+@dataclass
+class ReferenceBank:
+    """Reference images as a later image compares with them: what a support set is cached as.
+
+    `cells`: per compared encoder, the references' L2-normalised cells, every reference view included, `(M, C)`.
+    `scores`: each reference image's own kNN score against the references before it, `(images,)` (the first image
+    has none, so a bank of one image has an empty tensor). Their median is the `level`: how far good photos of this
+    product lie from each other, what a query's score and `locate_box` are measured against."""
+
+    cells: dict[str, torch.Tensor]
+    scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    @property
+    def level(self) -> float | None:
+        return self.scores.float().median().item() if len(self.scores) else None
+
+    def to(self, device) -> ReferenceBank:
+        return ReferenceBank({n: c.to(device) for n, c in self.cells.items()}, self.scores.to(device))
+
+
+@dataclass
+class Summary:
+    """A compared image's summary embedding `(D,)`, added from token `start` (its `</img>`) of batch row `row`."""
+
+    row: int
+    start: int
+    embedding: torch.Tensor
+
+
+@dataclass
+class PromptComparison:
+    """What `compare_prompt` finds for every image of a batch of prompts.
+
+    `token_embeddings` `(N, tokens_per_tile, D)`: added to the visual tokens (zero for images without references).
+    `anomaly_map` `(N, token positions per tile)`: logits, NaN for images without references.
+    `summaries`: one per compared image whose `</img>` is in the input.
+    `image_scores` `(num_images,)`: kNN score per image, NaN without references.
+    `distances`: per image, the compared encoders' `nearest_distances` maps (None without references).
+    `banks`: with `keep`, per sample, the bank a later image compares with (None for a sample without images)."""
+
+    token_embeddings: torch.Tensor
+    anomaly_map: torch.Tensor
+    summaries: list[Summary]
+    image_scores: torch.Tensor
+    distances: tuple
+    banks: tuple | None = None
+
+
+@torch.no_grad()  # a fixed metric (PatchCore's): no gradient flows through the nearest-neighbour search
+def nearest_distances(query: torch.Tensor, bank: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Cosine distance of each cell of `query` (n, g, g, C), L2-normalised, to its nearest cell in `bank` (M, C),
+    L2-normalised: `(n, g, g)`, at least 0. The similarities are taken in `chunk x chunk` blocks with a running
+    max, never as one (cells, M) matrix: 4x faster on a CPU at 448 px tiles (it stays in cache) and bounded memory
+    (BENCHMARKS.md)."""
+    n, g, _, c = query.shape
+    nearest = []
+    for part in query.reshape(-1, c).to(bank.dtype).split(chunk):
+        best = None
+        for block in bank.split(chunk):
+            similarity = (part @ block.T).amax(-1)
+            best = similarity if best is None else torch.maximum(best, similarity)
+        nearest.append(1 - best)
+    return torch.cat(nearest).clamp_min(0).view(n, g, g)
+
+
+def pooled_distances(nearest: torch.Tensor, token_side: int) -> torch.Tensor:
+    """`nearest_distances` `(n, g, g)` averaged over the 3x3 neighbourhood and max-pooled onto a `token_side` grid:
+    `(n, token_side^2)`."""
+    d = F.avg_pool2d(nearest.unsqueeze(1), 3, 1, 1, count_include_pad=False)
+    return F.adaptive_max_pool2d(d, token_side).flatten(1)
+
+
+def patch_distances(query: torch.Tensor, bank: torch.Tensor, token_side: int, chunk: int = 2048) -> torch.Tensor:
+    """`pooled_distances` of `query`'s cells against `bank`: `(n, token_side^2)`."""
+    return pooled_distances(nearest_distances(query, bank, chunk), token_side)
+
+
+def stitch_tiles(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """An image's grid tiles' cell maps `(rows * cols, g, g)` (row-major, as the processor cuts them) -> the map of
+    the whole image `(rows * g, cols * g)`."""
+    g = cells.shape[-1]
+    return cells[: rows * cols].reshape(rows, cols, g, g).permute(0, 2, 1, 3).reshape(rows * g, cols * g)
+
+
+def peak_region_box(cells: torch.Tensor, threshold: float) -> tuple[list[float], float]:
+    """The box around the connected region (8-neighbourhood) of cells above `threshold` that holds the map's largest
+    cell, as `[x0, y0, x1, y1]` fractions of the map's width and height, with that cell's value. When no cell passes
+    the threshold, the box of the largest cell alone."""
+    h, w = cells.shape
+    above = cells > threshold
+    region = torch.zeros_like(above)
+    region.view(-1)[cells.argmax()] = True
+    while True:  # grow from the peak through cells above the threshold (flood fill as repeated 3x3 dilation)
+        grown = F.max_pool2d(region[None, None].float(), 3, 1, 1)[0, 0].bool() & above | region
+        if torch.equal(grown, region):
+            break
+        region = grown
+    ys, xs = region.nonzero(as_tuple=True)
+    box = [xs.min().item() / w, ys.min().item() / h, (xs.max().item() + 1) / w, (ys.max().item() + 1) / h]
+    return box, cells.max().item()
+
+
+def unit_cells(grids: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
+    """The compared encoders' (`names`) cells, L2-normalised in float32: name -> `(n, g, g, C)`."""
+    return {name: F.normalize(grids[name].float(), dim=-1) for name in names}
+
+
+def reference_view(pixel_values: torch.Tensor, view: str) -> torch.Tensor:
+    """Square tiles `(n, 3, T, T)` seen as one of `REFERENCE_VIEWS`: flipped left-right or up-down, or turned
+    counter-clockwise by 90, 180 or 270 degrees."""
+    if view == "hflip":
+        return pixel_values.flip(-1)
+    if view == "vflip":
+        return pixel_values.flip(-2)
+    return pixel_values.rot90(int(view.removeprefix("rot")) // 90, (-2, -1))
+
+
+def thumbnail_tiles(image_grid: torch.Tensor) -> torch.Tensor:
+    """`(N,)` bool over all tiles of `image_grid` (rows, cols, tiles per image): True for each image's thumbnail."""
+    flags = [[False] * (rows * cols) + [True] * (tiles - rows * cols) for rows, cols, tiles in image_grid.tolist()]
+    return torch.tensor(sum(flags, []), dtype=torch.bool, device=image_grid.device)
+
+
+def scored_tiles(thumbnail: torch.Tensor) -> torch.Tensor:
+    """The tiles whose tokens give an image's overall score: its grid tiles, or all tiles when it has no grid (one
+    tile). A thumbnail sees the photo at a coarser scale than any grid tile, so its nearest-patch distances to the
+    references are mostly scale noise: on KensaSynth's test split the largest distance over grid tiles ranked
+    defective photos at 0.95 AUROC (k = 4), over all tiles at 0.88 (BENCHMARKS.md)."""
+    return ~thumbnail if (~thumbnail).any() else torch.ones_like(thumbnail)
+
+
+def locate_box(distances: list[torch.Tensor], rows: int, cols: int, level: float | None):
+    """The defect's box from one image's nearest-reference distances, one `(tiles, g, g)` map per compared encoder
+    (grid tiles first, as the processor cuts them): the maps are stitched, logged, brought to the finest grid and
+    averaged; the region grows from the peak through cells above `level + LOCATE_MARGIN` (without a level, the map's
+    95th percentile) and within `LOCATE_RANGE` of the peak (`peak_region_box`). Returns `(box, peak)`."""
+    maps = [stitch_tiles(d, rows, cols).clamp_min(1e-4).log() for d in distances]
+    side = max(m.shape[0] for m in maps) // rows
+    cells = torch.stack([F.interpolate(m[None, None], (rows * side, cols * side))[0, 0] for m in maps]).mean(0)
+    threshold = level + LOCATE_MARGIN if level is not None else cells.float().quantile(0.95).item()
+    return peak_region_box(cells, max(threshold, cells.max().item() - LOCATE_RANGE))
+
+
+class KensaVLReferenceComparison(nn.Module):
+    """PatchCore inside the model, with a learned anomaly map.
+
+    For each image with references, per compared encoder and per cell of that encoder's own patch grid: the cosine
+    distance to the nearest cell of any reference tile, averaged over the 3x3 neighbourhood (PatchCore's locally
+    aware patches) and max-pooled onto the visual tokens, and the farthest single cell under each token (a defect of
+    a cell or two, which the mean dilutes); each raw and relative to the image's median.
+    Their logarithms become one anomaly logit per visual token (trained on defect masks when they are given, see
+    `loss`): a linear term that starts as their mean (farther is more anomalous, so an untrained map already ranks
+    like PatchCore) plus an MLP that starts at zero.
+
+    The model receives it twice: the token logit and the image's largest logit become an embedding added to each
+    visual token (through a last layer that starts at zero), and the image's summary becomes an embedding added to
+    the image's closing `</img>` token and the text that follows it (AnomalyGPT's prompt embedding, see
+    `add_summaries`). The summary, over the image's grid tiles (`scored_tiles`): the largest, top-mean and mean
+    logit, the image's kNN score, that score minus the prompt's level (see `forward`), and whether there is one."""
+
+    PER_ENCODER = 4  # log-distances per encoder and token: 3x3 mean and farthest cell, raw and over the median
+
+    def __init__(self, config: KensaVLConfig):
+        super().__init__()
+        self.config = config  # read when used: the builders set the token ids after the model is made
+        self.encoders = config.reference_encoder_names()
+        self.token_side = config.token_side
+        width = config.text_config.hidden_size
+        inputs = self.PER_ENCODER * len(self.encoders)
+        self.linear = nn.Linear(inputs, 1)
+        self.mlp = nn.Sequential(nn.Linear(inputs, 64), nn.GELU(), nn.Linear(64, 1))
+        self.embed = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
+        self.summary = nn.Sequential(nn.Linear(6, width), nn.GELU(), nn.Linear(width, width))
+        # how `_init_weights` starts them: the mean of the log-distances, and residuals that change nothing yet
+        self.linear.kensa_init = "mean"
+        self.mlp[-1].kensa_init = self.embed[-1].kensa_init = "zero"
+
+    def features(self, grids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The compared encoders' L2-normalised cells on their own grids: name -> `(n, g, g, C)`."""
+        return unit_cells(grids, self.encoders)
+
+    def distances(self, query: dict[str, torch.Tensor], bank: dict[str, torch.Tensor]):
+        """`query` name -> (n, g, g, C) tiles of one image, `bank` name -> (M, C) -> (log-distances
+        `(n, tokens_per_tile, PER_ENCODER * E)`, each encoder's `nearest_distances` `(n, g, g)`)."""
+        out, nearest = [], [nearest_distances(query[name], bank[name]) for name in self.encoders]
+        for cells in nearest:
+            d = pooled_distances(cells, self.token_side)  # (n, tokens_per_tile)
+            # the single farthest cell under each token: a defect of a cell or two, which the 3x3 mean dilutes
+            far = F.adaptive_max_pool2d(cells.unsqueeze(1), self.token_side).flatten(1)
+            out += [d, d / d.median().clamp_min(1e-6), far, far / far.median().clamp_min(1e-6)]
+        return torch.stack(out, -1).clamp_min(1e-4).log(), nearest
+
+    def forward(self, query, thumbnail: torch.Tensor, bank, level: torch.Tensor | None = None):
+        """One image whose tiles are `thumbnail`-flagged `(n,)` against `bank` -> (token embeddings
+        `(n, tokens_per_tile, D)`, anomaly logits `(n, tokens_per_tile)`, the summary embedding `(D,)`, the image's
+        kNN score, each encoder's `nearest_distances`). The score is the largest log-distance over the grid tiles
+        (untrained, PatchCore's); `level` is the median score of the earlier images of the prompt (each against the
+        images before it), the prompt's own measure of how far good photos of this product lie from each other."""
+        x, nearest = self.distances(query, bank)
+        x = x.to(self.linear.weight.dtype)
+        logits = (self.linear(x) + self.mlp(x)).squeeze(-1)
+        selected = scored_tiles(thumbnail)
+        scored = logits[selected].flatten()
+        top = scored.topk(min(len(scored), logits.shape[-1])).values.mean()
+        score = x[selected][..., 0 :: self.PER_ENCODER].mean(-1).max()  # 3x3 log-distance, mean over encoders
+        relative, known = (score - level, 1.0) if level is not None else (torch.zeros_like(score), 0.0)
+        image = torch.stack([scored.max(), top, scored.mean(), score, relative, torch.full_like(score, known)])
+        summary = torch.stack([logits, image[0].expand_as(logits)], -1)
+        return self.embed(summary), logits, self.summary(image), score.detach(), nearest
+
+    def compare_prompt(
+        self,
+        image_features: torch.Tensor,
+        grids: dict[str, torch.Tensor],
+        input_ids: torch.Tensor,
+        image_grid: torch.Tensor,
+        pixel_values: torch.Tensor,
+        bank_cells: Callable[[torch.Tensor, dict], dict],
+        references: list[ReferenceBank] | None = None,
+        keep: bool = False,
+    ) -> PromptComparison:
+        """Compare every image of each prompt that has references (the earlier images of its sample, plus
+        `references[sample]`, a cached support set, when given) with them (see `PromptComparison`). `bank_cells`
+        turns an image's tiles and compared features into its bank cells (the model's `reference_cells`: every
+        reference view). With `keep`, per sample, the bank a later image would compare with: the cached support
+        set's, then every image's own (what `reference_cells` gives, image by image), with their scores."""
+        features = self.features(grids)  # name -> (N, g, g, C)
+        thumbnail = thumbnail_tiles(image_grid)
+        tiles, per_tile = image_grid[:, 2].tolist(), image_features.shape[1]
+        streams = per_tile // self.token_side**2  # tokens per position: one per encoder when interleaved
+        starts = [0, *torch.tensor(tiles).cumsum(0).tolist()]
+        is_image = input_ids == self.config.image_token_id
+        added = torch.zeros_like(image_features)
+        anomaly = image_features.new_full((len(image_features), self.token_side**2), float("nan"), dtype=torch.float32)
+        scores = anomaly.new_full((len(tiles),), float("nan"))
+        summaries, nearest, kept, image = [], [None] * len(tiles), [], 0
+        for row, row_tokens in enumerate(is_image.sum(1).tolist()):
+            positions = is_image[row].nonzero().flatten()
+            cached = None if references is None else references[row]
+            banks = {name: [] if cached is None else [cached.cells[name].float()] for name in features}
+            levels = [] if cached is None else list(cached.scores.float().to(anomaly.device))
+            seen = 0
+            while seen < row_tokens:
+                first, last = starts[image], starts[image + 1]
+                query = {name: f[first:last] for name, f in features.items()}
+                if banks[self.encoders[0]]:
+                    level = torch.stack(levels).median() if levels else None
+                    delta, logits, summary, scores[image], nearest[image] = self(
+                        query, thumbnail[first:last], {n: torch.cat(b) for n, b in banks.items()}, level
+                    )
+                    levels.append(scores[image])
+                    added[first:last] = delta.repeat_interleave(streams, 1).to(added.dtype)
+                    anomaly[first:last] = logits.float()
+                    end = int(positions[seen + (last - first) * per_tile - 1]) + 1  # the image's `</img>`
+                    if end < input_ids.shape[1]:
+                        summaries.append(Summary(row, end, summary))
+                seen += (last - first) * per_tile
+                if seen < row_tokens or keep:  # a later image of the row (or a caller's later query) compares with it
+                    for name, cells in bank_cells(pixel_values[first:last], query).items():
+                        banks[name].append(cells)
+                image += 1
+            if keep:
+                cells = {n: torch.cat(b) for n, b in banks.items()} if banks[self.encoders[0]] else None
+                kept.append(cells and ReferenceBank(cells, torch.stack(levels) if levels else anomaly.new_empty(0)))
+        return PromptComparison(added, anomaly, summaries, scores, tuple(nearest), tuple(kept) if keep else None)
+
+    def add_summaries(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, summaries: list[Summary]):
+        """Add each compared image's summary embedding to its `</img>` token and the text after it, up to the next
+        stop token (`config.summary_stop_token_ids`: the next image or chat turn) or the end of the input. The
+        question about an image then carries its comparison, so the answer's first token (in the next turn, a few
+        tokens on) reads it from nearby text instead of searching hundreds of visual tokens; the answer itself never
+        carries it, in training as in generation."""
+        if not summaries:
+            return inputs_embeds
+        stop_ids = self.config.summary_stop_token_ids
+        stops = torch.isin(input_ids, torch.tensor(stop_ids, device=input_ids.device))
+        span_rows, span_cols, values = [], [], []
+        for summary in summaries:
+            after = stops[summary.row, summary.start :].nonzero().flatten() if stop_ids else None
+            start = summary.start
+            stop = start + 1 if after is None else start + int(after[0]) if len(after) else input_ids.shape[1]
+            span_rows += [summary.row] * (stop - start)
+            span_cols += range(start, stop)
+            values.append(summary.embedding.expand(stop - start, -1))
+        index = (torch.tensor(span_rows, device=input_ids.device), torch.tensor(span_cols, device=input_ids.device))
+        return inputs_embeds.index_put(index, torch.cat(values).to(inputs_embeds.dtype), accumulate=True)
+
+    def loss(self, anomaly_map: torch.Tensor, anomaly_labels: torch.Tensor) -> torch.Tensor | None:
+        """Class-balanced binary cross-entropy of the map against `anomaly_labels` (1 defect, 0 not, -1 unknown),
+        times `config.anomaly_loss_weight`; None when no token with references has a known label."""
+        if anomaly_labels.shape != anomaly_map.shape:
+            raise ValueError(
+                f"anomaly_labels must be (num_tiles, token positions per tile) = {tuple(anomaly_map.shape)}, "
+                f"got {tuple(anomaly_labels.shape)}."
+            )
+        known = (anomaly_labels >= 0) & ~anomaly_map.isnan()
+        if not known.any():
+            return None
+        target = anomaly_labels[known].float()
+        # defects cover a few % of the tokens: weigh them as much as the rest, or the map learns "never"
+        balance = (target == 0).sum() / (target == 1).sum().clamp_min(1)
+        bce = F.binary_cross_entropy_with_logits(anomaly_map[known], target, pos_weight=balance)
+        return self.config.anomaly_loss_weight * bce

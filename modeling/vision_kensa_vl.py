@@ -1,0 +1,262 @@
+"""KensaVL's vision side: from tiles in [0, 1] to visual tokens in the language model's embedding space.
+
+- `build_towers`: one tower per encoder entry of the config: any transformers vision model that returns patch
+  hidden states (SigLIP, CLIP, DINOv2, ResNet/ConvNeXt stages, ...) or KensaVL's own weight-free block-DCT encoder
+  (`KensaVLDCTEncoder`) and direct-patch encoder (`KensaVLPatchEncoder`);
+- `tapped_hidden_states`: several layers per tower, taken with forward hooks; `encode_tiles` drops CLS and register
+  tokens by count, merges the layers (`KensaVLLayerMerge`: COMM's weighted sum, or concatenation) and adds the
+  S2-Wrapper scales;
+- `project_grids`: encoders average-pooled onto the common patch grid, 2x2 `pixel_shuffle`, then
+  `KensaVLProjector` (LayerNorm + 2-layer GELU MLP; one over the concatenated encoders, or one per encoder with
+  interleaved tokens).
+
+Shipped to the Hub as remote code: imports only torch, transformers and siblings.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel
+
+from .configuration_kensa_vl import (
+    CNN_MODEL_TYPES,
+    DCT_MODEL_TYPE,
+    PATCH_MODEL_TYPE,
+    KensaVLConfig,
+    build_encoder_config,
+    encoder_patch_grid,
+)
+
+
+class KensaVLLayerMerge(nn.Module):
+    """Merge the hidden states tapped from several layers of one encoder into one feature map."""
+
+    def __init__(self, hidden_size: int, num_layers: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode == "weighted" and num_layers > 1:
+            self.norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(num_layers))
+            self.projs = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_layers))
+            self.layer_logits = nn.Parameter(torch.zeros(num_layers))
+
+    def forward(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        if len(layers) == 1:
+            return layers[0]
+        if self.mode == "concat":
+            return torch.cat(layers, dim=-1)  # (N, P, C * L)
+        weights = self.layer_logits.softmax(dim=0)
+        return sum(w * proj(norm(h)) for w, norm, proj, h in zip(weights, self.norms, self.projs, layers, strict=True))
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+
+class KensaVLProjector(nn.Module):
+    """LayerNorm + 2-layer GELU MLP: one over the concatenated encoders, or one per encoder when interleaving."""
+
+    def __init__(self, config: KensaVLConfig):
+        super().__init__()
+        out_dim = config.text_config.hidden_size
+        hidden = config.projector_hidden_size or out_dim
+        block = config.pixel_shuffle**2
+        sizes = config.encoder_hidden_sizes()
+        if config.fusion == "concat":
+            self.mlps = nn.ModuleDict({"fused": _mlp(sum(sizes.values()) * block, hidden, out_dim)})
+        else:
+            self.mlps = nn.ModuleDict({name: _mlp(size * block, hidden, out_dim) for name, size in sizes.items()})
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "fused" in self.mlps:
+            return self.mlps["fused"](torch.cat(list(features.values()), dim=-1))  # (N, L, D)
+        projected = [self.mlps[name](x) for name, x in features.items()]  # E x (N, L, D)
+        return torch.stack(projected, dim=2).flatten(1, 2)  # (N, L * E, D), tokens interleaved per position
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Space-to-depth: `(N, G, G, C)` -> `(N, (G/f)^2, C f^2)`."""
+    n, g, _, c = x.shape
+    x = x.view(n, g // factor, factor, g // factor, factor, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, (g // factor) ** 2, c * factor * factor)
+
+
+class KensaVLDCTEncoder(nn.Module):
+    """Frequency-domain input (DocPedia): JPEG-style block DCT of YCbCr, the lowest coefficients of each block in
+    zigzag order, signed-log compressed. No weights: a fixed local descriptor of texture and edges at a fine grid
+    (one cell per `patch_size` block) that compares well across views of a product (reference comparison).
+
+    Config keys: `patch_size` (block side), `luma_coefficients`, `chroma_coefficients`; `hidden_size` is their
+    total (`luma + 2 * chroma`)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        block = config["patch_size"]
+        self.block, self.luma, self.chroma = block, config["luma_coefficients"], config["chroma_coefficients"]
+        if not 1 <= self.chroma <= self.luma <= block * block:
+            raise ValueError(
+                f"DCT encoder: need 1 <= chroma_coefficients <= luma_coefficients <= {block * block} "
+                f"(patch_size {block}), got {self.chroma} and {self.luma}."
+            )
+        # Built here and in forward, not kept as buffers: `from_pretrained` leaves non-persistent buffers
+        # uninitialised. The kernel is built on first use on a device and kept (a quarter of a 5-tile call otherwise).
+        self.zigzag = sorted(range(block * block), key=lambda i: (i // block + i % block, i // block))
+        self._kernel: torch.Tensor | None = None
+
+    def basis(self, device) -> torch.Tensor:
+        """The orthonormal DCT-II matrix `(k, k)`: row `u` is frequency `u` sampled at the block's pixels."""
+        k, n = torch.meshgrid(
+            torch.arange(self.block, device=device), torch.arange(self.block, device=device), indexing="ij"
+        )
+        basis = torch.cos(torch.pi * (2 * n + 1) * k / (2 * self.block)) * (2 / self.block) ** 0.5
+        basis[0] /= 2**0.5
+        return basis
+
+    def kernel(self, device) -> torch.Tensor:
+        """RGB block -> kept YCbCr coefficients as one linear map, `(luma + 2 * chroma, 3, k, k)`: the 2-D DCT basis
+        (`kron(basis, basis)`, rows in zigzag order) times the colour conversion (Y, then Cb, then Cr)."""
+        y = torch.tensor([0.299, 0.587, 0.114], device=device)
+        cb = 0.564 * (torch.tensor([0.0, 0.0, 1.0], device=device) - y)
+        cr = 0.713 * (torch.tensor([1.0, 0.0, 0.0], device=device) - y)
+        basis = self.basis(device)
+        dct = torch.kron(basis, basis)[self.zigzag]  # (k*k coefficients, k*k pixels)
+        rows = [(colour, dct[:kept]) for colour, kept in ((y, self.luma), (cb, self.chroma), (cr, self.chroma))]
+        weight = torch.cat([torch.einsum("c,rp->rcp", colour, coefficients) for colour, coefficients in rows])
+        return weight.view(-1, 3, self.block, self.block)
+
+    def forward(self, pixel_values: torch.Tensor, **_) -> torch.Tensor:
+        """`(n, 3, T, T)` RGB in [0, 1] -> `(n, (T / patch_size)^2, luma + 2 * chroma)`. One strided convolution
+        with `kernel`: 10x faster on a CPU than colour conversion and separable DCT as tensor ops (BENCHMARKS.md)."""
+        pixels = pixel_values.float()
+        if pixels.shape[-1] % self.block or pixels.shape[-2] % self.block:
+            raise ValueError(
+                f"DCT encoder: tile sides must be multiples of patch_size {self.block}, "
+                f"got {tuple(pixels.shape[-2:])}."
+            )
+        if self._kernel is None or self._kernel.device != pixels.device:
+            self._kernel = self.kernel(pixels.device)
+        features = F.conv2d(pixels, self._kernel, stride=self.block).flatten(2).transpose(1, 2)
+        return features.sign() * torch.log1p(10 * features.abs())
+
+
+class KensaVLPatchEncoder(nn.Module):
+    """Direct patch input (Fuyu, OtterHD): each `patch_size` block of raw pixels, flattened, through one linear
+    layer. No vision transformer: the cheapest way to reach a tile's full resolution, and the LM (or the other
+    encoders it sits beside) does the seeing. Config keys: `patch_size`, `hidden_size`."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.block = config["patch_size"]
+        self.proj = nn.Linear(3 * self.block * self.block, config["hidden_size"])
+
+    def forward(self, pixel_values: torch.Tensor, **_) -> torch.Tensor:
+        """`(n, 3, T, T)` -> `(n, (T / patch_size)^2, hidden_size)`, patches in row-major order."""
+        patches = F.unfold(pixel_values.to(self.proj.weight.dtype), self.block, stride=self.block)
+        return self.proj(patches.transpose(1, 2))
+
+
+def build_towers(config: KensaVLConfig) -> tuple[nn.ModuleDict, list[str], dict[str, dict]]:
+    """The config's vision towers by encoder name, the modules they must not be split at (device maps), and the
+    keyword arguments each tower's forward takes (`interpolate_pos_encoding` where its image size is not the
+    tile's)."""
+    attn = getattr(config, "_attn_implementation", None)
+    towers, no_split, tower_kwargs = {}, set(), {}
+    for encoder in config.vision_encoders:
+        model_type = encoder["config"]["model_type"]
+        if model_type == DCT_MODEL_TYPE:
+            tower = KensaVLDCTEncoder(encoder["config"])
+        elif model_type == PATCH_MODEL_TYPE:
+            tower = KensaVLPatchEncoder(encoder["config"])
+        else:
+            extra = {"attn_implementation": attn} if attn and model_type not in CNN_MODEL_TYPES else {}
+            tower = AutoModel.from_config(build_encoder_config(encoder), **extra)
+        no_split.update(getattr(tower, "_no_split_modules", None) or [])
+        # 4.x wraps CLIP/SigLIP in `.vision_model`; 5.6+ does not. Unwrapping gives one key layout in both.
+        tower = towers[encoder["name"]] = getattr(tower, "vision_model", tower)
+        params = inspect.signature(tower.forward).parameters
+        image_size = encoder["config"].get("image_size", config.tile_size)
+        needs_interp = "interpolate_pos_encoding" in params and image_size != config.tile_size
+        tower_kwargs[encoder["name"]] = {"interpolate_pos_encoding": True} if needs_interp else {}
+    return nn.ModuleDict(towers), sorted(no_split), tower_kwargs
+
+
+def tapped_hidden_states(tower: nn.Module, taps: list[int], pixel_values: torch.Tensor, tower_kwargs: dict):
+    """Run a tower and return `hidden_states[i]` for each tap `i` (0: the first layer's input, -1: the last layer).
+
+    Forward hooks on the encoder layers give the same indices as `output_hidden_states` in every transformers
+    version (4.x's unwrapped CLIP/SigLIP transformers do not return hidden states) and keep only the taps.
+    """
+    if isinstance(tower, (KensaVLDCTEncoder, KensaVLPatchEncoder)):  # one "layer": every tap is its output
+        return [tower(pixel_values)] * len(taps)
+    if getattr(tower.config, "model_type", None) in CNN_MODEL_TYPES:  # stage maps (n, C, h, w) -> tokens
+        out = tower(pixel_values=pixel_values, output_hidden_states=True)
+        return [out.hidden_states[tap].flatten(2).transpose(1, 2) for tap in taps]
+    if hasattr(tower, "timm_model"):  # transformers' timm wrapper: taps are timm stage indices, maps NCHW
+        out = tower(pixel_values=pixel_values, output_hidden_states=list(taps), do_pooling=False)
+        return [feature_map.flatten(2).transpose(1, 2) for feature_map in out.hidden_states]
+    encoder = getattr(tower, "encoder", None)
+    layers = getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
+    if layers is None:
+        raise ValueError(f"{type(tower).__name__} has no `encoder.layers` / `encoder.layer` to tap features from.")
+    wanted = [tap % (len(layers) + 1) for tap in taps]
+    captured, handles = {}, []
+
+    def keep(index):
+        def hook(module, args, kwargs, output=None):
+            value = output if output is not None else (args[0] if args else kwargs["hidden_states"])
+            captured[index] = value[0] if isinstance(value, tuple) else value
+
+        return hook
+
+    for index in set(wanted):
+        if index == 0:
+            handles.append(layers[0].register_forward_pre_hook(keep(0), with_kwargs=True))
+        else:
+            handles.append(layers[index - 1].register_forward_hook(keep(index), with_kwargs=True))
+    try:
+        tower(pixel_values=pixel_values, **tower_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [captured[index] for index in wanted]
+
+
+def encode_tiles(
+    tower: nn.Module, merge: KensaVLLayerMerge, encoder: dict, pixel_values: torch.Tensor, tile_size: int, kwargs
+) -> torch.Tensor:
+    """One encoder over a chunk of tiles: `(n, 3, T, T)` in [0, 1] -> `(n, g, g, C)` on its own patch grid."""
+    mean = torch.tensor(encoder["image_mean"], device=pixel_values.device, dtype=pixel_values.dtype)
+    std = torch.tensor(encoder["image_std"], device=pixel_values.device, dtype=pixel_values.dtype)
+    x = (pixel_values - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    n, tile, scales = len(x), x.shape[-1], encoder.get("scales", [1])
+    for s in scales[1:]:  # S2-Wrapper: the tile at s x, cut into s x s sub-tiles of the native size
+        big = F.interpolate(x[:n], scale_factor=s, mode="bilinear", align_corners=False)
+        x = torch.cat([x, big.view(n, 3, s, tile, s, tile).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, tile, tile)])
+    hidden_states = tapped_hidden_states(tower, encoder["feature_layers"], x, kwargs)
+    grid = encoder_patch_grid(encoder, tile_size)
+    # (n, prefix + grid^2, C) each; CLS / register tokens come first and are dropped by count
+    layers = [hidden[:, hidden.shape[1] - grid * grid :] for hidden in hidden_states]
+    merged = merge(layers)  # (n * sum(s^2), grid^2, C')
+    merged = merged.reshape(len(merged), grid, grid, -1)
+    out, start = [merged[:n]], n
+    for s in scales[1:]:  # stitch each tile's sub-tiles and pool them back onto the tile's grid
+        part = merged[start : start + n * s * s].view(n, s, s, grid, grid, -1)
+        stitched = part.permute(0, 5, 1, 3, 2, 4).reshape(n, -1, s * grid, s * grid)
+        out.append(F.avg_pool2d(stitched, s).permute(0, 2, 3, 1))
+        start += n * s * s
+    return torch.cat(out, -1) if len(out) > 1 else merged
+
+
+def project_grids(projector: KensaVLProjector, grids: dict[str, torch.Tensor], config: KensaVLConfig) -> torch.Tensor:
+    """Each encoder's `(N, g, g, C)` grid, average-pooled onto the common grid and pixel-shuffled, through the
+    projector: `(N, tokens_per_tile, D)`."""
+    projector_dtype = next(projector.parameters()).dtype
+    common, shuffled = config.grid_size, {}
+    for name, grid in grids.items():
+        if grid.shape[1] != common:  # average-pool onto the common grid (a CNN's need not be a multiple)
+            grid = F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), common).permute(0, 2, 3, 1)
+        shuffled[name] = pixel_shuffle(grid, config.pixel_shuffle).to(projector_dtype)
+    return projector(shuffled)
