@@ -22,7 +22,7 @@ from benchmarks.memory_estimate import real_config
 from kensa_vl.eval.inspector import Inspector, support_item
 from kensa_vl.eval.measure import PeakMemory, machine, timed
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
-from kensa_vl.train.build import _train_tokenizer, make_processor, set_token_ids, tiny_config
+from kensa_vl.train.build import make_processor, set_token_ids, tiny_config, train_tokenizer
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    tokenizer = _train_tokenizer()
+    tokenizer = train_tokenizer()
     config = tiny_config(tokenizer) if args.tiny else real_config(args.lm)
     set_token_ids(config, tokenizer)
     with torch.device(device):

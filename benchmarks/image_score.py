@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=20, help="per category")
     args = parser.parse_args()
     model, processor = build_tiny(**TINY)
-    side = model.config.grid_size // model.config.pixel_shuffle
+    side = model.config.token_side
     test = load_synth(args.data)[0]["test"]
     rows = {}
     for i, (category, label) in enumerate(zip(test["category"], test["label"], strict=True)):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from kensa_vl.eval.evaluate import LARGE_AREA, _control_support, box_iou, support_for
+from kensa_vl.eval.evaluate import LARGE_AREA, box_iou, control_support, support_for
 from kensa_vl.eval.inspector import Inspector, load_pretrained
 from kensa_vl.modeling.comparison_kensa_vl import LOCATE_MARGIN, nearest_distances, stitch_tiles
 from kensa_vl.train.data.synth import load_synth
@@ -66,7 +66,7 @@ def main() -> None:
     for seed in tqdm(range(args.seeds), desc="seeds"):
         for category in sorted(rows):
             good, bad = support_for(rows, category, args.shots, 0, seed)
-            inspector.set_support(_control_support(items, good, bad, None, seed))
+            inspector.set_support(control_support(items, good, bad, None, seed))
             references = inspector._bank.cells
             level = inspector._bank.level
             for i in rows[category]["defective"]:

@@ -18,7 +18,7 @@ from benchmarks.tokens import PEER_TOKENS, peers
 from kensa_vl.modeling.configuration_kensa_vl import KensaVLConfig
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
 from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN
-from kensa_vl.train.build import _train_tokenizer, make_processor, set_token_ids
+from kensa_vl.train.build import make_processor, set_token_ids, train_tokenizer
 
 # small enough for a 2-core CPU, shaped like the real ones (heads of 64, MLP 4x)
 VISION = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 512}
@@ -117,6 +117,6 @@ def _vit(patch: dict) -> dict:
 
 
 def tokenizer_with_peer_tokens():
-    tokenizer = _train_tokenizer()
+    tokenizer = train_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": PEER_TOKENS}, False)
     return tokenizer

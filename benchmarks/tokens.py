@@ -18,7 +18,7 @@ from PIL import Image
 
 from kensa_vl.modeling.configuration_kensa_vl import KensaVLConfig
 from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN
-from kensa_vl.train.build import _train_tokenizer, make_processor, set_token_ids
+from kensa_vl.train.build import make_processor, set_token_ids, train_tokenizer
 
 SIZES = [(448, 448), (1024, 768), (1344, 1344), (1920, 1080), (2048, 2048)]
 PEER_TOKENS = [
@@ -126,7 +126,7 @@ def count(processor, placeholder: str, token: str, size: tuple[int, int], tokeni
 
 
 def main() -> None:
-    tokenizer = _train_tokenizer()
+    tokenizer = train_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": PEER_TOKENS}, False)
     config = default_config(tokenizer)
     ours = make_processor(tokenizer, config)

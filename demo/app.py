@@ -21,6 +21,7 @@ from PIL import Image
 
 from kensa_vl.eval.inspector import Inspector, load_pretrained, support_item
 from kensa_vl.eval.plots import draw_judgement
+from kensa_vl.processing.image_processing_kensa_vl import ImageTooLarge, to_rgb
 
 logger = logging.getLogger("kensa_vl.demo")
 
@@ -49,16 +50,13 @@ def open_image(path: str, role: str) -> Image.Image:
     if size_mb > MAX_FILE_MB:
         raise ValueError(f"{role} {name}: {size_mb:.1f} MB, the limit is {MAX_FILE_MB} MB per file")
     try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{role} {name} is not a readable image ({err})") from err
-    if image.width * image.height > MAX_PIXELS:
-        raise ValueError(
-            f"{role} {name}: {image.width}x{image.height} = {image.width * image.height:,} pixels, "
-            f"the limit is {MAX_PIXELS:,}"
-        )
-    return image.convert("RGB")
+        return to_rgb(path, MAX_PIXELS)  # the pixel limit is read from the header, before decoding
+    except ImageTooLarge as err:
+        pixels = err.width * err.height
+        limit = f"the limit is {MAX_PIXELS:,}"
+        raise ValueError(f"{role} {name}: {err.width}x{err.height} = {pixels:,} pixels, {limit}") from err
+    except ValueError as err:
+        raise ValueError(f"{role} {name} is not a readable image") from err
 
 
 def check_counts(**files) -> None:

@@ -75,13 +75,15 @@ def run(
     seeds: int = 3,
     queries: int = 20,
     trained: dict[int, str] | None = None,
+    train=None,
 ):
-    """Train, evaluate and time the `chosen` rungs (all by default); `max_steps` > 0 caps both stages' steps
+    """Train, evaluate and time the `chosen` rungs (all by default); `train` is the main job's trainer
+    (`kensa_vl.train.pipeline.train`, which the CLI passes in: evaluation does not import training code), needed for
+    every rung not in `trained`; `max_steps` > 0 caps both stages' steps
     (0: the main job's own budget). `trained` maps a rung to a model already trained with its settings and the
     same budget (e.g. the main job's `outputs/main/model` for its row): evaluated and timed, not retrained.
     Results accumulate in `out/ablation.json`."""
-    from kensa_vl.train.data.synth import load_synth
-    from kensa_vl.train.pipeline import train
+    from kensa_vl.train.data import load_synth
 
     from .evaluate import evaluate
     from .inspector import load_pretrained
@@ -91,6 +93,9 @@ def run(
     test = load_synth(data)[0]["test"]
     results = json.loads((out / "ablation.json").read_text()) if (out / "ablation.json").exists() else {}
     todo = [(i, label, tiny) for i, (label, tiny) in enumerate(rungs()) if chosen is None or i in chosen]
+    untrained = [i for i, *_ in todo if i not in (trained or {})]
+    if untrained and train is None:
+        raise ValueError(f"rungs {untrained} need training: pass train= (kensa_vl.train.pipeline.train)")
     for index, label, tiny in tqdm(todo, desc="rungs"):
         folder = out / f"rung{index}"
         budget = ["--max_steps", str(max_steps)] if max_steps > 0 else []
@@ -165,7 +170,8 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def add_parsers(subparsers) -> None:
+def add_parsers(subparsers, train) -> None:
+    """The `ablate` sub-command; `train` trains a rung (`kensa_vl.train.pipeline.train`)."""
     p = subparsers.add_parser("ablate", help="the fine-detail ablation ladder (train, evaluate, time each rung)")
     p.add_argument("--out", default="outputs/ablate")
     p.add_argument("--data", default="outputs/kensa-synth-224", help="KensaSynth folder (generated when missing)")
@@ -184,6 +190,6 @@ def add_parsers(subparsers) -> None:
             return
         chosen = None if a.rungs is None else {int(x) for x in a.rungs.split(",")}
         trained = {int(rung): path for rung, _, path in (item.partition("=") for item in a.trained)}
-        run(a.out, a.data, a.max_steps, chosen, trained=trained)
+        run(a.out, a.data, a.max_steps, chosen, trained=trained, train=train)
 
     p.set_defaults(func=start)

@@ -25,8 +25,9 @@ from kensa_vl.modeling.comparison_kensa_vl import (
     thumbnail_tiles,
     unit_cells,
 )
+from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 
-from .inspector import Judgement, _rgb, pixel_box
+from .inspector import Judgement, pixel_box
 
 
 class PatchCore:
@@ -41,7 +42,7 @@ class PatchCore:
         """(name -> `(tiles, g, g, C)` L2-normalised cells of each encoder the model compares, thumbnail flags,
         the tile grid's rows and columns, the image's width and height, and for a `reference` its bank cells,
         name -> `(cells, C)`, views included)."""
-        image = _rgb(image)
+        image = to_rgb(image)
         batch = self.processor.image_processor([image], max_tiles=self.max_tiles, return_tensors="pt")
         names = self.model.config.reference_encoder_names()
         pixel_values = batch["pixel_values"].to(self.model.device)
@@ -60,7 +61,7 @@ class PatchCore:
             self.threshold = max(scores)
 
     def _score(self, features, bank: list) -> float:
-        side = self.model.config.grid_size // self.model.config.pixel_shuffle
+        side = self.model.config.token_side
         cells, thumbnail, *_ = features
         distances = [patch_distances(query, _bank(bank, name), side) for name, query in cells.items()]
         return float(torch.stack(distances).mean(0)[scored_tiles(thumbnail)].max())

@@ -145,7 +145,7 @@ def support_for(rows: dict, category: str, k: int, defective_k: int, seed: int, 
     ]
 
 
-def _control_support(items, good: list[int], bad: list[int], control: str | None, seed: int) -> list[dict]:
+def control_support(items, good: list[int], bad: list[int], control: str | None, seed: int) -> list[dict]:
     support = [items[i] for i in good + bad]
     if control == "noise":
         rng = np.random.default_rng(seed)
@@ -180,7 +180,7 @@ def evaluate(
     Returns {"shots": {k: aggregate}, "controls": {name: aggregate}, "records": [...], "config": {...}}; each
     record is one query (seed, shots, control, category, label, defect type, size, P(defective), boxes).
     """
-    from kensa_vl.train.data.materials import MATERIALS
+    from kensa_vl.train.data import MATERIALS
 
     rows = {}
     for i, (category, label) in enumerate(zip(items["category"], items["label"], strict=True)):
@@ -206,7 +206,7 @@ def evaluate(
                 for category in sorted(rows):
                     good, bad = support_for(rows, category, k, d, seed, control)
                     inspector.noun = MATERIALS[category].noun if category in MATERIALS else category
-                    inspector.set_support(_control_support(items, good, bad, control, seed))
+                    inspector.set_support(control_support(items, good, bad, control, seed))
                     records += _judge(
                         inspector,
                         items,

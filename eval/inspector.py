@@ -24,8 +24,9 @@ from transformers.cache_utils import DynamicLayer
 
 from kensa_vl.modeling.comparison_kensa_vl import locate_box
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
-from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN, parse_inspection_answer, position_word
-from kensa_vl.train.data.conversations import episode
+from kensa_vl.processing.image_processing_kensa_vl import to_rgb
+from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN, parse_inspection_answer, region_position
+from kensa_vl.train.data import episode
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Judgement:
 def support_item(image, defective: bool = False, description: str | None = None, boxes=None, defect_type=None):
     """A support example in the episode format: a good image, or a defective one with an optional short
     description, boxes (query pixels, `[x0, y0, x1, y1]`) and defect type."""
-    image = _rgb(image)
+    image = to_rgb(image)
     boxes = [list(map(int, b)) for b in (boxes or [])]
     if not defective:
         if description or boxes or defect_type:
@@ -57,10 +58,11 @@ def support_item(image, defective: bool = False, description: str | None = None,
         if len(box) != 4 or not (0 <= box[0] < box[2] <= image.width and 0 <= box[1] < box[3] <= image.height):
             raise ValueError(f"box {box} is not [x0, y0, x1, y1] inside the {image.width}x{image.height} image")
     position = "center"
-    if boxes:  # the cell of the boxes' union centre, as KensaSynth describes defects
-        x = (min(b[0] for b in boxes) + max(b[2] for b in boxes)) / 2 / image.width
-        y = (min(b[1] for b in boxes) + max(b[3] for b in boxes)) / 2 / image.height
-        position = position_word(x, y)
+    if boxes:  # the cell of the boxes' centroid, as KensaSynth describes a defect by its mask's
+        region = np.zeros((image.height, image.width), dtype=bool)
+        for x0, y0, x1, y1 in boxes:
+            region[y0:y1, x0:x1] = True
+        position = region_position(region)
     return {
         "image": image,
         "defect_type": defect_type or "defect",
@@ -87,17 +89,6 @@ def fork_cache(cache):
     fork = copy.copy(cache)
     fork.layers = [copy.copy(layer) for layer in layers]
     return fork
-
-
-def _rgb(image) -> Image.Image:
-    if isinstance(image, str) or hasattr(image, "__fspath__"):
-        try:
-            image = Image.open(image)
-        except (OSError, ValueError) as err:  # missing file, not an image
-            raise ValueError(f"could not read image {str(image)!r}: {err}") from err
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"expected a PIL image or an image path, got {type(image).__name__}")
-    return image.convert("RGB")
 
 
 def load_pretrained(path, dtype=None):
@@ -240,11 +231,11 @@ class Inspector:
             raise ValueError("call set_support(...) before judge(...) (an empty list judges without examples)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        queries = [queries] if isinstance(queries, (Image.Image, str)) else list(queries)
+        queries = [queries] if isinstance(queries, (Image.Image, str, np.ndarray)) else list(queries)
         out, images = [None] * len(queries), {}
         for index, query in enumerate(queries):
             try:
-                images[index] = _rgb(query)
+                images[index] = to_rgb(query)
             except ValueError as err:
                 if not isinstance(query, str) and not hasattr(query, "__fspath__"):
                     raise

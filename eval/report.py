@@ -63,7 +63,7 @@ def evaluate_and_report(
 
 
 def _eval(args) -> None:
-    from kensa_vl.train.data.synth import load_synth
+    from kensa_vl.train.data import load_synth
 
     from .inspector import load_pretrained
 

@@ -158,7 +158,6 @@ class KensaVLConfig(PretrainedConfig):
         anomaly_loss_weight: float = 1.0,
         summary_stop_token_ids: list[int] | None = None,
         image_token_id: int | None = None,
-        num_loc_bins: int = 256,
         loc_token_start_id: int | None = None,
         tie_word_embeddings: bool = False,
         **kwargs,
@@ -198,7 +197,6 @@ class KensaVLConfig(PretrainedConfig):
         self.anomaly_loss_weight = anomaly_loss_weight
         self.summary_stop_token_ids = list(summary_stop_token_ids or [])
         self.image_token_id = image_token_id
-        self.num_loc_bins = num_loc_bins
         self.loc_token_start_id = loc_token_start_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         if encoders:

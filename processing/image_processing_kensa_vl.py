@@ -5,6 +5,7 @@ Shipped to the Hub as remote code: imports only numpy, PIL, transformers and sib
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -63,13 +64,46 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
 
 
-def to_rgb(image) -> Image.Image:
-    """Any PIL image (RGBA on white, L, I;16, P, CMYK, ...), array (HW, HWC, CHW) or tensor as an RGB PIL image."""
-    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        try:
-            image = load_image(str(image) if not isinstance(image, bytes) else image)
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            raise ValueError(f"Could not read image {str(image)[:200]!r}: {error}") from error
+class ImageTooLarge(ValueError):
+    """An image with more pixels than allowed, found from its header before it was decoded."""
+
+    def __init__(self, name: str, width: int, height: int, limit: int):
+        super().__init__(
+            f"Image {name!r} has {width}x{height} = {width * height} pixels, more than max_image_pixels={limit}."
+        )
+        self.width, self.height, self.limit = width, height, limit
+
+
+def open_image(source, max_pixels: int | None = None) -> Image.Image:
+    """A file path, encoded bytes, a `datasets` image dict (`{"bytes", "path"}`) or an http(s) URL -> the PIL image,
+    decoded. With `max_pixels`, an image whose header says more pixels is refused before it is decoded (a
+    decompression bomb costs nothing). Raises `ValueError` naming the source and the reason."""
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+        if source is None:
+            raise ValueError("Could not read image: the image dict has neither bytes nor a path")
+    name = "<bytes>" if isinstance(source, bytes) else str(source)[:200]
+    try:
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            image = load_image(source)
+        else:
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except (OSError, UnidentifiedImageError, ValueError, TypeError, Image.DecompressionBombError) as error:
+        raise ValueError(f"Could not read image {name!r}: {error}") from error
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ImageTooLarge(name, image.width, image.height, max_pixels)
+    try:
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"Could not read image {name!r}: {error}") from error
+    return image
+
+
+def to_rgb(image, max_pixels: int | None = None) -> Image.Image:
+    """The one image loader of the project: any PIL image (RGBA on white, L, I;16, P, CMYK, ...), array (HW, HWC,
+    CHW), tensor, or anything `open_image` opens, as an RGB PIL image."""
+    if isinstance(image, (str, bytes, dict)) or hasattr(image, "__fspath__"):
+        image = open_image(image, max_pixels)
     if hasattr(image, "detach"):  # torch tensor, without importing torch here
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
@@ -123,14 +157,14 @@ def tile_image(
     return tiles.astype(np.float32) / 255.0, (rows, cols)
 
 
-def _flatten_images(images) -> list:
+def flatten_images(images) -> list:
     if images is None:
         return []
     if not isinstance(images, (list, tuple)):
         return [images]
     flat = []
     for item in images:
-        flat.extend(_flatten_images(item) if isinstance(item, (list, tuple)) else [item])
+        flat.extend(flatten_images(item) if isinstance(item, (list, tuple)) else [item])
     return flat
 
 
@@ -167,9 +201,6 @@ class KensaVLImageProcessor(BaseImageProcessor):
     def fetch_images(self, images):  # 5.x ProcessorMixin hook: loading happens in `to_rgb`
         return images
 
-    def grid_for(self, image: Image.Image, max_tiles: int | None = None) -> tuple[int, int]:
-        return select_tile_grid(image.width, image.height, self.tile_size, max_tiles or self.max_tiles)
-
     def preprocess(
         self,
         images,
@@ -184,14 +215,14 @@ class KensaVLImageProcessor(BaseImageProcessor):
         Raises:
             ValueError: unreadable, empty, NaN or oversized images, or a `max_tiles` list of the wrong length.
         """
-        images = _flatten_images(images)
+        images = flatten_images(images)
         budgets = max_tiles if isinstance(max_tiles, (list, tuple)) else [max_tiles or self.max_tiles] * len(images)
         if len(budgets) != len(images):
             raise ValueError(f"max_tiles has {len(budgets)} entries but {len(images)} images were given.")
         all_tiles, grids = [], []
         for index, (image, budget) in enumerate(zip(images, budgets, strict=True)):
             try:
-                image = to_rgb(image)
+                image = to_rgb(image, self.max_image_pixels)
             except ValueError as error:
                 raise ValueError(f"Image {index}: {error}") from error
             if image.width * image.height > self.max_image_pixels:
@@ -229,4 +260,12 @@ class KensaVLImageProcessor(BaseImageProcessor):
         return np.concatenate(out) if out else np.zeros((0, tokens_per_side**2), np.float32)
 
 
-__all__ = ["KensaVLImageProcessor", "select_tile_grid", "num_tiles", "tile_image", "to_rgb"]
+__all__ = [
+    "KensaVLImageProcessor",
+    "select_tile_grid",
+    "num_tiles",
+    "tile_image",
+    "to_rgb",
+    "open_image",
+    "ImageTooLarge",
+]

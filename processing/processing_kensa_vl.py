@@ -10,11 +10,12 @@ import math
 import os
 import re
 
+import numpy as np
 import transformers
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .image_processing_kensa_vl import _flatten_images
+from .image_processing_kensa_vl import flatten_images
 
 IMAGE_TOKEN = "<image>"  # the placeholder users write, and the token visual features replace
 IMAGE_START, IMAGE_END, GLOBAL_TOKEN = "<img>", "</img>", "<global>"
@@ -22,6 +23,7 @@ BOX_START, BOX_END = "<box>", "</box>"
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 PAD_TOKEN = "<|endoftext|>"
 MAX_GRID_SIDE = 32  # row/column tags reserved in the vocabulary
+NUM_LOC_BINS = 256  # location tokens per box coordinate axis: `<loc_0>`..`<loc_255>`
 
 DEFAULT_CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
@@ -45,9 +47,14 @@ def tile_tags(max_side: int = MAX_GRID_SIDE) -> list[str]:
     return [f"<row_{i}>" for i in range(1, max_side + 1)] + [f"<col_{i}>" for i in range(1, max_side + 1)]
 
 
+def structure_tokens() -> list[str]:
+    """The tokens an image becomes (`image_token_sequence`): never learnt as text, never cut by truncation."""
+    return [IMAGE_TOKEN, IMAGE_START, IMAGE_END, GLOBAL_TOKEN, *tile_tags()]
+
+
 def special_tokens() -> list[str]:
-    """Tokens skipped when decoding: chat markers, the image token and the tile structure tags."""
-    return [*CHAT_TOKENS, IMAGE_TOKEN, IMAGE_START, IMAGE_END, GLOBAL_TOKEN, *tile_tags()]
+    """Tokens skipped when decoding: chat markers and the image structure tokens."""
+    return [*CHAT_TOKENS, *structure_tokens()]
 
 
 def location_tokens(num_bins: int) -> list[str]:
@@ -123,6 +130,15 @@ def position_word(x: float, y: float) -> str:
     return POSITIONS[3 * min(2, int(y * 3)) + min(2, int(x * 3))]
 
 
+def region_position(mask: np.ndarray) -> str:
+    """A defect's position word: the 3x3 cell of the centroid of its region (`mask`, `(H, W)`, True inside), the
+    one rule for KensaSynth's masks and a user's boxes."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        raise ValueError(f"The defect region is empty: a {mask.shape[1]}x{mask.shape[0]} mask with no pixel set.")
+    return position_word(xs.mean() / mask.shape[1], ys.mean() / mask.shape[0])
+
+
 _ANSWER_RE = re.compile(
     r"^\s*(?P<verdict>good|defective)\b(?::\s*(?P<type>[a-z][a-z ]*?)\s+at the\s+(?P<position>"
     + "|".join(sorted(POSITIONS, key=len, reverse=True))
@@ -177,7 +193,7 @@ class KensaVLProcessor(ProcessorMixin):
         tokenizer=None,
         chat_template=None,
         image_seq_len: int = 256,
-        num_loc_bins: int = 256,
+        num_loc_bins: int = NUM_LOC_BINS,
         **kwargs,
     ):
         # 5.x raises on unknown kwargs in ProcessorMixin.__init__: consume ours first.
@@ -186,7 +202,7 @@ class KensaVLProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self._structure_ids = set(tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, IMAGE_START, IMAGE_END]))
+        self._structure_ids = set(tokenizer.convert_tokens_to_ids(structure_tokens()))
 
     def _pair_images(self, texts: list[str], images) -> list:
         counts = [text.count(IMAGE_TOKEN) for text in texts]
@@ -194,12 +210,12 @@ class KensaVLProcessor(ProcessorMixin):
         if nested:
             if len(images) != len(texts):
                 raise ValueError(f"Got {len(images)} image lists for {len(texts)} texts.")
-            per_sample = [len(_flatten_images(item)) for item in images]
+            per_sample = [len(flatten_images(item)) for item in images]
             if per_sample != counts:
                 raise ValueError(
                     f"Each text needs one image per {IMAGE_TOKEN}: placeholders {counts}, images {per_sample}."
                 )
-        flat = _flatten_images(images)
+        flat = flatten_images(images)
         if len(flat) != sum(counts):
             raise ValueError(
                 f"The text has {sum(counts)} {IMAGE_TOKEN} placeholders (per sample {counts}) but {len(flat)} images "
@@ -274,7 +290,7 @@ class KensaVLProcessor(ProcessorMixin):
         data = {}
         texts = [text] if isinstance(text, str) else list(text) if text is not None else None
         if images is not None:
-            flat = self._pair_images(texts, images) if texts is not None else _flatten_images(images)
+            flat = self._pair_images(texts, images) if texts is not None else flatten_images(images)
             data.update(self.image_processor(flat, max_tiles=max_tiles))
         elif texts is not None and any(IMAGE_TOKEN in t for t in texts):
             raise ValueError(

@@ -22,8 +22,9 @@ def test_rungs_accumulate_and_side_comparisons_change_one_thing():
 
 def test_one_rung_end_to_end(synth_dir, tmp_path):
     from kensa_vl.eval.ablate import run
+    from kensa_vl.train.pipeline import train
 
-    results = run(tmp_path, synth_dir, max_steps=1, chosen={7}, seeds=1, queries=2)
+    results = run(tmp_path, synth_dir, max_steps=1, chosen={7}, seeds=1, queries=2, train=train)
     row = results["7"]
     assert row["rung"] == "+ DCT encoder" and 0 <= row["balanced_accuracy"] <= 1
     assert row["visual_tokens"] > 0 and 0 < row["encoder_s"] < row["episode_s"]

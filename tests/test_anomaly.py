@@ -72,7 +72,8 @@ def test_collator_gives_anomaly_labels_and_the_model_learns_from_them(tiny_dct, 
     model, processor = tiny_dct
     items, episodes = load_synth(synth_dir)
     rows = episode_conversations(items["train"], episodes["train"])
-    batch = KensaCollator(processor, max_length=None, assistant_only_loss=True)([rows[i] for i in range(4)])
+    collator = KensaCollator(processor, max_length=None, assistant_only_loss=True, token_side=model.config.token_side)
+    batch = collator([rows[i] for i in range(4)])
     labels = batch.pop("anomaly_labels")
     assert labels.shape == (batch["pixel_values"].shape[0], 16) and set(labels.unique().tolist()) <= {0.0, 1.0}
     with torch.no_grad():
@@ -94,7 +95,7 @@ def test_interleaved_encoders_get_the_comparison_on_each_token_of_a_position(syn
     from kensa_vl.train.sft import KensaCollator
 
     model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True, fusion="interleave")
-    side, streams = model.config.grid_size // model.config.pixel_shuffle, len(model.config.vision_encoders)
+    side, streams = model.config.token_side, len(model.config.vision_encoders)
     assert model.config.tokens_per_tile == streams * side * side == 3 * 16
     items, episodes = load_synth(synth_dir)
     rows = episode_conversations(items["train"], episodes["train"])
@@ -189,7 +190,7 @@ def test_trainer_adds_the_anomaly_loss_that_trl_drops(tiny_dct, synth_dir, tmp_p
     model, processor = tiny_dct
     items, episodes = load_synth(synth_dir)
     rows = episode_conversations(items["train"], episodes["train"])
-    collator = KensaCollator(processor, max_length=None, assistant_only_loss=True)
+    collator = KensaCollator(processor, max_length=None, assistant_only_loss=True, token_side=model.config.token_side)
     args = SFTConfig(output_dir=str(tmp_path), bf16=False, report_to=[], max_length=None, remove_unused_columns=False,
                      dataset_kwargs={"skip_prepare_dataset": True}, activation_checkpointing=False)  # fmt: skip
     trainer = KensaTrainer(

@@ -9,7 +9,7 @@ import pytest
 from conftest import random_image
 from datasets import Dataset, Image, List, Value
 
-from kensa_vl.processing.processing_kensa_vl import parse_inspection_answer, text_to_boxes
+from kensa_vl.processing.processing_kensa_vl import NUM_LOC_BINS, parse_inspection_answer, text_to_boxes
 from kensa_vl.train.data import conversations as conv
 
 
@@ -64,7 +64,7 @@ def test_detection_writes_location_tokens_and_rejects_bad_boxes():
     out = conv.detection(record, "img-3", class_names=["nut", "screw"])
     answer = _layout(out["messages"])[-1]
     assert answer.startswith("nut<box>") and " screw<box>" in answer  # reading order: top object first
-    boxes = text_to_boxes(answer, 200, 100, conv.NUM_LOC_BINS)
+    boxes = text_to_boxes(answer, 200, 100, NUM_LOC_BINS)
     for (x0, y0, x1, y1), (x, y, w, h) in zip(boxes, [(10, 5, 20, 10), (100, 50, 50, 40)], strict=True):
         assert x0 <= x < x + w <= x1 and y0 <= y < y + h <= y1 and x1 - x0 - w < 2 and y1 - y0 - h < 1
     outside = {"image": image, "objects": {"bbox": [[190, 10, 20, 10]], "category": [0]}}
@@ -121,7 +121,7 @@ def test_episode_conversation_round_trips_the_answer(tiny, tmp_path):
         layout = _layout(row["messages"])
         assert layout.count("<image>") == len(row["images"]) == len(ep["support"]) + 1
         query = items["test"][ep["query"]]
-        parsed = parse_inspection_answer(layout[-1], 128, 128, conv.NUM_LOC_BINS)
+        parsed = parse_inspection_answer(layout[-1], 128, 128, NUM_LOC_BINS)
         assert parsed["verdict"] == query["label"] and parsed["defect_type"] == query["defect_type"]
         assert parsed["position"] == query["position"] and len(parsed["boxes"]) == len(query["boxes"])
         for (x0, y0, x1, y1), (a, b, c, d) in zip(parsed["boxes"], query["boxes"], strict=True):

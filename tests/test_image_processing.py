@@ -98,3 +98,38 @@ def test_pixel_limit():
 def test_max_tiles_list_must_match():
     with pytest.raises(ValueError, match="max_tiles has 1 entries but 2 images"):
         KensaVLImageProcessor(tile_size=64)([random_image(8, 8), random_image(8, 8)], max_tiles=[1])
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixel data: what a decompression bomb shows before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_one_loader_opens_paths_bytes_and_dataset_dicts_and_refuses_bombs_from_the_header(tmp_path):
+    from kensa_vl.processing.image_processing_kensa_vl import ImageTooLarge
+
+    buffer = io.BytesIO()
+    Image.new("L", (6, 4), 9).save(buffer, "PNG")
+    (tmp_path / "a.png").write_bytes(buffer.getvalue())
+    for source in (buffer.getvalue(), {"bytes": buffer.getvalue(), "path": None}, str(tmp_path / "a.png")):
+        image = to_rgb(source)
+        assert image.mode == "RGB" and image.size == (6, 4) and image.getpixel((0, 0)) == (9, 9, 9)
+    # 10000 x 9000 declared, nothing behind it: refused on the header's numbers, never decoded
+    with pytest.raises(ImageTooLarge, match=r"10000x9000 = 90000000 pixels, more than max_image_pixels=64000000"):
+        to_rgb(_png_header(10000, 9000), max_pixels=64_000_000)
+    with pytest.raises(ValueError, match="Could not read image"):  # PIL's own guard, far past its limit
+        to_rgb(_png_header(30000, 30000))
+    with pytest.raises(ValueError, match="Could not read image '<bytes>'"):  # within the limit: truncated
+        to_rgb(_png_header(40, 30), max_pixels=64_000_000)
+    with pytest.raises(ValueError, match="neither bytes nor a path"):
+        to_rgb({"bytes": None, "path": None})
+    processor = KensaVLImageProcessor(tile_size=64, max_image_pixels=100 * 100)
+    with pytest.raises(ValueError, match=r"Image 0: .*200x100 = 20000 pixels"):
+        processor([_png_header(200, 100)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -68,9 +67,9 @@ def test_bad_inspection_input_is_named(tiny):
         support_item(random_image(64, 48), defective=True, boxes=[[0, 0, 90, 10]])
     with pytest.raises(ValueError, match="good support image takes no description"):
         support_item(random_image(64, 48), description="scratch")
-    with pytest.raises(ValueError, match="expected a PIL image"):
+    with pytest.raises(ValueError, match="Expected a PIL image, numpy array, tensor or path, got int"):
         inspector.set_support([])
-        inspector.judge([np.zeros((4, 4, 3))])
+        inspector.judge([42])
     item = support_item(random_image(90, 90), defective=True, boxes=[[60, 0, 90, 20]], description="a dent")
     assert item["position"] == "top right" and item["defect_type"] == "defect"
 
@@ -332,7 +331,7 @@ def test_inspect_and_eval_commands(tiny_dir, synth_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     assert exit_info.value.code == 2 and "1 of 2 queries could not be read" in captured.err
     missing, judged = captured.out.strip().splitlines()
-    assert missing.startswith(f"{tmp_path / 'missing.png'}\terror\tcould not read image")
+    assert missing.startswith(f"{tmp_path / 'missing.png'}\terror\tCould not read image")
     assert judged.split("\t")[0] == str(paths[0]) and judged.split("\t")[1] in ("good", "defective")
     partial = json.loads((tmp_path / "partial.json").read_text())
     assert partial[0]["verdict"] == "error" and partial[0]["p_defective"] is None and partial[1]["verdict"] != "error"

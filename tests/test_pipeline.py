@@ -11,7 +11,7 @@ import pytest
 def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     from transformers import AutoModelForImageTextToText
 
-    from kensa_vl.train.pipeline import run
+    from kensa_vl.train.cli import main_job
 
     out, metrics = main_run
 
@@ -33,15 +33,14 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     stages = json.loads((out / "model" / "kensa_training.json").read_text())  # both stages, for the model card
     assert [s["stage"] for s in stages] == ["align", "multitask"] and [s["steps"] for s in stages] == [2, 2]
     with pytest.raises(FileExistsError, match="already holds a finished run"):
-        run(out, synth_dir)
+        main_job(out, synth_dir)
 
 
 def test_tiny_model_settings_are_checked_before_any_work(tmp_path, capsys):
-    from kensa_vl.train.cli import main
-    from kensa_vl.train.pipeline import run
+    from kensa_vl.train.cli import main, main_job
 
     with pytest.raises(ValueError, match=r"unknown tiny-model settings \['comparison'\]"):
-        run(tmp_path / "run", tmp_path / "data", tiny={"comparison": False})
+        main_job(tmp_path / "run", tmp_path / "data", tiny={"comparison": False})
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--out", str(tmp_path / "run"), "--tiny", "reference_comparison=maybe"])
     assert exit_info.value.code == 2 and "must be JSON" in capsys.readouterr().err
@@ -51,10 +50,10 @@ def test_tiny_model_settings_are_checked_before_any_work(tmp_path, capsys):
 @pytest.mark.slow
 def test_main_job_without_the_comparison_for_plain_icl(synth_dir, tmp_path):
     """`--tiny reference_comparison=false`: the recipes' `reference_comparison` component is left out, not an error."""
-    from kensa_vl.train.pipeline import run
+    from kensa_vl.train.cli import main_job
 
     budget = ["--max_steps", "1", "--num_rows", "4", "--per_device_train_batch_size", "2"]
-    metrics = run(tmp_path / "plain", synth_dir, shots=(1,), seeds=1, queries_per_category=2, overrides=budget,
+    metrics = main_job(tmp_path / "plain", synth_dir, shots=(1,), seeds=1, queries_per_category=2, overrides=budget,
                   tiny={"reference_comparison": False})  # fmt: skip
     config = json.loads((tmp_path / "plain" / "model" / "config.json").read_text())
     assert config["reference_comparison"] is False and metrics["kensa"]["shots"]["1"]["overall"]["n"] == 6

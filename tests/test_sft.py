@@ -30,10 +30,10 @@ def _args(synth_dir, tmp_path, **kwargs):
 
 def test_only_assistant_answers_count_in_the_loss(synth_dir, tmp_path, tiny):
     args, training = _args(synth_dir, tmp_path)
-    _, processor = tiny
+    model, processor = tiny
     train, _ = sft.load_data(args, seed=0)
     rows = [train[i] for i in range(len(train))]
-    batch = sft.KensaCollator(processor, assistant_only_loss=True)(rows)
+    batch = sft.KensaCollator(processor, assistant_only_loss=True, token_side=model.config.token_side)(rows)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert (batch["input_ids"] == image_id).any() and not (batch["labels"] == image_id).any()
     for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"], strict=True):
@@ -78,7 +78,7 @@ def test_multitask_unfreezes_the_last_tower_layer_at_a_lower_rate(synth_dir, tmp
         args=training,
         train_dataset=sft.load_data(args, 0)[0],
         processing_class=_,
-        data_collator=sft.KensaCollator(_, assistant_only_loss=True),
+        data_collator=sft.KensaCollator(_, assistant_only_loss=True, token_side=model.config.token_side),
         param_groups=groups,
         vision_lr=1e-4,
     )

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from kensa_vl.train.data.defects import DEFECTS, SIZES, apply_defect, mask_boxes, mask_position
+from kensa_vl.processing.processing_kensa_vl import region_position
+from kensa_vl.train.data.defects import DEFECTS, SIZES, apply_defect, mask_boxes
 from kensa_vl.train.data.materials import MATERIALS, master, view
 from kensa_vl.train.data.synth import SynthConfig, generate, load_synth, verify_checksums
 
@@ -44,7 +45,7 @@ def test_ground_truth_matches_the_pixels(synth):
         if row["label"] == "good":
             assert not mask.any() and row["boxes"] == [] and row["defect_type"] is None
             continue
-        assert mask.any() and row["position"] == mask_position(mask)
+        assert mask.any() and row["position"] == region_position(mask)
         assert row["area"] == pytest.approx(mask.mean(), abs=1e-4)
         covered = np.zeros_like(mask)
         for x0, y0, x1, y1 in row["boxes"]:

@@ -79,7 +79,7 @@ def main(tiny: str, out: str) -> None:
     )
     model, processor = sft.load_model(args)
     groups = sft.select_trainable(model, args)
-    collator = sft.KensaCollator(processor, assistant_only_loss=True)
+    collator = sft.KensaCollator(processor, assistant_only_loss=True, token_side=model.config.token_side)
 
     class InOrder(sft.KensaTrainer):  # row i -> rank i % 2, so rank 1 never sees an image
         def _get_train_sampler(self, *args, **kwargs):

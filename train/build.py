@@ -30,6 +30,7 @@ from kensa_vl.processing.processing_kensa_vl import (
     DEFAULT_CHAT_TEMPLATE,
     IMAGE_START,
     IMAGE_TOKEN,
+    NUM_LOC_BINS,
     PAD_TOKEN,
     KensaVLProcessor,
     location_tokens,
@@ -59,7 +60,9 @@ _CORPUS_WORDS = (
 ).split(" ")
 
 
-def _train_tokenizer(vocab_size: int = 1024, num_loc_bins: int = 256, seed: int = 0) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    vocab_size: int = 1024, num_loc_bins: int = NUM_LOC_BINS, seed: int = 0
+) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     generator = torch.Generator().manual_seed(seed)
@@ -110,7 +113,6 @@ def make_processor(tokenizer, config: KensaVLConfig) -> KensaVLProcessor:
         tokenizer,
         chat_template=DEFAULT_CHAT_TEMPLATE,
         image_seq_len=config.tokens_per_tile,
-        num_loc_bins=config.num_loc_bins,
     )
 
 
@@ -224,7 +226,7 @@ def tiny_config(
 
 def build_tiny(out: str | Path | None = None, seed: int = 0, **config_kwargs):
     """A tiny random KensaVL + processor, built offline in seconds. Saved to `out` when given."""
-    tokenizer = _train_tokenizer(seed=seed)
+    tokenizer = train_tokenizer(seed=seed)
     config = tiny_config(tokenizer, **config_kwargs)
     torch.manual_seed(seed)
     model = KensaVLForConditionalGeneration(config).eval()
@@ -276,7 +278,7 @@ def assemble(
         encoders.append(entry)
         states[name] = state
     lm = AutoModelForCausalLM.from_pretrained(text, dtype=torch.float32)
-    tokenizer = add_kensa_tokens(AutoTokenizer.from_pretrained(text), num_loc_bins=256)
+    tokenizer = add_kensa_tokens(AutoTokenizer.from_pretrained(text), NUM_LOC_BINS)
     config = KensaVLConfig(
         text_config=lm.config.to_dict(),
         vision_encoders=encoders,

@@ -58,12 +58,16 @@ def export(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new --out")
     results = json.loads(Path(metrics).read_text()) if metrics is not None else None
+    table = Path(metrics).parent / "table.md" if metrics is not None else None
+    if table is not None and not table.is_file():
+        raise ValueError(f"--eval {metrics}: no table.md beside it (kensa-vl eval and kensa-vl train write both)")
     plots = [name for name in PLOTS if metrics is not None and (Path(metrics).parent / name).exists()]
     record = model_dir / TRAINING_RECORD
     stages = json.loads(record.read_text()) if record.exists() else []
     extra = Path(notes).read_text() if notes is not None else None
     linked = re.findall(r"\]\(([^)/]+\.png)\)", extra or "")  # plots beside the notes travel with them
-    card = model_card(config, results, stages, plots, repo_id, datasets, extra)  # fails before anything is written
+    table = table.read_text() if table is not None else None
+    card = model_card(config, results, stages, plots, repo_id, datasets, extra, table)  # fails before any write
     out.mkdir(parents=True, exist_ok=True)
     for pattern in SHIPPED:
         for path in model_dir.glob(pattern):
@@ -84,17 +88,18 @@ def model_card(
     repo_id: str | None,
     datasets=(),
     notes: str | None = None,
+    table: str | None = None,
 ) -> str:
-    """The model card: `model_card.md` rendered with the config, the training record and the evaluation."""
+    """The model card: `model_card.md` rendered with the config, the training record and the evaluation
+    (`results`, the evaluation's `metrics.json`, and `table`, the `table.md` written beside it)."""
     import jinja2
-
-    from kensa_vl.eval.report import markdown_table
 
     base = config.get("base_models") or {}
     evaluation = None
     if results is not None:
+        if table is None:
+            raise ValueError("the evaluation's results come with their table.md")
         methods = {k: v for k, v in results.items() if k != "run"}
-        table = markdown_table(methods)
         evaluation = {"table": table, "run": results.get("run", {}), "shots": shot_summary(methods)}
     text = config["text_config"]
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)

@@ -20,7 +20,7 @@ import torch
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from kensa_vl.processing.processing_kensa_vl import GLOBAL_TOKEN, IMAGE_END, IMAGE_START, IMAGE_TOKEN, tile_tags
+from kensa_vl.processing.processing_kensa_vl import structure_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -76,22 +76,21 @@ class KensaArguments:
 @dataclass
 class KensaCollator(DataCollatorForVisionLanguageModeling):
     """TRL's VLM collator, plus: image and tile-structure tokens never count in the loss, in any turn; defect masks
-    become anomaly-map targets per token position (`token_side`^2 per tile: `grid_size / pixel_shuffle` on a side;
-    None: the square of `image_seq_len`, which holds unless the encoders are interleaved)."""
+    become anomaly-map targets per token position (`token_side`^2 per tile: the model config's `token_side`)."""
 
     token_side: int | None = None
 
     def __post_init__(self):
-        tokens = [IMAGE_TOKEN, IMAGE_START, IMAGE_END, GLOBAL_TOKEN, *tile_tags()]
-        self.structure_ids = torch.tensor(self.processor.tokenizer.convert_tokens_to_ids(tokens))
+        self.structure_ids = torch.tensor(self.processor.tokenizer.convert_tokens_to_ids(structure_tokens()))
 
     def torch_call(self, examples):
         masks = [m for example in examples for m in (example.pop("masks", None) or [None] * len(example["images"]))]
         batch = super().torch_call(examples)
         batch["labels"][torch.isin(batch["input_ids"], self.structure_ids)] = -100
         if any(m is not None for m in masks) and "image_grid" in batch:  # defect masks -> anomaly-map targets
-            side = self.token_side or int(round(self.processor.image_seq_len**0.5))
-            labels = self.processor.image_processor.anomaly_labels(masks, batch["image_grid"], side)
+            if self.token_side is None:
+                raise ValueError("defect masks need the collator's token_side (the model config's token_side)")
+            labels = self.processor.image_processor.anomaly_labels(masks, batch["image_grid"], self.token_side)
             batch["anomaly_labels"] = torch.from_numpy(labels)
         return batch
 
@@ -290,7 +289,7 @@ def main(args: KensaArguments, training_args: SFTConfig) -> KensaTrainer:
         processor,
         max_length=training_args.max_length,
         assistant_only_loss=True,
-        token_side=model.config.grid_size // model.config.pixel_shuffle,
+        token_side=model.config.token_side,
     )
     preflight(train, collator)
     trainer = KensaTrainer(
@@ -343,9 +342,8 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) == 1:  # no recipe: the offline main job (build, generate, align, multitask, evaluate)
-        from kensa_vl.train.pipeline import run
+        from kensa_vl.train.cli import main as cli
 
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        run()
+        cli(["train"])
     else:
         main(*TrlParser((KensaArguments, SFTConfig)).parse_args_and_config())

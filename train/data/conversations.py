@@ -14,7 +14,6 @@ naming the record; `to_conversations(..., skip_invalid=True)` drops them instead
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections import Counter
@@ -24,11 +23,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kensa_vl.processing.processing_kensa_vl import boxes_to_text, inspection_answer
+from kensa_vl.processing.image_processing_kensa_vl import to_rgb
+from kensa_vl.processing.processing_kensa_vl import NUM_LOC_BINS, boxes_to_text, inspection_answer
 
 logger = logging.getLogger(__name__)
 
-NUM_LOC_BINS = 256
 IMAGE = {"type": "image", "text": None}  # one struct type for every content block, so Arrow can store them
 
 
@@ -45,15 +44,12 @@ def turn(role: str, *blocks) -> dict:
 
 
 def load_image(value, record) -> Image.Image:
-    """A PIL image from a PIL image, a path or a datasets image dict; a corrupt or missing file is named."""
+    """An RGB image from a PIL image, a path or a datasets image dict (`to_rgb`), decoded now, so a truncated file
+    fails here and not inside a training step; a corrupt or missing file is named with its record."""
     try:
-        if isinstance(value, dict):
-            value = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-        image = value if isinstance(value, Image.Image) else Image.open(value)
-        image.load()  # decode now: a truncated file fails here, not inside a training step
-        return image
-    except Exception as err:  # noqa: BLE001 - PIL raises many types; all mean the same to the user
-        raise InvalidRecord(f"record {record}: image could not be read ({type(err).__name__}: {err})") from err
+        return to_rgb(value)
+    except ValueError as err:
+        raise InvalidRecord(f"record {record}: image could not be read ({err})") from err
 
 
 def interleaved(record: dict, record_id=None) -> dict:

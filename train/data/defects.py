@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from kensa_vl.processing.processing_kensa_vl import position_word
-
 from .noise import perlin
 
 # Defect area as a fraction of the image. "tiny" (0.05–0.2%) vanishes in a 448-px thumbnail of a 1024-px photo.
@@ -216,13 +214,6 @@ DEFECTS: dict[str, Defect] = {
         ),
     ]
 }
-
-
-def mask_position(mask: np.ndarray) -> str:
-    """The 3x3 cell of the mask's centroid: "top left", "top", ..., "center", ..., "bottom right"."""
-    ys, xs = np.nonzero(mask)
-    h, w = mask.shape
-    return position_word(xs.mean() / w, ys.mean() / h)
 
 
 def mask_boxes(mask: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:

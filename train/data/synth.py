@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .defects import DEFECTS, SIZES, apply_defect, describe, mask_position
+from kensa_vl.processing.processing_kensa_vl import region_position
+
+from .defects import DEFECTS, SIZES, apply_defect, describe
 from .materials import MATERIALS, finish, master, view
 
 logger = logging.getLogger(__name__)
@@ -128,7 +130,7 @@ def render_item(spec: dict, cfg: SynthConfig) -> dict:
             y, x = rng.integers(0, source.shape[0] - res + 1, 2)
             foreign = (source[y : y + res, x : x + res].astype(np.float32) / 255.0, other)
         rgb, mask, boxes, meta = apply_defect(spec["defect"], rgb, fg_view, spec["size"], rng, foreign=foreign)
-        meta["position"] = mask_position(mask)
+        meta["position"] = region_position(mask)
         description = describe(spec["defect"], meta, meta["position"], noun)
     return {
         "image": {"bytes": _encode(finish(rgb, params, rng), "JPEG", quality=cfg.jpeg_quality), "path": None},
