@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kensa_vl.eval.measure import cpu_model
 from kensa_vl.train.data.synth import SynthConfig, generate
 
 
@@ -31,7 +32,7 @@ def main() -> None:
         out = generate(cfg, Path(tmp) / "ks", preview=True, workers=args.workers)
         seconds = time.perf_counter() - start
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"machine: {os.cpu_count()}-core {cpu_model()}, Python {platform.python_version()}")
     print("| images | episodes | resolution | workers | wall time | images/s | size on disk |")
     print("|---|---|---|---|---|---|---|")
     workers = args.workers or min(os.cpu_count() or 1, 8)
