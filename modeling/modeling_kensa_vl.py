@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .comparison_kensa_vl import (
     KensaVLReferenceComparison,
@@ -32,10 +35,32 @@ from .comparison_kensa_vl import (
     unit_cells,
 )
 from .configuration_kensa_vl import KensaVLConfig, encoder_width
-from .vision_kensa_vl import KensaVLLayerMerge, KensaVLProjector, build_towers, encode_tiles, project_grids
+from .vision_kensa_vl import (
+    KensaVLLayerMerge,
+    KensaVLProjector,
+    build_towers,
+    common_grids,
+    encode_tiles,
+    project_grids,
+    tower_outputs,
+)
 
 # transformers 5.2x renamed the cache argument and output field `past_key_values` -> `cache`.
 CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_argument(forward):
+    """Where the cache is called `cache`, a `past_key_values` argument becomes `cache` with the library's deprecation
+    warning, as in its own models; 4.x passes `past_key_values`, which stays."""
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward) if CACHE_KEY == "cache" else forward
+
+
+def check_image_grid(image_grid: torch.Tensor | None, pixel_values: torch.Tensor | None) -> None:
+    """`image_grid` (rows, cols, tiles per image) must describe exactly the tiles of `pixel_values`."""
+    if image_grid is not None and pixel_values is not None:
+        described = int(image_grid[:, 2].sum())
+        if described != pixel_values.shape[0]:
+            raise ValueError(f"image_grid describes {described} tiles, pixel_values has {pixel_values.shape[0]}.")
 
 
 @dataclass
@@ -140,12 +165,33 @@ class KensaVLModel(KensaVLPreTrainedModel):
         """`image_grids` -> visual tokens `(N, tokens_per_tile, D)` in the LM's embedding space."""
         return project_grids(self.multi_modal_projector, grids, self.config)
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Tiles `(N, 3, T, T)` in [0, 1] -> visual tokens `(N, tokens_per_tile, D)` in the LM's embedding space."""
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Tiles `(N, 3, T, T)` in [0, 1] (`image_grid`, when given, is checked against them) ->
+        `pooler_output`: the visual tokens `(N, tokens_per_tile, D)` in the LM's embedding space, what replaces the
+        `<image>` tokens; `last_hidden_state`: the encoders' merged features on the common patch grid, concatenated
+        along channels, `(N, G^2, C)`; with `output_hidden_states` / `output_attentions`, the transformers towers' own
+        (`tower_outputs`: one tuple over the towers in config order)."""
         tile = self.config.tile_size
         if pixel_values.dim() != 4 or pixel_values.shape[1:] != (3, tile, tile):
             raise ValueError(f"pixel_values must be (num_tiles, 3, {tile}, {tile}), got {tuple(pixel_values.shape)}.")
-        return self.project_grids(self.image_grids(pixel_values))
+        check_image_grid(image_grid, pixel_values)
+        grids = self.image_grids(pixel_values)
+        merged = torch.cat([g.flatten(1, 2) for g in common_grids(grids, self.config).values()], dim=-1)
+        hidden = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        attn = output_attentions if output_attentions is not None else self.config.output_attentions
+        states, maps = tower_outputs(self.vision_towers, self.config, pixel_values, hidden, attn)
+        out = BaseModelOutputWithPooling(
+            last_hidden_state=merged, pooler_output=self.project_grids(grids), hidden_states=states, attentions=maps
+        )
+        return out if (return_dict if return_dict is not None else self.config.use_return_dict) else out.to_tuple()
 
     def reference_cells(self, pixel_values: torch.Tensor, features: dict | None = None) -> dict[str, torch.Tensor]:
         """Reference tiles' cells as the comparison's bank, name -> `(cells, C)` per compared encoder: the tiles' own
@@ -193,6 +239,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
             )
         return mask.unsqueeze(-1).expand_as(inputs_embeds)
 
+    @can_return_tuple
+    @cache_argument
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -215,10 +263,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if image_grid is not None and pixel_values is not None:
-            described = int(image_grid[:, 2].sum())
-            if described != pixel_values.shape[0]:
-                raise ValueError(f"image_grid describes {described} tiles, pixel_values has {pixel_values.shape[0]}.")
+        check_image_grid(image_grid, pixel_values)
         image_features = compared = anomaly_loss = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             grids = self.image_grids(pixel_values)
@@ -244,7 +289,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         elif self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every rank must run the towers, or ZeRO-3 waits forever for a text-only rank's all-gathers.
             tile = self.config.tile_size
-            dummy = self.get_image_features(inputs_embeds.new_zeros(1, 3, tile, tile))
+            dummy = self.project_grids(self.image_grids(inputs_embeds.new_zeros(1, 3, tile, tile)))
             inputs_embeds = inputs_embeds + dummy.sum().to(inputs_embeds.dtype) * 0
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -252,7 +297,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
             position_ids=position_ids,
             use_cache=use_cache,
             **{CACHE_KEY: cache if cache is not None else past_key_values},
-            **kwargs,
+            **{**kwargs, "return_dict": True},
         )
         return KensaVLModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
@@ -277,8 +322,14 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = KensaVLModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+
         self._no_split_modules = self.model._no_split_modules
         self.post_init()
+        # the language model's own head plan (after `post_init`, which builds the plan): a tied head is sharded as
+        # its embedding is
+        head_plan = getattr(MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config.text_config), None), "_tp_plan", None) or {}
+        if "lm_head" in head_plan:
+            self._tp_plan = {**(self._tp_plan or {}), "lm_head": head_plan["lm_head"]}
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -295,9 +346,11 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.model.language_model
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling | tuple:
         return self.model.get_image_features(pixel_values, **kwargs)
 
+    @can_return_tuple
+    @cache_argument
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -382,17 +435,45 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None,
+                                      **model_kwargs):  # fmt: skip
+        """Beam search and `num_return_sequences` repeat each sample `expand_size` times. The library repeats every
+        tensor row by row, but `pixel_values` and `image_grid` hold all tiles and images of the batch in one flat
+        list: repeat each sample's own tiles and images instead (and its cached support bank)."""
+        pixel_values, image_grid = model_kwargs.pop("pixel_values", None), model_kwargs.pop("image_grid", None)
+        banks = model_kwargs.pop("reference_banks", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(  # a static method in 4.x
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if expand_size > 1 and pixel_values is not None and image_grid is not None:
+            rows = len(input_ids) // expand_size
+            tiles = (input_ids[::expand_size] == self.config.image_token_id).sum(1) // self.config.tokens_per_tile
+            counts, start = [], 0  # images per sample: whole images until the sample's tiles are used up
+            for row_tiles in tiles.tolist():
+                end, used = start, 0
+                while used < row_tiles:
+                    used, end = used + int(image_grid[end, 2]), end + 1
+                counts.append(end - start)
+                start = end
+            tile_parts = pixel_values.split(tiles.tolist())
+            grid_parts = image_grid.split(counts)
+            pixel_values = torch.cat([tile_parts[r] for r in range(rows) for _ in range(expand_size)])
+            image_grid = torch.cat([grid_parts[r] for r in range(rows) for _ in range(expand_size)])
+        if banks is not None:
+            banks = [bank for bank in banks for _ in range(expand_size)]
+        extra = {"pixel_values": pixel_values, "image_grid": image_grid, "reference_banks": banks}
+        return input_ids, {**model_kwargs, **{k: v for k, v in extra.items() if v is not None}}
+
     def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_grid=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
-        # Pixels go with the prefill only. 5.x flags it with `is_first_iteration`; 4.x re-sends pixels every step,
-        # and a decode step there feeds exactly one new token. Without a cache every step is a full prefill.
+        # Pixels go with the steps whose tokens hold the image placeholders: the prefill, every step without a cache.
+        # Not a decode step, nor the candidate tokens assisted decoding verifies (several tokens, no image).
         step_ids = model_inputs.get("input_ids")
-        prefill = (
-            bool(kwargs.get("is_first_iteration"))
-            or (step_ids is not None and step_ids.shape[1] > 1)
-            or not kwargs.get("use_cache", True)
-        )
-        if prefill:
+        if step_ids is not None:
+            needs_pixels = bool((step_ids == self.config.image_token_id).any())
+        else:  # inputs_embeds: 5.x flags the prefill; 4.x re-sends pixels every step
+            needs_pixels = bool(kwargs.get("is_first_iteration", True))
+        if needs_pixels:
             model_inputs["pixel_values"] = pixel_values
             model_inputs["image_grid"] = image_grid
         return model_inputs

@@ -180,7 +180,46 @@ def build_towers(config: KensaVLConfig) -> tuple[nn.ModuleDict, list[str], dict[
         image_size = encoder["config"].get("image_size", config.tile_size)
         needs_interp = "interpolate_pos_encoding" in params and image_size != config.tile_size
         tower_kwargs[encoder["name"]] = {"interpolate_pos_encoding": True} if needs_interp else {}
-    return nn.ModuleDict(towers), sorted(no_split), tower_kwargs
+    towers = nn.ModuleDict(towers)
+    freeze_unread(towers, config)
+    return towers, sorted(no_split), tower_kwargs
+
+
+def tower_layers(tower: nn.Module) -> tuple[nn.Module | None, nn.ModuleList | None]:
+    """A tower's input stage and its sequence of layers whose outputs are `hidden_states[1:]`: a ViT's embeddings
+    and encoder layers, a transformers CNN's stem and stages; (None, None) for KensaVL's own encoders and timm."""
+    if isinstance(tower, (KensaVLDCTEncoder, KensaVLPatchEncoder)) or hasattr(tower, "timm_model"):
+        return None, None
+    if getattr(tower.config, "model_type", None) in CNN_MODEL_TYPES:
+        return tower.embedder, tower.encoder.stages
+    encoder = getattr(tower, "encoder", None)
+    return getattr(tower, "embeddings", None), getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
+
+
+def read_layers(tower: nn.Module, taps: list[int]) -> list[nn.Module]:
+    """The layers of `tower_layers` whose outputs the taps read, directly or through a later tapped layer."""
+    _, layers = tower_layers(tower)
+    if layers is None:
+        return []
+    deepest = max(tap % (len(layers) + 1) for tap in taps)
+    return list(layers[:deepest])
+
+
+def freeze_unread(towers: nn.ModuleDict, config: KensaVLConfig) -> None:
+    """Freeze every tower parameter the taps never read: the final norms and heads after the last layer, layers
+    after the deepest tap (CLIP's default tap is the second-to-last layer) and DINOv2's mask token (KensaVL never
+    masks patches). They would never get a gradient: plain DDP fails on them and optimizers keep state for them.
+    Their weights stay in the checkpoint, so saved models keep their keys."""
+    for encoder in config.vision_encoders:
+        tower = towers[encoder["name"]]
+        stem, layers = tower_layers(tower)
+        if layers is None:
+            continue
+        read = {id(p) for layer in read_layers(tower, encoder["feature_layers"]) for p in layer.parameters()}
+        read |= {id(p) for name, p in stem.named_parameters() if name != "mask_token"} if stem is not None else set()
+        for parameter in tower.parameters():
+            if id(parameter) not in read:
+                parameter.requires_grad_(False)
 
 
 def tapped_hidden_states(tower: nn.Module, taps: list[int], pixel_values: torch.Tensor, tower_kwargs: dict):
@@ -224,13 +263,35 @@ def tapped_hidden_states(tower: nn.Module, taps: list[int], pixel_values: torch.
     return [captured[index] for index in wanted]
 
 
+def normalise(encoder: dict, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The shared [0, 1] tiles in one encoder's own normalisation (`image_mean`, `image_std`)."""
+    mean = torch.tensor(encoder["image_mean"], device=pixel_values.device, dtype=pixel_values.dtype)
+    std = torch.tensor(encoder["image_std"], device=pixel_values.device, dtype=pixel_values.dtype)
+    return (pixel_values - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def tower_outputs(towers: nn.ModuleDict, config: KensaVLConfig, pixel_values: torch.Tensor, hidden: bool, attn: bool):
+    """Every transformers tower's own outputs on the tiles at native scale, for callers who ask to see inside
+    (`output_hidden_states`, `output_attentions`): `(hidden_states, attentions)`, each one tuple over the towers in
+    config order (each tower's embeddings and layers; KensaVL's own encoders have none), None when not asked."""
+    states, maps = [], []
+    for encoder in config.vision_encoders:
+        tower = towers[encoder["name"]]
+        if tower_layers(tower)[1] is None:
+            continue
+        weight = next(tower.parameters())
+        out = tower(pixel_values=normalise(encoder, pixel_values.to(weight.dtype)), output_hidden_states=hidden,
+                    output_attentions=attn)  # fmt: skip
+        states += list(getattr(out, "hidden_states", None) or [])
+        maps += list(getattr(out, "attentions", None) or [])
+    return (tuple(states) if hidden else None), (tuple(maps) if attn else None)
+
+
 def encode_tiles(
     tower: nn.Module, merge: KensaVLLayerMerge, encoder: dict, pixel_values: torch.Tensor, tile_size: int, kwargs
 ) -> torch.Tensor:
     """One encoder over a chunk of tiles: `(n, 3, T, T)` in [0, 1] -> `(n, g, g, C)` on its own patch grid."""
-    mean = torch.tensor(encoder["image_mean"], device=pixel_values.device, dtype=pixel_values.dtype)
-    std = torch.tensor(encoder["image_std"], device=pixel_values.device, dtype=pixel_values.dtype)
-    x = (pixel_values - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    x = normalise(encoder, pixel_values)
     n, tile, scales = len(x), x.shape[-1], encoder.get("scales", [1])
     for s in scales[1:]:  # S2-Wrapper: the tile at s x, cut into s x s sub-tiles of the native size
         big = F.interpolate(x[:n], scale_factor=s, mode="bilinear", align_corners=False)
@@ -254,9 +315,19 @@ def project_grids(projector: KensaVLProjector, grids: dict[str, torch.Tensor], c
     """Each encoder's `(N, g, g, C)` grid, average-pooled onto the common grid and pixel-shuffled, through the
     projector: `(N, tokens_per_tile, D)`."""
     projector_dtype = next(projector.parameters()).dtype
-    common, shuffled = config.grid_size, {}
-    for name, grid in grids.items():
-        if grid.shape[1] != common:  # average-pool onto the common grid (a CNN's need not be a multiple)
-            grid = F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), common).permute(0, 2, 3, 1)
-        shuffled[name] = pixel_shuffle(grid, config.pixel_shuffle).to(projector_dtype)
+    shuffled = {
+        name: pixel_shuffle(grid, config.pixel_shuffle).to(projector_dtype)
+        for name, grid in common_grids(grids, config).items()
+    }
     return projector(shuffled)
+
+
+def common_grids(grids: dict[str, torch.Tensor], config: KensaVLConfig) -> dict[str, torch.Tensor]:
+    """Each encoder's `(N, g, g, C)` grid average-pooled onto the common `(N, G, G, C)` grid (a CNN's `g` need not
+    be a multiple of `G`)."""
+    common = config.grid_size
+    return {
+        name: grid if grid.shape[1] == common
+        else F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), common).permute(0, 2, 3, 1)
+        for name, grid in grids.items()
+    }  # fmt: skip

@@ -3,8 +3,6 @@
 Shipped to the Hub as remote code: imports only numpy, PIL, transformers and siblings.
 """
 
-from __future__ import annotations
-
 import io
 from collections.abc import Sequence
 
@@ -13,6 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import load_image
+from transformers.processing_utils import ImagesKwargs
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: ~8000 x 8000
 
@@ -145,7 +144,7 @@ def tile_image(
     resample=Image.Resampling.BICUBIC,
     grid: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Cut an RGB image into its tile grid (row-major) plus the thumbnail last: `(tiles, 3, T, T)` floats in [0, 1].
+    """Cut an RGB image into its tile grid (row-major) plus the thumbnail last: `(tiles, 3, T, T)` uint8.
     `grid` forces the `(rows, cols)` grid (a mask cut like its image)."""
     rows, cols = grid or select_tile_grid(image.width, image.height, tile_size, max_tiles)
     resized = np.asarray(image.resize((cols * tile_size, rows * tile_size), resample=resample))
@@ -154,7 +153,7 @@ def tile_image(
     if num_tiles(rows, cols, use_thumbnail) > rows * cols:
         thumbnail = np.asarray(image.resize((tile_size, tile_size), resample=resample)).transpose(2, 0, 1)
         tiles = np.concatenate([tiles, thumbnail[None]], axis=0)
-    return tiles.astype(np.float32) / 255.0, (rows, cols)
+    return tiles, (rows, cols)
 
 
 def flatten_images(images) -> list:
@@ -168,11 +167,21 @@ def flatten_images(images) -> list:
     return flat
 
 
+class KensaVLImageProcessorKwargs(ImagesKwargs, total=False):
+    """The image processor's own keyword arguments, beside the library's (`do_rescale`, `rescale_factor`, ...)."""
+
+    tile_size: int
+    max_tiles: int | list[int]
+    use_thumbnail: bool
+    max_image_pixels: int
+
+
 class KensaVLImageProcessor(BaseImageProcessor):
     r"""
     Tiles each image into a grid of `tile_size` tiles chosen by `select_tile_grid` plus a global thumbnail.
 
-    Pixels are returned in [0, 1]; each vision encoder applies its own mean/std inside the model.
+    Pixels are returned in [0, 1] (`rescale_factor` 1/255); each vision encoder applies its own mean/std inside the
+    model, which expects [0, 1].
 
     Args:
         tile_size (`int`): side of a square tile in pixels.
@@ -180,9 +189,11 @@ class KensaVLImageProcessor(BaseImageProcessor):
             per image (`max_tiles=[1, 1, 12]` gives support images one tile and the query up to twelve).
         use_thumbnail (`bool`): add a global thumbnail when an image has more than one tile.
         max_image_pixels (`int`): images with more pixels are rejected (decompression-bomb guard).
+        do_rescale (`bool`), rescale_factor (`float`): the library's rescaling of the 0-255 pixels.
     """
 
     model_input_names = ["pixel_values", "image_grid"]
+    valid_kwargs = KensaVLImageProcessorKwargs
 
     def __init__(
         self,
@@ -190,6 +201,8 @@ class KensaVLImageProcessor(BaseImageProcessor):
         max_tiles: int = 12,
         use_thumbnail: bool = True,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -197,6 +210,8 @@ class KensaVLImageProcessor(BaseImageProcessor):
         self.max_tiles = max_tiles
         self.use_thumbnail = use_thumbnail
         self.max_image_pixels = max_image_pixels
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
 
     def fetch_images(self, images):  # 5.x ProcessorMixin hook: loading happens in `to_rgb`
         return images
@@ -205,6 +220,8 @@ class KensaVLImageProcessor(BaseImageProcessor):
         self,
         images,
         max_tiles: int | Sequence[int] | None = None,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
         return_tensors=None,
         **kwargs,
     ) -> BatchFeature:
@@ -233,9 +250,10 @@ class KensaVLImageProcessor(BaseImageProcessor):
             tiles, (rows, cols) = tile_image(image, self.tile_size, budget or self.max_tiles, self.use_thumbnail)
             all_tiles.append(tiles)
             grids.append([rows, cols, len(tiles)])
-        pixel_values = (
-            np.concatenate(all_tiles) if all_tiles else np.zeros((0, 3, self.tile_size, self.tile_size), np.float32)
-        )
+        pixel_values = np.concatenate(all_tiles) if all_tiles else np.zeros((0, 3, self.tile_size, self.tile_size))
+        do_rescale = self.do_rescale if do_rescale is None else do_rescale
+        factor = (self.rescale_factor if rescale_factor is None else rescale_factor) if do_rescale else 1.0
+        pixel_values = (pixel_values.astype(np.float64) * factor).astype(np.float32)  # = x / 255 in float32, exactly
         image_grid = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
         return BatchFeature({"pixel_values": pixel_values, "image_grid": image_grid}, tensor_type=return_tensors)
 
@@ -256,7 +274,7 @@ class KensaVLImageProcessor(BaseImageProcessor):
             if len(cut) != tiles:
                 raise ValueError(f"Mask {index} gives {len(cut)} tiles, its image {tiles}.")
             square = cut[:, 0].reshape(tiles, tokens_per_side, cell, tokens_per_side, cell).max(axis=(2, 4))
-            out.append((square >= 0.5).reshape(tiles, -1).astype(np.float32))
+            out.append((square >= 128).reshape(tiles, -1).astype(np.float32))  # half of 255
         return np.concatenate(out) if out else np.zeros((0, tokens_per_side**2), np.float32)
 
 

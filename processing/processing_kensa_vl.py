@@ -3,8 +3,6 @@
 Shipped to the Hub as remote code: imports only numpy, transformers and siblings.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import os
@@ -13,9 +11,9 @@ import re
 import numpy as np
 import transformers
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-from .image_processing_kensa_vl import flatten_images
+from .image_processing_kensa_vl import KensaVLImageProcessorKwargs, flatten_images
 
 IMAGE_TOKEN = "<image>"  # the placeholder users write, and the token visual features replace
 IMAGE_START, IMAGE_END, GLOBAL_TOKEN = "<img>", "</img>", "<global>"
@@ -167,6 +165,11 @@ def parse_inspection_answer(text: str, width: int, height: int, num_bins: int) -
     }
 
 
+class KensaVLProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: KensaVLImageProcessorKwargs
+    _defaults = {"text_kwargs": {"padding": False}}
+
+
 class KensaVLProcessor(ProcessorMixin):
     r"""
     Wraps a [`KensaVLImageProcessor`] and a fast tokenizer.
@@ -185,6 +188,7 @@ class KensaVLProcessor(ProcessorMixin):
         image_processor_class = "AutoImageProcessor"
         tokenizer_class = "AutoTokenizer"
     valid_kwargs = ["chat_template", "image_seq_len", "num_loc_bins"]
+    valid_processor_kwargs = KensaVLProcessorKwargs
     model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_grid"]
 
     def __init__(
@@ -261,7 +265,7 @@ class KensaVLProcessor(ProcessorMixin):
                     f"{hits} image tokens. Raise max_length to at least {len(ids)} or give the images fewer tiles."
                 )
 
-    def __call__(self, images=None, text=None, max_tiles=None, **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """
         Returns a `BatchFeature` with `input_ids`, `attention_mask`, and for images `pixel_values` and
         `image_grid` (see [`KensaVLImageProcessor.preprocess`]). With `return_text_replacement_offsets=True` also the
@@ -270,20 +274,15 @@ class KensaVLProcessor(ProcessorMixin):
         Raises:
             ValueError: placeholder/image count mismatch, bad images, or truncation that would cut an image.
         """
-        for nested in ("text_kwargs", "images_kwargs", "common_kwargs"):
-            kwargs.update(kwargs.pop(nested, None) or {})
-        max_tiles = kwargs.pop("max_tiles", max_tiles)
-        return_tensors = kwargs.pop("return_tensors", None)
         return_offsets = kwargs.pop("return_text_replacement_offsets", False)
-        for unused in (
-            "sanitize_control_tokens",
-            "videos",
-            "audio",
-            "return_token_type_ids",
-            "return_mm_token_type_ids",
-            "truncation_side",
-        ):
+        for unused in ("sanitize_control_tokens", "videos", "audio", "return_mm_token_type_ids", "truncation_side"):
             kwargs.pop(unused, None)
+        # the library's routing: image options to the image processor, text options to the tokenizer
+        merged = self._merge_kwargs(KensaVLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        image_kwargs, text_kwargs = merged["images_kwargs"], merged["text_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None) or image_kwargs.pop("return_tensors", None)
+        image_kwargs.pop("return_tensors", None)
+        text_kwargs.pop("return_token_type_ids", None)
         if text is None and images is None:
             raise ValueError("KensaVLProcessor needs `text`, `images` or both.")
 
@@ -291,7 +290,7 @@ class KensaVLProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text) if text is not None else None
         if images is not None:
             flat = self._pair_images(texts, images) if texts is not None else flatten_images(images)
-            data.update(self.image_processor(flat, max_tiles=max_tiles))
+            data.update(self.image_processor(flat, **image_kwargs))
         elif texts is not None and any(IMAGE_TOKEN in t for t in texts):
             raise ValueError(
                 f"The text has {sum(t.count(IMAGE_TOKEN) for t in texts)} {IMAGE_TOKEN} placeholders "
@@ -301,9 +300,9 @@ class KensaVLProcessor(ProcessorMixin):
             return BatchFeature(data, tensor_type=return_tensors)
 
         texts, offsets = self._expand(texts, data.get("image_grid", []))
-        if kwargs.get("truncation") and kwargs.get("max_length"):
-            self._check_truncation(texts, kwargs["max_length"], kwargs)
-        encoded = self.tokenizer(texts, return_token_type_ids=False, **kwargs)
+        if text_kwargs.get("truncation") and text_kwargs.get("max_length"):
+            self._check_truncation(texts, text_kwargs["max_length"], text_kwargs)
+        encoded = self.tokenizer(texts, return_token_type_ids=False, **text_kwargs)
         data.update(encoded)
         batch = BatchFeature(data, tensor_type=return_tensors)
         if return_offsets:  # per-sample list of dicts; never tensor-converted

@@ -40,7 +40,7 @@ def test_cnn_stage_is_pooled_onto_the_common_grid():
         )
         stage = model.vision_towers["resnet"]((x - mean) / std, output_hidden_states=True).hidden_states[2]
         torch.testing.assert_close(grids["resnet"], stage.permute(0, 2, 3, 1))
-        assert model.get_image_features(x).shape == (2, 16, 32)  # 8 x 8 common grid, 2 x 2 pixel shuffle
+        assert model.get_image_features(x).pooler_output.shape == (2, 16, 32)  # 8 x 8 common grid, 2 x 2 pixel shuffle
     with pytest.raises(ValueError, match=r"tapped stages \[1, 2\] have different strides \[4, 8\]"):
         _config({**resnet, "feature_layers": [1, 2]})
 
@@ -85,5 +85,7 @@ def test_new_encoders_save_and_load(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     x = torch.rand(2, 3, 112, 112)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model.get_image_features(x), model.model.get_image_features(x))
+        torch.testing.assert_close(
+            loaded.model.get_image_features(x).pooler_output, model.model.get_image_features(x).pooler_output
+        )
     assert loaded.config.vision_encoders[3]["scales"] == [1, 2]

@@ -258,7 +258,7 @@ def test_reference_comparison_only_touches_images_with_references(tiny_compariso
     one = processor(text="<image> a", images=images[:1], return_tensors="pt")
     two = processor(text="<image> <image> a", images=images, return_tensors="pt")
     with torch.no_grad():
-        base = model.model.get_image_features(two["pixel_values"])
+        base = model.model.get_image_features(two["pixel_values"]).pooler_output
         compared = model.model.reference_comparison.compare_prompt(
             base,
             model.model.image_grids(two["pixel_values"]),

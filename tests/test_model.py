@@ -122,7 +122,7 @@ def test_every_encoder_family_and_fusion(family, fusion):
     streams = 2 if fusion == "interleave" else 1
     assert config.tokens_per_tile == streams * (64 // 8 // 2) ** 2
     tiles = torch.rand(3, 3, 64, 64)
-    features = model.get_image_features(tiles)
+    features = model.get_image_features(tiles).pooler_output
     assert features.shape == (3, config.tokens_per_tile, 32)
     n = 3 * config.tokens_per_tile
     ids = torch.tensor([[1] + [3] * n + [2]])
@@ -161,7 +161,7 @@ def test_common_grid_pools_the_finer_encoder():
     config = _small_config(encoders)
     assert config.grid_size == 4 and config.tokens_per_tile == 4
     model = KensaVLModel(config).eval()
-    assert model.get_image_features(torch.rand(2, 3, 64, 64)).shape == (2, 4, 32)
+    assert model.get_image_features(torch.rand(2, 3, 64, 64)).pooler_output.shape == (2, 4, 32)
 
 
 def test_save_load_round_trip(tiny, tiny_dir, images):
@@ -212,7 +212,7 @@ def test_timm_cnn_encoder_beside_a_vit():
     vit = {"name": "dinov2", "config": {**FAMILIES["dinov2"], "patch_size": 8}}
     config = _small_config([vit, cnn])  # 64 px tiles: DINOv2 8x8 patches, resnet18 stage 3 at stride 16 -> 4x4
     model = KensaVLModel(config).eval()
-    assert model.get_image_features(torch.rand(2, 3, 64, 64)).shape == (2, config.tokens_per_tile, 32)
+    assert model.get_image_features(torch.rand(2, 3, 64, 64)).pooler_output.shape == (2, config.tokens_per_tile, 32)
 
 
 def test_tied_word_embeddings_survive_save_and_load(tmp_path):

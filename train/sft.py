@@ -20,6 +20,7 @@ import torch
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from kensa_vl.modeling.vision_kensa_vl import freeze_unread, read_layers
 from kensa_vl.processing.processing_kensa_vl import structure_tokens
 
 logger = logging.getLogger(__name__)
@@ -110,21 +111,22 @@ def select_trainable(model, args: KensaArguments) -> dict[str, list]:
     for name in args.train:
         if name != "vision":
             _module(model, COMPONENTS[name]).requires_grad_(True)
-    for name, tower in _module(model, COMPONENTS["vision"]).items():
+    towers = _module(model, COMPONENTS["vision"])
+    taps = {encoder["name"]: encoder["feature_layers"] for encoder in model.config.vision_encoders}
+    for name, tower in towers.items():
         if "vision" in args.train:
             modules = [tower]
         elif args.vision_unfreeze_layers:
-            layers = next(
-                (m for n, m in tower.named_modules() if n.endswith(("encoder.layers", "encoder.layer"))), None
-            )
-            if layers is None:
+            layers = read_layers(tower, taps[name])
+            if not layers:
                 raise ValueError(f"vision_unfreeze_layers: tower {name!r} has no `encoder.layers` to unfreeze")
-            modules = list(layers[-args.vision_unfreeze_layers :])
+            modules = layers[-args.vision_unfreeze_layers :]  # the last layers the taps read
         else:
             modules = []
         for module in modules:
             module.requires_grad_(True)
-            groups["vision"] += list(module.parameters())
+    freeze_unread(towers, model.config)  # what the taps never read stays frozen, whatever the recipe says
+    groups["vision"] = [p for tower in towers.values() for p in tower.parameters() if p.requires_grad]
     vision_ids = {id(p) for p in groups["vision"]}
     groups["main"] = [p for p in model.parameters() if p.requires_grad and id(p) not in vision_ids]
     return groups
