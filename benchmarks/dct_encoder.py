@@ -45,7 +45,8 @@ def training_step(data: str, repeats: int) -> tuple[float, float]:
     model.train()
     items, episodes = load_synth(data)
     rows = episode_conversations(items["train"], episodes["train"])
-    batch = KensaCollator(processor, max_length=None, assistant_only_loss=True)([rows[i] for i in range(4)])
+    collator = KensaCollator(processor, max_length=None, assistant_only_loss=True, token_side=model.config.token_side)
+    batch = collator([rows[i] for i in range(4)])
     tower = model.model.vision_towers["dct"]
     current = tower.forward
 

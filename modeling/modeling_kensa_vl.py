@@ -39,9 +39,11 @@ from .vision_kensa_vl import (
     KensaVLLayerMerge,
     KensaVLProjector,
     build_towers,
+    check_image_grid,
     common_grids,
     encode_tiles,
     project_grids,
+    split_by_sample,
     tower_outputs,
 )
 
@@ -53,14 +55,6 @@ def cache_argument(forward):
     """Where the cache is called `cache`, a `past_key_values` argument becomes `cache` with the library's deprecation
     warning, as in its own models; 4.x passes `past_key_values`, which stays."""
     return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward) if CACHE_KEY == "cache" else forward
-
-
-def check_image_grid(image_grid: torch.Tensor | None, pixel_values: torch.Tensor | None) -> None:
-    """`image_grid` (rows, cols, tiles per image) must describe exactly the tiles of `pixel_values`."""
-    if image_grid is not None and pixel_values is not None:
-        described = int(image_grid[:, 2].sum())
-        if described != pixel_values.shape[0]:
-            raise ValueError(f"image_grid describes {described} tiles, pixel_values has {pixel_values.shape[0]}.")
 
 
 @dataclass
@@ -399,10 +393,9 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             image_grid=image_grid,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            cache=cache,
+            cache=cache if cache is not None else past_key_values,
             reference_banks=reference_banks,
             anomaly_labels=anomaly_labels,
             return_reference_distances=return_reference_distances,
@@ -446,19 +439,9 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
         if expand_size > 1 and pixel_values is not None and image_grid is not None:
-            rows = len(input_ids) // expand_size
-            tiles = (input_ids[::expand_size] == self.config.image_token_id).sum(1) // self.config.tokens_per_tile
-            counts, start = [], 0  # images per sample: whole images until the sample's tiles are used up
-            for row_tiles in tiles.tolist():
-                end, used = start, 0
-                while used < row_tiles:
-                    used, end = used + int(image_grid[end, 2]), end + 1
-                counts.append(end - start)
-                start = end
-            tile_parts = pixel_values.split(tiles.tolist())
-            grid_parts = image_grid.split(counts)
-            pixel_values = torch.cat([tile_parts[r] for r in range(rows) for _ in range(expand_size)])
-            image_grid = torch.cat([grid_parts[r] for r in range(rows) for _ in range(expand_size)])
+            samples = split_by_sample(input_ids[::expand_size], pixel_values, image_grid, self.config)
+            pixel_values = torch.cat([tiles for tiles, _ in samples for _ in range(expand_size)])
+            image_grid = torch.cat([grid for _, grid in samples for _ in range(expand_size)])
         if banks is not None:
             banks = [bank for bank in banks for _ in range(expand_size)]
         extra = {"pixel_values": pixel_values, "image_grid": image_grid, "reference_banks": banks}

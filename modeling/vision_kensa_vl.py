@@ -331,3 +331,25 @@ def common_grids(grids: dict[str, torch.Tensor], config: KensaVLConfig) -> dict[
         else F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), common).permute(0, 2, 3, 1)
         for name, grid in grids.items()
     }  # fmt: skip
+
+
+def check_image_grid(image_grid: torch.Tensor | None, pixel_values: torch.Tensor | None) -> None:
+    """`image_grid` (rows, cols, tiles per image) must describe exactly the tiles of `pixel_values`."""
+    if image_grid is not None and pixel_values is not None:
+        described = int(image_grid[:, 2].sum())
+        if described != pixel_values.shape[0]:
+            raise ValueError(f"image_grid describes {described} tiles, pixel_values has {pixel_values.shape[0]}.")
+
+
+def split_by_sample(input_ids: torch.Tensor, pixel_values: torch.Tensor, image_grid: torch.Tensor, config):
+    """The batch's flat tiles and images, per sample: `[(tiles, image_grid rows)]` in row order. A sample's tiles
+    are its image placeholders over `tokens_per_tile`; its images, whole images until those tiles are used up."""
+    tiles = ((input_ids == config.image_token_id).sum(1) // config.tokens_per_tile).tolist()
+    counts, start = [], 0
+    for row_tiles in tiles:
+        end, used = start, 0
+        while used < row_tiles:
+            used, end = used + int(image_grid[end, 2]), end + 1
+        counts.append(end - start)
+        start = end
+    return list(zip(pixel_values.split(tiles), image_grid.split(counts), strict=True))

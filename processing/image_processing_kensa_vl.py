@@ -171,7 +171,7 @@ class KensaVLImageProcessorKwargs(ImagesKwargs, total=False):
     """The image processor's own keyword arguments, beside the library's (`do_rescale`, `rescale_factor`, ...)."""
 
     tile_size: int
-    max_tiles: int | list[int]
+    max_tiles: int | list[int | None] | None  # None: the processor's own
     use_thumbnail: bool
     max_image_pixels: int
 

@@ -4,6 +4,7 @@ processor and config, with the mixins' files from the installed version's source
 from __future__ import annotations
 
 import unittest
+from unittest import mock
 
 import pytest
 from transformers import AutoImageProcessor
@@ -30,6 +31,16 @@ AutoImageProcessor.register(KensaVLConfig, slow_image_processor_class=KensaVLIma
 
 class KensaVLProcessorTest(processing.ProcessorTesterMixin, unittest.TestCase):
     processor_class = KensaVLProcessor
+
+    def setUp(self):
+        super().setUp()
+        # Saving a model folder (`save_kensa`, in earlier tests) registers the classes for the Auto classes, a
+        # class-wide setting under which every later save writes `auto_map`: test the processor unregistered, as
+        # the mixin expects of a library processor.
+        for cls in (KensaVLProcessor, KensaVLImageProcessor):
+            patcher = mock.patch.object(cls, "_auto_class", None)
+            patcher.start()
+            self.addCleanup(patcher.stop)
 
     @classmethod
     def _setup_tokenizer(cls):
