@@ -164,6 +164,47 @@ def test_common_grid_pools_the_finer_encoder():
     assert model.get_image_features(torch.rand(2, 3, 64, 64)).pooler_output.shape == (2, 4, 32)
 
 
+def test_image_features_give_the_merged_grid_and_each_towers_layers():
+    """`last_hidden_state`: both encoders' merged features on the common 8x8 grid, channels side by side; with
+    `output_hidden_states`, each tower's embeddings and layers, one tuple over both; a tuple without return_dict."""
+    encoders = [{"name": "siglip", "config": FAMILIES["siglip"]}, {"name": "dinov2", "config": FAMILIES["dinov2"]}]
+    model = KensaVLModel(_small_config(encoders)).eval()
+    tiles = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        out = model.get_image_features(tiles, output_hidden_states=True)
+        grids = model.image_grids(tiles)
+    assert out.last_hidden_state.shape == (3, 8 * 8, 32 + 32)
+    torch.testing.assert_close(out.last_hidden_state[..., 32:], grids["dinov2"].flatten(1, 2))
+    assert len(out.hidden_states) == 2 * (VIT["num_hidden_layers"] + 1) and out.attentions is None
+    assert out.hidden_states[0].shape[1] == 64 and out.hidden_states[-1].shape[1] == 65  # DINOv2 keeps its CLS
+    as_tuple = model.get_image_features(tiles, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[1], out.pooler_output)
+    with pytest.raises(ValueError, match="image_grid describes 4 tiles, pixel_values has 3"):
+        model.get_image_features(tiles, image_grid=torch.tensor([[2, 2, 4]]))
+
+
+def test_taps_leave_unread_tower_parameters_frozen():
+    """Parameters no tap reads never get a gradient: they are frozen where the towers are built, also when a recipe
+    unfreezes the towers, and the layers a recipe unfreezes are the last ones the taps read."""
+    from kensa_vl.train.sft import KensaArguments, select_trainable
+
+    encoders = [
+        {"name": "siglip", "config": FAMILIES["siglip"], "feature_layers": [-2]},  # reads layers 0 and 1 of 3
+        {"name": "dinov2", "config": FAMILIES["dinov2"]},
+    ]
+    model = KensaVLForConditionalGeneration(_small_config(encoders))
+    frozen = {n.removeprefix("model.vision_towers.") for n, p in model.named_parameters() if not p.requires_grad}
+    assert {"siglip.post_layernorm.weight", "siglip.encoder.layers.2.mlp.fc1.weight", "dinov2.layernorm.weight",
+            "dinov2.embeddings.mask_token"} <= frozen  # fmt: skip
+    assert not any(n.startswith(("siglip.encoder.layers.1.", "siglip.embeddings.", "dinov2.encoder")) for n in frozen)
+    groups = select_trainable(model, KensaArguments(train=["vision"]))
+    trained = {id(p) for p in groups["vision"]}
+    assert not any(id(p) in trained for n, p in model.named_parameters() if "post_layernorm" in n)
+    select_trainable(model, KensaArguments(train=["projector"], vision_unfreeze_layers=1))
+    unfrozen = {n for n, p in model.named_parameters() if p.requires_grad and "vision_towers.siglip" in n}
+    assert unfrozen and all(".encoder.layers.1." in n for n in unfrozen)
+
+
 def test_save_load_round_trip(tiny, tiny_dir, images):
     model, processor = tiny
     loaded, info = KensaVLForConditionalGeneration.from_pretrained(tiny_dir, output_loading_info=True)
