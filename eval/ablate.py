@@ -172,7 +172,7 @@ def plot(results: dict, path: Path) -> None:
 
 def add_parsers(subparsers, train) -> None:
     """The `ablate` sub-command; `train` trains a rung (`kensa_vl.train.pipeline.train`)."""
-    p = subparsers.add_parser("ablate", help="the fine-detail ablation ladder (train, evaluate, time each rung)")
+    p = subparsers.add_parser("ablate")  # its --help line: cli.COMMANDS
     p.add_argument("--out", default="outputs/ablate")
     p.add_argument("--data", default="outputs/kensa-synth-224", help="KensaSynth folder (generated when missing)")
     p.add_argument("--max-steps", type=int, default=0, help="cap on each stage's steps (0: the main job's budget)")

@@ -118,7 +118,7 @@ def _draw(path: str, boxes, out: Path, verdict: str) -> None:
 
 
 def add_parsers(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="few-shot inspection metrics of a model on a KensaSynth split")
+    p = subparsers.add_parser("eval")  # its --help line: cli.COMMANDS
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="KensaSynth folder")
     p.add_argument("--split", default="test")
@@ -129,7 +129,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=_eval)
 
-    p = subparsers.add_parser("inspect", help="judge query images against a few good/defective examples")
+    p = subparsers.add_parser("inspect")  # its --help line: cli.COMMANDS
     p.add_argument("--model", required=True)
     p.add_argument("--good", nargs="+", default=[], metavar="IMAGE")
     p.add_argument("--defective", nargs="*", default=[], metavar="IMAGE[=DESCRIPTION]")

@@ -306,7 +306,7 @@ def assemble(
 
 
 def add_parsers(subparsers) -> None:
-    tiny = subparsers.add_parser("tiny", help="build a tiny random KensaVL offline (the embedded default)")
+    tiny = subparsers.add_parser("tiny")  # its --help line: cli.COMMANDS
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--tile-size", type=int, default=224)
@@ -319,7 +319,7 @@ def add_parsers(subparsers) -> None:
         )
     )
 
-    asm = subparsers.add_parser("assemble", help="assemble KensaVL from pretrained towers and an LM")
+    asm = subparsers.add_parser("assemble")  # its --help line: cli.COMMANDS
     asm.add_argument("--vision", action="append", required=True, help="vision tower id or folder (repeatable)")
     asm.add_argument("--text", required=True, help="causal LM id or folder")
     asm.add_argument("--out", required=True)

@@ -8,34 +8,49 @@ plus the run: data, categories, training time), `OUT/table.md`, `OUT/records.jso
 `OUT/align` checkpoints.
 
 This is the one module of `kensa_vl.train` that imports `kensa_vl.eval`: the jobs that chain training and evaluation
-(the main job, the ablation) are put together here.
+(the main job, the ablation) are put together here. It imports nothing heavy at the top: each sub-command's module
+(torch, transformers, TRL) is imported only when that sub-command runs, so `kensa-vl --help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
-from kensa_vl.eval import ablate, report
-from kensa_vl.eval.inspector import load_pretrained
-from kensa_vl.eval.plots import loss_curve
-from kensa_vl.eval.report import evaluate_and_report
-from kensa_vl.train import build, pipeline, publish
-from kensa_vl.train.data import load_synth, synth
+# sub-command -> (the module whose `add_parsers` defines it, the line `kensa-vl --help` shows for it)
+COMMANDS = {
+    "tiny": ("kensa_vl.train.build", "build a tiny random KensaVL offline (the embedded default)"),
+    "assemble": ("kensa_vl.train.build", "assemble KensaVL from pretrained towers and an LM"),
+    "synth": ("kensa_vl.train.data.synth", "generate the KensaSynth inspection dataset offline"),
+    "train": (__name__, "the offline main job: build, generate data, train, evaluate"),
+    "eval": ("kensa_vl.eval.report", "few-shot inspection metrics of a model on a KensaSynth split"),
+    "inspect": ("kensa_vl.eval.report", "judge query images against a few good/defective examples"),
+    "publish": ("kensa_vl.train.publish", "export a trained model for the Hub, verify it, optionally push it"),
+    "ablate": ("kensa_vl.eval.ablate", "the fine-detail ablation ladder (train, evaluate, time each rung)"),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="kensa-vl", description=__doc__.split("\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    build.add_parsers(subparsers)
-    synth.add_parsers(subparsers)
-    add_main_job_parser(subparsers)
-    report.add_parsers(subparsers)
-    publish.add_parsers(subparsers)
-    ablate.add_parsers(subparsers, pipeline.train)
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    if chosen in COMMANDS:  # only the chosen sub-command's module is imported
+        module = importlib.import_module(COMMANDS[chosen][0])
+        if chosen == "train":
+            add_main_job_parser(subparsers)
+        elif chosen == "ablate":
+            module.add_parsers(subparsers, importlib.import_module("kensa_vl.train.pipeline").train)
+        else:
+            module.add_parsers(subparsers)
+    for name, (_, line) in COMMANDS.items():  # the others, for the listing (and a clear error for a typo)
+        if name not in subparsers.choices:
+            subparsers.add_parser(name, help=line)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -57,6 +72,12 @@ def main_job(
     """The whole job; returns the metrics written to `OUT/metrics.json`. `overrides` are recipe arguments added to
     both stages (e.g. `["--max_steps", "2"]`); `tiny` replaces entries of the tiny model's `TINY` settings (e.g.
     `{"reference_comparison": False}` for plain in-context learning)."""
+    from kensa_vl.eval.inspector import load_pretrained
+    from kensa_vl.eval.plots import loss_curve
+    from kensa_vl.eval.report import evaluate_and_report
+    from kensa_vl.train import pipeline
+    from kensa_vl.train.data import load_synth
+
     out = Path(out)
     if (out / "metrics.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a finished run; pass --overwrite or another --out")
@@ -94,7 +115,9 @@ def main_job(
 
 
 def add_main_job_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="the offline main job: build, generate data, train, evaluate")
+    from kensa_vl.train import pipeline
+
+    p = subparsers.add_parser("train")
     p.add_argument("--out", default="outputs/main")
     p.add_argument("--data", default=None, help="KensaSynth folder (generated when missing)")
     p.add_argument("--shots", default="0,1,2,4")

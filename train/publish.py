@@ -176,7 +176,7 @@ def push(folder, repo_id: str, private: bool = False) -> str:
 
 
 def add_parsers(subparsers) -> None:
-    p = subparsers.add_parser("publish", help="export a trained model for the Hub, verify it, optionally push it")
+    p = subparsers.add_parser("publish")  # its --help line: cli.COMMANDS
     p.add_argument("--model", required=True, help="a trained KensaVL folder")
     p.add_argument("--out", required=True, help="the export folder (must be new or empty)")
     p.add_argument("--eval", default=None, help="metrics.json of kensa-vl eval / kensa-vl train")

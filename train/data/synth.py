@@ -318,7 +318,7 @@ def load_synth(path: str | Path):
 
 
 def add_parsers(subparsers) -> None:
-    p = subparsers.add_parser("synth", help="generate the KensaSynth inspection dataset offline")
+    p = subparsers.add_parser("synth")  # its --help line: cli.COMMANDS
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1000)
