@@ -365,3 +365,16 @@ def test_boxes_of_any_width_are_drawn(tmp_path):
     ]
     path = example_grid(items, records, tmp_path / "grid.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_truncated_query_is_an_error_record_and_the_others_are_judged(tiny, tmp_path):
+    """A PNG cut short opens (its header is whole) and fails only when decoded: that is still the query's error."""
+    model, processor = tiny
+    whole, cut = tmp_path / "whole.png", tmp_path / "cut.png"
+    random_image(120, 90, 4).save(whole)
+    cut.write_bytes(whole.read_bytes()[:2000])
+    inspector = Inspector(model, processor, max_new_tokens=0)
+    inspector.set_support([support_item(random_image(120, 90, 5))])
+    judged = inspector.judge([str(whole), str(cut)])
+    assert judged[0].verdict in ("good", "defective")
+    assert judged[1].verdict == "error" and "truncated" in judged[1].text and "cut.png" in judged[1].text
