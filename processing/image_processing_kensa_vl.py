@@ -100,9 +100,11 @@ def open_image(source, max_pixels: int | None = None) -> Image.Image:
 
 def to_rgb(image, max_pixels: int | None = None) -> Image.Image:
     """The one image loader of the project: any PIL image (RGBA on white, L, I;16, P, CMYK, ...), array (HW, HWC,
-    CHW), tensor, or anything `open_image` opens, as an RGB PIL image."""
+    CHW), tensor, or anything `open_image` opens, as an RGB PIL image; with `max_pixels`, a larger one is refused
+    (`ImageTooLarge`; a file from its header, before decoding)."""
     if isinstance(image, (str, bytes, dict)) or hasattr(image, "__fspath__"):
         image = open_image(image, max_pixels)
+
     if hasattr(image, "detach"):  # torch tensor, without importing torch here
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
@@ -120,6 +122,8 @@ def to_rgb(image, max_pixels: int | None = None) -> Image.Image:
         raise ValueError(f"Expected a PIL image, numpy array, tensor or path, got {type(image).__name__}.")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Image has zero size: {image.width}x{image.height}.")
+    if max_pixels is not None and image.width * image.height > max_pixels:  # an image given already in memory
+        raise ImageTooLarge(f"<{type(image).__name__}>", image.width, image.height, max_pixels)
     try:
         image = ImageOps.exif_transpose(image)
         image.load()
@@ -242,11 +246,6 @@ class KensaVLImageProcessor(BaseImageProcessor):
                 image = to_rgb(image, self.max_image_pixels)
             except ValueError as error:
                 raise ValueError(f"Image {index}: {error}") from error
-            if image.width * image.height > self.max_image_pixels:
-                raise ValueError(
-                    f"Image {index} has {image.width}x{image.height} = {image.width * image.height} pixels, more than "
-                    f"max_image_pixels={self.max_image_pixels}."
-                )
             tiles, (rows, cols) = tile_image(image, self.tile_size, budget or self.max_tiles, self.use_thumbnail)
             all_tiles.append(tiles)
             grids.append([rows, cols, len(tiles)])
