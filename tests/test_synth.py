@@ -25,12 +25,15 @@ def synth(tmp_path_factory):
 def test_splits_hold_out_categories_and_defects(synth):
     _, items, episodes = synth
     assert set(items) == set(episodes) == {"train", "validation", "test"}
-    train_cats = set(items["train"]["category"]) | set(items["validation"]["category"])
-    test_cats = set(items["test"]["category"])
-    assert test_cats == set(SMALL.test_categories) and not train_cats & test_cats
-    assert len(train_cats | test_cats) >= 10
-    seen = set(items["train"]["defect_type"]) | set(items["validation"]["defect_type"])
-    assert not seen & set(SMALL.heldout_defects) and len(SMALL.heldout_defects) >= 2
+    cats = {split: set(items[split]["category"]) for split in items}
+    assert cats["test"] == set(SMALL.test_categories) and cats["validation"] == set(SMALL.validation_categories)
+    assert not cats["train"] & cats["validation"] and not cats["train"] & cats["test"]
+    assert not cats["validation"] & cats["test"] and len(cats["train"]) >= 8
+    defects = {split: set(items[split]["defect_type"]) - {None} for split in items}
+    assert not defects["train"] & {*SMALL.validation_defects, *SMALL.heldout_defects}
+    assert defects["validation"] <= defects["train"] | set(SMALL.validation_defects)
+    assert defects["test"] <= defects["train"] | set(SMALL.heldout_defects) and len(SMALL.heldout_defects) >= 2
+    assert defects["test"] & set(SMALL.heldout_defects)  # a small set still holds some held-out defect
     assert [len(items[s]) for s in ("train", "validation", "test")] == SMALL.split_sizes()
     for split in items:  # every category of a split has good and defective photos, about half each
         labels = items[split]["label"]
@@ -157,8 +160,10 @@ def test_mask_boxes_one_per_component_and_specks_removed():
     "kwargs, match",
     [
         ({"resolution": 4096}, "resolution must be in"),
-        ({"num_images": 50}, "the splits need at least"),
+        ({"num_images": 30}, "the splits need at least"),
         ({"test_categories": ("plastic",)}, "unknown categories"),
+        ({"validation_categories": ("nut",)}, "disjoint"),
+        ({"validation_defects": ("crack",)}, "disjoint"),
     ],
 )
 def test_bad_config_says_what_was_expected(kwargs, match):

@@ -54,9 +54,11 @@ def write_card(path: Path, cfg, stats: dict) -> None:
         )
     lines += [
         "",
-        f"Test categories ({', '.join(cfg.test_categories)}) and defect types ({', '.join(cfg.heldout_defects)})",
-        "never appear in train or validation (nor as contaminants): a model is scored on products and defects it",
-        "has not seen, so it cannot pass by learning one generator's artefacts.",
+        "Three disjoint category sets. Validation categories "
+        f"({', '.join(cfg.validation_categories)}) and defect types ({', '.join(cfg.validation_defects)}) and test",
+        f"categories ({', '.join(cfg.test_categories)}) and defect types ({', '.join(cfg.heldout_defects)}) never",
+        "appear in training (nor as contaminants), nor in each other: every choice is made on validation, on",
+        "products and defects training has not seen, and test is read only to report.",
         "",
         "## Categories",
         "",

@@ -36,7 +36,12 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.6, 0.15, 0.25)
-TEST_CATEGORIES = ("gravel", "marble", "nut")  # one real texture, one procedural material, one drawn product
+# Three disjoint category sets, each with one real texture, one procedural material and one drawn product, and
+# defect types of their own: validation (every choice is made there) and test (reported only) are both unseen in
+# training, and neither's categories or held-out defects appear in the other.
+VALIDATION_CATEGORIES = ("grass", "leather", "cap")
+TEST_CATEGORIES = ("gravel", "marble", "nut")
+VALIDATION_DEFECTS = ("contamination",)  # appears only in validation
 HELDOUT_DEFECTS = ("crack", "structure")  # appear only in test
 MAX_RESOLUTION = 2048
 
@@ -47,7 +52,9 @@ class SynthConfig:
     num_images: int = 1000
     num_episodes: int = 5000
     resolution: int = 1024
+    validation_categories: tuple[str, ...] = VALIDATION_CATEGORIES
     test_categories: tuple[str, ...] = TEST_CATEGORIES
+    validation_defects: tuple[str, ...] = VALIDATION_DEFECTS
     heldout_defects: tuple[str, ...] = HELDOUT_DEFECTS
     max_good_support: int = 8
     max_defective_support: int = 2
@@ -56,10 +63,22 @@ class SynthConfig:
     def __post_init__(self):
         if not 128 <= self.resolution <= MAX_RESOLUTION:
             raise ValueError(f"resolution must be in [128, {MAX_RESOLUTION}] pixels, got {self.resolution}")
-        unknown = set(self.test_categories) - set(MATERIALS) | set(self.heldout_defects) - set(DEFECTS)
+        categories, defects = (
+            {*self.validation_categories, *self.test_categories},
+            {*self.validation_defects, *self.heldout_defects},
+        )
+        unknown = categories - set(MATERIALS) | defects - set(DEFECTS)
         if unknown:
             raise ValueError(
                 f"unknown categories or defects {sorted(unknown)}; known: {list(MATERIALS)}, {list(DEFECTS)}"
+            )
+        shared = set(self.validation_categories) & set(self.test_categories)
+        shared |= set(self.validation_defects) & set(self.heldout_defects)
+        if shared or len(categories) >= len(MATERIALS) or len(defects) >= len(DEFECTS):
+            raise ValueError(
+                f"validation and test must hold disjoint categories and defects and leave some for training; "
+                f"validation {self.validation_categories}/{self.validation_defects}, test "
+                f"{self.test_categories}/{self.heldout_defects}, shared {sorted(shared)}"
             )
         needed = [2 * len(self.categories(s)) for s in SPLITS]  # a good and a defective photo per category
         if any(n < need for n, need in zip(self.split_sizes(), needed, strict=True)) or self.num_episodes < 0:
@@ -70,10 +89,15 @@ class SynthConfig:
             )
 
     def categories(self, split: str) -> list[str]:
-        return [c for c in MATERIALS if (c in self.test_categories) == (split == "test")]
+        held = {"validation": self.validation_categories, "test": self.test_categories}
+        if split in held:
+            return [c for c in MATERIALS if c in held[split]]
+        return [c for c in MATERIALS if c not in {*self.validation_categories, *self.test_categories}]
 
     def defects(self, split: str) -> list[str]:
-        return [d for d in DEFECTS if split == "test" or d not in self.heldout_defects]
+        """The training defects, plus the split's own held-out ones for validation and test."""
+        own = {"validation": self.validation_defects, "test": self.heldout_defects}.get(split, ())
+        return [d for d in DEFECTS if d in own or d not in {*self.validation_defects, *self.heldout_defects}]
 
     def split_sizes(self, total: int | None = None) -> list[int]:
         total = self.num_images if total is None else total
