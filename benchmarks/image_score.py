@@ -8,7 +8,8 @@ side by side in one run:
 
     python benchmarks/image_score.py --data outputs/kensa-synth-224 [--seeds 3] [--queries 20]
 
-Prints AUROC per k on the test split (held-out categories), queries half good, half defective.
+Prints AUROC per k on the validation split (its own held-out categories; test is read only to report), queries
+half good, half defective.
 """
 
 from __future__ import annotations
@@ -37,16 +38,16 @@ def main() -> None:
     args = parser.parse_args()
     model, processor = build_tiny(**TINY)
     side = model.config.token_side
-    test = load_synth(args.data)[0]["test"]
+    photos = load_synth(args.data)[0]["validation"]
     rows = {}
-    for i, (category, label) in enumerate(zip(test["category"], test["label"], strict=True)):
+    for i, (category, label) in enumerate(zip(photos["category"], photos["label"], strict=True)):
         rows.setdefault(category, {"good": [], "defective": []})[label].append(i)
     cache = {}
 
     @torch.no_grad()
     def cells(i):
         if i not in cache:
-            batch = processor.image_processor([test[i]["image"].convert("RGB")], return_tensors="pt")
+            batch = processor.image_processor([photos[i]["image"].convert("RGB")], return_tensors="pt")
             grid = model.model.image_grids(batch["pixel_values"])["dct"]
             cache[i] = (F.normalize(grid.float(), dim=-1), thumbnail_tiles(batch["image_grid"]))
         return cache[i]
@@ -73,7 +74,7 @@ def main() -> None:
                     d_split[thumb] = patch_distances(f[thumb], thumb_bank, side)
                     for name, d in zip(VARIANTS, (d_mixed, d_mixed, d_split, d_split), strict=True):
                         chosen = d[~thumb] if "grid" in name else d
-                        scores[name][0].append(test[j]["label"] == "defective")
+                        scores[name][0].append(photos[j]["label"] == "defective")
                         scores[name][1].append(float(chosen.max()))
         print(f"| {k} | " + " | ".join(f"{roc_auc_score(*scores[v]):.3f}" for v in VARIANTS) + " |")
 

@@ -3,7 +3,7 @@ shot counts, and queries per second with the cache at batch 8, side by side in o
 support set costs (`set_support`, median of 5).
 
     python -m benchmarks.inspect_latency [--shots 1,2,4,8] [--queries 20] [--size 448] [--batch 8] [--model DIR]
-        [--data DIR [--split test]]
+        [--data DIR [--split validation]]
 
 Without --model: the tiny offline KensaVL (random weights; 224 px tiles, up to 6 tiles + thumbnail per image).
 Without --data: noise photos of `--size` px; with it, KensaSynth photos of the split's first category (good supports,
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--model", default=None)
     parser.add_argument("--data", default=None, help="a KensaSynth folder: its photos instead of noise")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="validation")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.model:

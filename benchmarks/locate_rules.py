@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from kensa_vl.eval.evaluate import LARGE_AREA, box_iou, control_support, support_for
+from kensa_vl.eval.evaluate import control_support, support_for
 from kensa_vl.eval.inspector import Inspector, load_pretrained
+from kensa_vl.eval.metrics import LARGE_AREA, box_iou
 from kensa_vl.modeling.comparison_kensa_vl import LOCATE_MARGIN, nearest_distances, stitch_tiles
 from kensa_vl.train.data.synth import load_synth
 

@@ -1,5 +1,5 @@
 """Which patch features tell a defect from normal variation? A training-free kNN patch memory on KensaSynth's
-held-out test categories, per feature, side by side in one run (the measurement behind the DCT encoder).
+held-out validation categories, per feature, side by side in one run (the measurement behind the DCT encoder).
 
     python benchmarks/patch_features.py [--data outputs/kensa-synth-224] [--shots 1,2,4] [--seeds 3]
 
@@ -45,14 +45,14 @@ def main() -> None:
     parser.add_argument("--shots", default="1,2,4")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
-    test = load_synth(args.data)[0]["test"]
-    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), np.float32) / 255 for im in test["image"]]))
+    photos = load_synth(args.data)[0]["validation"]
+    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), np.float32) / 255 for im in photos["image"]]))
     pixels = pixels.permute(0, 3, 1, 2)
     side = pixels.shape[-1] - pixels.shape[-1] % 14
     pixels = pixels[..., :side, :side]
-    cats, sizes = np.array(test["category"]), np.array(test["size"])
-    bad = np.array(test["label"]) == "defective"
-    print(f"{len(test)} test photos at {side} px, categories {sorted(set(cats))}")
+    cats, sizes = np.array(photos["category"]), np.array(photos["size"])
+    bad = np.array(photos["label"]) == "defective"
+    print(f"{len(photos)} validation photos at {side} px, categories {sorted(set(cats))}")
     print("| features | k | AUROC | tiny | small | medium | large |\n|---|---|---|---|---|---|---|")
     for name, cells in features(pixels).items():
         token_side = cells.shape[1]  # one score per cell

@@ -3,7 +3,8 @@ support tile budget, side by side in one run (the query keeps the processor's bu
 
     python benchmarks/support_tiles.py --model outputs/main/model --data outputs/kensa-synth-224 [--budgets 1,2,4]
 
-Held-out test split, k = 4 good supports, 3 seeds, 20 queries per category, scores only (no generation).
+The validation split (held-out categories), k = 4 good supports, 3 seeds, 20 queries per category, scores only (no
+generation).
 """
 
 from __future__ import annotations
@@ -25,21 +26,21 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=4)
     args = parser.parse_args()
     model, processor = load_pretrained(args.model)
-    test = load_synth(args.data)[0]["test"]
+    photos = load_synth(args.data)[0]["validation"]
     default = processor.image_processor.max_tiles
     print(f"query max_tiles {default}; k = {args.shots}")
     print("| support max_tiles | balanced accuracy | AUROC | median ms per query (cached) | set_support ms |")
     print("|---|---|---|---|---|")
     for budget in [int(b) for b in args.budgets.split(",")]:
-        result = evaluate(model, processor, test, shots=(args.shots,), seeds=3, queries_per_category=20,
+        result = evaluate(model, processor, photos, shots=(args.shots,), seeds=3, queries_per_category=20,
                           controls=(), generate=False, progress=False, support_max_tiles=budget)  # fmt: skip
         overall = result["shots"][args.shots]["overall"]
         inspector = Inspector(model, processor, max_new_tokens=0, support_max_tiles=budget)
-        support = [test[i] for i, label in enumerate(test["label"]) if label == "good"][: args.shots]
+        support = [photos[i] for i, label in enumerate(photos["label"]) if label == "good"][: args.shots]
         start = time.perf_counter()
         inspector.set_support(support)
         setup = (time.perf_counter() - start) * 1000
-        queries = [test[i]["image"] for i in range(len(test))][:30]
+        queries = [photos[i]["image"] for i in range(len(photos))][:30]
         inspector.judge(queries[:1])
         per_query = []
         for query in queries:

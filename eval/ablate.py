@@ -1,5 +1,6 @@
 """The fine-detail ablation: a ladder of tiny models, each rung adding one technique, all trained by the main job's
-recipes with the same budget and evaluated the same way on KensaSynth's held-out test split.
+recipes with the same budget and evaluated the same way on KensaSynth's validation split (categories and defects
+that training never sees; test is read only to report).
 
     kensa-vl ablate --out outputs/ablate [--data outputs/kensa-synth-224] [--max-steps N] [--rungs 0,1,7]
 
@@ -90,7 +91,7 @@ def run(
 
     out, data = Path(out), Path(data)
     out.mkdir(parents=True, exist_ok=True)  # a trained rung alone trains nothing that would make it
-    test = load_synth(data)[0]["test"]
+    photos = load_synth(data)[0]["validation"]
     results = json.loads((out / "ablation.json").read_text()) if (out / "ablation.json").exists() else {}
     todo = [(i, label, tiny) for i, (label, tiny) in enumerate(rungs()) if chosen is None or i in chosen]
     untrained = [i for i, *_ in todo if i not in (trained or {})]
@@ -104,7 +105,7 @@ def run(
         else:
             model_dir, _, seconds = train(folder, data, tiny, [*budget, "--report_to", "none"])
         model, processor = load_pretrained(model_dir)
-        result = evaluate(model, processor, test, shots=(4,), seeds=seeds, queries_per_category=queries,
+        result = evaluate(model, processor, photos, shots=(4,), seeds=seeds, queries_per_category=queries,
                           controls=(), generate=False, progress=False)["shots"][4]  # fmt: skip
         mean = lambda group, key: (group or {}).get(key, {}).get("mean")  # noqa: E731
         results[str(index)] = {
@@ -116,7 +117,7 @@ def run(
             "box_hit_rate": mean(result["overall"], "box_hit_rate"),
             "box_hit_rate_1pct": mean(result["overall"], "box_hit_rate_1pct"),
             "train_s": None if seconds is None else round(seconds, 1),
-            **episode_cost(model, processor, test),
+            **episode_cost(model, processor, photos),
         }
         (out / "ablation.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results[str(index)]), flush=True)

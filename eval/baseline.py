@@ -5,16 +5,22 @@ with the inspector's interface.
 Score of a query: over its visual tokens, the largest distance (averaged over the encoders) of the token's cells to
 the nearest cell of the good support photos, with the comparison's 3x3 neighbourhood (`patch_distances`), over the
 query's grid tiles (`scored_tiles`: the thumbnail's distances are mostly scale noise), as the model's summary does.
-The bank holds the good supports' cells, and their flipped or turned copies when the model's config has
-`reference_views` (as the model's bank does). Threshold: the largest leave-one-out score of the good supports
-(needs two or more; with one, every query is judged good and only AUROC is meaningful). A defective verdict's box:
-the model's rule (`locate_box`) on the same distances, with the threshold as the level.
+The bank holds the good supports' cells and their copies in `views` (default: the model's `reference_views`, as
+the model's bank does; AnomalyDINO's rotations: `("rot90", "rot180", "rot270")`; none: `()`).
+
+Threshold: `scale` x the supports' level. The level is how far a good photo is from the other good ones: the
+largest leave-one-out score over the supports (k >= 2), or with one support the largest score of one of its grid
+tiles against its other tiles. `scale` is the baseline's calibration, chosen per k on validation categories
+(`calibrate`), as the model's threshold was learnt in training: both get a threshold they did not see test data for.
+A defective verdict's box: the model's rule (`locate_box`) on the same distances, with the threshold as the level;
+the heatmap: the model's (`distance_map`).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from kensa_vl.modeling.comparison_kensa_vl import (
@@ -27,14 +33,15 @@ from kensa_vl.modeling.comparison_kensa_vl import (
 )
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 
-from .inspector import Judgement, pixel_box
+from .inspector import Judgement, pixel_box, pixel_heatmap
 
 
 class PatchCore:
     """`set_support(items)` keeps the good items' patch features; `judge(images)` scores queries against them."""
 
-    def __init__(self, model, processor, max_tiles: int | None = None, **_):
+    def __init__(self, model, processor, max_tiles: int | None = None, scale: float = 1.0, views=None, **_):
         self.model, self.processor, self.max_tiles = model.eval(), processor, max_tiles
+        self.scale, self.views = scale, None if views is None else tuple(views)
         self.noun = None  # set by the evaluator; unused
 
     @torch.no_grad()
@@ -50,15 +57,32 @@ class PatchCore:
         cells = unit_cells(grids, names)
         grid = batch["image_grid"][0, :2].tolist()
         # the model's own bank (views included; it needs no comparison module, so a plain-ICL model's works too)
-        bank = self.model.model.reference_cells(pixel_values, cells) if reference else None
+        bank = self.model.model.reference_cells(pixel_values, cells, self.views) if reference else None
         return cells, thumbnail_tiles(batch["image_grid"]).to(self.model.device), grid, image.size, bank
 
     def set_support(self, support: list[dict]) -> None:
         self.bank = [self._features(item["image"], reference=True) for item in support if item["defect_type"] is None]
-        self.threshold = None
         if len(self.bank) >= 2:  # leave one out: how far a good photo is from the other good photos
-            scores = [self._score(f, self.bank[:i] + self.bank[i + 1 :]) for i, f in enumerate(self.bank)]
-            self.threshold = max(scores)
+            self.level = max(self._score(f, self.bank[:i] + self.bank[i + 1 :]) for i, f in enumerate(self.bank))
+        elif self.bank:
+            self.level = self._tile_level(self.bank[0])
+
+    def _tile_level(self, features) -> float:
+        """One support's level: the largest score of one of its grid tiles against its other grid tiles' cells."""
+        cells, thumbnail, *_ = features
+        grid = (~thumbnail).nonzero().flatten().tolist()
+        if len(grid) < 2:
+            raise ValueError("with one good support the baseline's threshold needs a photo cut into 2 or more tiles")
+        side, scores = self.model.config.token_side, []
+        for t in grid:
+            others = [o for o in grid if o != t]
+            distances = [patch_distances(c[t : t + 1], c[others].flatten(0, 2), side) for c in cells.values()]
+            scores.append(float(torch.stack(distances).mean(0).max()))
+        return max(scores)
+
+    @property
+    def threshold(self) -> float:
+        return self.scale * self.level
 
     def _score(self, features, bank: list) -> float:
         side = self.model.config.token_side
@@ -74,18 +98,38 @@ class PatchCore:
         for query in queries:
             features = self._features(query)
             score = self._score(features, self.bank)
-            # p >= 0.5 exactly when score >= threshold; without a threshold every verdict is "good" (p < 0.5) and
-            # only the ranking, hence AUROC, means anything
-            p = score / (score + (self.threshold if self.threshold is not None else score + 1.0) + 1e-12)
-            out.append(Judgement("defective", p, boxes=self._box(features)) if p >= 0.5 else Judgement("good", p))
+            p = score / (score + self.threshold + 1e-12)  # p >= 0.5 exactly when score >= threshold
+            verdict = "defective" if p >= 0.5 else "good"
+            out.append(Judgement(verdict, p, **self._evidence(features, verdict)))
         return out
 
     @torch.no_grad()
-    def _box(self, features) -> list[list[int]]:
+    def _evidence(self, features, verdict: str) -> dict:
         cells, thumbnail, (rows, cols), size, _ = features
         distances = [nearest_distances(f[~thumbnail], _bank(self.bank, name)) for name, f in cells.items()]
-        box, _ = locate_box(distances, rows, cols, math.log(max(self.threshold, 1e-4)))
-        return [pixel_box(box, *size)]
+        out = {"heatmap": pixel_heatmap(distances, rows, cols, *size)}
+        if verdict == "defective":
+            box, _ = locate_box(distances, rows, cols, math.log(max(self.threshold, 1e-4)))
+            out["boxes"] = [pixel_box(box, *size)]
+        return out
+
+
+def calibrate(records: list[dict]) -> dict[int, float]:
+    """Per k, the baseline's `scale` with the best balanced accuracy on `records` (the baseline judged at scale 1,
+    on validation categories): a query is defective when score / level >= scale, and score / level = p / (1 - p)."""
+    scales = {}
+    for k in sorted({r["shots"] for r in records}):
+        chosen = [r for r in records if r["shots"] == k and r["control"] is None and r.get("verdict") != "error"]
+        ratio = np.array([r["p_defective"] / max(1 - r["p_defective"], 1e-12) for r in chosen])
+        bad = np.array([r["label"] == "defective" for r in chosen])
+        if not bad.any() or bad.all():
+            continue
+        candidates = np.unique(ratio)
+        accuracy = [((ratio[bad] >= c).mean() + (ratio[~bad] < c).mean()) / 2 for c in candidates]
+        best = int(np.argmax(accuracy))  # halfway to the next lower score: the rule is not fit to one photo
+        lower = candidates[best - 1] if best > 0 else candidates[best]
+        scales[k] = float((candidates[best] + lower) / 2)
+    return scales
 
 
 def _bank(bank: list, name: str) -> torch.Tensor:

@@ -1,14 +1,17 @@
-"""Few-shot inspection evaluation on KensaSynth (or any split with the same columns).
+"""Few-shot inspection evaluation on KensaSynth or a dataset on disk (`layouts`: MVTec AD, LOCO, VisA, a folder).
 
-Per category and seed one fixed support set of k good photos (plus `defective_shots` described defective ones);
-queries are the category's other photos, half good, half defective. Metrics: balanced accuracy, overkill (good
-rejected), miss (defect passed), AUROC from P(defective), expected calibration error, yes-ratio on the good and on
-the defective queries, and for defective queries box hit rate (IoU >= 0.5), the same on defects covering at least
-1% of the image (`box_hit_rate_1pct`) and AP50; overall, per category, per defect type and per defect size,
-mean +- std over seeds.
+Per category and seed one fixed support set of k good photos (plus `defective_shots` described defective ones),
+drawn from the category's support pool (`train/good`), or for KensaSynth from its good photos (then not queried).
+Queries: the category's other photos (every one, or `queries_per_category`, half good, half defective). Metrics
+(`metrics`): image AUROC, AUPR, F1-max, balanced accuracy, overkill, miss, calibration, pixel AUROC and AUPRO from
+the heatmaps, box hit rate and AP50; overall, per category, per defect type and per size, as the mean over seeds,
+and overall with a 95% bootstrap interval over seeds and queries.
 
 Controls (at `control_shots`): support from another category, noise images as support, and labels swapped in the
 demos. A model that uses its examples does worse under each.
+
+Under `accelerate launch` the support sets are split across the processes and the records gathered (the same
+records as one process, in the same order).
 """
 
 from __future__ import annotations
@@ -18,115 +21,31 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .inspector import Inspector
+from .metrics import bootstrap, image_metrics, metrics, pixel_metrics, pixel_stats
 
 CONTROLS = ("other_category", "noise", "shuffled_labels")
-LARGE_AREA = 0.01  # `box_hit_rate_1pct`: the hit rate on defects covering at least this fraction of the image
+SHEET_SIDE = 96
+INTERVAL_METRICS = ("balanced_accuracy", "auroc", "aupr", "f1_max", "pixel_auroc", "aupro")
 
 
-def box_iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def _columns(items) -> list[str]:
+    return list(getattr(items, "column_names", None) or [])
 
 
-def ap50(records: list[dict]) -> float:
-    """VOC all-point AP at IoU 0.5 over defective queries; every predicted box is scored by P(defective)."""
-    truths = sum(len(r["true_boxes"]) for r in records)
-    predictions = [(r["p_defective"], i, box) for i, r in enumerate(records) for box in r["boxes"]]
-    if truths == 0:
-        return float("nan")
-    predictions.sort(key=lambda p: -p[0])
-    used, hits = set(), []
-    for _, i, box in predictions:
-        ious = [(box_iou(box, t), j) for j, t in enumerate(records[i]["true_boxes"]) if (i, j) not in used]
-        best = max(ious, default=(0.0, None))
-        hits.append(best[0] >= 0.5)
-        if best[0] >= 0.5:
-            used.add((i, best[1]))
-    if not hits:
-        return 0.0
-    tp = np.cumsum(hits)
-    precision, recall = tp / np.arange(1, len(hits) + 1), tp / truths
-    precision = np.maximum.accumulate(precision[::-1])[::-1]  # the precision envelope
-    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
-
-
-def metrics(records: list[dict], threshold: float = 0.5, bins: int = 10) -> dict:
-    """The verdict and box metrics of a list of query records (see `evaluate`)."""
-    from sklearn.metrics import roc_auc_score
-
-    y = np.array([r["label"] == "defective" for r in records])
-    p = np.array([r["p_defective"] for r in records])
-    pred = p >= threshold
-    good, bad = ~y, y
-    out = {
-        "n": len(records),
-        "overkill": float(pred[good].mean()) if good.any() else float("nan"),
-        "miss": float((~pred[bad]).mean()) if bad.any() else float("nan"),
-        "auroc": float(roc_auc_score(y, p)) if good.any() and bad.any() else float("nan"),
-    }
-    out["balanced_accuracy"] = 1 - (out["overkill"] + out["miss"]) / 2
-    out["yes_ratio_good"], out["yes_ratio_defective"] = out["overkill"], 1 - out["miss"]
-    which = np.minimum((p * bins).astype(int), bins - 1)  # ECE: |accuracy - confidence| over equal-width bins
-    confidence, correct = np.where(pred, p, 1 - p), pred == y
-    out["ece"] = float(
-        sum(
-            abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
-            for b in range(bins)
-            if (which == b).any()
-        )
-    )
-    defective = [r for r in records if r["label"] == "defective"]
-    if defective and "true_boxes" in defective[0]:
-        hit = [any(box_iou(b, t) >= 0.5 for b in r["boxes"] for t in r["true_boxes"]) for r in defective]
-        out["box_hit_rate"], out["ap50"] = float(np.mean(hit)), ap50(defective)
-        visible = [h for h, r in zip(hit, defective, strict=True) if (r.get("area") or 0) >= LARGE_AREA]
-        if visible:
-            out["box_hit_rate_1pct"] = float(np.mean(visible))
-    return out
-
-
-def _summary(per_seed: list[dict]) -> dict:
-    keys = list(dict.fromkeys(k for s in per_seed for k in s if k != "n"))
-    out = {"n": int(sum(s["n"] for s in per_seed))}
-    for key in keys:
-        values = np.array([s.get(key, np.nan) for s in per_seed], dtype=float)
-        finite = values[~np.isnan(values)]
-        out[key] = {
-            "mean": float(finite.mean()) if finite.size else None,
-            "std": float(finite.std()) if finite.size else None,
-        }
-    return out
-
-
-def aggregate(records: list[dict], threshold: float = 0.5) -> dict:
-    """Mean +- std over seeds: overall, per category, per defect type and per defect size. The defective queries
-    of one type or size are scored against all good queries of the same seed (seeds without such a query are
-    left out of that group)."""
-    seeds = sorted({r["seed"] for r in records})
-
-    def over_seeds(select, key=None, value=None) -> dict | None:
-        per_seed = []
-        for seed in seeds:
-            chosen = [r for r in records if r["seed"] == seed and select(r)]
-            if chosen and (key is None or any(r[key] == value for r in chosen)):
-                per_seed.append(metrics(chosen, threshold))
-        return _summary(per_seed) if per_seed else None
-
-    out = {"overall": over_seeds(lambda r: True)}
-    out["per_category"] = {
-        c: over_seeds(lambda r, c=c: r["category"] == c) for c in sorted({r["category"] for r in records})
-    }
-    for group, key in (("per_defect", "defect_type"), ("per_size", "size")):
-        values = sorted({r[key] for r in records if r[key] is not None})
-        out[group] = {v: over_seeds(lambda r, v=v, key=key: r[key] in (v, None), key, v) for v in values}
-    return out
+def pools(items) -> dict[str, dict[str, list[int]]]:
+    """Per category the row indices of its good and defective queries and, when the data has one (a `pool` column
+    with "support" rows: `train/good`), its support pool."""
+    rows = {}
+    pool = items["pool"] if "pool" in _columns(items) else [None] * len(items)
+    for i, (category, label, where) in enumerate(zip(items["category"], items["label"], pool, strict=True)):
+        entry = rows.setdefault(category, {"good": [], "defective": []})
+        entry.setdefault("support", []).append(i) if where == "support" else entry[label].append(i)
+    return rows
 
 
 def support_for(rows: dict, category: str, k: int, defective_k: int, seed: int, control: str | None = None):
-    """Indices of the support set (k good, defective_k defective) for one category, seed and control."""
+    """Indices of the support set (k good, defective_k defective) for one category, seed and control: drawn by a
+    generator seeded by (seed, category, k) only, so every method and process gets the same set."""
     rng = np.random.default_rng([seed, sum(map(ord, category)), k])
     source = category
     if control == "other_category":
@@ -134,11 +53,13 @@ def support_for(rows: dict, category: str, k: int, defective_k: int, seed: int, 
         if not others:
             raise ValueError("the other_category control needs at least two categories in the split")
         source = others[rng.integers(len(others))]
-    good, bad = rows[source]["good"], rows[source]["defective"]
-    if k > len(good) - 1 or defective_k > len(bad) - 1:
+    good, bad = rows[source].get("support", rows[source]["good"]), rows[source]["defective"]
+    spare = 0 if "support" in rows[source] else 1  # a shared pool must leave a good photo to query
+    if k > len(good) - spare or defective_k > len(bad) - 1:
+        where = "support pool (train/good)" if "support" in rows[source] else "good photos"
         raise ValueError(
-            f"category {source!r} has {len(good)} good and {len(bad)} defective photos; a support of {k} good and "
-            f"{defective_k} defective leaves none to query"
+            f"category {source!r} has {len(good)} {where} and {len(bad)} defective photos; a support of {k} good "
+            f"and {defective_k} defective needs at least {k + spare} and {defective_k + 1 if defective_k else 0}"
         )
     return [int(i) for i in rng.choice(good, k, replace=False)], [
         int(i) for i in rng.choice(bad, defective_k, replace=False)
@@ -158,12 +79,74 @@ def control_support(items, good: list[int], bad: list[int], control: str | None,
     return support
 
 
+def _summary(per_seed: list[dict]) -> dict:
+    keys = list(dict.fromkeys(k for s in per_seed for k in s if k != "n"))
+    out = {"n": int(sum(s["n"] for s in per_seed))}
+    for key in keys:
+        values = np.array([s.get(key, np.nan) for s in per_seed], dtype=float)
+        finite = values[~np.isnan(values)]
+        out[key] = {
+            "mean": float(finite.mean()) if finite.size else None,
+            "std": float(finite.std()) if finite.size else None,
+        }
+    return out
+
+
+def _headline(records: list[dict], threshold: float) -> dict:
+    """The interval metrics of one resample (the image metrics and, with heatmaps, the pixel ones)."""
+    y = np.array([r["label"] == "defective" for r in records])
+    out = image_metrics(y, np.array([r["p_defective"] for r in records], dtype=float), threshold)
+    out.update(pixel_metrics(records))
+    return {k: out.get(k, np.nan) for k in INTERVAL_METRICS}
+
+
+def aggregate(records: list[dict], threshold: float = 0.5, resamples: int = 1000) -> dict:
+    """The mean over seeds (and its spread): overall, per category, per defect type and per defect size, and overall
+    a 95% bootstrap interval (`ci95`) over seeds and queries (`resamples` draws; 0: none). The defective queries of
+    one type or size are scored against all good queries of the same seed (seeds without such a query are left out
+    of that group). Unreadable queries (verdict "error") are counted as `errors` and scored by nothing."""
+    errors = sum(r.get("verdict") == "error" for r in records)
+    records = [r for r in records if r.get("verdict") != "error"]
+    seeds = sorted({r["seed"] for r in records})
+
+    def over_seeds(select, key=None, value=None) -> dict | None:
+        per_seed = []
+        for seed in seeds:
+            chosen = [r for r in records if r["seed"] == seed and select(r)]
+            if chosen and (key is None or any(r[key] == value for r in chosen)):
+                per_seed.append(metrics(chosen, threshold))
+        return _summary(per_seed) if per_seed else None
+
+    out = {"overall": over_seeds(lambda r: True), "errors": errors}
+    if out["overall"] and resamples:
+        for key, interval in bootstrap(records, lambda rs: _headline(rs, threshold), resamples).items():
+            if key in out["overall"] and not np.isnan(interval[0]):
+                out["overall"][key]["ci95"] = list(interval)
+    out["per_category"] = {
+        c: over_seeds(lambda r, c=c: r["category"] == c) for c in sorted({r["category"] for r in records})
+    }
+    for group, key in (("per_defect", "defect_type"), ("per_size", "size")):
+        values = sorted({r[key] for r in records if r[key] is not None})
+        out[group] = {v: over_seeds(lambda r, v=v, key=key: r[key] in (v, None), key, v) for v in values}
+    return out
+
+
+def make_inspector(model, processor, method: str, generate: bool, threshold: float, **kwargs):
+    if method == "patchcore":  # training-free baseline: needs good supports, judges no label-swapped demos
+        from .baseline import PatchCore
+
+        return PatchCore(model, processor, **kwargs)
+    if method == "kensa":
+        return Inspector(model, processor, threshold=threshold, max_new_tokens=48 if generate else 0, **kwargs)
+    raise ValueError(f"method must be 'kensa' or 'patchcore', got {method!r}")
+
+
 def evaluate(
     model,
     processor,
     items,
     shots=(0, 1, 2, 4, 8),
-    seeds: int = 3,
+    seeds: int = 5,
     queries_per_category: int | None = None,
     defective_shots: int = 0,
     controls=CONTROLS,
@@ -172,54 +155,49 @@ def evaluate(
     threshold: float = 0.5,
     progress: bool = True,
     method: str = "kensa",
+    resamples: int = 1000,
     **inspector_kwargs,
 ) -> dict:
-    """Evaluate few-shot inspection on a split (a datasets `Dataset` of KensaSynth items).
+    """Evaluate few-shot inspection on a split (a KensaSynth `Dataset` or a `layouts.Collection`).
 
-    `method="patchcore"` scores the training-free kNN baseline instead (k >= 1, no shuffled-label control).
-    Returns {"shots": {k: aggregate}, "controls": {name: aggregate}, "records": [...], "config": {...}}; each
-    record is one query (seed, shots, control, category, label, defect type, size, P(defective), boxes).
-    """
+    `method="patchcore"` scores the training-free kNN baseline instead (k >= 1, no shuffled-label control; its
+    `scales` and `views`, see `baseline.PatchCore`, go in `inspector_kwargs`). Returns {"shots": {k: aggregate},
+    "controls": {name: aggregate}, "records": [...], "config": {...}}; each record is one query (seed, shots,
+    control, category, label, defect type, size, P(defective), boxes, and `pixels` for the pixel metrics)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
     from kensa_vl.train.data import MATERIALS
 
-    rows = {}
-    for i, (category, label) in enumerate(zip(items["category"], items["label"], strict=True)):
-        rows.setdefault(category, {"good": [], "defective": []})[label].append(i)
+    rows = pools(items)
     runs = [(k, None) for k in shots] + [(control_shots, c) for c in controls]
-    if method == "patchcore":  # training-free baseline: needs good supports, judges no label-swapped demos
-        from .baseline import PatchCore
-
+    if method == "patchcore":
         runs = [(k, c) for k, c in runs if k > 0 and c != "shuffled_labels"]
-        inspector = PatchCore(model, processor, **inspector_kwargs)
-    elif method == "kensa":
-        inspector = Inspector(
-            model, processor, threshold=threshold, max_new_tokens=48 if generate else 0, **inspector_kwargs
-        )
-    else:
-        raise ValueError(f"method must be 'kensa' or 'patchcore', got {method!r}")
-    total = len(runs) * seeds * len(rows)
+    inspector = make_inspector(model, processor, method, generate, threshold, **inspector_kwargs)
+    jobs = [(k, control, seed, category) for k, control in runs for seed in range(seeds) for category in sorted(rows)]
+    state = PartialState()
     records = []
-    with tqdm(total=total, desc="evaluating", disable=not progress, unit="support set") as bar:
-        for k, control in runs:
+    with state.split_between_processes(list(enumerate(jobs))) as mine:
+        bar = tqdm(total=len(jobs), desc=f"evaluating {method}", disable=not progress or not state.is_main_process)
+        for job, (k, control, seed, category) in mine:
             d = defective_shots if control != "shuffled_labels" else max(defective_shots, 1)
-            for seed in range(seeds):
-                for category in sorted(rows):
-                    good, bad = support_for(rows, category, k, d, seed, control)
-                    inspector.noun = MATERIALS[category].noun if category in MATERIALS else category
-                    inspector.set_support(control_support(items, good, bad, control, seed))
-                    records += _judge(
-                        inspector,
-                        items,
-                        rows[category],
-                        set(good + bad),
-                        queries_per_category,
-                        dict(seed=seed, shots=k, control=control, category=category),
-                    )
-                    bar.update()
+            good, bad = support_for(rows, category, k, d, seed, control)
+            inspector.noun = MATERIALS[category].noun if category in MATERIALS else category
+            if hasattr(inspector, "scale"):
+                inspector.scale = (inspector_kwargs.get("scales") or {}).get(k, 1.0)
+            inspector.set_support(control_support(items, good, bad, control, seed))
+            context = dict(job=job, seed=seed, shots=k, control=control, category=category)
+            keep = seed == 0 and control is None and k == max(shots)  # the heatmaps of the example sheets
+            records += _judge(inspector, items, rows[category], set(good + bad), queries_per_category, context, keep)
+            bar.update(state.num_processes)
+        bar.close()
+    if state.num_processes > 1:  # every process gets every record, in the one-process order
+        records = sorted(gather_object(records), key=lambda r: (r["job"], r["query"]))
     out = {"shots": {}, "controls": {}, "records": records}
     for k, control in runs:
         chosen = [r for r in records if r["shots"] == k and r["control"] == control]
-        (out["controls"] if control else out["shots"])[control or k] = aggregate(chosen, threshold)
+        resampled = resamples if control is None else 0  # intervals on the headline table only
+        (out["controls"] if control else out["shots"])[control or k] = aggregate(chosen, threshold, resampled)
     out["config"] = dict(
         shots=list(shots),
         seeds=seeds,
@@ -228,29 +206,49 @@ def evaluate(
         controls=list(controls),
         control_shots=control_shots,
         threshold=threshold,
+        method=method,
+        **{k: v for k, v in inspector_kwargs.items() if k in ("scales", "views")},
     )
     return out
 
 
-def _judge(inspector: Inspector, items, rows: dict, used: set, per_category: int | None, context: dict) -> list:
+def _judge(inspector, items, rows: dict, used: set, per_category: int | None, context: dict, keep: bool) -> list:
+    """One record per query of a category (`per_category`: half good, half defective); an unreadable photo is an
+    error record (verdict "error", its reason) and the others are judged. With `keep`, each record holds its
+    heatmap at `SHEET_SIDE`² (`heatmap`) for the example sheets."""
     half = None if per_category is None else per_category // 2
     queries = [i for label in ("good", "defective") for i in [j for j in rows[label] if j not in used][:half]]
     out = []
-    for i in queries:
-        item = items[i]
+    for order, i in enumerate(queries):
+        record = {**context, "query": order, "index": i}
+        try:
+            item = items[i]
+        except ValueError as err:  # a corrupt photo or mask (layouts read them when asked)
+            label = items["label"][i]
+            out.append({**record, "label": label, "verdict": "error", "error": str(err), "p_defective": None})
+            continue
         result = inspector.judge(item["image"])[0]
-        out.append(
-            {
-                **context,
-                "index": i,
-                "label": item["label"],
-                "defect_type": item["defect_type"],
-                "size": item["size"],
-                "area": item.get("area"),
-                "p_defective": result.p_defective,
-                "boxes": result.boxes,
-                "true_boxes": [list(b) for b in item["boxes"]],
-                "text": result.text,
-            }
+        mask = item.get("mask")
+        mask = None if mask is None else np.asarray(mask) > 0
+        record.update(
+            label=item["label"],
+            defect_type=item["defect_type"],
+            size=item.get("size"),
+            area=item.get("area"),
+            verdict=result.verdict,
+            p_defective=result.p_defective,
+            boxes=result.boxes,
+            true_boxes=[list(b) for b in item["boxes"]],
+            text=result.text,
+            pixels=None if result.heatmap is None else pixel_stats(result.heatmap, mask),
+            heatmap=_small(result.heatmap) if keep else None,
+            **({"file": item["file"]} if "file" in item else {}),
         )
+        out.append(record)
     return out
+
+
+def _small(heatmap: np.ndarray | None) -> np.ndarray | None:
+    if heatmap is None:
+        return None
+    return np.asarray(Image.fromarray(heatmap).resize((SHEET_SIDE, SHEET_SIDE), Image.Resampling.BILINEAR))

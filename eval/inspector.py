@@ -5,6 +5,7 @@
                            support_item(bad, description="a dark scratch", boxes=[[40, 60, 90, 70]])])
     for result in inspector.judge([query_1, query_2]):
         print(result.verdict, result.p_defective, result.text, result.boxes)
+        result.heatmap  # where the query differs from the supports, in its pixels (a model with the comparison)
 
 `set_support` encodes the support images once and keeps the language model's KV cache of the shared prompt
 prefix; each query then costs only its own tokens. The prompt is the training episode's prompt
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicLayer
 
-from kensa_vl.modeling.comparison_kensa_vl import locate_box
+from kensa_vl.modeling.comparison_kensa_vl import distance_map, locate_box
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN, parse_inspection_answer, region_position
@@ -31,8 +32,10 @@ from kensa_vl.train.data import episode
 
 @dataclass
 class Judgement:
-    """One query's result; `boxes` are `[x0, y0, x1, y1]` in the query's pixels (x1, y1 exclusive). A query file
-    that cannot be read gets the verdict "error", P(defective) NaN and the reason as `text`."""
+    """One query's result; `boxes` are `[x0, y0, x1, y1]` in the query's pixels (x1, y1 exclusive). `heatmap`:
+    where the query differs from the good supports, `(height, width)` float32 in the query's pixels, the log of the
+    cosine distance to the nearest support cell (`distance_map`); None without a comparison against supports. A
+    query file that cannot be read gets the verdict "error", P(defective) NaN and the reason as `text`."""
 
     verdict: str
     p_defective: float
@@ -40,9 +43,11 @@ class Judgement:
     defect_type: str | None = None
     position: str | None = None
     boxes: list[list[int]] = field(default_factory=list)
+    heatmap: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON-ready fields (the heatmap is left out: an image, see `plots.heatmap_overlay`)."""
+        return {k: v for k, v in asdict(self).items() if k != "heatmap"}
 
 
 def support_item(image, defective: bool = False, description: str | None = None, boxes=None, defect_type=None):
@@ -70,6 +75,12 @@ def support_item(image, defective: bool = False, description: str | None = None,
         "boxes": boxes,
         "description": description or "",
     }
+
+
+def pixel_heatmap(distances: list, rows: int, cols: int, width: int, height: int) -> np.ndarray:
+    """`distance_map` of one image brought to its pixels (bilinear): `(height, width)` float32."""
+    cells = distance_map(distances, rows, cols).cpu().numpy()
+    return np.asarray(Image.fromarray(cells).resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def pixel_box(box, width: int, height: int) -> list[int]:
@@ -181,7 +192,7 @@ class Inspector:
         self._prefix_text, self._suffix_text = self._prompt(self.support)
         self._cache, self._bank = None, None
         compares = getattr(self.model.config, "reference_comparison", False) and bool(self.support)
-        if self.cache or compares:  # uncached, the supports' bank still gives the boxes (`_locate`)
+        if self.cache or compares:  # uncached, the supports' bank still gives the boxes and heatmaps (`_evidence`)
             images = [s["image"] for s in self.support]
             self._prefix = self._encode(self._prefix_text, images, self.support_max_tiles, first=True)
             extra = {"return_reference_bank": True} if compares else {}
@@ -211,14 +222,19 @@ class Inspector:
             kwargs["return_reference_distances"] = True
         return self.model(**inputs, **{CACHE_KEY: cache}, logits_to_keep=1, **kwargs)
 
-    def _locate(self, inputs: dict, image: Image.Image, distances=None) -> list[list[int]] | None:
-        """The box of the query's most anomalous region from the reference comparison (`locate_box` on the forward
-        pass's `distances` of the query to the supports' bank), in the query's pixels; None without a comparison
-        against supports. The query is the inputs' last image."""
+    def _evidence(self, inputs: dict, image: Image.Image, verdict: str, distances=None) -> dict:
+        """From the reference comparison's `distances` of the query (the inputs' last image) to the supports' bank:
+        the heatmap in the query's pixels and, for a defective verdict, the box of the most anomalous region
+        (`locate_box`, which places a defect better than the LM's box tokens, docs/reference-comparison.md). Empty
+        without a comparison against supports."""
         if distances is None:
-            return None
-        box, _ = locate_box(distances, *inputs["image_grid"][-1, :2].tolist(), self._bank.level)
-        return [pixel_box(box, image.width, image.height)]
+            return {}
+        grid = inputs["image_grid"][-1, :2].tolist()
+        out = {"heatmap": pixel_heatmap(distances, *grid, image.width, image.height)}
+        if verdict != "good":
+            box, _ = locate_box(distances, *grid, self._bank.level)
+            out["boxes"] = [pixel_box(box, image.width, image.height)]
+        return out
 
     @torch.no_grad()
     def judge(self, queries, batch_size: int = 1) -> list[Judgement]:
@@ -272,8 +288,7 @@ class Inspector:
         out = []
         for row, (x, image) in enumerate(zip(inputs, images, strict=True)):
             verdict, p_defective = self._verdict(forward.logits[row, -1])
-            located = self._locate(x, image, distances[row]) if verdict != "good" else None
-            out.append(Judgement(verdict, p_defective, boxes=located or []))
+            out.append(Judgement(verdict, p_defective, **self._evidence(x, image, verdict, distances[row])))
         return out
 
     def _verdict(self, logits: torch.Tensor) -> tuple[str, float]:
@@ -293,15 +308,15 @@ class Inspector:
     def _judge_one(self, image: Image.Image) -> Judgement:
         inputs, out = self._score(image)
         verdict, p_defective = self._verdict(out.logits[0, -1])
-        # the comparison's map places a defect better than the LM's box tokens (docs/reference-comparison.md)
         distances = getattr(out, "reference_distances", None)
-        located = self._locate(inputs, image, distances and distances[-1]) if verdict != "good" else None
+        evidence = self._evidence(inputs, image, verdict, distances and distances[-1])
         if self.max_new_tokens == 0:
-            return Judgement(verdict, p_defective, boxes=located or [])
+            return Judgement(verdict, p_defective, **evidence)
         text = self._describe(inputs, getattr(out, CACHE_KEY), verdict)
         parsed = parse_inspection_answer(text, image.width, image.height, self.processor.num_loc_bins)
         boxes = [list(map(int, b)) for b in np.asarray(parsed["boxes"]).reshape(-1, 4)] if verdict != "good" else []
-        return Judgement(verdict, p_defective, text, parsed["defect_type"], parsed["position"], located or boxes)
+        evidence.setdefault("boxes", boxes)
+        return Judgement(verdict, p_defective, text, parsed["defect_type"], parsed["position"], **evidence)
 
     def _describe(self, inputs: dict, cache, verdict: str) -> str:
         """Greedy answer that starts with the verdict read from P(defective), so text and score agree. `cache` holds

@@ -63,11 +63,31 @@ def outline(draw, box, color, width: int) -> None:
     draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=width)
 
 
-def draw_judgement(image, boxes, verdict: str):
-    """A copy of the query (PIL) with its predicted boxes and the verdict drawn on it."""
-    from PIL import ImageDraw
+HEATMAP_SPAN = 2.0  # an overlay's colours span at least this much log-distance (a good photo's noise stays cool)
+
+
+def heatmap_colors(heatmap, size: tuple[int, int]):
+    """A heatmap (log-distance, any size) as an RGB PIL image of `size` (inferno): from its 1st percentile to its
+    maximum, or over `HEATMAP_SPAN` when that is wider."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+
+    values = np.asarray(heatmap, dtype=np.float32)
+    low = float(np.percentile(values, 1))
+    high = max(float(values.max()), low + HEATMAP_SPAN)
+    rgb = colormaps["inferno"](np.clip((values - low) / (high - low), 0, 1))[..., :3]
+    return Image.fromarray((rgb * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+
+
+def draw_judgement(image, boxes, verdict: str, heatmap=None, alpha: float = 0.45):
+    """A copy of the query (PIL) with its heatmap blended over it (when given), its predicted boxes and the
+    verdict drawn on it."""
+    from PIL import Image, ImageDraw
 
     image = image.convert("RGB")
+    if heatmap is not None:
+        image = Image.blend(image, heatmap_colors(heatmap, image.size), alpha)
     draw = ImageDraw.Draw(image)
     width = max(2, round(max(image.size) / 200))
     for box in boxes:
@@ -151,4 +171,43 @@ def example_grid(items, records: list[dict], path: str | Path, count: int = 8, t
         ax.imshow(image)
         ax.set_title(f"{record['label']} → {verdict} ({record['p_defective']:.2f})", fontsize=9)
     fig.suptitle("Example queries: true boxes green, predicted red")
+    return _save(fig, plt, path)
+
+
+def example_sheet(items, records: list[dict], path: str | Path, per_category: int = 3) -> Path:
+    """Per category a row of queries, each as the photo with its true boxes (green) and predicted ones (red), its
+    heatmap and its true mask: up to `per_category` queries (defective first), from `records` that hold a
+    `heatmap` (`evaluate` keeps them for seed 0 at the largest k)."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    plt = _pyplot()
+    shown = {}
+    for r in sorted((r for r in records if r.get("heatmap") is not None), key=lambda r: r["label"] == "good"):
+        row = shown.setdefault(r["category"], [])
+        if len(row) < per_category:
+            row.append(r)
+    if not shown:
+        raise ValueError("no record holds a heatmap (a model without the reference comparison draws none)")
+    columns = 3 * per_category
+    fig, axes = plt.subplots(len(shown), columns, figsize=(2.2 * columns, 2.4 * len(shown)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for axes_row, (category, row) in zip(axes, sorted(shown.items()), strict=True):
+        for j, record in enumerate(row):
+            item = items[record["index"]]
+            image = item["image"].convert("RGB")
+            draw = ImageDraw.Draw(image)
+            for box, color in [(b, (40, 200, 40)) for b in record["true_boxes"]] + [
+                (b, (255, 40, 40)) for b in record["boxes"]
+            ]:
+                outline(draw, box, color, max(1, round(max(image.size) / 150)))
+            mask = item.get("mask")
+            mask = np.zeros(image.size[::-1], bool) if mask is None else np.asarray(mask) > 0
+            panels = (image, heatmap_colors(record["heatmap"], image.size), mask)
+            titles = (f"{category}: {record['label']} ({record['p_defective']:.2f})", "heatmap", "true mask")
+            for ax, panel, title in zip(axes_row[3 * j : 3 * j + 3], panels, titles, strict=True):
+                ax.imshow(panel, cmap="gray" if panel is mask else None)
+                ax.set_title(title, fontsize=8)
+    fig.suptitle("Queries (true boxes green, predicted red, P(defective)), heatmaps and true masks")
     return _save(fig, plt, path)

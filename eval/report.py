@@ -1,6 +1,8 @@
 """`kensa-vl eval` and `kensa-vl inspect`: evaluation reports and one-off inspection from the command line.
 
-kensa-vl eval --model outputs/main/model --data outputs/kensa-synth-224 --shots 0,1,2,4,8 --seeds 3 --out DIR
+kensa-vl eval --model outputs/main/model --data outputs/kensa-synth-224 --shots 0,1,2,4,8 --seeds 5 --out DIR
+kensa-vl eval --model outputs/main/model --data mvtec_ad/ --shots 1,2,4 --calibrate-on none --out DIR
+accelerate launch --num_processes 2 -m kensa_vl.train.cli eval ...   (support sets split across processes)
 kensa-vl inspect --model DIR --good a.png b.png --defective c.png="a dark scratch" --query q1.png q2.png
 """
 
@@ -10,122 +12,242 @@ import json
 from pathlib import Path
 
 METHODS = {"kensa": "KensaVL", "patchcore": "kNN patch memory (PatchCore-style)"}
+TABLE_METRICS = (
+    "auroc",
+    "f1_max",
+    "pixel_auroc",
+    "aupro",
+    "balanced_accuracy",
+    "overkill",
+    "miss",
+    "box_hit_rate_1pct",
+)
+NAMES = {"auroc": "image AUROC", "f1_max": "F1-max", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO (FPR ≤ 0.3)",
+         "box_hit_rate_1pct": "box hit rate (≥ 1% of image)"}  # fmt: skip
+# what the records file keeps of a record (the pixel histograms and sheet heatmaps are for the metrics and plots)
+UNSAVED = ("pixels", "heatmap")
 
 
-TABLE_METRICS = ("balanced_accuracy", "auroc", "overkill", "miss", "box_hit_rate", "box_hit_rate_1pct")
+def _cell(m: dict | None) -> str:
+    if m is None or m["mean"] is None:
+        return "n/a"
+    if "ci95" in m:
+        return f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+    return f"{m['mean']:.3f} ± {m['std']:.3f}"
 
 
 def markdown_table(results: dict[str, dict], metrics=TABLE_METRICS) -> str:
-    """One row per method and k: mean ± std over seeds; `results`: method -> `evaluate(...)` output."""
-    names = [m.replace("_1pct", " (≥ 1% of image)").replace("_", " ") for m in metrics]
-    lines = ["| method | k | " + " | ".join(names) + " |"]
-    lines.append("|---|---|" + "---|" * len(metrics))
+    """One row per method and k (then the controls): the mean over seeds with its 95% bootstrap interval, or ± the
+    std over seeds where there is no interval; `results`: method -> `evaluate(...)` output."""
+    names = [NAMES.get(m, m.replace("_", " ")) for m in metrics]
+    lines = ["| method | k | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(metrics)]
     for method, result in results.items():
         rows = [(k, v) for k, v in result["shots"].items()] + list(result["controls"].items())
         for k, value in rows:
-            cells = []
-            for metric in metrics:
-                m = value["overall"].get(metric)  # the baseline draws no boxes
-                cells.append("n/a" if m is None or m["mean"] is None else f"{m['mean']:.3f} ± {m['std']:.3f}")
+            cells = [_cell(value["overall"].get(metric)) for metric in metrics]  # the baseline draws no boxes
             lines.append(f"| {METHODS[method]} | {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def evaluate_and_report(
-    model, processor, items, out: str | Path, baseline: bool = True, extra: dict | None = None, **kwargs
+    model,
+    processor,
+    items,
+    out: str | Path,
+    baseline: bool = True,
+    extra: dict | None = None,
+    calibration=None,
+    views=None,
+    **kwargs,
 ) -> dict:
     """Evaluate the model (and the kNN baseline on the same support sets) and write `metrics.json` (with `extra`
     under "run"), `records.jsonl`, `table.md` and the plots (`accuracy_vs_shots.png`, `roc.png` and
-    `accuracy_vs_size.png` at the largest k, `examples.png`) into `out`. Returns {method: results}."""
+    `accuracy_vs_size.png` at the largest k, `examples.png`, `heatmaps.png`) into `out`. The baseline's threshold
+    scale is chosen per k on `calibration` (other categories' items, e.g. KensaSynth's validation split; None: its
+    rule's threshold, scale 1); `views`: its bank's views (None: the model's). Under `accelerate launch` the work is
+    split across processes and the main process writes. Returns {method: results}."""
+    from accelerate import PartialState
+
+    from .baseline import calibrate
     from .evaluate import evaluate
-    from .plots import accuracy_vs_shots, accuracy_vs_size, example_grid, roc_curves
+    from .plots import accuracy_vs_shots, accuracy_vs_size, example_grid, example_sheet, roc_curves
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     results = {"kensa": evaluate(model, processor, items, **kwargs)}
     if baseline:
-        results["patchcore"] = evaluate(model, processor, items, method="patchcore", **kwargs)
+        scales = {}
+        if calibration is not None:
+            chosen = {**kwargs, "controls": (), "generate": False, "resamples": 0}
+            scales = calibrate(
+                evaluate(model, processor, calibration, method="patchcore", views=views, **chosen)["records"]
+            )
+        results["patchcore"] = evaluate(
+            model, processor, items, method="patchcore", scales=scales, views=views, **kwargs
+        )
+        results["patchcore"]["config"]["calibration"] = "validation categories" if scales else "none (scale 1)"
+    if not PartialState().is_main_process:
+        return results
+    out.mkdir(parents=True, exist_ok=True)
     summary = {method: {k: v for k, v in r.items() if k != "records"} for method, r in results.items()}
     if extra:
         summary["run"] = extra
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    with open(out / "records.jsonl", "w") as handle:
-        for method, r in results.items():
-            handle.writelines(json.dumps({"method": method, **record}) + "\n" for record in r["records"])
-    (out / "table.md").write_text(markdown_table(results))
+    _write(out / "metrics.json", json.dumps(summary, indent=2))
+    lines = [
+        json.dumps({"method": method, **{k: v for k, v in record.items() if k not in UNSAVED}}) + "\n"
+        for method, r in results.items()
+        for record in r["records"]
+    ]
+    _write(out / "records.jsonl", "".join(lines))
+    _write(out / "table.md", markdown_table(results))
     accuracy_vs_shots({METHODS[m]: r["shots"] for m, r in results.items()}, out / "accuracy_vs_shots.png")
     k = max(results["kensa"]["shots"])
-    roc_curves({METHODS[m]: r["records"] for m, r in results.items()}, k, out / "roc.png")
+    judged = {m: [x for x in r["records"] if x.get("verdict") != "error"] for m, r in results.items()}
+    roc_curves({METHODS[m]: records for m, records in judged.items()}, k, out / "roc.png")
     accuracy_vs_size({METHODS[m]: r for m, r in results.items()}, k, out / "accuracy_vs_size.png")
-    shown = [r for r in results["kensa"]["records"] if r["shots"] == k and r["control"] is None and r["seed"] == 0]
+    shown = [r for r in judged["kensa"] if r["shots"] == k and r["control"] is None and r["seed"] == 0]
     example_grid(items, shown, out / "examples.png", threshold=results["kensa"]["config"]["threshold"])
+    if any(r.get("heatmap") is not None for r in shown):
+        example_sheet(items, shown, out / "heatmaps.png")
     return results
 
 
+def _write(path: Path, text: str) -> None:
+    """Write `text` to a temporary sibling, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _eval(args) -> None:
-    from kensa_vl.train.data import load_synth
-
     from .inspector import load_pretrained
+    from .layouts import detect, load
 
-    items, _ = load_synth(args.data)
-    if args.split not in items:
-        raise ValueError(f"--split {args.split!r} is not in {args.data}; it has {list(items)}")
+    layout = detect(args.data)
+    items = load(args.data, args.split)
+    calibration, where = None, args.calibrate_on
+    if where == "auto":  # KensaSynth's validation categories when reporting on another split; else none
+        where = "validation" if layout == "kensa-synth" and args.split != "validation" else "none"
+    if where == "validation":
+        if layout != "kensa-synth" or args.split == "validation":
+            raise ValueError(
+                f"--calibrate-on validation needs KensaSynth data evaluated on another split; {args.data} is "
+                f"{layout}, split {args.split!r}: name a dataset folder or 'none'"
+            )
+        calibration = load(args.data, "validation")
+    elif where != "none":
+        calibration = load(where, "validation")
     model, processor = load_pretrained(args.model)
     shots = [int(k) for k in args.shots.split(",")]
+    views = {"model": None, "none": (), "rotations": ("rot90", "rot180", "rot270")}[args.baseline_views]
+    controls = () if layout != "kensa-synth" or args.no_controls else None
     results = evaluate_and_report(
-        model, processor, items[args.split], args.out, baseline=not args.no_baseline, shots=shots,
-        seeds=args.seeds, queries_per_category=args.queries_per_category,
+        model, processor, items, args.out, baseline=not args.no_baseline, calibration=calibration, views=views,
+        extra={"model": args.model, "data": str(args.data), "layout": layout, "split": args.split},
+        shots=shots, seeds=args.seeds, queries_per_category=args.queries_per_category, generate=not args.no_text,
+        **({"controls": controls} if controls is not None else {}),
     )  # fmt: skip
-    print(markdown_table(results), end="")
-    print(f"wrote {args.out}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(markdown_table(results), end="")
+        print(f"wrote {args.out}")
+
+
+def _inspect_jobs(args) -> list[tuple[str, list[dict], list[str]]]:
+    """(noun, support set, query files) per category: from `--good/--defective/--query`, or from a dataset folder
+    (`--data`: each category's `--shots` supports by the evaluation's protocol, and every query photo)."""
+    from .evaluate import pools, support_for
+    from .inspector import support_item
+    from .layouts import Collection, load
+
+    if not args.data:
+        if not args.query:
+            raise ValueError("inspect needs --query IMAGE ... or --data DIR")
+        support = [support_item(path) for path in args.good]
+        for spec in args.defective:
+            path, _, description = spec.partition("=")
+            support.append(support_item(path, defective=True, description=description or None))
+        return [(args.noun, support, list(args.query))]
+    items = load(args.data)
+    if not isinstance(items, Collection):
+        raise ValueError(
+            f"inspect --data reads photo folders (MVTec AD, LOCO, VisA, folder); {args.data} is KensaSynth"
+        )
+    jobs, rows = [], pools(items)
+    for category in sorted(rows):
+        good, _ = support_for(rows, category, args.shots, 0, args.seed)
+        queries = [i for label in ("good", "defective") for i in rows[category][label] if i not in good]
+        support = [support_item(items.photos[i].path) for i in good]
+        jobs.append((category, support, [str(items.photos[i].path) for i in queries]))
+    return jobs
 
 
 def _inspect(args) -> None:
-    from .inspector import Inspector, load_pretrained, support_item
+    """Judge the queries; under `accelerate launch` each process judges its share and the main process prints and
+    writes them all, in order."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
 
-    support = [support_item(path) for path in args.good]
-    for spec in args.defective:
-        path, _, description = spec.partition("=")
-        support.append(support_item(path, defective=True, description=description or None))
+    from .inspector import Inspector, load_pretrained
+
+    jobs = _inspect_jobs(args)
     model, processor = load_pretrained(args.model)
-    inspector = Inspector(model, processor, noun=args.noun, threshold=args.threshold)
-    inspector.set_support(support)
-    results = []
-    for path, result in zip(args.query, inspector.judge(list(args.query)), strict=True):
-        if result.verdict == "error":
-            print(f"{path}\terror\t{result.text}")
-        else:
-            print(f"{path}\t{result.verdict}\t{result.p_defective:.3f}")
-            if args.viz:
-                _draw(path, result.boxes, Path(args.viz) / f"{Path(path).stem}.png", result.verdict)
-        results.append({"file": path, **result.to_dict()})
-        if result.verdict == "error":
-            results[-1]["p_defective"] = None  # JSON has no NaN
+    inspector = Inspector(model, processor, threshold=args.threshold)
+    state, results = PartialState(), []
+    for job, (noun, support, queries) in enumerate(jobs):
+        inspector.noun = noun
+        inspector.set_support(support)
+        with state.split_between_processes(list(enumerate(queries))) as mine:
+            for order, path in mine:
+                result = inspector.judge([path])[0]
+                if args.viz and result.verdict != "error":
+                    _draw(path, result, Path(args.viz) / f"{noun}_{Path(path).parent.name}_{Path(path).stem}.png")
+                record = {"order": (job, order), "file": path, "category": noun, **result.to_dict()}
+                if result.verdict == "error":
+                    record["p_defective"] = None  # JSON has no NaN
+                results.append(record)
+    if state.num_processes > 1:
+        results = gather_object(results)
+    if not state.is_main_process:
+        return
+    results = [{k: v for k, v in r.items() if k != "order"} for r in sorted(results, key=lambda r: r["order"])]
+    for r in results:
+        print(f"{r['file']}\terror\t{r['text']}" if r["verdict"] == "error" else f"{r['file']}\t{r['verdict']}\t"
+              f"{r['p_defective']:.3f}")  # fmt: skip
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        _write(Path(args.out), json.dumps(results, indent=2))
     failed = [r["file"] for r in results if r["verdict"] == "error"]
     if failed:
         raise ValueError(f"{len(failed)} of {len(results)} queries could not be read: {', '.join(failed)}")
 
 
-def _draw(path: str, boxes, out: Path, verdict: str) -> None:
-    from PIL import Image
+def _draw(path: str, result, out: Path) -> None:
+    """The query with its heatmap (when the model compares), boxes and verdict, as a PNG."""
+    from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 
     from .plots import draw_judgement
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    draw_judgement(Image.open(path), boxes, verdict).save(out)
+    draw_judgement(to_rgb(path), result.boxes, result.verdict, result.heatmap).save(out)
 
 
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("eval")  # its --help line: cli.COMMANDS
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="KensaSynth folder")
-    p.add_argument("--split", default="test")
+    p.add_argument("--data", required=True, help="KensaSynth, MVTec AD or LOCO, VisA, or a good/defective folder")
+    p.add_argument("--split", default="test", help="KensaSynth's split (report on test; choose on validation)")
     p.add_argument("--shots", default="0,1,2,4,8")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--queries-per-category", type=int, default=None, help="default: every remaining photo")
     p.add_argument("--no-baseline", action="store_true", help="skip the kNN patch-memory baseline")
+    p.add_argument(
+        "--calibrate-on", default="auto",
+        help="where the baseline's threshold is chosen: 'validation' (KensaSynth's; the default 'auto' uses it when "
+        "evaluating KensaSynth's test split), a dataset folder, or 'none' (its rule's threshold)",
+    )  # fmt: skip
+    p.add_argument("--baseline-views", choices=("model", "none", "rotations"), default="model")
+    p.add_argument("--no-controls", action="store_true", help="skip the other-category, noise, shuffled controls")
+    p.add_argument("--no-text", action="store_true", help="scores, boxes and heatmaps only: no generated answers")
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=_eval)
 
@@ -133,9 +255,12 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--good", nargs="+", default=[], metavar="IMAGE")
     p.add_argument("--defective", nargs="*", default=[], metavar="IMAGE[=DESCRIPTION]")
-    p.add_argument("--query", nargs="+", required=True, metavar="IMAGE")
+    p.add_argument("--query", nargs="+", default=[], metavar="IMAGE")
+    p.add_argument("--data", help="a photo folder (MVTec AD, LOCO, VisA, good/defective): supports and queries")
+    p.add_argument("--shots", type=int, default=4, help="with --data: good supports per category")
+    p.add_argument("--seed", type=int, default=0, help="with --data: which support draw")
     p.add_argument("--noun", default="product", help="what the product is called in the prompt")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--out", help="results as JSON")
-    p.add_argument("--viz", help="folder for each query with its boxes drawn")
+    p.add_argument("--viz", help="folder for each query with its heatmap and boxes drawn")
     p.set_defaults(func=_inspect)

@@ -158,14 +158,21 @@ def scored_tiles(thumbnail: torch.Tensor) -> torch.Tensor:
     return ~thumbnail if (~thumbnail).any() else torch.ones_like(thumbnail)
 
 
-def locate_box(distances: list[torch.Tensor], rows: int, cols: int, level: float | None):
-    """The defect's box from one image's nearest-reference distances, one `(tiles, g, g)` map per compared encoder
-    (grid tiles first, as the processor cuts them): the maps are stitched, logged, brought to the finest grid and
-    averaged; the region grows from the peak through cells above `level + LOCATE_MARGIN` (without a level, the map's
-    95th percentile) and within `LOCATE_RANGE` of the peak (`peak_region_box`). Returns `(box, peak)`."""
-    maps = [stitch_tiles(d, rows, cols).clamp_min(1e-4).log() for d in distances]
+def distance_map(distances: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+    """One image's heatmap: where it differs from its references. From its nearest-reference distances, one
+    `(tiles, g, g)` map per compared encoder (grid tiles first, as the processor cuts them): each stitched over the
+    tile grid, as the log of the cosine distance (at least 1e-4), brought to the finest encoder's grid and averaged:
+    `(rows * g, cols * g)` over the whole image (the tile grid covers it, stretched to the grid's shape)."""
+    maps = [stitch_tiles(d, rows, cols).float().clamp_min(1e-4).log() for d in distances]
     side = max(m.shape[0] for m in maps) // rows
-    cells = torch.stack([F.interpolate(m[None, None], (rows * side, cols * side))[0, 0] for m in maps]).mean(0)
+    return torch.stack([F.interpolate(m[None, None], (rows * side, cols * side))[0, 0] for m in maps]).mean(0)
+
+
+def locate_box(distances: list[torch.Tensor], rows: int, cols: int, level: float | None):
+    """The defect's box from one image's nearest-reference distances (`distance_map`): the region grows from the
+    map's peak through cells above `level + LOCATE_MARGIN` (without a level, the map's 95th percentile) and within
+    `LOCATE_RANGE` of the peak (`peak_region_box`). Returns `(box, peak)`."""
+    cells = distance_map(distances, rows, cols)
     threshold = level + LOCATE_MARGIN if level is not None else cells.float().quantile(0.95).item()
     return peak_region_box(cells, max(threshold, cells.max().item() - LOCATE_RANGE))
 

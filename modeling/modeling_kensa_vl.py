@@ -187,15 +187,18 @@ class KensaVLModel(KensaVLPreTrainedModel):
         )
         return out if (return_dict if return_dict is not None else self.config.use_return_dict) else out.to_tuple()
 
-    def reference_cells(self, pixel_values: torch.Tensor, features: dict | None = None) -> dict[str, torch.Tensor]:
+    def reference_cells(
+        self, pixel_values: torch.Tensor, features: dict | None = None, views: tuple[str, ...] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Reference tiles' cells as the comparison's bank, name -> `(cells, C)` per compared encoder: the tiles' own
         L2-normalised cells (`features`, name -> `(n, g, g, C)`, when already encoded), then the same tiles in each
-        of `config.reference_views`. Needs no comparison module (the kNN baseline of a plain-ICL model uses it)."""
+        of `views` (default `config.reference_views`). Needs no comparison module (the kNN baseline of a plain-ICL
+        model uses it)."""
         if features is None:
             names = self.config.reference_encoder_names()
             features = unit_cells(self.image_grids(pixel_values, names), names)
         parts = {name: [f] for name, f in features.items()}
-        for view in self.config.reference_views:
+        for view in self.config.reference_views if views is None else views:
             seen = self.image_grids(reference_view(pixel_values, view).contiguous(), list(parts))
             for name, f in unit_cells(seen, parts).items():
                 parts[name].append(f)

@@ -295,16 +295,22 @@ def test_locate_finds_a_defect_against_good_references_before_any_training(tiny_
     query = photos.pop()
     query[150:178, 130:165] = 20  # x 130..164, y 150..177
     support = [support_item(Image.fromarray(photo)) for photo in photos]
-    boxes = {}
+    boxes, heatmaps = {}, {}
     for cache in (True, False):
         inspector = Inspector(model, processor, cache=cache, max_new_tokens=0)
         inspector.set_support(support)
         inputs, out = inspector._score(Image.fromarray(query))
-        boxes[cache] = inspector._locate(inputs, Image.fromarray(query), out.reference_distances[-1])
+        evidence = inspector._evidence(inputs, Image.fromarray(query), "defective", out.reference_distances[-1])
+        boxes[cache], heatmaps[cache] = evidence["boxes"], evidence["heatmap"]
+        assert inspector.judge(Image.fromarray(query))[0].heatmap.shape == (224, 224)
         grid = inputs["image_grid"][-1:]  # `locate` compares the query again
         box, _ = model.model.locate(inputs["pixel_values"][-int(grid[0, 2]) :], grid, inspector._bank)
         assert [pixel_box(box, 224, 224)] == boxes[cache]
     assert boxes[True] == boxes[False]
+    np.testing.assert_allclose(heatmaps[True], heatmaps[False], atol=1e-4)
+    peak_y, peak_x = np.unravel_index(heatmaps[True].argmax(), heatmaps[True].shape)  # the heatmap's peak: the spot
+    assert 120 <= peak_x < 175 and 140 <= peak_y < 188
+    assert heatmaps[True][150:178, 130:165].mean() > np.percentile(heatmaps[True], 90)
     (x0, y0, x1, y1), true = boxes[True][0], (130, 150, 165, 178)
     inter = max(0, min(x1, true[2]) - max(x0, true[0])) * max(0, min(y1, true[3]) - max(y0, true[1]))
     union = (x1 - x0) * (y1 - y0) + 35 * 28 - inter

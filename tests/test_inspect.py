@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kensa_vl.eval.evaluate import aggregate, ap50, evaluate, metrics, support_for
+from kensa_vl.eval.evaluate import aggregate, evaluate, support_for
 from kensa_vl.eval.inspector import Inspector, support_item
+from kensa_vl.eval.metrics import ap50, metrics
 from tests.conftest import random_image
 
 
@@ -147,7 +148,7 @@ def test_support_sets_are_fixed_per_seed_and_never_queried(synth):
     assert support_for(rows, category, 2, 0, seed=0) != support_for(rows, category, 2, 0, seed=1)
     good, _ = support_for(rows, category, 2, 0, seed=0, control="other_category")
     assert all(test[i]["category"] != category for i in good)
-    with pytest.raises(ValueError, match=r"has \d+ good and \d+ defective photos; a support of 999 good"):
+    with pytest.raises(ValueError, match=r"has \d+ good photos and \d+ defective photos; a support of 999 good"):
         support_for(rows, category, 999, 0, seed=0)
 
 

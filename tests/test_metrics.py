@@ -1,0 +1,75 @@
+"""The field's metrics against references on known inputs: scikit-learn's exact curves, and AUPRO cases worked out
+by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kensa_vl.eval.metrics import BINS, PIXEL_SIDE, aupro, bootstrap, image_metrics, pixel_auroc, pixel_stats
+
+
+def _hist(values) -> np.ndarray:
+    which = np.clip(np.searchsorted(BINS, np.asarray(values).ravel(), side="right") - 1, 0, len(BINS) - 2)
+    return np.bincount(which, minlength=len(BINS) - 1)
+
+
+def test_binned_pixel_auroc_agrees_with_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    normal, anomalous = rng.normal(-4, 1, 50_000), rng.normal(-3, 1.2, 3_000)  # log-distances, overlapping
+    exact = roc_auc_score(np.r_[np.zeros(normal.size), np.ones(anomalous.size)], np.r_[normal, anomalous])
+    assert pixel_auroc(_hist(normal), _hist(anomalous)) == pytest.approx(exact, abs=1e-3)
+    assert pixel_auroc(_hist(np.linspace(-8, -5, 1000)), _hist(np.full(10, -1.0))) == pytest.approx(1.0)
+    assert np.isnan(pixel_auroc(_hist(normal), np.zeros(len(BINS) - 1)))
+
+
+def test_aupro_by_hand():
+    normal = _hist(np.linspace(-8, -2, 10_000))  # uniform: the FPR at threshold t is the share of normals above t
+    high, low = np.full(100, -0.5), np.full(100, -8.5)  # above every normal pixel / below every one
+    assert aupro(normal, [_hist(high)]) == pytest.approx(1.0)
+    # half of the region is found at once, the other half only at FPR 1: overlap 0.5 all the way to 0.3
+    assert aupro(normal, [_hist(np.r_[high[:50], low[:50]])]) == pytest.approx(0.5, abs=2e-3)
+    # one region found at once, one at the normals' 80th percentile (FPR 0.2): (0.5 * 0.2 + 1 * 0.1) / 0.3
+    at_80 = np.full(100, -8 + 0.8 * 6 + 0.01)
+    assert aupro(normal, [_hist(high), _hist(at_80)]) == pytest.approx(2 / 3, abs=5e-3)
+    assert np.isnan(aupro(normal, []))
+
+
+def test_image_metrics_by_hand():
+    from sklearn.metrics import average_precision_score
+
+    y, p = np.array([False, False, True, True]), np.array([0.1, 0.4, 0.35, 0.8])
+    m = image_metrics(y, p, threshold=0.5)
+    assert m["f1_max"] == pytest.approx(0.8)  # at 0.35: precision 2/3, recall 1
+    assert m["aupr"] == pytest.approx(average_precision_score(y, p)) == pytest.approx((1 + 2 / 3) / 2)
+    assert m["auroc"] == pytest.approx(0.75) and m["balanced_accuracy"] == pytest.approx(0.75)
+
+
+def test_pixel_stats_keep_small_defects_and_count_regions():
+    heatmap = np.full((1024, 1024), -6.0, np.float32)
+    mask = np.zeros((1024, 1024), bool)
+    mask[10, 10] = True  # one pixel: still a region at PIXEL_SIDE (a cell is anomalous when any pixel is)
+    mask[500:600, 700:720] = True
+    heatmap[500:600, 700:720] = -1.0
+    stats = pixel_stats(heatmap, mask)
+    assert len(stats["regions"]) == 2
+    assert stats["normal"].sum() + sum(r.sum() for r in stats["regions"]) == PIXEL_SIDE**2
+    assert pixel_stats(heatmap, None)["regions"] == [] and pixel_stats(heatmap, None)["normal"].sum() == PIXEL_SIDE**2
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_data():
+    rng = np.random.default_rng(1)
+
+    def records(n):
+        return [{"seed": s, "x": rng.normal(1.0, 1.0)} for s in range(5) for _ in range(n)]
+
+    def mean(rs):
+        return {"x": float(np.mean([r["x"] for r in rs]))}
+
+    few, many = bootstrap(records(10), mean, 300)["x"], bootstrap(records(400), mean, 300)["x"]
+    assert few[0] < 1.0 < few[1] and many[0] < 1.0 < many[1]
+    assert many[1] - many[0] < (few[1] - few[0]) / 3
+    constant = bootstrap([{"seed": s, "x": 2.0} for s in range(3)], mean, 50)["x"]
+    assert constant == (2.0, 2.0)
