@@ -4,8 +4,9 @@
     python demo/app.py                                     # neither: the offline tiny default (random weights)
 
 Upload good examples, defective examples (one description per line, optional), and queries; press Inspect. Each
-query gets its verdict, P(defective), the description, its boxes drawn, and the time it took. The support set is
-encoded once and kept (KV cache) until it changes. Bad input gets a message in the page, never a traceback.
+query gets its verdict, P(defective), the description, its heatmap and boxes drawn, and the time it took. The
+support set is encoded once and kept (KV cache) until it changes. Bad input gets a message in the page, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class Demo:
                     continue
                 ms = (time.perf_counter() - start) * 1000
                 caption = f"{Path(path).name}: {result.verdict} (P(defective) {result.p_defective:.2f})"
-                gallery.append((draw_judgement(image, result.boxes, result.verdict), caption))
+                # the heatmap (where the query differs from the good examples) under the boxes, when the model compares
+                gallery.append((draw_judgement(image, result.boxes, result.verdict, result.heatmap), caption))
                 rows.append([Path(path).name, result.verdict, round(result.p_defective, 3), result.text, round(ms)])
             cached = "encoded" if encoded else "reused from the cache"
             status = f"Support set ({len(good)} good, {len(defective)} defective) {cached} in {support_ms:.0f} ms."
@@ -140,7 +142,7 @@ def build(demo: Demo) -> gr.Blocks:
             queries = gr.File(label="Queries", file_count="multiple", file_types=["image"], elem_id="queries")
         button = gr.Button("Inspect", variant="primary", elem_id="inspect")
         status = gr.Markdown(elem_id="status")
-        gallery = gr.Gallery(label="Queries with boxes", elem_id="gallery", columns=4)
+        gallery = gr.Gallery(label="Queries with heatmaps and boxes", elem_id="gallery", columns=4)
         table = gr.Dataframe(
             headers=["file", "verdict", "P(defective)", "description", "ms"], elem_id="results", interactive=False
         )

@@ -201,7 +201,8 @@ def _inspect(args) -> None:
             for order, path in mine:
                 result = inspector.judge([path])[0]
                 if args.viz and result.verdict != "error":
-                    _draw(path, result, Path(args.viz) / f"{noun}_{Path(path).parent.name}_{Path(path).stem}.png")
+                    name = f"{noun}_{Path(path).parent.name}_{Path(path).stem}" if args.data else Path(path).stem
+                    _draw(path, result, Path(args.viz) / f"{name}.png")
                 record = {"order": (job, order), "file": path, "category": noun, **result.to_dict()}
                 if result.verdict == "error":
                     record["p_defective"] = None  # JSON has no NaN

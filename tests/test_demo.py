@@ -48,6 +48,24 @@ def photos(tmp_path_factory):
     return paths, str(folder / "broken.png")
 
 
+def test_the_gallery_shows_the_heatmap_of_a_comparing_model(app, photos):
+    import numpy as np
+
+    from kensa_vl.eval.inspector import Inspector
+    from kensa_vl.eval.plots import draw_judgement
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True,
+                                  reference_encoders=["dct"])  # fmt: skip
+    inspector = Inspector(model, processor, max_new_tokens=0)
+    paths, _ = photos
+    gallery, rows, _ = app.Demo(inspector).run(paths[:2], [], "", "nut", [paths[3]])
+    drawn = np.asarray(gallery[0][0], dtype=float)
+    plain = np.asarray(draw_judgement(app.open_image(paths[3], "query"), [], rows[0][1]), dtype=float)
+    result = inspector.judge(app.open_image(paths[3], "query"))[0]
+    assert result.heatmap is not None and np.abs(drawn - plain).mean() > 10  # blended, not the photo alone
+
+
 def test_support_is_cached_and_a_bad_query_is_reported_while_the_others_are_judged(demo, photos):
     paths, broken = photos
     gallery, rows, status = demo.run(paths[:2], [paths[2]], "a dark scratch", "nut", [paths[3], broken])

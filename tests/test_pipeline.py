@@ -16,7 +16,7 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     out, metrics = main_run
 
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["run"]["categories"] == ["gravel", "marble", "nut"] and saved["run"]["split"] == "test"
+    assert saved["run"]["categories"] == ["cap", "grass", "leather"] and saved["run"]["split"] == "test"
     assert set(saved["kensa"]["shots"]) == {"0", "1"} and set(saved["patchcore"]["shots"]) == {"1"}  # no k=0
     assert set(saved["kensa"]["controls"]) == {"other_category", "noise", "shuffled_labels"}
     assert saved["kensa"]["shots"]["1"]["overall"]["n"] == metrics["kensa"]["shots"]["1"]["overall"]["n"] == 2 * 2 * 3

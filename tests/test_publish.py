@@ -36,7 +36,15 @@ def test_export_holds_the_model_and_a_card_of_measured_results(trained, tmp_path
     assert "AutoModelForVision2Seq" in card and "AutoModelForImageTextToText" in card
     assert "| align | projector, layer_merges | captions=1.0 | 8 | 2 |" in card  # the recipe actually run
     assert "| KensaVL | 1 |" in card and "![accuracy_vs_shots.png](accuracy_vs_shots.png)" in card
-    assert "gravel, marble, nut" in card and "{{" not in card and "No evaluation results" not in card
+    assert "cap, grass, leather" in card and "{{" not in card and "No evaluation results" not in card
+    # every figure of the card is the model's own: each three-decimal number outside the table is in its metrics
+    import json
+    import re
+
+    own = {f"{v:.3f}" for v in re.findall(r"\d\.\d+", (trained / "metrics.json").read_text()) for v in [float(v)]}
+    prose = card.split("| method |")[0]
+    assert set(re.findall(r"\b\d\.\d{3}\b", prose)) <= own and re.findall(r"\b\d\.\d{3}\b", prose)
+    assert "validation categories (not test)" in card and json.loads((trained / "metrics.json").read_text())["run"]
 
 
 def test_notes_with_their_plots_join_the_card(trained, tmp_path):

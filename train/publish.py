@@ -100,7 +100,16 @@ def model_card(
         if table is None:
             raise ValueError("the evaluation's results come with their table.md")
         methods = {k: v for k, v in results.items() if k != "run"}
-        evaluation = {"table": table, "run": results.get("run", {}), "shots": shot_summary(methods)}
+        config_of = methods["kensa"].get("config", {})
+        calibrated = methods.get("patchcore", {}).get("config", {}).get("calibration") == "validation categories"
+        calibration = "the validation categories (not test)" if calibrated else "nothing (its rule's threshold)"
+        evaluation = {
+            "table": table,
+            "run": results.get("run", {}),
+            "shots": shot_summary(methods),
+            "seeds": config_of.get("seeds", "the"),
+            "calibration": calibration,
+        }
     text = config["text_config"]
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     card = environment.from_string(TEMPLATE.read_text()).render(
@@ -143,6 +152,7 @@ def shot_summary(methods: dict) -> list[dict]:
             "auroc": value["overall"]["auroc"]["mean"],
         }
         row["baseline"] = baseline["overall"]["balanced_accuracy"]["mean"] if baseline else None
+        row["baseline_auroc"] = baseline["overall"]["auroc"]["mean"] if baseline else None
         rows.append(row)
     return rows
 
