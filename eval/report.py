@@ -1,9 +1,8 @@
-"""`kensa-vl eval` and `kensa-vl inspect`: evaluation reports and one-off inspection from the command line.
+"""`kensa-vl eval`: the evaluation report from the command line (`kensa-vl inspect` is in `inspect_command`).
 
 kensa-vl eval --model outputs/main/model --data outputs/kensa-synth-224 --shots 0,1,2,4,8 --seeds 5 --out DIR
 kensa-vl eval --model outputs/main/model --data mvtec_ad/ --shots 1,2,4 --calibrate-on none --out DIR
 accelerate launch --num_processes 2 -m kensa_vl.train.cli eval ...   (support sets split across processes)
-kensa-vl inspect --model DIR --good a.png b.png --defective c.png="a dark scratch" --query q1.png q2.png
 """
 
 from __future__ import annotations
@@ -153,85 +152,6 @@ def _eval(args) -> None:
         print(f"wrote {args.out}")
 
 
-def _inspect_jobs(args) -> list[tuple[str, list[dict], list[str]]]:
-    """(noun, support set, query files) per category: from `--good/--defective/--query`, or from a dataset folder
-    (`--data`: each category's `--shots` supports by the evaluation's protocol, and every query photo)."""
-    from .evaluate import pools, support_for
-    from .inspector import support_item
-    from .layouts import Collection, load
-
-    if not args.data:
-        if not args.query:
-            raise ValueError("inspect needs --query IMAGE ... or --data DIR")
-        support = [support_item(path) for path in args.good]
-        for spec in args.defective:
-            path, _, description = spec.partition("=")
-            support.append(support_item(path, defective=True, description=description or None))
-        return [(args.noun, support, list(args.query))]
-    items = load(args.data)
-    if not isinstance(items, Collection):
-        raise ValueError(
-            f"inspect --data reads photo folders (MVTec AD, LOCO, VisA, folder); {args.data} is KensaSynth"
-        )
-    jobs, rows = [], pools(items)
-    for category in sorted(rows):
-        good, _ = support_for(rows, category, args.shots, 0, args.seed)
-        queries = [i for label in ("good", "defective") for i in rows[category][label] if i not in good]
-        support = [support_item(items.photos[i].path) for i in good]
-        jobs.append((category, support, [str(items.photos[i].path) for i in queries]))
-    return jobs
-
-
-def _inspect(args) -> None:
-    """Judge the queries; under `accelerate launch` each process judges its share and the main process prints and
-    writes them all, in order."""
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    from .inspector import Inspector, load_pretrained
-
-    jobs = _inspect_jobs(args)
-    model, processor = load_pretrained(args.model)
-    inspector = Inspector(model, processor, threshold=args.threshold)
-    state, results = PartialState(), []
-    for job, (noun, support, queries) in enumerate(jobs):
-        inspector.noun = noun
-        inspector.set_support(support)
-        with state.split_between_processes(list(enumerate(queries))) as mine:
-            for order, path in mine:
-                result = inspector.judge([path])[0]
-                if args.viz and result.verdict != "error":
-                    name = f"{noun}_{Path(path).parent.name}_{Path(path).stem}" if args.data else Path(path).stem
-                    _draw(path, result, Path(args.viz) / f"{name}.png")
-                record = {"order": (job, order), "file": path, "category": noun, **result.to_dict()}
-                if result.verdict == "error":
-                    record["p_defective"] = None  # JSON has no NaN
-                results.append(record)
-    if state.num_processes > 1:
-        results = gather_object(results)
-    if not state.is_main_process:
-        return
-    results = [{k: v for k, v in r.items() if k != "order"} for r in sorted(results, key=lambda r: r["order"])]
-    for r in results:
-        print(f"{r['file']}\terror\t{r['text']}" if r["verdict"] == "error" else f"{r['file']}\t{r['verdict']}\t"
-              f"{r['p_defective']:.3f}")  # fmt: skip
-    if args.out:
-        _write(Path(args.out), json.dumps(results, indent=2))
-    failed = [r["file"] for r in results if r["verdict"] == "error"]
-    if failed:
-        raise ValueError(f"{len(failed)} of {len(results)} queries could not be read: {', '.join(failed)}")
-
-
-def _draw(path: str, result, out: Path) -> None:
-    """The query with its heatmap (when the model compares), boxes and verdict, as a PNG."""
-    from kensa_vl.processing.image_processing_kensa_vl import to_rgb
-
-    from .plots import draw_judgement
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    draw_judgement(to_rgb(path), result.boxes, result.verdict, result.heatmap).save(out)
-
-
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("eval")  # its --help line: cli.COMMANDS
     p.add_argument("--model", required=True)
@@ -251,17 +171,3 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--no-text", action="store_true", help="scores, boxes and heatmaps only: no generated answers")
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=_eval)
-
-    p = subparsers.add_parser("inspect")  # its --help line: cli.COMMANDS
-    p.add_argument("--model", required=True)
-    p.add_argument("--good", nargs="+", default=[], metavar="IMAGE")
-    p.add_argument("--defective", nargs="*", default=[], metavar="IMAGE[=DESCRIPTION]")
-    p.add_argument("--query", nargs="+", default=[], metavar="IMAGE")
-    p.add_argument("--data", help="a photo folder (MVTec AD, LOCO, VisA, good/defective): supports and queries")
-    p.add_argument("--shots", type=int, default=4, help="with --data: good supports per category")
-    p.add_argument("--seed", type=int, default=0, help="with --data: which support draw")
-    p.add_argument("--noun", default="product", help="what the product is called in the prompt")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--out", help="results as JSON")
-    p.add_argument("--viz", help="folder for each query with its heatmap and boxes drawn")
-    p.set_defaults(func=_inspect)

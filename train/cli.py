@@ -28,8 +28,8 @@ COMMANDS = {
     "assemble": ("kensa_vl.train.build", "assemble KensaVL from pretrained towers and an LM"),
     "synth": ("kensa_vl.train.data.synth", "generate the KensaSynth inspection dataset offline"),
     "train": (__name__, "the offline main job: build, generate data, train, evaluate"),
-    "eval": ("kensa_vl.eval.report", "few-shot inspection metrics of a model on a KensaSynth split"),
-    "inspect": ("kensa_vl.eval.report", "judge query images against a few good/defective examples"),
+    "eval": ("kensa_vl.eval.report", "few-shot inspection metrics on KensaSynth, MVTec AD/LOCO, VisA or a folder"),
+    "inspect": ("kensa_vl.eval.inspect_command", "judge query images against a few good/defective examples"),
     "publish": ("kensa_vl.train.publish", "export a trained model for the Hub, verify it, optionally push it"),
     "ablate": ("kensa_vl.eval.ablate", "the fine-detail ablation ladder (train, evaluate, time each rung)"),
 }

@@ -1,0 +1,202 @@
+"""`kensa-vl inspect`: judge photos against a few good (and defective) examples, as an inspection line would.
+
+    kensa-vl inspect --model DIR --good a.png b.png --defective c.png="a dark scratch" --query q1.png 'lot7/*.png'
+    kensa-vl inspect --model DIR --good a.png b.png --query-dir photos/ --out results.jsonl [--resume]
+    kensa-vl inspect --model DIR --data mvtec_ad/bottle --shots 4 --viz outputs/viz --out results.json
+
+Photos are read and judged one at a time, so memory stays flat in their number. With `--out X.jsonl` each result is
+appended to X.jsonl and to X.csv (for a spreadsheet) as it is made; `--resume` skips the photos X.jsonl already
+holds, so a stopped run judges only the rest. `--out X.json` writes one JSON list at the end. An unreadable photo is
+one `error` record naming the file and the reason; the others are judged and the exit status says some failed.
+Under `accelerate launch` each process judges its share and the main process writes them all, in order, at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from pathlib import Path
+
+from .layouts import IMAGE_SUFFIXES
+
+CSV_FIELDS = ("file", "category", "verdict", "p_defective", "defect_type", "position", "boxes", "text")
+
+
+def query_files(args) -> list[str]:
+    """The query photos: `--query` paths or globs, `--query-dir` (images at any depth, sorted), `--query-list` (a
+    file with one path per line)."""
+    files = []
+    for pattern in args.query:
+        matched = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matched:
+            raise ValueError(f"--query {pattern!r} matches no file")
+        files += matched
+    for folder in args.query_dir:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--query-dir {folder}: no such folder")
+        files += sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if args.query_list:
+        files += [line.strip() for line in Path(args.query_list).read_text().splitlines() if line.strip()]
+    return files
+
+
+def jobs(args) -> list[tuple[str, list[dict], list[str]]]:
+    """(noun, support set, query files) per category: from `--good/--defective` and the queries, or from a dataset
+    folder (`--data`: each category's `--shots` supports by the evaluation's protocol, and every query photo)."""
+    from .evaluate import pools, support_for
+    from .inspector import support_item
+    from .layouts import Collection, load
+
+    if not args.data:
+        queries = query_files(args)
+        if not queries:
+            raise ValueError("inspect needs --query IMAGE..., --query-dir DIR, --query-list FILE or --data DIR")
+        support = [support_item(path) for path in args.good]
+        for spec in args.defective:
+            path, _, description = spec.partition("=")
+            support.append(support_item(path, defective=True, description=description or None))
+        return [(args.noun, support, queries)]
+    items = load(args.data)
+    if not isinstance(items, Collection):
+        raise ValueError(f"inspect --data reads photo folders (MVTec, VisA, folder), not KensaSynth: {args.data}")
+    out, rows = [], pools(items)
+    for category in sorted(rows):
+        good, _ = support_for(rows, category, args.shots, 0, args.seed)
+        queries = [i for label in ("good", "defective") for i in rows[category][label] if i not in good]
+        support = [support_item(items.photos[i].path) for i in good]
+        out.append((category, support, [str(items.photos[i].path) for i in queries]))
+    return out
+
+
+class Sink:
+    """Where results go as they are made: `X.jsonl` and `X.csv` appended line by line (`--resume` reads what
+    `X.jsonl` holds and skips it), or `X.json` written once at the end, or nowhere."""
+
+    def __init__(self, out: str | None, resume: bool):
+        self.path = Path(out) if out else None
+        self.streaming = self.path is not None and self.path.suffix == ".jsonl"
+        self.done, self.kept = set(), []
+        if resume and not self.streaming:
+            raise ValueError("--resume needs --out X.jsonl (results written as they are made)")
+        if self.streaming:
+            if self.path.exists() and not resume:
+                raise FileExistsError(f"{self.path} exists: pass --resume to judge only the photos it lacks")
+            if resume and self.path.exists():
+                self.done = {json.loads(line)["file"] for line in self.path.read_text().splitlines() if line.strip()}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            table = self.path.with_suffix(".csv")
+            new_table = not table.exists() or not resume
+            self._lines = open(self.path, "a")
+            self._table = open(table, "a" if resume else "w", newline="")
+            self._csv = csv.DictWriter(self._table, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            if new_table:
+                self._csv.writeheader()
+
+    def add(self, record: dict) -> None:
+        if not self.streaming:
+            self.kept.append(record)
+            return
+        self._lines.write(json.dumps(record) + "\n")
+        self._csv.writerow({**record, "boxes": json.dumps(record["boxes"])})
+        self._lines.flush()  # a stopped run keeps every finished photo
+        self._table.flush()
+
+    def close(self) -> None:
+        if self.streaming:
+            self._lines.close()
+            self._table.close()
+        elif self.path is not None:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(json.dumps(self.kept, indent=2))
+            tmp.replace(self.path)
+
+
+def run(args) -> None:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from .inspector import Inspector, load_pretrained
+
+    work = jobs(args)
+    state = PartialState()
+    sink = Sink(args.out if state.is_main_process else None, args.resume)
+    model, processor = load_pretrained(args.model)
+    inspector = Inspector(model, processor, threshold=args.threshold)
+    total = sum(len(q) for *_, q in work)
+    bar = tqdm(total=total, unit="photo", desc="inspecting", disable=not state.is_main_process)
+    failed, gathered = [], []
+    for job, (noun, support, queries) in enumerate(work):
+        todo = [(i, q) for i, q in enumerate(queries) if q not in sink.done]
+        bar.update(len(queries) - len(todo))
+        if not todo:
+            continue
+        inspector.noun = noun
+        inspector.set_support(support)
+        with state.split_between_processes(todo) as mine:
+            for order, path in mine:
+                record = judge(inspector, path, noun, args)
+                if state.num_processes > 1:
+                    gathered.append({**record, "order": (job, order)})
+                else:
+                    emit(record, sink, failed)
+                bar.update(state.num_processes)
+    bar.close()
+    if state.num_processes > 1:
+        for record in sorted(gather_object(gathered), key=lambda r: r.pop("order")):
+            if state.is_main_process:
+                emit(record, sink, failed)
+    sink.close()
+    if failed:
+        raise ValueError(f"{len(failed)} of {total} queries could not be read: {', '.join(failed[:20])}")
+
+
+def judge(inspector, path: str, noun: str, args) -> dict:
+    """One photo's record (and its `--viz` picture)."""
+    result = inspector.judge([path])[0]
+    if args.viz and result.verdict != "error":
+        name = f"{noun}_{Path(path).parent.name}_{Path(path).stem}" if args.data else Path(path).stem
+        draw(path, result, Path(args.viz) / f"{name}.png")
+    record = {"file": path, "category": noun, **result.to_dict()}
+    if result.verdict == "error":
+        record["p_defective"] = None  # JSON has no NaN
+    return record
+
+
+def emit(record: dict, sink: Sink, failed: list) -> None:
+    if record["verdict"] == "error":
+        failed.append(record["file"])
+        print(f"{record['file']}\terror\t{record['text']}", flush=True)
+    else:
+        print(f"{record['file']}\t{record['verdict']}\t{record['p_defective']:.3f}", flush=True)
+    sink.add(record)
+
+
+def draw(path: str, result, out: Path) -> None:
+    """The query with its heatmap (when the model compares), boxes and verdict, as a PNG."""
+    from kensa_vl.processing.image_processing_kensa_vl import to_rgb
+
+    from .plots import draw_judgement
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    draw_judgement(to_rgb(path), result.boxes, result.verdict, result.heatmap).save(out)
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("inspect")  # its --help line: cli.COMMANDS
+    p.add_argument("--model", required=True)
+    p.add_argument("--good", nargs="+", default=[], metavar="IMAGE")
+    p.add_argument("--defective", nargs="*", default=[], metavar="IMAGE[=DESCRIPTION]")
+    p.add_argument("--query", nargs="+", default=[], metavar="IMAGE", help="photos or globs ('lot7/*.png')")
+    p.add_argument("--query-dir", nargs="+", default=[], metavar="DIR", help="every photo under these folders")
+    p.add_argument("--query-list", metavar="FILE", help="a file with one photo path per line")
+    p.add_argument("--data", help="a photo folder (MVTec AD, LOCO, VisA, good/defective): supports and queries")
+    p.add_argument("--shots", type=int, default=4, help="with --data: good supports per category")
+    p.add_argument("--seed", type=int, default=0, help="with --data: which support draw")
+    p.add_argument("--noun", default="product", help="what the product is called in the prompt")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--out", help="X.jsonl (and X.csv), written as results are made; or X.json, written at the end")
+    p.add_argument("--resume", action="store_true", help="with --out X.jsonl: skip the photos it already holds")
+    p.add_argument("--viz", help="folder for each query with its heatmap and boxes drawn")
+    p.set_defaults(func=run)

@@ -1,0 +1,74 @@
+"""`kensa-vl inspect` over folders: results written as they are made (JSON Lines and CSV), a bad file is one error
+record, and a stopped run resumes without judging a photo twice."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from tests.conftest import random_image
+
+
+@pytest.fixture
+def folder(tmp_path):
+    photos = tmp_path / "lot7"
+    (photos / "sub").mkdir(parents=True)
+    for i in range(5):
+        random_image(120, 90, i).save(photos / ("sub" if i == 4 else "") / f"p{i}.png")
+    whole = (photos / "p0.png").read_bytes()
+    (photos / "cut.png").write_bytes(whole[: len(whole) // 2])  # a truncated PNG
+    (photos / "notes.txt").write_text("not a photo")  # not listed: no image suffix
+    random_image(100, 100, 9).save(tmp_path / "good.png")
+    return tmp_path, photos
+
+
+def run(main, tiny_dir, *extra):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--model", str(tiny_dir), "--good", *extra])
+    return exit_info.value.code
+
+
+def test_a_folder_streams_to_jsonl_and_csv_and_resumes(tiny_dir, folder, capsys):
+    from kensa_vl.train.cli import main
+
+    root, photos = folder
+    out = root / "results.jsonl"
+    code = run(main, tiny_dir, str(root / "good.png"), "--query-dir", str(photos), "--out", str(out))
+    captured = capsys.readouterr()
+    assert code == 2 and "1 of 6 queries could not be read" in captured.err and "cut.png" in captured.err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["file"].rsplit("/", 1)[1] for r in lines) == ["cut.png", "p0.png", "p1.png", "p2.png", "p3.png",
+                                                                  "p4.png"]  # fmt: skip
+    (error,) = [r for r in lines if r["verdict"] == "error"]
+    assert error["file"].endswith("cut.png") and error["p_defective"] is None and "truncated" in error["text"]
+    rows = list(csv.DictReader(open(root / "results.csv")))
+    assert [r["file"] for r in rows] == [r["file"] for r in lines] and rows[1]["verdict"] in ("good", "defective")
+
+    # stopped after three photos: the rest, and only the rest, are judged on --resume
+    out.write_text("".join(json.dumps(r) + "\n" for r in lines[:3]))
+    code = run(main, tiny_dir, str(root / "good.png"), "--query-dir", str(photos), "--out", str(out), "--resume")
+    judged = [line.split("\t")[0] for line in capsys.readouterr().out.strip().splitlines()]
+    assert judged == [r["file"] for r in lines[3:]] and code == (2 if error in lines[3:] else 0)
+    again = [json.loads(line)["file"] for line in out.read_text().splitlines()]
+    assert sorted(again) == sorted(r["file"] for r in lines) and len(set(again)) == len(again)
+
+    with pytest.raises(SystemExit) as exit_info:  # an existing results file is never overwritten silently
+        main(["inspect", "--model", str(tiny_dir), "--good", str(root / "good.png"), "--query-dir", str(photos),
+              "--out", str(out)])  # fmt: skip
+    assert exit_info.value.code == 2 and "pass --resume" in capsys.readouterr().err
+
+
+def test_globs_and_lists_of_queries(tiny_dir, folder, capsys):
+    from kensa_vl.train.cli import main
+
+    root, photos = folder
+    (root / "list.txt").write_text(f"{photos / 'p1.png'}\n\n{photos / 'p2.png'}\n")
+    main(["inspect", "--model", str(tiny_dir), "--good", str(root / "good.png"), "--query", str(photos / "p[03].png"),
+          "--query-list", str(root / "list.txt")])  # fmt: skip
+    judged = [line.split("\t")[0].rsplit("/", 1)[1] for line in capsys.readouterr().out.strip().splitlines()]
+    assert judged == ["p0.png", "p3.png", "p1.png", "p2.png"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--model", str(tiny_dir), "--good", str(root / "good.png"), "--query", str(photos / "*.jpg")])
+    assert exit_info.value.code == 2 and "matches no file" in capsys.readouterr().err
