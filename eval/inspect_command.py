@@ -121,8 +121,8 @@ def run(args) -> None:
 
     work = jobs(args)
     state = PartialState()
+    model, processor = load_pretrained(args.model)  # a broken model folder is refused before a file is written
     sink = Sink(args.out if state.is_main_process else None, args.resume)
-    model, processor = load_pretrained(args.model)
     inspector = Inspector(model, processor, threshold=args.threshold)
     total = sum(len(q) for *_, q in work)
     bar = tqdm(total=total, unit="photo", desc="inspecting", disable=not state.is_main_process)

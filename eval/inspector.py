@@ -102,9 +102,68 @@ def fork_cache(cache):
     return fork
 
 
+def check_model_folder(path) -> None:
+    """Refuse a local model folder that cannot be a working KensaVL before anything loads it: a missing or unreadable
+    `config.json`, another model type, pickle weights only (they can run code when loaded), no weights, or a
+    safetensors file that is truncated or corrupt. A Hub id (not a local folder) is left to the Hub."""
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    if not folder.is_dir():
+        if folder.exists() or str(path).startswith((".", "/")):
+            raise ValueError(f"{path}: not a model folder")
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{folder} has no config.json: not a saved model folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{folder}/config.json is not valid JSON ({err})") from None
+    if config.get("model_type") != "kensa_vl":
+        raise ValueError(f"{folder} holds a {config.get('model_type')!r} model, not a KensaVL (model_type 'kensa_vl')")
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for p in folder.glob("*.bin") if p.name != "training_args.bin")
+        if pickles:
+            raise ValueError(f"{folder} holds pickle weights only ({', '.join(pickles)}), which can run code when "
+                             "loaded; save the model with safetensors (save_pretrained does by default)")  # fmt: skip
+        raise ValueError(f"{folder} holds no weights (*.safetensors)")
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        missing = sorted(set(json.loads(index.read_text())["weight_map"].values()) - {p.name for p in shards})
+        if missing:
+            raise ValueError(f"{folder}: the weight index names shards that are not there: {missing}")
+    for shard in shards:
+        _check_safetensors(shard)
+
+
+def _check_safetensors(path) -> None:
+    """A safetensors file's header is JSON that says where each tensor ends: the file must be that long."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        try:
+            header = json.loads(handle.read(length)) if length is not None and length <= size - 8 else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = None
+    if header is None:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated header)")
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + length + end:
+        raise ValueError(f"{path} is truncated or corrupt: its header needs {8 + length + end} bytes, it has {size}")
+
+
 def load_pretrained(path, dtype=None):
-    """Model + processor of a KensaVL folder or Hub id, through the Auto classes (remote code)."""
+    """Model + processor of a KensaVL folder or Hub id, through the Auto classes (remote code); a local folder is
+    checked first (`check_model_folder`)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    check_model_folder(path)
 
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=True).model_type
     if model_type != "kensa_vl":

@@ -75,3 +75,46 @@ def test_globs_and_lists_of_queries(tiny_dir, folder, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["inspect", "--model", str(tiny_dir), "--good", str(root / "good.png"), "--query", str(photos / "*.jpg")])
     assert exit_info.value.code == 2 and "matches no file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-1000]), "truncated"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......"),
+            "not a readable safetensors",
+        ),
+        (lambda d: (d / "config.json").write_text('{"model_type": "kensa_vl",'), "config.json is not valid JSON"),
+        (lambda d: (d / "config.json").unlink(), "no config.json"),
+        (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), "pickle weights only"),
+        (lambda d: (d / "model.safetensors").unlink(), "holds no weights"),
+    ],
+    ids=["truncated", "bad-header", "bad-config", "no-config", "pickle", "no-weights"],
+)
+def test_a_broken_model_folder_is_refused_before_anything_runs(tiny_dir, tmp_path, capsys, damage, message):
+    import shutil
+
+    from kensa_vl.train.cli import main
+
+    broken = shutil.copytree(tiny_dir, tmp_path / "model")
+    damage(broken)
+    random_image(64, 64).save(tmp_path / "q.png")
+    query = str(tmp_path / "q.png")
+    inspect = [
+        "inspect",
+        "--model",
+        str(broken),
+        "--good",
+        query,
+        "--query",
+        query,
+        "--out",
+        str(tmp_path / "r.jsonl"),
+    ]
+    publish = ["publish", "--model", str(broken), "--out", str(tmp_path / "export"), "--allow-missing-results"]
+    for command in (inspect, publish):
+        with pytest.raises(SystemExit) as exit_info:
+            main(command)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "export").exists()  # nothing written

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
             add_main_job_parser(subparsers)
         elif chosen == "ablate":
             module.add_parsers(subparsers, importlib.import_module("kensa_vl.train.pipeline").train)
+        elif chosen == "publish":  # the loader's check of a model folder, from the evaluation side
+            module.add_parsers(subparsers, importlib.import_module("kensa_vl.eval.inspector").check_model_folder)
         else:
             module.add_parsers(subparsers)
     for name, (_, line) in COMMANDS.items():  # the others, for the listing (and a clear error for a typo)

@@ -18,16 +18,17 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from kensa_vl.train.sft import TRAINING_RECORD
 
-TEMPLATE = Path(__file__).parents[1] / "model_card.md"
+TEMPLATE = Path(__file__).parent / "model_card.md"  # the repository's model_card.md (a link), shipped in the wheel
 VERIFY = Path(__file__).parent / "verify_export.py"
 # What a Hub repo of the model needs; everything else in a training folder (runs/, checkpoints, optimizer states,
 # training_args.bin) stays behind.
 SHIPPED = ("*.py", "*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")
-PLOTS = ("accuracy_vs_shots.png", "roc.png", "accuracy_vs_size.png", "examples.png", "loss.png")
+PLOTS = ("accuracy_vs_shots.png", "roc.png", "accuracy_vs_size.png", "examples.png", "heatmaps.png", "loss.png")
 LEFTOVER = re.compile(r"\{\{|\{%|REPO_ID|TODO|TBD|<fill", re.IGNORECASE)
 
 
@@ -39,11 +40,15 @@ def export(
     repo_id: str | None = None,
     datasets: list[str] = (),
     notes=None,
+    check=None,
 ) -> Path:
     """Write the export folder (see the module docstring); `datasets` are Hub dataset ids for the card's header,
     `notes` a markdown file of further measured results (an ablation, say) the card includes, and plots it links
-    that lie beside it."""
+    that lie beside it. `check(model_dir)` refuses a broken model folder first (the CLI passes the loader's,
+    `kensa_vl.eval.inspector.check_model_folder`)."""
     model_dir, out = Path(model_dir), Path(out)
+    if check is not None:
+        check(model_dir)
     if not (model_dir / "config.json").exists():
         raise ValueError(f"{model_dir} has no config.json: not a saved model folder")
     config = json.loads((model_dir / "config.json").read_text())
@@ -68,15 +73,23 @@ def export(
     linked = re.findall(r"\]\(([^)/]+\.png)\)", extra or "")  # plots beside the notes travel with them
     table = table.read_text() if table is not None else None
     card = model_card(config, results, stages, plots, repo_id, datasets, extra, table)  # fails before any write
-    out.mkdir(parents=True, exist_ok=True)
-    for pattern in SHIPPED:
-        for path in model_dir.glob(pattern):
-            shutil.copy2(path, out / path.name)
-    for name in plots:
-        shutil.copy2(Path(metrics).parent / name, out / name)
-    for name in linked:
-        shutil.copy2(Path(notes).parent / name, out / name)
-    (out / "README.md").write_text(card)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # renamed when whole: never half an export
+    try:
+        for pattern in SHIPPED:
+            for path in model_dir.glob(pattern):
+                shutil.copy2(path, tmp / path.name)
+        for name in plots:
+            shutil.copy2(Path(metrics).parent / name, tmp / name)
+        for name in linked:
+            shutil.copy2(Path(notes).parent / name, tmp / name)
+        (tmp / "README.md").write_text(card)
+        tmp.chmod(0o755)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -185,7 +198,8 @@ def push(folder, repo_id: str, private: bool = False) -> str:
     return commit.oid
 
 
-def add_parsers(subparsers) -> None:
+def add_parsers(subparsers, check=None) -> None:
+    """The `publish` sub-command; `check(model_dir)` refuses a broken model folder before anything is written."""
     p = subparsers.add_parser("publish")  # its --help line: cli.COMMANDS
     p.add_argument("--model", required=True, help="a trained KensaVL folder")
     p.add_argument("--out", required=True, help="the export folder (must be new or empty)")
@@ -200,7 +214,7 @@ def add_parsers(subparsers) -> None:
     def run(a) -> None:
         if a.push and not a.repo_id:
             raise ValueError("--push needs --repo-id USER/NAME")
-        out = export(a.model, a.out, a.eval, a.allow_missing_results, a.repo_id, a.dataset, a.notes)
+        out = export(a.model, a.out, a.eval, a.allow_missing_results, a.repo_id, a.dataset, a.notes, check)
         result = verify(out)
         print(f"exported {out}; loads with empty loading info under transformers {result['version']} and generates")
         if a.push:
