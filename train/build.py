@@ -59,6 +59,8 @@ _CORPUS_WORDS = (
     "6 7 8 9 , . : ; ? ! ( ) - ' \" / \n"
 ).split(" ")
 
+TRAINING_RECORD = "kensa_training.json"  # beside a trained model: the stages run (for the model card)
+
 
 def train_tokenizer(
     vocab_size: int = 1024, num_loc_bins: int = NUM_LOC_BINS, seed: int = 0

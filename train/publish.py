@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kensa_vl.train.sft import TRAINING_RECORD
+from kensa_vl.train.build import TRAINING_RECORD
 
 TEMPLATE = Path(__file__).parent / "model_card.md"  # the repository's model_card.md (a link), shipped in the wheel
 VERIFY = Path(__file__).parent / "verify_export.py"

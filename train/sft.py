@@ -22,6 +22,7 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from kensa_vl.modeling.vision_kensa_vl import freeze_unread, read_layers
 from kensa_vl.processing.processing_kensa_vl import structure_tokens
+from kensa_vl.train.build import TRAINING_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -311,9 +312,6 @@ def main(args: KensaArguments, training_args: SFTConfig) -> KensaTrainer:
         processor.save_pretrained(training_args.output_dir)
         write_training_record(args, training_args, trainer.state.global_step)
     return trainer
-
-
-TRAINING_RECORD = "kensa_training.json"
 
 
 def write_training_record(args: KensaArguments, training_args: SFTConfig, steps: int) -> None:
