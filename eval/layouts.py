@@ -27,7 +27,7 @@ from PIL import Image
 from kensa_vl.processing.image_processing_kensa_vl import open_image, to_rgb
 from kensa_vl.processing.processing_kensa_vl import region_position
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 LAYOUTS = ("kensa-synth", "mvtec", "mvtec-loco", "visa", "folder")
 
 
