@@ -4,17 +4,21 @@
     python demo/app.py                                     # neither: the offline tiny default (random weights)
 
 Upload good examples, defective examples (one description per line, optional), and queries; press Inspect. Each
-query gets its verdict, P(defective), the description, its heatmap and boxes drawn, and the time it took. The
-support set is encoded once and kept (KV cache) until it changes. Bad input gets a message in the page, never a
-traceback.
+query gets its verdict, P(defective), the description, its heatmap and boxes drawn, and the time it took. Each
+support set is encoded once and kept (KV cache) by key for the next request with it; the last KENSA_CACHE_SIZE (4)
+are held, KENSA_CONCURRENCY (2) requests run at once and KENSA_QUEUE_SIZE (16) wait, beyond that a request is
+refused with a message. Bad input gets a message in the page, never a traceback.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
@@ -69,28 +73,48 @@ def check_counts(**files) -> None:
 
 
 class Demo:
-    """The page's state: one inspector and the key of the support set it holds."""
+    """The page's state: the support sets of recent users, each in its own inspector over the one shared model, kept
+    by key (the photos' bytes, the descriptions, the noun) and bounded: the least recently used is dropped when a
+    new one comes and `cache_size` are held. Concurrent requests never share a support set's state."""
 
-    def __init__(self, inspector: Inspector):
-        self.inspector, self.support_key = inspector, None
+    def __init__(self, inspector: Inspector, cache_size: int = 4):
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        self.inspector, self.cache_size = inspector, cache_size
+        self.sessions: OrderedDict[str, Inspector] = OrderedDict()
+        self.encoding: dict[str, threading.Lock] = {}
+        self.lock = threading.Lock()
 
-    def set_support(self, good: list[str], defective: list[str], descriptions: str, noun: str) -> bool:
-        """Encode the support set unless it is the one already cached; returns whether it was encoded."""
+    def set_support(self, good: list[str], defective: list[str], descriptions: str, noun: str):
+        """The inspector holding this support set, encoded unless it is cached: `(inspector, encoded)`."""
         notes = [line.strip() for line in (descriptions or "").splitlines()]
         digest = hashlib.sha256(noun.encode())
         for path in [*good, *defective]:
             digest.update(Path(path).read_bytes())
         digest.update("\n".join(notes).encode())
-        if digest.hexdigest() == self.support_key:
-            return False
-        support = [support_item(open_image(p, "good example")) for p in good]
-        for i, path in enumerate(defective):
-            note = notes[i] if i < len(notes) and notes[i] else None
-            support.append(support_item(open_image(path, "defective example"), defective=True, description=note))
-        self.inspector.noun = noun.strip() or "product"
-        self.inspector.set_support(support)
-        self.support_key = digest.hexdigest()
-        return True
+        key = digest.hexdigest()
+        with self.lock:
+            if key in self.sessions:
+                self.sessions.move_to_end(key)
+                return self.sessions[key], False
+            gate = self.encoding.setdefault(key, threading.Lock())
+        with gate:  # one encoding per key; a second request for it waits and then finds it cached
+            with self.lock:
+                if key in self.sessions:
+                    return self.sessions[key], False
+            support = [support_item(open_image(p, "good example")) for p in good]
+            for i, path in enumerate(defective):
+                note = notes[i] if i < len(notes) and notes[i] else None
+                support.append(support_item(open_image(path, "defective example"), defective=True, description=note))
+            session = copy.copy(self.inspector)  # shares the model; its own support state
+            session.noun = noun.strip() or "product"
+            session.set_support(support)
+            with self.lock:
+                self.sessions[key] = session
+                while len(self.sessions) > self.cache_size:
+                    self.sessions.popitem(last=False)
+                self.encoding.pop(key, None)
+            return session, True
 
     def run(self, good, defective, descriptions, noun, queries):
         """The button: (gallery of drawn queries, results table, status line). Never raises."""
@@ -98,14 +122,14 @@ class Demo:
         try:
             check_counts(good=good, defective=defective, queries=queries)
             start = time.perf_counter()
-            encoded = self.set_support(good, defective, descriptions, noun)
+            inspector, encoded = self.set_support(good, defective, descriptions, noun)
             support_ms = (time.perf_counter() - start) * 1000
             gallery, rows = [], []
             for path in queries:
                 start = time.perf_counter()
                 try:
                     image = open_image(path, "query")
-                    result = self.inspector.judge(image)[0]
+                    result = inspector.judge(image)[0]
                 except ValueError as err:  # one bad query: say which, judge the others
                     rows.append([Path(path).name, "error", None, str(err), None])
                     continue
@@ -152,8 +176,12 @@ def build(demo: Demo) -> gr.Blocks:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    page = build(Demo(load_inspector()))
-    page.queue(default_concurrency_limit=1).launch(
+    page = build(Demo(load_inspector(), cache_size=int(os.environ.get("KENSA_CACHE_SIZE", "4"))))
+    # concurrent requests run on the shared model; beyond the queue's size a request is refused with a message
+    page.queue(
+        default_concurrency_limit=int(os.environ.get("KENSA_CONCURRENCY", "2")),
+        max_size=int(os.environ.get("KENSA_QUEUE_SIZE", "16")),
+    ).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
     )

@@ -150,3 +150,45 @@ def test_inspection_in_a_real_browser(photos, tmp_path):
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_support_sets_are_kept_by_key_least_recently_used_first_out(app, tiny, photos):
+    from kensa_vl.eval.inspector import Inspector
+
+    model, processor = tiny
+    demo = app.Demo(Inspector(model, processor, max_new_tokens=0), cache_size=2)
+    paths, _ = photos
+    sets = {"a": [paths[0]], "b": [paths[1]], "c": [paths[2]]}
+
+    def status(name):
+        return demo.run(sets[name], [], "", "nut", [paths[3]])[2]
+
+    assert ["encoded" in status(n) for n in "abac"] == [True, True, False, True]  # c evicts b, the oldest
+    assert "encoded" in status("b") and "reused" in status("c")
+    assert len(demo.sessions) == 2
+
+
+def test_concurrent_users_with_different_support_sets_get_their_own_answers(app, tiny, photos):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kensa_vl.eval.inspector import Inspector
+
+    model, processor = tiny
+    paths, _ = photos
+    users = [([paths[i]], [paths[(i + 1) % 4], paths[(i + 2) % 4]]) for i in range(4)]  # (support, queries)
+    alone = [app.Demo(Inspector(model, processor, max_new_tokens=0)).run(s, [], "", "nut", q)[1] for s, q in users]
+    demo = app.Demo(Inspector(model, processor, max_new_tokens=0), cache_size=2)  # fewer slots than users
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda u: demo.run(u[0], [], "", "nut", u[1])[1], users * 3))
+    for rows, expected in zip(together, alone * 3, strict=True):
+        assert [r[2] for r in rows] == pytest.approx([r[2] for r in expected], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_the_service_holds_under_concurrent_users_over_http():
+    """The load test, short: 3 users with their own support sets for a few seconds against the server on 127.0.0.1,
+    with fewer cache slots than users; every answer equals the same query judged alone, none lost."""
+    from benchmarks.service_load import main
+
+    result = main(["--clients", "3", "--seconds", "8", "--cache-size", "2", "--concurrency", "2"])
+    assert result["requests"] >= 3 and result["lost"] == 0 and result["mismatches"] == 0
