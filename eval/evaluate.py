@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .inspector import Inspector
-from .metrics import bootstrap, image_metrics, metrics, pixel_metrics, pixel_stats
+from .metrics import bootstrap, metrics, pixel_metrics, pixel_stats, ranking_metrics
 
 CONTROLS = ("other_category", "noise", "shuffled_labels")
 SHEET_SIDE = 96
@@ -95,8 +95,10 @@ def _summary(per_seed: list[dict]) -> dict:
 def _headline(records: list[dict], threshold: float) -> dict:
     """The interval metrics of one resample (the image metrics and, with heatmaps, the pixel ones)."""
     y = np.array([r["label"] == "defective" for r in records])
-    out = image_metrics(y, np.array([r["p_defective"] for r in records], dtype=float), threshold)
-    out.update(pixel_metrics(records))
+    p = np.array([r["p_defective"] for r in records], dtype=float)
+    pred = p >= threshold
+    out = {"balanced_accuracy": (pred[y].mean() + (~pred[~y]).mean()) / 2 if y.any() and (~y).any() else np.nan}
+    out.update(ranking_metrics(y, p), **pixel_metrics(records))
     return {k: out.get(k, np.nan) for k in INTERVAL_METRICS}
 
 

@@ -87,6 +87,27 @@ def image_metrics(y: np.ndarray, p: np.ndarray, threshold: float, bins: int = 10
     return out
 
 
+def ranking_metrics(y: np.ndarray, p: np.ndarray) -> dict:
+    """Image AUROC, AUPR (average precision) and F1-max computed in one sort: the bootstrap's thousands of resamples
+    cannot afford scikit-learn's input checks (~20 ms per call). Equal to scikit-learn's `roc_auc_score`,
+    `average_precision_score` and the F1-max of `precision_recall_curve`, ties included (tested)."""
+    from scipy.stats import rankdata
+
+    positives, n = int(y.sum()), len(y)
+    if positives in (0, n):
+        return {"auroc": float("nan"), "aupr": float("nan"), "f1_max": float("nan")}
+    ranks = rankdata(p)  # ties get the mean rank: the Mann-Whitney U form of AUROC
+    auroc = (ranks[y].sum() - positives * (positives + 1) / 2) / (positives * (n - positives))
+    order = np.argsort(-p, kind="stable")
+    scores, hits = p[order], y[order]
+    last = np.r_[scores[1:] != scores[:-1], True]  # the last of each run of tied scores: one threshold each
+    tp, seen = np.cumsum(hits)[last], np.arange(1, n + 1)[last]
+    precision, recall = tp / seen, tp / positives
+    aupr = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    return {"auroc": float(auroc), "aupr": aupr, "f1_max": float(f1.max())}
+
+
 def pixel_stats(heatmap: np.ndarray, mask: np.ndarray | None) -> dict:
     """What the pixel metrics keep of one query: histograms over `BINS` of its normal cells and of each 8-connected
     defect region, on `PIXEL_SIDE`² maps. `heatmap` `(H, W)` float (log-distance), `mask` `(H', W')` bool or None

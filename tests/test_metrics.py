@@ -6,7 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kensa_vl.eval.metrics import BINS, PIXEL_SIDE, aupro, bootstrap, image_metrics, pixel_auroc, pixel_stats
+from kensa_vl.eval.metrics import (
+    BINS,
+    PIXEL_SIDE,
+    aupro,
+    bootstrap,
+    image_metrics,
+    pixel_auroc,
+    pixel_stats,
+    ranking_metrics,
+)
 
 
 def _hist(values) -> np.ndarray:
@@ -73,3 +82,13 @@ def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_data():
     assert many[1] - many[0] < (few[1] - few[0]) / 3
     constant = bootstrap([{"seed": s, "x": 2.0} for s in range(3)], mean, 50)["x"]
     assert constant == (2.0, 2.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_bootstraps_ranking_metrics_equal_scikit_learns(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.random(40) < 0.4
+    p = np.round(rng.random(40), 1)  # many ties
+    fast, reference = ranking_metrics(y, p), image_metrics(y, p, 0.5)
+    for name in ("auroc", "aupr", "f1_max"):
+        assert fast[name] == pytest.approx(reference[name], abs=1e-12), name
