@@ -16,6 +16,7 @@ Shipped to the Hub as remote code: imports only torch, transformers and siblings
 from __future__ import annotations
 
 import inspect
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -241,10 +242,12 @@ def tapped_hidden_states(tower: nn.Module, taps: list[int], pixel_values: torch.
     if layers is None:
         raise ValueError(f"{type(tower).__name__} has no `encoder.layers` / `encoder.layer` to tap features from.")
     wanted = [tap % (len(layers) + 1) for tap in taps]
-    captured, handles = {}, []
+    captured, handles, caller = {}, [], threading.get_ident()
 
     def keep(index):
         def hook(module, args, kwargs, output=None):
+            if threading.get_ident() != caller:  # the same layers run in another thread's forward (a server)
+                return
             value = output if output is not None else (args[0] if args else kwargs["hidden_states"])
             captured[index] = value[0] if isinstance(value, tuple) else value
 

@@ -181,7 +181,7 @@ def test_concurrent_users_with_different_support_sets_get_their_own_answers(app,
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda u: demo.run(u[0], [], "", "nut", u[1])[1], users * 3))
     for rows, expected in zip(together, alone * 3, strict=True):
-        assert [r[2] for r in rows] == pytest.approx([r[2] for r in expected], abs=1e-5)
+        assert [r[2] for r in rows] == pytest.approx([r[2] for r in expected], abs=2e-3)  # rounded to 0.001
 
 
 @pytest.mark.slow
