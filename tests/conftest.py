@@ -35,11 +35,11 @@ def tiny_dir(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
-    """A small KensaSynth folder (160 photos at 256 px, 40 episodes)."""
+    """A small KensaSynth folder (240 photos at 256 px, 40 episodes; 6 good photos per validation category)."""
     from kensa_vl.train.data.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth") / "ks"
-    return generate(SynthConfig(seed=0, num_images=160, num_episodes=40, resolution=256), out, workers=2)
+    return generate(SynthConfig(seed=0, num_images=240, num_episodes=40, resolution=256), out, workers=2)
 
 
 @pytest.fixture(scope="session")

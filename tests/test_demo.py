@@ -59,10 +59,12 @@ def test_the_gallery_shows_the_heatmap_of_a_comparing_model(app, photos):
                                   reference_encoders=["dct"])  # fmt: skip
     inspector = Inspector(model, processor, max_new_tokens=0)
     paths, _ = photos
-    gallery, rows, _ = app.Demo(inspector).run(paths[:2], [], "", "nut", [paths[3]])
+    demo = app.Demo(inspector)
+    gallery, rows, _ = demo.run(paths[:2], [], "", "nut", [paths[3]])
     drawn = np.asarray(gallery[0][0], dtype=float)
     plain = np.asarray(draw_judgement(app.open_image(paths[3], "query"), [], rows[0][1]), dtype=float)
-    result = inspector.judge(app.open_image(paths[3], "query"))[0]
+    (session,) = demo.sessions.values()  # the support set's own inspector
+    result = session.judge(app.open_image(paths[3], "query"))[0]
     assert result.heatmap is not None and np.abs(drawn - plain).mean() > 10  # blended, not the photo alone
 
 
