@@ -26,7 +26,12 @@ from transformers.cache_utils import DynamicLayer
 from kensa_vl.modeling.comparison_kensa_vl import distance_map, locate_box
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
-from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN, parse_inspection_answer, region_position
+from kensa_vl.processing.processing_kensa_vl import (
+    IMAGE_TOKEN,
+    parse_inspection_answer,
+    region_position,
+    verdict_token_ids,
+)
 from kensa_vl.train.data import episode
 
 
@@ -170,14 +175,6 @@ def load_pretrained(path, dtype=None):
         raise ValueError(f"{path} holds a {model_type!r} model, not a KensaVL (model_type 'kensa_vl')")
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype or "auto")
     return model, AutoProcessor.from_pretrained(path, trust_remote_code=True)
-
-
-def verdict_token_ids(tokenizer) -> tuple[int, int]:
-    """First token of "good" and of "defective": P(defective) is read off these two at the answer's start."""
-    good, defective = (tokenizer(word, add_special_tokens=False).input_ids[0] for word in ("good", "defective"))
-    if good == defective:
-        raise ValueError("the tokenizer starts 'good' and 'defective' with the same token; P(defective) is undefined")
-    return good, defective
 
 
 class Inspector:

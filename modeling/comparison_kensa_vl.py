@@ -25,6 +25,11 @@ from .configuration_kensa_vl import KensaVLConfig
 # within LOCATE_RANGE of the peak's (at least e^-2 = 14% of its distance: near-identical photos give tiny, noisy
 # distances)
 LOCATE_MARGIN, LOCATE_RANGE = 0.05, 2.0
+# the verdict logit's start (`KensaVLReferenceComparison.verdict`): VERDICT_SLOPE * (relative score - VERDICT_MARGIN),
+# defective when the image's kNN log-score lies VERDICT_MARGIN above the supports' own level. Read off KensaSynth's
+# validation categories (DCT cells, 4 shots: good photos at -0.17 +- 0.18, defective at +0.61 +- 0.41); training
+# moves both.
+VERDICT_SLOPE, VERDICT_MARGIN = 8.0, 0.2
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Summary:
     row: int
     start: int
     embedding: torch.Tensor
+    verdict: torch.Tensor | None = None  # the image's verdict logit, a scalar
 
 
 @dataclass
@@ -192,7 +198,13 @@ class KensaVLReferenceComparison(nn.Module):
     visual token (through a last layer that starts at zero), and the image's summary becomes an embedding added to
     the image's closing `</img>` token and the text that follows it (AnomalyGPT's prompt embedding, see
     `add_summaries`). The summary, over the image's grid tiles (`scored_tiles`): the largest, top-mean and mean
-    logit, the image's kNN score, that score minus the prompt's level (see `forward`), and whether there is one."""
+    logit, the image's kNN score, that score minus the prompt's level (see `forward`), and whether there is one.
+
+    And a verdict: a logit linear in the score over the level (and whether there is a level), which sets the odds
+    of "defective" against "good" where the answer about the image starts (`set_verdict_odds`). The language model's
+    own logits are added to it, so an untrained language model still gives the comparison's verdict, and a trained
+    one need not find the summary among its inputs to use it. Its threshold is relative to the product's own good
+    photos (how far they lie from each other), not to what was typical in training."""
 
     PER_ENCODER = 4  # log-distances per encoder and token: 3x3 mean and farthest cell, raw and over the median
 
@@ -207,8 +219,11 @@ class KensaVLReferenceComparison(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(inputs, 64), nn.GELU(), nn.Linear(64, 1))
         self.embed = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
         self.summary = nn.Sequential(nn.Linear(6, width), nn.GELU(), nn.Linear(width, width))
-        # how `_init_weights` starts them: the mean of the log-distances, and residuals that change nothing yet
+        self.verdict = nn.Linear(2, 1)  # (score over the level, whether there is a level) -> verdict logit
+        # how `_init_weights` starts them: the mean of the log-distances, residuals that change nothing yet, and
+        # the verdict's VERDICT_SLOPE * (relative - VERDICT_MARGIN)
         self.linear.kensa_init = "mean"
+        self.verdict.kensa_init = "verdict"
         self.mlp[-1].kensa_init = self.embed[-1].kensa_init = "zero"
 
     def features(self, grids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -242,7 +257,8 @@ class KensaVLReferenceComparison(nn.Module):
         relative, known = (score - level, 1.0) if level is not None else (torch.zeros_like(score), 0.0)
         image = torch.stack([scored.max(), top, scored.mean(), score, relative, torch.full_like(score, known)])
         summary = torch.stack([logits, image[0].expand_as(logits)], -1)
-        return self.embed(summary), logits, self.summary(image), score.detach(), nearest
+        verdict = self.verdict(image[4:]).squeeze(-1)
+        return self.embed(summary), logits, self.summary(image), verdict, score.detach(), nearest
 
     def compare_prompt(
         self,
@@ -281,7 +297,7 @@ class KensaVLReferenceComparison(nn.Module):
                 query = {name: f[first:last] for name, f in features.items()}
                 if banks[self.encoders[0]]:
                     level = torch.stack(levels).median() if levels else None
-                    delta, logits, summary, scores[image], nearest[image] = self(
+                    delta, logits, summary, verdict, scores[image], nearest[image] = self(
                         query, thumbnail[first:last], {n: torch.cat(b) for n, b in banks.items()}, level
                     )
                     levels.append(scores[image])
@@ -289,7 +305,7 @@ class KensaVLReferenceComparison(nn.Module):
                     anomaly[first:last] = logits.float()
                     end = int(positions[seen + (last - first) * per_tile - 1]) + 1  # the image's `</img>`
                     if end < input_ids.shape[1]:
-                        summaries.append(Summary(row, end, summary))
+                        summaries.append(Summary(row, end, summary, verdict))
                 seen += (last - first) * per_tile
                 if seen < row_tokens or keep:  # a later image of the row (or a caller's later query) compares with it
                     for name, cells in bank_cells(pixel_values[first:last], query).items():
@@ -320,6 +336,35 @@ class KensaVLReferenceComparison(nn.Module):
             values.append(summary.embedding.expand(stop - start, -1))
         index = (torch.tensor(span_rows, device=input_ids.device), torch.tensor(span_cols, device=input_ids.device))
         return inputs_embeds.index_put(index, torch.cat(values).to(inputs_embeds.dtype), accumulate=True)
+
+    def set_verdict_odds(self, logits: torch.Tensor, input_ids: torch.Tensor, summaries: list[Summary]):
+        """Add each compared image's verdict logit to the odds of "defective" against "good"
+        (`config.verdict_token_ids`) where an answer about it starts: at the last token of each generation prompt
+        (`config.answer_prompt_ids`) after the image's `</img>`, the most recent compared image of its row. The two
+        tokens keep their joint probability, so an answer that is not a verdict (a box, a caption) is unchanged.
+        `logits` `(batch, positions, vocab)` are the last positions of `input_ids` (`logits_to_keep`)."""
+        prompt, words = self.config.answer_prompt_ids, self.config.verdict_token_ids
+        if not summaries or not prompt or len(words) != 2 or input_ids.shape[1] < len(prompt):
+            return logits
+        pattern = torch.tensor(prompt, device=input_ids.device)
+        ends = (input_ids.unfold(1, len(pattern), 1) == pattern).all(-1).nonzero()
+        offset = input_ids.shape[1] - logits.shape[1]
+        rows, cols, verdicts = [], [], []
+        for row, first in ends.tolist():
+            end = first + len(prompt) - 1
+            before = [s for s in summaries if s.row == row and s.start < end and s.verdict is not None]
+            if before and end >= offset:
+                rows.append(row)
+                cols.append(end - offset)
+                verdicts.append(max(before, key=lambda s: s.start).verdict)
+        if not rows:
+            return logits
+        index = (torch.tensor(rows)[:, None], torch.tensor(cols)[:, None], torch.tensor(words)[None])
+        index = tuple(i.to(logits.device) for i in index)
+        pair = logits[index].float()  # (n, 2): good, defective
+        odds = pair[:, 1] - pair[:, 0] + torch.stack(verdicts).float()
+        new = pair.logsumexp(-1, keepdim=True) + torch.stack([F.logsigmoid(-odds), F.logsigmoid(odds)], -1)
+        return logits.index_put(index, new.to(logits.dtype))
 
     def loss(self, anomaly_map: torch.Tensor, anomaly_labels: torch.Tensor) -> torch.Tensor | None:
         """Class-balanced binary cross-entropy of the map against `anomaly_labels` (1 defect, 0 not, -1 unknown),

@@ -135,6 +135,11 @@ class KensaVLConfig(PretrainedConfig):
         summary_stop_token_ids (`list[int]`): a compared image's summary embedding is added to its `</img>` token and
             the text after it, up to the next of these tokens (the builders set `<img>` and `<|im_start|>`: the
             next image or the next chat turn); empty: to the `</img>` token alone.
+        verdict_token_ids (`list[int]`): the first tokens of "good" and "defective". With `reference_comparison`,
+            each compared image's verdict logit (`KensaVLReferenceComparison.verdict`) sets the odds between these two
+            at the answer's start (`answer_prompt_ids`), their joint probability unchanged (`set_verdict_odds`).
+        answer_prompt_ids (`list[int]`): the chat template's generation prompt (`<|im_start|>assistant\n`) as token
+            ids: the position of its last token predicts the answer's first. Empty: no verdict odds are set.
         image_token_id, ... : ids of the reserved special tokens (filled in by the builders).
     """
 
@@ -157,6 +162,8 @@ class KensaVLConfig(PretrainedConfig):
         reference_views: list[str] | None = None,
         anomaly_loss_weight: float = 1.0,
         summary_stop_token_ids: list[int] | None = None,
+        verdict_token_ids: list[int] | None = None,
+        answer_prompt_ids: list[int] | None = None,
         image_token_id: int | None = None,
         loc_token_start_id: int | None = None,
         tie_word_embeddings: bool = False,
@@ -196,6 +203,8 @@ class KensaVLConfig(PretrainedConfig):
         self.reference_views = list(reference_views or [])
         self.anomaly_loss_weight = anomaly_loss_weight
         self.summary_stop_token_ids = list(summary_stop_token_ids or [])
+        self.verdict_token_ids = list(verdict_token_ids or [])
+        self.answer_prompt_ids = list(answer_prompt_ids or [])
         self.image_token_id = image_token_id
         self.loc_token_start_id = loc_token_start_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -27,6 +27,8 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .comparison_kensa_vl import (
+    VERDICT_MARGIN,
+    VERDICT_SLOPE,
     KensaVLReferenceComparison,
     ReferenceBank,
     locate_box,
@@ -69,6 +71,8 @@ class KensaVLModelOutputWithPast(BaseModelOutputWithPast):
     # with `return_reference_bank`: per sample, the `ReferenceBank` a later image would compare with, what a caller
     # caches and passes back as that sample's `reference_banks` (the support set, encoded once)
     reference_bank: tuple | None = None
+    # the compared images' `Summary`s (with their verdict logits), what the head's `set_verdict_odds` reads
+    summaries: tuple | None = None
 
 
 @dataclass
@@ -106,7 +110,10 @@ class KensaVLPreTrainedModel(PreTrainedModel):
             module.layer_logits.data.zero_()
         # Set per layer, not on the parent: 5.x skips custom-code modules without parameters of their own.
         start = getattr(module, "kensa_init", None)
-        if start is not None:
+        if start == "verdict":  # VERDICT_SLOPE * (relative score - VERDICT_MARGIN) where there is a level
+            module.weight.data.copy_(torch.tensor([[VERDICT_SLOPE, -VERDICT_SLOPE * VERDICT_MARGIN]]))
+            module.bias.data.zero_()
+        elif start is not None:
             module.weight.data.fill_(1.0 / module.in_features if start == "mean" else 0.0)
             module.bias.data.zero_()
 
@@ -306,6 +313,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
             image_scores=compared and compared.image_scores,
             reference_distances=compared.distances if compared and return_reference_distances else None,
             reference_bank=compared and compared.banks,
+            summaries=tuple(compared.summaries) if compared and compared.summaries else None,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
 
@@ -411,6 +419,8 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)
+        if outputs.summaries and not isinstance(logits_to_keep, torch.Tensor):
+            logits = self.model.reference_comparison.set_verdict_odds(logits, input_ids, list(outputs.summaries))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)

@@ -144,6 +144,23 @@ _ANSWER_RE = re.compile(
 )
 
 
+VERDICT_WORDS = ("good", "defective")  # an inspection answer's first word
+ANSWER_PROMPT = CHAT_TOKENS[0] + "assistant\n"  # the chat template's generation prompt: the answer follows it
+
+
+def verdict_token_ids(tokenizer) -> list[int]:
+    """First token of "good" and of "defective": the verdict is read off these two at the answer's start."""
+    good, defective = (tokenizer(word, add_special_tokens=False).input_ids[0] for word in VERDICT_WORDS)
+    if good == defective:
+        raise ValueError("the tokenizer starts 'good' and 'defective' with the same token; P(defective) is undefined")
+    return [good, defective]
+
+
+def answer_prompt_ids(tokenizer) -> list[int]:
+    """The token ids of the generation prompt (`ANSWER_PROMPT`): its last token predicts the answer's first."""
+    return tokenizer(ANSWER_PROMPT, add_special_tokens=False).input_ids
+
+
 def inspection_answer(defect_type: str | None, position: str | None, boxes, width: int, height: int, num_bins: int):
     """The target answer: `"good"` when `defect_type` is None, else `"defective: <type> at the <position> <boxes>"`."""
     if defect_type is None:

@@ -243,10 +243,11 @@ def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
         query = {name: f[5:] for name, f in features.items()}
         other = {name: torch.cat([f[5:9], f[:1]]) for name, f in features.items()}  # another thumbnail
         thumbnail = torch.tensor([False] * 4 + [True])
-        _, logits, summary, score, _ = comparison(query, thumbnail, bank)
-        _, other_logits, other_summary, other_score, _ = comparison(other, thumbnail, bank)
+        _, logits, summary, _, score, _ = comparison(query, thumbnail, bank)
+        _, other_logits, other_summary, _, other_score, _ = comparison(other, thumbnail, bank)
     assert not torch.allclose(logits[4], other_logits[4])  # the thumbnail's own map changes ...
-    torch.testing.assert_close(summary, other_summary)  # ... the image's summary does not
+    # ... the image's summary does not (up to the thumbnail's share in the per-image median the features are over)
+    torch.testing.assert_close(summary, other_summary, atol=1e-4, rtol=1e-3)
     assert score == other_score
 
 
@@ -338,3 +339,55 @@ def test_nearest_distances_in_blocks_equal_the_full_matrix():
     full = (1 - query.reshape(-1, 8) @ bank.T).amin(-1).clamp_min(0).view(3, 5, 5)
     for chunk in (7, 16, 4096):  # blocks that split rows and bank unevenly, and one block
         torch.testing.assert_close(nearest_distances(query, bank, chunk=chunk), full)
+
+
+def test_the_verdict_logit_sets_the_odds_where_the_answer_starts(tiny_dct):
+    model, processor = tiny_dct
+    words = model.config.verdict_token_ids
+    images = [random_image(224, 224, s) for s in (1, 2, 3)]
+    content = [{"type": "image"}, {"type": "text", "text": "good\n"}, {"type": "image"}, {"type": "text", "text": "good"}]
+    content += [{"type": "text", "text": "Query:"}, {"type": "image"}, {"type": "text", "text": "good or defective?"}]
+    messages = [{"role": "user", "content": content}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=images, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+        verdict = model.model(**inputs).summaries[-1].verdict
+        model.config.answer_prompt_ids = []  # the language model's logits alone
+        try:
+            plain = model(**inputs).logits
+        finally:
+            model.config.answer_prompt_ids = processor.tokenizer(
+                "<|im_start|>assistant\n", add_special_tokens=False
+            ).input_ids
+    changed = (out.logits - plain).abs().amax(-1).nonzero().tolist()
+    assert changed == [[0, inputs["input_ids"].shape[1] - 1]]  # the answer's start only
+    last, lm = out.logits[0, -1, words], plain[0, -1, words]
+    torch.testing.assert_close(last.logsumexp(0), lm.logsumexp(0))  # "good" and "defective" keep their share
+    # the odds are the language model's plus the comparison's verdict
+    torch.testing.assert_close(last[1] - last[0], lm[1] - lm[0] + verdict, atol=1e-4, rtol=1e-4)
+    assert abs(verdict.item()) > 0.1
+
+
+def test_in_training_the_verdict_odds_sit_before_the_answers_first_token(tiny_dct):
+    model, processor = tiny_dct
+    images = [random_image(224, 224, s) for s in (1, 2)]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "good"}, {"type": "image"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "defective: scratch at the top"}]},
+    ]
+    inputs = processor(text=processor.apply_chat_template(messages, tokenize=False), images=images, return_tensors="pt")
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        summaries = model.model(**inputs).summaries
+        out = model(**inputs).logits
+        words = model.config.verdict_token_ids
+        answer = (ids == words[1]).nonzero().flatten()  # the answer's "defective"
+        assert len(answer) == 1
+        model.config.verdict_token_ids = []
+        try:
+            plain = model(**inputs).logits
+        finally:
+            model.config.verdict_token_ids = words
+    assert (out - plain).abs().amax(-1)[0].nonzero().flatten().tolist() == [int(answer) - 1]
+    assert len(summaries) == 1  # the second image, compared with the first

@@ -217,7 +217,7 @@ def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth,
         return
     # the supports' own scores (each against those before it) are cached too, and the query's summary reads them
     assert len(inspector._bank.scores) == 2
-    inspector._bank.scores += 1.0
+    inspector._bank.scores += 10.0
     assert inspector.judge(queries[0])[0].p_defective != pytest.approx(scores[True][0], abs=1e-6)
     # and it matters: the same query against other references scores differently
     inspector.set_support(_support(test)[:1])

@@ -33,8 +33,10 @@ from kensa_vl.processing.processing_kensa_vl import (
     NUM_LOC_BINS,
     PAD_TOKEN,
     KensaVLProcessor,
+    answer_prompt_ids,
     location_tokens,
     special_tokens,
+    verdict_token_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -122,6 +124,8 @@ def set_token_ids(config: KensaVLConfig, tokenizer) -> None:
     config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config.loc_token_start_id = tokenizer.convert_tokens_to_ids("<loc_0>")
     config.summary_stop_token_ids = tokenizer.convert_tokens_to_ids([IMAGE_START, CHAT_TOKENS[0]])
+    config.verdict_token_ids = verdict_token_ids(tokenizer)
+    config.answer_prompt_ids = answer_prompt_ids(tokenizer)
     for target in (config, config.text_config):
         target.pad_token_id = tokenizer.pad_token_id
         target.eos_token_id = tokenizer.eos_token_id
