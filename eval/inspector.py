@@ -184,7 +184,10 @@ class Inspector:
         noun: what the product is called in the prompt ("nut", "marble slab", "product").
         threshold: P(defective) at or above which the verdict is "defective".
         cache: keep the KV cache of the support prefix (False recomputes the whole prompt per query).
-        support_max_tiles / query_max_tiles: tile budget per support / query image (None: the processor's).
+        support_max_tiles / query_max_tiles: tile budget per support / query image (None: the processor's). With
+            the reference comparison, a support budget below the query's is what the language model reads of each
+            support; the comparison's bank still holds the supports at the query's budget (`support_bank`), when
+            the support set is cached (`cache`).
         max_new_tokens: length of the generated description (0: score only, no text).
     """
 
@@ -251,11 +254,26 @@ class Inspector:
         if self.cache or compares:  # uncached, the supports' bank still gives the boxes and heatmaps (`_evidence`)
             images = [s["image"] for s in self.support]
             self._prefix = self._encode(self._prefix_text, images, self.support_max_tiles, first=True)
-            extra = {"return_reference_bank": True} if compares else {}
+            # the supports' cells (every view) and their scores against each other, encoded once: from the prompt's
+            # forward pass, or when the language model reads the supports at fewer tiles than the query, from the
+            # compared encoders alone on every tile the query has (`support_bank`)
+            separate = compares and self._bank_max_tiles() != self._prompt_max_tiles()
+            extra = {"return_reference_bank": True} if compares and not separate else {}
             out = self.model(**self._prefix, use_cache=self.cache, **extra)
             self._cache = getattr(out, CACHE_KEY) if self.cache else None
-            # the supports' cells (every view) and their scores against each other, encoded once
-            self._bank = out.reference_bank[0] if compares else None
+            if separate:
+                full = self.processor.image_processor(images, max_tiles=self._bank_max_tiles(), return_tensors="pt")
+                full = {k: v.to(self.device) for k, v in full.items()}
+                self._bank = self.model.model.support_bank(full["pixel_values"], full["image_grid"])
+            elif compares:
+                self._bank = out.reference_bank[0]
+
+    def _prompt_max_tiles(self) -> int:
+        return self.support_max_tiles or self.processor.image_processor.max_tiles
+
+    def _bank_max_tiles(self) -> int:
+        """The supports' tile budget in the comparison's bank: the query's, so that cells of one scale meet."""
+        return max(self._prompt_max_tiles(), self.query_max_tiles or self.processor.image_processor.max_tiles)
 
     def _query_inputs(self, image: Image.Image) -> dict:
         if self._cache is None:  # the whole prompt from scratch, as a caller without this API would run it

@@ -81,21 +81,72 @@ class PromptComparison:
     banks: tuple | None = None
 
 
+# The approximate search (`inverted_file_similarity`): a bank is split into lists of about LIST_CELLS cells around
+# spherical k-means centroids (KMEANS_ITERATIONS rounds on at most KMEANS_SAMPLE cells per list, seeded: the same bank
+# gives the same lists), and each query cell is compared with the cells of its `probes` nearest lists only.
+LIST_CELLS, KMEANS_ITERATIONS, KMEANS_SAMPLE = 256, 4, 32
+
+
 @torch.no_grad()  # a fixed metric (PatchCore's): no gradient flows through the nearest-neighbour search
-def nearest_distances(query: torch.Tensor, bank: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def nearest_distances(query: torch.Tensor, bank: torch.Tensor, chunk: int = 2048, probes: int = 0) -> torch.Tensor:
     """Cosine distance of each cell of `query` (n, g, g, C), L2-normalised, to its nearest cell in `bank` (M, C),
-    L2-normalised: `(n, g, g)`, at least 0. The similarities are taken in `chunk x chunk` blocks with a running
-    max, never as one (cells, M) matrix: 4x faster on a CPU at 448 px tiles (it stays in cache) and bounded memory
-    (BENCHMARKS.md)."""
+    L2-normalised: `(n, g, g)`, at least 0. Exact by default: the similarities are taken in `chunk x chunk` blocks
+    with a running max, never as one (cells, M) matrix: 4x faster on a CPU at 448 px tiles (it stays in cache) and
+    bounded memory (BENCHMARKS.md). With `probes` > 0 and a bank of more than `probes` lists, approximate
+    (`inverted_file_similarity`): a cell's nearest may be missed, so a distance is never smaller than the exact one."""
     n, g, _, c = query.shape
-    nearest = []
-    for part in query.reshape(-1, c).to(bank.dtype).split(chunk):
-        best = None
-        for block in bank.split(chunk):
-            similarity = (part @ block.T).amax(-1)
-            best = similarity if best is None else torch.maximum(best, similarity)
-        nearest.append(1 - best)
-    return torch.cat(nearest).clamp_min(0).view(n, g, g)
+    flat, bank = query.reshape(-1, c).to(bank.dtype), bank
+    if probes and len(bank) > probes * LIST_CELLS:
+        best = inverted_file_similarity(flat, bank, probes, chunk)
+    else:
+        best = torch.cat([block_similarity(part, bank, chunk) for part in flat.split(chunk)])
+    return (1 - best).clamp_min(0).view(n, g, g)
+
+
+def block_similarity(part: torch.Tensor, bank: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Each row of `part` (N, C): its largest dot product with a row of `bank` (M, C), `chunk` bank rows at a time."""
+    best = None
+    for block in bank.split(chunk):
+        similarity = (part @ block.T).amax(-1)
+        best = similarity if best is None else torch.maximum(best, similarity)
+    return best
+
+
+def spherical_kmeans(cells: torch.Tensor, lists: int, seed: int = 0) -> torch.Tensor:
+    """`lists` unit centroids `(lists, C)` of unit `cells` (M, C): k-means on cosine similarity, started from and
+    run on a seeded sample of the cells (at most KMEANS_SAMPLE per list)."""
+    generator = torch.Generator().manual_seed(seed)
+    sample = cells[torch.randperm(len(cells), generator=generator)[: lists * KMEANS_SAMPLE].to(cells.device)]
+    centroids = sample[:lists].clone()
+    for _ in range(KMEANS_ITERATIONS):
+        owner = torch.cat([(part @ centroids.T).argmax(-1) for part in sample.split(8192)])
+        sums = torch.zeros_like(centroids).index_add_(0, owner, sample)
+        filled = torch.bincount(owner, minlength=lists)[:, None] > 0
+        centroids = torch.where(filled, F.normalize(sums, dim=-1), centroids)
+    return centroids
+
+
+def inverted_file_similarity(flat: torch.Tensor, bank: torch.Tensor, probes: int, chunk: int) -> torch.Tensor:
+    """Each query cell's largest similarity `(N,)` to the bank's cells in its `probes` nearest lists (an inverted
+    file: FAISS's IVF-Flat, written in torch so the remote code needs nothing else). Costs about
+    `probes * LIST_CELLS / M` of the exact search, plus the lists' k-means."""
+    lists = len(bank) // LIST_CELLS
+    centroids = spherical_kmeans(bank, lists)
+    owner = torch.cat([(part @ centroids.T).argmax(-1) for part in bank.split(8192)])
+    order = owner.argsort()
+    members, sizes = bank[order], torch.bincount(owner, minlength=lists)
+    probed = torch.cat([(part @ centroids.T).topk(probes, -1).indices for part in flat.split(8192)]).flatten()
+    visits = probed.argsort()  # (cell, probe) pairs grouped by list
+    cell_of, visit_sizes = visits // probes, torch.bincount(probed, minlength=lists)
+    best = flat.new_full((len(flat),), -1.0)
+    bank_start = visit_start = 0
+    for size, count in zip(sizes.tolist(), visit_sizes.tolist(), strict=True):
+        if size and count:
+            cells = cell_of[visit_start : visit_start + count]  # distinct: a cell probes a list once
+            block = block_similarity(flat[cells], members[bank_start : bank_start + size], chunk)
+            best[cells] = torch.maximum(best[cells], block)
+        bank_start, visit_start = bank_start + size, visit_start + count
+    return best
 
 
 def pooled_distances(nearest: torch.Tensor, token_side: int) -> torch.Tensor:
@@ -230,10 +281,15 @@ class KensaVLReferenceComparison(nn.Module):
         """The compared encoders' L2-normalised cells on their own grids: name -> `(n, g, g, C)`."""
         return unit_cells(grids, self.encoders)
 
+    def nearest(self, query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """`nearest_distances`, exact up to `config.exact_search_cells` bank cells, approximate beyond."""
+        large = len(bank) > self.config.exact_search_cells
+        return nearest_distances(query, bank, probes=self.config.search_probes if large else 0)
+
     def distances(self, query: dict[str, torch.Tensor], bank: dict[str, torch.Tensor]):
         """`query` name -> (n, g, g, C) tiles of one image, `bank` name -> (M, C) -> (log-distances
         `(n, tokens_per_tile, PER_ENCODER * E)`, each encoder's `nearest_distances` `(n, g, g)`)."""
-        out, nearest = [], [nearest_distances(query[name], bank[name]) for name in self.encoders]
+        out, nearest = [], [self.nearest(query[name], bank[name]) for name in self.encoders]
         for cells in nearest:
             d = pooled_distances(cells, self.token_side)  # (n, tokens_per_tile)
             # the single farthest cell under each token: a defect of a cell or two, which the 3x3 mean dilutes

@@ -131,6 +131,9 @@ class KensaVLConfig(PretrainedConfig):
             copy per view (`REFERENCE_VIEWS`): PatchCore's memory bank augmented, so a few photos cover more of the
             orientations a good texture or part shows. Costs the compared encoders once more per view on the
             references (not on the query) and a bank that many times larger.
+        exact_search_cells (`int`), search_probes (`int`): a bank of up to `exact_search_cells` cells is searched
+            exactly; a larger one approximately, each query cell in the `search_probes` nearest of its lists of about
+            256 cells (`inverted_file_similarity`; 0 probes: always exact).
         anomaly_loss_weight (`float`): weight of the anomaly-map loss when `anomaly_labels` are given.
         summary_stop_token_ids (`list[int]`): a compared image's summary embedding is added to its `</img>` token and
             the text after it, up to the next of these tokens (the builders set `<img>` and `<|im_start|>`: the
@@ -160,6 +163,8 @@ class KensaVLConfig(PretrainedConfig):
         reference_comparison: bool = False,
         reference_encoders: list[str] | None = None,
         reference_views: list[str] | None = None,
+        exact_search_cells: int = 65536,
+        search_probes: int = 8,
         anomaly_loss_weight: float = 1.0,
         summary_stop_token_ids: list[int] | None = None,
         verdict_token_ids: list[int] | None = None,
@@ -201,6 +206,8 @@ class KensaVLConfig(PretrainedConfig):
         self.reference_comparison = reference_comparison
         self.reference_encoders = list(reference_encoders) if reference_encoders else None
         self.reference_views = list(reference_views or [])
+        self.exact_search_cells = exact_search_cells
+        self.search_probes = search_probes
         self.anomaly_loss_weight = anomaly_loss_weight
         self.summary_stop_token_ids = list(summary_stop_token_ids or [])
         self.verdict_token_ids = list(verdict_token_ids or [])

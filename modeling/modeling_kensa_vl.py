@@ -32,8 +32,8 @@ from .comparison_kensa_vl import (
     KensaVLReferenceComparison,
     ReferenceBank,
     locate_box,
-    nearest_distances,
     reference_view,
+    thumbnail_tiles,
     unit_cells,
 )
 from .configuration_kensa_vl import KensaVLConfig, encoder_width
@@ -212,6 +212,28 @@ class KensaVLModel(KensaVLPreTrainedModel):
         return {name: torch.cat([f.reshape(-1, f.shape[-1]) for f in fs]) for name, fs in parts.items()}
 
     @torch.no_grad()
+    def support_bank(self, pixel_values: torch.Tensor, image_grid: torch.Tensor) -> ReferenceBank:
+        """A support set's `ReferenceBank` without the language model: the compared encoders alone on the images'
+        tiles (`image_grid` rows, in order), each image's cells in every view (`reference_cells`) and its score
+        against the images before it, as a prompt of these images would give it. What a query compares with when
+        the language model reads the supports at a smaller tile budget than the comparison needs."""
+        check_image_grid(image_grid, pixel_values)
+        comparison = self.reference_comparison
+        features = comparison.features(self.image_grids(pixel_values, comparison.encoders))
+        thumbnail = thumbnail_tiles(image_grid)
+        starts = [0, *image_grid[:, 2].cumsum(0).tolist()]
+        cells, scores = {name: [] for name in features}, []
+        for first, last in zip(starts[:-1], starts[1:], strict=True):
+            image = {name: f[first:last] for name, f in features.items()}
+            if cells[comparison.encoders[0]]:
+                bank = {name: torch.cat(c) for name, c in cells.items()}
+                scores.append(comparison(image, thumbnail[first:last], bank)[4])
+            for name, c in self.reference_cells(pixel_values[first:last], image).items():
+                cells[name].append(c)
+        empty = pixel_values.new_empty(0, dtype=torch.float32)
+        return ReferenceBank({n: torch.cat(c) for n, c in cells.items()}, torch.stack(scores) if scores else empty)
+
+    @torch.no_grad()
     def locate(self, pixel_values: torch.Tensor, image_grid: torch.Tensor, bank: ReferenceBank):
         """Where one image differs most from `bank`: `(box, peak)`, the box `[x0, y0, x1, y1]` as fractions of the
         image's width and height, `peak` the largest cell's log-distance (`locate_box`, measured against the bank's
@@ -224,7 +246,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
             )
         comparison = self.reference_comparison
         features = comparison.features(self.image_grids(pixel_values, comparison.encoders))
-        distances = [nearest_distances(features[n], bank.cells[n].float()) for n in comparison.encoders]
+        distances = [comparison.nearest(features[n], bank.cells[n].float()) for n in comparison.encoders]
         return locate_box(distances, *image_grid[0, :2].tolist(), bank.level)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:

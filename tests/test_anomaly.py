@@ -341,12 +341,54 @@ def test_nearest_distances_in_blocks_equal_the_full_matrix():
         torch.testing.assert_close(nearest_distances(query, bank, chunk=chunk), full)
 
 
+def _clustered_cells(count: int, seed: int) -> torch.Tensor:
+    """Unit cells around 64 directions, as a texture's patches lie: (count, 16)."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    pick = torch.randint(0, 64, (count,), generator=generator)
+    return F.normalize(centres[pick] + 0.15 * torch.randn(count, 16, generator=generator), dim=-1)
+
+
+def test_the_approximate_search_finds_the_exact_neighbours_it_probes():
+    from kensa_vl.modeling.comparison_kensa_vl import LIST_CELLS, nearest_distances
+
+    bank, query = _clustered_cells(32 * LIST_CELLS, 1), _clustered_cells(2048, 2).view(8, 16, 16, 16)
+    exact = nearest_distances(query, bank)
+    everything = nearest_distances(query, bank, probes=32)  # every list probed: the exact search
+    torch.testing.assert_close(everything, exact)
+    approximate = nearest_distances(query, bank, probes=4)
+    assert (approximate >= exact - 1e-6).all()  # a missed neighbour only makes a cell look farther
+    assert (approximate - exact).abs().lt(1e-6).float().mean() > 0.97  # 4 of 32 lists find nearly every neighbour
+    assert not torch.equal(nearest_distances(query, bank, probes=1), exact)  # one list does miss some
+    torch.testing.assert_close(nearest_distances(query, bank, probes=4), approximate)  # seeded: the same lists
+    small = bank[: 4 * LIST_CELLS]  # a bank of no more lists than probes is searched exactly
+    torch.testing.assert_close(nearest_distances(query, small, probes=4), nearest_distances(query, small))
+
+
+def test_the_comparison_searches_approximately_beyond_exact_search_cells(tiny_dct, monkeypatch):
+    from kensa_vl.modeling import comparison_kensa_vl
+
+    comparison = tiny_dct[0].model.reference_comparison
+    calls = []
+    search = comparison_kensa_vl.inverted_file_similarity
+    monkeypatch.setattr(comparison_kensa_vl, "inverted_file_similarity", lambda *a: calls.append(1) or search(*a))
+    bank, query = _clustered_cells(16 * 256, 3), _clustered_cells(512, 4).view(2, 16, 16, 16)
+    monkeypatch.setattr(comparison.config, "exact_search_cells", len(bank))
+    exact = comparison.nearest(query, bank)
+    assert not calls
+    monkeypatch.setattr(comparison.config, "exact_search_cells", len(bank) - 1)
+    approximate = comparison.nearest(query, bank)
+    assert calls and (approximate >= exact - 1e-6).all()
+
+
 def test_the_verdict_logit_sets_the_odds_where_the_answer_starts(tiny_dct):
     model, processor = tiny_dct
     words = model.config.verdict_token_ids
     images = [random_image(224, 224, s) for s in (1, 2, 3)]
-    content = [{"type": "image"}, {"type": "text", "text": "good\n"}, {"type": "image"}, {"type": "text", "text": "good"}]
-    content += [{"type": "text", "text": "Query:"}, {"type": "image"}, {"type": "text", "text": "good or defective?"}]
+    image, say = {"type": "image"}, lambda words: {"type": "text", "text": words}
+    content = [image, say("good\n"), image, say("good"), say("Query:"), image, say("good or defective?")]
     messages = [{"role": "user", "content": content}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(text=text, images=images, return_tensors="pt")
@@ -376,7 +418,8 @@ def test_in_training_the_verdict_odds_sit_before_the_answers_first_token(tiny_dc
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "good"}, {"type": "image"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "defective: scratch at the top"}]},
     ]
-    inputs = processor(text=processor.apply_chat_template(messages, tokenize=False), images=images, return_tensors="pt")
+    text = processor.apply_chat_template(messages, tokenize=False)
+    inputs = processor(text=text, images=images, return_tensors="pt")
     ids = inputs["input_ids"][0]
     with torch.no_grad():
         summaries = model.model(**inputs).summaries

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -184,6 +185,27 @@ def tiny_comparison():
     torch.manual_seed(1)
     torch.nn.init.normal_(model.model.reference_comparison.embed[-1].weight, std=0.5)  # as if trained
     return model, processor
+
+
+def test_support_bank_equals_the_prompts_own_and_serves_a_smaller_support_budget(tiny_comparison, synth):
+    model, processor = tiny_comparison
+    test = synth["test"]
+    full = Inspector(model, processor, max_new_tokens=0)
+    full.set_support(_support(test))
+    prefix = full._prefix
+    bank = model.model.support_bank(prefix["pixel_values"], prefix["image_grid"])
+    torch.testing.assert_close(bank.cells["dct"], full._bank.cells["dct"])  # every tile, every view, in order
+    torch.testing.assert_close(bank.scores, full._bank.scores)  # each support against those before it
+    # the language model reads each support at one tile; the comparison still sees every tile of them
+    small = Inspector(model, processor, max_new_tokens=0, support_max_tiles=1)
+    small.set_support(_support(test))
+    assert small._prefix["pixel_values"].shape[0] == len(_support(test)) < prefix["pixel_values"].shape[0]
+    torch.testing.assert_close(small._bank.cells["dct"], full._bank.cells["dct"])
+    query = test[5]["image"]
+    a, b = full.judge(query)[0], small.judge(query)[0]
+    np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-5)  # the same comparison ...
+    assert small._prefix["input_ids"].shape[1] < full._prefix["input_ids"].shape[1]  # ... for fewer tokens
+    assert a.boxes == b.boxes
 
 
 @pytest.mark.parametrize("views", [[], ["hflip", "rot90"]])
