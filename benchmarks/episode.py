@@ -6,7 +6,9 @@ the same vision-encoder and language-model size (`benchmarks/peers.py`), random 
 Per model: visual tokens and sequence length of the prompt (k support photos and a query, all `--size` square),
 forward time and peak memory (inference, no gradients),
 and with `--train` a training step (forward + backward of the LM loss on the whole prompt) with its peak memory.
-Ratios are KensaVL's time over each model's.
+The Inspector row runs the episode as `kensa-vl inspect` does (`Inspector.set_support` + one query, scores only; its
+"forward" is that whole episode, "query alone" a further query against the cached support set). Ratios are each
+row's forward time over LLaVA-NeXT's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from benchmarks.peers import build, tokenizer_with_peer_tokens
+from kensa_vl.eval.inspector import Inspector, support_item
 from kensa_vl.eval.measure import PeakMemory, machine, timed
 
 
@@ -33,13 +36,38 @@ def variants() -> dict[str, tuple[str, dict, dict]]:
         "KensaVL (default)": ("KensaVL", {}, {}),
         "KensaVL, supports ≤ 4 tiles": ("KensaVL", {}, {"support_tiles": 4}),
         "KensaVL + reference comparison (DCT)": ("KensaVL", {"dct": True}, {}),
+        "KensaVL + comparison, Inspector: supports read at 1 tile, bank in full": (
+            "KensaVL",
+            {"dct": True},
+            {"support_tiles": 1, "inspector": True},
+        ),
         "LLaVA-NeXT": ("LLaVA-NeXT", {}, {}),
         "Idefics3": ("Idefics3", {}, {}),
         "InternVL": ("InternVL", {}, {}),
     }
 
 
-def measure(built, images, repeats: int, train: bool, support_tiles: int | None = None) -> dict:
+def measure_inspector(built, images, repeats: int, support_tiles: int) -> dict:
+    """The episode as `kensa-vl inspect` runs it: `Inspector.set_support` (the language model reads the supports at
+    `support_tiles`, the comparison's bank holds every tile, `support_bank`) and one query judged (scores only)."""
+    inspector = Inspector(built.model.eval(), built.processor, max_new_tokens=0, support_max_tiles=support_tiles)
+    support = [support_item(image) for image in images[:-1]]
+
+    def episode():
+        inspector.set_support(support)
+        inspector.judge(images[-1])
+
+    out = {"visual tokens": "n/a", "sequence": "n/a", "forward s": timed(episode, repeats)}
+    with PeakMemory() as memory:
+        episode()
+    out["forward MiB"] = memory.peak / 2**20
+    out["query alone s"] = timed(lambda: inspector.judge(images[-1]), repeats)
+    return out
+
+
+def measure(built, images, repeats: int, train: bool, support_tiles: int | None = None, inspector=False) -> dict:
+    if inspector:
+        return measure_inspector(built, images, repeats, support_tiles)
     tiles = [support_tiles] * (len(images) - 1) + [12] if support_tiles else None
     inputs = built.inputs(images, tiles)
     model = built.model.eval()
@@ -86,13 +114,13 @@ def main() -> None:
         results[label] = measure(built, images, args.repeats, args.train, **extra)
         del built
     print(f"{machine()}; {args.shots} supports + query, all {args.size}², median of {args.repeats}")
-    keys = list(next(iter(results.values())))
-    print("| model | " + " | ".join(keys) + " | KensaVL's forward time / this |")
+    keys = list(dict.fromkeys(key for row in results.values() for key in row))
+    print("| model | " + " | ".join(keys) + " | forward time / LLaVA-NeXT's |")
     print("|---|" + "---|" * (len(keys) + 1))
-    ours = results.get("KensaVL (default)", {}).get("forward s")
+    peer = results.get("LLaVA-NeXT", {}).get("forward s")
     for label, row in results.items():
-        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()]
-        ratio = f"{ours / row['forward s']:.2f}" if ours else "n/a"
+        cells = [f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+        ratio = f"{row['forward s'] / peer:.2f}" if peer else "n/a"
         print(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
 
 

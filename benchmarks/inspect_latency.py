@@ -1,6 +1,7 @@
 """Inspection throughput: per-query latency with the support set cached vs the whole prompt recomputed, at several
-shot counts, and queries per second with the cache at batch 8, side by side in one run; and what showing the
-support set costs (`set_support`, median of 5).
+shot counts, against the query alone (`floor`: its own forward pass against a ready bank), and queries per second
+with the cache at batch 8, side by side in one run; and what showing the support set costs (`set_support`, median
+of 5).
 
     python -m benchmarks.inspect_latency [--shots 1,2,4,8] [--queries 20] [--size 448] [--batch 8] [--model DIR]
         [--data DIR [--split validation]]
@@ -39,6 +40,23 @@ def per_query(inspectors: list[Inspector], queries) -> list[tuple[float, float, 
             scored.append(inspector.judge(query)[0].p_defective)
             spent.append(time.perf_counter() - start)
     return [(statistics.mean(t), statistics.median(t), scored) for t, scored in zip(times, scores, strict=True)]
+
+
+@torch.no_grad()
+def floor(inspector: Inspector, queries) -> float:
+    """Mean seconds of the query alone: one forward pass of its own tokens and tiles (processed beforehand), against
+    the support set's ready bank, without the support prefix, the processor call or the evidence. What a cached
+    query cannot go below."""
+    tiles = inspector.query_max_tiles
+    prepared = [inspector._encode(inspector._suffix_text, [q], tiles, first=False) for q in queries]
+    extra = {"reference_banks": [inspector._bank]} if inspector._bank else {}
+    inspector.model(**prepared[0], **extra, logits_to_keep=1)  # warm-up
+    spent = []
+    for inputs in prepared:
+        start = time.perf_counter()
+        inspector.model(**inputs, **extra, logits_to_keep=1)
+        spent.append(time.perf_counter() - start)
+    return statistics.mean(spent)
 
 
 def synth_photos(path: str, split: str, shots: int, queries: int) -> tuple[list, list]:
@@ -92,6 +110,7 @@ def main() -> None:
         recomputed = Inspector(model, processor, cache=False, max_new_tokens=0)
         recomputed.set_support(support)
         (fast, fast_median, a), (slow, slow_median, b) = per_query([cached, recomputed], queries)
+        alone = floor(cached, queries)
         start = time.perf_counter()
         batched = cached.judge(queries, batch_size=args.batch)
         qps = len(queries) / (time.perf_counter() - start)
@@ -99,20 +118,22 @@ def main() -> None:
         diff = max(abs(x - y) for x, y in zip(a + a, others, strict=True))
         prefix = cached._prefix["input_ids"].shape[1]
         query_tokens = cached._query_inputs(queries[0])["input_ids"].shape[1] - prefix
-        rows.append((k, prefix, query_tokens, shown, fast, fast_median, slow, slow_median, qps, diff))
+        rows.append((k, prefix, query_tokens, shown, fast, fast_median, alone, slow, slow_median, qps, diff))
     source = f"KensaSynth {args.split} photos" if args.data else f"{args.size} px noise photos"
     print(f"{machine()}; {source}, {args.queries} queries, scores only")
     print(
         "| k | prefix tokens | query tokens | set_support ms | cached ms/query: mean (median) "
+        "| query alone (floor) ms | cached / floor "
         "| recomputed ms/query: mean (median) "
         "| speed-up (means) "
         "| queries/s one by one (cached) "
         f"| queries/s at batch {args.batch} (cached) | max ΔP(defective) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for k, prefix, query_tokens, shown, fast, fast_median, slow, slow_median, qps, diff in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, prefix, query_tokens, shown, fast, fast_median, alone, slow, slow_median, qps, diff in rows:
         print(
             f"| {k} | {prefix} | {query_tokens} | {shown * 1e3:.0f} | {fast * 1e3:.1f} ({fast_median * 1e3:.1f}) "
+            f"| {alone * 1e3:.1f} | {fast / alone:.2f}× "
             f"| {slow * 1e3:.1f} ({slow_median * 1e3:.1f}) "
             f"| {slow / fast:.1f}× | {1 / fast:.0f} "
             f"| {qps:.0f} | {diff:.1e} |"

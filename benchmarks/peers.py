@@ -18,7 +18,7 @@ from benchmarks.tokens import PEER_TOKENS, peers
 from kensa_vl.modeling.configuration_kensa_vl import KensaVLConfig
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
 from kensa_vl.processing.processing_kensa_vl import IMAGE_TOKEN
-from kensa_vl.train.build import make_processor, set_token_ids, train_tokenizer
+from kensa_vl.train.build import dct_encoder, make_processor, set_token_ids, train_tokenizer
 
 # small enough for a 2-core CPU, shaped like the real ones (heads of 64, MLP 4x)
 VISION = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 512}
@@ -68,13 +68,7 @@ def build(name: str, tokenizer=None, dct: bool = False) -> Built:
         ]
         comparison = {}
         if dct:
-            dct_config = {
-                "model_type": "kensa_dct",
-                "patch_size": 7,
-                "luma_coefficients": 36,
-                "chroma_coefficients": 3,
-            }
-            encoders.append({"name": "dct", "config": dct_config})
+            encoders.append(dct_encoder())
             comparison = {"reference_comparison": True, "reference_encoders": ["dct"]}
         config = KensaVLConfig(text_config=_text(tokenizer), vision_encoders=encoders, tile_size=448, **comparison)
         set_token_ids(config, tokenizer)

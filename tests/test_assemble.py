@@ -1,5 +1,6 @@
 """`assemble` copies pretrained parts into KensaVL exactly: towers and LM behave as the standalone components."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -115,3 +116,38 @@ def test_assembled_config_records_provenance_and_tokens(parts):
     assert config.image_token_id == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert processor.image_seq_len == config.tokens_per_tile == 4
     assert model.get_input_embeddings().weight.shape[0] == len(processor.tokenizer)
+
+
+def _stripes(seed: int, defect: bool = False):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    x = np.arange(112)
+    pattern = 128 + 60 * np.sin(x / 3.0)[None, :] + rng.normal(0, 4, (112, 112))
+    if defect:
+        pattern[40:56, 60:76] = 20  # a dark blotch
+    return Image.fromarray(np.repeat(pattern.clip(0, 255).astype(np.uint8)[..., None], 3, -1))
+
+
+@pytest.mark.slow
+def test_an_assembled_model_with_a_comparison_inspects_before_any_training(parts, tmp_path):
+    from kensa_vl.eval.inspector import Inspector, support_item
+
+    root, _ = parts
+    vision, lm = [str(root / "siglip"), str(root / "dinov2")], str(root / "lm")
+    with pytest.raises(ValueError, match="clip.*not an encoder of this model"):
+        assemble(vision, lm, tmp_path / "bad", tile_size=56, max_tiles=4, compare=["clip"])
+    out = assemble(
+        vision, lm, tmp_path / "kensa", tile_size=56, max_tiles=4, compare=["dinov2", "dct"], reference_views=["hflip"]
+    )
+    inspector = Inspector.from_pretrained(str(out), max_new_tokens=0)
+    config = inspector.model.config
+    assert config.reference_comparison and config.reference_encoders == ["dinov2", "dct"]
+    assert config.reference_views == ["hflip"] and config.verdict_token_ids and config.answer_prompt_ids
+    inspector.set_support([support_item(_stripes(seed)) for seed in range(3)])
+    good, bad = inspector.judge([_stripes(10), _stripes(11, defect=True)])
+    assert good.verdict == "good" and bad.verdict == "defective"  # the comparison's verdict, untrained
+    x0, y0, x1, y1 = bad.boxes[0]
+    assert x0 <= 68 <= x1 and y0 <= 48 <= y1  # around the blotch
+    assert bad.heatmap[48, 68] > np.percentile(bad.heatmap, 90)

@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from kensa_vl.modeling.configuration_kensa_vl import ENCODER_DEFAULTS, KensaVLConfig
+from kensa_vl.modeling.configuration_kensa_vl import ENCODER_DEFAULTS, REFERENCE_VIEWS, KensaVLConfig
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
 from kensa_vl.processing.image_processing_kensa_vl import KensaVLImageProcessor
 from kensa_vl.processing.processing_kensa_vl import (
@@ -171,6 +171,13 @@ TINY_ENCODERS = {
 }
 
 
+def dct_encoder() -> dict:
+    """The weight-free DCT encoder's entry: 7 px blocks (a grid twice as fine as 14 px ViT patches), 36 luma and 3
+    chroma coefficients per channel (docs/reference-comparison.md)."""
+    config = {"model_type": "kensa_dct", "patch_size": 7, "luma_coefficients": 36, "chroma_coefficients": 3}
+    return {"name": "dct", "config": config}
+
+
 def tiny_config(
     tokenizer,
     tile_size: int = 224,
@@ -200,9 +207,8 @@ def tiny_config(
             entry.update({"feature_layers": taps} if taps else {})
             entry.update({"scales": [1, 2]} if s2 else {})
         entries.append({"name": name, **entry})
-    if dct:  # 7 px blocks: a grid twice as fine as the ViTs' 14 px patches
-        dct_config = {"model_type": "kensa_dct", "patch_size": 7, "luma_coefficients": 36, "chroma_coefficients": 3}
-        entries.append({"name": "dct", "config": dct_config})
+    if dct:
+        entries.append(dct_encoder())
     text = {
         "model_type": "llama",
         "vocab_size": len(tokenizer),
@@ -270,8 +276,15 @@ def assemble(
     fusion: str = "concat",
     feature_layers: list[list[int]] | None = None,
     dtype=torch.float32,
+    compare: list[str] | None = None,
+    reference_views: list[str] | None = None,
 ):
-    """Copy pretrained towers and LM into a fresh KensaVL (random projector), reserve tokens, save."""
+    """Copy pretrained towers and LM into a fresh KensaVL (random projector), reserve tokens, save.
+
+    `compare`: the encoders the reference comparison runs on (a tower's name, e.g. "dinov2", or "dct", which adds
+    the weight-free DCT encoder); none: no comparison. `reference_views`: the bank's extra views (`REFERENCE_VIEWS`).
+    With a comparison the model gives a verdict, a heatmap and a box from the first day, before any training: the
+    verdict logit starts as the query's score over the supports' own level (`KensaVLReferenceComparison`)."""
     encoders, states = [], {}
     for index, path in enumerate(vision):
         config, state, mean, std = _load_vision(path)
@@ -283,6 +296,12 @@ def assemble(
             entry["feature_layers"] = feature_layers[index]
         encoders.append(entry)
         states[name] = state
+    compare = list(compare or [])
+    if "dct" in compare:
+        encoders.append(dct_encoder())
+    unknown = sorted(set(compare) - {e["name"] for e in encoders})
+    if unknown:
+        raise ValueError(f"--compare {unknown}: not an encoder of this model; the encoders are {sorted(states)} + dct")
     lm = AutoModelForCausalLM.from_pretrained(text, dtype=torch.float32)
     tokenizer = add_kensa_tokens(AutoTokenizer.from_pretrained(text), NUM_LOC_BINS)
     config = KensaVLConfig(
@@ -293,6 +312,9 @@ def assemble(
         max_tiles=max_tiles,
         tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
         base_models={"vision": list(vision), "text": text},
+        reference_comparison=bool(compare),
+        reference_encoders=compare or None,
+        reference_views=reference_views,
     )
     model = KensaVLForConditionalGeneration(config)
     for name, state in states.items():
@@ -333,9 +355,30 @@ def add_parsers(subparsers) -> None:
     asm.add_argument("--max-tiles", type=int, default=12)
     asm.add_argument("--fusion", choices=["concat", "interleave"], default="concat")
     asm.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    asm.add_argument(
+        "--compare",
+        action="append",
+        help="an encoder the reference comparison runs on (a tower's name such as dinov2, or dct); repeatable",
+    )
+    asm.add_argument(
+        "--reference-views",
+        type=lambda text: [v for v in text.split(",") if v],
+        default=None,
+        help=f"comma-separated extra views of each support in the comparison's bank: {','.join(REFERENCE_VIEWS)}",
+    )
 
     def run(a: argparse.Namespace) -> None:
-        out = assemble(a.vision, a.text, a.out, a.tile_size, a.max_tiles, a.fusion, dtype=getattr(torch, a.dtype))
+        out = assemble(
+            a.vision,
+            a.text,
+            a.out,
+            a.tile_size,
+            a.max_tiles,
+            a.fusion,
+            dtype=getattr(torch, a.dtype),
+            compare=a.compare,
+            reference_views=a.reference_views,
+        )
         print(f"saved {out}")
 
     asm.set_defaults(func=run)
