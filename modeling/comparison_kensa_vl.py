@@ -393,34 +393,57 @@ class KensaVLReferenceComparison(nn.Module):
         index = (torch.tensor(span_rows, device=input_ids.device), torch.tensor(span_cols, device=input_ids.device))
         return inputs_embeds.index_put(index, torch.cat(values).to(inputs_embeds.dtype), accumulate=True)
 
-    def set_verdict_odds(self, logits: torch.Tensor, input_ids: torch.Tensor, summaries: list[Summary]):
-        """Add each compared image's verdict logit to the odds of "defective" against "good"
-        (`config.verdict_token_ids`) where an answer about it starts: at the last token of each generation prompt
-        (`config.answer_prompt_ids`) after the image's `</img>`, the most recent compared image of its row. The two
-        tokens keep their joint probability, so an answer that is not a verdict (a box, a caption) is unchanged.
-        `logits` `(batch, positions, vocab)` are the last positions of `input_ids` (`logits_to_keep`)."""
-        prompt, words = self.config.answer_prompt_ids, self.config.verdict_token_ids
-        if not summaries or not prompt or len(words) != 2 or input_ids.shape[1] < len(prompt):
-            return logits
+    def verdict_positions(self, input_ids: torch.Tensor, summaries: list[Summary], offset: int = 0):
+        """Where an answer about a compared image starts: the last token of each generation prompt
+        (`config.answer_prompt_ids`) after the image's `</img>`, the most recent compared image of its row. Returns
+        (rows, positions, verdict logits), positions counted from `offset`; positions before it are left out."""
+        prompt, rows, cols, verdicts = self.config.answer_prompt_ids, [], [], []
+        if not summaries or not prompt or len(self.config.verdict_token_ids) != 2 or input_ids.shape[1] < len(prompt):
+            return rows, cols, verdicts
         pattern = torch.tensor(prompt, device=input_ids.device)
-        ends = (input_ids.unfold(1, len(pattern), 1) == pattern).all(-1).nonzero()
-        offset = input_ids.shape[1] - logits.shape[1]
-        rows, cols, verdicts = [], [], []
-        for row, first in ends.tolist():
+        for row, first in (input_ids.unfold(1, len(pattern), 1) == pattern).all(-1).nonzero().tolist():
             end = first + len(prompt) - 1
             before = [s for s in summaries if s.row == row and s.start < end and s.verdict is not None]
             if before and end >= offset:
                 rows.append(row)
                 cols.append(end - offset)
                 verdicts.append(max(before, key=lambda s: s.start).verdict)
+        return rows, cols, verdicts
+
+    def set_verdict_odds(self, logits: torch.Tensor, input_ids: torch.Tensor, summaries: list[Summary]):
+        """Add each compared image's verdict logit to the odds of "defective" against "good"
+        (`config.verdict_token_ids`) where an answer about it starts (`verdict_positions`). The two tokens keep
+        their joint probability, so an answer that is not a verdict (a box, a caption) is unchanged. `logits`
+        `(batch, positions, vocab)` are the last positions of `input_ids` (`logits_to_keep`)."""
+        rows, cols, verdicts = self.verdict_positions(input_ids, summaries, input_ids.shape[1] - logits.shape[1])
         if not rows:
             return logits
+        words = self.config.verdict_token_ids
         index = (torch.tensor(rows)[:, None], torch.tensor(cols)[:, None], torch.tensor(words)[None])
         index = tuple(i.to(logits.device) for i in index)
         pair = logits[index].float()  # (n, 2): good, defective
         odds = pair[:, 1] - pair[:, 0] + torch.stack(verdicts).float()
         new = pair.logsumexp(-1, keepdim=True) + torch.stack([F.logsigmoid(-odds), F.logsigmoid(odds)], -1)
         return logits.index_put(index, new.to(logits.dtype))
+
+    def verdict_loss(self, hidden_states: torch.Tensor, head: torch.Tensor, input_ids: torch.Tensor, summaries):
+        """For a trainer that takes its loss from the backbone's hidden states through its own LM head (TRL's fused
+        head never sees `set_verdict_odds`): the binary cross-entropy of each verdict logit plus the language
+        model's own odds (`hidden_states` `(batch, seq, D)` times the verdict tokens' rows of `head` `(vocab, D)`,
+        held fixed) against the answer's first token in `input_ids` (teacher forcing), where it is "good" or
+        "defective". The verdict then learns what the language model's odds miss, as the summed odds are read at
+        inference. None without such an answer."""
+        rows, cols, verdicts = self.verdict_positions(input_ids[:, :-1], summaries)
+        words = torch.tensor(self.config.verdict_token_ids, device=input_ids.device)
+        keep = [i for i, (r, c) in enumerate(zip(rows, cols, strict=True)) if input_ids[r, c + 1] in words]
+        if not keep:
+            return None
+        rows, cols = torch.tensor([rows[i] for i in keep]), torch.tensor([cols[i] for i in keep])
+        with torch.no_grad():
+            pair = hidden_states[rows, cols].float() @ head[words].float().T  # (n, 2): good, defective
+        odds = pair[:, 1] - pair[:, 0] + torch.stack([verdicts[i] for i in keep]).float()
+        target = (input_ids[rows, cols + 1] == words[1]).float()
+        return F.binary_cross_entropy_with_logits(odds, target)
 
     def loss(self, anomaly_map: torch.Tensor, anomaly_labels: torch.Tensor) -> torch.Tensor | None:
         """Class-balanced binary cross-entropy of the map against `anomaly_labels` (1 defect, 0 not, -1 unknown),

@@ -83,6 +83,7 @@ class KensaVLCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_scores: torch.FloatTensor | None = None
     reference_distances: tuple | None = None
     reference_bank: tuple | None = None
+    summaries: tuple | None = None
 
 
 class KensaVLPreTrainedModel(PreTrainedModel):
@@ -460,6 +461,7 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             image_scores=outputs.image_scores,
             reference_distances=outputs.reference_distances,
             reference_bank=outputs.reference_bank,
+            summaries=outputs.summaries,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
 

@@ -179,8 +179,9 @@ def test_untrained_comparison_ranks_a_defect_like_patchcore(tiny_dct):
     assert anomaly[1].max() > anomaly[[0, 2, 3]].max()  # the top-right tile holds the highest score
 
 
-def test_trainer_adds_the_anomaly_loss_that_trl_drops(tiny_dct, synth_dir, tmp_path):
-    """TRL 1.16 builds its loss from log-probabilities and ignores `outputs.loss`; KensaTrainer adds the map's."""
+def test_trainer_adds_the_anomaly_and_verdict_losses_that_trl_drops(tiny_dct, synth_dir, tmp_path):
+    """TRL 1.16 builds its loss from log-probabilities of its own LM head: it ignores `outputs.loss` and the verdict
+    odds; KensaTrainer adds the map's loss and the verdict's."""
     from trl import SFTConfig, SFTTrainer
 
     from kensa_vl.train.data.conversations import episode_conversations
@@ -198,15 +199,23 @@ def test_trainer_adds_the_anomaly_loss_that_trl_drops(tiny_dct, synth_dir, tmp_p
     )
     batch = collator([rows[i] for i in range(4)])
     ours = trainer.compute_loss(model, dict(batch))
+    comparison, words = model.model.reference_comparison, model.config.verdict_token_ids
     with torch.no_grad():
         trl = SFTTrainer.compute_loss(trainer, model, dict(batch))
-        extra = model(**batch).anomaly_loss
-    assert extra > 0
-    torch.testing.assert_close(ours.detach(), trl + extra)
-    linear = model.model.reference_comparison.linear.weight
-    linear.grad = None
-    ours.backward()  # the map learns from the same pass (no second, gradient-free forward)
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+        # the verdict's loss: the two verdict words' cross-entropy at each answer's start, read off the full logits
+        # that inference uses (the language model's odds plus the verdict's, `set_verdict_odds`)
+        rows_, cols, _ = comparison.verdict_positions(batch["input_ids"][:, :-1], list(out.summaries))
+        pairs = out.logits[torch.tensor(rows_), torch.tensor(cols)][:, words]
+        target = (batch["input_ids"][torch.tensor(rows_), torch.tensor(cols) + 1] == words[1]).long()
+        verdict = torch.nn.functional.cross_entropy(pairs, target)
+    assert out.anomaly_loss > 0 and len(rows_) == 4  # one answer per episode
+    torch.testing.assert_close(ours.detach(), trl + out.anomaly_loss + verdict)
+    linear, head = comparison.linear.weight, comparison.verdict.weight
+    linear.grad = head.grad = None
+    ours.backward()  # the map and the verdict learn from the same pass (no second, gradient-free forward)
     assert linear.grad is not None and linear.grad.abs().sum() > 0
+    assert head.grad is not None and head.grad.abs().sum() > 0
     model.zero_grad()
 
 

@@ -37,3 +37,19 @@ def test_kensa_with_the_comparison_and_fewer_support_tiles(tokenizer):
     with torch.no_grad():
         out = built.model(**inputs)
     assert out.anomaly_map[1:].isnan().sum() == 0 and out.anomaly_map[:1].isnan().all()
+
+
+def test_the_inspector_episode_reads_supports_small_and_compares_them_in_full(tokenizer):
+    from benchmarks.episode import measure_inspector
+
+    built = build("KensaVL", tokenizer, dct=True)
+    out = measure_inspector(built, photos(3, 896), repeats=1, support_tiles=1)
+    assert out["forward s"] > 0 and out["query alone s"] > 0
+
+
+def test_growth_exponent_of_a_power_law():
+    from benchmarks.search_scaling import growth
+
+    sizes = [1, 4, 8, 16]
+    assert growth(sizes, [0.01 * n**0.5 for n in sizes]) == pytest.approx(0.5)
+    assert growth(sizes, [0.01 * n for n in sizes]) == pytest.approx(1.0)

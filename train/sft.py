@@ -175,24 +175,35 @@ class KensaTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # TRL 1.16 runs the backbone with its own fused LM head and builds the loss from log-probabilities: the
-        # model's `loss`, and the anomaly-map loss in it, never reach it. The backbone returns that loss on its own;
-        # a hook takes it from the same forward pass (so it has gradients) and it is added like TRL's MoE aux loss.
-        backbone = self.accelerator.unwrap_model(model)
-        backbone = (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).model
+        # model's `loss` (with the anomaly-map loss) and its verdict odds (`set_verdict_odds`) never reach it. A
+        # hook takes the backbone's output of the same forward pass (so it has gradients); the anomaly-map loss and
+        # the verdict's loss (`verdict_loss`) are added like TRL's MoE aux loss.
+        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         captured = []
-        handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output.anomaly_loss))
+        handle = unwrapped.model.register_forward_hook(lambda module, args, output: captured.append(output))
         try:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             handle.remove()
-        extra = captured[0] if captured else None  # the first pass is the one the loss came from
-        if extra is None:
+        extras = {}
+        if captured:  # the first pass is the one the loss came from
+            output, comparison = captured[0], getattr(unwrapped.model, "reference_comparison", None)
+            extras["anomaly_loss"] = output.anomaly_loss
+            if comparison is not None and output.summaries:
+                head = unwrapped.get_output_embeddings().weight
+                extras["verdict_loss"] = comparison.verdict_loss(
+                    output.last_hidden_state, head, inputs["input_ids"], list(output.summaries)
+                )
+        extras = {name: value for name, value in extras.items() if value is not None}
+        if not extras:
             return result
         mode = "train" if model.training else "eval"
-        self._metrics[mode]["anomaly_loss"].append(self.accelerator.gather_for_metrics(extra.detach()).mean().item())
+        for name, value in extras.items():
+            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
         steps = getattr(self, "current_gradient_accumulation_steps", 1) if num_items_in_batch is not None else 1
         loss, outputs = result if return_outputs else (result, None)
-        loss = loss + extra / steps
+        loss = loss + sum(extras.values()) / steps
         return (loss, outputs) if return_outputs else loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):

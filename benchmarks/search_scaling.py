@@ -1,0 +1,122 @@
+"""The comparison's nearest-cell search against the number of support photos: exact and approximate
+(`inverted_file_similarity`) side by side in one run, their growth exponents, a plot, and what the approximation costs
+in accuracy on the validation categories.
+
+    python -m benchmarks.search_scaling --model outputs/main/model --data outputs/kensa-synth-224 \
+        [--supports 1,4,8,16] [--probes 2,4,8] [--shots 4] [--seeds 3] [--plot docs/search_scaling.png]
+
+Cost: one query photo of the validation split against 1-16 good photos (each in every reference view of the model),
+the search alone (`nearest_distances` on the model's compared cells), median of 5. Accuracy: `evaluate` on the
+validation split at `--shots`, exact search against the approximate one at each `--probes` (every bank searched
+approximately: `exact_search_cells` = 0), same supports and queries, scores only. Reads only the validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kensa_vl.eval.evaluate import evaluate
+from kensa_vl.eval.inspector import load_pretrained
+from kensa_vl.eval.measure import machine, timed
+from kensa_vl.modeling.comparison_kensa_vl import nearest_distances
+from kensa_vl.train.data.synth import load_synth
+
+
+def growth(sizes: list[int], times: list[float]) -> float:
+    """The exponent b of time ~ supports^b, a least-squares line through the log-log points."""
+    return float(np.polyfit(np.log(sizes), np.log(times), 1)[0])
+
+
+@torch.no_grad()
+def cost(model, processor, photos, supports: list[int], probes: list[int]) -> dict:
+    """Seconds of the search for one query against each support count: {"exact": [...], probes: [...]}."""
+    good = [photos[i]["image"] for i, label in enumerate(photos["label"]) if label == "good"]
+    if len(good) < max(supports) + 1:
+        raise ValueError(f"the split has {len(good)} good photos; {max(supports)} supports and a query need more")
+    batch = processor.image_processor(good[: max(supports) + 1], return_tensors="pt")
+    name = model.config.reference_encoder_names()[0]
+    tiles = batch["image_grid"][:, 2].tolist()
+    starts = np.cumsum([0, *tiles])
+    cells = model.model.reference_comparison.features(model.model.image_grids(batch["pixel_values"], [name]))[name]
+    query = cells[starts[-2] : starts[-1]]
+    out = {"bank cells": [], "exact": [], **{p: [] for p in probes}}
+    for count in tqdm(supports, desc="supports"):
+        pixels = batch["pixel_values"][: starts[count]]
+        bank = model.model.reference_cells(pixels, {name: cells[: starts[count]]})[name]
+        out["bank cells"].append(len(bank))
+        out["exact"].append(timed(lambda b=bank: nearest_distances(query, b), 5))
+        for p in probes:
+            out[p].append(timed(lambda b=bank, p=p: nearest_distances(query, b, probes=p), 5))
+    return out
+
+
+def accuracy(model, processor, photos, shots: int, seeds: int, probes: list[int]) -> dict:
+    """Validation metrics at `shots`: {"exact": overall, probes: overall}."""
+    out = {}
+    config = model.config
+    saved = config.exact_search_cells, config.search_probes
+    try:
+        for setting in ["exact", *probes]:
+            config.exact_search_cells, config.search_probes = (saved[0], 0) if setting == "exact" else (0, setting)
+            result = evaluate(model, processor, photos, shots=(shots,), seeds=seeds, controls=(), generate=False)
+            out[setting] = result["shots"][shots]["overall"]
+    finally:
+        config.exact_search_cells, config.search_probes = saved
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--supports", default="1,4,8,16")
+    parser.add_argument("--probes", default="2,4,8")
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, processor = load_pretrained(args.model)
+    photos = load_synth(args.data)[0]["validation"]
+    supports, probes = [int(s) for s in args.supports.split(",")], [int(p) for p in args.probes.split(",")]
+    costs = cost(model.eval(), processor, photos, supports, probes)
+    print(f"{machine()}; one query photo, views {model.config.reference_views}")
+    print("| supports | bank cells | exact ms | " + " | ".join(f"{p} probes ms" for p in probes) + " |")
+    print("|---|---|---|" + "---|" * len(probes))
+    for i, count in enumerate(supports):
+        row = [costs["exact"][i]] + [costs[p][i] for p in probes]
+        print(f"| {count} | {costs['bank cells'][i]:,} | " + " | ".join(f"{t * 1e3:.1f}" for t in row) + " |")
+    exponents = {key: growth(supports, costs[key]) for key in ["exact", *probes]}
+    print("growth exponent (time ~ supports^b): " + ", ".join(f"{k}: {b:.2f}" for k, b in exponents.items()))
+    scores = accuracy(model, processor, photos, args.shots, args.seeds, probes)
+    print(f"validation, k = {args.shots}, {args.seeds} seeds, scores only")
+    print("| search | balanced accuracy | image AUROC | pixel AUROC |")
+    print("|---|---|---|---|")
+    for key, overall in scores.items():
+        label = "exact" if key == "exact" else f"approximate, {key} probes"
+        cells = [overall[m]["mean"] for m in ("balanced_accuracy", "auroc", "pixel_auroc")]
+        print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for key in ["exact", *probes]:
+            label = "exact" if key == "exact" else f"approximate, {key} probes"
+            ax.loglog(supports, [t * 1e3 for t in costs[key]], "o-", label=f"{label} (b = {exponents[key]:.2f})")
+        ax.set_xlabel("support photos (every view in the bank)")
+        ax.set_ylabel("search ms per query photo")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
