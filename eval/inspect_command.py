@@ -123,7 +123,7 @@ def run(args) -> None:
     state = PartialState()
     model, processor = load_pretrained(args.model)  # a broken model folder is refused before a file is written
     sink = Sink(args.out if state.is_main_process else None, args.resume)
-    inspector = Inspector(model, processor, threshold=args.threshold)
+    inspector = Inspector(model, processor, threshold=args.threshold, support_max_tiles=args.support_tiles)
     total = sum(len(q) for *_, q in work)
     bar = tqdm(total=total, unit="photo", desc="inspecting", disable=not state.is_main_process)
     failed, gathered = [], []
@@ -196,6 +196,13 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="with --data: which support draw")
     p.add_argument("--noun", default="product", help="what the product is called in the prompt")
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument(
+        "--support-tiles",
+        type=int,
+        default=None,
+        help="tiles per support photo the language model reads (default: as many as a query's); the comparison "
+        "still holds every tile of every support",
+    )
     p.add_argument("--out", help="X.jsonl (and X.csv), written as results are made; or X.json, written at the end")
     p.add_argument("--resume", action="store_true", help="with --out X.jsonl: skip the photos it already holds")
     p.add_argument("--viz", help="folder for each query with its heatmap and boxes drawn")
