@@ -8,12 +8,14 @@ in accuracy on the validation categories.
 Cost: one query photo of the validation split against 1-16 good photos (each in every reference view of the model),
 the search alone (`nearest_distances` on the model's compared cells), median of 5. Accuracy: `evaluate` on the
 validation split at `--shots`, exact search against the approximate one at each `--probes` (every bank searched
-approximately: `exact_search_cells` = 0), same supports and queries, scores only. Reads only the validation split.
+approximately: `exact_search_cells` = 0 and no minimum query share), same supports and queries, scores only. Reads
+only the validation split.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import torch
@@ -58,14 +60,16 @@ def accuracy(model, processor, photos, shots: int, seeds: int, probes: list[int]
     """Validation metrics at `shots`: {"exact": overall, probes: overall}."""
     out = {}
     config = model.config
-    saved = config.exact_search_cells, config.search_probes
+    module = sys.modules[type(model.model.reference_comparison).__module__]  # the model folder's own code
+    saved = config.exact_search_cells, config.search_probes, module.APPROXIMATE_MIN_SHARE
     try:
         for setting in ["exact", *probes]:
             config.exact_search_cells, config.search_probes = (saved[0], 0) if setting == "exact" else (0, setting)
+            module.APPROXIMATE_MIN_SHARE = 10**9  # every bank, whatever the query's size
             result = evaluate(model, processor, photos, shots=(shots,), seeds=seeds, controls=(), generate=False)
             out[setting] = result["shots"][shots]["overall"]
     finally:
-        config.exact_search_cells, config.search_probes = saved
+        config.exact_search_cells, config.search_probes, module.APPROXIMATE_MIN_SHARE = saved
     return out
 
 

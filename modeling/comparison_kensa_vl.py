@@ -85,6 +85,7 @@ class PromptComparison:
 # spherical k-means centroids (KMEANS_ITERATIONS rounds on at most KMEANS_SAMPLE cells per list, seeded: the same bank
 # gives the same lists), and each query cell is compared with the cells of its `probes` nearest lists only.
 LIST_CELLS, KMEANS_ITERATIONS, KMEANS_SAMPLE = 256, 4, 32
+APPROXIMATE_MIN_SHARE = 8  # `KensaVLReferenceComparison.nearest`: a smaller query searches exactly
 
 
 @torch.no_grad()  # a fixed metric (PatchCore's): no gradient flows through the nearest-neighbour search
@@ -282,8 +283,11 @@ class KensaVLReferenceComparison(nn.Module):
         return unit_cells(grids, self.encoders)
 
     def nearest(self, query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-        """`nearest_distances`, exact up to `config.exact_search_cells` bank cells, approximate beyond."""
-        large = len(bank) > self.config.exact_search_cells
+        """`nearest_distances`, exact up to `config.exact_search_cells` bank cells, approximate beyond when the
+        query has at least 1/APPROXIMATE_MIN_SHARE as many cells as the bank: the lists are built per search, which
+        costs about as much as searching a few thousand query cells exactly (BENCHMARKS.md)."""
+        cells = query.shape[:-1].numel()
+        large = len(bank) > self.config.exact_search_cells and cells * APPROXIMATE_MIN_SHARE >= len(bank)
         return nearest_distances(query, bank, probes=self.config.search_probes if large else 0)
 
     def distances(self, query: dict[str, torch.Tensor], bank: dict[str, torch.Tensor]):

@@ -388,8 +388,11 @@ def test_the_comparison_searches_approximately_beyond_exact_search_cells(tiny_dc
     exact = comparison.nearest(query, bank)
     assert not calls
     monkeypatch.setattr(comparison.config, "exact_search_cells", len(bank) - 1)
-    approximate = comparison.nearest(query, bank)
+    approximate = comparison.nearest(query, bank)  # 512 query cells, 1/8 of the bank: worth building the lists
     assert calls and (approximate >= exact - 1e-6).all()
+    calls.clear()
+    comparison.nearest(query[:1, :8], bank)  # 128 cells: building the lists would cost more than they save
+    assert not calls
 
 
 def test_the_verdict_logit_sets_the_odds_where_the_answer_starts(tiny_dct):
