@@ -391,7 +391,7 @@ def test_the_comparison_searches_approximately_beyond_exact_search_cells(tiny_dc
     approximate = comparison.nearest(query, bank)  # 512 query cells, 1/8 of the bank: worth building the lists
     assert calls and (approximate >= exact - 1e-6).all()
     calls.clear()
-    comparison.nearest(query[:1, :8], bank)  # 128 cells: building the lists would cost more than they save
+    comparison.nearest(query[:, :8, :8], bank)  # 128 cells: building the lists would cost more than they save
     assert not calls
 
 
