@@ -6,7 +6,8 @@ in accuracy on the validation categories.
         [--supports 1,4,8,16] [--probes 2,4,8] [--shots 4] [--seeds 3] [--plot docs/search_scaling.png]
 
 Cost: one query photo of the validation split against 1-16 good photos (each in every reference view of the model),
-the search alone (`nearest_distances` on the model's compared cells), median of 5. Accuracy: `evaluate` on the
+the search alone (`nearest_distances` on the model's compared cells), median of 5; the approximate search with its
+lists built per search, and with lists built once (a cached support set's). Accuracy: `evaluate` on the
 validation split at `--shots`, exact search against the approximate one at each `--probes` (every bank searched
 approximately: `exact_search_cells` = 0 and no minimum query share), same supports and queries, scores only. Reads
 only the validation split.
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from kensa_vl.eval.evaluate import evaluate
 from kensa_vl.eval.inspector import load_pretrained
 from kensa_vl.eval.measure import machine, timed
-from kensa_vl.modeling.comparison_kensa_vl import nearest_distances
+from kensa_vl.modeling.comparison_kensa_vl import InvertedLists, nearest_distances
 from kensa_vl.train.data.synth import load_synth
 
 
@@ -45,7 +46,8 @@ def cost(model, processor, photos, supports: list[int], probes: list[int]) -> di
     starts = np.cumsum([0, *tiles])
     cells = model.model.reference_comparison.features(model.model.image_grids(batch["pixel_values"], [name]))[name]
     query = cells[starts[-2] : starts[-1]]
-    out = {"bank cells": [], "exact": [], **{p: [] for p in probes}}
+    out = {"bank cells": [], "exact": [], **{p: [] for p in probes}, "kept": []}
+    kept = model.config.search_probes
     for count in tqdm(supports, desc="supports"):
         pixels = batch["pixel_values"][: starts[count]]
         bank = model.model.reference_cells(pixels, {name: cells[: starts[count]]})[name]
@@ -53,6 +55,8 @@ def cost(model, processor, photos, supports: list[int], probes: list[int]) -> di
         out["exact"].append(timed(lambda b=bank: nearest_distances(query, b), 5))
         for p in probes:
             out[p].append(timed(lambda b=bank, p=p: nearest_distances(query, b, probes=p), 5))
+        lists = InvertedLists.build(bank)  # a cached support set's, built once (`ReferenceBank.inverted_lists`)
+        out["kept"].append(timed(lambda b=bank, s=lists: nearest_distances(query, b, probes=kept, lists=s), 5))
     return out
 
 
@@ -89,12 +93,13 @@ def main() -> None:
     supports, probes = [int(s) for s in args.supports.split(",")], [int(p) for p in args.probes.split(",")]
     costs = cost(model.eval(), processor, photos, supports, probes)
     print(f"{machine()}; one query photo, views {model.config.reference_views}")
-    print("| supports | bank cells | exact ms | " + " | ".join(f"{p} probes ms" for p in probes) + " |")
-    print("|---|---|---|" + "---|" * len(probes))
+    kept = f"{model.config.search_probes} probes, lists built once ms"
+    print("| supports | bank cells | exact ms | " + " | ".join(f"{p} probes ms" for p in probes) + f" | {kept} |")
+    print("|---|---|---|" + "---|" * (len(probes) + 1))
     for i, count in enumerate(supports):
-        row = [costs["exact"][i]] + [costs[p][i] for p in probes]
+        row = [costs["exact"][i]] + [costs[p][i] for p in probes] + [costs["kept"][i]]
         print(f"| {count} | {costs['bank cells'][i]:,} | " + " | ".join(f"{t * 1e3:.1f}" for t in row) + " |")
-    exponents = {key: growth(supports, costs[key]) for key in ["exact", *probes]}
+    exponents = {key: growth(supports, costs[key]) for key in ["exact", *probes, "kept"]}
     print("growth exponent (time ~ supports^b): " + ", ".join(f"{k}: {b:.2f}" for k, b in exponents.items()))
     scores = accuracy(model, processor, photos, args.shots, args.seeds, probes)
     print(f"validation, k = {args.shots}, {args.seeds} seeds, scores only")
@@ -111,8 +116,8 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for key in ["exact", *probes]:
-            label = "exact" if key == "exact" else f"approximate, {key} probes"
+        for key in ["exact", *probes, "kept"]:
+            label = {"exact": "exact", "kept": "approximate, lists built once"}.get(key, f"approximate, {key} probes")
             ax.loglog(supports, [t * 1e3 for t in costs[key]], "o-", label=f"{label} (b = {exponents[key]:.2f})")
         ax.set_xlabel("support photos (every view in the bank)")
         ax.set_ylabel("search ms per query photo")

@@ -43,6 +43,13 @@ class ReferenceBank:
 
     cells: dict[str, torch.Tensor]
     scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    # per encoder, the cells' `InvertedLists`, built on first use and kept for every later query
+    lists: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def inverted_lists(self, name: str) -> InvertedLists:
+        if name not in self.lists:
+            self.lists[name] = InvertedLists.build(self.cells[name].float())
+        return self.lists[name]
 
     @property
     def level(self) -> float | None:
@@ -89,16 +96,19 @@ APPROXIMATE_MIN_SHARE = 8  # `KensaVLReferenceComparison.nearest`: a smaller que
 
 
 @torch.no_grad()  # a fixed metric (PatchCore's): no gradient flows through the nearest-neighbour search
-def nearest_distances(query: torch.Tensor, bank: torch.Tensor, chunk: int = 2048, probes: int = 0) -> torch.Tensor:
+def nearest_distances(
+    query: torch.Tensor, bank: torch.Tensor, chunk: int = 2048, probes: int = 0, lists: InvertedLists | None = None
+) -> torch.Tensor:
     """Cosine distance of each cell of `query` (n, g, g, C), L2-normalised, to its nearest cell in `bank` (M, C),
     L2-normalised: `(n, g, g)`, at least 0. Exact by default: the similarities are taken in `chunk x chunk` blocks
     with a running max, never as one (cells, M) matrix: 4x faster on a CPU at 448 px tiles (it stays in cache) and
     bounded memory (BENCHMARKS.md). With `probes` > 0 and a bank of more than `probes` lists, approximate
-    (`inverted_file_similarity`): a cell's nearest may be missed, so a distance is never smaller than the exact one."""
+    (`inverted_file_similarity`, on `lists` when the bank's are already built): a cell's nearest may be missed, so a
+    distance is never smaller than the exact one."""
     n, g, _, c = query.shape
-    flat, bank = query.reshape(-1, c).to(bank.dtype), bank
+    flat = query.reshape(-1, c).to(bank.dtype)
     if probes and len(bank) > probes * LIST_CELLS:
-        best = inverted_file_similarity(flat, bank, probes, chunk)
+        best = inverted_file_similarity(flat, lists or InvertedLists.build(bank), probes, chunk)
     else:
         best = torch.cat([block_similarity(part, bank, chunk) for part in flat.split(chunk)])
     return (1 - best).clamp_min(0).view(n, g, g)
@@ -127,26 +137,39 @@ def spherical_kmeans(cells: torch.Tensor, lists: int, seed: int = 0) -> torch.Te
     return centroids
 
 
-def inverted_file_similarity(flat: torch.Tensor, bank: torch.Tensor, probes: int, chunk: int) -> torch.Tensor:
-    """Each query cell's largest similarity `(N,)` to the bank's cells in its `probes` nearest lists (an inverted
+@dataclass
+class InvertedLists:
+    """A bank's cells grouped into lists of about LIST_CELLS around spherical k-means centroids: what
+    `inverted_file_similarity` searches. `members` `(M, C)` holds the cells list by list, `sizes` their counts."""
+
+    centroids: torch.Tensor
+    members: torch.Tensor
+    sizes: list[int]
+
+    @classmethod
+    def build(cls, bank: torch.Tensor) -> InvertedLists:
+        lists = max(1, len(bank) // LIST_CELLS)
+        centroids = spherical_kmeans(bank, lists)
+        owner = torch.cat([(part @ centroids.T).argmax(-1) for part in bank.split(8192)])
+        return cls(centroids, bank[owner.argsort()], torch.bincount(owner, minlength=lists).tolist())
+
+
+def inverted_file_similarity(flat: torch.Tensor, lists: InvertedLists, probes: int, chunk: int) -> torch.Tensor:
+    """Each query cell's largest similarity `(N,)` to the bank's cells in its `probes` nearest `lists` (an inverted
     file: FAISS's IVF-Flat, written in torch so the remote code needs nothing else). Costs about
-    `probes * LIST_CELLS / M` of the exact search, plus the lists' k-means."""
-    lists = len(bank) // LIST_CELLS
-    centroids = spherical_kmeans(bank, lists)
-    owner = torch.cat([(part @ centroids.T).argmax(-1) for part in bank.split(8192)])
-    order = owner.argsort()
-    members, sizes = bank[order], torch.bincount(owner, minlength=lists)
+    `probes * LIST_CELLS / M` of the exact search, plus a loop over the lists."""
+    centroids, count = lists.centroids, len(lists.sizes)
     probed = torch.cat([(part @ centroids.T).topk(probes, -1).indices for part in flat.split(8192)]).flatten()
     visits = probed.argsort()  # (cell, probe) pairs grouped by list
-    cell_of, visit_sizes = visits // probes, torch.bincount(probed, minlength=lists)
+    cell_of, visit_sizes = visits // probes, torch.bincount(probed, minlength=count)
     best = flat.new_full((len(flat),), -1.0)
     bank_start = visit_start = 0
-    for size, count in zip(sizes.tolist(), visit_sizes.tolist(), strict=True):
-        if size and count:
-            cells = cell_of[visit_start : visit_start + count]  # distinct: a cell probes a list once
-            block = block_similarity(flat[cells], members[bank_start : bank_start + size], chunk)
+    for size, visited in zip(lists.sizes, visit_sizes.tolist(), strict=True):
+        if size and visited:
+            cells = cell_of[visit_start : visit_start + visited]  # distinct: a cell probes a list once
+            block = block_similarity(flat[cells], lists.members[bank_start : bank_start + size], chunk)
             best[cells] = torch.maximum(best[cells], block)
-        bank_start, visit_start = bank_start + size, visit_start + count
+        bank_start, visit_start = bank_start + size, visit_start + visited
     return best
 
 
@@ -282,18 +305,28 @@ class KensaVLReferenceComparison(nn.Module):
         """The compared encoders' L2-normalised cells on their own grids: name -> `(n, g, g, C)`."""
         return unit_cells(grids, self.encoders)
 
-    def nearest(self, query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-        """`nearest_distances`, exact up to `config.exact_search_cells` bank cells, approximate beyond when the
-        query has at least 1/APPROXIMATE_MIN_SHARE as many cells as the bank: the lists are built per search, which
-        costs about as much as searching a few thousand query cells exactly (BENCHMARKS.md)."""
+    def nearest(self, query: torch.Tensor, bank: torch.Tensor, lists: InvertedLists | None = None) -> torch.Tensor:
+        """`nearest_distances`, exact up to `config.exact_search_cells` bank cells, approximate beyond: on the bank's
+        `lists` when they are built already (a cached support set's, `ReferenceBank.inverted_lists`), else when the
+        query has at least 1/APPROXIMATE_MIN_SHARE as many cells as the bank (lists built per search cost about as
+        much as searching a few thousand query cells exactly, BENCHMARKS.md)."""
         cells = query.shape[:-1].numel()
-        large = len(bank) > self.config.exact_search_cells and cells * APPROXIMATE_MIN_SHARE >= len(bank)
-        return nearest_distances(query, bank, probes=self.config.search_probes if large else 0)
+        worth = lists is not None or cells * APPROXIMATE_MIN_SHARE >= len(bank)
+        large = len(bank) > self.config.exact_search_cells and worth
+        return nearest_distances(query, bank, probes=self.config.search_probes if large else 0, lists=lists)
 
-    def distances(self, query: dict[str, torch.Tensor], bank: dict[str, torch.Tensor]):
+    def bank_lists(self, bank: ReferenceBank) -> dict | None:
+        """A cached bank's lists per compared encoder, where the approximate search will use them (built once)."""
+        if not self.config.search_probes:
+            return None
+        large = [n for n in self.encoders if len(bank.cells[n]) > self.config.exact_search_cells]
+        return {n: bank.inverted_lists(n) for n in large} or None
+
+    def distances(self, query: dict[str, torch.Tensor], bank: dict[str, torch.Tensor], lists: dict | None = None):
         """`query` name -> (n, g, g, C) tiles of one image, `bank` name -> (M, C) -> (log-distances
         `(n, tokens_per_tile, PER_ENCODER * E)`, each encoder's `nearest_distances` `(n, g, g)`)."""
-        out, nearest = [], [self.nearest(query[name], bank[name]) for name in self.encoders]
+        lists = lists or {}
+        out, nearest = [], [self.nearest(query[name], bank[name], lists.get(name)) for name in self.encoders]
         for cells in nearest:
             d = pooled_distances(cells, self.token_side)  # (n, tokens_per_tile)
             # the single farthest cell under each token: a defect of a cell or two, which the 3x3 mean dilutes
@@ -301,13 +334,13 @@ class KensaVLReferenceComparison(nn.Module):
             out += [d, d / d.median().clamp_min(1e-6), far, far / far.median().clamp_min(1e-6)]
         return torch.stack(out, -1).clamp_min(1e-4).log(), nearest
 
-    def forward(self, query, thumbnail: torch.Tensor, bank, level: torch.Tensor | None = None):
+    def forward(self, query, thumbnail: torch.Tensor, bank, level: torch.Tensor | None = None, lists=None):
         """One image whose tiles are `thumbnail`-flagged `(n,)` against `bank` -> (token embeddings
         `(n, tokens_per_tile, D)`, anomaly logits `(n, tokens_per_tile)`, the summary embedding `(D,)`, the image's
         kNN score, each encoder's `nearest_distances`). The score is the largest log-distance over the grid tiles
         (untrained, PatchCore's); `level` is the median score of the earlier images of the prompt (each against the
         images before it), the prompt's own measure of how far good photos of this product lie from each other."""
-        x, nearest = self.distances(query, bank)
+        x, nearest = self.distances(query, bank, lists)
         x = x.to(self.linear.weight.dtype)
         logits = (self.linear(x) + self.mlp(x)).squeeze(-1)
         selected = scored_tiles(thumbnail)
@@ -357,8 +390,12 @@ class KensaVLReferenceComparison(nn.Module):
                 query = {name: f[first:last] for name, f in features.items()}
                 if banks[self.encoders[0]]:
                     level = torch.stack(levels).median() if levels else None
+                    # the cached support set alone: its lists, built once, serve every query
+                    lists = (
+                        self.bank_lists(cached) if cached is not None and len(banks[self.encoders[0]]) == 1 else None
+                    )
                     delta, logits, summary, verdict, scores[image], nearest[image] = self(
-                        query, thumbnail[first:last], {n: torch.cat(b) for n, b in banks.items()}, level
+                        query, thumbnail[first:last], {n: torch.cat(b) for n, b in banks.items()}, level, lists
                     )
                     levels.append(scores[image])
                     added[first:last] = delta.repeat_interleave(streams, 1).to(added.dtype)

@@ -247,7 +247,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
             )
         comparison = self.reference_comparison
         features = comparison.features(self.image_grids(pixel_values, comparison.encoders))
-        distances = [comparison.nearest(features[n], bank.cells[n].float()) for n in comparison.encoders]
+        lists = comparison.bank_lists(bank) or {}
+        distances = [comparison.nearest(features[n], bank.cells[n].float(), lists.get(n)) for n in comparison.encoders]
         return locate_box(distances, *image_grid[0, :2].tolist(), bank.level)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:

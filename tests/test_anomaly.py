@@ -446,3 +446,15 @@ def test_in_training_the_verdict_odds_sit_before_the_answers_first_token(tiny_dc
             model.config.verdict_token_ids = words
     assert (out - plain).abs().amax(-1)[0].nonzero().flatten().tolist() == [int(answer) - 1]
     assert len(summaries) == 1  # the second image, compared with the first
+
+
+def test_a_banks_lists_are_built_once_and_search_as_lists_built_anew():
+    from kensa_vl.modeling.comparison_kensa_vl import ReferenceBank, nearest_distances
+
+    bank = ReferenceBank({"dct": _clustered_cells(32 * 256, 1)})
+    lists = bank.inverted_lists("dct")
+    assert bank.inverted_lists("dct") is lists and len(lists.sizes) == 32 and sum(lists.sizes) == 32 * 256
+    query = _clustered_cells(512, 2).view(2, 16, 16, 16)
+    cells = bank.cells["dct"]
+    kept = nearest_distances(query, cells, probes=4, lists=lists)
+    torch.testing.assert_close(kept, nearest_distances(query, cells, probes=4))  # seeded: the same lists

@@ -175,6 +175,27 @@ def test_evaluate_reports_shots_and_controls(tiny, synth):
     assert len(support) == 2 * len(categories)
 
 
+def test_a_cached_support_sets_lists_serve_every_query(tiny_comparison, synth, monkeypatch):
+    from kensa_vl.modeling import comparison_kensa_vl
+
+    model, processor = tiny_comparison
+    test = synth["test"]
+    queries = [test[i]["image"] for i in (5, 6, 7)]
+    exact = Inspector(model, processor, max_new_tokens=0)
+    exact.set_support(_support(test))
+    expected = [j.heatmap for j in exact.judge(queries)]
+    builds, build = [], comparison_kensa_vl.InvertedLists.build
+    monkeypatch.setattr(comparison_kensa_vl.InvertedLists, "build", lambda bank: builds.append(1) or build(bank))
+    monkeypatch.setattr(model.config, "exact_search_cells", 1000)  # every bank is large: search approximately
+    approximate = Inspector(model, processor, max_new_tokens=0)
+    approximate.set_support(_support(test))
+    builds.clear()  # (the supports' own comparisons, each against a new bank, build theirs)
+    got = [j.heatmap for j in approximate.judge(queries)]
+    assert builds == [1]  # the cached set's lists, built for the first query, serve the next two
+    for a, b in zip(got, expected, strict=True):
+        assert (a >= b - 1e-4).all()  # a missed neighbour only makes a cell look farther
+
+
 @pytest.fixture(scope="module")
 def tiny_comparison():
     import torch
