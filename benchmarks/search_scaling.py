@@ -65,7 +65,7 @@ def accuracy(model, processor, photos, shots: int, seeds: int, probes: list[int]
     out = {}
     config = model.config
     module = sys.modules[type(model.model.reference_comparison).__module__]  # the model folder's own code
-    saved = config.exact_search_cells, config.search_probes, module.APPROXIMATE_MIN_SHARE
+    saved = config.exact_search_cells, config.search_probes, getattr(module, "APPROXIMATE_MIN_SHARE", None)
     try:
         for setting in ["exact", *probes]:
             config.exact_search_cells, config.search_probes = (saved[0], 0) if setting == "exact" else (0, setting)
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--no-accuracy", action="store_true", help="the cost only")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, processor = load_pretrained(args.model)
@@ -101,14 +102,6 @@ def main() -> None:
         print(f"| {count} | {costs['bank cells'][i]:,} | " + " | ".join(f"{t * 1e3:.1f}" for t in row) + " |")
     exponents = {key: growth(supports, costs[key]) for key in ["exact", *probes, "kept"]}
     print("growth exponent (time ~ supports^b): " + ", ".join(f"{k}: {b:.2f}" for k, b in exponents.items()))
-    scores = accuracy(model, processor, photos, args.shots, args.seeds, probes)
-    print(f"validation, k = {args.shots}, {args.seeds} seeds, scores only")
-    print("| search | balanced accuracy | image AUROC | pixel AUROC |")
-    print("|---|---|---|---|")
-    for key, overall in scores.items():
-        label = "exact" if key == "exact" else f"approximate, {key} probes"
-        cells = [overall[m]["mean"] for m in ("balanced_accuracy", "auroc", "pixel_auroc")]
-        print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
     if args.plot:
         import matplotlib
 
@@ -125,6 +118,16 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"wrote {args.plot}")
+    if args.no_accuracy:
+        return
+    scores = accuracy(model, processor, photos, args.shots, args.seeds, probes)
+    print(f"validation, k = {args.shots}, {args.seeds} seeds, scores only")
+    print("| search | balanced accuracy | image AUROC | pixel AUROC |")
+    print("|---|---|---|---|")
+    for key, overall in scores.items():
+        label = "exact" if key == "exact" else f"approximate, {key} probes"
+        cells = [overall[m]["mean"] for m in ("balanced_accuracy", "auroc", "pixel_auroc")]
+        print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
 
 
 if __name__ == "__main__":
