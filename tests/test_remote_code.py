@@ -99,10 +99,30 @@ def test_saved_folder_holds_every_file_its_remote_code_imports(tiny_dir):
     ],
 )
 def test_checkpoint_keys_are_those_of_earlier_releases(name, kwargs):
-    """Saved weights keep loading: the state-dict keys equal the ones recorded from kensa-vl 0.1 (before the model
-    file was split into vision, comparison and model files)."""
+    """Saved weights keep loading: the state-dict keys are the ones recorded from kensa-vl 0.1 (before the model
+    file was split into vision, comparison and model files), plus the comparison's verdict logit (2026-12-03),
+    which a checkpoint without it starts at its prior (`test_a_checkpoint_without_the_verdict_starts_at_its_prior`)."""
     from kensa_vl.train.build import build_tiny
 
     recorded = json.loads((ROOT / "tests" / "data" / "checkpoint_keys.json").read_text())[name]
     model, _ = build_tiny(**kwargs)
-    assert sorted(model.state_dict()) == recorded
+    added = {"model.reference_comparison.verdict.weight", "model.reference_comparison.verdict.bias"}
+    assert sorted(set(model.state_dict()) - (added if kwargs.get("reference_comparison") else set())) == recorded
+
+
+def test_a_checkpoint_without_the_verdict_starts_at_its_prior(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from kensa_vl.modeling.comparison_kensa_vl import VERDICT_MARGIN, VERDICT_SLOPE
+    from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
+    from kensa_vl.train.build import build_tiny
+
+    model, _ = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True)
+    model.model.reference_comparison.verdict.weight.data.fill_(3.0)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".verdict." not in k}, tmp_path / "model.safetensors")
+    old = KensaVLForConditionalGeneration.from_pretrained(tmp_path).model.reference_comparison.verdict
+    torch.testing.assert_close(old.weight, torch.tensor([[VERDICT_SLOPE, -VERDICT_SLOPE * VERDICT_MARGIN]]))
+    assert old.bias.item() == 0.0
