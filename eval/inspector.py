@@ -204,6 +204,9 @@ class Inspector:
     ):
         self.model, self.processor = model.eval(), processor
         self.noun, self.threshold, self.cache = noun, threshold, cache
+        for name, tiles in (("support_max_tiles", support_max_tiles), ("query_max_tiles", query_max_tiles)):
+            if tiles is not None and (not isinstance(tiles, int) or tiles < 1):  # 0 would read as "the default"
+                raise ValueError(f"{name} must be a whole number of tiles >= 1 or None, got {tiles!r}")
         self.support_max_tiles, self.query_max_tiles = support_max_tiles, query_max_tiles
         self.max_new_tokens = max_new_tokens
         self.verdict_ids = verdict_token_ids(processor.tokenizer)

@@ -422,3 +422,13 @@ def test_a_truncated_query_is_an_error_record_and_the_others_are_judged(tiny, tm
     judged = inspector.judge([str(whole), str(cut)])
     assert judged[0].verdict in ("good", "defective")
     assert judged[1].verdict == "error" and "truncated" in judged[1].text and "cut.png" in judged[1].text
+
+
+@pytest.mark.parametrize("tiles", [0, -2, 1.5])
+def test_a_tile_budget_below_one_is_refused(tiny, tiles):
+    model, processor = tiny
+    expected = f"support_max_tiles must be a whole number of tiles >= 1 or None, got {tiles}$"
+    with pytest.raises(ValueError, match=expected):
+        Inspector(model, processor, support_max_tiles=tiles)
+    with pytest.raises(ValueError, match="query_max_tiles must be"):
+        Inspector(model, processor, query_max_tiles=tiles)
