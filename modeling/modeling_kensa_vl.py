@@ -205,9 +205,10 @@ class KensaVLModel(KensaVLPreTrainedModel):
         if features is None:
             names = self.config.reference_encoder_names()
             features = unit_cells(self.image_grids(pixel_values, names), names)
+        views = self.config.reference_views if views is None else views
         parts = {name: [f] for name, f in features.items()}
-        for view in self.config.reference_views if views is None else views:
-            seen = self.image_grids(reference_view(pixel_values, view).contiguous(), list(parts))
+        if views:  # every view in one pass of the encoders: one call per image, not one per view
+            seen = self.image_grids(torch.cat([reference_view(pixel_values, view) for view in views]), list(parts))
             for name, f in unit_cells(seen, parts).items():
                 parts[name].append(f)
         return {name: torch.cat([f.reshape(-1, f.shape[-1]) for f in fs]) for name, fs in parts.items()}
