@@ -326,6 +326,25 @@ class KensaVLProcessor(ProcessorMixin):
             batch["text_replacement_offsets"] = offsets
         return batch
 
+    def _adjust_assistant_masks_indices(self, processed_dict: dict, generation_indices: list[list[int]]) -> dict:
+        # transformers 5.x's own walks every token's offsets in Python, one tensor element at a time: a third of a
+        # training step's data time on episodes. The same rule over whole arrays: a token is in the assistant mask
+        # when it overlaps a generation span, the span shifted past the image placeholders expanded before it.
+        offsets = processed_dict.pop("offset_mapping")
+        replacements = processed_dict.pop("text_replacement_offsets", None) or [[]] * len(offsets)
+        masks = []
+        for sample, spans in enumerate(generation_indices):
+            ends = np.array([r["span"][1] for r in replacements[sample]], dtype=np.int64)
+            gained = np.array([0] + [r["new_span"][1] - r["span"][1] for r in replacements[sample]], dtype=np.int64)
+            starts, stops = np.asarray(offsets[sample]).reshape(-1, 2).T
+            mask = np.zeros(len(starts), dtype=bool)
+            for first, last in spans:
+                first, last = (int(c + gained[np.searchsorted(ends, c, side="right")]) for c in (first, last))
+                mask |= (starts < last) & (stops > first)
+            masks.append(mask.astype(int).tolist())
+        processed_dict["assistant_masks"] = masks
+        return processed_dict
+
     def boxes_to_text(self, boxes, width: int, height: int) -> str:
         return boxes_to_text(boxes, width, height, self.num_loc_bins)
 

@@ -116,3 +116,33 @@ def test_location_tokens_survive_decoding(tiny):
     ids = processor.tokenizer(text)["input_ids"]
     decoded = processor.post_process_image_text_to_text([ids])[0]
     assert processor.text_to_boxes(decoded, 100, 100) == [(0.0, 0.0, 50.0, 50.0)]
+
+
+def test_assistant_mask_is_the_libraries_rule_on_a_padded_batch(tiny):
+    """`KensaVLProcessor._adjust_assistant_masks_indices` replaces transformers' per-token Python loop: the same
+    masks on a padded batch of multi-image, multi-turn chats."""
+    from transformers.processing_utils import ProcessorMixin
+
+    if not hasattr(ProcessorMixin, "_adjust_assistant_masks_indices"):
+        pytest.skip("this transformers has no such step to replace")
+    _, processor = tiny
+    image = lambda seed: random_image(300 + 40 * seed, 200, seed)  # noqa: E731
+    turn = lambda role, *content: {"role": role, "content": list(content)}  # noqa: E731
+    text = lambda t: {"type": "text", "text": t}  # noqa: E731
+    chats = [
+        [turn("user", text("a"), {"type": "image", "image": image(1)}), turn("assistant", text("good"))],
+        [
+            turn("user", {"type": "image", "image": image(2)}, text("b"), {"type": "image", "image": image(3)}),
+            turn("assistant", text("defective scratch")),
+            turn("user", text("and this?"), {"type": "image", "image": image(4)}),
+            turn("assistant", text("good")),
+        ],
+    ]
+    kwargs = dict(tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True, padding=True)
+    ours = processor.apply_chat_template(chats, **kwargs)["assistant_masks"]
+    original = ProcessorMixin._adjust_assistant_masks_indices
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(processor), "_adjust_assistant_masks_indices", original)
+        theirs = processor.apply_chat_template(chats, **kwargs)["assistant_masks"]
+    assert torch.equal(torch.as_tensor(ours), torch.as_tensor(theirs))
+    assert torch.as_tensor(ours).sum(1).tolist()[1] > torch.as_tensor(ours).sum(1).tolist()[0] > 0
