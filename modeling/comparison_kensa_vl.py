@@ -12,8 +12,11 @@ Shipped to the Hub as remote code: imports only torch, transformers and siblings
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +124,48 @@ def block_similarity(part: torch.Tensor, bank: torch.Tensor, chunk: int) -> torc
         similarity = (part @ block.T).amax(-1)
         best = similarity if best is None else torch.maximum(best, similarity)
     return best
+
+
+class PairCache:
+    """Exact nearest-cell similarities of one image's cells to another image's bank cells, kept by the two images'
+    contents across calls: what training repeats. A search against several reference images is the elementwise max
+    of the searches against each, so an image pair met in an earlier episode is not searched again (the main job's
+    episodes meet each pair about 3.8 times). Valid only while the compared encoders stay as they are: training
+    sets it (`KensaVLReferenceComparison.pair_cache`) only when they have nothing to train. Holds at most
+    `max_bytes` of similarities, the least recently used dropped first."""
+
+    def __init__(self, max_bytes: int = 2**30):
+        self.max_bytes, self.bytes, self.pairs = max_bytes, 0, OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(pixel_values: torch.Tensor) -> str:
+        """An image's tiles `(n, 3, T, T)` -> a digest of their contents and shape."""
+        data = pixel_values.detach().contiguous().flatten().view(torch.uint8).cpu().numpy()
+        return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest() + str(tuple(pixel_values.shape))
+
+    def nearest(self, query: torch.Tensor, query_key, references: list[tuple[str, Callable[[], torch.Tensor]]]):
+        """`nearest_distances` of `query` (n, g, g, C), keyed by `query_key` (its image's `key` and the encoder's
+        name), to the union of `references` (per reference image: its `key` and a function giving its bank cells
+        (M, C), called only when the pair is new), searched exactly, pair by pair."""
+        n, g, _, c = query.shape
+        best = None
+        for reference_key, bank_cells in references:
+            key = (query_key, reference_key)
+            similarity = self.pairs.get(key)
+            if similarity is None:
+                self.misses += 1
+                cells = bank_cells()
+                flat = query.reshape(-1, c).to(cells.dtype)
+                similarity = torch.cat([block_similarity(part, cells, 2048) for part in flat.split(2048)])
+                self.pairs[key], self.bytes = similarity, self.bytes + similarity.nbytes
+                while self.bytes > self.max_bytes:
+                    self.bytes -= self.pairs.popitem(last=False)[1].nbytes
+            else:
+                self.hits += 1
+                self.pairs.move_to_end(key)
+            best = similarity if best is None else torch.maximum(best, similarity)
+        return (1 - best).clamp_min(0).view(n, g, g)
 
 
 def spherical_kmeans(cells: torch.Tensor, lists: int, seed: int = 0) -> torch.Tensor:
@@ -295,6 +340,7 @@ class KensaVLReferenceComparison(nn.Module):
         self.embed = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
         self.summary = nn.Sequential(nn.Linear(6, width), nn.GELU(), nn.Linear(width, width))
         self.verdict = nn.Linear(2, 1)  # (score over the level, whether there is a level) -> verdict logit
+        self.pair_cache: PairCache | None = None  # set by training when the compared encoders stay fixed
         # how `_init_weights` starts them: the mean of the log-distances, residuals that change nothing yet, and
         # the verdict's VERDICT_SLOPE * (relative - VERDICT_MARGIN)
         self.linear.kensa_init = "mean"
@@ -322,11 +368,14 @@ class KensaVLReferenceComparison(nn.Module):
         large = [n for n in self.encoders if len(bank.cells[n]) > self.config.exact_search_cells]
         return {n: bank.inverted_lists(n) for n in large} or None
 
-    def distances(self, query: dict[str, torch.Tensor], bank: dict[str, torch.Tensor], lists: dict | None = None):
+    def distances(self, query: dict[str, torch.Tensor], bank, lists: dict | None = None, nearest=None):
         """`query` name -> (n, g, g, C) tiles of one image, `bank` name -> (M, C) -> (log-distances
-        `(n, tokens_per_tile, PER_ENCODER * E)`, each encoder's `nearest_distances` `(n, g, g)`)."""
+        `(n, tokens_per_tile, PER_ENCODER * E)`, each encoder's `nearest_distances` `(n, g, g)`). `nearest`, when
+        given, holds those already (`PairCache`), and `bank` is not read."""
         lists = lists or {}
-        out, nearest = [], [self.nearest(query[name], bank[name], lists.get(name)) for name in self.encoders]
+        if nearest is None:
+            nearest = [self.nearest(query[name], bank[name], lists.get(name)) for name in self.encoders]
+        out = []
         for cells in nearest:
             d = pooled_distances(cells, self.token_side)  # (n, tokens_per_tile)
             # the single farthest cell under each token: a defect of a cell or two, which the 3x3 mean dilutes
@@ -334,13 +383,15 @@ class KensaVLReferenceComparison(nn.Module):
             out += [d, d / d.median().clamp_min(1e-6), far, far / far.median().clamp_min(1e-6)]
         return torch.stack(out, -1).clamp_min(1e-4).log(), nearest
 
-    def forward(self, query, thumbnail: torch.Tensor, bank, level: torch.Tensor | None = None, lists=None):
+    def forward(
+        self, query, thumbnail: torch.Tensor, bank, level: torch.Tensor | None = None, lists=None, nearest=None
+    ):
         """One image whose tiles are `thumbnail`-flagged `(n,)` against `bank` -> (token embeddings
         `(n, tokens_per_tile, D)`, anomaly logits `(n, tokens_per_tile)`, the summary embedding `(D,)`, the image's
         kNN score, each encoder's `nearest_distances`). The score is the largest log-distance over the grid tiles
         (untrained, PatchCore's); `level` is the median score of the earlier images of the prompt (each against the
         images before it), the prompt's own measure of how far good photos of this product lie from each other."""
-        x, nearest = self.distances(query, bank, lists)
+        x, nearest = self.distances(query, bank, lists, nearest)
         x = x.to(self.linear.weight.dtype)
         logits = (self.linear(x) + self.mlp(x)).squeeze(-1)
         selected = scored_tiles(thumbnail)
@@ -379,23 +430,46 @@ class KensaVLReferenceComparison(nn.Module):
         anomaly = image_features.new_full((len(image_features), self.token_side**2), float("nan"), dtype=torch.float32)
         scores = anomaly.new_full((len(tiles),), float("nan"))
         summaries, nearest, kept, image = [], [None] * len(tiles), [], 0
+        pairs = self.pair_cache if references is None else None
+        keys = pairs and [PairCache.key(pixel_values[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        made = {}  # image -> its bank cells, made when a search needs them (a `pairs` hit does not)
+        cells_per_tile = features[self.encoders[0]].shape[1:3].numel() * (1 + len(self.config.reference_views))
+
+        def cells_of(m: int, name: str) -> torch.Tensor:
+            if m not in made:
+                a, b = starts[m], starts[m + 1]
+                made[m] = bank_cells(pixel_values[a:b], {n: f[a:b] for n, f in features.items()})
+            return made[m][name]
+
+        def bank_of(cached: ReferenceBank | None, members: list[int]) -> dict[str, torch.Tensor]:
+            prefix = {n: [] if cached is None else [cached.cells[n].float()] for n in features}
+            return {n: torch.cat(prefix[n] + [cells_of(m, n) for m in members]) for n in features}
+
         for row, row_tokens in enumerate(is_image.sum(1).tolist()):
             positions = is_image[row].nonzero().flatten()
             cached = None if references is None else references[row]
-            banks = {name: [] if cached is None else [cached.cells[name].float()] for name in features}
             levels = [] if cached is None else list(cached.scores.float().to(anomaly.device))
-            seen = 0
+            seen, members = 0, []  # members: the earlier images of this row, in the bank after `cached`'s cells
             while seen < row_tokens:
                 first, last = starts[image], starts[image + 1]
                 query = {name: f[first:last] for name, f in features.items()}
-                if banks[self.encoders[0]]:
+                if cached is not None or members:
                     level = torch.stack(levels).median() if levels else None
                     # the cached support set alone: its lists, built once, serve every query
-                    lists = (
-                        self.bank_lists(cached) if cached is not None and len(banks[self.encoders[0]]) == 1 else None
-                    )
+                    lists = self.bank_lists(cached) if cached is not None and not members else None
+                    found, bank = None, None
+                    size = sum(starts[m + 1] - starts[m] for m in members) * cells_per_tile
+                    if pairs is not None and size <= self.config.exact_search_cells:
+                        found = [
+                            pairs.nearest(
+                                query[n], (keys[image], n), [(keys[m], partial(cells_of, m, n)) for m in members]
+                            )
+                            for n in self.encoders
+                        ]
+                    else:
+                        bank = bank_of(cached, members)
                     delta, logits, summary, verdict, scores[image], nearest[image] = self(
-                        query, thumbnail[first:last], {n: torch.cat(b) for n, b in banks.items()}, level, lists
+                        query, thumbnail[first:last], bank, level, lists, found
                     )
                     levels.append(scores[image])
                     added[first:last] = delta.repeat_interleave(streams, 1).to(added.dtype)
@@ -405,12 +479,11 @@ class KensaVLReferenceComparison(nn.Module):
                         summaries.append(Summary(row, end, summary, verdict))
                 seen += (last - first) * per_tile
                 if seen < row_tokens or keep:  # a later image of the row (or a caller's later query) compares with it
-                    for name, cells in bank_cells(pixel_values[first:last], query).items():
-                        banks[name].append(cells)
+                    members.append(image)
                 image += 1
             if keep:
-                cells = {n: torch.cat(b) for n, b in banks.items()} if banks[self.encoders[0]] else None
-                kept.append(cells and ReferenceBank(cells, torch.stack(levels) if levels else anomaly.new_empty(0)))
+                scores_kept = torch.stack(levels) if levels else anomaly.new_empty(0)
+                kept.append(ReferenceBank(bank_of(cached, members), scores_kept) if cached or members else None)
         return PromptComparison(added, anomaly, summaries, scores, tuple(nearest), tuple(kept) if keep else None)
 
     def add_summaries(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, summaries: list[Summary]):

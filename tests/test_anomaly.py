@@ -458,3 +458,39 @@ def test_a_banks_lists_are_built_once_and_search_as_lists_built_anew():
     cells = bank.cells["dct"]
     kept = nearest_distances(query, cells, probes=4, lists=lists)
     torch.testing.assert_close(kept, nearest_distances(query, cells, probes=4))  # seeded: the same lists
+
+
+def test_pair_cache_gives_the_same_comparison_and_searches_a_pair_once(monkeypatch):
+    """Training's `PairCache`: the search against several references is the max over pairs, so results equal the
+    joint search; a prompt seen again searches nothing and makes no bank cells; the byte budget holds."""
+    from kensa_vl.modeling.comparison_kensa_vl import PairCache
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True,
+                                  reference_encoders=["dct"], reference_views=["hflip", "rot90"])  # fmt: skip
+    images = [random_image(224, 224, s) for s in (1, 2, 3)]
+    batch = processor(
+        text=["<image> <image> <image>", "<image> <image> <image>"],
+        images=[images, [images[1], images[0], images[2]]],
+        return_tensors="pt",
+    )
+    comparison = model.model.reference_comparison
+    with torch.no_grad():
+        expected = model(**batch)
+        comparison.pair_cache = cache = PairCache()
+        first = model(**batch)
+        pairs = cache.misses
+        calls, encode = [], model.model.reference_cells
+        monkeypatch.setattr(model.model, "reference_cells", lambda *a, **k: calls.append(1) or encode(*a, **k))
+        again = model(**batch)
+    # row 1: b~a, c~a, c~b; row 2: a~b, c~b, c~a: four distinct (query, reference) pairs, a hit for each repeat
+    assert pairs == 4 and cache.hits == 2 + 6
+    assert calls == []  # every pair known: no reference's bank cells made
+    for out in (first, again):
+        torch.testing.assert_close(out.image_scores, expected.image_scores, equal_nan=True)
+        torch.testing.assert_close(out.logits, expected.logits)
+    small = PairCache(max_bytes=2 * cache.pairs[next(iter(cache.pairs))].nbytes)
+    comparison.pair_cache = small
+    with torch.no_grad():
+        model(**batch)
+    assert len(small.pairs) == 2 and small.bytes <= small.max_bytes

@@ -141,3 +141,18 @@ def test_resuming_mid_run_repeats_the_uninterrupted_loss_sequence(synth_dir, tmp
     assert saved == ["checkpoint-6"]  # it trained steps 4-6 only
     rest = _losses(trainer)  # steps 1-3 come back from the checkpoint's state, 4-6 are trained again
     assert [rest[s] for s in (4, 5, 6)] == pytest.approx([whole[s] for s in (4, 5, 6)], rel=1e-5)
+
+
+def test_pair_searches_are_kept_only_while_the_compared_encoders_cannot_change():
+    from kensa_vl.train.build import build_tiny
+
+    model, _ = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True, reference_encoders=["dct"])
+    assert sft.keep_pair_searches(model) and model.model.reference_comparison.pair_cache is not None
+    model, _ = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, reference_encoders=["dinov2"])
+    assert not sft.keep_pair_searches(model)  # its tower trains: a kept search would go stale
+    assert model.model.reference_comparison.pair_cache is None
+    model.model.vision_towers["dinov2"].requires_grad_(False)
+    assert sft.keep_pair_searches(model) is False  # its layer merge still trains
+    model.model.layer_merges["dinov2"].requires_grad_(False)
+    assert sft.keep_pair_searches(model)
+    assert not sft.keep_pair_searches(build_tiny()[0])  # no comparison

@@ -20,6 +20,7 @@ import torch
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from kensa_vl.modeling.comparison_kensa_vl import PairCache
 from kensa_vl.modeling.vision_kensa_vl import freeze_unread, read_layers
 from kensa_vl.processing.processing_kensa_vl import structure_tokens
 from kensa_vl.train.build import TRAINING_RECORD
@@ -133,6 +134,24 @@ def select_trainable(model, args: KensaArguments) -> dict[str, list]:
     return groups
 
 
+def keep_pair_searches(model) -> bool:
+    """Give the reference comparison a `PairCache` when what it compares cannot change during training (its
+    encoders and their layer merges have nothing to train): episodes that meet an image pair again reuse its
+    search. Returns whether it did."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    comparison = getattr(model.model, "reference_comparison", None)
+    if comparison is None:
+        return False
+    modules = [
+        m for name in comparison.encoders for m in (model.model.vision_towers[name], model.model.layer_merges[name])
+    ]
+    if any(p.requires_grad for module in modules for p in module.parameters()):
+        comparison.pair_cache = None
+        return False
+    comparison.pair_cache = PairCache()
+    return True
+
+
 def lora_config(model, args: KensaArguments):
     """PEFT LoRA on language-model modules matched by the recipe's regex; the projector is saved whole."""
     from peft import LoraConfig
@@ -163,6 +182,7 @@ class KensaTrainer(SFTTrainer):
     def __init__(self, *args, param_groups: dict | None = None, vision_lr: float | None = None, **kwargs):
         self.param_groups, self.vision_lr = param_groups, vision_lr
         super().__init__(*args, **kwargs)
+        keep_pair_searches(self.model)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.param_groups and self.param_groups["vision"]:
