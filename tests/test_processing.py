@@ -138,7 +138,8 @@ def test_assistant_mask_is_the_libraries_rule_on_a_padded_batch(tiny):
             turn("assistant", text("good")),
         ],
     ]
-    kwargs = dict(tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True, padding=True)
+    kwargs = dict(tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True)
+    kwargs["padding"] = True
     ours = processor.apply_chat_template(chats, **kwargs)["assistant_masks"]
     original = ProcessorMixin._adjust_assistant_masks_indices
     with pytest.MonkeyPatch.context() as patch:
