@@ -185,18 +185,28 @@ def spherical_kmeans(cells: torch.Tensor, lists: int, seed: int = 0) -> torch.Te
 @dataclass
 class InvertedLists:
     """A bank's cells grouped into lists of about LIST_CELLS around spherical k-means centroids: what
-    `inverted_file_similarity` searches. `members` `(M, C)` holds the cells list by list, `sizes` their counts."""
+    `inverted_file_similarity` searches. `members` `(M, C)` holds the cells list by list, `sizes` their counts,
+    `order` each member's row in the bank."""
 
     centroids: torch.Tensor
     members: torch.Tensor
     sizes: list[int]
+    order: torch.Tensor
 
     @classmethod
     def build(cls, bank: torch.Tensor) -> InvertedLists:
         lists = max(1, len(bank) // LIST_CELLS)
         centroids = spherical_kmeans(bank, lists)
         owner = torch.cat([(part @ centroids.T).argmax(-1) for part in bank.split(8192)])
-        return cls(centroids, bank[owner.argsort()], torch.bincount(owner, minlength=lists).tolist())
+        order = owner.argsort()
+        return cls(centroids, bank[order], torch.bincount(owner, minlength=lists).tolist(), order)
+
+    def head(self, rows: int) -> InvertedLists:
+        """The same lists holding only the bank's first `rows` cells (the earlier images of a support set)."""
+        kept = self.order < rows
+        owner = torch.repeat_interleave(torch.arange(len(self.sizes), device=kept.device), torch.tensor(self.sizes))
+        sizes = torch.bincount(owner[kept], minlength=len(self.sizes)).tolist()
+        return InvertedLists(self.centroids, self.members[kept], sizes, self.order[kept])
 
 
 def inverted_file_similarity(flat: torch.Tensor, lists: InvertedLists, probes: int, chunk: int) -> torch.Tensor:
@@ -204,7 +214,11 @@ def inverted_file_similarity(flat: torch.Tensor, lists: InvertedLists, probes: i
     file: FAISS's IVF-Flat, written in torch so the remote code needs nothing else). Costs about
     `probes * LIST_CELLS / M` of the exact search, plus a loop over the lists."""
     centroids, count = lists.centroids, len(lists.sizes)
-    probed = torch.cat([(part @ centroids.T).topk(probes, -1).indices for part in flat.split(8192)]).flatten()
+    empty = torch.tensor(lists.sizes, device=flat.device) == 0  # never probed: a cell finds its nearest elsewhere
+    probes = min(probes, int((~empty).sum()))
+    probed = torch.cat(
+        [(part @ centroids.T).masked_fill(empty, -2.0).topk(probes, -1).indices for part in flat.split(8192)]
+    ).flatten()
     visits = probed.argsort()  # (cell, probe) pairs grouped by list
     cell_of, visit_sizes = visits // probes, torch.bincount(probed, minlength=count)
     best = flat.new_full((len(flat),), -1.0)

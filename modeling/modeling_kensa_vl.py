@@ -32,6 +32,7 @@ from .comparison_kensa_vl import (
     KensaVLReferenceComparison,
     ReferenceBank,
     locate_box,
+    nearest_distances,
     reference_view,
     thumbnail_tiles,
     unit_cells,
@@ -217,23 +218,38 @@ class KensaVLModel(KensaVLPreTrainedModel):
     def support_bank(self, pixel_values: torch.Tensor, image_grid: torch.Tensor) -> ReferenceBank:
         """A support set's `ReferenceBank` without the language model: the compared encoders alone on the images'
         tiles (`image_grid` rows, in order), each image's cells in every view (`reference_cells`) and its score
-        against the images before it, as a prompt of these images would give it. What a query compares with when
-        the language model reads the supports at a smaller tile budget than the comparison needs."""
+        against the images before it. What a query compares with when the language model reads the supports at a
+        smaller tile budget than the comparison needs. A bank small enough for the exact search gives what a prompt
+        of these images gives; a larger one builds its approximate-search lists once, over the whole set, and
+        searches each image's predecessors in them (`InvertedLists.head`): every later query uses the same lists."""
         check_image_grid(image_grid, pixel_values)
         comparison = self.reference_comparison
         features = comparison.features(self.image_grids(pixel_values, comparison.encoders))
         thumbnail = thumbnail_tiles(image_grid)
         starts = [0, *image_grid[:, 2].cumsum(0).tolist()]
-        cells, scores = {name: [] for name in features}, []
+        cells = {name: [] for name in features}
         for first, last in zip(starts[:-1], starts[1:], strict=True):
             image = {name: f[first:last] for name, f in features.items()}
-            if cells[comparison.encoders[0]]:
-                bank = {name: torch.cat(c) for name, c in cells.items()}
-                scores.append(comparison(image, thumbnail[first:last], bank)[4])
             for name, c in self.reference_cells(pixel_values[first:last], image).items():
                 cells[name].append(c)
         empty = pixel_values.new_empty(0, dtype=torch.float32)
-        return ReferenceBank({n: torch.cat(c) for n, c in cells.items()}, torch.stack(scores) if scores else empty)
+        bank = ReferenceBank({n: torch.cat(c) for n, c in cells.items()}, empty)
+        lists = comparison.bank_lists(bank) or {}
+        scores = []
+        for index, (first, last) in enumerate(zip(starts[1:-1], starts[2:], strict=True), start=1):
+            image = {name: f[first:last] for name, f in features.items()}
+            nearest = []
+            for name in comparison.encoders:
+                rows = sum(len(c) for c in cells[name][:index])
+                if name in lists:
+                    earlier, probes = bank.cells[name][:rows], self.config.search_probes
+                    found = nearest_distances(image[name], earlier, probes=probes, lists=lists[name].head(rows))
+                else:
+                    found = comparison.nearest(image[name], bank.cells[name][:rows])
+                nearest.append(found)
+            scores.append(comparison(image, thumbnail[first:last], None, nearest=nearest)[4])
+        bank.scores = torch.stack(scores) if scores else bank.scores
+        return bank
 
     @torch.no_grad()
     def locate(self, pixel_values: torch.Tensor, image_grid: torch.Tensor, bank: ReferenceBank):

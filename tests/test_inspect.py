@@ -229,6 +229,35 @@ def test_support_bank_equals_the_prompts_own_and_serves_a_smaller_support_budget
     assert a.boxes == b.boxes
 
 
+def test_a_large_support_bank_builds_its_lists_once_for_its_own_scores_and_every_query(
+    tiny_comparison, synth, monkeypatch
+):
+    """Above the exact search's size, `support_bank` builds the lists over the whole set once, scores each support
+    against its predecessors in them (`InvertedLists.head`), and the queries search the same lists."""
+    from kensa_vl.modeling import comparison_kensa_vl
+
+    model, processor = tiny_comparison
+    test = synth["test"]
+    exact = Inspector(model, processor, max_new_tokens=0, support_max_tiles=1)
+    exact.set_support(_support(test))
+    queries = [test[i]["image"] for i in (5, 6)]
+    expected = [j.heatmap for j in exact.judge(queries)]
+    builds, build = [], comparison_kensa_vl.InvertedLists.build
+    monkeypatch.setattr(
+        comparison_kensa_vl.InvertedLists, "build", lambda bank: builds.append(len(bank)) or build(bank)
+    )
+    monkeypatch.setattr(model.config, "exact_search_cells", 1000)  # every bank is large: search approximately
+    approximate = Inspector(model, processor, max_new_tokens=0, support_max_tiles=1)
+    approximate.set_support(_support(test))
+    got = [j.heatmap for j in approximate.judge(queries)]
+    assert builds == [len(approximate._bank.cells["dct"])]  # once, over every support: nothing built per search
+    assert approximate._bank.scores.shape == exact._bank.scores.shape
+    assert (approximate._bank.scores >= exact._bank.scores - 1e-4).all()  # a missed neighbour: farther, never nearer
+    for a, b in zip(got, expected, strict=True):
+        assert (a >= b - 1e-4).all()
+    assert np.mean([np.abs(a - b).mean() for a, b in zip(got, expected, strict=True)]) < 0.05  # mostly found
+
+
 @pytest.mark.parametrize("views", [[], ["hflip", "rot90"]])
 def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth, monkeypatch, views):
     model, processor = tiny_comparison
