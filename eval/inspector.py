@@ -252,7 +252,7 @@ class Inspector:
             )
         self.support = list(support)
         self._prefix_text, self._suffix_text = self._prompt(self.support)
-        self._cache, self._bank = None, None
+        self._cache, self._bank, self._suffix_ids = None, None, {}
         compares = getattr(self.model.config, "reference_comparison", False) and bool(self.support)
         if self.cache or compares:  # uncached, the supports' bank still gives the boxes and heatmaps (`_evidence`)
             images = [s["image"] for s in self.support]
@@ -287,11 +287,23 @@ class Inspector:
                 text=self._prefix_text + self._suffix_text, images=images, max_tiles=tiles, return_tensors="pt"
             )
             return {k: v.to(self.device) for k, v in batch.items()}
-        suffix = self._encode(self._suffix_text, [image], self.query_max_tiles, first=False)
+        suffix = self._query_suffix(image)
         ids = torch.cat([self._prefix["input_ids"], suffix["input_ids"]], 1)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         inputs.update(pixel_values=suffix["pixel_values"], image_grid=suffix["image_grid"])
         return {**inputs, "reference_banks": [self._bank]} if self._bank else inputs
+
+    def _query_suffix(self, image: Image.Image) -> dict:
+        """The query's own inputs after the cached prefix: its tiles, and the suffix's token ids, which depend only on
+        the tile grid, so they are tokenised once per grid (`_suffix_ids`) and every later query with that grid
+        only has its image processed."""
+        tiles = {"max_tiles": self.query_max_tiles} if self.query_max_tiles else {}
+        pixels = self.processor.image_processor([image], **tiles, return_tensors="pt")
+        grid = tuple(pixels["image_grid"][0].tolist())
+        if grid not in self._suffix_ids:
+            encoded = self._encode(self._suffix_text, [image], self.query_max_tiles, first=False)
+            self._suffix_ids[grid] = encoded["input_ids"]
+        return {"input_ids": self._suffix_ids[grid], **{k: v.to(self.device) for k, v in pixels.items()}}
 
     def _forward(self, inputs: dict, cache, **kwargs):
         """The model on `inputs` after the cached prefix (`cache`), with the query's reference distances."""
