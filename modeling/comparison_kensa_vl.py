@@ -131,18 +131,48 @@ class PairCache:
     contents across calls: what training repeats. A search against several reference images is the elementwise max
     of the searches against each, so an image pair met in an earlier episode is not searched again (the main job's
     episodes meet each pair about 3.8 times). Valid only while the compared encoders stay as they are: training
-    sets it (`KensaVLReferenceComparison.pair_cache`) only when they have nothing to train. Holds at most
-    `max_bytes` of similarities, the least recently used dropped first."""
+    sets it (`KensaVLReferenceComparison.pair_cache`) only when they have nothing to train.
 
-    def __init__(self, max_bytes: int = 2**30):
-        self.max_bytes, self.bytes, self.pairs = max_bytes, 0, OrderedDict()
-        self.hits = self.misses = 0
+    The similarities are packed into slabs of `slab_bytes` (thousands of small tensors kept between large transient
+    ones fragment the allocator's heap: a first version grew the main job past 24 GiB); at most `max_bytes` of
+    slabs are kept, the oldest slab and its pairs dropped first."""
+
+    def __init__(self, max_bytes: int = 2**30, slab_bytes: int = 2**26):
+        self.max_bytes, self.slab = max_bytes, max(1, min(slab_bytes, max_bytes) // 4)
+        self.slabs: OrderedDict[int, tuple[torch.Tensor, list]] = OrderedDict()  # id -> (floats, its pair keys)
+        self.pairs: dict = {}  # key -> (slab id, start, length)
+        self.used, self.next_id, self.hits, self.misses = 0, 0, 0, 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(floats.nbytes for floats, _ in self.slabs.values())
 
     @staticmethod
     def key(pixel_values: torch.Tensor) -> str:
         """An image's tiles `(n, 3, T, T)` -> a digest of their contents and shape."""
         data = pixel_values.detach().contiguous().flatten().view(torch.uint8).cpu().numpy()
         return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest() + str(tuple(pixel_values.shape))
+
+    def get(self, key) -> torch.Tensor | None:
+        where = self.pairs.get(key)
+        if where is None:
+            return None
+        slab, start, length = where
+        return self.slabs[slab][0][start : start + length]
+
+    def put(self, key, similarity: torch.Tensor) -> None:
+        length = similarity.numel()
+        if not self.slabs or self.used + length > len(self.slabs[self.next_id - 1][0]):
+            while self.slabs and (len(self.slabs) + 1) * self.slab * 4 > self.max_bytes:
+                for old in self.slabs.popitem(last=False)[1][1]:
+                    del self.pairs[old]
+            floats = similarity.new_empty(max(self.slab, length), dtype=torch.float32)
+            self.slabs[self.next_id], self.used, self.next_id = (floats, []), 0, self.next_id + 1
+        floats, keys = self.slabs[self.next_id - 1]
+        floats[self.used : self.used + length] = similarity.flatten()
+        keys.append(key)
+        self.pairs[key] = (self.next_id - 1, self.used, length)
+        self.used += length
 
     def nearest(self, query: torch.Tensor, query_key, references: list[tuple[str, Callable[[], torch.Tensor]]]):
         """`nearest_distances` of `query` (n, g, g, C), keyed by `query_key` (its image's `key` and the encoder's
@@ -152,18 +182,15 @@ class PairCache:
         best = None
         for reference_key, bank_cells in references:
             key = (query_key, reference_key)
-            similarity = self.pairs.get(key)
+            similarity = self.get(key)
             if similarity is None:
                 self.misses += 1
                 cells = bank_cells()
                 flat = query.reshape(-1, c).to(cells.dtype)
                 similarity = torch.cat([block_similarity(part, cells, 2048) for part in flat.split(2048)])
-                self.pairs[key], self.bytes = similarity, self.bytes + similarity.nbytes
-                while self.bytes > self.max_bytes:
-                    self.bytes -= self.pairs.popitem(last=False)[1].nbytes
+                self.put(key, similarity)
             else:
                 self.hits += 1
-                self.pairs.move_to_end(key)
             best = similarity if best is None else torch.maximum(best, similarity)
         return (1 - best).clamp_min(0).view(n, g, g)
 

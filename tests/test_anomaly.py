@@ -489,8 +489,11 @@ def test_pair_cache_gives_the_same_comparison_and_searches_a_pair_once(monkeypat
     for out in (first, again):
         torch.testing.assert_close(out.image_scores, expected.image_scores, equal_nan=True)
         torch.testing.assert_close(out.logits, expected.logits)
-    small = PairCache(max_bytes=2 * cache.pairs[next(iter(cache.pairs))].nbytes)
+    one = cache.get(next(iter(cache.pairs))).nbytes  # slabs of one pair's similarities, two slabs at most
+    small = PairCache(max_bytes=2 * one, slab_bytes=one)
     comparison.pair_cache = small
     with torch.no_grad():
-        model(**batch)
+        out = model(**batch)
     assert len(small.pairs) == 2 and small.bytes <= small.max_bytes
+    assert small.misses > 4  # a dropped pair is searched again when it comes back
+    torch.testing.assert_close(out.logits, expected.logits)

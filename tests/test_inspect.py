@@ -229,6 +229,21 @@ def test_support_bank_equals_the_prompts_own_and_serves_a_smaller_support_budget
     assert a.boxes == b.boxes
 
 
+def test_a_cached_query_is_tokenised_once_per_tile_grid(tiny_comparison, synth, monkeypatch):
+    model, processor = tiny_comparison
+    test = synth["test"]
+    inspector = Inspector(model, processor, max_new_tokens=0)
+    inspector.set_support(_support(test))
+    queries = [test[i]["image"] for i in (5, 6, 7)] + [test[5]["image"].resize((300, 120))]
+    calls, encode = [], inspector._encode
+    monkeypatch.setattr(inspector, "_encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    got = [j.p_defective for j in inspector.judge(queries)]
+    assert len(calls) == 2  # one grid for the three square photos, another for the wide one
+    recomputed = Inspector(model, processor, max_new_tokens=0, cache=False)
+    recomputed.set_support(_support(test))
+    np.testing.assert_allclose(got, [j.p_defective for j in recomputed.judge(queries)], atol=1e-5)
+
+
 def test_a_large_support_bank_builds_its_lists_once_for_its_own_scores_and_every_query(
     tiny_comparison, synth, monkeypatch
 ):
