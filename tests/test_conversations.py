@@ -149,3 +149,23 @@ def test_mixture_follows_weights_and_fetches_lazily():
     assert conv.mixture({"a": a, "b": b}, {"a": 3, "b": 1}, 2000, seed=0)["source"] == sources
     with pytest.raises(ValueError, match="weights must be >= 0 for exactly the sources"):
         conv.mixture({"a": a, "b": b}, {"a": 1}, 10)
+
+
+def test_episodes_decode_an_item_once_while_it_is_kept():
+    class Items:  # a split that counts how often each item is read (decoded)
+        def __init__(self):
+            self.reads = []
+
+        def __getitem__(self, index):
+            self.reads.append(index)
+            image = random_image(32, 32, index)
+            return {"image": image, "defect_type": None, "position": None, "boxes": [], "description": ""}
+
+    episodes = Dataset.from_dict({"category": ["wood"] * 3, "support": [[0, 1], [1, 2], [0, 2]], "query": [2, 0, 1]})
+    items = Items()
+    rows = [r["images"] for r in conv.episode_conversations(items, episodes)]
+    assert sorted(items.reads) == [0, 1, 2]  # nine images shown, three decoded
+    assert [len(images) for images in rows] == [3, 3, 3] and rows[1][0] is rows[0][1]
+    items = Items()
+    [r["images"] for r in conv.episode_conversations(items, episodes, decoded=1)]
+    assert len(items.reads) > 3

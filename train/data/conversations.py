@@ -14,6 +14,7 @@ naming the record; `to_conversations(..., skip_invalid=True)` drops them instead
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import Counter
@@ -181,14 +182,17 @@ def episode(support: list[dict], query: dict, noun: str, num_bins: int = NUM_LOC
     return {"messages": messages, "images": [i["image"] for i in shown], "masks": [i.get("mask") for i in shown]}
 
 
-def episode_conversations(items, episodes, num_bins: int = NUM_LOC_BINS):
-    """Episodes as `messages` + `images` rows, built on access (no pixels copied): `episodes.with_transform`."""
+def episode_conversations(items, episodes, num_bins: int = NUM_LOC_BINS, decoded: int = 1024):
+    """Episodes as `messages` + `images` rows, built on access (no pixels copied): `episodes.with_transform`. The
+    last `decoded` items read stay decoded: an image comes back in many episodes (the main job's about 29 times)."""
     from .materials import MATERIALS
+
+    item = functools.lru_cache(maxsize=decoded)(lambda index: items[index])
 
     def transform(batch: dict) -> dict:
         out = {"messages": [], "images": [], "masks": []}
         for category, support, query in zip(batch["category"], batch["support"], batch["query"], strict=True):
-            row = episode([items[int(i)] for i in support], items[int(query)], MATERIALS[category].noun, num_bins)
+            row = episode([item(int(i)) for i in support], item(int(query)), MATERIALS[category].noun, num_bins)
             for key in out:
                 out[key].append(row[key])
         return out
