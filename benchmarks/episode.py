@@ -1,7 +1,7 @@
 """One few-shot episode side by side: KensaVL against LLaVA-NeXT, Idefics3 and InternVL from transformers, all at
 the same vision-encoder and language-model size (`benchmarks/peers.py`), random weights, in one process.
 
-    python -m benchmarks.episode [--shots 4] [--size 1344] [--repeats 3] [--train]
+    python -m benchmarks.episode [--shots 4] [--size 1344] [--repeats 3] [--train] [--only ROW ...] [--turns N]
 
 Per model: visual tokens and sequence length of the prompt (k support photos and a query, all `--size` square),
 forward time and peak memory (inference, no gradients),
@@ -14,6 +14,7 @@ row's forward time over LLaVA-NeXT's.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import numpy as np
 import torch
@@ -103,25 +104,47 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--only", nargs="*", help="row labels to run (default: all)")
+    parser.add_argument(
+        "--turns", type=int, default=1, help="measure the rows in turn this many times (a busy machine's speed drifts)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     tokenizer, images = tokenizer_with_peer_tokens(), photos(args.shots + 1, args.size)
-    results = {}
-    for label, (name, config, extra) in tqdm(variants().items(), desc="models"):
-        if args.only and label not in args.only:
-            continue
-        built = build(name, tokenizer, **config)
-        results[label] = measure(built, images, args.repeats, args.train, **extra)
-        del built
-    print(f"{machine()}; {args.shots} supports + query, all {args.size}², median of {args.repeats}")
+    chosen = {label: v for label, v in variants().items() if not args.only or label in args.only}
+    turns = []
+    for _ in tqdm(range(args.turns), desc="turns", disable=args.turns == 1):
+        turn = {}
+        for label, (name, config, extra) in tqdm(chosen.items(), desc="models"):
+            built = build(name, tokenizer, **config)
+            turn[label] = measure(built, images, args.repeats, args.train, **extra)
+            del built
+        turns.append(turn)
+    # per row, the median over turns; the ratio to LLaVA-NeXT is taken within each turn, then its median
+    results = {
+        label: {
+            k: statistics.median(t[label][k] for t in turns) if isinstance(v, float) else v
+            for k, v in turns[0][label].items()
+        }
+        for label in chosen
+    }
+    ratios = {
+        label: statistics.median(t[label]["forward s"] / t["LLaVA-NeXT"]["forward s"] for t in turns)
+        for label in chosen
+        if "LLaVA-NeXT" in chosen
+    }
+    spread = f", median of {args.turns} turns" if args.turns > 1 else ""
+    print(f"{machine()}; {args.shots} supports + query, all {args.size}², median of {args.repeats}{spread}")
     keys = list(dict.fromkeys(key for row in results.values() for key in row))
     print("| model | " + " | ".join(keys) + " | forward time / LLaVA-NeXT's |")
     print("|---|" + "---|" * (len(keys) + 1))
-    peer = results.get("LLaVA-NeXT", {}).get("forward s")
     for label, row in results.items():
         cells = [f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
-        ratio = f"{row['forward s'] / peer:.2f}" if peer else "n/a"
+        ratio = f"{ratios[label]:.2f}" if label in ratios else "n/a"
         print(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+    if args.turns > 1 and ratios:
+        for label in chosen:
+            each = ", ".join(f"{t[label]['forward s'] / t['LLaVA-NeXT']['forward s']:.2f}" for t in turns)
+            print(f"- {label}: forward time / LLaVA-NeXT's in each turn: {each}")
 
 
 if __name__ == "__main__":

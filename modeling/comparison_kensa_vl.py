@@ -240,12 +240,10 @@ def inverted_file_similarity(flat: torch.Tensor, lists: InvertedLists, probes: i
     """Each query cell's largest similarity `(N,)` to the bank's cells in its `probes` nearest `lists` (an inverted
     file: FAISS's IVF-Flat, written in torch so the remote code needs nothing else). Costs about
     `probes * LIST_CELLS / M` of the exact search, plus a loop over the lists."""
-    centroids, count = lists.centroids, len(lists.sizes)
-    empty = torch.tensor(lists.sizes, device=flat.device) == 0  # never probed: a cell finds its nearest elsewhere
-    probes = min(probes, int((~empty).sum()))
-    probed = torch.cat(
-        [(part @ centroids.T).masked_fill(empty, -2.0).topk(probes, -1).indices for part in flat.split(8192)]
-    ).flatten()
+    count = len(lists.sizes)
+    live = (torch.tensor(lists.sizes, device=flat.device) > 0).nonzero().flatten()  # an empty list is never probed
+    centroids, probes = lists.centroids[live], min(probes, len(live))
+    probed = live[torch.cat([(part @ centroids.T).topk(probes, -1).indices for part in flat.split(8192)]).flatten()]
     visits = probed.argsort()  # (cell, probe) pairs grouped by list
     cell_of, visit_sizes = visits // probes, torch.bincount(probed, minlength=count)
     best = flat.new_full((len(flat),), -1.0)
