@@ -26,37 +26,39 @@ from kensa_vl.eval.inspector import Inspector, load_pretrained, support_item
 from kensa_vl.eval.measure import machine, timed
 
 
-def per_query(inspectors: list[Inspector], queries) -> list[tuple[float, float, list[float]]]:
-    """Per inspector: mean and median seconds per query judged one by one, and the scores. The inspectors take turns
-    on each query, so a slow spell of the machine falls on all of them alike. The mean is the one to compare: with a
-    trained model, a defective verdict also places its box, and over a mix of verdicts the median jumps between
-    the two kinds of query."""
-    for inspector in inspectors:
-        inspector.judge(queries[:1])  # warm-up
-    times, scores = [[] for _ in inspectors], [[] for _ in inspectors]
+def per_query(runners: list, queries) -> list[tuple[float, float, list]]:
+    """Per runner (a function: query -> P(defective), or None): mean and median seconds per query, and what it gave.
+    The runners take turns on each query, so a slow spell of the machine falls on all of them alike. The mean is the
+    one to compare: with a trained model, a defective verdict also places its box, and over a mix of verdicts the
+    median jumps between the two kinds of query."""
+    for run in runners:
+        run(queries[0])  # warm-up
+    times, scores = [[] for _ in runners], [[] for _ in runners]
     for query in queries:
-        for inspector, spent, scored in zip(inspectors, times, scores, strict=True):
+        for run, spent, scored in zip(runners, times, scores, strict=True):
             start = time.perf_counter()
-            scored.append(inspector.judge(query)[0].p_defective)
+            scored.append(run(query))
             spent.append(time.perf_counter() - start)
     return [(statistics.mean(t), statistics.median(t), scored) for t, scored in zip(times, scores, strict=True)]
 
 
-@torch.no_grad()
-def floor(inspector: Inspector, queries) -> float:
-    """Mean seconds of the query alone: one forward pass of its own tokens and tiles (processed beforehand), against
-    the support set's ready bank, without the support prefix, the processor call or the evidence. What a cached
-    query cannot go below."""
+def judged(inspector: Inspector):
+    return lambda query: inspector.judge(query)[0].p_defective
+
+
+def floor(inspector: Inspector, queries):
+    """The query alone, as a runner for `per_query`: one forward pass of its own tokens and tiles (processed
+    beforehand), against the support set's ready bank, without the support prefix, the processor call or the
+    evidence. What a cached query cannot go below."""
     tiles = inspector.query_max_tiles
-    prepared = [inspector._encode(inspector._suffix_text, [q], tiles, first=False) for q in queries]
+    prepared = {id(q): inspector._encode(inspector._suffix_text, [q], tiles, first=False) for q in queries}
     extra = {"reference_banks": [inspector._bank]} if inspector._bank else {}
-    inspector.model(**prepared[0], **extra, logits_to_keep=1)  # warm-up
-    spent = []
-    for inputs in prepared:
-        start = time.perf_counter()
-        inspector.model(**inputs, **extra, logits_to_keep=1)
-        spent.append(time.perf_counter() - start)
-    return statistics.mean(spent)
+
+    @torch.no_grad()
+    def run(query):
+        inspector.model(**prepared[id(query)], **extra, logits_to_keep=1)
+
+    return run
 
 
 def synth_photos(path: str, split: str, shots: int, queries: int) -> tuple[list, list]:
@@ -109,8 +111,8 @@ def main() -> None:
         shown = timed(lambda c=cached, s=support: c.set_support(s), repeats=5)  # the support set, encoded once
         recomputed = Inspector(model, processor, cache=False, max_new_tokens=0)
         recomputed.set_support(support)
-        (fast, fast_median, a), (slow, slow_median, b) = per_query([cached, recomputed], queries)
-        alone = floor(cached, queries)
+        runners = [judged(cached), judged(recomputed), floor(cached, queries)]
+        (fast, fast_median, a), (slow, slow_median, b), (alone, _, _) = per_query(runners, queries)
         start = time.perf_counter()
         batched = cached.judge(queries, batch_size=args.batch)
         qps = len(queries) / (time.perf_counter() - start)
