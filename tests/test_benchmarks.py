@@ -53,3 +53,29 @@ def test_growth_exponent_of_a_power_law():
     sizes = [1, 4, 8, 16]
     assert growth(sizes, [0.01 * n**0.5 for n in sizes]) == pytest.approx(0.5)
     assert growth(sizes, [0.01 * n for n in sizes]) == pytest.approx(1.0)
+
+
+def test_inspect_latency_runners_take_turns_and_the_floor_judges_nothing():
+    from benchmarks.inspect_latency import floor, judged, per_query
+    from kensa_vl.eval.inspector import Inspector, support_item
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True)
+    supports, queries = photos(2, 224), photos(3, 224, seed=1)
+    cached = Inspector(model, processor, max_new_tokens=0)
+    cached.set_support([support_item(image) for image in supports])
+    recomputed = Inspector(model, processor, cache=False, max_new_tokens=0)
+    recomputed.set_support([support_item(image) for image in supports])
+    order = []
+
+    def named(name, run):
+        return lambda query: order.append(name) or run(query)
+
+    runners = [
+        named("cached", judged(cached)),
+        named("recomputed", judged(recomputed)),
+        named("floor", floor(cached, queries)),
+    ]
+    (_, _, a), (_, _, b), (alone, _, nothing) = per_query(runners, queries)
+    assert order == ["cached", "recomputed", "floor"] * (1 + len(queries))  # a warm-up, then in turn per query
+    assert a == pytest.approx(b, abs=1e-5) and nothing == [None] * len(queries) and alone > 0
