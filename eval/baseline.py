@@ -27,6 +27,7 @@ from kensa_vl.modeling.comparison_kensa_vl import (
     locate_box,
     nearest_distances,
     patch_distances,
+    pooled_distances,
     scored_tiles,
     thumbnail_tiles,
     unit_cells,
@@ -85,9 +86,16 @@ class PatchCore:
         return self.scale * self.level
 
     def _score(self, features, bank: list) -> float:
+        return self._score_of(self._nearest(features, bank), features[1])
+
+    @staticmethod
+    def _nearest(features, bank: list) -> dict:
+        """Each compared encoder's `nearest_distances` of every tile of the query to `bank`'s cells."""
+        return {name: nearest_distances(query, _bank(bank, name)) for name, query in features[0].items()}
+
+    def _score_of(self, nearest: dict, thumbnail: torch.Tensor) -> float:
         side = self.model.config.token_side
-        cells, thumbnail, *_ = features
-        distances = [patch_distances(query, _bank(bank, name), side) for name, query in cells.items()]
+        distances = [pooled_distances(cells, side) for cells in nearest.values()]
         return float(torch.stack(distances).mean(0)[scored_tiles(thumbnail)].max())
 
     def judge(self, queries) -> list[Judgement]:
@@ -97,16 +105,17 @@ class PatchCore:
         out = []
         for query in queries:
             features = self._features(query)
-            score = self._score(features, self.bank)
+            nearest = self._nearest(features, self.bank)  # searched once: the score and the evidence read it
+            score = self._score_of(nearest, features[1])
             p = score / (score + self.threshold + 1e-12)  # p >= 0.5 exactly when score >= threshold
             verdict = "defective" if p >= 0.5 else "good"
-            out.append(Judgement(verdict, p, **self._evidence(features, verdict)))
+            out.append(Judgement(verdict, p, **self._evidence(features, nearest, verdict)))
         return out
 
     @torch.no_grad()
-    def _evidence(self, features, verdict: str) -> dict:
-        cells, thumbnail, (rows, cols), size, _ = features
-        distances = [nearest_distances(f[~thumbnail], _bank(self.bank, name)) for name, f in cells.items()]
+    def _evidence(self, features, nearest: dict, verdict: str) -> dict:
+        _, thumbnail, (rows, cols), size, _ = features
+        distances = [cells[~thumbnail] for cells in nearest.values()]
         out = {"heatmap": pixel_heatmap(distances, rows, cols, *size)}
         if verdict == "defective":
             box, _ = locate_box(distances, rows, cols, math.log(max(self.threshold, 1e-4)))
