@@ -108,13 +108,17 @@ def nearest_distances(
     bounded memory (BENCHMARKS.md). With `probes` > 0 and a bank of more than `probes` lists, approximate
     (`inverted_file_similarity`, on `lists` when the bank's are already built): a cell's nearest may be missed, so a
     distance is never smaller than the exact one."""
-    n, g, _, c = query.shape
-    flat = query.reshape(-1, c).to(bank.dtype)
+    flat = query.reshape(-1, query.shape[-1]).to(bank.dtype)
     if probes and len(bank) > probes * LIST_CELLS:
         best = inverted_file_similarity(flat, lists or InvertedLists.build(bank), probes, chunk)
     else:
-        best = torch.cat([block_similarity(part, bank, chunk) for part in flat.split(chunk)])
-    return (1 - best).clamp_min(0).view(n, g, g)
+        best = exact_similarity(flat, bank, chunk)
+    return (1 - best).clamp_min(0).view(query.shape[:-1])
+
+
+def exact_similarity(flat: torch.Tensor, bank: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Each row of `flat` (N, C): its largest dot product with a row of `bank` (M, C), in `chunk x chunk` blocks."""
+    return torch.cat([block_similarity(part, bank, chunk) for part in flat.split(chunk)])
 
 
 def block_similarity(part: torch.Tensor, bank: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -178,7 +182,6 @@ class PairCache:
         """`nearest_distances` of `query` (n, g, g, C), keyed by `query_key` (its image's `key` and the encoder's
         name), to the union of `references` (per reference image: its `key` and a function giving its bank cells
         (M, C), called only when the pair is new), searched exactly, pair by pair."""
-        n, g, _, c = query.shape
         best = None
         for reference_key, bank_cells in references:
             key = (query_key, reference_key)
@@ -186,13 +189,12 @@ class PairCache:
             if similarity is None:
                 self.misses += 1
                 cells = bank_cells()
-                flat = query.reshape(-1, c).to(cells.dtype)
-                similarity = torch.cat([block_similarity(part, cells, 2048) for part in flat.split(2048)])
+                similarity = exact_similarity(query.reshape(-1, query.shape[-1]).to(cells.dtype), cells)
                 self.put(key, similarity)
             else:
                 self.hits += 1
             best = similarity if best is None else torch.maximum(best, similarity)
-        return (1 - best).clamp_min(0).view(n, g, g)
+        return (1 - best).clamp_min(0).view(query.shape[:-1])
 
 
 def spherical_kmeans(cells: torch.Tensor, lists: int, seed: int = 0) -> torch.Tensor:
@@ -470,8 +472,13 @@ class KensaVLReferenceComparison(nn.Module):
         scores = anomaly.new_full((len(tiles),), float("nan"))
         summaries, nearest, kept, image = [], [None] * len(tiles), [], 0
         pairs = self.pair_cache if references is None else None
-        keys = pairs and [PairCache.key(pixel_values[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        keys = (
+            []
+            if pairs is None
+            else [PairCache.key(pixel_values[a:b]) for a, b in zip(starts, starts[1:], strict=False)]
+        )
         made = {}  # image -> its bank cells, made when a search needs them (a `pairs` hit does not)
+        # a reference's bank cells before they are made: its own cells and one copy per view (`reference_cells`)
         cells_per_tile = features[self.encoders[0]].shape[1:3].numel() * (1 + len(self.config.reference_views))
 
         def cells_of(m: int, name: str) -> torch.Tensor:
@@ -522,7 +529,8 @@ class KensaVLReferenceComparison(nn.Module):
                 image += 1
             if keep:
                 scores_kept = torch.stack(levels) if levels else anomaly.new_empty(0)
-                kept.append(ReferenceBank(bank_of(cached, members), scores_kept) if cached or members else None)
+                known = cached is not None or members
+                kept.append(ReferenceBank(bank_of(cached, members), scores_kept) if known else None)
         return PromptComparison(added, anomaly, summaries, scores, tuple(nearest), tuple(kept) if keep else None)
 
     def add_summaries(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, summaries: list[Summary]):
