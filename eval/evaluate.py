@@ -242,12 +242,22 @@ def _judge(inspector, items, rows: dict, used: set, per_category: int | None, co
             boxes=result.boxes,
             true_boxes=[list(b) for b in item["boxes"]],
             text=result.text,
+            generated_boxes=_written_boxes(inspector, result.text, item["image"]),
             pixels=None if result.heatmap is None else pixel_stats(result.heatmap, mask),
             heatmap=_small(result.heatmap) if keep else None,
             **({"file": item["file"]} if "file" in item else {}),
         )
         out.append(record)
     return out
+
+
+def _written_boxes(inspector, text: str, image) -> list | None:
+    """The boxes a generated answer wrote, in the query's pixels (none for "good"); None where no answer was
+    generated."""
+    processor = getattr(inspector, "processor", None)
+    if processor is None or not text:
+        return None
+    return [[round(v) for v in box] for box in processor.text_to_boxes(text, *image.size)]
 
 
 def _small(heatmap: np.ndarray | None) -> np.ndarray | None:

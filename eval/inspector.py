@@ -24,6 +24,7 @@ from PIL import Image
 from transformers.cache_utils import DynamicLayer
 
 from kensa_vl.modeling.comparison_kensa_vl import distance_map, locate_box
+from kensa_vl.modeling.demos_kensa_vl import prompt_labels
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 from kensa_vl.processing.processing_kensa_vl import (
@@ -267,7 +268,9 @@ class Inspector:
             if separate:
                 full = self.processor.image_processor(images, max_tiles=self._bank_max_tiles(), return_tensors="pt")
                 full = {k: v.to(self.device) for k, v in full.items()}
-                self._bank = self.model.model.support_bank(full["pixel_values"], full["image_grid"])
+                ids, tiles = self._prefix["input_ids"][0].tolist(), self._prefix["image_grid"][:, 2].tolist()
+                labels = prompt_labels(ids, tiles, self.model.config.tokens_per_tile, self.model.config)
+                self._bank = self.model.model.support_bank(full["pixel_values"], full["image_grid"], labels)
             elif compares:
                 self._bank = out.reference_bank[0]
 
@@ -401,15 +404,16 @@ class Inspector:
         evidence = self._evidence(inputs, image, verdict, distances and distances[-1])
         if self.max_new_tokens == 0:
             return Judgement(verdict, p_defective, **evidence)
-        text = self._describe(inputs, getattr(out, CACHE_KEY), verdict)
+        text = self._describe(inputs, getattr(out, CACHE_KEY), verdict, getattr(out, "pointers", None))
         parsed = parse_inspection_answer(text, image.width, image.height, self.processor.num_loc_bins)
         boxes = [list(map(int, b)) for b in np.asarray(parsed["boxes"]).reshape(-1, 4)] if verdict != "good" else []
         evidence.setdefault("boxes", boxes)
         return Judgement(verdict, p_defective, text, parsed["defect_type"], parsed["position"], **evidence)
 
-    def _describe(self, inputs: dict, cache, verdict: str) -> str:
+    def _describe(self, inputs: dict, cache, verdict: str, pointers=None) -> str:
         """Greedy answer that starts with the verdict read from P(defective), so text and score agree. `cache` holds
-        the whole prompt (images included), so generation feeds only new tokens."""
+        the whole prompt (images included), so generation feeds only new tokens; `pointers` (the scoring pass's)
+        let the answer copy a defective example's name."""
         if verdict == "good":
             return "good"
         first = torch.tensor([[self.verdict_ids[1]]], device=self.device)
@@ -418,6 +422,7 @@ class Inspector:
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             **{CACHE_KEY: cache},  # holds every image already: only the new tokens run
+            **({"pointers": pointers} if pointers else {}),
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
         )

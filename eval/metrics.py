@@ -182,6 +182,12 @@ def metrics(records: list[dict], threshold: float = 0.5) -> dict:
         visible = [h for h, r in zip(hit, defective, strict=True) if (r.get("area") or 0) >= LARGE_AREA]
         if visible:
             out["box_hit_rate_1pct"] = float(np.mean(visible))
+        # the boxes the generated answer wrote (what `generate` and the pipeline give), where answers were generated
+        written = [r for r in defective if r.get("generated_boxes") is not None and (r.get("area") or 0) >= LARGE_AREA]
+        if written:
+            out["generated_box_hit_rate_1pct"] = float(np.mean(
+                [any(box_iou(b, t) >= 0.5 for b in r["generated_boxes"] for t in r["true_boxes"]) for r in written]
+            ))  # fmt: skip
     return out
 
 

@@ -23,6 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_kensa_vl import KensaVLConfig
+from .demos_kensa_vl import (
+    Demo,
+    DemoPointer,
+    Pointer,
+    box_tokens,
+    copy_terms,
+    farthest_cells,
+    match_similarity,
+    read_label,
+)
 
 # `locate_box`: a cell belongs to the defect when its log-distance is LOCATE_MARGIN above the supports' level and
 # within LOCATE_RANGE of the peak's (at least e^-2 = 14% of its distance: near-identical photos give tiny, noisy
@@ -42,10 +52,12 @@ class ReferenceBank:
     `cells`: per compared encoder, the references' L2-normalised cells, every reference view included, `(M, C)`.
     `scores`: each reference image's own kNN score against the references before it, `(images,)` (the first image
     has none, so a bank of one image has an empty tensor). Their median is the `level`: how far good photos of this
-    product lie from each other, what a query's score and `locate_box` are measured against."""
+    product lie from each other, what a query's score and `locate_box` are measured against. `demos`: the defective
+    examples (`Demo`, with their defects), which are not in `cells`."""
 
     cells: dict[str, torch.Tensor]
     scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    demos: list[Demo] = field(default_factory=list)
     # per encoder, the cells' `InvertedLists`, built on first use and kept for every later query
     lists: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -59,7 +71,8 @@ class ReferenceBank:
         return self.scores.float().median().item() if len(self.scores) else None
 
     def to(self, device) -> ReferenceBank:
-        return ReferenceBank({n: c.to(device) for n, c in self.cells.items()}, self.scores.to(device))
+        demos = [Demo(d.name, d.defect and {n: c.to(device) for n, c in d.defect.items()}) for d in self.demos]
+        return ReferenceBank({n: c.to(device) for n, c in self.cells.items()}, self.scores.to(device), demos)
 
 
 @dataclass
@@ -70,6 +83,8 @@ class Summary:
     start: int
     embedding: torch.Tensor
     verdict: torch.Tensor | None = None  # the image's verdict logit, a scalar
+    pointer: tuple | None = None  # (the defective demos' names, pointer logits, gate logit): `DemoPointer`
+    box: tuple | None = None  # (the image's box as four location token ids, the box gate's logit)
 
 
 @dataclass
@@ -381,6 +396,7 @@ class KensaVLReferenceComparison(nn.Module):
         self.embed = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
         self.summary = nn.Sequential(nn.Linear(6, width), nn.GELU(), nn.Linear(width, width))
         self.verdict = nn.Linear(2, 1)  # (score over the level, whether there is a level) -> verdict logit
+        self.demo_pointer = DemoPointer()  # which defective example a query shows, and whether to copy its name
         self.pair_cache: PairCache | None = None  # set by training when the compared encoders stay fixed
         # how `_init_weights` starts them: the mean of the log-distances, residuals that change nothing yet, and
         # the verdict's VERDICT_SLOPE * (relative - VERDICT_MARGIN)
@@ -480,6 +496,7 @@ class KensaVLReferenceComparison(nn.Module):
         made = {}  # image -> its bank cells, made when a search needs them (a `pairs` hit does not)
         # a reference's bank cells before they are made: its own cells and one copy per view (`reference_cells`)
         cells_per_tile = features[self.encoders[0]].shape[1:3].numel() * (1 + len(self.config.reference_views))
+        reads_labels = bool(self.config.good_label_ids and self.config.defective_label_ids)
 
         def cells_of(m: int, name: str) -> torch.Tensor:
             if m not in made:
@@ -491,46 +508,85 @@ class KensaVLReferenceComparison(nn.Module):
             prefix = {n: [] if cached is None else [cached.cells[n].float()] for n in features}
             return {n: torch.cat(prefix[n] + [cells_of(m, n) for m in members]) for n in features}
 
+        def search(m: int, cached: ReferenceBank | None, members: list[int]):
+            """Image `m` against the good bank: (its nearest distances from the pair cache, or None and the bank)."""
+            size = sum(starts[r + 1] - starts[r] for r in members) * cells_per_tile
+            if pairs is not None and size <= self.config.exact_search_cells:
+                query = query_of(m)
+                refs = {n: [(keys[r], partial(cells_of, r, n)) for r in members] for n in self.encoders}
+                return [pairs.nearest(query[n], (keys[m], n), refs[n]) for n in self.encoders], None
+            return None, bank_of(cached, members)
+
+        def query_of(m: int) -> dict[str, torch.Tensor]:
+            return {name: f[starts[m] : starts[m + 1]] for name, f in features.items()}
+
+        def defect_of(m: int, cached: ReferenceBank | None, members: list[int]) -> dict[str, torch.Tensor]:
+            """A defective demo's defect: its farthest cells from the good bank (`farthest_cells`)."""
+            found, bank = search(m, cached, members)
+            lists = self.bank_lists(cached) if cached is not None and not members else {}
+            if found is None:
+                found = [self.nearest(query_of(m)[n], bank[n], (lists or {}).get(n)) for n in self.encoders]
+            selected = scored_tiles(thumbnail[starts[m] : starts[m + 1]])
+            return farthest_cells(query_of(m), found, selected, self.encoders)
+
         for row, row_tokens in enumerate(is_image.sum(1).tolist()):
             positions = is_image[row].nonzero().flatten()
+            ids = input_ids[row].tolist() if reads_labels else None
             cached = None if references is None else references[row]
             levels = [] if cached is None else list(cached.scores.float().to(anomaly.device))
-            seen, members = 0, []  # members: the earlier images of this row, in the bank after `cached`'s cells
+            # members: the earlier good (or unlabeled) images of this row, in the bank after `cached`'s cells;
+            # demos: the defective ones, never in the bank (image, its `Demo`, its defect once searched)
+            seen, members, demos, defects = 0, [], [], {}
             while seen < row_tokens:
                 first, last = starts[image], starts[image + 1]
-                query = {name: f[first:last] for name, f in features.items()}
+                end = int(positions[seen + (last - first) * per_tile - 1]) + 1  # the image's `</img>`
+                role, name = read_label(ids, end, self.config) if ids is not None else (None, None)
                 if cached is not None or members:
                     level = torch.stack(levels).median() if levels else None
                     # the cached support set alone: its lists, built once, serve every query
                     lists = self.bank_lists(cached) if cached is not None and not members else None
-                    found, bank = None, None
-                    size = sum(starts[m + 1] - starts[m] for m in members) * cells_per_tile
-                    if pairs is not None and size <= self.config.exact_search_cells:
-                        found = [
-                            pairs.nearest(
-                                query[n], (keys[image], n), [(keys[m], partial(cells_of, m, n)) for m in members]
-                            )
-                            for n in self.encoders
-                        ]
-                    else:
-                        bank = bank_of(cached, members)
+                    found, bank = search(image, cached, members)
                     delta, logits, summary, verdict, scores[image], nearest[image] = self(
-                        query, thumbnail[first:last], bank, level, lists, found
+                        query_of(image), thumbnail[first:last], bank, level, lists, found
                     )
-                    levels.append(scores[image])
+                    if role != "defective":  # the level: how far good photos lie from each other
+                        levels.append(scores[image])
                     added[first:last] = delta.repeat_interleave(streams, 1).to(added.dtype)
                     anomaly[first:last] = logits.float()
-                    end = int(positions[seen + (last - first) * per_tile - 1]) + 1  # the image's `</img>`
+                    pointer = None
+                    named = [(None, d) for d in (cached.demos if cached is not None else []) if d.name]
+                    named += [(m, d) for m, d in demos if d.name]
+                    if role is None and named:
+                        for m, _ in named:
+                            if m is not None and (m, len(members)) not in defects:
+                                defects[(m, len(members))] = defect_of(m, cached, members)
+                        suspect = farthest_cells(
+                            query_of(image), nearest[image], scored_tiles(thumbnail[first:last]), self.encoders
+                        )
+                        similarity = torch.stack(
+                            [match_similarity(suspect, d.defect if m is None else defects[(m, len(members))])
+                             for m, d in named]
+                        )  # fmt: skip
+                        pointer = ([d.name for _, d in named], *self.demo_pointer(similarity))
+                    box = None
+                    if role is None and len(self.config.box_token_ids) == 2:  # a query: its box, to be copied
+                        rows_cols = image_grid[image, :2].tolist()
+                        found = locate_box(nearest[image], *rows_cols, None if level is None else float(level))[0]
+                        box = (box_tokens(found, self.config), self.demo_pointer.open_box(verdict))
                     if end < input_ids.shape[1]:
-                        summaries.append(Summary(row, end, summary, verdict))
+                        summaries.append(Summary(row, end, summary, verdict, pointer, box))
                 seen += (last - first) * per_tile
-                if seen < row_tokens or keep:  # a later image of the row (or a caller's later query) compares with it
+                if role == "defective":
+                    demos.append((image, Demo(name)))
+                elif seen < row_tokens or keep:  # a later image of the row (or a caller's later query) compares
                     members.append(image)
                 image += 1
             if keep:
                 scores_kept = torch.stack(levels) if levels else anomaly.new_empty(0)
                 known = cached is not None or members
-                kept.append(ReferenceBank(bank_of(cached, members), scores_kept) if known else None)
+                own = [Demo(d.name, defect_of(m, cached, members) if known else None) for m, d in demos]
+                kept_demos = ([] if cached is None else list(cached.demos)) + own
+                kept.append(ReferenceBank(bank_of(cached, members), scores_kept, demos=kept_demos) if known else None)
         return PromptComparison(added, anomaly, summaries, scores, tuple(nearest), tuple(kept) if keep else None)
 
     def add_summaries(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, summaries: list[Summary]):
@@ -554,22 +610,69 @@ class KensaVLReferenceComparison(nn.Module):
         index = (torch.tensor(span_rows, device=input_ids.device), torch.tensor(span_cols, device=input_ids.device))
         return inputs_embeds.index_put(index, torch.cat(values).to(inputs_embeds.dtype), accumulate=True)
 
-    def verdict_positions(self, input_ids: torch.Tensor, summaries: list[Summary], offset: int = 0):
+    def answer_starts(self, input_ids: torch.Tensor, summaries: list[Summary], offset: int = 0):
         """Where an answer about a compared image starts: the last token of each generation prompt
         (`config.answer_prompt_ids`) after the image's `</img>`, the most recent compared image of its row. Returns
-        (rows, positions, verdict logits), positions counted from `offset`; positions before it are left out."""
-        prompt, rows, cols, verdicts = self.config.answer_prompt_ids, [], [], []
-        if not summaries or not prompt or len(self.config.verdict_token_ids) != 2 or input_ids.shape[1] < len(prompt):
-            return rows, cols, verdicts
+        (rows, positions, those images' summaries), positions counted from `offset`; positions before it are left
+        out."""
+        prompt, rows, cols, chosen = self.config.answer_prompt_ids, [], [], []
+        if not summaries or not prompt or input_ids.shape[1] < len(prompt):
+            return rows, cols, chosen
         pattern = torch.tensor(prompt, device=input_ids.device)
         for row, first in (input_ids.unfold(1, len(pattern), 1) == pattern).all(-1).nonzero().tolist():
             end = first + len(prompt) - 1
-            before = [s for s in summaries if s.row == row and s.start < end and s.verdict is not None]
+            before = [s for s in summaries if s.row == row and s.start < end]
             if before and end >= offset:
                 rows.append(row)
                 cols.append(end - offset)
-                verdicts.append(max(before, key=lambda s: s.start).verdict)
-        return rows, cols, verdicts
+                chosen.append(max(before, key=lambda s: s.start))
+        return rows, cols, chosen
+
+    def verdict_positions(self, input_ids: torch.Tensor, summaries: list[Summary], offset: int = 0):
+        """`answer_starts` of the images with a verdict logit: (rows, positions, verdict logits)."""
+        if len(self.config.verdict_token_ids) != 2:
+            return [], [], []
+        found = zip(*self.answer_starts(input_ids, summaries, offset), strict=True)
+        kept = [(r, c, s.verdict) for r, c, s in found if s.verdict is not None]
+        return tuple(map(list, zip(*kept, strict=True))) if kept else ([], [], [])
+
+    def pointers(self, input_ids: torch.Tensor, summaries: list[Summary], base: int = 0) -> list[Pointer]:
+        """The answers' `Pointer`s: one per answer start after an image compared with named defective demos or
+        with a box to copy.
+        `input_ids` begin at absolute position `base` (the length of a cache before them)."""
+        out = []
+        for row, col, summary in zip(*self.answer_starts(input_ids, summaries), strict=True):
+            if summary.pointer or summary.box:
+                names = summary.pointer or ([], None, None)
+                out.append(Pointer(row, base + col, *names, *(summary.box or (None, None))))
+        return out
+
+    def pointer_loss(self, hidden_states: torch.Tensor, head: torch.Tensor, input_ids: torch.Tensor, pointers):
+        """For a trainer whose loss never sees `copy_names` (TRL's fused head): the negative log-likelihood of each
+        answer's name tokens (and its end mark) and box tokens under the pointer-generator's mix, the language model's
+        probabilities (`hidden_states` times `head`) held fixed, so the pointer and its gate learn what the
+        language model misses. Positions where no demo's name agrees with the answer are left out. None without
+        any."""
+        terms = []
+        for pointer in pointers:
+            for t in range(pointer.start + 1, input_ids.shape[1] - 1):
+                copy = copy_terms(pointer, input_ids[pointer.row, pointer.start + 1 : t + 1].tolist(), self.config)
+                if copy is not None:
+                    terms.append((pointer, t, *copy))
+        if not terms:
+            return None
+        rows = torch.tensor([p.row for p, *_ in terms])
+        cols = torch.tensor([t for _, t, *_ in terms])
+        with torch.no_grad():
+            lm = torch.log_softmax(hidden_states[rows, cols].float() @ head.float().T, -1)  # (n, vocab)
+        losses = []
+        for (pointer, t, tokens, share, gate), lp in zip(terms, lm, strict=True):
+            target = int(input_ids[pointer.row, t + 1])
+            mixed = lp[target] + F.logsigmoid(-gate.float())
+            if target in tokens:
+                mixed = torch.logaddexp(mixed, share[tokens.index(target)])
+            losses.append(-mixed)
+        return torch.stack(losses).mean()
 
     def set_verdict_odds(self, logits: torch.Tensor, input_ids: torch.Tensor, summaries: list[Summary]):
         """Add each compared image's verdict logit to the odds of "defective" against "good"

@@ -143,6 +143,15 @@ class KensaVLConfig(PretrainedConfig):
             at the answer's start (`answer_prompt_ids`), their joint probability unchanged (`set_verdict_odds`).
         answer_prompt_ids (`list[int]`): the chat template's generation prompt (`<|im_start|>assistant\n`) as token
             ids: the position of its last token predicts the answer's first. Empty: no verdict odds are set.
+        good_label_ids, defective_label_ids (`list[int]`): the tokens that open an example's label right after its
+            image ("good", " good" / "defective", " defective"); name_marks (`list[int]`): the tokens around a
+            defective example's name (":" and " at"). With `reference_comparison`, a defective example stays out
+            of the good bank and its name can be copied into the answer (`demos_kensa_vl.py`). Empty: every earlier
+            image is a reference and nothing is copied.
+        box_token_ids (`list[int]`), num_loc_bins (`int`): `<box>` and `</box>`, and the location bins per axis
+            (`<loc_0>` is `loc_token_start_id`). With `reference_comparison`, a box written after an answer's
+            `<box>` copies the comparison's box of the query (`locate_box`), as the Inspector draws it. Empty: no box
+            is copied.
         image_token_id, ... : ids of the reserved special tokens (filled in by the builders).
     """
 
@@ -169,6 +178,11 @@ class KensaVLConfig(PretrainedConfig):
         summary_stop_token_ids: list[int] | None = None,
         verdict_token_ids: list[int] | None = None,
         answer_prompt_ids: list[int] | None = None,
+        good_label_ids: list[int] | None = None,
+        defective_label_ids: list[int] | None = None,
+        name_marks: list[int] | None = None,
+        box_token_ids: list[int] | None = None,
+        num_loc_bins: int = 256,
         image_token_id: int | None = None,
         loc_token_start_id: int | None = None,
         tie_word_embeddings: bool = False,
@@ -212,6 +226,11 @@ class KensaVLConfig(PretrainedConfig):
         self.summary_stop_token_ids = list(summary_stop_token_ids or [])
         self.verdict_token_ids = list(verdict_token_ids or [])
         self.answer_prompt_ids = list(answer_prompt_ids or [])
+        self.good_label_ids = list(good_label_ids or [])
+        self.defective_label_ids = list(defective_label_ids or [])
+        self.name_marks = list(name_marks or [])
+        self.box_token_ids = list(box_token_ids or [])
+        self.num_loc_bins = num_loc_bins
         self.image_token_id = image_token_id
         self.loc_token_start_id = loc_token_start_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

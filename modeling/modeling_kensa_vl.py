@@ -34,10 +34,12 @@ from .comparison_kensa_vl import (
     locate_box,
     nearest_distances,
     reference_view,
+    scored_tiles,
     thumbnail_tiles,
     unit_cells,
 )
 from .configuration_kensa_vl import KensaVLConfig, encoder_width
+from .demos_kensa_vl import BOX_GATE_START, GATE_START, POINTER_SLOPE, Demo, copy_names, farthest_cells
 from .vision_kensa_vl import (
     KensaVLLayerMerge,
     KensaVLProjector,
@@ -85,6 +87,8 @@ class KensaVLCausalLMOutputWithPast(CausalLMOutputWithPast):
     reference_distances: tuple | None = None
     reference_bank: tuple | None = None
     summaries: tuple | None = None
+    # the answers' `Pointer`s to the defective demos (`demos_kensa_vl.py`): what generation carries to later steps
+    pointers: list | None = None
 
 
 class KensaVLPreTrainedModel(PreTrainedModel):
@@ -115,6 +119,9 @@ class KensaVLPreTrainedModel(PreTrainedModel):
         if start == "verdict":  # VERDICT_SLOPE * (relative score - VERDICT_MARGIN) where there is a level
             module.weight.data.copy_(torch.tensor([[VERDICT_SLOPE, -VERDICT_SLOPE * VERDICT_MARGIN]]))
             module.bias.data.zero_()
+        elif start in ("pointer", "gate", "box_gate"):  # the demo pointer's slope, and gates that start open
+            module.weight.data.fill_(POINTER_SLOPE if start == "pointer" else 0.0)
+            module.bias.data.fill_({"pointer": 0.0, "gate": GATE_START, "box_gate": BOX_GATE_START}[start])
         elif start is not None:
             module.weight.data.fill_(1.0 / module.in_features if start == "mean" else 0.0)
             module.bias.data.zero_()
@@ -215,28 +222,35 @@ class KensaVLModel(KensaVLPreTrainedModel):
         return {name: torch.cat([f.reshape(-1, f.shape[-1]) for f in fs]) for name, fs in parts.items()}
 
     @torch.no_grad()
-    def support_bank(self, pixel_values: torch.Tensor, image_grid: torch.Tensor) -> ReferenceBank:
+    def support_bank(self, pixel_values: torch.Tensor, image_grid: torch.Tensor, labels: list | None = None):
         """A support set's `ReferenceBank` without the language model: the compared encoders alone on the images'
-        tiles (`image_grid` rows, in order), each image's cells in every view (`reference_cells`) and its score
-        against the images before it. What a query compares with when the language model reads the supports at a
-        smaller tile budget than the comparison needs. A bank small enough for the exact search gives what a prompt
-        of these images gives; a larger one builds its approximate-search lists once, over the whole set, and
-        searches each image's predecessors in them (`InvertedLists.head`): every later query uses the same lists."""
+        tiles (`image_grid` rows, in order), each good image's cells in every view (`reference_cells`) and its score
+        against the good images before it. `labels`, per image, what `read_label` reads after it in the prompt
+        (`prompt_labels`): a defective one becomes one of the bank's `demos` instead (its farthest cells from the good
+        images). What a query compares with when the language model reads the supports at a smaller tile budget than
+        the comparison needs. A bank small enough for the exact search gives what a prompt of these images gives; a
+        larger one builds its approximate-search lists once, over the whole set, and searches each image's
+        predecessors in them (`InvertedLists.head`): every later query uses the same lists."""
         check_image_grid(image_grid, pixel_values)
+        labels = labels or [(None, None)] * len(image_grid)
+        if len(labels) != len(image_grid):
+            raise ValueError(f"labels must give one (role, name) per image: {len(image_grid)} images, {len(labels)}")
         comparison = self.reference_comparison
         features = comparison.features(self.image_grids(pixel_values, comparison.encoders))
         thumbnail = thumbnail_tiles(image_grid)
         starts = [0, *image_grid[:, 2].cumsum(0).tolist()]
+        spans = list(zip(starts[:-1], starts[1:], strict=True))
+        good = [span for span, (role, _) in zip(spans, labels, strict=True) if role != "defective"]
         cells = {name: [] for name in features}
-        for first, last in zip(starts[:-1], starts[1:], strict=True):
+        for first, last in good:
             image = {name: f[first:last] for name, f in features.items()}
             for name, c in self.reference_cells(pixel_values[first:last], image).items():
                 cells[name].append(c)
         empty = pixel_values.new_empty(0, dtype=torch.float32)
-        bank = ReferenceBank({n: torch.cat(c) for n, c in cells.items()}, empty)
-        lists = comparison.bank_lists(bank) or {}
+        bank = ReferenceBank({n: torch.cat(c) if c else empty for n, c in cells.items()}, empty)
+        lists = (comparison.bank_lists(bank) or {}) if good else {}
         scores = []
-        for index, (first, last) in enumerate(zip(starts[1:-1], starts[2:], strict=True), start=1):
+        for index, (first, last) in enumerate(good[1:], start=1):
             image = {name: f[first:last] for name, f in features.items()}
             nearest = []
             for name in comparison.encoders:
@@ -249,6 +263,12 @@ class KensaVLModel(KensaVLPreTrainedModel):
                 nearest.append(found)
             scores.append(comparison(image, thumbnail[first:last], None, nearest=nearest)[4])
         bank.scores = torch.stack(scores) if scores else bank.scores
+        for (first, last), (role, name) in zip(spans, labels, strict=True):
+            if role == "defective" and good:
+                image = {n: f[first:last] for n, f in features.items()}
+                found = [comparison.nearest(image[n], bank.cells[n], lists.get(n)) for n in comparison.encoders]
+                defect = farthest_cells(image, found, scored_tiles(thumbnail[first:last]), comparison.encoders)
+                bank.demos.append(Demo(name, defect))
         return bank
 
     @torch.no_grad()
@@ -414,6 +434,8 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
         anomaly_labels: torch.Tensor | None = None,
         return_reference_distances: bool = False,
         return_reference_bank: bool = False,
+        pointers: list | None = None,
+        pointer_history: torch.LongTensor | None = None,
         **kwargs,
     ) -> KensaVLCausalLMOutputWithPast:
         r"""
@@ -436,9 +458,14 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             return_reference_bank (`bool`, *optional*): also return, per sample, its images' cells as the bank a
                 later image compares with (`reference_bank`: a `ReferenceBank` per sample, without encoding the
                 images again).
+            pointers (`list[Pointer]`, *optional*): an earlier step's `pointers` (generation passes them on), for
+                answers whose prompt this call does not compare again; with `pointer_history`, every token id so far
+                (generation passes them), from which the name written so far is read.
             kwargs: passed to the language model (attention outputs, flash-attention arguments) and the loss
                 (`num_items_in_batch`).
         """
+        cached = cache if cache is not None else past_key_values
+        past = cached.get_seq_length() if cached is not None and hasattr(cached, "get_seq_length") else 0
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -461,7 +488,12 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)
         if outputs.summaries and not isinstance(logits_to_keep, torch.Tensor):
-            logits = self.model.reference_comparison.set_verdict_odds(logits, input_ids, list(outputs.summaries))
+            comparison = self.model.reference_comparison
+            logits = comparison.set_verdict_odds(logits, input_ids, list(outputs.summaries))
+            pointers = comparison.pointers(input_ids, list(outputs.summaries), past) or pointers
+        if pointers and input_ids is not None and not isinstance(logits_to_keep, torch.Tensor):
+            history, base = (pointer_history, 0) if pointer_history is not None else (input_ids, past)
+            logits = copy_names(logits, history, pointers, base, self.config)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
@@ -480,8 +512,16 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             reference_distances=outputs.reference_distances,
             reference_bank=outputs.reference_bank,
             summaries=outputs.summaries,
+            pointers=pointers or None,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """Carry the answers' `pointers` from the prefill to every decoding step (they point into the prompt)."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if getattr(outputs, "pointers", None):
+            model_kwargs["pointers"] = outputs.pointers
+        return model_kwargs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None,
                                       **model_kwargs):  # fmt: skip
@@ -514,6 +554,8 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
         if needs_pixels:
             model_inputs["pixel_values"] = pixel_values
             model_inputs["image_grid"] = image_grid
+        if kwargs.get("pointers"):  # a name is copied from what was written so far: every token id
+            model_inputs["pointer_history"] = input_ids
         return model_inputs
 
 

@@ -137,10 +137,10 @@ def region_position(mask: np.ndarray) -> str:
     return position_word(xs.mean() / mask.shape[1], ys.mean() / mask.shape[0])
 
 
-_ANSWER_RE = re.compile(
-    r"^\s*(?P<verdict>good|defective)\b(?::\s*(?P<type>[a-z][a-z ]*?)\s+at the\s+(?P<position>"
+_ANSWER_RE = re.compile(  # the type is any text up to " at" (a user's own name: "キズ", "zorbik", "dark spot")
+    r"^\s*(?P<verdict>good|defective)\b(?::\s*(?P<type>[^\n<]+?)\s+at\b(?:\s+the\s+(?P<position>"
     + "|".join(sorted(POSITIONS, key=len, reverse=True))
-    + r")\b)?"
+    + r")\b)?)?"
 )
 
 
@@ -154,6 +154,19 @@ def verdict_token_ids(tokenizer) -> list[int]:
     if good == defective:
         raise ValueError("the tokenizer starts 'good' and 'defective' with the same token; P(defective) is undefined")
     return [good, defective]
+
+
+def label_token_ids(tokenizer) -> dict[str, list[int]]:
+    """The token ids that mark an example's label after its image (`demos_kensa_vl.read_label`): the first tokens of
+    "good" and "defective" with and without a leading space, and the tokens around a defect's name (":" and " at").
+    Empty lists where the tokenizer cannot mark them (":" or " at" not one token, or " good" and " defective" starting
+    alike): the model then reads no labels and copies no names."""
+    first = {word: sorted({tokenizer(w, add_special_tokens=False).input_ids[0] for w in (word, " " + word)})
+             for word in VERDICT_WORDS}  # fmt: skip
+    marks = [tokenizer(mark, add_special_tokens=False).input_ids for mark in (":", " at")]
+    if any(len(m) != 1 for m in marks) or set(first["good"]) & set(first["defective"]):
+        return {"good_label_ids": [], "defective_label_ids": [], "name_marks": []}
+    return {"good_label_ids": first["good"], "defective_label_ids": first["defective"], "name_marks": sum(marks, [])}
 
 
 def answer_prompt_ids(tokenizer) -> list[int]:

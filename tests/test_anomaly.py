@@ -179,11 +179,12 @@ def test_untrained_comparison_ranks_a_defect_like_patchcore(tiny_dct):
     assert anomaly[1].max() > anomaly[[0, 2, 3]].max()  # the top-right tile holds the highest score
 
 
-def test_trainer_adds_the_anomaly_and_verdict_losses_that_trl_drops(tiny_dct, synth_dir, tmp_path):
-    """TRL 1.16 builds its loss from log-probabilities of its own LM head: it ignores `outputs.loss` and the verdict
-    odds; KensaTrainer adds the map's loss and the verdict's."""
+def test_trainer_adds_the_anomaly_verdict_and_pointer_losses_that_trl_drops(tiny_dct, synth_dir, tmp_path):
+    """TRL 1.16 builds its loss from log-probabilities of its own LM head: it ignores `outputs.loss`, the verdict
+    odds and the copied names; KensaTrainer adds the map's loss, the verdict's and the pointer's."""
     from trl import SFTConfig, SFTTrainer
 
+    from kensa_vl.modeling.demos_kensa_vl import copy_terms
     from kensa_vl.train.data.conversations import episode_conversations
     from kensa_vl.train.data.synth import load_synth
     from kensa_vl.train.sft import KensaCollator, KensaTrainer
@@ -209,8 +210,19 @@ def test_trainer_adds_the_anomaly_and_verdict_losses_that_trl_drops(tiny_dct, sy
         pairs = out.logits[torch.tensor(rows_), torch.tensor(cols)][:, words]
         target = (batch["input_ids"][torch.tensor(rows_), torch.tensor(cols) + 1] == words[1]).long()
         verdict = torch.nn.functional.cross_entropy(pairs, target)
+        # the pointer's loss: the answer's name tokens under the pointer-generator's mix, read off the same logits
+        ids = batch["input_ids"]
+        named = [
+            (p.row, t)
+            for p in comparison.pointers(ids, list(out.summaries))
+            for t in range(p.start + 1, ids.shape[1] - 1)
+            if copy_terms(p, ids[p.row, p.start + 1 : t + 1].tolist(), model.config) is not None
+        ]
+        at, col = map(torch.tensor, zip(*named, strict=True))
+        pointer = -out.logits[at, col].log_softmax(-1).gather(-1, ids[at, col + 1][:, None]).mean()
     assert out.anomaly_loss > 0 and len(rows_) == 4  # one answer per episode
-    torch.testing.assert_close(ours.detach(), trl + out.anomaly_loss + verdict)
+    assert len(set(at.tolist())) >= 1  # an episode whose query's defect type a named example shows
+    torch.testing.assert_close(ours.detach(), trl + out.anomaly_loss + verdict + pointer)
     linear, head = comparison.linear.weight, comparison.verdict.weight
     linear.grad = head.grad = None
     ours.backward()  # the map and the verdict learn from the same pass (no second, gradient-free forward)

@@ -9,6 +9,7 @@ import torch
 from kensa_vl.eval.evaluate import aggregate, evaluate, support_for
 from kensa_vl.eval.inspector import Inspector, support_item
 from kensa_vl.eval.metrics import ap50, metrics
+from kensa_vl.modeling.demos_kensa_vl import prompt_labels
 from tests.conftest import random_image
 
 
@@ -214,9 +215,14 @@ def test_support_bank_equals_the_prompts_own_and_serves_a_smaller_support_budget
     full = Inspector(model, processor, max_new_tokens=0)
     full.set_support(_support(test))
     prefix = full._prefix
-    bank = model.model.support_bank(prefix["pixel_values"], prefix["image_grid"])
-    torch.testing.assert_close(bank.cells["dct"], full._bank.cells["dct"])  # every tile, every view, in order
-    torch.testing.assert_close(bank.scores, full._bank.scores)  # each support against those before it
+    config, tiles = model.config, prefix["image_grid"][:, 2].tolist()
+    labels = prompt_labels(prefix["input_ids"][0].tolist(), tiles, config.tokens_per_tile, config)
+    assert [role for role, _ in labels] == ["good", "good", "defective"]
+    bank = model.model.support_bank(prefix["pixel_values"], prefix["image_grid"], labels)
+    torch.testing.assert_close(bank.cells["dct"], full._bank.cells["dct"])  # every good tile, every view, in order
+    torch.testing.assert_close(bank.scores, full._bank.scores)  # each good support against those before it
+    assert [d.name for d in bank.demos] == [d.name for d in full._bank.demos] and len(bank.demos) == 1
+    torch.testing.assert_close(bank.demos[0].defect, full._bank.demos[0].defect)  # the defective one's defect
     # the language model reads each support at one tile; the comparison still sees every tile of them
     small = Inspector(model, processor, max_new_tokens=0, support_max_tiles=1)
     small.set_support(_support(test))
@@ -285,7 +291,8 @@ def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth,
         inspector.set_support(_support(test))
         scores[cache] = [r.p_defective for r in inspector.judge(queries)]
     assert scores[True] == pytest.approx(scores[False], abs=1e-5)
-    cells = inspector._prefix["pixel_values"].shape[0] * 16 * 16  # 7 px DCT cells of 112 px tiles
+    good_tiles = int(inspector._prefix["image_grid"][:2, 2].sum())  # the defective third is not a reference
+    cells = good_tiles * 16 * 16  # 7 px DCT cells of 112 px tiles
     assert inspector._bank.cells["dct"].shape[0] == (1 + len(views)) * cells  # the views are cached too
     # the supports are encoded once: their bank comes from the forward pass, equal to encoding them again
     calls, encode = [], model.model.reference_cells
@@ -298,12 +305,12 @@ def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth,
     # the same cells; the forward pass keeps them image by image (each image in every view), which the nearest-cell
     # search does not see
     again = again["dct"].view(1 + len(views), -1, 16 * 16, 42)  # (views, tiles, cells, channels)
-    images = again.split(inspector._prefix["image_grid"][:, 2].tolist(), dim=1)
+    images = again.split(inspector._prefix["image_grid"][:, 2].tolist(), dim=1)[:2]  # the two good supports
     torch.testing.assert_close(inspector._bank.cells["dct"], torch.cat([image.reshape(-1, 42) for image in images]))
     if views:
         return
-    # the supports' own scores (each against those before it) are cached too, and the query's summary reads them
-    assert len(inspector._bank.scores) == 2
+    # the good supports' own scores (the second against the first) are cached too, and the query's summary reads them
+    assert len(inspector._bank.scores) == 1
     inspector._bank.scores += 10.0
     assert inspector.judge(queries[0])[0].p_defective != pytest.approx(scores[True][0], abs=1e-6)
     # and it matters: the same query against other references scores differently

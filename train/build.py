@@ -26,6 +26,8 @@ from kensa_vl.modeling.configuration_kensa_vl import ENCODER_DEFAULTS, REFERENCE
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
 from kensa_vl.processing.image_processing_kensa_vl import KensaVLImageProcessor
 from kensa_vl.processing.processing_kensa_vl import (
+    BOX_END,
+    BOX_START,
     CHAT_TOKENS,
     DEFAULT_CHAT_TEMPLATE,
     IMAGE_START,
@@ -34,6 +36,7 @@ from kensa_vl.processing.processing_kensa_vl import (
     PAD_TOKEN,
     KensaVLProcessor,
     answer_prompt_ids,
+    label_token_ids,
     location_tokens,
     special_tokens,
     verdict_token_ids,
@@ -126,6 +129,13 @@ def set_token_ids(config: KensaVLConfig, tokenizer) -> None:
     config.summary_stop_token_ids = tokenizer.convert_tokens_to_ids([IMAGE_START, CHAT_TOKENS[0]])
     config.verdict_token_ids = verdict_token_ids(tokenizer)
     config.answer_prompt_ids = answer_prompt_ids(tokenizer)
+    config.box_token_ids = tokenizer.convert_tokens_to_ids([BOX_START, BOX_END])
+    config.num_loc_bins = NUM_LOC_BINS
+    for key, ids in label_token_ids(tokenizer).items():
+        setattr(config, key, ids)
+    if not config.name_marks:
+        logger.warning("the tokenizer cannot mark examples' labels (':' or ' at' is not one token): the model will "
+                       "not tell defective examples from good ones nor copy their names")  # fmt: skip
     for target in (config, config.text_config):
         target.pad_token_id = tokenizer.pad_token_id
         target.eos_token_id = tokenizer.eos_token_id

@@ -37,7 +37,7 @@ COMPONENTS = {
     "reference_comparison": "model.reference_comparison",
 }
 STAGES = ("align", "multitask", "finetune")
-SOURCES = ("episodes", "captions", "classification", "detection")
+SOURCES = ("episodes", "naming", "captions", "classification", "detection")
 
 
 @dataclass
@@ -197,7 +197,8 @@ class KensaTrainer(SFTTrainer):
         # TRL 1.16 runs the backbone with its own fused LM head and builds the loss from log-probabilities: the
         # model's `loss` (with the anomaly-map loss) and its verdict odds (`set_verdict_odds`) never reach it. A
         # hook takes the backbone's output of the same forward pass (so it has gradients); the anomaly-map loss and
-        # the verdict's loss (`verdict_loss`) are added like TRL's MoE aux loss.
+        # the verdict's and the demo pointer's losses (`verdict_loss`, `pointer_loss`) are added like TRL's MoE aux
+        # loss.
         unwrapped = self.accelerator.unwrap_model(model)
         unwrapped = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         captured = []
@@ -212,9 +213,10 @@ class KensaTrainer(SFTTrainer):
             extras["anomaly_loss"] = output.anomaly_loss
             if comparison is not None and output.summaries:
                 head = unwrapped.get_output_embeddings().weight
-                extras["verdict_loss"] = comparison.verdict_loss(
-                    output.last_hidden_state, head, inputs["input_ids"], list(output.summaries)
-                )
+                summaries, ids = list(output.summaries), inputs["input_ids"]
+                extras["verdict_loss"] = comparison.verdict_loss(output.last_hidden_state, head, ids, summaries)
+                pointers = comparison.pointers(ids, summaries)
+                extras["pointer_loss"] = comparison.pointer_loss(output.last_hidden_state, head, ids, pointers)
         extras = {name: value for name, value in extras.items() if value is not None}
         if not extras:
             return result
@@ -277,8 +279,8 @@ def load_data(args: KensaArguments, seed: int):
 
 
 def _source(name: str, items, episodes):
-    """One KensaSynth split as conversations of one kind: episodes (lazy), captions from the descriptions,
-    good/defective classification, or defect detection."""
+    """One KensaSynth split as conversations of one kind: episodes and naming episodes (lazy), captions from the
+    descriptions, good/defective classification, or defect detection."""
     from datasets import concatenate_datasets
 
     from kensa_vl.train.data import conversations as conv
@@ -286,6 +288,8 @@ def _source(name: str, items, episodes):
 
     if name == "episodes":
         return conv.episode_conversations(items, episodes)
+    if name == "naming":  # as many as the episodes, each drawn on access
+        return conv.naming_conversations(items, len(episodes))
     rows = items.rename_column("description", "caption")
     if name == "captions":
         rows = conv.to_conversations(rows, conv.caption)[0]

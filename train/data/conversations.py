@@ -10,6 +10,7 @@ naming the record; `to_conversations(..., skip_invalid=True)` drops them instead
     classification  imagefolder: `image`, `label` (class index or name)
     detection       `image`, `objects: {bbox: [[x, y, w, h]], category: [...]}` (COCO boxes)
     episode         KensaSynth episodes (lazily, via `episode_conversations`)
+    naming          KensaSynth episodes whose defects carry names drawn per episode (`naming_conversations`)
 """
 
 from __future__ import annotations
@@ -198,6 +199,67 @@ def episode_conversations(items, episodes, num_bins: int = NUM_LOC_BINS, decoded
         return out
 
     return episodes.with_transform(transform)
+
+
+def naming_episode(item: Callable[[int], dict], pools: dict, rng: np.random.Generator, pool: str = "training") -> dict:
+    """One naming episode: a category, 2-4 good examples, 1-3 defective examples of different defect types, each
+    named by a name drawn for this episode (`names.draw_names`) instead of its type, and a query that is good (a
+    quarter of the time) or shows one of the examples' types, answered with that example's name. The name can only
+    be copied from the prompt. `item(row)` reads a KensaSynth item; `pools`: (category, "good" or defect type) ->
+    item rows (`naming_pools`)."""
+    from .materials import MATERIALS
+    from .names import draw_names
+
+    categories = sorted({c for c, kind in pools if kind not in ("good", "defective") and len(pools[(c, kind)]) >= 2})
+    if not categories:
+        raise ValueError("naming episodes need a category with two defective photos of one type; none has")
+    category = categories[int(rng.integers(len(categories)))]
+    types = sorted(k for c, k in pools if c == category and k not in ("good", "defective"))
+    shown = [t for t in rng.permutation(types)[: int(rng.integers(1, min(3, len(types)) + 1))]]
+    if not any(len(pools[(category, t)]) >= 2 for t in shown):  # the query needs a second photo of a shown type
+        shown[0] = next(t for t in types if len(pools[(category, t)]) >= 2)
+    names = dict(zip(shown, draw_names(rng, len(shown), pool), strict=True))
+    goods = pools[(category, "good")]
+    good = [int(i) for i in rng.choice(goods, min(len(goods), int(rng.integers(2, 5)) + 1), replace=False)]
+    demos = {t: [int(i) for i in rng.permutation(pools[(category, t)])] for t in shown}
+    support = [{**item(i), "defect_type": None} for i in good[1:]]
+    support += [{**item(demos[t][0]), "defect_type": names[t], "description": ""} for t in shown]
+    support = [support[i] for i in rng.permutation(len(support))]
+    asked = [t for t in shown if len(demos[t]) >= 2]
+    if rng.random() < 0.25:
+        query = {**item(good[0]), "defect_type": None}
+    else:
+        kind = asked[int(rng.integers(len(asked)))]
+        query = {**item(demos[kind][1]), "defect_type": names[kind]}
+    return episode(support, query, MATERIALS[category].noun)
+
+
+def naming_pools(items) -> dict:
+    """(category, "good" | defect type) -> the rows of `items` (a KensaSynth split) that show it."""
+    pools = {}
+    for row, (category, label, kind) in enumerate(zip(items["category"], items["label"], items["defect_type"],
+                                                      strict=True)):  # fmt: skip
+        pools.setdefault((category, "good" if label == "good" else kind), []).append(row)
+    return pools
+
+
+def naming_conversations(items, count: int, seed: int = 0, pool: str = "training", decoded: int = 1024):
+    """`count` naming episodes (`naming_episode`) over a KensaSynth split as `messages` + `images` rows, built on
+    access; row `i` is drawn with the seed `(seed, i)`, so a row is the same whenever it is read."""
+    from datasets import Dataset
+
+    pools = naming_pools(items)
+    item = functools.lru_cache(maxsize=decoded)(lambda index: items[index])
+
+    def transform(batch: dict) -> dict:
+        out = {"messages": [], "images": [], "masks": []}
+        for index in batch["row"]:
+            row = naming_episode(item, pools, np.random.default_rng([seed, int(index)]), pool)
+            for key in out:
+                out[key].append(row[key])
+        return out
+
+    return Dataset.from_dict({"row": list(range(count))}).with_transform(transform)
 
 
 def to_conversations(dataset, adapter: Callable, skip_invalid: bool = False, num_proc: int | None = None, **kwargs):

@@ -1,0 +1,150 @@
+"""Does the answer read what the examples say? Naming by example, label permutation and masking on KensaSynth.
+
+Per category of a split and per seed: `shots` good examples and two defective examples of two different defect
+types, named by two names drawn from the evaluation pool (`train/data/names.py`: never in training). Queries: the
+category's other defective photos of those two types (`per_type` each) and as many of its other good photos.
+
+- **naming**: the share of those defective queries whose answer names the example of the query's type (a query
+  judged good names nothing and counts as wrong); `naming_when_flagged`: among the queries judged defective.
+- **follow rate**: with the two examples' names swapped (same images), the share of the queries named in both runs
+  whose name swapped with them: the name is read from the example, not recalled.
+- **masking**: balanced accuracy of the verdict with the two defective examples in the support (one of the query's
+  own type) against the good examples alone, on the same queries: `balanced_accuracy_with_defective` and
+  `balanced_accuracy_good_only`.
+
+Choose on validation (`--split validation`); the test split only reports.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .inspector import Inspector, support_item
+
+
+def naming_sets(items, seeds: int, shots: int, per_type: int) -> list[dict]:
+    """The support sets and queries: per category and seed, `shots` good photos, one photo of each of two defect
+    types that have at least two photos, and the queries (seeded by (seed, category))."""
+    from kensa_vl.train.data import draw_names, naming_pools
+
+    pools, sets = naming_pools(items), []
+    for category in sorted({c for c, _ in pools}):
+        kinds = [k for c, k in pools if c == category and k not in ("good", "defective")]
+        types = sorted(k for k in kinds if len(pools[(category, k)]) > 1)
+        goods = pools.get((category, "good"), [])
+        if len(types) < 2 or len(goods) <= shots:
+            continue
+        for seed in range(seeds):
+            rng = np.random.default_rng([seed, sum(map(ord, category)), 7])
+            shown = [str(t) for t in rng.choice(types, 2, replace=False)]
+            photos = {t: [int(i) for i in rng.permutation(pools[(category, t)])] for t in shown}
+            good = [int(i) for i in rng.permutation(goods)]
+            queries = [(i, t) for t in shown for i in photos[t][1 : 1 + per_type]]
+            sets.append({
+                "category": category, "seed": seed, "good": good[:shots], "demos": [photos[t][0] for t in shown],
+                "types": shown, "names": draw_names(rng, 2, "evaluation"), "queries": queries,
+                "good_queries": good[shots : shots + len(queries)],
+            })  # fmt: skip
+    if not sets:
+        raise ValueError(f"no category has more than {shots} good photos and two defect types with two photos each")
+    return sets
+
+
+def evaluate_naming(model, processor, items, seeds: int = 3, shots: int = 4, per_type: int = 4,
+                    threshold: float = 0.5, progress: bool = True) -> dict:  # fmt: skip
+    """Run `naming_sets` through an `Inspector` (cached support, greedy answers): the metrics and one record per
+    query and run."""
+    from kensa_vl.train.data import MATERIALS
+
+    sets = naming_sets(items, seeds, shots, per_type)
+    inspector = Inspector(model, processor, threshold=threshold, max_new_tokens=24)
+    records = []
+    for chosen in tqdm(sets, desc="naming by example", disable=not progress):
+        inspector.noun = MATERIALS[chosen["category"]].noun if chosen["category"] in MATERIALS else chosen["category"]
+        good = [support_item(items[i]["image"]) for i in chosen["good"]]
+        context = {"category": chosen["category"], "seed": chosen["seed"]}
+        for run, names in (("named", chosen["names"]), ("swapped", chosen["names"][::-1])):
+            demos = [support_item(items[i]["image"], defective=True, defect_type=n)
+                     for i, n in zip(chosen["demos"], names, strict=True)]  # fmt: skip
+            inspector.set_support(good + demos)
+            want = dict(zip(chosen["types"], names, strict=True))
+            for order, (i, kind) in enumerate(chosen["queries"]):
+                result = inspector.judge(items[i]["image"])[0]
+                record = _record(context, run, order, i, "defective", result)
+                records.append({**record, "defect_type": kind, "expected": want[kind], "name": result.defect_type})
+            for order, i in enumerate(chosen["good_queries"]):
+                result = inspector.judge(items[i]["image"])[0]
+                records.append(_record(context, run, order, i, "good", result))
+        inspector.max_new_tokens = 0
+        inspector.set_support(good)
+        for order, i in enumerate([i for i, _ in chosen["queries"]] + chosen["good_queries"]):
+            result = inspector.judge(items[i]["image"])[0]
+            label = "defective" if order < len(chosen["queries"]) else "good"
+            records.append(_record(context, "good_only", order, i, label, result))
+        inspector.max_new_tokens = 24
+    return {"metrics": naming_metrics(records), "records": records,
+            "config": {"seeds": seeds, "shots": shots, "per_type": per_type, "threshold": threshold}}  # fmt: skip
+
+
+def _record(context: dict, run: str, order: int, index: int, label: str, result) -> dict:
+    return {**context, "run": run, "query": order, "index": index, "label": label, "verdict": result.verdict,
+            "p_defective": result.p_defective, "text": result.text}  # fmt: skip
+
+
+def _followed(a: dict, b: dict) -> bool:
+    """The two runs name the same example, which carries the other name in the second."""
+    return a["name"] != b["name"] and {a["name"], b["name"]} == {a["expected"], b["expected"]}
+
+
+def _balanced_accuracy(records: list[dict]) -> float:
+    flagged = np.array([r["verdict"] == "defective" for r in records])
+    defective = np.array([r["label"] == "defective" for r in records])
+    return float((flagged[defective].mean() + (~flagged[~defective]).mean()) / 2)
+
+
+def naming_metrics(records: list[dict]) -> dict:
+    """The naming rate, its rate among flagged queries, the follow rate and the two balanced accuracies."""
+    named = [r for r in records if r["run"] == "named" and r["label"] == "defective"]
+    swapped = {(r["category"], r["seed"], r["query"]): r for r in records
+               if r["run"] == "swapped" and r["label"] == "defective"}  # fmt: skip
+    flagged = [r for r in named if r["verdict"] == "defective"]
+    pairs = [(r, swapped[(r["category"], r["seed"], r["query"])]) for r in named]
+    both = [(a, b) for a, b in pairs if a["name"] is not None and b["name"] is not None]
+    return {
+        "queries": len(named),
+        "naming": float(np.mean([r["name"] == r["expected"] for r in named])),
+        "naming_when_flagged": float(np.mean([r["name"] == r["expected"] for r in flagged])) if flagged else None,
+        "follow_rate": float(np.mean([_followed(a, b) for a, b in both])) if both else None,
+        "named_in_both_runs": len(both),
+        "balanced_accuracy_with_defective": _balanced_accuracy([r for r in records if r["run"] == "named"]),
+        "balanced_accuracy_good_only": _balanced_accuracy([r for r in records if r["run"] == "good_only"]),
+    }
+
+
+def naming_table(result: dict) -> str:
+    """The metrics as a markdown table."""
+    m = result["metrics"]
+    cells = {
+        "naming by example": m["naming"],
+        "naming (queries judged defective)": m["naming_when_flagged"],
+        "label-permutation follow rate": m["follow_rate"],
+        "balanced accuracy, good examples only": m["balanced_accuracy_good_only"],
+        "balanced accuracy, with the 2 defective examples": m["balanced_accuracy_with_defective"],
+    }
+    lines = ["| measure | value |", "|---|---|"]
+    lines += [f"| {k} | {'n/a' if v is None else f'{v:.3f}'} |" for k, v in cells.items()]
+    return "\n".join(lines) + f"\n\n{m['queries']} defective queries, {m['named_in_both_runs']} named in both runs.\n"
+
+
+def write_naming(result: dict, out) -> None:
+    """`naming.json` (metrics and config), `naming_records.jsonl` and `naming.md` in folder `out`."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "naming.json").write_text(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=2))
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in result["records"]]
+    (out / "naming_records.jsonl").write_text("".join(lines))
+    (out / "naming.md").write_text(naming_table(result))

@@ -1,0 +1,214 @@
+"""Examples that say something: the prompt's good and defective examples told apart by the words after each image,
+and a pointer from a query to the defective example it resembles, whose name the answer then copies.
+
+- A demo's label is the text right after its image (the episode format, `processing_kensa_vl.inspection_answer`):
+  `good`, or `defective: <name> at the ...`. `read_label` reads it off the token ids. Good and unlabeled images are
+  the comparison's references (its good bank); a defective one never is, so a query showing a demo's defect is not
+  masked by it.
+- Each defective demo is searched against the good bank: its DEFECT_CELLS farthest cells are its defect. A query's
+  own farthest cells are compared with each demo's defect (`match_similarity`): the nearer, the likelier it shows
+  that defect.
+- The query's box (`locate_box`, what the Inspector draws) is copied the same way where the answer opens a `<box>`:
+  its four location tokens, then `</box>`, so plain `generate` and the pipeline write the comparison's box.
+- `DemoPointer` turns those similarities into a pointer over the demos and a gate, and `copy_names` makes a
+  pointer-generator (See et al., 2017) of the answer's name: after `defective`, the next token's probability mixes
+  the language model's with the next token of each demo's label (`: <name>`, up to its " at") that agrees with what
+  was written so far, weighted by the pointer. Swapping two demos' names swaps the answer's.
+
+Shipped to the Hub as remote code: imports only torch, transformers and siblings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFECT_CELLS = 8  # a demo's defect and a query's suspect region: their farthest cells from the good bank
+MAX_NAME_TOKENS = 32  # a longer `: ... at` span is not read as a name
+LABEL_WINDOW = 4  # the label's ':' comes within this many tokens of its first ("defect" "ive" ":" in some tokenizers)
+POINTER_SLOPE = 20.0  # pointer logit per unit of cosine similarity at the start: 0.05 closer is e times likelier
+GATE_START = 2.0  # the copy's share at the start: sigmoid(2) = 0.88 of the name's probability comes from the demos
+BOX_GATE_START = 4.0  # a box's location tokens at the start: sigmoid(4) = 0.98 of their probability from the box
+
+
+@dataclass
+class Demo:
+    """A defective example: `name`, the token ids after its label's first token up to " at" (`": zorbik"`: the
+    rest of its label word, the colon and the name; None when it has no name), and once compared
+    with the good bank, `defect`: per compared encoder its DEFECT_CELLS farthest cells `(K, C)`."""
+
+    name: list[int] | None
+    defect: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Pointer:
+    """Where an answer about a compared image starts (`start`: the absolute position of the generation prompt's last
+    token in batch row `row`) and what it may copy: the demos' `names`, the pointer `logits` `(n,)` over them and the
+    `gate` logit (copy against the language model); the comparison's `box` of the image as its four location token
+    ids and its `box_gate` logit."""
+
+    row: int
+    start: int
+    names: list[list[int]] = field(default_factory=list)
+    logits: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    box: list[int] | None = None
+    box_gate: torch.Tensor | None = None
+
+
+def read_label(ids: list[int], close: int, config) -> tuple[str | None, list[int] | None]:
+    """The label written right after an image whose `</img>` is at position `close` of a row's token `ids`:
+    ("good", None), ("defective", its name's token ids or None) or (None, None) for anything else (a query, a raw
+    prompt). Needs the config's `good_label_ids`, `defective_label_ids` and `name_marks` (":" and " at")."""
+    end = close + 1
+    if end >= len(ids) or len(config.name_marks) != 2:
+        return None, None
+    if ids[end] in config.good_label_ids:
+        return "good", None
+    if ids[end] not in config.defective_label_ids:
+        return None, None
+    colon, at = config.name_marks
+    window = ids[end + 1 : end + 1 + LABEL_WINDOW]
+    if colon not in window:
+        return "defective", None
+    first = end + 2 + window.index(colon)
+    stops = {at, config.image_token_id, *config.summary_stop_token_ids}
+    for i in range(first, min(first + MAX_NAME_TOKENS + 1, len(ids))):
+        if ids[i] in stops:
+            return "defective", (ids[end + 1 : i] if ids[i] == at and i > first else None)
+    return "defective", None
+
+
+def prompt_labels(ids: list[int], tiles: list[int], tokens_per_tile: int, config) -> list[tuple]:
+    """`read_label` after each image of one prompt (`ids`, whose images have `tiles` tiles of `tokens_per_tile`
+    image tokens each, in order): what `support_bank` takes as `labels`."""
+    positions = [i for i, t in enumerate(ids) if t == config.image_token_id]
+    ends = [sum(tiles[: k + 1]) * tokens_per_tile - 1 for k in range(len(tiles))]
+    if len(positions) != sum(tiles) * tokens_per_tile:
+        raise ValueError(f"the prompt holds {len(positions)} image tokens; {tiles} tiles need "
+                         f"{sum(tiles) * tokens_per_tile}")  # fmt: skip
+    return [read_label(ids, positions[end] + 1, config) for end in ends]
+
+
+def farthest_cells(cells: dict[str, torch.Tensor], distances: list[torch.Tensor], selected: torch.Tensor, names):
+    """An image's DEFECT_CELLS cells farthest from its references, per compared encoder (`names`, in the order of
+    `distances`, each `(n, g, g)`), over its `selected` tiles: name -> `(K, C)`."""
+    out = {}
+    for name, d in zip(names, distances, strict=True):
+        c = cells[name][selected]
+        flat = d[selected].flatten()
+        out[name] = c.reshape(-1, c.shape[-1])[flat.topk(min(DEFECT_CELLS, len(flat))).indices]
+    return out
+
+
+def match_similarity(query: dict[str, torch.Tensor], defect: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How near a query's farthest cells lie to a demo's defect: per encoder, each query cell's largest cosine
+    similarity to a defect cell, averaged over the cells and the encoders (a scalar)."""
+    return torch.stack([(query[n] @ defect[n].T).amax(-1).mean() for n in query]).mean()
+
+
+def name_candidates(answer: list[int], names: list[list[int]], config) -> list[int | None]:
+    """For an answer written so far (`answer`: the tokens after the generation prompt), the next token each demo's
+    `name` would write after the answer's "defective": None where the answer does not start with it or disagrees
+    with that name. After the whole name, its end mark (" at")."""
+    if not answer or answer[0] not in config.defective_label_ids:
+        return [None] * len(names)
+    written, at = answer[1:], config.name_marks[1]
+    out = []
+    for name in names:
+        p = len(written)
+        agrees = p <= len(name) and name[:p] == written
+        out.append((name[p] if p < len(name) else at) if agrees else None)
+    return out
+
+
+class DemoPointer(nn.Module):
+    """The pointer from a query to the defective demos and its gate: `logits = slope * similarity` over the demos
+    (starting at POINTER_SLOPE), and the gate from the best similarity and its lead over the second (starting at
+    GATE_START whatever they are). And the box's gate, from the image's verdict logit (starting at BOX_GATE_START)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pointer = nn.Linear(1, 1)
+        self.gate = nn.Linear(2, 1)
+        self.box_gate = nn.Linear(1, 1)
+        self.pointer.kensa_init, self.gate.kensa_init = "pointer", "gate"  # see `_init_weights`
+        self.box_gate.kensa_init = "box_gate"
+
+    def open_box(self, verdict: torch.Tensor) -> torch.Tensor:
+        """The box gate's logit from an image's verdict logit (a scalar)."""
+        return self.box_gate(verdict.reshape(1, 1).to(self.box_gate.weight.dtype)).reshape(())
+
+    def forward(self, similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(n,)` query-to-demo similarities -> (pointer logits `(n,)`, gate logit)."""
+        similarity = similarity.to(self.pointer.weight.dtype)
+        best = similarity.topk(min(2, len(similarity))).values
+        lead = best[0] - best[1] if len(best) > 1 else torch.zeros_like(best[0])
+        return self.pointer(similarity[:, None]).squeeze(-1), self.gate(torch.stack([best[0], lead])).squeeze(-1)
+
+
+def box_tokens(box: list[float], config) -> list[int]:
+    """A box `[x0, y0, x1, y1]` in fractions of the image -> its four location token ids, binned as
+    `processing_kensa_vl.boxes_to_text` bins pixels (the first edge's bin, the bin that ends at or after the
+    second)."""
+    bins, (x0, y0, x1, y1) = config.num_loc_bins, box
+    low = [min(math.floor(v * bins + 1e-9), bins - 1) for v in (x0, y0)]
+    high = [min(max(math.ceil(v * bins - 1e-9) - 1, 0), bins - 1) for v in (x1, y1)]
+    return [config.loc_token_start_id + b for b in (*low, *high)]
+
+
+def box_candidate(answer: list[int], box: list[int], config) -> int | None:
+    """The next token of `box` (then `</box>`) where the answer has just opened a box and agrees with it so far."""
+    opening, closing = config.box_token_ids
+    if opening not in answer:
+        return None
+    written = answer[len(answer) - 1 - answer[::-1].index(opening) + 1 :]
+    if written != box[: len(written)]:
+        return None
+    return box[len(written)] if len(written) < len(box) else closing if len(written) == len(box) else None
+
+
+def copy_terms(pointer: Pointer, answer: list[int], config):
+    """At one position of an answer: `(tokens, log copy probabilities, gate logit)`, the candidates and their share
+    of the mix (the gate times the pointer's mass on the agreeing demos, renormalised; or the box's next location
+    token), or None where nothing is copied."""
+    candidates = name_candidates(answer, pointer.names, config) if pointer.names else []
+    keep = [i for i, c in enumerate(candidates) if c is not None]
+    if keep:
+        share = torch.log_softmax(pointer.logits[keep].float(), 0) + F.logsigmoid(pointer.gate.float())
+        tokens = sorted({candidates[i] for i in keep})  # one token from two names: their shares add
+        merged = [share[[j for j, i in enumerate(keep) if candidates[i] == t]].logsumexp(0) for t in tokens]
+        return tokens, torch.stack(merged), pointer.gate
+    token = box_candidate(answer, pointer.box, config) if pointer.box and len(config.box_token_ids) == 2 else None
+    if token is None:
+        return None
+    return [token], F.logsigmoid(pointer.box_gate.float())[None], pointer.box_gate
+
+
+def copy_names(logits: torch.Tensor, history: torch.Tensor, pointers: list[Pointer], base: int, config):
+    """The pointer-generator's mix where an answer's name is written: at each such position the next-token
+    log-probabilities become `log((1 - g) p_lm + g p_copy)`. `logits` `(batch, P, vocab)` are the last P positions
+    of `history` `(batch, L)`, the token ids from absolute position `base` on. Returns log-probabilities there (a
+    softmax of them is the mixture) and `logits` elsewhere."""
+    first = base + history.shape[1] - logits.shape[1]  # the absolute position of logits[:, 0]
+    updates = []
+    for pointer in pointers:
+        for t in range(max(first, pointer.start + 1), base + history.shape[1]):
+            answer = history[pointer.row, pointer.start + 1 - base : t + 1 - base].tolist()
+            terms = copy_terms(pointer, answer, config) if pointer.start >= base else None
+            if terms is not None:
+                updates.append((pointer, t - first, *terms))
+    if not updates:
+        return logits
+    logits = logits.clone()
+    for pointer, col, tokens, share, gate in updates:
+        lm = torch.log_softmax(logits[pointer.row, col].float(), -1) + F.logsigmoid(-gate.float())
+        index = torch.tensor(tokens, device=logits.device)
+        lm = lm.index_put((index,), torch.logaddexp(lm[index], share.to(lm.device)))
+        logits[pointer.row, col] = lm.to(logits.dtype)
+    return logits

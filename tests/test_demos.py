@@ -1,0 +1,170 @@
+"""Examples that say something: labels read from the prompt, defective examples kept out of the good bank, and the
+answer's defect name copied from the example the query resembles (`modeling/demos_kensa_vl.py`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kensa_vl.eval.inspector import Inspector, support_item
+from kensa_vl.modeling.demos_kensa_vl import read_label
+
+
+@pytest.fixture(scope="module")
+def synth(synth_dir):
+    from kensa_vl.train.data.synth import load_synth
+
+    return load_synth(synth_dir)[0]["test"]
+
+
+@pytest.fixture(scope="module")
+def model_with_demos():
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True)
+    return model.eval(), processor
+
+
+def _rows(synth, label, count, skip=0):
+    return [i for i, lab in enumerate(synth["label"]) if lab == label][skip : skip + count]
+
+
+def _support(synth, names):
+    good = [support_item(synth[i]["image"]) for i in _rows(synth, "good", 2)]
+    bad = _rows(synth, "defective", len(names))
+    named = zip(bad, names, strict=True)
+    return good + [support_item(synth[i]["image"], defective=True, defect_type=n) for i, n in named]
+
+
+def test_labels_are_read_after_each_image(model_with_demos):
+    model, processor = model_with_demos
+    text = "1. <image> good\n2. <image> defective: zorbik at the top\n3. <image> defective\nQuery: <image>\n"
+    images = [np.zeros((64, 64, 3), np.uint8)] * 4
+    ids = processor(text=text, images=images, max_tiles=[1] * 4)["input_ids"][0]
+    closes = [i for i, t in enumerate(ids) if t == processor.tokenizer.convert_tokens_to_ids("</img>")]
+    labels = [read_label(ids, close, model.config) for close in closes]
+    assert [role for role, _ in labels] == ["good", "defective", "defective", None]
+    assert processor.tokenizer.decode(labels[1][1]) == ": zorbik"
+    assert labels[2][1] is None  # a defective example without a name is kept out of the bank, never copied
+
+
+def test_defective_examples_stay_out_of_the_good_bank(model_with_demos, synth):
+    model, processor = model_with_demos
+    goods = Inspector(model, processor, max_new_tokens=0)
+    goods.set_support(_support(synth, []))
+    both = Inspector(model, processor, max_new_tokens=0)
+    both.set_support(_support(synth, ["zorbik"]))
+    for name, cells in goods._bank.cells.items():
+        assert torch.equal(both._bank.cells[name], cells)  # the good photos' cells only
+    assert torch.equal(both._bank.scores, goods._bank.scores)  # the level: how far good photos lie from each other
+    assert len(both._bank.demos) == 1 and processor.tokenizer.decode(both._bank.demos[0].name) == ": zorbik"
+    query = synth[_rows(synth, "defective", 1, skip=3)[0]]["image"]
+    assert both.judge(query)[0].p_defective == pytest.approx(goods.judge(query)[0].p_defective, abs=0.2)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_the_answer_names_the_matching_example_and_follows_a_swap(model_with_demos, synth, cache):
+    model, processor = model_with_demos
+    pointer = model.model.reference_comparison.demo_pointer
+    gate = pointer.gate.bias.data.clone()
+    pointer.gate.bias.data.fill_(30.0)  # the copy decides the name: what is tested is which name it reads
+    try:
+        query = synth[_rows(synth, "defective", 1, skip=3)[0]]["image"]
+        named = {}
+        for names in (["zorbik", "キズ"], ["キズ", "zorbik"]):
+            inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12, cache=cache)
+            inspector.set_support(_support(synth, names))
+            _, out = inspector._score(query)
+            (found,) = out.pointers
+            matched = names[int(found.logits.argmax())]
+            text = inspector.judge(query)[0].text
+            assert text.startswith(f"defective: {matched} at"), text
+            named[tuple(names)] = matched
+        # the same images: the pointer picks the same example, whose name is now the other one
+        assert named[("zorbik", "キズ")] != named[("キズ", "zorbik")]
+    finally:
+        pointer.gate.bias.data.copy_(gate)
+
+
+def test_plain_generate_copies_the_name(model_with_demos, synth):
+    """A Hub user's `generate` on the whole prompt (pixels included) copies as the Inspector does."""
+    model, processor = model_with_demos
+    pointer = model.model.reference_comparison.demo_pointer
+    gate = pointer.gate.bias.data.clone()
+    pointer.gate.bias.data.fill_(30.0)
+    try:
+        inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12, cache=False)
+        inspector.set_support(_support(synth, ["zorbik", "キズ"]))
+        query = synth[_rows(synth, "defective", 1, skip=3)[0]]["image"]
+        inputs = inspector._query_inputs(query)
+        defective = torch.tensor([[inspector.verdict_ids[1]]])
+        ids = torch.cat([inputs["input_ids"], defective], 1)
+        out = model.generate(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                             max_new_tokens=10, do_sample=False)  # fmt: skip
+        text = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert text == "defective" + inspector.judge(query)[0].text.removeprefix("defective")[: len(text) - 9]
+        assert text.split(" at")[0] in ("defective: zorbik", "defective: キズ")
+    finally:
+        pointer.gate.bias.data.copy_(gate)
+
+
+def test_the_pointer_learns_from_the_answers_name(model_with_demos, synth):
+    from kensa_vl.train.data.conversations import episode
+
+    model, processor = model_with_demos
+    comparison = model.model.reference_comparison
+    support = _support(synth, ["zorbik", "キズ"])
+    query = {**support[-1], "image": synth[_rows(synth, "defective", 1, skip=3)[0]]["image"]}
+    row = episode(support, query, "product")
+    text = processor.apply_chat_template(row["messages"], tokenize=False)
+    batch = processor(text=text, images=row["images"], return_tensors="pt")
+    out = model.model(**batch)
+    pointers = comparison.pointers(batch["input_ids"], list(out.summaries))
+    assert len(pointers) == 1 and len(pointers[0].names) == 2
+    loss = comparison.pointer_loss(out.last_hidden_state, model.lm_head.weight, batch["input_ids"], pointers)
+    loss.backward()
+    assert torch.isfinite(loss) and comparison.demo_pointer.gate.bias.grad.abs() > 0
+    assert comparison.demo_pointer.pointer.weight.grad.abs() > 0  # which example: learnt from the name written
+    model.zero_grad()
+
+
+def test_name_pools_are_disjoint_and_training_names_come_from_the_prompt(synth_dir):
+    from kensa_vl.train.data.conversations import naming_conversations
+    from kensa_vl.train.data.names import EVALUATION, TRAINING, check_pools
+    from kensa_vl.train.data.synth import load_synth
+
+    check_pools()
+    assert not set(TRAINING) & set(EVALUATION) and any("打痕" == n for n in TRAINING)
+    items = load_synth(synth_dir)[0]["train"]
+    rows = naming_conversations(items, 12, seed=3)
+    named = 0
+    for row in rows:
+        answer = row["messages"][1]["content"][0]["text"]
+        prompt = "".join(b["text"] or "" for b in row["messages"][0]["content"])
+        if answer != "good":
+            name = answer.removeprefix("defective: ").split(" at the ")[0]
+            assert name in TRAINING and f"defective: {name} at the" in prompt
+            named += 1
+    assert named >= 4 and rows[5]["messages"] == naming_conversations(items, 12, seed=3)[5]["messages"]
+
+
+def test_a_generated_box_is_the_comparisons_box(model_with_demos, synth):
+    """Where an answer opens a box, `generate` writes the comparison's box of the query: the box the Inspector
+    reports, whatever the language model would write."""
+    model, processor = model_with_demos
+    inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=0, cache=False)
+    inspector.set_support(_support(synth, []))
+    item = synth[_rows(synth, "defective", 1, skip=3)[0]]
+    expected = inspector.judge(item["image"])[0].boxes[0]
+    inputs = inspector._query_inputs(item["image"])
+    opened = processor.tokenizer("defective: dent at the center <box>", add_special_tokens=False, return_tensors="pt")
+    ids = torch.cat([inputs["input_ids"], opened.input_ids], 1)
+    out = model.generate(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                         max_new_tokens=5, do_sample=False)  # fmt: skip
+    text = "<box>" + processor.decode(out[0, ids.shape[1] :])
+    (box,) = processor.text_to_boxes(text, *item["image"].size)
+    width, height = item["image"].size
+    bin_x, bin_y = width / processor.num_loc_bins, height / processor.num_loc_bins
+    assert text.endswith("</box>")
+    np.testing.assert_allclose(box, expected, atol=max(bin_x, bin_y) + 1)  # the same box, to a location bin
