@@ -23,6 +23,11 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert sum(r["method"] == "kensa" for r in records) == 2 * 2 * 3 * (2 + 3)  # (2 shot counts + 3 controls)
     assert "| KensaVL | 1 |" in (out / "table.md").read_text()
+    # the naming evaluation on the test categories: two seeds (as the shots' evaluation), both runs per query
+    naming = [json.loads(line) for line in (out / "naming_records.jsonl").read_text().splitlines()]
+    assert {r["seed"] for r in naming} == {0, 1} and {r["run"] for r in naming} == {"named", "swapped", "good_only"}
+    assert saved["naming"]["queries"] == sum(r["run"] == "named" and r["label"] == "defective" for r in naming) > 0
+    assert "label-permutation follow rate" in (out / "naming.md").read_text()
     for png in ("loss.png", "accuracy_vs_shots.png", "roc.png", "accuracy_vs_size.png", "examples.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "model" / "runs").rglob("events.out.tfevents.*"))  # TensorBoard

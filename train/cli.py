@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 # sub-command -> (the module whose `add_parsers` defines it, the line `kensa-vl --help` shows for it)
+NAMING_SEEDS = 3  # the main job's naming evaluation: support draws per test category (eval/naming.py)
 COMMANDS = {
     "tiny": ("kensa_vl.train.build", "build a tiny random KensaVL offline (the embedded default)"),
     "assemble": ("kensa_vl.train.build", "assemble KensaVL from pretrained towers and an LM"),
@@ -75,6 +76,7 @@ def main_job(
     both stages (e.g. `["--max_steps", "2"]`); `tiny` replaces entries of the tiny model's `TINY` settings (e.g.
     `{"reference_comparison": False}` for plain in-context learning)."""
     from kensa_vl.eval.inspector import load_pretrained
+    from kensa_vl.eval.naming import evaluate_naming, naming_table, write_naming
     from kensa_vl.eval.plots import loss_curve
     from kensa_vl.eval.report import evaluate_and_report
     from kensa_vl.train import pipeline
@@ -103,6 +105,12 @@ def main_job(
         seeds=seeds, queries_per_category=queries_per_category,
     )  # fmt: skip
     loss_curve(histories, out / "loss.png")
+    # does the answer read the examples: 2 named defective examples, names from the evaluation pool (eval/naming.py)
+    naming = evaluate_naming(model, processor, items["test"], seeds=min(seeds, NAMING_SEEDS))
+    write_naming(naming, out)
+    summary = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps({**summary, "naming": naming["metrics"]}, indent=2))
+    print(naming_table(naming), end="")
     for k, result in results["kensa"]["shots"].items():
         overall = result["overall"]
         print(
