@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .layouts import IMAGE_SUFFIXES
 
-CSV_FIELDS = ("file", "category", "verdict", "p_defective", "defect_type", "position", "boxes", "text")
+CSV_FIELDS = ("file", "category", "verdict", "p_defective", "defect_type", "position", "boxes", "example",
+              "example_name", "example_share", "text")  # fmt: skip
 
 
 def query_files(args) -> list[str]:
@@ -169,7 +170,8 @@ def emit(record: dict, sink: Sink, failed: list) -> None:
         failed.append(record["file"])
         print(f"{record['file']}\terror\t{record['text']}", flush=True)
     else:
-        print(f"{record['file']}\t{record['verdict']}\t{record['p_defective']:.3f}", flush=True)
+        like = f"\tlike example {record['example']}: {record['example_name']}" if record.get("example") else ""
+        print(f"{record['file']}\t{record['verdict']}\t{record['p_defective']:.3f}{like}", flush=True)
     sink.add(record)
 
 
@@ -187,7 +189,10 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("inspect")  # its --help line: cli.COMMANDS
     p.add_argument("--model", required=True)
     p.add_argument("--good", nargs="+", default=[], metavar="IMAGE")
-    p.add_argument("--defective", nargs="*", default=[], metavar="IMAGE[=DESCRIPTION]")
+    p.add_argument(
+        "--defective", nargs="*", default=[], metavar="IMAGE[=NAME]",
+        help="defective examples, each with the name an answer that resembles it copies ('a dark scratch', '打痕')",
+    )  # fmt: skip
     p.add_argument("--query", nargs="+", default=[], metavar="IMAGE", help="photos or globs ('lot7/*.png')")
     p.add_argument("--query-dir", nargs="+", default=[], metavar="DIR", help="every photo under these folders")
     p.add_argument("--query-list", metavar="FILE", help="a file with one photo path per line")

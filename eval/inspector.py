@@ -24,7 +24,7 @@ from PIL import Image
 from transformers.cache_utils import DynamicLayer
 
 from kensa_vl.modeling.comparison_kensa_vl import distance_map, locate_box
-from kensa_vl.modeling.demos_kensa_vl import prompt_labels
+from kensa_vl.modeling.demos_kensa_vl import MAX_NAME_TOKENS, prompt_labels
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 from kensa_vl.processing.processing_kensa_vl import (
@@ -50,6 +50,11 @@ class Judgement:
     position: str | None = None
     boxes: list[list[int]] = field(default_factory=list)
     heatmap: np.ndarray | None = field(default=None, repr=False)
+    # the defective example the query resembles most (1-based, in support order), its name and the pointer's share
+    # on it (`demos_kensa_vl.DemoPointer`), when the support holds named defective examples
+    example: int | None = None
+    example_name: str | None = None
+    example_share: float | None = None
 
     def to_dict(self) -> dict:
         """The JSON-ready fields (the heatmap is left out: an image, see `plots.heatmap_overlay`)."""
@@ -57,8 +62,10 @@ class Judgement:
 
 
 def support_item(image, defective: bool = False, description: str | None = None, boxes=None, defect_type=None):
-    """A support example in the episode format: a good image, or a defective one with an optional short
-    description, boxes (query pixels, `[x0, y0, x1, y1]`) and defect type."""
+    """A support example in the episode format: a good image, or a defective one named by `defect_type`, or else by
+    its `description` (the user's own words: "a dark scratch", "打痕"), or else "defect", with optional boxes (its
+    pixels, `[x0, y0, x1, y1]`). The name is what an answer that matches this example copies; a description given
+    beside a `defect_type` follows the box in the prompt."""
     image = to_rgb(image)
     boxes = [list(map(int, b)) for b in (boxes or [])]
     if not defective:
@@ -68,19 +75,17 @@ def support_item(image, defective: bool = False, description: str | None = None,
     for box in boxes:
         if len(box) != 4 or not (0 <= box[0] < box[2] <= image.width and 0 <= box[1] < box[3] <= image.height):
             raise ValueError(f"box {box} is not [x0, y0, x1, y1] inside the {image.width}x{image.height} image")
+    name = " ".join((defect_type or description or "defect").split())  # one line: the answer's name
+    if ":" in name or " at " in f" {name} ":
+        raise ValueError(f"a defect name cannot hold ':' or the word 'at' (they mark where a name ends): {name!r}")
     position = "center"
     if boxes:  # the cell of the boxes' centroid, as KensaSynth describes a defect by its mask's
         region = np.zeros((image.height, image.width), dtype=bool)
         for x0, y0, x1, y1 in boxes:
             region[y0:y1, x0:x1] = True
         position = region_position(region)
-    return {
-        "image": image,
-        "defect_type": defect_type or "defect",
-        "position": position,
-        "boxes": boxes,
-        "description": description or "",
-    }
+    note = description if defect_type and description else ""
+    return {"image": image, "defect_type": name, "position": position, "boxes": boxes, "description": note or ""}
 
 
 def pixel_heatmap(distances: list, rows: int, cols: int, width: int, height: int) -> np.ndarray:
@@ -251,6 +256,15 @@ class Inspector:
                 f"the support set has {len(support)} defective images and no good one: show at least one good "
                 "example (an empty support set judges without examples)"
             )
+        for number, item in enumerate(support, 1):
+            name, tokenizer = item["defect_type"], self.processor.tokenizer
+            length = 0 if name is None else len(tokenizer(" " + name, add_special_tokens=False).input_ids)
+            if length > MAX_NAME_TOKENS:
+                raise ValueError(
+                    f"example {number}'s name is {length} tokens long; a name the answer can copy holds at most "
+                    f"{MAX_NAME_TOKENS}: shorten it ({name[:40]!r}...), or give it as `defect_type` with the longer "
+                    "`description` beside it"
+                )
         self.support = list(support)
         self._prefix_text, self._suffix_text = self._prompt(self.support)
         self._cache, self._bank, self._suffix_ids = None, None, {}
@@ -380,8 +394,22 @@ class Inspector:
         out = []
         for row, (x, image) in enumerate(zip(inputs, images, strict=True)):
             verdict, p_defective = self._verdict(forward.logits[row, -1])
-            out.append(Judgement(verdict, p_defective, **self._evidence(x, image, verdict, distances[row])))
+            evidence = self._evidence(x, image, verdict, distances[row])
+            evidence.update(self._matched(getattr(forward, "pointers", None), row))
+            out.append(Judgement(verdict, p_defective, **evidence))
         return out
+
+    def _matched(self, pointers, row: int = 0) -> dict:
+        """The defective example a row's query resembles most (1-based among the supports) and the pointer's share
+        on it; empty without named defective examples."""
+        pointer = next((p for p in pointers or [] if p.row == row and p.names), None)
+        if pointer is None:
+            return {}
+        shares = torch.softmax(pointer.logits.float(), 0)
+        defective = [n for n, s in enumerate(self.support, 1) if s["defect_type"] is not None]
+        best = int(shares.argmax())
+        name = self.support[defective[best] - 1]["defect_type"]
+        return {"example": defective[best], "example_name": name, "example_share": round(float(shares[best]), 4)}
 
     def _verdict(self, logits: torch.Tensor) -> tuple[str, float]:
         """The answer's first-token logits -> (verdict, P(defective)) from the "good" and "defective" tokens."""
@@ -402,6 +430,7 @@ class Inspector:
         verdict, p_defective = self._verdict(out.logits[0, -1])
         distances = getattr(out, "reference_distances", None)
         evidence = self._evidence(inputs, image, verdict, distances and distances[-1])
+        evidence.update(self._matched(getattr(out, "pointers", None)))
         if self.max_new_tokens == 0:
             return Judgement(verdict, p_defective, **evidence)
         text = self._describe(inputs, getattr(out, CACHE_KEY), verdict, getattr(out, "pointers", None))

@@ -78,8 +78,11 @@ def test_the_answer_names_the_matching_example_and_follows_a_swap(model_with_dem
             _, out = inspector._score(query)
             (found,) = out.pointers
             matched = names[int(found.logits.argmax())]
-            text = inspector.judge(query)[0].text
-            assert text.startswith(f"defective: {matched} at"), text
+            result = inspector.judge(query)[0]
+            assert result.text.startswith(f"defective: {matched} at"), result.text
+            # the Judgement says which example (the supports are 2 good, then the two named ones) and how strongly
+            assert result.example_name == matched and result.example == 3 + names.index(matched)
+            assert 0.5 <= result.example_share <= 1.0
             named[tuple(names)] = matched
         # the same images: the pointer picks the same example, whose name is now the other one
         assert named[("zorbik", "キズ")] != named[("キズ", "zorbik")]
@@ -168,3 +171,35 @@ def test_a_generated_box_is_the_comparisons_box(model_with_demos, synth):
     bin_x, bin_y = width / processor.num_loc_bins, height / processor.num_loc_bins
     assert text.endswith("</box>")
     np.testing.assert_allclose(box, expected, atol=max(bin_x, bin_y) + 1)  # the same box, to a location bin
+
+
+def test_names_come_from_the_users_words_and_bad_names_are_refused(model_with_demos, synth):
+    model, processor = model_with_demos
+    image = synth[_rows(synth, "defective", 1)[0]]["image"]
+    described = support_item(image, defective=True, description="a  dark\nscratch")
+    assert described["defect_type"] == "a dark scratch" and described["description"] == ""  # one line, the name
+    both = support_item(image, defective=True, defect_type="dent", description="near the rim, 2 mm")
+    assert both["defect_type"] == "dent" and both["description"] == "near the rim, 2 mm"
+    assert support_item(image, defective=True)["defect_type"] == "defect"  # no words: a generic name
+    for bad in ("scratch: deep", "look at this"):
+        with pytest.raises(ValueError, match="cannot hold ':' or the word 'at'"):
+            support_item(image, defective=True, description=bad)
+    inspector = Inspector(model, processor, max_new_tokens=0)
+    long = support_item(image, defective=True, description=" ".join(["scratch"] * 40))
+    with pytest.raises(ValueError, match=r"example 3's name is \d+ tokens long; .* at most 32"):
+        inspector.set_support(_support(synth, []) + [long])
+
+
+def test_two_examples_with_one_name_share_it(model_with_demos, synth):
+    """Two defective examples named alike (different looks): the pointer's shares on them add up on the name."""
+    model, processor = model_with_demos
+    pointer = model.model.reference_comparison.demo_pointer
+    gate = pointer.gate.bias.data.clone()
+    pointer.gate.bias.data.fill_(30.0)
+    try:
+        inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12)
+        inspector.set_support(_support(synth, ["zorbik", "zorbik"]))
+        result = inspector.judge(synth[_rows(synth, "defective", 1, skip=3)[0]]["image"])[0]
+        assert result.text.startswith("defective: zorbik at") and result.example in (3, 4)
+    finally:
+        pointer.gate.bias.data.copy_(gate)

@@ -118,3 +118,21 @@ def test_a_broken_model_folder_is_refused_before_anything_runs(tiny_dir, tmp_pat
             main(command)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "export").exists()  # nothing written
+
+
+def test_named_defective_examples_say_which_one_a_photo_resembles(folder, tmp_path, capsys):
+    from kensa_vl.train.build import build_tiny, save_kensa
+    from kensa_vl.train.cli import main
+
+    model, processor = build_tiny(tile_size=112, max_tiles=2, reference_comparison=True, dct=True)
+    model_dir = save_kensa(model, processor, tmp_path / "compare")
+    root, photos = folder
+    out = root / "named.jsonl"
+    code = run(main, model_dir, str(root / "good.png"), str(photos / "p1.png"), "--defective",
+               f"{photos / 'p2.png'}=a dark scratch", f"{photos / 'p3.png'}=打痕", "--query", str(photos / "p0.png"),
+               "--out", str(out))  # fmt: skip
+    printed = capsys.readouterr().out.strip().split("\t")
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 0 and record["example"] in (3, 4) and record["example_name"] in ("a dark scratch", "打痕")
+    assert printed[-1] == f"like example {record['example']}: {record['example_name']}"
+    assert next(csv.DictReader(open(root / "named.csv")))["example_name"] == record["example_name"]
