@@ -84,7 +84,7 @@ class Summary:
     embedding: torch.Tensor
     verdict: torch.Tensor | None = None  # the image's verdict logit, a scalar
     pointer: tuple | None = None  # (the defective demos' names, pointer logits, gate logit): `DemoPointer`
-    box: tuple | None = None  # (the image's box as four location token ids, the box gate's logit)
+    box: list[int] | None = None  # the image's box (`locate_box`) as four location token ids
 
 
 @dataclass
@@ -572,7 +572,7 @@ class KensaVLReferenceComparison(nn.Module):
                     if role is None and len(self.config.box_token_ids) == 2:  # a query: its box, to be copied
                         rows_cols = image_grid[image, :2].tolist()
                         found = locate_box(nearest[image], *rows_cols, None if level is None else float(level))[0]
-                        box = (box_tokens(found, self.config), self.demo_pointer.open_box(verdict))
+                        box = box_tokens(found, self.config)
                     if end < input_ids.shape[1]:
                         summaries.append(Summary(row, end, summary, verdict, pointer, box))
                 seen += (last - first) * per_tile
@@ -644,19 +644,22 @@ class KensaVLReferenceComparison(nn.Module):
         for row, col, summary in zip(*self.answer_starts(input_ids, summaries), strict=True):
             if summary.pointer or summary.box:
                 names = summary.pointer or ([], None, None)
-                out.append(Pointer(row, base + col, *names, *(summary.box or (None, None))))
+                out.append(Pointer(row, base + col, *names, summary.box))
         return out
 
     def pointer_loss(self, hidden_states: torch.Tensor, head: torch.Tensor, input_ids: torch.Tensor, pointers):
         """For a trainer whose loss never sees `copy_names` (TRL's fused head): the negative log-likelihood of each
-        answer's name tokens (and its end mark) and box tokens under the pointer-generator's mix, the language model's
+        answer's name tokens (and its end mark) under the pointer-generator's mix, the language model's
         probabilities (`hidden_states` times `head`) held fixed, so the pointer and its gate learn what the
         language model misses. Positions where no demo's name agrees with the answer are left out. None without
         any."""
         terms = []
         for pointer in pointers:
+            if not pointer.names:
+                continue
+            names = Pointer(pointer.row, pointer.start, pointer.names, pointer.logits, pointer.gate)  # no box: fixed
             for t in range(pointer.start + 1, input_ids.shape[1] - 1):
-                copy = copy_terms(pointer, input_ids[pointer.row, pointer.start + 1 : t + 1].tolist(), self.config)
+                copy = copy_terms(names, input_ids[pointer.row, pointer.start + 1 : t + 1].tolist(), self.config)
                 if copy is not None:
                     terms.append((pointer, t, *copy))
         if not terms:

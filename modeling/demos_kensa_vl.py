@@ -32,7 +32,9 @@ MAX_NAME_TOKENS = 32  # a longer `: ... at` span is not read as a name
 LABEL_WINDOW = 4  # the label's ':' comes within this many tokens of its first ("defect" "ive" ":" in some tokenizers)
 POINTER_SLOPE = 20.0  # pointer logit per unit of cosine similarity at the start: 0.05 closer is e times likelier
 GATE_START = 2.0  # the copy's share at the start: sigmoid(2) = 0.88 of the name's probability comes from the demos
-BOX_GATE_START = 4.0  # a box's location tokens at the start: sigmoid(4) = 0.98 of their probability from the box
+# a box's location tokens: sigmoid(4) = 0.98 of their probability from the comparison's box. Fixed, not trained: a
+# token likelihood would count a box one bin off as wrong and teach the gate to close.
+BOX_GATE = 4.0
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Pointer:
     """Where an answer about a compared image starts (`start`: the absolute position of the generation prompt's last
     token in batch row `row`) and what it may copy: the demos' `names`, the pointer `logits` `(n,)` over them and the
     `gate` logit (copy against the language model); the comparison's `box` of the image as its four location token
-    ids and its `box_gate` logit."""
+    ids."""
 
     row: int
     start: int
@@ -58,7 +60,6 @@ class Pointer:
     logits: torch.Tensor | None = None
     gate: torch.Tensor | None = None
     box: list[int] | None = None
-    box_gate: torch.Tensor | None = None
 
 
 def read_label(ids: list[int], close: int, config) -> tuple[str | None, list[int] | None]:
@@ -130,19 +131,13 @@ def name_candidates(answer: list[int], names: list[list[int]], config) -> list[i
 class DemoPointer(nn.Module):
     """The pointer from a query to the defective demos and its gate: `logits = slope * similarity` over the demos
     (starting at POINTER_SLOPE), and the gate from the best similarity and its lead over the second (starting at
-    GATE_START whatever they are). And the box's gate, from the image's verdict logit (starting at BOX_GATE_START)."""
+    GATE_START whatever they are)."""
 
     def __init__(self):
         super().__init__()
         self.pointer = nn.Linear(1, 1)
         self.gate = nn.Linear(2, 1)
-        self.box_gate = nn.Linear(1, 1)
         self.pointer.kensa_init, self.gate.kensa_init = "pointer", "gate"  # see `_init_weights`
-        self.box_gate.kensa_init = "box_gate"
-
-    def open_box(self, verdict: torch.Tensor) -> torch.Tensor:
-        """The box gate's logit from an image's verdict logit (a scalar)."""
-        return self.box_gate(verdict.reshape(1, 1).to(self.box_gate.weight.dtype)).reshape(())
 
     def forward(self, similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(n,)` query-to-demo similarities -> (pointer logits `(n,)`, gate logit)."""
@@ -176,7 +171,7 @@ def box_candidate(answer: list[int], box: list[int], config) -> int | None:
 def copy_terms(pointer: Pointer, answer: list[int], config):
     """At one position of an answer: `(tokens, log copy probabilities, gate logit)`, the candidates and their share
     of the mix (the gate times the pointer's mass on the agreeing demos, renormalised; or the box's next location
-    token), or None where nothing is copied."""
+    token at BOX_GATE), or None where nothing is copied."""
     candidates = name_candidates(answer, pointer.names, config) if pointer.names else []
     keep = [i for i, c in enumerate(candidates) if c is not None]
     if keep:
@@ -187,7 +182,8 @@ def copy_terms(pointer: Pointer, answer: list[int], config):
     token = box_candidate(answer, pointer.box, config) if pointer.box and len(config.box_token_ids) == 2 else None
     if token is None:
         return None
-    return [token], F.logsigmoid(pointer.box_gate.float())[None], pointer.box_gate
+    gate = torch.tensor(BOX_GATE)
+    return [token], F.logsigmoid(gate)[None], gate
 
 
 def copy_names(logits: torch.Tensor, history: torch.Tensor, pointers: list[Pointer], base: int, config):

@@ -39,7 +39,7 @@ from .comparison_kensa_vl import (
     unit_cells,
 )
 from .configuration_kensa_vl import KensaVLConfig, encoder_width
-from .demos_kensa_vl import BOX_GATE_START, GATE_START, POINTER_SLOPE, Demo, copy_names, farthest_cells
+from .demos_kensa_vl import GATE_START, POINTER_SLOPE, Demo, copy_names, farthest_cells
 from .vision_kensa_vl import (
     KensaVLLayerMerge,
     KensaVLProjector,
@@ -119,9 +119,9 @@ class KensaVLPreTrainedModel(PreTrainedModel):
         if start == "verdict":  # VERDICT_SLOPE * (relative score - VERDICT_MARGIN) where there is a level
             module.weight.data.copy_(torch.tensor([[VERDICT_SLOPE, -VERDICT_SLOPE * VERDICT_MARGIN]]))
             module.bias.data.zero_()
-        elif start in ("pointer", "gate", "box_gate"):  # the demo pointer's slope, and gates that start open
+        elif start in ("pointer", "gate"):  # the demo pointer's slope, and a gate that starts open
             module.weight.data.fill_(POINTER_SLOPE if start == "pointer" else 0.0)
-            module.bias.data.fill_({"pointer": 0.0, "gate": GATE_START, "box_gate": BOX_GATE_START}[start])
+            module.bias.data.fill_(GATE_START if start == "gate" else 0.0)
         elif start is not None:
             module.weight.data.fill_(1.0 / module.in_features if start == "mean" else 0.0)
             module.bias.data.zero_()

@@ -184,7 +184,7 @@ def test_trainer_adds_the_anomaly_verdict_and_pointer_losses_that_trl_drops(tiny
     odds and the copied names; KensaTrainer adds the map's loss, the verdict's and the pointer's."""
     from trl import SFTConfig, SFTTrainer
 
-    from kensa_vl.modeling.demos_kensa_vl import copy_terms
+    from kensa_vl.modeling.demos_kensa_vl import Pointer, copy_terms
     from kensa_vl.train.data.conversations import episode_conversations
     from kensa_vl.train.data.synth import load_synth
     from kensa_vl.train.sft import KensaCollator, KensaTrainer
@@ -211,10 +211,13 @@ def test_trainer_adds_the_anomaly_verdict_and_pointer_losses_that_trl_drops(tiny
         target = (batch["input_ids"][torch.tensor(rows_), torch.tensor(cols) + 1] == words[1]).long()
         verdict = torch.nn.functional.cross_entropy(pairs, target)
         # the pointer's loss: the answer's name tokens under the pointer-generator's mix, read off the same logits
+        # (the copied box's tokens are not trained: its gate is fixed)
         ids = batch["input_ids"]
+        names = [Pointer(p.row, p.start, p.names, p.logits, p.gate) for p in comparison.pointers(ids, out.summaries)]
         named = [
             (p.row, t)
-            for p in comparison.pointers(ids, list(out.summaries))
+            for p in names
+            if p.names
             for t in range(p.start + 1, ids.shape[1] - 1)
             if copy_terms(p, ids[p.row, p.start + 1 : t + 1].tolist(), model.config) is not None
         ]
