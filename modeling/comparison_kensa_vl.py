@@ -27,9 +27,9 @@ from .demos_kensa_vl import (
     Demo,
     DemoPointer,
     Pointer,
-    box_tokens,
     copy_terms,
     farthest_cells,
+    located_tokens,
     match_similarity,
     read_label,
 )
@@ -84,7 +84,7 @@ class Summary:
     embedding: torch.Tensor
     verdict: torch.Tensor | None = None  # the image's verdict logit, a scalar
     pointer: tuple | None = None  # (the defective demos' names, pointer logits, gate logit): `DemoPointer`
-    box: list[int] | None = None  # the image's box (`locate_box`) as four location token ids
+    box: tuple | None = None  # the image's box (`locate_box`): its location token ids and position words' ids
 
 
 @dataclass
@@ -572,7 +572,7 @@ class KensaVLReferenceComparison(nn.Module):
                     if role is None and len(self.config.box_token_ids) == 2:  # a query: its box, to be copied
                         rows_cols = image_grid[image, :2].tolist()
                         found = locate_box(nearest[image], *rows_cols, None if level is None else float(level))[0]
-                        box = box_tokens(found, self.config)
+                        box = located_tokens(found, self.config)
                     if end < input_ids.shape[1]:
                         summaries.append(Summary(row, end, summary, verdict, pointer, box))
                 seen += (last - first) * per_tile
@@ -644,7 +644,7 @@ class KensaVLReferenceComparison(nn.Module):
         for row, col, summary in zip(*self.answer_starts(input_ids, summaries), strict=True):
             if summary.pointer or summary.box:
                 names = summary.pointer or ([], None, None)
-                out.append(Pointer(row, base + col, *names, summary.box))
+                out.append(Pointer(row, base + col, *names, *(summary.box or (None, None))))
         return out
 
     def pointer_loss(self, hidden_states: torch.Tensor, head: torch.Tensor, input_ids: torch.Tensor, pointers):

@@ -152,6 +152,9 @@ class KensaVLConfig(PretrainedConfig):
             (`<loc_0>` is `loc_token_start_id`). With `reference_comparison`, a box written after an answer's
             `<box>` copies the comparison's box of the query (`locate_box`), as the Inspector draws it. Empty: no box
             is copied.
+        position_token_ids (`list[list[int]]`): the token ids of " the <position>" for the nine position words, in
+            the 3x3 order of `POSITIONS` (top left ... bottom right): copied after a name's " at" from the box's
+            centre. Empty: the language model writes them.
         image_token_id, ... : ids of the reserved special tokens (filled in by the builders).
     """
 
@@ -183,6 +186,7 @@ class KensaVLConfig(PretrainedConfig):
         name_marks: list[int] | None = None,
         box_token_ids: list[int] | None = None,
         num_loc_bins: int = 256,
+        position_token_ids: list[list[int]] | None = None,
         image_token_id: int | None = None,
         loc_token_start_id: int | None = None,
         tie_word_embeddings: bool = False,
@@ -231,6 +235,7 @@ class KensaVLConfig(PretrainedConfig):
         self.name_marks = list(name_marks or [])
         self.box_token_ids = list(box_token_ids or [])
         self.num_loc_bins = num_loc_bins
+        self.position_token_ids = [list(ids) for ids in position_token_ids or []]
         self.image_token_id = image_token_id
         self.loc_token_start_id = loc_token_start_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

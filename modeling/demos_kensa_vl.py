@@ -9,7 +9,8 @@ and a pointer from a query to the defective example it resembles, whose name the
   own farthest cells are compared with each demo's defect (`match_similarity`): the nearer, the likelier it shows
   that defect.
 - The query's box (`locate_box`, what the Inspector draws) is copied the same way where the answer opens a `<box>`:
-  its four location tokens, then `</box>`, so plain `generate` and the pipeline write the comparison's box.
+  its four location tokens, then `</box>`, and so are the position words of its centre after " at": plain
+  `generate` and the pipeline write the comparison's box and say where it is.
 - `DemoPointer` turns those similarities into a pointer over the demos and a gate, and `copy_names` makes a
   pointer-generator (See et al., 2017) of the answer's name: after `defective`, the next token's probability mixes
   the language model's with the next token of each demo's label (`: <name>`, up to its " at") that agrees with what
@@ -32,8 +33,8 @@ MAX_NAME_TOKENS = 32  # a longer `: ... at` span is not read as a name
 LABEL_WINDOW = 4  # the label's ':' comes within this many tokens of its first ("defect" "ive" ":" in some tokenizers)
 POINTER_SLOPE = 20.0  # pointer logit per unit of cosine similarity at the start: 0.05 closer is e times likelier
 GATE_START = 2.0  # the copy's share at the start: sigmoid(2) = 0.88 of the name's probability comes from the demos
-# a box's location tokens: sigmoid(4) = 0.98 of their probability from the comparison's box. Fixed, not trained: a
-# token likelihood would count a box one bin off as wrong and teach the gate to close.
+# a box's location tokens and position words: sigmoid(4) = 0.98 of their probability from the comparison's box.
+# Fixed, not trained: a token likelihood would count a box one bin off as wrong and teach the gate to close.
 BOX_GATE = 4.0
 
 
@@ -52,7 +53,7 @@ class Pointer:
     """Where an answer about a compared image starts (`start`: the absolute position of the generation prompt's last
     token in batch row `row`) and what it may copy: the demos' `names`, the pointer `logits` `(n,)` over them and the
     `gate` logit (copy against the language model); the comparison's `box` of the image as its four location token
-    ids."""
+    ids, and the `position` words of its centre."""
 
     row: int
     start: int
@@ -60,6 +61,7 @@ class Pointer:
     logits: torch.Tensor | None = None
     gate: torch.Tensor | None = None
     box: list[int] | None = None
+    position: list[int] | None = None  # the box's position words (" the top left") as token ids
 
 
 def read_label(ids: list[int], close: int, config) -> tuple[str | None, list[int] | None]:
@@ -147,14 +149,26 @@ class DemoPointer(nn.Module):
         return self.pointer(similarity[:, None]).squeeze(-1), self.gate(torch.stack([best[0], lead])).squeeze(-1)
 
 
-def box_tokens(box: list[float], config) -> list[int]:
-    """A box `[x0, y0, x1, y1]` in fractions of the image -> its four location token ids, binned as
-    `processing_kensa_vl.boxes_to_text` bins pixels (the first edge's bin, the bin that ends at or after the
-    second)."""
+def located_tokens(box: list[float], config) -> tuple[list[int], list[int] | None]:
+    """A box `[x0, y0, x1, y1]` in fractions of the image -> (its four location token ids, binned as
+    `processing_kensa_vl.boxes_to_text` bins pixels: the first edge's bin, the bin that ends at or after the second;
+    the token ids of the position words of its centre, `config.position_token_ids` in the 3x3 order of
+    `processing_kensa_vl.POSITIONS`, or None without them)."""
     bins, (x0, y0, x1, y1) = config.num_loc_bins, box
     low = [min(math.floor(v * bins + 1e-9), bins - 1) for v in (x0, y0)]
     high = [min(max(math.ceil(v * bins - 1e-9) - 1, 0), bins - 1) for v in (x1, y1)]
-    return [config.loc_token_start_id + b for b in (*low, *high)]
+    cell = 3 * min(2, int((y0 + y1) / 2 * 3)) + min(2, int((x0 + x1) / 2 * 3))
+    position = config.position_token_ids[cell] if len(config.position_token_ids) == 9 else None
+    return [config.loc_token_start_id + b for b in (*low, *high)], position
+
+
+def position_candidate(answer: list[int], position: list[int], config) -> int | None:
+    """The next token of the position words where the answer has just written the name's end mark (" at")."""
+    at = config.name_marks[1]
+    if at not in answer:
+        return None
+    written = answer[len(answer) - answer[::-1].index(at) :]
+    return position[len(written)] if len(written) < len(position) and written == position[: len(written)] else None
 
 
 def box_candidate(answer: list[int], box: list[int], config) -> int | None:
@@ -170,8 +184,8 @@ def box_candidate(answer: list[int], box: list[int], config) -> int | None:
 
 def copy_terms(pointer: Pointer, answer: list[int], config):
     """At one position of an answer: `(tokens, log copy probabilities, gate logit)`, the candidates and their share
-    of the mix (the gate times the pointer's mass on the agreeing demos, renormalised; or the box's next location
-    token at BOX_GATE), or None where nothing is copied."""
+    of the mix (the gate times the pointer's mass on the agreeing demos, renormalised; or the box's next position
+    word or location token at BOX_GATE), or None where nothing is copied."""
     candidates = name_candidates(answer, pointer.names, config) if pointer.names else []
     keep = [i for i, c in enumerate(candidates) if c is not None]
     if keep:
@@ -179,7 +193,11 @@ def copy_terms(pointer: Pointer, answer: list[int], config):
         tokens = sorted({candidates[i] for i in keep})  # one token from two names: their shares add
         merged = [share[[j for j, i in enumerate(keep) if candidates[i] == t]].logsumexp(0) for t in tokens]
         return tokens, torch.stack(merged), pointer.gate
-    token = box_candidate(answer, pointer.box, config) if pointer.box and len(config.box_token_ids) == 2 else None
+    token = None
+    if pointer.position and len(config.name_marks) == 2:
+        token = position_candidate(answer, pointer.position, config)
+    if token is None and pointer.box and len(config.box_token_ids) == 2:
+        token = box_candidate(answer, pointer.box, config)
     if token is None:
         return None
     gate = torch.tensor(BOX_GATE)

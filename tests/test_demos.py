@@ -171,6 +171,16 @@ def test_a_generated_box_is_the_comparisons_box(model_with_demos, synth):
     bin_x, bin_y = width / processor.num_loc_bins, height / processor.num_loc_bins
     assert text.endswith("</box>")
     np.testing.assert_allclose(box, expected, atol=max(bin_x, bin_y) + 1)  # the same box, to a location bin
+    # and after the name's " at", the position words of the box's centre
+    from kensa_vl.processing.processing_kensa_vl import position_word
+
+    named = processor.tokenizer("defective: dent at", add_special_tokens=False, return_tensors="pt").input_ids
+    ids = torch.cat([inputs["input_ids"], named], 1)
+    out = model.generate(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                         max_new_tokens=3, do_sample=False)  # fmt: skip
+    word = position_word((expected[0] + expected[2]) / 2 / width, (expected[1] + expected[3]) / 2 / height)
+    said = processor.decode(out[0, ids.shape[1] :])
+    assert said.startswith(f" the {word}") or f" the {word}".startswith(said), said
 
 
 def test_names_come_from_the_users_words_and_bad_names_are_refused(model_with_demos, synth):

@@ -34,6 +34,7 @@ from kensa_vl.processing.processing_kensa_vl import (
     IMAGE_TOKEN,
     NUM_LOC_BINS,
     PAD_TOKEN,
+    POSITIONS,
     KensaVLProcessor,
     answer_prompt_ids,
     label_token_ids,
@@ -131,6 +132,7 @@ def set_token_ids(config: KensaVLConfig, tokenizer) -> None:
     config.answer_prompt_ids = answer_prompt_ids(tokenizer)
     config.box_token_ids = tokenizer.convert_tokens_to_ids([BOX_START, BOX_END])
     config.num_loc_bins = NUM_LOC_BINS
+    config.position_token_ids = [tokenizer(f" the {p}", add_special_tokens=False).input_ids for p in POSITIONS]
     for key, ids in label_token_ids(tokenizer).items():
         setattr(config, key, ids)
     if not config.name_marks:

@@ -112,7 +112,7 @@ def model_card(
     if results is not None:
         if table is None:
             raise ValueError("the evaluation's results come with their table.md")
-        methods = {k: v for k, v in results.items() if k != "run"}
+        methods = {k: v for k, v in results.items() if k not in ("run", "naming")}
         config_of = methods["kensa"].get("config", {})
         calibrated = methods.get("patchcore", {}).get("config", {}).get("calibration") == "validation categories"
         calibration = "the validation categories (not test)" if calibrated else "nothing (its rule's threshold)"
@@ -122,6 +122,7 @@ def model_card(
             "shots": shot_summary(methods),
             "seeds": config_of.get("seeds", "the"),
             "calibration": calibration,
+            "naming": results.get("naming"),
         }
     text = config["text_config"]
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
