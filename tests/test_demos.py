@@ -26,6 +26,16 @@ def model_with_demos():
     return model.eval(), processor
 
 
+@pytest.fixture
+def copying(model_with_demos):
+    """The copy's gate wide open: the copy decides the name, and what is tested is which name it reads."""
+    gate = model_with_demos[0].model.reference_comparison.demo_pointer.gate.bias
+    start = gate.data.clone()
+    gate.data.fill_(30.0)
+    yield
+    gate.data.copy_(start)
+
+
 def _rows(synth, label, count, skip=0):
     return [i for i, lab in enumerate(synth["label"]) if lab == label][skip : skip + count]
 
@@ -64,52 +74,40 @@ def test_defective_examples_stay_out_of_the_good_bank(model_with_demos, synth):
 
 
 @pytest.mark.parametrize("cache", [True, False])
-def test_the_answer_names_the_matching_example_and_follows_a_swap(model_with_demos, synth, cache):
+def test_the_answer_names_the_matching_example_and_follows_a_swap(model_with_demos, synth, cache, copying):
     model, processor = model_with_demos
-    pointer = model.model.reference_comparison.demo_pointer
-    gate = pointer.gate.bias.data.clone()
-    pointer.gate.bias.data.fill_(30.0)  # the copy decides the name: what is tested is which name it reads
-    try:
-        query = synth[_rows(synth, "defective", 1, skip=3)[0]]["image"]
-        named = {}
-        for names in (["zorbik", "キズ"], ["キズ", "zorbik"]):
-            inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12, cache=cache)
-            inspector.set_support(_support(synth, names))
-            _, out = inspector._score(query)
-            (found,) = out.pointers
-            matched = names[int(found.logits.argmax())]
-            result = inspector.judge(query)[0]
-            assert result.text.startswith(f"defective: {matched} at"), result.text
-            # the Judgement says which example (the supports are 2 good, then the two named ones) and how strongly
-            assert result.example_name == matched and result.example == 3 + names.index(matched)
-            assert 0.5 <= result.example_share <= 1.0
-            named[tuple(names)] = matched
-        # the same images: the pointer picks the same example, whose name is now the other one
-        assert named[("zorbik", "キズ")] != named[("キズ", "zorbik")]
-    finally:
-        pointer.gate.bias.data.copy_(gate)
+    query = synth[_rows(synth, "defective", 1, skip=3)[0]]["image"]
+    named = {}
+    for names in (["zorbik", "キズ"], ["キズ", "zorbik"]):
+        inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12, cache=cache)
+        inspector.set_support(_support(synth, names))
+        _, out = inspector._score(query)
+        (found,) = out.pointers
+        matched = names[int(found.logits.argmax())]
+        result = inspector.judge(query)[0]
+        assert result.text.startswith(f"defective: {matched} at"), result.text
+        # the Judgement says which example (the supports are 2 good, then the two named ones) and how strongly
+        assert result.example_name == matched and result.example == 3 + names.index(matched)
+        assert 0.5 <= result.example_share <= 1.0
+        named[tuple(names)] = matched
+    # the same images: the pointer picks the same example, whose name is now the other one
+    assert named[("zorbik", "キズ")] != named[("キズ", "zorbik")]
 
 
-def test_plain_generate_copies_the_name(model_with_demos, synth):
+def test_plain_generate_copies_the_name(model_with_demos, synth, copying):
     """A Hub user's `generate` on the whole prompt (pixels included) copies as the Inspector does."""
     model, processor = model_with_demos
-    pointer = model.model.reference_comparison.demo_pointer
-    gate = pointer.gate.bias.data.clone()
-    pointer.gate.bias.data.fill_(30.0)
-    try:
-        inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12, cache=False)
-        inspector.set_support(_support(synth, ["zorbik", "キズ"]))
-        query = synth[_rows(synth, "defective", 1, skip=3)[0]]["image"]
-        inputs = inspector._query_inputs(query)
-        defective = torch.tensor([[inspector.verdict_ids[1]]])
-        ids = torch.cat([inputs["input_ids"], defective], 1)
-        out = model.generate(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                             max_new_tokens=10, do_sample=False)  # fmt: skip
-        text = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        assert text == "defective" + inspector.judge(query)[0].text.removeprefix("defective")[: len(text) - 9]
-        assert text.split(" at")[0] in ("defective: zorbik", "defective: キズ")
-    finally:
-        pointer.gate.bias.data.copy_(gate)
+    inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12, cache=False)
+    inspector.set_support(_support(synth, ["zorbik", "キズ"]))
+    query = synth[_rows(synth, "defective", 1, skip=3)[0]]["image"]
+    inputs = inspector._query_inputs(query)
+    defective = torch.tensor([[inspector.verdict_ids[1]]])
+    ids = torch.cat([inputs["input_ids"], defective], 1)
+    out = model.generate(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                         max_new_tokens=10, do_sample=False)  # fmt: skip
+    text = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert text == "defective" + inspector.judge(query)[0].text.removeprefix("defective")[: len(text) - 9]
+    assert text.split(" at")[0] in ("defective: zorbik", "defective: キズ")
 
 
 def test_the_pointer_learns_from_the_answers_name(model_with_demos, synth):
@@ -200,16 +198,10 @@ def test_names_come_from_the_users_words_and_bad_names_are_refused(model_with_de
         inspector.set_support(_support(synth, []) + [long])
 
 
-def test_two_examples_with_one_name_share_it(model_with_demos, synth):
+def test_two_examples_with_one_name_share_it(model_with_demos, synth, copying):
     """Two defective examples named alike (different looks): the pointer's shares on them add up on the name."""
     model, processor = model_with_demos
-    pointer = model.model.reference_comparison.demo_pointer
-    gate = pointer.gate.bias.data.clone()
-    pointer.gate.bias.data.fill_(30.0)
-    try:
-        inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12)
-        inspector.set_support(_support(synth, ["zorbik", "zorbik"]))
-        result = inspector.judge(synth[_rows(synth, "defective", 1, skip=3)[0]]["image"])[0]
-        assert result.text.startswith("defective: zorbik at") and result.example in (3, 4)
-    finally:
-        pointer.gate.bias.data.copy_(gate)
+    inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12)
+    inspector.set_support(_support(synth, ["zorbik", "zorbik"]))
+    result = inspector.judge(synth[_rows(synth, "defective", 1, skip=3)[0]]["image"])[0]
+    assert result.text.startswith("defective: zorbik at") and result.example in (3, 4)
