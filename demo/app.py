@@ -3,8 +3,9 @@
     KENSA_MODEL=outputs/main/model python demo/app.py      # a local folder, or a Hub id (trust_remote_code)
     python demo/app.py                                     # neither: the offline tiny default (random weights)
 
-Upload good examples, defective examples (one description per line, optional), and queries; press Inspect. Each
-query gets its verdict, P(defective), the description, its heatmap and boxes drawn, and the time it took. Each
+Upload good examples, defective examples (one name per line, in your words, optional), and queries; press Inspect.
+Each query gets its verdict, P(defective), the description, which defective example it resembles ("like defective
+example 2: a dark scratch"), its heatmap and boxes drawn, and the time it took. Each
 support set is encoded once and kept (KV cache) by key for the next request with it; the last KENSA_CACHE_SIZE (4)
 are held, KENSA_CONCURRENCY (2) requests run at once and KENSA_QUEUE_SIZE (16) wait, beyond that a request is
 refused with a message. Bad input gets a message in the page, never a traceback.
@@ -131,13 +132,20 @@ class Demo:
                     image = open_image(path, "query")
                     result = inspector.judge(image)[0]
                 except ValueError as err:  # one bad query: say which, judge the others
-                    rows.append([Path(path).name, "error", None, str(err), None])
+                    rows.append([Path(path).name, "error", None, str(err), "", None])
                     continue
                 ms = (time.perf_counter() - start) * 1000
+                # which defective example it resembles, numbered as uploaded, and the pointer's share on it
+                like = "" if result.example is None else (
+                    f"defective example {result.example - len(good)}: {result.example_name} "
+                    f"({result.example_share:.2f})"
+                )  # fmt: skip
                 caption = f"{Path(path).name}: {result.verdict} (P(defective) {result.p_defective:.2f})"
+                caption += f", like {like}" if like and result.verdict == "defective" else ""
                 # the heatmap (where the query differs from the good examples) under the boxes, when the model compares
                 gallery.append((draw_judgement(image, result.boxes, result.verdict, result.heatmap), caption))
-                rows.append([Path(path).name, result.verdict, round(result.p_defective, 3), result.text, round(ms)])
+                row = [Path(path).name, result.verdict, round(result.p_defective, 3), result.text, like, round(ms)]
+                rows.append(row)
             cached = "encoded" if encoded else "reused from the cache"
             status = f"Support set ({len(good)} good, {len(defective)} defective) {cached} in {support_ms:.0f} ms."
             return gallery, rows, status
@@ -160,7 +168,10 @@ def build(demo: Demo) -> gr.Blocks:
             defective = gr.File(
                 label="Defective examples", file_count="multiple", file_types=["image"], elem_id="defective"
             )
-            descriptions = gr.Textbox(label="Defect descriptions, one per line", lines=3, elem_id="descriptions")
+            descriptions = gr.Textbox(
+                label="Defect names, one per line (what an answer that resembles the example says)", lines=3,
+                elem_id="descriptions",
+            )  # fmt: skip
         with gr.Row():
             noun = gr.Textbox(label="Product", value="product", elem_id="noun")
             queries = gr.File(label="Queries", file_count="multiple", file_types=["image"], elem_id="queries")
@@ -168,7 +179,9 @@ def build(demo: Demo) -> gr.Blocks:
         status = gr.Markdown(elem_id="status")
         gallery = gr.Gallery(label="Queries with heatmaps and boxes", elem_id="gallery", columns=4)
         table = gr.Dataframe(
-            headers=["file", "verdict", "P(defective)", "description", "ms"], elem_id="results", interactive=False
+            headers=["file", "verdict", "P(defective)", "description", "like", "ms"],
+            elem_id="results",
+            interactive=False,
         )
         button.click(demo.run, [good, defective, descriptions, noun, queries], [gallery, table, status])
     return page

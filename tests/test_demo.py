@@ -66,6 +66,9 @@ def test_the_gallery_shows_the_heatmap_of_a_comparing_model(app, photos):
     (session,) = demo.sessions.values()  # the support set's own inspector
     result = session.judge(app.open_image(paths[3], "query"))[0]
     assert result.heatmap is not None and np.abs(drawn - plain).mean() > 10  # blended, not the photo alone
+    # a named defective example: each result says it resembles it, numbered as uploaded, with the pointer's share
+    _, rows, _ = demo.run(paths[:2], [paths[2]], "a dark scratch", "nut", [paths[3]])
+    assert rows[0][4].startswith("defective example 1: a dark scratch (") and rows[0][4].endswith(")")
 
 
 def test_support_is_cached_and_a_bad_query_is_reported_while_the_others_are_judged(demo, photos):
