@@ -152,9 +152,9 @@ class KensaVLConfig(PretrainedConfig):
             (`<loc_0>` is `loc_token_start_id`). With `reference_comparison`, a box written after an answer's
             `<box>` copies the comparison's box of the query (`locate_box`), as the Inspector draws it. Empty: no box
             is copied.
-        position_token_ids (`list[list[int]]`): the token ids of " the <position>" for the nine position words, in
-            the 3x3 order of `POSITIONS` (top left ... bottom right): copied after a name's " at" from the box's
-            centre. Empty: the language model writes them.
+        position_token_ids (`list[list[int]]`): the token ids of " the <position> <box>" for the nine position
+            words, in the 3x3 order of `POSITIONS` (top left ... bottom right): copied after a name's " at" from the
+            box's centre, then the box. Empty: the language model writes them.
         image_token_id, ... : ids of the reserved special tokens (filled in by the builders).
     """
 

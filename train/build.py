@@ -132,7 +132,10 @@ def set_token_ids(config: KensaVLConfig, tokenizer) -> None:
     config.answer_prompt_ids = answer_prompt_ids(tokenizer)
     config.box_token_ids = tokenizer.convert_tokens_to_ids([BOX_START, BOX_END])
     config.num_loc_bins = NUM_LOC_BINS
-    config.position_token_ids = [tokenizer(f" the {p}", add_special_tokens=False).input_ids for p in POSITIONS]
+    # " the <position> <box>": the words and the box's opening, as `inspection_answer` writes them
+    config.position_token_ids = [
+        tokenizer(f" the {p} {BOX_START}", add_special_tokens=False).input_ids for p in POSITIONS
+    ]
     for key, ids in label_token_ids(tokenizer).items():
         setattr(config, key, ids)
     if not config.name_marks:
