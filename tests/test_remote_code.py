@@ -100,29 +100,54 @@ def test_saved_folder_holds_every_file_its_remote_code_imports(tiny_dir):
 )
 def test_checkpoint_keys_are_those_of_earlier_releases(name, kwargs):
     """Saved weights keep loading: the state-dict keys are the ones recorded from kensa-vl 0.1 (before the model
-    file was split into vision, comparison and model files), plus the comparison's verdict logit (2026-12-03),
-    which a checkpoint without it starts at its prior (`test_a_checkpoint_without_the_verdict_starts_at_its_prior`)."""
+    file was split into vision, comparison and model files), plus the comparison's verdict logit and its demo
+    pointer (2026-12-03), which a checkpoint without them starts at their priors
+    (`test_a_checkpoint_without_the_verdict_or_the_pointer_starts_at_its_prior`)."""
     from kensa_vl.train.build import build_tiny
 
     recorded = json.loads((ROOT / "tests" / "data" / "checkpoint_keys.json").read_text())[name]
     model, _ = build_tiny(**kwargs)
-    added = {"model.reference_comparison.verdict.weight", "model.reference_comparison.verdict.bias"}
+    added = {f"model.reference_comparison.{part}.{p}" for part in ("verdict", "demo_pointer.pointer",
+             "demo_pointer.gate") for p in ("weight", "bias")}  # fmt: skip
     assert sorted(set(model.state_dict()) - (added if kwargs.get("reference_comparison") else set())) == recorded
 
 
-def test_a_checkpoint_without_the_verdict_starts_at_its_prior(tmp_path):
+@pytest.mark.parametrize("part", [".verdict.", ".demo_pointer."])
+def test_a_checkpoint_without_the_verdict_or_the_pointer_starts_at_its_prior(tmp_path, part):
     import torch
     from safetensors.torch import load_file, save_file
 
     from kensa_vl.modeling.comparison_kensa_vl import VERDICT_MARGIN, VERDICT_SLOPE
+    from kensa_vl.modeling.demos_kensa_vl import GATE_START, POINTER_SLOPE
     from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
     from kensa_vl.train.build import build_tiny
 
     model, _ = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True)
-    model.model.reference_comparison.verdict.weight.data.fill_(3.0)
+    comparison = model.model.reference_comparison
+    for module in (comparison.verdict, comparison.demo_pointer.pointer, comparison.demo_pointer.gate):
+        module.weight.data.fill_(3.0)
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if ".verdict." not in k}, tmp_path / "model.safetensors")
-    old = KensaVLForConditionalGeneration.from_pretrained(tmp_path).model.reference_comparison.verdict
-    torch.testing.assert_close(old.weight, torch.tensor([[VERDICT_SLOPE, -VERDICT_SLOPE * VERDICT_MARGIN]]))
-    assert old.bias.item() == 0.0
+    save_file({k: v for k, v in weights.items() if part not in k}, tmp_path / "model.safetensors")
+    old = KensaVLForConditionalGeneration.from_pretrained(tmp_path).model.reference_comparison
+    if part == ".verdict.":
+        prior = torch.tensor([[VERDICT_SLOPE, -VERDICT_SLOPE * VERDICT_MARGIN]])
+        torch.testing.assert_close(old.verdict.weight, prior)
+        assert old.verdict.bias.item() == 0.0 and old.demo_pointer.gate.weight.flatten().tolist() == [3.0, 3.0]
+    else:
+        assert old.demo_pointer.pointer.weight.item() == POINTER_SLOPE and old.demo_pointer.pointer.bias.item() == 0
+        assert old.demo_pointer.gate.weight.abs().sum() == 0 and old.demo_pointer.gate.bias.item() == GATE_START
+        assert old.verdict.weight.flatten().tolist() == [3.0, 3.0]  # the rest as saved
+
+
+@needs_457
+def test_a_named_example_is_copied_in_both_versions(tmp_path):
+    """The remote code of a model with the comparison copies a defective example's name and the located box into
+    `generate`'s answer, the same under 4.57 and 5.x (a process without `kensa_vl`)."""
+    from kensa_vl.train.build import build_tiny, save_kensa
+
+    model, processor = build_tiny(tile_size=112, max_tiles=2, reference_comparison=True, dct=True)
+    out = save_kensa(model, processor, tmp_path / "compare")
+    new, old = check(sys.executable, out), check(TF457, out)
+    assert new["named"].startswith(": scratch at the ") and "<box><loc_" in new["named"], new["named"]
+    assert old["named"] == new["named"] and old["cached_equals_uncached"] and new["cached_equals_uncached"]

@@ -48,12 +48,13 @@ def main(path: str) -> dict:
         {
             "role": "user",
             "content": [
-                {"type": "text", "text": "Good example:"},
+                {"type": "text", "text": "Reference photos of a product:\n1. "},
                 {"type": "image", "image": good},
-                {"type": "text", "text": "Defective example (scratch):"},
+                {"type": "text", "text": " good\n2. "},
                 {"type": "image", "image": bad},
-                {"type": "text", "text": "Is this one defective?"},
+                {"type": "text", "text": " defective: scratch at the center\nQuery: "},
                 {"type": "image", "image": query},
+                {"type": "text", "text": "\nIs this product good or defective?"},
             ],
         }
     ]
@@ -65,6 +66,16 @@ def main(path: str) -> dict:
         uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
     result["generated"] = cached[0, inputs["input_ids"].shape[1] :].tolist()
     result["cached_equals_uncached"] = bool(torch.equal(cached, uncached))
+    config = model.config
+    if getattr(config, "reference_comparison", False) and getattr(config, "name_marks", None):
+        # an answer that starts "defective" about a query compared with the named example: what it writes next
+        first = torch.tensor([[config.verdict_token_ids[1]]])
+        named = {**inputs, "input_ids": torch.cat([inputs["input_ids"], first], 1)}
+        named["attention_mask"] = torch.ones_like(named["input_ids"])
+        with torch.no_grad():
+            answers = [model.generate(**named, max_new_tokens=12, do_sample=False, use_cache=c) for c in (True, False)]
+        result["named"] = processor.decode(answers[0][0, named["input_ids"].shape[1] :])
+        result["cached_equals_uncached"] &= bool(torch.equal(*answers))
     pipe = pipeline("image-text-to-text", model=path, trust_remote_code=True)
     greedy = {"max_new_tokens": 4, "do_sample": False}
     raw = pipe(images=[query], text="Describe <image> please", generate_kwargs=greedy)
