@@ -74,7 +74,7 @@ def test_bad_inspection_input_is_named(tiny):
         inspector.set_support([])
         inspector.judge([42])
     item = support_item(random_image(90, 90), defective=True, boxes=[[60, 0, 90, 20]], description="a dent")
-    assert item["position"] == "top right" and item["defect_type"] == "defect"
+    assert item["position"] == "top right" and item["defect_type"] == "a dent"  # the user's words name it
 
 
 def _record(label, p, seed=0, boxes=(), true_boxes=(), defect=None, size=None, category="a"):
