@@ -8,13 +8,13 @@ and a pointer from a query to the defective example it resembles, whose name the
 - Each defective demo is searched against the good bank: its DEFECT_CELLS farthest cells are its defect. A query's
   own farthest cells are compared with each demo's defect (`match_similarity`): the nearer, the likelier it shows
   that defect.
-- The query's box (`locate_box`, what the Inspector draws) is copied the same way where the answer opens a `<box>`:
-  its four location tokens, then `</box>`, and so are the position words of its centre after " at": plain
-  `generate` and the pipeline write the comparison's box and say where it is.
 - `DemoPointer` turns those similarities into a pointer over the demos and a gate, and `copy_names` makes a
   pointer-generator (See et al., 2017) of the answer's name: after `defective`, the next token's probability mixes
   the language model's with the next token of each demo's label (`: <name>`, up to its " at") that agrees with what
   was written so far, weighted by the pointer. Swapping two demos' names swaps the answer's.
+- The query's box (`locate_box`, what the Inspector draws) is copied the same way: after the name's " at", the
+  position words of its centre and the box's opening (" the top left <box>"), then its four location tokens and
+  `</box>`. Plain `generate` and the pipeline write the comparison's box and say where it is.
 
 Shipped to the Hub as remote code: imports only torch, transformers and siblings.
 """
@@ -61,7 +61,7 @@ class Pointer:
     logits: torch.Tensor | None = None
     gate: torch.Tensor | None = None
     box: list[int] | None = None
-    position: list[int] | None = None  # the box's position words (" the top left") as token ids
+    position: list[int] | None = None  # " the <position> <box>" of the box's centre, as token ids
 
 
 def read_label(ids: list[int], close: int, config) -> tuple[str | None, list[int] | None]:
@@ -163,7 +163,8 @@ def located_tokens(box: list[float], config) -> tuple[list[int], list[int] | Non
 
 
 def position_candidate(answer: list[int], position: list[int], config) -> int | None:
-    """The next token of the position words where the answer has just written the name's end mark (" at")."""
+    """The next token of the position words (and the box's opening) after the answer's last " at", where what was
+    written since agrees with them."""
     at = config.name_marks[1]
     if at not in answer:
         return None
