@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .inspector import Inspector, support_item
+from .metrics import image_metrics
 
 
 def naming_sets(items, seeds: int, shots: int, per_type: int) -> list[dict]:
@@ -83,7 +84,7 @@ def evaluate_naming(model, processor, items, seeds: int = 3, shots: int = 4, per
             label = "defective" if order < len(chosen["queries"]) else "good"
             records.append(_record(context, "good_only", order, i, label, result))
         inspector.max_new_tokens = 24
-    return {"metrics": naming_metrics(records), "records": records,
+    return {"metrics": naming_metrics(records, threshold), "records": records,
             "config": {"seeds": seeds, "shots": shots, "per_type": per_type, "threshold": threshold}}  # fmt: skip
 
 
@@ -97,13 +98,12 @@ def _followed(a: dict, b: dict) -> bool:
     return a["name"] != b["name"] and {a["name"], b["name"]} == {a["expected"], b["expected"]}
 
 
-def _balanced_accuracy(records: list[dict]) -> float:
-    flagged = np.array([r["verdict"] == "defective" for r in records])
-    defective = np.array([r["label"] == "defective" for r in records])
-    return float((flagged[defective].mean() + (~flagged[~defective]).mean()) / 2)
+def _balanced_accuracy(records: list[dict], threshold: float) -> float:
+    y = np.array([r["label"] == "defective" for r in records])
+    return image_metrics(y, np.array([r["p_defective"] for r in records], dtype=float), threshold)["balanced_accuracy"]
 
 
-def naming_metrics(records: list[dict]) -> dict:
+def naming_metrics(records: list[dict], threshold: float = 0.5) -> dict:
     """The naming rate, its rate among flagged queries, the follow rate and the two balanced accuracies."""
     named = [r for r in records if r["run"] == "named" and r["label"] == "defective"]
     swapped = {(r["category"], r["seed"], r["query"]): r for r in records
@@ -117,8 +117,8 @@ def naming_metrics(records: list[dict]) -> dict:
         "naming_when_flagged": float(np.mean([r["name"] == r["expected"] for r in flagged])) if flagged else None,
         "follow_rate": float(np.mean([_followed(a, b) for a, b in both])) if both else None,
         "named_in_both_runs": len(both),
-        "balanced_accuracy_with_defective": _balanced_accuracy([r for r in records if r["run"] == "named"]),
-        "balanced_accuracy_good_only": _balanced_accuracy([r for r in records if r["run"] == "good_only"]),
+        "balanced_accuracy_with_defective": _balanced_accuracy([r for r in records if r["run"] == "named"], threshold),
+        "balanced_accuracy_good_only": _balanced_accuracy([r for r in records if r["run"] == "good_only"], threshold),
     }
 
 

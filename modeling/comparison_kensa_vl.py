@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -83,8 +83,7 @@ class Summary:
     start: int
     embedding: torch.Tensor
     verdict: torch.Tensor | None = None  # the image's verdict logit, a scalar
-    pointer: tuple | None = None  # (the defective demos' names, pointer logits, gate logit): `DemoPointer`
-    box: tuple | None = None  # the image's box (`locate_box`): its location token ids and position words' ids
+    copy: Pointer | None = None  # what an answer about the image may copy (its `start` set by `pointers`)
 
 
 @dataclass
@@ -553,28 +552,30 @@ class KensaVLReferenceComparison(nn.Module):
                         levels.append(scores[image])
                     added[first:last] = delta.repeat_interleave(streams, 1).to(added.dtype)
                     anomaly[first:last] = logits.float()
-                    pointer = None
-                    named = [(None, d) for d in (cached.demos if cached is not None else []) if d.name]
-                    named += [(m, d) for m, d in demos if d.name]
-                    if role is None and named:
+                    copy = None  # what an answer about a query may copy: a demo's name, the box, where it is
+                    if role is None and end < input_ids.shape[1]:
+                        copy = Pointer(row, -1)  # `pointers` sets where the answer starts
+                        named = [(None, d) for d in (cached.demos if cached is not None else []) if d.name]
+                        named += [(m, d) for m, d in demos if d.name]
                         for m, _ in named:
                             if m is not None and (m, len(members)) not in defects:
                                 defects[(m, len(members))] = defect_of(m, cached, members)
-                        suspect = farthest_cells(
-                            query_of(image), nearest[image], scored_tiles(thumbnail[first:last]), self.encoders
-                        )
-                        similarity = torch.stack(
-                            [match_similarity(suspect, d.defect if m is None else defects[(m, len(members))])
-                             for m, d in named]
-                        )  # fmt: skip
-                        pointer = ([d.name for _, d in named], *self.demo_pointer(similarity))
-                    box = None
-                    if role is None and len(self.config.box_token_ids) == 2:  # a query: its box, to be copied
-                        rows_cols = image_grid[image, :2].tolist()
-                        found = locate_box(nearest[image], *rows_cols, None if level is None else float(level))[0]
-                        box = located_tokens(found, self.config)
+                        if named:
+                            suspect = farthest_cells(
+                                query_of(image), nearest[image], scored_tiles(thumbnail[first:last]), self.encoders
+                            )
+                            similarity = torch.stack(
+                                [match_similarity(suspect, d.defect if m is None else defects[(m, len(members))])
+                                 for m, d in named]
+                            )  # fmt: skip
+                            copy.names = [d.name for _, d in named]
+                            copy.logits, copy.gate = self.demo_pointer(similarity)
+                        if len(self.config.box_token_ids) == 2:
+                            rows_cols = image_grid[image, :2].tolist()
+                            found = locate_box(nearest[image], *rows_cols, None if level is None else float(level))
+                            copy.box, copy.position = located_tokens(found[0], self.config)
                     if end < input_ids.shape[1]:
-                        summaries.append(Summary(row, end, summary, verdict, pointer, box))
+                        summaries.append(Summary(row, end, summary, verdict, copy))
                 seen += (last - first) * per_tile
                 if role == "defective":
                     demos.append((image, Demo(name)))
@@ -640,12 +641,12 @@ class KensaVLReferenceComparison(nn.Module):
         """The answers' `Pointer`s: one per answer start after an image compared with named defective demos or
         with a box to copy.
         `input_ids` begin at absolute position `base` (the length of a cache before them)."""
-        out = []
-        for row, col, summary in zip(*self.answer_starts(input_ids, summaries), strict=True):
-            if summary.pointer or summary.box:
-                names = summary.pointer or ([], None, None)
-                out.append(Pointer(row, base + col, *names, *(summary.box or (None, None))))
-        return out
+        starts = zip(*self.answer_starts(input_ids, summaries), strict=True)
+        return [
+            replace(summary.copy, start=base + col)
+            for _, col, summary in starts
+            if summary.copy is not None and (summary.copy.names or summary.copy.box)
+        ]
 
     def pointer_loss(self, hidden_states: torch.Tensor, head: torch.Tensor, input_ids: torch.Tensor, pointers):
         """For a trainer whose loss never sees `copy_names` (TRL's fused head): the negative log-likelihood of each
@@ -657,7 +658,7 @@ class KensaVLReferenceComparison(nn.Module):
         for pointer in pointers:
             if not pointer.names:
                 continue
-            names = Pointer(pointer.row, pointer.start, pointer.names, pointer.logits, pointer.gate)  # no box: fixed
+            names = replace(pointer, box=None, position=None)  # the box's weight is fixed: not trained
             for t in range(pointer.start + 1, input_ids.shape[1] - 1):
                 copy = copy_terms(names, input_ids[pointer.row, pointer.start + 1 : t + 1].tolist(), self.config)
                 if copy is not None:

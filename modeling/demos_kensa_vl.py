@@ -115,19 +115,25 @@ def match_similarity(query: dict[str, torch.Tensor], defect: dict[str, torch.Ten
     return torch.stack([(query[n] @ defect[n].T).amax(-1).mean() for n in query]).mean()
 
 
+def continuation(written: list[int] | None, target: list[int]) -> int | None:
+    """The next token of `target` after `written`, where `written` is a proper start of it; else None."""
+    if written is None or len(written) >= len(target) or target[: len(written)] != written:
+        return None
+    return target[len(written)]
+
+
+def after_last(answer: list[int], mark: int) -> list[int] | None:
+    """What an answer wrote after its last `mark`; None without one."""
+    return answer[len(answer) - answer[::-1].index(mark) :] if mark in answer else None
+
+
 def name_candidates(answer: list[int], names: list[list[int]], config) -> list[int | None]:
     """For an answer written so far (`answer`: the tokens after the generation prompt), the next token each demo's
     `name` would write after the answer's "defective": None where the answer does not start with it or disagrees
     with that name. After the whole name, its end mark (" at")."""
     if not answer or answer[0] not in config.defective_label_ids:
         return [None] * len(names)
-    written, at = answer[1:], config.name_marks[1]
-    out = []
-    for name in names:
-        p = len(written)
-        agrees = p <= len(name) and name[:p] == written
-        out.append((name[p] if p < len(name) else at) if agrees else None)
-    return out
+    return [continuation(answer[1:], name + [config.name_marks[1]]) for name in names]
 
 
 class DemoPointer(nn.Module):
@@ -162,27 +168,6 @@ def located_tokens(box: list[float], config) -> tuple[list[int], list[int] | Non
     return [config.loc_token_start_id + b for b in (*low, *high)], position
 
 
-def position_candidate(answer: list[int], position: list[int], config) -> int | None:
-    """The next token of the position words (and the box's opening) after the answer's last " at", where what was
-    written since agrees with them."""
-    at = config.name_marks[1]
-    if at not in answer:
-        return None
-    written = answer[len(answer) - answer[::-1].index(at) :]
-    return position[len(written)] if len(written) < len(position) and written == position[: len(written)] else None
-
-
-def box_candidate(answer: list[int], box: list[int], config) -> int | None:
-    """The next token of `box` (then `</box>`) where the answer has just opened a box and agrees with it so far."""
-    opening, closing = config.box_token_ids
-    if opening not in answer:
-        return None
-    written = answer[len(answer) - 1 - answer[::-1].index(opening) + 1 :]
-    if written != box[: len(written)]:
-        return None
-    return box[len(written)] if len(written) < len(box) else closing if len(written) == len(box) else None
-
-
 def copy_terms(pointer: Pointer, answer: list[int], config):
     """At one position of an answer: `(tokens, log copy probabilities, gate logit)`, the candidates and their share
     of the mix (the gate times the pointer's mass on the agreeing demos, renormalised; or the box's next position
@@ -195,10 +180,11 @@ def copy_terms(pointer: Pointer, answer: list[int], config):
         merged = [share[[j for j, i in enumerate(keep) if candidates[i] == t]].logsumexp(0) for t in tokens]
         return tokens, torch.stack(merged), pointer.gate
     token = None
-    if pointer.position and len(config.name_marks) == 2:
-        token = position_candidate(answer, pointer.position, config)
-    if token is None and pointer.box and len(config.box_token_ids) == 2:
-        token = box_candidate(answer, pointer.box, config)
+    if pointer.position and len(config.name_marks) == 2:  # after the name's " at": " the <position> <box>"
+        token = continuation(after_last(answer, config.name_marks[1]), pointer.position)
+    if token is None and pointer.box and len(config.box_token_ids) == 2:  # after `<box>`: the box, then `</box>`
+        opening, closing = config.box_token_ids
+        token = continuation(after_last(answer, opening), pointer.box + [closing])
     if token is None:
         return None
     gate = torch.tensor(BOX_GATE)
