@@ -39,7 +39,11 @@ def synth_dir(tmp_path_factory):
     from kensa_vl.train.data.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth") / "ks"
-    return generate(SynthConfig(seed=0, num_images=240, num_episodes=40, resolution=256), out, workers=2)
+    return generate(
+        SynthConfig(seed=0, num_images=240, num_episodes=40, resolution=256, grading_photos=12, grading_episodes=40),
+        out,
+        workers=2,
+    )
 
 
 @pytest.fixture(scope="session")

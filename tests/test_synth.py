@@ -13,7 +13,7 @@ from kensa_vl.train.data.defects import DEFECTS, SIZES, apply_defect, mask_boxes
 from kensa_vl.train.data.materials import MATERIALS, master, view
 from kensa_vl.train.data.synth import SynthConfig, generate, load_synth, verify_checksums
 
-SMALL = SynthConfig(seed=3, num_images=160, num_episodes=60, resolution=128)
+SMALL = SynthConfig(seed=3, num_images=160, num_episodes=60, resolution=128, grading_photos=12, grading_episodes=60)
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +164,7 @@ def test_mask_boxes_one_per_component_and_specks_removed():
         ({"test_categories": ("plastic",)}, "unknown categories"),
         ({"validation_categories": ("cap",)}, "disjoint"),
         ({"validation_defects": ("contamination",)}, "disjoint"),
+        ({"grading_photos": 5}, "grading_photos must be 0"),
     ],
 )
 def test_bad_config_says_what_was_expected(kwargs, match):

@@ -19,7 +19,7 @@ axis in the query image's own coordinates, one box per connected defect region, 
 `kensa_vl.processing.processing_kensa_vl.inspection_answer` writes it and `parse_inspection_answer` reads it back."""
 
 
-def write_card(path: Path, cfg, stats: dict) -> None:
+def write_card(path: Path, cfg, stats: dict, grading: dict | None = None) -> None:
     from .synth import SPLITS
 
     res = cfg.resolution
@@ -108,4 +108,36 @@ def write_card(path: Path, cfg, stats: dict) -> None:
         ANSWER_FORMAT,
         "",
     ]
+    if grading is not None:
+        lines += grading_section(cfg, grading)
     path.write_text("\n".join(lines))
+
+
+def grading_section(cfg, grading: dict) -> list[str]:
+    """The card's section on the grading tasks (`grading.py`)."""
+    from .grading import ATTRIBUTES, BOOTH_LIGHTING, BOUNDARIES, QUERY_MARGIN, split_attributes
+    from .synth import SPLITS
+
+    lines = [
+        "## Grading tasks (官能検査)",
+        "",
+        "`grading/items/<split>`: photos whose whole surface is changed by one attribute at a `level` in [0, 1]",
+        "(`image`, `category`, `noun`, `attribute`, `level`, `limit`); `grading/episodes/<split>`: `category`,",
+        "`attribute`, `num_grades`, `support` and `grades` (rows and their grades, 0 = least changed), `query`,",
+        "`query_grade`. A grading cuts [0, 1] into 2-4 equal grades; a grade's limit sample (限度見本) is the",
+        f"photo at its upper boundary ({', '.join(str(b) for b in BOUNDARIES)}), the most that grade may show, and",
+        f"belongs to it. Per category and attribute: {cfg.grading_photos} photos at stratified levels and one limit",
+        f"sample per boundary, taken in a light booth (lighting varies {BOOTH_LIGHTING:g} as much as in the",
+        "inspection photos).",
+        f"A query lies at least {QUERY_MARGIN:g} of its grade's width inside it. Grade names are not stored: an",
+        "episode draws them when it becomes a conversation, so a grade can only be answered from its examples.",
+        "",
+        "| split | photos | episodes | attributes |",
+        "|---|---|---|---|",
+    ]
+    for split in SPLITS:
+        lines.append(f"| {split} | {len(grading['items'][split])} | {len(grading['episodes'][split])} | "
+                     f"{', '.join(split_attributes(split))} |")  # fmt: skip
+    lines += ["", "| attribute | graded by | further along | less far |", "|---|---|---|---|"]
+    lines += [f"| {a.name} | {a.noun} | {a.more} | {a.less} |" for a in ATTRIBUTES.values()]
+    return [*lines, ""]

@@ -253,15 +253,18 @@ def master(name: str, seed: int, resolution: int) -> tuple[np.ndarray, np.ndarra
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8), fg
 
 
-def view(name: str, product: np.ndarray, fg: np.ndarray | None, resolution: int, rng: np.random.Generator):
+def view(name: str, product: np.ndarray, fg: np.ndarray | None, resolution: int, rng: np.random.Generator,
+         lighting: float = 1.0, zoom: float = 1.0):  # fmt: skip
     """One photo of the product: crop, rotation, scale and position, then lighting, colour cast and sensor noise.
 
-    Returns float32 RGB (res, res, 3) in [0, 1], the foreground mask (bool) and the view parameters.
+    `lighting` scales how far gain, gamma, gradient, vignetting and colour cast stray from neutral (a light booth:
+    under 1); `zoom` magnifies the product (over 1: its pattern looks coarser). The defaults give the inspection
+    photos. Returns float32 RGB (res, res, 3) in [0, 1], the foreground mask (bool) and the view parameters.
     """
     material = MATERIALS[name]
     side = product.shape[0]
     angle = float(rng.uniform(-material.max_rotation, material.max_rotation))
-    scale = float(rng.uniform(0.92, 1.08))
+    scale = float(rng.uniform(0.92, 1.08)) * zoom
     reach = side / 2 - resolution * math.sqrt(2) / 2 / scale  # the farthest the centre may move (stays inside)
     shift = rng.uniform(-1, 1, 2) * max(0.0, min(reach, 0.05 * resolution if material.source == "drawn" else reach))
     cos, sin = math.cos(math.radians(angle)) / scale, math.sin(math.radians(angle)) / scale
@@ -275,10 +278,12 @@ def view(name: str, product: np.ndarray, fg: np.ndarray | None, resolution: int,
         mask = np.asarray(mask, bool)
     rgb = np.asarray(image, np.float32) / 255.0
     y, x = _grid(resolution)
-    gain, gamma = float(rng.uniform(0.85, 1.12)), float(rng.uniform(0.9, 1.1))
-    gx, gy = rng.uniform(-0.12, 0.12, 2)
-    light = gain * (1 + gx * (x - 0.5) + gy * (y - 0.5) - rng.uniform(0, 0.25) * ((x - 0.5) ** 2 + (y - 0.5) ** 2))
-    cast = rng.uniform(0.96, 1.04, 3).astype(np.float32)
+    gain = 1 + lighting * (float(rng.uniform(0.85, 1.12)) - 1)
+    gamma = 1 + lighting * (float(rng.uniform(0.9, 1.1)) - 1)
+    gx, gy = lighting * rng.uniform(-0.12, 0.12, 2)
+    vignette = lighting * rng.uniform(0, 0.25)
+    light = gain * (1 + gx * (x - 0.5) + gy * (y - 0.5) - vignette * ((x - 0.5) ** 2 + (y - 0.5) ** 2))
+    cast = (1 + lighting * (rng.uniform(0.96, 1.04, 3) - 1)).astype(np.float32)
     rgb = np.clip(rgb**gamma * light[..., None] * cast, 0, 1).astype(np.float32)
     params = {"angle": round(angle, 2), "scale": round(scale, 3), "shift": [round(float(s), 1) for s in shift]}
     params.update(

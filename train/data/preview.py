@@ -1,4 +1,5 @@
-"""Contact sheets: one row per category, one column per defect type, boxes drawn, a full-resolution zoom below."""
+"""Contact sheets: one row per category, one column per defect type, boxes drawn, a full-resolution zoom below;
+for the grading tasks one row per attribute, its photos by level, limit samples framed."""
 
 from __future__ import annotations
 
@@ -51,5 +52,27 @@ def contact_sheet(items, path: str | Path) -> Path:
             sheet.paste(thumb, (c * CELL, top + CAPTION))
             if item["boxes"]:
                 sheet.paste(_zoom(image, item["boxes"][0]), (c * CELL, top + CAPTION + CELL))
+    sheet.save(path)
+    return Path(path)
+
+
+def grading_sheet(items, path: str | Path, columns: int = 10) -> Path:
+    """Write a PNG of a grading split's first category: one row per attribute, `columns` of its photos by rising
+    level (limit samples framed red), the level under each."""
+    meta = items.select_columns(["category", "attribute", "level", "limit"]).to_dict()
+    category, side = meta["category"][0], CELL // 2
+    keys = list(zip(meta["category"], meta["attribute"], strict=True))
+    attributes = list(dict.fromkeys(a for c, a in keys if c == category))
+    sheet = Image.new("RGB", (side * columns + 90, (side + CAPTION) * len(attributes)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, attribute in enumerate(attributes):
+        rows = sorted((i for i, k in enumerate(keys) if k == (category, attribute)), key=lambda i: meta["level"][i])
+        top = r * (side + CAPTION)
+        draw.text((side * columns + 4, top + side // 2), f"{category}\n{attribute}", fill="black")
+        for c, i in enumerate(dict.fromkeys(rows[round(j * (len(rows) - 1) / (columns - 1))] for j in range(columns))):
+            sheet.paste(items[i]["image"].convert("RGB").resize((side, side), Image.BILINEAR), (c * side, top))
+            if meta["limit"][i]:
+                draw.rectangle([c * side, top, (c + 1) * side - 1, top + side - 1], outline=RED, width=3)
+            draw.text((c * side + 4, top + side), f"{meta['level'][i]:.2f}", fill="black")
     sheet.save(path)
     return Path(path)

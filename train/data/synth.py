@@ -45,6 +45,7 @@ TEST_CATEGORIES = ("grass", "leather", "cap")
 VALIDATION_DEFECTS = ("crack", "structure")  # appear only in validation
 HELDOUT_DEFECTS = ("contamination",)  # appears only in test
 MAX_RESOLUTION = 2048
+MIN_GRADING_PHOTOS = 12
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class SynthConfig:
     max_good_support: int = 8
     max_defective_support: int = 2
     jpeg_quality: int = 95
+    grading_photos: int = 24  # per category and grading attribute (plus its limit samples); 0: no grading tasks
+    grading_episodes: int = 2000
 
     def __post_init__(self):
         if not 128 <= self.resolution <= MAX_RESOLUTION:
@@ -87,6 +90,12 @@ class SynthConfig:
                 f"num_images={self.num_images} gives {dict(zip(SPLITS, self.split_sizes(), strict=True))} images; "
                 f"the splits need at least {dict(zip(SPLITS, needed, strict=True))} (a good and a defective per "
                 f"category), and num_episodes must be >= 0 (got {self.num_episodes})"
+            )
+        if 0 < self.grading_photos < MIN_GRADING_PHOTOS or min(self.grading_photos, self.grading_episodes) < 0:
+            raise ValueError(
+                f"grading_photos must be 0 (no grading tasks) or >= {MIN_GRADING_PHOTOS} (four grades of up to "
+                f"four examples and a query), and grading_episodes >= 0; got {self.grading_photos} and "
+                f"{self.grading_episodes}"
             )
 
     def categories(self, split: str) -> list[str]:
@@ -132,7 +141,7 @@ def _master(name: str, seed: int, resolution: int):
     return master(name, seed, resolution)  # once per worker process; deterministic, so workers agree
 
 
-def _encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
+def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
@@ -158,8 +167,8 @@ def render_item(spec: dict, cfg: SynthConfig) -> dict:
         meta["position"] = region_position(mask)
         description = describe(spec["defect"], meta, meta["position"], noun)
     return {
-        "image": {"bytes": _encode(finish(rgb, params, rng), "JPEG", quality=cfg.jpeg_quality), "path": None},
-        "mask": {"bytes": _encode(mask.astype(np.uint8) * 255, "PNG"), "path": None},
+        "image": {"bytes": encode(finish(rgb, params, rng), "JPEG", quality=cfg.jpeg_quality), "path": None},
+        "mask": {"bytes": encode(mask.astype(np.uint8) * 255, "PNG"), "path": None},
         "category": name,
         "label": "good" if spec["defect"] is None else "defective",
         "defect_type": spec["defect"],
@@ -250,7 +259,7 @@ def generate(cfg: SynthConfig, out: str | Path, preview: bool = False, overwrite
     from tqdm.auto import tqdm
 
     from .card import write_card
-    from .preview import contact_sheet
+    from .preview import contact_sheet, grading_sheet
 
     out = Path(out)
     _check_target(out, overwrite)
@@ -287,13 +296,20 @@ def generate(cfg: SynthConfig, out: str | Path, preview: bool = False, overwrite
                     "kinds": kinds,
                     "episodes": n_episodes,
                 }
+            grading = _grading(cfg, pool, tmp, tag) if cfg.grading_photos else None
         DatasetDict(items).save_to_disk(str(tmp / "items"))
         DatasetDict(episodes).save_to_disk(str(tmp / "episodes"))
-        write_card(tmp / "README.md", cfg, stats)
+        if grading is not None:
+            for name, table in grading.items():
+                DatasetDict(table).save_to_disk(str(tmp / "grading" / name))
+        write_card(tmp / "README.md", cfg, stats, grading)
         for split in SPLITS:
             if preview:
                 contact_sheet(items[split], tmp / f"preview_{split}.png")
             (tmp / f"{split}.arrow").unlink()  # read by the contact sheet; the saved copy is under items/
+            if preview and grading is not None:
+                grading_sheet(grading["items"][split], tmp / f"preview_grading_{split}.png")
+            (tmp / f"grading-{split}.arrow").unlink(missing_ok=True)
         write_checksums(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -301,6 +317,34 @@ def generate(cfg: SynthConfig, out: str | Path, preview: bool = False, overwrite
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    return out
+
+
+def _grading(cfg: SynthConfig, pool, tmp: Path, tag: str) -> dict:
+    """The grading photos and episodes of every split (`grading.py`): {"items": {split: Dataset}, "episodes": ...}."""
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.table import InMemoryTable, MemoryMappedTable
+    from tqdm.auto import tqdm
+
+    from . import grading
+
+    out = {"items": {}, "episodes": {}}
+    render = functools.partial(grading.render, resolution=cfg.resolution, seed=cfg.seed, master=_master)
+    for index, (split, count) in enumerate(zip(SPLITS, cfg.split_sizes(cfg.grading_episodes), strict=True)):
+        specs = grading.specs(cfg.categories(split), split, index, cfg.seed, cfg.grading_photos)
+        path, columns = tmp / f"grading-{split}.arrow", {"category": [], "attribute": [], "level": [], "limit": []}
+        with ArrowWriter(features=grading.item_features(), path=str(path)) as writer:
+            for row in tqdm(pool.imap(render, specs, chunksize=8), total=len(specs), desc=f"{split} grading",
+                            unit="img"):  # fmt: skip
+                writer.write(row)
+                for key in columns:
+                    columns[key].append(row[key])
+            writer.finalize()
+        table = MemoryMappedTable.from_file(str(path))
+        out["items"][split] = _dataset(table, grading.item_features(), split, f"{tag}-grading-{split}")
+        episodes = grading.sample_episodes(columns, count, cfg.seed, index)
+        table = InMemoryTable.from_pydict(episodes, schema=grading.episode_features().arrow_schema)
+        out["episodes"][split] = _dataset(table, grading.episode_features(), split, f"{tag}-grading-episodes-{split}")
     return out
 
 
@@ -342,6 +386,19 @@ def load_synth(path: str | Path):
     return load_from_disk(str(path / "items")), load_from_disk(str(path / "episodes"))
 
 
+def load_grading(path: str | Path):
+    """`(items, episodes)` of KensaSynth's grading tasks: two DatasetDicts with splits train/validation/test."""
+    from datasets import load_from_disk
+
+    path = Path(path) / "grading"
+    if not (path / "items").exists():
+        raise FileNotFoundError(
+            f"{path.parent} has no grading tasks (no {path}/items): it was generated before they existed or with "
+            "--grading-photos 0; regenerate it with `kensa-vl synth --out DIR --overwrite`"
+        )
+    return load_from_disk(str(path / "items")), load_from_disk(str(path / "episodes"))
+
+
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("synth")  # its --help line: cli.COMMANDS
     p.add_argument("--out", required=True)
@@ -349,12 +406,20 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--num-episodes", type=int, default=5000)
     p.add_argument("--resolution", type=int, default=1024, help=f"square photos, 128 to {MAX_RESOLUTION} px")
+    p.add_argument(
+        "--grading-photos",
+        type=int,
+        default=24,
+        help="grading photos per category and attribute, besides the limit samples (0: none)",
+    )
+    p.add_argument("--grading-episodes", type=int, default=2000)
     p.add_argument("--preview", action="store_true", help="write a contact sheet PNG per split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing KensaSynth folder")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores, at most 8)")
 
     def run(a: argparse.Namespace) -> None:
-        cfg = SynthConfig(seed=a.seed, num_images=a.num_images, num_episodes=a.num_episodes, resolution=a.resolution)
+        cfg = SynthConfig(seed=a.seed, num_images=a.num_images, num_episodes=a.num_episodes, resolution=a.resolution,
+                          grading_photos=a.grading_photos, grading_episodes=a.grading_episodes)  # fmt: skip
         print(f"saved {generate(cfg, a.out, preview=a.preview, overwrite=a.overwrite, workers=a.workers)}")
 
     p.set_defaults(func=run)
