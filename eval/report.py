@@ -3,6 +3,7 @@
 kensa-vl eval --model outputs/main/model --data outputs/kensa-synth-224 --shots 0,1,2,4,8 --seeds 5 --out DIR
 kensa-vl eval --model outputs/main/model --data mvtec_ad/ --shots 1,2,4 --calibrate-on none --out DIR
 kensa-vl eval --task naming --model outputs/main/model --data outputs/kensa-synth-224 --split validation --out DIR
+kensa-vl eval --task grading --model outputs/main/model --data outputs/kensa-synth-224 --split validation --out DIR
 accelerate launch --num_processes 2 -m kensa_vl.train.cli eval ...   (support sets split across processes)
 """
 
@@ -124,6 +125,8 @@ def _eval(args) -> None:
     from .inspector import load_pretrained
     from .layouts import detect, load
 
+    if args.task == "grading":
+        return _grading(args)
     layout = detect(args.data)
     items = load(args.data, args.split)
     if args.task == "naming":
@@ -166,17 +169,37 @@ def _eval(args) -> None:
         print(f"wrote {args.out}")
 
 
+def _grading(args) -> None:
+    from kensa_vl.train.data import load_grading
+
+    from .grading import evaluate_grading, grading_table, write_grading
+    from .inspector import load_pretrained
+
+    items = load_grading(args.data)[0][args.split]
+    model, processor = load_pretrained(args.model)
+    result = evaluate_grading(model, processor, items, seeds=args.seeds, shots=int(args.shots or 3))
+    result["config"].update(model=args.model, data=str(args.data), split=args.split)
+    write_grading(result, args.out)
+    print(grading_table(result), end="")
+    print(f"wrote {args.out}")
+
+
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("eval")  # its --help line: cli.COMMANDS
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="KensaSynth, MVTec AD or LOCO, VisA, or a good/defective folder")
     p.add_argument("--split", default="test", help="KensaSynth's split (report on test; choose on validation)")
     p.add_argument(
-        "--task", choices=("inspection", "naming"), default="inspection",
+        "--task", choices=("inspection", "naming", "grading"), default="inspection",
         help="inspection: verdicts, maps and boxes at each k; naming: 2 named defective examples (names never seen "
-        "in training), does the answer name the matching one and follow a swap of their names (eval/naming.py)",
+        "in training), does the answer name the matching one and follow a swap of their names (eval/naming.py); "
+        "grading: 3 grades of 3 examples on KensaSynth's grading tasks (eval/grading.py)",
     )  # fmt: skip
-    p.add_argument("--shots", default=None, help="inspection: the k to run (default 0,1,2,4,8); naming: k (4)")
+    p.add_argument(
+        "--shots",
+        default=None,
+        help="inspection: the k to run (default 0,1,2,4,8); naming: k (4); grading: examples per grade (3)",
+    )
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--queries-per-category", type=int, default=None, help="default: every remaining photo")
     p.add_argument("--no-baseline", action="store_true", help="skip the kNN patch-memory baseline")

@@ -195,6 +195,24 @@ def parse_inspection_answer(text: str, width: int, height: int, num_bins: int) -
     }
 
 
+GRADE_WORD = "grade"  # a grading answer's and a graded example's first word: "grade: <name>[, <why>]"
+_GRADE_RE = re.compile(r"^\s*grade:\s*(?P<grade>[^,\n<]+?)\s*(?:,\s*(?P<why>[^\n]*?)\s*)?$", re.MULTILINE)
+
+
+def grading_answer(grade: str, why: str | None = None) -> str:
+    """A graded example's label or a grading answer: `"grade: <name>"`, then `", <why>"` when there is one. A grade
+    name holds no ',', ':' or line break (they end it)."""
+    if not grade.strip() or any(c in grade for c in ",:\n"):
+        raise ValueError(f"a grade name must be non-empty text without ',', ':' or a line break; got {grade!r}")
+    return f"{GRADE_WORD}: {grade.strip()}" + (f", {why}" if why else "")
+
+
+def parse_grading_answer(text: str) -> dict:
+    """Read a grading answer back: `grade` (None when the first line is not `grade: <name>...`) and `why`."""
+    match = _GRADE_RE.match(text.split("\n", 1)[0])
+    return {"grade": match["grade"] if match else None, "why": match["why"] if match else None}
+
+
 class KensaVLProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: KensaVLImageProcessorKwargs
     _defaults = {"text_kwargs": {"padding": False}}

@@ -101,3 +101,27 @@ def test_card_preview_and_missing_grading(grading, tmp_path):
     old = generate(SynthConfig(**{**SMALL.__dict__, "grading_photos": 0}), tmp_path / "old", workers=2)
     with pytest.raises(FileNotFoundError, match="no grading tasks"):
         load_grading(old)
+
+
+def test_a_grading_conversation_labels_its_examples_and_answers_why(grading):
+    from kensa_vl.processing.processing_kensa_vl import grading_answer, parse_grading_answer
+    from kensa_vl.train.data.conversations import grading_conversations
+
+    _, items, episodes = grading
+    rows = grading_conversations(items["train"], episodes["train"], seed=1)
+    for index in range(5):
+        row, episode = rows[index], episodes["train"][index]
+        prompt = "".join(b["text"] or "<image>" for b in row["messages"][0]["content"])
+        answer = parse_grading_answer(row["messages"][1]["content"][0]["text"])
+        labels = [line.split("<image> ", 1)[1] for line in prompt.splitlines() if "<image> grade:" in line]
+        names = [parse_grading_answer(label)["grade"] for label in labels]
+        assert len(row["images"]) == len(episode["support"]) + 1 == prompt.count("<image>")
+        assert len(set(names)) == episode["num_grades"]  # one name per grade, drawn for this episode
+        assert [names.index(n) for n in names] == [episode["grades"].index(g) for g in episode["grades"]]
+        assert sum("limit sample" in label for label in labels) == sum(items["train"]["limit"][i]
+                                                                       for i in episode["support"])  # fmt: skip
+        assert answer["grade"] == names[episode["grades"].index(episode["query_grade"])]
+        attribute = ATTRIBUTES[episode["attribute"]]
+        assert attribute.noun in prompt and (attribute.more in answer["why"] or attribute.less in answer["why"])
+    with pytest.raises(ValueError, match="grade name"):
+        grading_answer("B, C")

@@ -11,6 +11,7 @@ naming the record; `to_conversations(..., skip_invalid=True)` drops them instead
     detection       `image`, `objects: {bbox: [[x, y, w, h]], category: [...]}` (COCO boxes)
     episode         KensaSynth episodes (lazily, via `episode_conversations`)
     naming          KensaSynth episodes whose defects carry names drawn per episode (`naming_conversations`)
+    grading         KensaSynth grading episodes, grades named per episode (`grading_conversations`)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
-from kensa_vl.processing.processing_kensa_vl import NUM_LOC_BINS, boxes_to_text, inspection_answer
+from kensa_vl.processing.processing_kensa_vl import NUM_LOC_BINS, boxes_to_text, grading_answer, inspection_answer
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +261,62 @@ def naming_conversations(items, count: int, seed: int = 0, pool: str = "training
         return out
 
     return Dataset.from_dict({"row": list(range(count))}).with_transform(transform)
+
+
+def grading_why(attribute, grade: int, names: list[str]) -> str:
+    """Why a photo has `grade`: past the limit sample of the grade below, or within the first grade's."""
+    if grade == 0:
+        return f"{attribute.less} than the {names[0]} limit sample"
+    return f"{attribute.more} than the {names[grade - 1]} limit sample"
+
+
+def grading_episode(support: list[dict], grades: list[int], query: dict, query_grade: int | None, names: list[str],
+                    attribute) -> dict:  # fmt: skip
+    """A grading episode (grading item rows: `image`, `noun`, `limit`) as one user turn: the graded examples, each
+    labelled `grade: <name>` (`, limit sample` for one), then the query; the answer names its grade and says why
+    (`grading_why`). `attribute`: a `grading.Attribute` (what the grades are of); `query_grade` None: no answer."""
+    noun = query["noun"]
+    blocks = [
+        f"Graded examples of a {noun}, graded by {attribute.noun}; a limit sample is the most its grade allows:\n"
+    ]
+    for j, (item, grade) in enumerate(zip(support, grades, strict=True), 1):
+        blocks += [
+            f"{j}. ",
+            IMAGE,
+            " " + grading_answer(names[grade], "limit sample" if item["limit"] else None) + "\n",
+        ]
+    blocks += ["Query: ", IMAGE, f"\nWhich grade is this {noun}, and why?"]
+    messages = [turn("user", *blocks)]
+    if query_grade is not None:
+        messages.append(
+            turn("assistant", grading_answer(names[query_grade], grading_why(attribute, query_grade, names)))
+        )
+    return {"messages": messages, "images": [i["image"] for i in [*support, query]]}
+
+
+def grading_conversations(items, episodes, seed: int = 0, pool: str = "training", decoded: int = 1024):
+    """Grading episodes (KensaSynth `grading/episodes`) as `messages` + `images` rows, built on access; the grade
+    names of row `i` are drawn with the seed `(seed, i)` from a pool of `names.draw_grades`."""
+    from .grading import ATTRIBUTES
+    from .names import draw_grades
+
+    item = functools.lru_cache(maxsize=decoded)(lambda index: items[index])
+    indexed = episodes.add_column("row", list(range(len(episodes))))
+
+    def transform(batch: dict) -> dict:
+        out = {"messages": [], "images": []}
+        for row, n, support, grades, query, grade, attribute in zip(
+            *(batch[k] for k in ("row", "num_grades", "support", "grades", "query", "query_grade", "attribute")),
+            strict=True,
+        ):
+            names = draw_grades(np.random.default_rng([seed, int(row)]), int(n), pool)
+            shown = [item(int(i)) for i in support]
+            conversation = grading_episode(shown, grades, item(int(query)), grade, names, ATTRIBUTES[attribute])
+            for key in out:
+                out[key].append(conversation[key])
+        return out
+
+    return indexed.with_transform(transform)
 
 
 def to_conversations(dataset, adapter: Callable, skip_invalid: bool = False, num_proc: int | None = None, **kwargs):

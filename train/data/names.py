@@ -1,9 +1,12 @@
-"""Defect names a user might give their examples, for episodes whose answer can only be named by reading the prompt.
+"""Defect and grade names a user might give their examples, for episodes whose answer can only be named by reading
+the prompt.
 
 Two disjoint pools: `TRAINING` names the defects of training episodes (`naming_conversations`), `EVALUATION` those
 of the naming and label-permutation evaluations (`kensa_vl.eval.naming`). Each holds invented words (seeded
 syllables, so no name carries a meaning the model could know), user-style phrases and words in several languages,
-Japanese among them. No name of one pool occurs in the other (tested), nor is one a KensaSynth defect type.
+Japanese among them. No name of one pool occurs in the other (tested), nor is one a KensaSynth defect type. Grades
+have two pools of their own (`GRADES` and `GRADE_WORDS`, `draw_grades`): ordered grade names people use, and
+invented words in no order; no evaluation grade name occurs in a training pool.
 """
 
 from __future__ import annotations
@@ -62,10 +65,37 @@ def draw_names(rng: np.random.Generator, count: int, pool: str = "training") -> 
     return [names[i] for i in rng.choice(len(names), count, replace=False)]
 
 
+GRADES = {
+    "training": (
+        ("A", "B", "C", "D"), ("1級", "2級", "3級", "4級"), ("accept", "borderline", "reject"),
+        ("I", "II", "III", "IV"), ("上", "中", "下"), ("pass", "marginal", "fail"),
+        ("first", "second", "third", "fourth"),
+    ),
+    "evaluation": (
+        ("一等", "二等", "三等", "四等"), ("premium", "standard", "economy"), ("OK", "watch", "NG"),
+        ("α", "β", "γ", "δ"), ("Klasse 1", "Klasse 2", "Klasse 3", "Klasse 4"),
+    ),
+}  # fmt: skip
+GRADE_WORDS = {"training": invented_words(120, seed=2), "evaluation": invented_words(60, seed=3)}
+
+
+def draw_grades(rng: np.random.Generator, count: int, pool: str = "training") -> list[str]:
+    """Names for `count` grades, least changed first: half the time a set people use, in its order (when one has
+    `count` names), else invented words, which say nothing of the order."""
+    ordered = [s for s in GRADES[pool] if len(s) >= count]
+    if ordered and rng.random() < 0.5:
+        return list(ordered[int(rng.integers(len(ordered)))][:count])
+    words = GRADE_WORDS[pool]
+    return [words[i] for i in rng.choice(len(words), count, replace=False)]
+
+
 def check_pools() -> None:
     """Raise when the pools overlap, hold a KensaSynth defect type, or hold a name the answer format cannot carry."""
     shared = set(TRAINING) & set(EVALUATION)
     known = (set(TRAINING) | set(EVALUATION)) & set(DEFECTS)
     unreadable = [n for n in TRAINING + EVALUATION if " at " in f" {n} " or ":" in n or "\n" in n]
+    grades = {pool: {n for s in GRADES[pool] for n in s} | set(GRADE_WORDS[pool]) for pool in GRADES}
+    shared |= grades["training"] & (grades["evaluation"] | set(EVALUATION)) | grades["evaluation"] & set(TRAINING)
+    unreadable += [n for n in grades["training"] | grades["evaluation"] if ":" in n or "," in n or "\n" in n]
     if shared or known or unreadable:
         raise ValueError(f"name pools: shared {sorted(shared)}, defect types {sorted(known)}, unreadable {unreadable}")

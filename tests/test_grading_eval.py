@@ -1,0 +1,71 @@
+"""The grading evaluation: its sets, the training-free baseline, the metrics and `kensa-vl eval --task grading`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kensa_vl.eval.grading import PooledNearest, confusion, grading_metrics, grading_sets
+from kensa_vl.train.data import grade_of, is_query, load_grading
+from kensa_vl.train.data.names import GRADE_WORDS, GRADES
+
+
+def test_sets_show_each_grade_its_limit_sample_and_unseen_names(synth_dir):
+    items = load_grading(synth_dir)[0]["validation"]
+    levels, limits = items["level"], items["limit"]
+    sets = grading_sets(items, seeds=2, num_grades=3, shots=3)
+    assert {(s["category"], s["attribute"]) for s in sets} == set(zip(items["category"], items["attribute"],
+                                                                      strict=True))  # fmt: skip
+    training = {n for names in GRADES["training"] for n in names} | set(GRADE_WORDS["training"])
+    for chosen in sets:
+        assert [chosen["grades"].count(g) for g in range(3)] == [3, 3, 3]
+        assert chosen["grades"] == [grade_of(levels[i], 3) for i in chosen["support"]]
+        shown = {g for i, g in zip(chosen["support"], chosen["grades"], strict=True) if limits[i]}
+        assert shown == {0, 1}  # every grade but the last shows its limit sample
+        assert chosen["queries"] and all(i not in chosen["support"] and is_query(levels[i], 3) and not limits[i]
+                                         for i, _ in chosen["queries"])  # fmt: skip
+        assert len(set(chosen["names"])) == 3 and not set(chosen["names"]) & training
+
+
+def _grey(level: float, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(200 * (1 - 0.6 * level) + rng.normal(0, 6, (64, 64, 3)), 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def test_the_baseline_grades_by_its_examples_and_follows_a_permutation(tiny):
+    model, processor = tiny
+    baseline = PooledNearest(model, processor)
+    support = [_grey(level, i) for i, level in enumerate((0.0, 0.1, 0.45, 0.55, 0.9, 1.0))]
+    queries = [(_grey(0.05, 10), 0), (_grey(0.5, 11), 1), (_grey(0.95, 12), 2)]
+    baseline.set_support(support, [0, 0, 1, 1, 2, 2])
+    assert [baseline.predict(q)[0] for q, _ in queries] == [g for _, g in queries]
+    probs = baseline.predict(queries[0][0])[1]
+    assert len(probs) == 3 and probs[0] == max(probs) and sum(probs) == pytest.approx(1)
+    baseline.set_support(support, [2, 2, 0, 0, 1, 1])  # the grades move with their examples
+    assert [baseline.predict(q)[0] for q, _ in queries] == [2, 0, 1]
+
+
+def test_metrics_count_grades_and_their_distance():
+    records = [{"method": "m", "seed": s, "attribute": a, "category": "c", "grade": g, "predicted": p}
+               for s, a, g, p in [(0, "x", 0, 0), (0, "x", 2, 0), (1, "y", 1, 1), (1, "y", 1, None)]]  # fmt: skip
+    m = grading_metrics(records, num_grades=3)["m"]
+    assert m["accuracy"] == 0.5 and m["ordinal_error"] == pytest.approx((0 + 2 + 0 + 2) / 4)
+    assert m["attributes"]["x"]["accuracy"] == 0.5 and m["accuracy_seed_std"] == 0
+    assert confusion(records, 3).tolist() == [[1, 0, 0, 0], [0, 1, 0, 1], [1, 0, 0, 0]]
+
+
+def test_eval_task_grading_writes_its_report(tiny_dir, synth_dir, tmp_path):
+    from kensa_vl.train.cli import main
+
+    main(["eval", "--task", "grading", "--model", str(tiny_dir), "--data", str(synth_dir), "--split", "validation",
+          "--seeds", "1", "--out", str(tmp_path)])  # fmt: skip
+    result = json.loads((tmp_path / "grading.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "grading_records.jsonl").read_text().splitlines()]
+    assert result["metrics"]["pooled"]["queries"] == len(records) > 0
+    assert result["config"]["split"] == "validation" and "coarseness" in result["metrics"]["pooled"]["attributes"]
+    assert (tmp_path / "grading.md").read_text().startswith("| method |")
+    assert Image.open(tmp_path / "grading_confusion.png").size[0] > 200
