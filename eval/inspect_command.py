@@ -3,6 +3,8 @@
     kensa-vl inspect --model DIR --good a.png b.png --defective c.png="a dark scratch" --query q1.png 'lot7/*.png'
     kensa-vl inspect --model DIR --good a.png b.png --query-dir photos/ --out results.jsonl [--resume]
     kensa-vl inspect --model DIR --data mvtec_ad/bottle --shots 4 --viz outputs/viz --out results.json
+    kensa-vl inspect --model DIR --class A=a1.png,a2.png --class B=b1.png --limit A=a_limit.png \
+        --graded-by "colour shade" --query q1.png     # grading: grade, per-grade probabilities, nearest limit sample
 
 Photos are read and judged one at a time, so memory stays flat in their number. With `--out X.jsonl` each result is
 appended to X.jsonl and to X.csv (for a spreadsheet) as it is made; `--resume` skips the photos X.jsonl already
@@ -21,7 +23,7 @@ from pathlib import Path
 from .layouts import IMAGE_SUFFIXES
 
 CSV_FIELDS = ("file", "category", "verdict", "p_defective", "defect_type", "position", "boxes", "example",
-              "example_name", "example_share", "text")  # fmt: skip
+              "example_name", "example_share", "grade", "grade_probabilities", "limit_sample", "text")  # fmt: skip
 
 
 def query_files(args) -> list[str]:
@@ -53,10 +55,17 @@ def jobs(args) -> list[tuple[str, list[dict], list[str]]]:
         queries = query_files(args)
         if not queries:
             raise ValueError("inspect needs --query IMAGE..., --query-dir DIR, --query-list FILE or --data DIR")
+        if (args.classes or args.limit) and (args.good or args.defective):
+            raise ValueError("--class/--limit (grading) and --good/--defective (inspection) do not mix: pick one")
         support = [support_item(path) for path in args.good]
         for spec in args.defective:
             path, _, description = spec.partition("=")
             support.append(support_item(path, defective=True, description=description or None))
+        for spec, limit in [(c, False) for c in args.classes] + [(c, True) for c in args.limit]:
+            grade, _, paths = spec.partition("=")
+            if not grade.strip() or not paths:
+                raise ValueError(f"--class and --limit take GRADE=IMAGE[,IMAGE...], got {spec!r}")
+            support += [support_item(path, label=grade, limit=limit) for path in paths.split(",")]
         return [(args.noun, support, queries)]
     items = load(args.data)
     if not isinstance(items, Collection):
@@ -99,7 +108,13 @@ class Sink:
             self.kept.append(record)
             return
         self._lines.write(json.dumps(record) + "\n")
-        self._csv.writerow({**record, "boxes": json.dumps(record["boxes"])})
+        self._csv.writerow(
+            {
+                **record,
+                "boxes": json.dumps(record["boxes"]),
+                "grade_probabilities": json.dumps(record.get("grade_probabilities"), ensure_ascii=False),
+            }
+        )
         self._lines.flush()  # a stopped run keeps every finished photo
         self._table.flush()
 
@@ -124,7 +139,8 @@ def run(args) -> None:
     state = PartialState()
     model, processor = load_pretrained(args.model)  # a broken model folder is refused before a file is written
     sink = Sink(args.out if state.is_main_process else None, args.resume)
-    inspector = Inspector(model, processor, threshold=args.threshold, support_max_tiles=args.support_tiles)
+    inspector = Inspector(model, processor, threshold=args.threshold, support_max_tiles=args.support_tiles,
+                          graded_by=args.graded_by)  # fmt: skip
     total = sum(len(q) for *_, q in work)
     bar = tqdm(total=total, unit="photo", desc="inspecting", disable=not state.is_main_process)
     failed, gathered = [], []
@@ -160,7 +176,7 @@ def judge(inspector, path: str, noun: str, args) -> dict:
         name = f"{noun}_{Path(path).parent.name}_{Path(path).stem}" if args.data else Path(path).stem
         draw(path, result, Path(args.viz) / f"{name}.png")
     record = {"file": path, "category": noun, **result.to_dict()}
-    if result.verdict == "error":
+    if result.verdict == "error" or result.grade is not None:
         record["p_defective"] = None  # JSON has no NaN
     return record
 
@@ -169,6 +185,10 @@ def emit(record: dict, sink: Sink, failed: list) -> None:
     if record["verdict"] == "error":
         failed.append(record["file"])
         print(f"{record['file']}\terror\t{record['text']}", flush=True)
+    elif record.get("grade") is not None:
+        shares = " ".join(f"{g}={p:.2f}" for g, p in record["grade_probabilities"].items())
+        limit = f"\tnearest limit sample: example {record['limit_sample']}" if record.get("limit_sample") else ""
+        print(f"{record['file']}\t{record['grade']}\t{shares}{limit}", flush=True)
     else:
         like = f"\tlike example {record['example']}: {record['example_name']}" if record.get("example") else ""
         print(f"{record['file']}\t{record['verdict']}\t{record['p_defective']:.3f}{like}", flush=True)
@@ -193,6 +213,13 @@ def add_parsers(subparsers) -> None:
         "--defective", nargs="*", default=[], metavar="IMAGE[=NAME]",
         help="defective examples, each with the name an answer that resembles it copies ('a dark scratch', '打痕')",
     )  # fmt: skip
+    p.add_argument(
+        "--class", dest="classes", action="append", default=[], metavar="GRADE=IMAGE[,IMAGE...]",
+        help="grading: examples of one grade (repeat per grade: --class A=a1.png,a2.png --class B=b1.png)",
+    )  # fmt: skip
+    p.add_argument("--limit", action="append", default=[], metavar="GRADE=IMAGE[,IMAGE...]",
+                   help="grading: a grade's limit samples (限度見本: the most that grade allows)")  # fmt: skip
+    p.add_argument("--graded-by", default="appearance", help="grading: what the grades are of ('colour shade')")
     p.add_argument("--query", nargs="+", default=[], metavar="IMAGE", help="photos or globs ('lot7/*.png')")
     p.add_argument("--query-dir", nargs="+", default=[], metavar="DIR", help="every photo under these folders")
     p.add_argument("--query-list", metavar="FILE", help="a file with one photo path per line")

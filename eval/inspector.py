@@ -29,11 +29,13 @@ from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 from kensa_vl.processing.processing_kensa_vl import (
     IMAGE_TOKEN,
+    grading_answer,
+    parse_grading_answer,
     parse_inspection_answer,
     region_position,
     verdict_token_ids,
 )
-from kensa_vl.train.data import episode
+from kensa_vl.train.data import episode, grading_episode
 
 
 @dataclass
@@ -55,18 +57,35 @@ class Judgement:
     example: int | None = None
     example_name: str | None = None
     example_share: float | None = None
+    # grading (support items with a `label`): the grade (also the `verdict`; `p_defective` is NaN), the pointer's
+    # probability of each grade, and the limit sample (1-based, in support order) nearest the query along the grades
+    grade: str | None = None
+    grade_probabilities: dict[str, float] | None = None
+    limit_sample: int | None = None
 
     def to_dict(self) -> dict:
         """The JSON-ready fields (the heatmap is left out: an image, see `plots.heatmap_overlay`)."""
         return {k: v for k, v in asdict(self).items() if k != "heatmap"}
 
 
-def support_item(image, defective: bool = False, description: str | None = None, boxes=None, defect_type=None):
+def support_item(image, defective: bool = False, description: str | None = None, boxes=None, defect_type=None,
+                 label: str | None = None, limit: bool = False):  # fmt: skip
     """A support example in the episode format: a good image, or a defective one named by `defect_type`, or else by
     its `description` (the user's own words: "a dark scratch", "打痕"), or else "defect", with optional boxes (its
     pixels, `[x0, y0, x1, y1]`). The name is what an answer that matches this example copies; a description given
-    beside a `defect_type` follows the box in the prompt."""
+    beside a `defect_type` follows the box in the prompt.
+
+    For grading, a graded example: `label` is its grade ("B", "1級", "too dark"), `limit` marks a limit sample
+    (限度見本: the most its grade allows), and a `description` follows the label in the prompt."""
     image = to_rgb(image)
+    if label is not None:
+        if defective or boxes or defect_type:
+            raise ValueError("a graded example (label=...) takes no defective flag, boxes or defect type")
+        grading_answer(label)  # the name must be one a grading answer can carry
+        return {"image": image, "defect_type": None, "grade": " ".join(label.split()), "limit": bool(limit),
+                "note": " ".join((description or "").split()) or None}  # fmt: skip
+    if limit:
+        raise ValueError("limit=True marks a graded example's limit sample: give its grade as label=...")
     boxes = [list(map(int, b)) for b in (boxes or [])]
     if not defective:
         if description or boxes or defect_type:
@@ -195,6 +214,7 @@ class Inspector:
             support; the comparison's bank still holds the supports at the query's budget (`support_bank`), when
             the support set is cached (`cache`).
         max_new_tokens: length of the generated description (0: score only, no text).
+        graded_by: what graded examples are graded by, in the grading prompt ("colour shade", "gloss").
     """
 
     def __init__(
@@ -207,8 +227,9 @@ class Inspector:
         support_max_tiles: int | None = None,
         query_max_tiles: int | None = None,
         max_new_tokens: int = 48,
+        graded_by: str = "appearance",
     ):
-        self.model, self.processor = model.eval(), processor
+        self.model, self.processor, self.graded_by = model.eval(), processor, graded_by
         self.noun, self.threshold, self.cache = noun, threshold, cache
         for name, tiles in (("support_max_tiles", support_max_tiles), ("query_max_tiles", query_max_tiles)):
             if tiles is not None and (not isinstance(tiles, int) or tiles < 1):  # 0 would read as "the default"
@@ -233,10 +254,20 @@ class Inspector:
     def device(self):
         return self.model.device
 
+    @property
+    def grades(self) -> list[str]:
+        """The support's grades in order of first appearance (empty unless it holds graded examples)."""
+        return list(dict.fromkeys(s["grade"] for s in self.support or [] if "grade" in s))
+
     def _prompt(self, support: list[dict]) -> tuple[str, str]:
         """The episode prompt split before the query image: (shared prefix, per-query suffix)."""
         placeholder = {"image": Image.new("RGB", (1, 1)), "defect_type": None, "position": None, "boxes": []}
-        messages = episode(support, placeholder, self.noun, self.processor.num_loc_bins)["messages"][:1]
+        if self.grades:
+            grades = [self.grades.index(s["grade"]) for s in support]
+            placeholder["noun"] = self.noun
+            messages = grading_episode(support, grades, placeholder, self.grades, self.graded_by)["messages"]
+        else:
+            messages = episode(support, placeholder, self.noun, self.processor.num_loc_bins)["messages"][:1]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         cut = text.rindex(IMAGE_TOKEN)
         return text[:cut], text[cut:]
@@ -265,6 +296,7 @@ class Inspector:
                     f"{MAX_NAME_TOKENS}: shorten it ({name[:40]!r}...), or give it as `defect_type` with the longer "
                     "`description` beside it"
                 )
+        self._check_grades(support)
         self.support = list(support)
         self._prefix_text, self._suffix_text = self._prompt(self.support)
         self._cache, self._bank, self._suffix_ids = None, None, {}
@@ -287,6 +319,31 @@ class Inspector:
                 self._bank = self.model.model.support_bank(full["pixel_values"], full["image_grid"], labels)
             elif compares:
                 self._bank = out.reference_bank[0]
+
+    def _check_grades(self, support: list[dict]) -> None:
+        """Grading needs graded examples only, of two or more grades, no photo in two grades, and a model that
+        reads grades (with the comparison)."""
+        graded = [s for s in support if "grade" in s]
+        if not graded:
+            return
+        grades = list(dict.fromkeys(s["grade"] for s in graded))
+        if len(graded) != len(support) or len(grades) < 2:
+            raise ValueError(
+                f"grading needs graded examples only (label=...) of at least two grades; got {len(graded)} graded "
+                f"of {len(support)} examples, grades {grades}"
+            )
+        seen = {}
+        for number, item in enumerate(support, 1):
+            key = item["image"].tobytes() + str(item["image"].size).encode()
+            if seen.get(key, (None, item["grade"]))[1] != item["grade"]:
+                raise ValueError(
+                    f"example {number} is the same photo as example {seen[key][0]} but labelled "
+                    f"{item['grade']!r}, not {seen[key][1]!r}: one photo cannot be in two grades"
+                )
+            seen.setdefault(key, (number, item["grade"]))
+        if not (getattr(self.model.config, "reference_comparison", False) and self.model.config.grade_marks):
+            raise ValueError("this model does not grade: it needs the reference comparison and a tokenizer whose "
+                             "grade marks were set when it was built (config.grade_marks)")  # fmt: skip
 
     def _prompt_max_tiles(self) -> int:
         return self.support_max_tiles or self.processor.image_processor.max_tiles
@@ -362,9 +419,9 @@ class Inspector:
                 if not isinstance(query, str) and not hasattr(query, "__fspath__"):
                     raise
                 out[index] = Judgement("error", float("nan"), str(err))  # an unreadable file: say so, judge the rest
-        if batch_size == 1 or self._cache is None or self.max_new_tokens > 0:
+        if batch_size == 1 or self._cache is None or self.max_new_tokens > 0 or self.grades:
             for index, image in images.items():
-                out[index] = self._judge_one(image)
+                out[index] = self._grade_one(image) if self.grades else self._judge_one(image)
             return out
         inputs = {index: self._query_inputs(image) for index, image in images.items()}
         groups = {}
@@ -439,20 +496,54 @@ class Inspector:
         evidence.setdefault("boxes", boxes)
         return Judgement(verdict, p_defective, text, parsed["defect_type"], parsed["position"], **evidence)
 
+    def _grade_one(self, image: Image.Image) -> Judgement:
+        """A graded query: the grade pointer's probabilities, the generated answer's grade (the pointer's best when
+        the text names none), and the limit sample nearest the query along the grades (`grade_axis`)."""
+        from kensa_vl.modeling.comparison_kensa_vl import thumbnail_tiles
+        from kensa_vl.modeling.grading_kensa_vl import grade_axis
+
+        inputs, out = self._score(image)
+        pointer = next(p for p in out.pointers if p.graded)
+        probabilities = dict(zip(self.grades, torch.softmax(pointer.logits.float(), 0).tolist(), strict=True))
+        tokenizer, text = self.processor.tokenizer, ""
+        if self.max_new_tokens:  # at least "grade: <the longest name>,"
+            longest = max(
+                len(tokenizer(grading_answer(g) + ",", add_special_tokens=False).input_ids) for g in self.grades
+            )
+            text = self._generate(inputs, getattr(out, CACHE_KEY), out.pointers, max_new_tokens=longest)
+        grade = parse_grading_answer(text)["grade"]  # cut short, or written by the language model: the pointer's
+        grade = grade if grade in probabilities else max(probabilities, key=probabilities.get)
+        comparison = self.model.model.reference_comparison
+        query = inputs["pixel_values"][-int(inputs["image_grid"][-1, 2]) :]
+        grids = self.model.model.image_grids(query, comparison.encoders)
+        stats = comparison.statistics(query, grids, thumbnail_tiles(inputs["image_grid"][-1:]))
+        graded = self._bank.graded
+        groups = torch.tensor([self.grades.index(s["grade"]) for s in self.support], device=stats.device)
+        axis, _, _ = grade_axis(torch.stack([d.stats for d in graded]), groups)
+        limits = [n for n, s in enumerate(self.support) if s["limit"]]
+        nearest = min(limits, key=lambda n: abs(float((graded[n].stats - stats) @ axis)), default=None)
+        return Judgement(grade, float("nan"), text, grade=grade, grade_probabilities=probabilities,
+                         limit_sample=None if nearest is None else nearest + 1)  # fmt: skip
+
+    def _generate(self, inputs: dict, cache, pointers, first: list[int] = (), max_new_tokens: int = 0) -> str:
+        """Greedy answer after `first` (token ids), from `cache`, which holds the whole prompt (images included), so
+        generation feeds only new tokens; `pointers` (the scoring pass's) let the answer copy names and grades. At
+        least `max_new_tokens`, and the Inspector's."""
+        ids = torch.cat([inputs["input_ids"], torch.tensor([list(first)], device=self.device, dtype=torch.long)], 1)
+        generated = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            **{CACHE_KEY: cache},  # holds every image already: only the new tokens run
+            **({"pointers": pointers} if pointers else {}),
+            max_new_tokens=max(self.max_new_tokens, max_new_tokens),
+            do_sample=False,
+        )
+        return self.processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
     def _describe(self, inputs: dict, cache, verdict: str, pointers=None) -> str:
         """Greedy answer that starts with the verdict read from P(defective), so text and score agree. `cache` holds
         the whole prompt (images included), so generation feeds only new tokens; `pointers` (the scoring pass's)
         let the answer copy a defective example's name."""
         if verdict == "good":
             return "good"
-        first = torch.tensor([[self.verdict_ids[1]]], device=self.device)
-        ids = torch.cat([inputs["input_ids"], first], 1)
-        generated = self.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            **{CACHE_KEY: cache},  # holds every image already: only the new tokens run
-            **({"pointers": pointers} if pointers else {}),
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-        )
-        return self.processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        return self._generate(inputs, cache, pointers, [self.verdict_ids[1]])

@@ -33,6 +33,7 @@ from .demos_kensa_vl import (
     match_similarity,
     read_label,
 )
+from .grading_kensa_vl import grade_closeness, image_statistics
 
 # `locate_box`: a cell belongs to the defect when its log-distance is LOCATE_MARGIN above the supports' level and
 # within LOCATE_RANGE of the peak's (at least e^-2 = 14% of its distance: near-identical photos give tiny, noisy
@@ -53,11 +54,13 @@ class ReferenceBank:
     `scores`: each reference image's own kNN score against the references before it, `(images,)` (the first image
     has none, so a bank of one image has an empty tensor). Their median is the `level`: how far good photos of this
     product lie from each other, what a query's score and `locate_box` are measured against. `demos`: the defective
-    examples (`Demo`, with their defects), which are not in `cells`."""
+    examples (`Demo`, with their defects), which are not in `cells`; `graded`: the graded examples (`Demo`, with
+    their whole-image statistics), which are."""
 
     cells: dict[str, torch.Tensor]
     scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     demos: list[Demo] = field(default_factory=list)
+    graded: list[Demo] = field(default_factory=list)
     # per encoder, the cells' `InvertedLists`, built on first use and kept for every later query
     lists: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -71,8 +74,9 @@ class ReferenceBank:
         return self.scores.float().median().item() if len(self.scores) else None
 
     def to(self, device) -> ReferenceBank:
-        demos = [Demo(d.name, d.defect and {n: c.to(device) for n, c in d.defect.items()}) for d in self.demos]
-        return ReferenceBank({n: c.to(device) for n, c in self.cells.items()}, self.scores.to(device), demos)
+        cells = {n: c.to(device) for n, c in self.cells.items()}
+        return ReferenceBank(cells, self.scores.to(device), [d.to(device) for d in self.demos],
+                             [d.to(device) for d in self.graded])  # fmt: skip
 
 
 @dataclass
@@ -396,6 +400,7 @@ class KensaVLReferenceComparison(nn.Module):
         self.summary = nn.Sequential(nn.Linear(6, width), nn.GELU(), nn.Linear(width, width))
         self.verdict = nn.Linear(2, 1)  # (score over the level, whether there is a level) -> verdict logit
         self.demo_pointer = DemoPointer()  # which defective example a query shows, and whether to copy its name
+        self.grade_pointer = DemoPointer("grade_pointer")  # which grade a query is, and whether to copy its label
         self.pair_cache: PairCache | None = None  # set by training when the compared encoders stay fixed
         # how `_init_weights` starts them: the mean of the log-distances, residuals that change nothing yet, and
         # the verdict's VERDICT_SLOPE * (relative - VERDICT_MARGIN)
@@ -406,6 +411,27 @@ class KensaVLReferenceComparison(nn.Module):
     def features(self, grids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The compared encoders' L2-normalised cells on their own grids: name -> `(n, g, g, C)`."""
         return unit_cells(grids, self.encoders)
+
+    def statistics(self, pixel_values: torch.Tensor, grids: dict[str, torch.Tensor], thumbnail: torch.Tensor):
+        """One image's whole-surface statistics (`image_statistics`) over its scored tiles: `pixel_values`
+        `(n, 3, T, T)`, the raw `grids` of its tiles (name -> `(n, g, g, C)`) and their `thumbnail` flags `(n,)`."""
+        selected = scored_tiles(thumbnail)
+        return image_statistics(pixel_values[selected], {n: grids[n][selected] for n in self.encoders}, self.encoders)
+
+    def grade_pointer_of(self, query: torch.Tensor, graded: list[Demo]) -> tuple[list[list[int]], torch.Tensor,
+                                                                                   torch.Tensor] | None:  # fmt: skip
+        """A query's grade pointer over the grades of `graded` examples (named, with statistics): (the grades'
+        names in order of first appearance, pointer logits `(G,)`, gate logit); None with fewer than two grades."""
+        names = []
+        for demo in graded:
+            if demo.name not in names:
+                names.append(demo.name)
+        if len(names) < 2:
+            return None
+        groups = torch.tensor([names.index(d.name) for d in graded], device=query.device)
+        closeness = grade_closeness(query, torch.stack([d.stats.to(query.device) for d in graded]), groups)
+        logits, gate = self.grade_pointer(closeness)
+        return names, logits, gate
 
     def nearest(self, query: torch.Tensor, bank: torch.Tensor, lists: InvertedLists | None = None) -> torch.Tensor:
         """`nearest_distances`, exact up to `config.exact_search_cells` bank cells, approximate beyond: on the bank's
@@ -495,7 +521,14 @@ class KensaVLReferenceComparison(nn.Module):
         made = {}  # image -> its bank cells, made when a search needs them (a `pairs` hit does not)
         # a reference's bank cells before they are made: its own cells and one copy per view (`reference_cells`)
         cells_per_tile = features[self.encoders[0]].shape[1:3].numel() * (1 + len(self.config.reference_views))
-        reads_labels = bool(self.config.good_label_ids and self.config.defective_label_ids)
+        reads_labels = bool(self.config.good_label_ids and self.config.defective_label_ids or self.config.grade_marks)
+        stats = {}  # image -> its whole-image statistics, for grading
+
+        def stats_of(m: int) -> torch.Tensor:
+            if m not in stats:
+                a, b = starts[m], starts[m + 1]
+                stats[m] = self.statistics(pixel_values[a:b], {n: g[a:b] for n, g in grids.items()}, thumbnail[a:b])
+            return stats[m]
 
         def cells_of(m: int, name: str) -> torch.Tensor:
             if m not in made:
@@ -535,7 +568,8 @@ class KensaVLReferenceComparison(nn.Module):
             levels = [] if cached is None else list(cached.scores.float().to(anomaly.device))
             # members: the earlier good (or unlabeled) images of this row, in the bank after `cached`'s cells;
             # demos: the defective ones, never in the bank (image, its `Demo`, its defect once searched)
-            seen, members, demos, defects = 0, [], [], {}
+            # graded: the graded examples (in the bank too), their names and statistics
+            seen, members, demos, defects, graded = 0, [], [], {}, []
             while seen < row_tokens:
                 first, last = starts[image], starts[image + 1]
                 end = int(positions[seen + (last - first) * per_tile - 1]) + 1  # the image's `</img>`
@@ -553,7 +587,13 @@ class KensaVLReferenceComparison(nn.Module):
                     added[first:last] = delta.repeat_interleave(streams, 1).to(added.dtype)
                     anomaly[first:last] = logits.float()
                     copy = None  # what an answer about a query may copy: a demo's name, the box, where it is
-                    if role is None and end < input_ids.shape[1]:
+                    shown = ([] if cached is None else cached.graded) + [Demo(n, stats=stats_of(m)) for m, n in graded]
+                    grading = role is None and end < input_ids.shape[1] and len(shown) > 1
+                    pointer = self.grade_pointer_of(stats_of(image), shown) if grading else None
+                    if pointer is not None:  # a grading answer: its grade's label, no verdict, no box
+                        copy, verdict = Pointer(row, -1, graded=True), None
+                        copy.names, copy.logits, copy.gate = pointer
+                    elif role is None and end < input_ids.shape[1]:
                         copy = Pointer(row, -1)  # `pointers` sets where the answer starts
                         named = [(None, d) for d in (cached.demos if cached is not None else []) if d.name]
                         named += [(m, d) for m, d in demos if d.name]
@@ -581,13 +621,19 @@ class KensaVLReferenceComparison(nn.Module):
                     demos.append((image, Demo(name)))
                 elif seen < row_tokens or keep:  # a later image of the row (or a caller's later query) compares
                     members.append(image)
+                if role == "grade" and name and (seen < row_tokens or keep):
+                    graded.append((image, name))
                 image += 1
             if keep:
                 scores_kept = torch.stack(levels) if levels else anomaly.new_empty(0)
                 known = cached is not None or members
                 own = [Demo(d.name, defect_of(m, cached, members) if known else None) for m, d in demos]
                 kept_demos = ([] if cached is None else list(cached.demos)) + own
-                kept.append(ReferenceBank(bank_of(cached, members), scores_kept, demos=kept_demos) if known else None)
+                kept_graded = ([] if cached is None else list(cached.graded)) + [
+                    Demo(n, stats=stats_of(m)) for m, n in graded
+                ]
+                bank = ReferenceBank(bank_of(cached, members), scores_kept, kept_demos, kept_graded) if known else None
+                kept.append(bank)
         return PromptComparison(added, anomaly, summaries, scores, tuple(nearest), tuple(kept) if keep else None)
 
     def add_summaries(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, summaries: list[Summary]):
@@ -659,7 +705,7 @@ class KensaVLReferenceComparison(nn.Module):
             if not pointer.names:
                 continue
             names = replace(pointer, box=None, position=None)  # the box's weight is fixed: not trained
-            for t in range(pointer.start + 1, input_ids.shape[1] - 1):
+            for t in range(pointer.start, input_ids.shape[1] - 1):
                 copy = copy_terms(names, input_ids[pointer.row, pointer.start + 1 : t + 1].tolist(), self.config)
                 if copy is not None:
                     terms.append((pointer, t, *copy))

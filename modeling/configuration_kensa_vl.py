@@ -148,6 +148,11 @@ class KensaVLConfig(PretrainedConfig):
             defective example's name (":" and " at"). With `reference_comparison`, a defective example stays out
             of the good bank and its name can be copied into the answer (`demos_kensa_vl.py`). Empty: every earlier
             image is a reference and nothing is copied.
+        grade_word_ids (`list[list[int]]`): the token ids of "grade" and " grade", which open a graded example's label
+            (`grade: <name>`) and a grading answer; grade_marks (`list[int]`): the tokens that end a grade's name
+            ("," and a line break). With `reference_comparison`, a query after graded examples is graded by its
+            whole-image statistics and its answer copies the grade's label (`grading_kensa_vl.py`). Empty: no
+            grading.
         box_token_ids (`list[int]`), num_loc_bins (`int`): `<box>` and `</box>`, and the location bins per axis
             (`<loc_0>` is `loc_token_start_id`). With `reference_comparison`, a box written after an answer's
             `<box>` copies the comparison's box of the query (`locate_box`), as the Inspector draws it. Empty: no box
@@ -184,6 +189,8 @@ class KensaVLConfig(PretrainedConfig):
         good_label_ids: list[int] | None = None,
         defective_label_ids: list[int] | None = None,
         name_marks: list[int] | None = None,
+        grade_word_ids: list[list[int]] | None = None,
+        grade_marks: list[int] | None = None,
         box_token_ids: list[int] | None = None,
         num_loc_bins: int = 256,
         position_token_ids: list[list[int]] | None = None,
@@ -233,6 +240,8 @@ class KensaVLConfig(PretrainedConfig):
         self.good_label_ids = list(good_label_ids or [])
         self.defective_label_ids = list(defective_label_ids or [])
         self.name_marks = list(name_marks or [])
+        self.grade_word_ids = [list(ids) for ids in grade_word_ids or []]
+        self.grade_marks = list(grade_marks or [])
         self.box_token_ids = list(box_token_ids or [])
         self.num_loc_bins = num_loc_bins
         self.position_token_ids = [list(ids) for ids in position_token_ids or []]

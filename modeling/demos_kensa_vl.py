@@ -12,6 +12,8 @@ and a pointer from a query to the defective example it resembles, whose name the
   pointer-generator (See et al., 2017) of the answer's name: after `defective`, the next token's probability mixes
   the language model's with the next token of each demo's label (`: <name>`, up to its " at") that agrees with what
   was written so far, weighted by the pointer. Swapping two demos' names swaps the answer's.
+- Graded examples (`grade: <name>`) are read the same way; a query after them is graded by its whole-image
+  statistics (`grading_kensa_vl.py`) and its answer copies `grade: <name>,` of the grade it is closest to.
 - The query's box (`locate_box`, what the Inspector draws) is copied the same way: after the name's " at", the
   position words of its centre and the box's opening (" the top left <box>"), then its four location tokens and
   `</box>`. Plain `generate` and the pipeline write the comparison's box and say where it is.
@@ -42,10 +44,17 @@ BOX_GATE = 4.0
 class Demo:
     """A defective example: `name`, the token ids after its label's first token up to " at" (`": zorbik"`: the
     rest of its label word, the colon and the name; None when it has no name), and once compared
-    with the good bank, `defect`: per compared encoder its DEFECT_CELLS farthest cells `(K, C)`."""
+    with the good bank, `defect`: per compared encoder its DEFECT_CELLS farthest cells `(K, C)`. A graded example:
+    `name`, its grade's token ids after `grade:` up to "," or the line's end, and `stats`, its whole-image
+    statistics (`grading_kensa_vl.image_statistics`)."""
 
     name: list[int] | None
     defect: dict[str, torch.Tensor] | None = None
+    stats: torch.Tensor | None = None
+
+    def to(self, device) -> Demo:
+        defect = self.defect and {n: c.to(device) for n, c in self.defect.items()}
+        return Demo(self.name, defect, None if self.stats is None else self.stats.to(device))
 
 
 @dataclass
@@ -62,15 +71,25 @@ class Pointer:
     gate: torch.Tensor | None = None
     box: list[int] | None = None
     position: list[int] | None = None  # " the <position> <box>" of the box's centre, as token ids
+    graded: bool = False  # `names` are grades: the answer copies "grade: <name>," from its first token
 
 
 def read_label(ids: list[int], close: int, config) -> tuple[str | None, list[int] | None]:
     """The label written right after an image whose `</img>` is at position `close` of a row's token `ids`:
-    ("good", None), ("defective", its name's token ids or None) or (None, None) for anything else (a query, a raw
-    prompt). Needs the config's `good_label_ids`, `defective_label_ids` and `name_marks` (":" and " at")."""
+    ("good", None), ("defective", its name's token ids or None), ("grade", its grade's token ids or None) or
+    (None, None) for anything else (a query, a raw prompt). Needs the config's `good_label_ids`,
+    `defective_label_ids` and `name_marks` (":" and " at"), and for grades `grade_word_ids` and `grade_marks`."""
     end = close + 1
     if end >= len(ids) or len(config.name_marks) != 2:
         return None, None
+    for word in config.grade_word_ids if len(config.grade_marks) == 2 else []:
+        if ids[end : end + len(word) + 1] == word + [config.name_marks[0]]:
+            first = end + len(word) + 1
+            stops = {*config.grade_marks, config.image_token_id, *config.summary_stop_token_ids}
+            for i in range(first, min(first + MAX_NAME_TOKENS + 1, len(ids))):
+                if ids[i] in stops:
+                    return "grade", (ids[first:i] if i > first else None)
+            return "grade", None
     if ids[end] in config.good_label_ids:
         return "good", None
     if ids[end] not in config.defective_label_ids:
@@ -137,15 +156,15 @@ def name_candidates(answer: list[int], names: list[list[int]], config) -> list[i
 
 
 class DemoPointer(nn.Module):
-    """The pointer from a query to the defective demos and its gate: `logits = slope * similarity` over the demos
-    (starting at POINTER_SLOPE), and the gate from the best similarity and its lead over the second (starting at
-    GATE_START whatever they are)."""
+    """The pointer from a query to the defective demos (or the grades) and its gate: `logits = slope * similarity`
+    over them (starting at POINTER_SLOPE, or `grading_kensa_vl.GRADE_SLOPE` for `start="grade_pointer"`), and the
+    gate from the best similarity and its lead over the second (starting at GATE_START whatever they are)."""
 
-    def __init__(self):
+    def __init__(self, start: str = "pointer"):
         super().__init__()
         self.pointer = nn.Linear(1, 1)
         self.gate = nn.Linear(2, 1)
-        self.pointer.kensa_init, self.gate.kensa_init = "pointer", "gate"  # see `_init_weights`
+        self.pointer.kensa_init, self.gate.kensa_init = start, "gate"  # see `_init_weights`
 
     def forward(self, similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(n,)` query-to-demo similarities -> (pointer logits `(n,)`, gate logit)."""
@@ -168,11 +187,20 @@ def located_tokens(box: list[float], config) -> tuple[list[int], list[int] | Non
     return [config.loc_token_start_id + b for b in (*low, *high)], position
 
 
+def grade_candidates(answer: list[int], names: list[list[int]], config) -> list[int | None]:
+    """For an answer written so far, the next token of each grade's `grade: <name>,` (`grading_answer`'s opening)
+    that agrees with it; None where it disagrees or is complete."""
+    opening = config.grade_word_ids[0] + [config.name_marks[0]]
+    return [continuation(answer, opening + name + [config.grade_marks[0]]) for name in names]
+
+
 def copy_terms(pointer: Pointer, answer: list[int], config):
     """At one position of an answer: `(tokens, log copy probabilities, gate logit)`, the candidates and their share
-    of the mix (the gate times the pointer's mass on the agreeing demos, renormalised; or the box's next position
-    word or location token at BOX_GATE), or None where nothing is copied."""
-    candidates = name_candidates(answer, pointer.names, config) if pointer.names else []
+    of the mix (the gate times the pointer's mass on the agreeing demos or grades, renormalised; or the box's next
+    position word or location token at BOX_GATE), or None where nothing is copied."""
+    candidates = []
+    if pointer.names:
+        candidates = (grade_candidates if pointer.graded else name_candidates)(answer, pointer.names, config)
     keep = [i for i, c in enumerate(candidates) if c is not None]
     if keep:
         share = torch.log_softmax(pointer.logits[keep].float(), 0) + F.logsigmoid(pointer.gate.float())
@@ -199,7 +227,7 @@ def copy_names(logits: torch.Tensor, history: torch.Tensor, pointers: list[Point
     first = base + history.shape[1] - logits.shape[1]  # the absolute position of logits[:, 0]
     updates = []
     for pointer in pointers:
-        for t in range(max(first, pointer.start + 1), base + history.shape[1]):
+        for t in range(max(first, pointer.start), base + history.shape[1]):
             answer = history[pointer.row, pointer.start + 1 - base : t + 1 - base].tolist()
             terms = copy_terms(pointer, answer, config) if pointer.start >= base else None
             if terms is not None:

@@ -40,6 +40,7 @@ from .comparison_kensa_vl import (
 )
 from .configuration_kensa_vl import KensaVLConfig, encoder_width
 from .demos_kensa_vl import GATE_START, POINTER_SLOPE, Demo, copy_names, farthest_cells
+from .grading_kensa_vl import GRADE_SLOPE
 from .vision_kensa_vl import (
     KensaVLLayerMerge,
     KensaVLProjector,
@@ -119,8 +120,8 @@ class KensaVLPreTrainedModel(PreTrainedModel):
         if start == "verdict":  # VERDICT_SLOPE * (relative score - VERDICT_MARGIN) where there is a level
             module.weight.data.copy_(torch.tensor([[VERDICT_SLOPE, -VERDICT_SLOPE * VERDICT_MARGIN]]))
             module.bias.data.zero_()
-        elif start in ("pointer", "gate"):  # the demo pointer's slope, and a gate that starts open
-            module.weight.data.fill_(POINTER_SLOPE if start == "pointer" else 0.0)
+        elif start in ("pointer", "grade_pointer", "gate"):  # the pointers' slopes, and a gate that starts open
+            module.weight.data.fill_({"pointer": POINTER_SLOPE, "grade_pointer": GRADE_SLOPE}.get(start, 0.0))
             module.bias.data.fill_(GATE_START if start == "gate" else 0.0)
         elif start is not None:
             module.weight.data.fill_(1.0 / module.in_features if start == "mean" else 0.0)
@@ -223,20 +224,22 @@ class KensaVLModel(KensaVLPreTrainedModel):
 
     @torch.no_grad()
     def support_bank(self, pixel_values: torch.Tensor, image_grid: torch.Tensor, labels: list | None = None):
-        """A support set's `ReferenceBank` without the language model: the compared encoders alone on the images'
-        tiles (`image_grid` rows, in order), each good image's cells in every view (`reference_cells`) and its score
+        """A support set's `ReferenceBank` without the language model: the compared encoders alone on the images' tiles
+        (`image_grid` rows, in order), each good image's cells in every view (`reference_cells`) and its score
         against the good images before it. `labels`, per image, what `read_label` reads after it in the prompt
-        (`prompt_labels`): a defective one becomes one of the bank's `demos` instead (its farthest cells from the good
-        images). What a query compares with when the language model reads the supports at a smaller tile budget than
-        the comparison needs. A bank small enough for the exact search gives what a prompt of these images gives; a
-        larger one builds its approximate-search lists once, over the whole set, and searches each image's
-        predecessors in them (`InvertedLists.head`): every later query uses the same lists."""
+        (`prompt_labels`): a defective one becomes one of the bank's `demos` instead (its farthest cells from
+        the good images); a graded one is also one of its `graded` (its whole-image statistics). What a query
+        compares with when the language model reads the supports at a smaller tile budget than the comparison
+        needs. A bank small enough for the exact search gives what a prompt of these images gives; a larger one
+        builds its approximate-search lists once, over the whole set, and searches each image's predecessors in
+        them (`InvertedLists.head`): every later query uses the same lists."""
         check_image_grid(image_grid, pixel_values)
         labels = labels or [(None, None)] * len(image_grid)
         if len(labels) != len(image_grid):
             raise ValueError(f"labels must give one (role, name) per image: {len(image_grid)} images, {len(labels)}")
         comparison = self.reference_comparison
-        features = comparison.features(self.image_grids(pixel_values, comparison.encoders))
+        grids = self.image_grids(pixel_values, comparison.encoders)
+        features = comparison.features(grids)
         thumbnail = thumbnail_tiles(image_grid)
         starts = [0, *image_grid[:, 2].cumsum(0).tolist()]
         spans = list(zip(starts[:-1], starts[1:], strict=True))
@@ -269,6 +272,10 @@ class KensaVLModel(KensaVLPreTrainedModel):
                 found = [comparison.nearest(image[n], bank.cells[n], lists.get(n)) for n in comparison.encoders]
                 defect = farthest_cells(image, found, scored_tiles(thumbnail[first:last]), comparison.encoders)
                 bank.demos.append(Demo(name, defect))
+            if role == "grade" and name:
+                raw = {n: g[first:last] for n, g in grids.items()}
+                bank.graded.append(Demo(name, stats=comparison.statistics(pixel_values[first:last], raw,
+                                                                          thumbnail[first:last])))  # fmt: skip
         return bank
 
     @torch.no_grad()
@@ -283,7 +290,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
                 f"got {tuple(image_grid.shape)} {image_grid.tolist()}."
             )
         comparison = self.reference_comparison
-        features = comparison.features(self.image_grids(pixel_values, comparison.encoders))
+        grids = self.image_grids(pixel_values, comparison.encoders)
+        features = comparison.features(grids)
         lists = comparison.bank_lists(bank) or {}
         distances = [comparison.nearest(features[n], bank.cells[n].float(), lists.get(n)) for n in comparison.encoders]
         return locate_box(distances, *image_grid[0, :2].tolist(), bank.level)

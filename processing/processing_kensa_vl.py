@@ -158,15 +158,22 @@ def verdict_token_ids(tokenizer) -> list[int]:
 
 def label_token_ids(tokenizer) -> dict[str, list[int]]:
     """The token ids that mark an example's label after its image (`demos_kensa_vl.read_label`): the first tokens of
-    "good" and "defective" with and without a leading space, and the tokens around a defect's name (":" and " at").
-    Empty lists where the tokenizer cannot mark them (":" or " at" not one token, or " good" and " defective" starting
-    alike): the model then reads no labels and copies no names."""
+    "good" and "defective" with and without a leading space, the tokens around a defect's name (":" and " at"), the
+    tokens of "grade" and " grade" and those that end a grade's name ("," and a line break). Empty lists where the
+    tokenizer cannot mark them (":" or " at" not one token, or " good" and " defective" starting alike; "," or a line
+    break not one token): the model then reads no labels (no grades) and copies no names."""
     first = {word: sorted({tokenizer(w, add_special_tokens=False).input_ids[0] for w in (word, " " + word)})
              for word in VERDICT_WORDS}  # fmt: skip
     marks = [tokenizer(mark, add_special_tokens=False).input_ids for mark in (":", " at")]
+    ends = [tokenizer(mark, add_special_tokens=False).input_ids for mark in (",", "\n")]
+    words = [tokenizer(w, add_special_tokens=False).input_ids for w in (GRADE_WORD, " " + GRADE_WORD)]
+    grades = {"grade_word_ids": words, "grade_marks": sum(ends, [])}
+    if any(len(m) != 1 for m in marks + ends):
+        grades = {"grade_word_ids": [], "grade_marks": []}
     if any(len(m) != 1 for m in marks) or set(first["good"]) & set(first["defective"]):
-        return {"good_label_ids": [], "defective_label_ids": [], "name_marks": []}
-    return {"good_label_ids": first["good"], "defective_label_ids": first["defective"], "name_marks": sum(marks, [])}
+        return {"good_label_ids": [], "defective_label_ids": [], "name_marks": [], **grades}
+    return {"good_label_ids": first["good"], "defective_label_ids": first["defective"], "name_marks": sum(marks, []),
+            **grades}  # fmt: skip
 
 
 def answer_prompt_ids(tokenizer) -> list[int]:

@@ -100,31 +100,33 @@ def test_saved_folder_holds_every_file_its_remote_code_imports(tiny_dir):
 )
 def test_checkpoint_keys_are_those_of_earlier_releases(name, kwargs):
     """Saved weights keep loading: the state-dict keys are the ones recorded from kensa-vl 0.1 (before the model
-    file was split into vision, comparison and model files), plus the comparison's verdict logit and its demo
-    pointer (2026-12-03), which a checkpoint without them starts at their priors
+    file was split into vision, comparison and model files), plus the comparison's verdict logit, its demo pointer
+    and its grade pointer (2026-12-03), which a checkpoint without them starts at their priors
     (`test_a_checkpoint_without_the_verdict_or_the_pointer_starts_at_its_prior`)."""
     from kensa_vl.train.build import build_tiny
 
     recorded = json.loads((ROOT / "tests" / "data" / "checkpoint_keys.json").read_text())[name]
     model, _ = build_tiny(**kwargs)
-    added = {f"model.reference_comparison.{part}.{p}" for part in ("verdict", "demo_pointer.pointer",
-             "demo_pointer.gate") for p in ("weight", "bias")}  # fmt: skip
+    parts = ("verdict", "demo_pointer.pointer", "demo_pointer.gate", "grade_pointer.pointer", "grade_pointer.gate")
+    added = {f"model.reference_comparison.{part}.{p}" for part in parts for p in ("weight", "bias")}
     assert sorted(set(model.state_dict()) - (added if kwargs.get("reference_comparison") else set())) == recorded
 
 
-@pytest.mark.parametrize("part", [".verdict.", ".demo_pointer."])
+@pytest.mark.parametrize("part", [".verdict.", ".demo_pointer.", ".grade_pointer."])
 def test_a_checkpoint_without_the_verdict_or_the_pointer_starts_at_its_prior(tmp_path, part):
     import torch
     from safetensors.torch import load_file, save_file
 
     from kensa_vl.modeling.comparison_kensa_vl import VERDICT_MARGIN, VERDICT_SLOPE
     from kensa_vl.modeling.demos_kensa_vl import GATE_START, POINTER_SLOPE
+    from kensa_vl.modeling.grading_kensa_vl import GRADE_SLOPE
     from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
     from kensa_vl.train.build import build_tiny
 
     model, _ = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True)
     comparison = model.model.reference_comparison
-    for module in (comparison.verdict, comparison.demo_pointer.pointer, comparison.demo_pointer.gate):
+    for module in (comparison.verdict, comparison.demo_pointer.pointer, comparison.demo_pointer.gate,
+                   comparison.grade_pointer.pointer, comparison.grade_pointer.gate):  # fmt: skip
         module.weight.data.fill_(3.0)
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
@@ -134,6 +136,9 @@ def test_a_checkpoint_without_the_verdict_or_the_pointer_starts_at_its_prior(tmp
         prior = torch.tensor([[VERDICT_SLOPE, -VERDICT_SLOPE * VERDICT_MARGIN]])
         torch.testing.assert_close(old.verdict.weight, prior)
         assert old.verdict.bias.item() == 0.0 and old.demo_pointer.gate.weight.flatten().tolist() == [3.0, 3.0]
+    elif part == ".grade_pointer.":
+        assert old.grade_pointer.pointer.weight.item() == GRADE_SLOPE and old.grade_pointer.gate.bias == GATE_START
+        assert old.demo_pointer.pointer.weight.item() == 3.0  # the rest as saved
     else:
         assert old.demo_pointer.pointer.weight.item() == POINTER_SLOPE and old.demo_pointer.pointer.bias.item() == 0
         assert old.demo_pointer.gate.weight.abs().sum() == 0 and old.demo_pointer.gate.bias.item() == GATE_START

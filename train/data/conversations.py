@@ -270,27 +270,18 @@ def grading_why(attribute, grade: int, names: list[str]) -> str:
     return f"{attribute.more} than the {names[grade - 1]} limit sample"
 
 
-def grading_episode(support: list[dict], grades: list[int], query: dict, query_grade: int | None, names: list[str],
-                    attribute) -> dict:  # fmt: skip
-    """A grading episode (grading item rows: `image`, `noun`, `limit`) as one user turn: the graded examples, each
-    labelled `grade: <name>` (`, limit sample` for one), then the query; the answer names its grade and says why
-    (`grading_why`). `attribute`: a `grading.Attribute` (what the grades are of); `query_grade` None: no answer."""
+def grading_episode(support: list[dict], grades: list[int], query: dict, names: list[str], graded_by: str,
+                    answer: str | None = None) -> dict:  # fmt: skip
+    """A grading episode as one user turn: the graded examples (rows with `image`, `noun` and `limit`, or the
+    Inspector's items with a `note`), each labelled `grade: <name>` (`, limit sample` or `, <note>` after it), then
+    the query; `answer` (`grading_answer`'s text), when given, is the assistant's turn."""
     noun = query["noun"]
-    blocks = [
-        f"Graded examples of a {noun}, graded by {attribute.noun}; a limit sample is the most its grade allows:\n"
-    ]
+    blocks = [f"Graded examples of a {noun}, graded by {graded_by}; a limit sample is the most its grade allows:\n"]
     for j, (item, grade) in enumerate(zip(support, grades, strict=True), 1):
-        blocks += [
-            f"{j}. ",
-            IMAGE,
-            " " + grading_answer(names[grade], "limit sample" if item["limit"] else None) + "\n",
-        ]
+        note = "limit sample" if item.get("limit") else item.get("note")
+        blocks += [f"{j}. ", IMAGE, " " + grading_answer(names[grade], note) + "\n"]
     blocks += ["Query: ", IMAGE, f"\nWhich grade is this {noun}, and why?"]
-    messages = [turn("user", *blocks)]
-    if query_grade is not None:
-        messages.append(
-            turn("assistant", grading_answer(names[query_grade], grading_why(attribute, query_grade, names)))
-        )
+    messages = [turn("user", *blocks)] + ([turn("assistant", answer)] if answer is not None else [])
     return {"messages": messages, "images": [i["image"] for i in [*support, query]]}
 
 
@@ -311,7 +302,9 @@ def grading_conversations(items, episodes, seed: int = 0, pool: str = "training"
         ):
             names = draw_grades(np.random.default_rng([seed, int(row)]), int(n), pool)
             shown = [item(int(i)) for i in support]
-            conversation = grading_episode(shown, grades, item(int(query)), grade, names, ATTRIBUTES[attribute])
+            kind = ATTRIBUTES[attribute]
+            answer = grading_answer(names[grade], grading_why(kind, grade, names))
+            conversation = grading_episode(shown, grades, item(int(query)), names, kind.noun, answer)
             for key in out:
                 out[key].append(conversation[key])
         return out
