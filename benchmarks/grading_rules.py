@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from kensa_vl.eval.grading import PooledNearest, grading_sets
 from kensa_vl.eval.inspector import load_pretrained
 from kensa_vl.eval.measure import machine
+from kensa_vl.modeling.grading_kensa_vl import grade_closeness
 from kensa_vl.train.data import load_grading
 
 
@@ -63,6 +64,19 @@ def rules(x: np.ndarray, grades: np.ndarray, limits: np.ndarray, q: np.ndarray) 
     }
 
 
+@torch.no_grad()
+def model_statistics(model, processor, image) -> torch.Tensor:
+    """`grading_kensa_vl.image_statistics` of one image, on its grid tiles as the model sees them."""
+    from kensa_vl.modeling.comparison_kensa_vl import scored_tiles, thumbnail_tiles
+    from kensa_vl.modeling.grading_kensa_vl import image_statistics
+
+    batch = processor.image_processor([image.convert("RGB")], return_tensors="pt")
+    names = model.config.reference_encoder_names()
+    grids = model.model.image_grids(batch["pixel_values"], names)
+    selected = scored_tiles(thumbnail_tiles(batch["image_grid"]))
+    return image_statistics(batch["pixel_values"][selected], {n: g[selected] for n, g in grids.items()}, names)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
@@ -78,7 +92,8 @@ def main(argv=None) -> None:
             encoder = torch.cat(list(baseline.statistics(items[row]["image"]).values())).numpy()
             pixel = pixel_statistics(items[row]["image"])
             both = np.concatenate([encoder / len(encoder) ** 0.5, pixel / len(pixel) ** 0.5])
-            cache[row] = {"encoder": encoder, "pixel": pixel, "both": both}
+            cache[row] = {"encoder": encoder, "pixel": pixel, "both": both,
+                          "model": model_statistics(model, processor, items[row]["image"])}  # fmt: skip
         return cache[row]
 
     hits = {}
@@ -90,6 +105,13 @@ def main(argv=None) -> None:
             flags = np.array([limits[i] for i in chosen["support"]])
             for rule, predicted in rules(x, np.array(chosen["grades"]), flags, q).items():
                 hits.setdefault((name, rule), {}).setdefault(chosen["attribute"], []).extend(predicted == truth)
+        examples = torch.stack([statistics(i)["model"] for i in chosen["support"]])
+        groups = torch.tensor(chosen["grades"])
+        predicted = [
+            int(grade_closeness(statistics(i)["model"], examples, groups).argmax()) for i, _ in chosen["queries"]
+        ]
+        hits.setdefault(("model", "grade_closeness"), {}).setdefault(chosen["attribute"], []).extend(
+            np.array(predicted) == truth)  # fmt: skip
     attributes = sorted({a for by in hits.values() for a in by})
     print(f"validation grading, 3 grades x 3 examples, {args.seeds} seeds; {machine()}")
     print("| statistics | rule | accuracy | " + " | ".join(attributes) + " |")

@@ -8,6 +8,9 @@ width inside their grade.
 - **accuracy**: the share of queries given their grade; **ordinal error**: the mean distance in grades between the
   answer and the truth (a grade named by no example counts as the farthest grade).
 - Per attribute (held-out ones included: validation's `coarseness`, test's `gloss`) and per category.
+- **kensa**: the model's generated answer through an `Inspector` (the grade it names; a model without the comparison
+  or grade marks is not run). **follow rate**: with the names rotated across the grades (same photos), the share of
+  the queries named in both runs whose answer names the same photos' grade: the name is read from the examples.
 - **pooled** (the training-free baseline): nearest grade by pooled feature statistics on the model's compared
   encoders (`PooledNearest`), on the same supports and queries.
 
@@ -26,7 +29,8 @@ from tqdm.auto import tqdm
 from kensa_vl.modeling.comparison_kensa_vl import thumbnail_tiles
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 
-METHODS = {"pooled": "nearest grade, pooled features (training-free)"}
+METHODS = {"kensa": "KensaVL (generated answer)", "pooled": "nearest grade, pooled features (training-free)"}
+MAX_NEW_TOKENS = 16  # "grade: <name>," of the longest evaluation name, and a little
 
 
 def grading_sets(items, seeds: int = 3, num_grades: int = 3, shots: int = 3) -> list[dict]:
@@ -98,16 +102,40 @@ class PooledNearest:
 
 def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 3, shots: int = 3,
                      progress: bool = True) -> dict:  # fmt: skip
-    """Grade every query of `grading_sets` with each method: the metrics and one record per query and method."""
+    """Grade every query of `grading_sets` with the baseline and, for a model that grades, with KensaVL through an
+    `Inspector` (cached support, greedy answer), twice: with the drawn names and with the names rotated across the
+    grades (`run` "rotated"), for the follow rate. The metrics and one record per query, method and run."""
+    from kensa_vl.train.data import ATTRIBUTES, MATERIALS
+
+    from .inspector import Inspector, support_item
+
     sets = grading_sets(items, seeds, num_grades, shots)
     baseline, records = PooledNearest(model, processor), []
+    grades = bool(getattr(model.config, "reference_comparison", False) and model.config.grade_marks)
+    inspector = Inspector(model, processor, max_new_tokens=MAX_NEW_TOKENS) if grades else None
     for chosen in tqdm(sets, desc="grading by example", disable=not progress):
-        baseline.set_support([items[i]["image"] for i in chosen["support"]], chosen["grades"])
-        for order, (row, grade) in enumerate(chosen["queries"]):
-            predicted, probs = baseline.predict(items[row]["image"])
-            records.append({"method": "pooled", "category": chosen["category"], "attribute": chosen["attribute"],
-                            "seed": chosen["seed"], "query": order, "index": row, "grade": grade,
-                            "predicted": predicted, "probs": probs})  # fmt: skip
+        context = {key: chosen[key] for key in ("category", "attribute", "seed")}
+        queries = [(row, grade, items[row]["image"]) for row, grade in chosen["queries"]]
+        examples = [items[i] for i in chosen["support"]]
+        baseline.set_support([x["image"] for x in examples], chosen["grades"])
+        for order, (row, grade, image) in enumerate(queries):
+            predicted, probs = baseline.predict(image)
+            records.append({"method": "pooled", "run": "named", **context, "query": order, "index": row,
+                            "grade": grade, "predicted": predicted, "probs": probs})  # fmt: skip
+        if inspector is None:
+            continue
+        inspector.noun = MATERIALS[chosen["category"]].noun if chosen["category"] in MATERIALS else "product"
+        inspector.graded_by = ATTRIBUTES[chosen["attribute"]].noun if chosen["attribute"] in ATTRIBUTES else "look"
+        for run, names in (("named", chosen["names"]), ("rotated", chosen["names"][1:] + chosen["names"][:1])):
+            inspector.set_support([support_item(x["image"], label=names[g], limit=x["limit"])
+                                   for x, g in zip(examples, chosen["grades"], strict=True)])  # fmt: skip
+            for order, (row, grade, image) in enumerate(queries):
+                result = inspector.judge(image)[0]
+                predicted = names.index(result.grade) if result.grade in names else None
+                probs = [result.grade_probabilities.get(n, 0.0) for n in names]
+                records.append({"method": "kensa", "run": run, **context, "query": order, "index": row,
+                                "grade": grade, "predicted": predicted, "probs": probs, "text": result.text,
+                                "limit_sample": result.limit_sample})  # fmt: skip
     config = {"seeds": seeds, "num_grades": num_grades, "shots": shots}
     return {"metrics": grading_metrics(records, num_grades), "records": records, "config": config}
 
@@ -122,7 +150,7 @@ def grading_metrics(records: list[dict], num_grades: int) -> dict:
 
     out = {}
     for method in sorted({r["method"] for r in records}):
-        mine = [r for r in records if r["method"] == method]
+        mine = [r for r in records if r["method"] == method and r.get("run", "named") == "named"]
         per_seed = [
             summary([r for r in mine if r["seed"] == s])["accuracy"] for s in sorted({r["seed"] for r in mine})
         ]
@@ -130,6 +158,14 @@ def grading_metrics(records: list[dict], num_grades: int) -> dict:
         for key, field in (("attributes", "attribute"), ("categories", "category")):
             names = sorted({r[field] for r in mine})
             out[method][key] = {n: summary([r for r in mine if r[field] == n]) for n in names}
+        rotated = {(r["category"], r["attribute"], r["seed"], r["query"]): r for r in records
+                   if r["method"] == method and r.get("run") == "rotated"}  # fmt: skip
+        pairs = [(r, rotated.get((r["category"], r["attribute"], r["seed"], r["query"]))) for r in mine]
+        both = [(a, b) for a, b in pairs if b is not None and None not in (a["predicted"], b["predicted"])]
+        # the answer follows the names when it points at the same examples' grade under either naming
+        follow = [a["predicted"] == b["predicted"] for a, b in both]
+        out[method]["follow_rate"] = float(np.mean(follow)) if both else None
+        out[method]["named_in_both_runs"] = len(both)
     return out
 
 
@@ -143,10 +179,11 @@ def confusion(records: list[dict], num_grades: int) -> np.ndarray:
 
 def grading_table(result: dict) -> str:
     """Per method the overall figures, then per attribute and per category, as markdown."""
-    lines = ["| method | queries | accuracy | seed std | ordinal error |", "|---|---|---|---|---|"]
+    lines = ["| method | queries | accuracy | seed std | ordinal error | follow rate |", "|---|---|---|---|---|---|"]
     for method, m in result["metrics"].items():
+        follow = "n/a" if m["follow_rate"] is None else f"{m['follow_rate']:.3f} ({m['named_in_both_runs']})"
         lines.append(f"| {METHODS.get(method, method)} | {m['queries']} | {m['accuracy']:.3f} | "
-                     f"{m['accuracy_seed_std']:.3f} | {m['ordinal_error']:.3f} |")  # fmt: skip
+                     f"{m['accuracy_seed_std']:.3f} | {m['ordinal_error']:.3f} | {follow} |")  # fmt: skip
     for key in ("attributes", "categories"):
         methods = list(result["metrics"])
         lines += ["", f"| {key} | " + " | ".join(f"{m} accuracy" for m in methods) + " |",

@@ -49,13 +49,17 @@ def test_the_baseline_grades_by_its_examples_and_follows_a_permutation(tiny):
     assert [baseline.predict(q)[0] for q, _ in queries] == [2, 0, 1]
 
 
-def test_metrics_count_grades_and_their_distance():
-    records = [{"method": "m", "seed": s, "attribute": a, "category": "c", "grade": g, "predicted": p}
-               for s, a, g, p in [(0, "x", 0, 0), (0, "x", 2, 0), (1, "y", 1, 1), (1, "y", 1, None)]]  # fmt: skip
+def test_metrics_count_grades_their_distance_and_the_follow_rate():
+    rows = [(0, "x", 0, 0, 0), (0, "x", 1, 2, 0), (1, "y", 0, 1, 1), (1, "y", 1, 1, None)]
+    records = [{"method": "m", "run": "named", "seed": s, "attribute": a, "category": "c", "query": q, "grade": g,
+                "predicted": p} for s, a, q, g, p in rows]  # fmt: skip
+    rotated = [0, 1, 0, 2]  # the rotated run: same, differs, differs, second query unnamed in the first run
+    records += [{**r, "run": "rotated", "predicted": p} for r, p in zip(records, rotated, strict=True)]
     m = grading_metrics(records, num_grades=3)["m"]
-    assert m["accuracy"] == 0.5 and m["ordinal_error"] == pytest.approx((0 + 2 + 0 + 2) / 4)
+    assert m["queries"] == 4 and m["accuracy"] == 0.5 and m["ordinal_error"] == pytest.approx((0 + 2 + 0 + 2) / 4)
     assert m["attributes"]["x"]["accuracy"] == 0.5 and m["accuracy_seed_std"] == 0
-    assert confusion(records, 3).tolist() == [[1, 0, 0, 0], [0, 1, 0, 1], [1, 0, 0, 0]]
+    assert m["named_in_both_runs"] == 3 and m["follow_rate"] == pytest.approx(1 / 3)
+    assert confusion(records[:4], 3).tolist() == [[1, 0, 0, 0], [0, 1, 0, 1], [1, 0, 0, 0]]
 
 
 def test_eval_task_grading_writes_its_report(tiny_dir, synth_dir, tmp_path):
@@ -69,3 +73,19 @@ def test_eval_task_grading_writes_its_report(tiny_dir, synth_dir, tmp_path):
     assert result["config"]["split"] == "validation" and "coarseness" in result["metrics"]["pooled"]["attributes"]
     assert (tmp_path / "grading.md").read_text().startswith("| method |")
     assert Image.open(tmp_path / "grading_confusion.png").size[0] > 200
+
+
+def test_the_model_is_evaluated_beside_the_baseline_with_its_follow_rate(synth_dir):
+    from kensa_vl.eval.grading import evaluate_grading
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(tile_size=112, max_tiles=2, reference_comparison=True, dct=True)
+    items = load_grading(synth_dir)[0]["test"]
+    items = items.select([i for i, a in enumerate(items["attribute"]) if a in ("shade", "gloss")])
+    result = evaluate_grading(model.eval(), processor, items, seeds=1, progress=False)
+    kensa, pooled = result["metrics"]["kensa"], result["metrics"]["pooled"]
+    assert kensa["queries"] == pooled["queries"] > 0 and set(kensa["attributes"]) == {"shade", "gloss"}
+    runs = {r["run"] for r in result["records"] if r["method"] == "kensa"}
+    assert runs == {"named", "rotated"} and kensa["named_in_both_runs"] > 0
+    # the untrained model's answer names a grade of the prompt, read from its examples: the names rotate with it
+    assert kensa["follow_rate"] > 0.9 and all(r["predicted"] is not None for r in result["records"])

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 # sub-command -> (the module whose `add_parsers` defines it, the line `kensa-vl --help` shows for it)
-NAMING_SEEDS = 3  # the main job's naming evaluation: support draws per test category (eval/naming.py)
+NAMING_SEEDS = 3  # the main job's naming and grading evaluations: support draws per test category (eval/naming.py)
 COMMANDS = {
     "tiny": ("kensa_vl.train.build", "build a tiny random KensaVL offline (the embedded default)"),
     "assemble": ("kensa_vl.train.build", "assemble KensaVL from pretrained towers and an LM"),
@@ -75,12 +75,13 @@ def main_job(
     """The whole job; returns the metrics written to `OUT/metrics.json`. `overrides` are recipe arguments added to
     both stages (e.g. `["--max_steps", "2"]`); `tiny` replaces entries of the tiny model's `TINY` settings (e.g.
     `{"reference_comparison": False}` for plain in-context learning)."""
+    from kensa_vl.eval.grading import evaluate_grading, grading_table, write_grading
     from kensa_vl.eval.inspector import load_pretrained
     from kensa_vl.eval.naming import evaluate_naming, naming_table, write_naming
     from kensa_vl.eval.plots import loss_curve
     from kensa_vl.eval.report import evaluate_and_report
     from kensa_vl.train import pipeline
-    from kensa_vl.train.data import load_synth
+    from kensa_vl.train.data import load_grading, load_synth
 
     out = Path(out)
     if (out / "metrics.json").exists() and not overwrite:
@@ -108,9 +109,14 @@ def main_job(
     # does the answer read the examples: 2 named defective examples, names from the evaluation pool (eval/naming.py)
     naming = evaluate_naming(model, processor, items["test"], seeds=min(seeds, NAMING_SEEDS))
     write_naming(naming, out)
+    # grading by 3 examples per grade on the test categories' grading tasks, names never seen (eval/grading.py)
+    grading = evaluate_grading(model, processor, load_grading(data)[0]["test"], seeds=min(seeds, NAMING_SEEDS))
+    write_grading(grading, out)
     summary = json.loads((out / "metrics.json").read_text())
-    (out / "metrics.json").write_text(json.dumps({**summary, "naming": naming["metrics"]}, indent=2))
+    summary.update(naming=naming["metrics"], grading=grading["metrics"])
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(naming_table(naming), end="")
+    print(grading_table(grading), end="")
     for k, result in results["kensa"]["shots"].items():
         overall = result["overall"]
         print(

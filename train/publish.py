@@ -28,7 +28,15 @@ VERIFY = Path(__file__).parent / "verify_export.py"
 # What a Hub repo of the model needs; everything else in a training folder (runs/, checkpoints, optimizer states,
 # training_args.bin) stays behind.
 SHIPPED = ("*.py", "*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")
-PLOTS = ("accuracy_vs_shots.png", "roc.png", "accuracy_vs_size.png", "examples.png", "heatmaps.png", "loss.png")
+PLOTS = (
+    "accuracy_vs_shots.png",
+    "roc.png",
+    "accuracy_vs_size.png",
+    "examples.png",
+    "heatmaps.png",
+    "loss.png",
+    "grading_confusion.png",
+)
 LEFTOVER = re.compile(r"\{\{|\{%|REPO_ID|TODO|TBD|<fill", re.IGNORECASE)
 
 
@@ -112,7 +120,7 @@ def model_card(
     if results is not None:
         if table is None:
             raise ValueError("the evaluation's results come with their table.md")
-        methods = {k: v for k, v in results.items() if k not in ("run", "naming")}
+        methods = {k: v for k, v in results.items() if k not in ("run", "naming", "grading")}
         config_of = methods["kensa"].get("config", {})
         calibrated = methods.get("patchcore", {}).get("config", {}).get("calibration") == "validation categories"
         calibration = "the validation categories (not test)" if calibrated else "nothing (its rule's threshold)"
@@ -123,6 +131,7 @@ def model_card(
             "seeds": config_of.get("seeds", "the"),
             "calibration": calibration,
             "naming": results.get("naming"),
+            "grading": results.get("grading"),
         }
     text = config["text_config"]
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)

@@ -37,7 +37,7 @@ COMPONENTS = {
     "reference_comparison": "model.reference_comparison",
 }
 STAGES = ("align", "multitask", "finetune")
-SOURCES = ("episodes", "naming", "captions", "classification", "detection")
+SOURCES = ("episodes", "naming", "grading", "captions", "classification", "detection")
 
 
 @dataclass
@@ -260,8 +260,9 @@ def load_model(args: KensaArguments):
 
 def load_data(args: KensaArguments, seed: int):
     """The recipe's mixture over a KensaSynth folder (train and validation splits), generated when missing."""
+    from kensa_vl.train.data import conversations
     from kensa_vl.train.data.conversations import mixture
-    from kensa_vl.train.data.synth import SynthConfig, generate, load_synth
+    from kensa_vl.train.data.synth import SynthConfig, generate, load_grading, load_synth
 
     path = Path(args.data or "outputs/kensa-synth")
     if not (path / "checksums.json").exists():
@@ -270,9 +271,12 @@ def load_data(args: KensaArguments, seed: int):
         )
         generate(cfg, path, preview=True)
     items, episodes = load_synth(path)
+    grading = load_grading(path) if "grading" in args.weights else None
     splits = {}
     for split in ("train", "validation"):
-        chosen = {name: _source(name, items[split], episodes[split]) for name in args.weights}
+        chosen = {name: _source(name, items[split], episodes[split]) for name in args.weights if name != "grading"}
+        if grading is not None:  # KensaSynth's grading episodes, grade names drawn on access
+            chosen["grading"] = conversations.grading_conversations(grading[0][split], grading[1][split])
         size = args.num_rows if split == "train" else max(8, args.num_rows // 10)
         splits[split] = mixture(chosen, args.weights, size, seed=seed)
     return splits["train"], splits["validation"]
