@@ -5,7 +5,9 @@
 
 Upload good examples, defective examples (one name per line, in your words, optional), and queries; press Inspect.
 Each query gets its verdict, P(defective), the description, which defective example it resembles ("like defective
-example 2: a dark scratch"), its heatmap and boxes drawn, and the time it took. Each
+example 2: a dark scratch"), its heatmap and boxes drawn, and the time it took. The Grade tab grades queries against
+examples of 2-4 named grades, each with an optional limit sample (官能検査): each query gets its grade, the
+probability of each grade and the nearest limit sample. Each
 support set is encoded once and kept (KV cache) by key for the next request with it; the last KENSA_CACHE_SIZE (4)
 are held, KENSA_CONCURRENCY (2) requests run at once and KENSA_QUEUE_SIZE (16) wait, beyond that a request is
 refused with a message. Bad input gets a message in the page, never a traceback.
@@ -31,7 +33,8 @@ from kensa_vl.processing.image_processing_kensa_vl import ImageTooLarge, to_rgb
 
 logger = logging.getLogger("kensa_vl.demo")
 
-LIMITS = {"good": 8, "defective": 4, "queries": 8}
+LIMITS = {"good": 8, "defective": 4, "queries": 8, "per grade": 4}
+GRADES = 4  # grade rows on the Grade tab
 MAX_FILE_MB = 10
 MAX_PIXELS = 4096 * 4096
 
@@ -89,10 +92,22 @@ class Demo:
     def set_support(self, good: list[str], defective: list[str], descriptions: str, noun: str):
         """The inspector holding this support set, encoded unless it is cached: `(inspector, encoded)`."""
         notes = [line.strip() for line in (descriptions or "").splitlines()]
-        digest = hashlib.sha256(noun.encode())
-        for path in [*good, *defective]:
+
+        def make() -> list[dict]:
+            support = [support_item(open_image(p, "good example")) for p in good]
+            for i, path in enumerate(defective):
+                note = notes[i] if i < len(notes) and notes[i] else None
+                support.append(support_item(open_image(path, "defective example"), defective=True, description=note))
+            return support
+
+        return self.session([*good, *defective], ["\n".join(notes), noun], make, noun=noun.strip() or "product")
+
+    def session(self, paths: list[str], words: list[str], make, **settings):
+        """The inspector holding the support set of `paths` (photos) and `words` (names, settings), built by `make()`
+        and encoded unless it is cached, with `settings` set on it: `(inspector, encoded)`."""
+        digest = hashlib.sha256("\x00".join(words).encode())
+        for path in paths:
             digest.update(Path(path).read_bytes())
-        digest.update("\n".join(notes).encode())
         key = digest.hexdigest()
         with self.lock:
             if key in self.sessions:
@@ -103,12 +118,10 @@ class Demo:
             with self.lock:
                 if key in self.sessions:
                     return self.sessions[key], False
-            support = [support_item(open_image(p, "good example")) for p in good]
-            for i, path in enumerate(defective):
-                note = notes[i] if i < len(notes) and notes[i] else None
-                support.append(support_item(open_image(path, "defective example"), defective=True, description=note))
+            support = make()
             session = copy.copy(self.inspector)  # shares the model; its own support state
-            session.noun = noun.strip() or "product"
+            for name, value in settings.items():
+                setattr(session, name, value)
             session.set_support(support)
             with self.lock:
                 self.sessions[key] = session
@@ -155,35 +168,120 @@ class Demo:
             logger.exception("inspection failed")
             return [], [], "**Something went wrong** while inspecting; the server log has the details."
 
+    def grade(self, noun, graded_by, queries, *rows):
+        """The Grade button: `rows` are GRADES (name, example files, limit sample file) triples; returns (results
+        table, status line). Never raises."""
+        queries = queries or []
+        try:
+            grades = [(str(n).strip(), list(e or []), lim) for n, e, lim in zip(*[iter(rows)] * 3, strict=True)]
+            grades = [g for g in grades if g[0] or g[1] or g[2]]
+            for name, examples, limit in grades:
+                if not name or not (examples or limit):
+                    raise ValueError(f"grade {name or '(no name)'!r}: give it a name and at least one example")
+                if len(examples) > LIMITS["per grade"]:
+                    raise ValueError(f"grade {name!r}: {len(examples)} examples, at most {LIMITS['per grade']}")
+            if len(grades) < 2:
+                raise ValueError(
+                    f"grading needs at least two grades, each with a name and examples; got {len(grades)}"
+                )
+            check_counts(queries=queries)
+
+            def make() -> list[dict]:
+                support = []
+                for name, examples, limit in grades:
+                    support += [support_item(open_image(p, f"example of {name}"), label=name) for p in examples]
+                    if limit:
+                        support.append(
+                            support_item(open_image(limit, f"limit sample of {name}"), label=name, limit=True)
+                        )
+                return support
+
+            paths = [p for _, examples, limit in grades for p in [*examples, *([limit] if limit else [])]]
+            words = [noun, graded_by, *(f"{n}:{len(e)}:{bool(lim)}" for n, e, lim in grades)]
+            start = time.perf_counter()
+            inspector, encoded = self.session(paths, words, make, noun=noun.strip() or "product",
+                                              graded_by=graded_by.strip() or "appearance")  # fmt: skip
+            support_ms = (time.perf_counter() - start) * 1000
+            rows = []
+            for path in queries:
+                start = time.perf_counter()
+                try:
+                    result = inspector.judge(open_image(path, "query"))[0]
+                except ValueError as err:
+                    rows.append([Path(path).name, "error", str(err), "", None])
+                    continue
+                shares = ", ".join(f"{g} {p:.2f}" for g, p in result.grade_probabilities.items())
+                limit = "" if result.limit_sample is None else f"{inspector.support[result.limit_sample - 1]['grade']}"
+                rows.append(
+                    [Path(path).name, result.grade, shares, limit, round((time.perf_counter() - start) * 1000)]
+                )
+            cached = "encoded" if encoded else "reused from the cache"
+            return (
+                rows,
+                f"Graded examples ({len(grades)} grades, {len(paths)} photos) {cached} in {support_ms:.0f} ms.",
+            )
+        except ValueError as err:
+            return [], f"**Cannot grade:** {err}"
+        except Exception:
+            logger.exception("grading failed")
+            return [], "**Something went wrong** while grading; the server log has the details."
+
 
 def build(demo: Demo) -> gr.Blocks:
     with gr.Blocks(title="KensaVL few-shot inspection") as page:
         gr.Markdown(
             "# KensaVL: few-shot visual inspection\nShow a few good (and optionally defective) examples, then "
-            f"judge new products. Limits: {LIMITS['good']} good, {LIMITS['defective']} defective and "
-            f"{LIMITS['queries']} query images, {MAX_FILE_MB} MB and {MAX_PIXELS // 2**20} megapixels per image."
+            f"judge new products; or grade them against examples of named grades. Limits: {LIMITS['good']} good, "
+            f"{LIMITS['defective']} defective, {LIMITS['per grade']} per grade and {LIMITS['queries']} query "
+            f"images, {MAX_FILE_MB} MB and {MAX_PIXELS // 2**20} megapixels per image."
         )
-        with gr.Row():
-            good = gr.File(label="Good examples", file_count="multiple", file_types=["image"], elem_id="good")
-            defective = gr.File(
-                label="Defective examples", file_count="multiple", file_types=["image"], elem_id="defective"
+        with gr.Tab("Inspect"):
+            with gr.Row():
+                good = gr.File(label="Good examples", file_count="multiple", file_types=["image"], elem_id="good")
+                defective = gr.File(
+                    label="Defective examples", file_count="multiple", file_types=["image"], elem_id="defective"
+                )
+                descriptions = gr.Textbox(
+                    label="Defect names, one per line (what an answer that resembles the example says)", lines=3,
+                    elem_id="descriptions",
+                )  # fmt: skip
+            with gr.Row():
+                noun = gr.Textbox(label="Product", value="product", elem_id="noun")
+                queries = gr.File(label="Queries", file_count="multiple", file_types=["image"], elem_id="queries")
+            button = gr.Button("Inspect", variant="primary", elem_id="inspect")
+            status = gr.Markdown(elem_id="status")
+            gallery = gr.Gallery(label="Queries with heatmaps and boxes", elem_id="gallery", columns=4)
+            table = gr.Dataframe(
+                headers=["file", "verdict", "P(defective)", "description", "like", "ms"],
+                elem_id="results",
+                interactive=False,
             )
-            descriptions = gr.Textbox(
-                label="Defect names, one per line (what an answer that resembles the example says)", lines=3,
-                elem_id="descriptions",
-            )  # fmt: skip
-        with gr.Row():
-            noun = gr.Textbox(label="Product", value="product", elem_id="noun")
-            queries = gr.File(label="Queries", file_count="multiple", file_types=["image"], elem_id="queries")
-        button = gr.Button("Inspect", variant="primary", elem_id="inspect")
-        status = gr.Markdown(elem_id="status")
-        gallery = gr.Gallery(label="Queries with heatmaps and boxes", elem_id="gallery", columns=4)
-        table = gr.Dataframe(
-            headers=["file", "verdict", "P(defective)", "description", "like", "ms"],
-            elem_id="results",
-            interactive=False,
-        )
-        button.click(demo.run, [good, defective, descriptions, noun, queries], [gallery, table, status])
+            button.click(demo.run, [good, defective, descriptions, noun, queries], [gallery, table, status])
+        with gr.Tab("Grade"):
+            gr.Markdown("Examples of each grade, least changed first or in any order, and optionally its limit "
+                        "sample (限度見本: the most that grade allows).")  # fmt: skip
+            rows = []
+            for i in range(GRADES):
+                with gr.Row():
+                    rows += [
+                        gr.Textbox(label=f"Grade {i + 1} name", elem_id=f"grade{i}_name"),
+                        gr.File(label="Examples", file_count="multiple", file_types=["image"],
+                                elem_id=f"grade{i}_examples"),
+                        gr.File(label="Limit sample", file_types=["image"], elem_id=f"grade{i}_limit"),
+                    ]  # fmt: skip
+            with gr.Row():
+                grade_noun = gr.Textbox(label="Product", value="product", elem_id="grade_noun")
+                graded_by = gr.Textbox(label="Graded by", value="appearance", elem_id="graded_by")
+                grade_queries = gr.File(label="Queries", file_count="multiple", file_types=["image"],
+                                        elem_id="grade_queries")  # fmt: skip
+            grade_button = gr.Button("Grade", variant="primary", elem_id="grade")
+            grade_status = gr.Markdown(elem_id="grade_status")
+            grades = gr.Dataframe(
+                headers=["file", "grade", "probabilities", "nearest limit sample", "ms"],
+                elem_id="grades",
+                interactive=False,
+            )
+            grade_button.click(demo.grade, [grade_noun, graded_by, grade_queries, *rows], [grades, grade_status])
     return page
 
 

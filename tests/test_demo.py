@@ -150,11 +150,66 @@ def test_inspection_in_a_real_browser(photos, tmp_path):
             artifacts = Path(os.environ.get("KENSA_ARTIFACTS", tmp_path))
             artifacts.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(artifacts / "demo.png"), full_page=True)
+            # the Grade tab: two named grades of one example each, a limit sample, a query
+            page.get_by_role("tab", name="Grade").click()
+            for i, (name, files) in enumerate([("light", paths[:1]), ("dark", paths[1:2])]):
+                page.locator(f"#grade{i}_name").locator("textarea, input").first.fill(name)
+                page.locator(f"#grade{i}_examples input[type=file]").set_input_files(files)
+                page.locator(f"#grade{i}_examples").get_by_text(Path(files[0]).stem, exact=True).wait_for(
+                    timeout=60_000
+                )
+            page.locator("#grade0_limit input[type=file]").set_input_files(paths[2:3])
+            page.locator("#grade_queries input[type=file]").set_input_files(paths[3:4])
+            page.locator("#grade0_limit").get_by_text("p2", exact=True).wait_for(timeout=60_000)
+            page.locator("#grade_queries").get_by_text("p3", exact=True).wait_for(timeout=60_000)
+            page.locator("#grade").click()
+            page.locator("#grade_status").get_by_text("Graded examples").wait_for(timeout=120_000)
+            graded = page.locator("#grades").inner_text()
+            assert "p3.png" in graded and ("light" in graded or "dark" in graded)
+            page.screenshot(path=str(artifacts / "demo_grading.png"), full_page=True)
             browser.close()
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def shades(tmp_path_factory):
+    """Panels of rising darkness for the Grade tab: three grades of two examples and a limit sample, three queries."""
+    from tests.test_grading_model import shade
+
+    folder = tmp_path_factory.mktemp("shades")
+    levels = {"examples": [0.0, 0.1, 0.45, 0.55, 0.9, 1.0], "limits": [0.33, 0.66, None], "queries": [0.05, 0.5, 0.95]}
+    paths = {}
+    for kind, values in levels.items():
+        for i, level in enumerate(values):
+            if level is not None:
+                shade(level, 50 * len(paths) + i).save(folder / f"{kind}{i}.png")
+        paths[kind] = [str(folder / f"{kind}{i}.png") if v is not None else None for i, v in enumerate(values)]
+    e = paths["examples"]
+    rows = [["zorp", e[0:2], paths["limits"][0]], ["blick", e[2:4], paths["limits"][1]], ["一等", e[4:6], None]]
+    return rows, paths["queries"]
+
+
+def test_the_grade_tab_grades_caches_and_says_what_is_wrong(app, shades):
+    from kensa_vl.eval.inspector import Inspector
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(tile_size=112, max_tiles=2, reference_comparison=True, dct=True)
+    demo = app.Demo(Inspector(model.eval(), processor, max_new_tokens=4))
+    grades, queries = shades
+    empty = [["", None, None]] * (app.GRADES - len(grades))
+    rows, status = demo.grade("panel", "shade", queries, *sum(grades + empty, []))
+    assert "encoded" in status and [r[1] for r in rows] == ["zorp", "blick", "一等"]
+    assert rows[0][2].startswith("zorp ") and rows[0][3] == "zorp"  # probabilities, the nearest limit sample's grade
+    assert "reused" in demo.grade("panel", "shade", queries[:1], *sum(grades + empty, []))[1]
+    one = grades[:1] + [["", None, None]] * (app.GRADES - 1)
+    assert "at least two grades" in demo.grade("panel", "shade", queries, *sum(one, []))[1]
+    nameless = [["", grades[1][1], None], *grades[:1], *[["", None, None]] * (app.GRADES - 2)]
+    assert "give it a name" in demo.grade("panel", "shade", queries, *sum(nameless, []))[1]
+    mixed = [["a, b", *grades[0][1:]], *grades[1:], *empty]
+    assert "grade name" in demo.grade("panel", "shade", queries, *sum(mixed, []))[1]
 
 
 def test_support_sets_are_kept_by_key_least_recently_used_first_out(app, tiny, photos):
