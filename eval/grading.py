@@ -140,6 +140,11 @@ def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 
     return {"metrics": grading_metrics(records, num_grades), "records": records, "config": config}
 
 
+def named_records(records: list[dict], method: str) -> list[dict]:
+    """A method's records of the run with the drawn names (the rotated run only measures the follow rate)."""
+    return [r for r in records if r["method"] == method and r.get("run", "named") == "named"]
+
+
 def grading_metrics(records: list[dict], num_grades: int) -> dict:
     """Per method: accuracy, ordinal error and their spread over seeds, overall, per attribute and per category."""
 
@@ -150,7 +155,7 @@ def grading_metrics(records: list[dict], num_grades: int) -> dict:
 
     out = {}
     for method in sorted({r["method"] for r in records}):
-        mine = [r for r in records if r["method"] == method and r.get("run", "named") == "named"]
+        mine = named_records(records, method)
         per_seed = [
             summary([r for r in mine if r["seed"] == s])["accuracy"] for s in sorted({r["seed"] for r in mine})
         ]
@@ -204,7 +209,7 @@ def plot_confusion(result: dict, path) -> Path:
     n, methods = result["config"]["num_grades"], list(result["metrics"])
     fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.2), squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
-        counts = confusion([r for r in result["records"] if r["method"] == method], n)
+        counts = confusion(named_records(result["records"], method), n)
         ax.imshow(counts / counts.sum(1, keepdims=True).clip(1), cmap="Blues", vmin=0, vmax=1)
         for (i, j), c in np.ndenumerate(counts):
             ax.text(j, i, str(c), ha="center", va="center", fontsize=8)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kensa_vl.eval.grading import PooledNearest, confusion, grading_metrics, grading_sets
+from kensa_vl.eval.grading import PooledNearest, confusion, grading_metrics, grading_sets, named_records
 from kensa_vl.train.data import grade_of, is_query, load_grading
 from kensa_vl.train.data.names import GRADE_WORDS, GRADES
 
@@ -89,3 +89,4 @@ def test_the_model_is_evaluated_beside_the_baseline_with_its_follow_rate(synth_d
     assert runs == {"named", "rotated"} and kensa["named_in_both_runs"] > 0
     # the untrained model's answer names a grade of the prompt, read from its examples: the names rotate with it
     assert kensa["follow_rate"] > 0.9 and all(r["predicted"] is not None for r in result["records"])
+    assert confusion(named_records(result["records"], "kensa"), 3).sum() == kensa["queries"]  # what the plot shows
