@@ -147,8 +147,8 @@ def test_a_checkpoint_without_the_verdict_or_the_pointer_starts_at_its_prior(tmp
 
 @needs_457
 def test_a_named_example_is_copied_in_both_versions(tmp_path):
-    """The remote code of a model with the comparison copies a defective example's name and the located box into
-    `generate`'s answer, the same under 4.57 and 5.x (a process without `kensa_vl`)."""
+    """The remote code of a model with the comparison copies a defective example's name and the located box, and a
+    graded query's grade, into `generate`'s answer, the same under 4.57 and 5.x (a process without `kensa_vl`)."""
     from kensa_vl.train.build import build_tiny, save_kensa
 
     model, processor = build_tiny(tile_size=112, max_tiles=2, reference_comparison=True, dct=True)
@@ -156,3 +156,4 @@ def test_a_named_example_is_copied_in_both_versions(tmp_path):
     new, old = check(sys.executable, out), check(TF457, out)
     assert new["named"].startswith(": scratch at the ") and "<box><loc_" in new["named"], new["named"]
     assert old["named"] == new["named"] and old["cached_equals_uncached"] and new["cached_equals_uncached"]
+    assert new["graded"].startswith("grade: deep,") and old["graded"] == new["graded"]  # a grade, copied alike

@@ -76,6 +76,26 @@ def main(path: str) -> dict:
             answers = [model.generate(**named, max_new_tokens=12, do_sample=False, use_cache=c) for c in (True, False)]
         result["named"] = processor.decode(answers[0][0, named["input_ids"].shape[1] :])
         result["cached_equals_uncached"] &= bool(torch.equal(*answers))
+    if getattr(config, "reference_comparison", False) and getattr(config, "grade_marks", None):
+        # a query after examples of two grades, pale and deep: the answer copies the label of the grade it is closer to
+        def panel(level, seed):
+            noise = np.random.default_rng(seed).normal(0, 8, (112, 112, 3))
+            return Image.fromarray(np.clip(200 - 120 * level + noise, 0, 255).astype(np.uint8))
+
+        shown = [("pale", panel(0.0, 4)), ("pale", panel(0.1, 5)), ("deep", panel(0.9, 6)), ("deep", panel(1.0, 7))]
+        content = [{"type": "text", "text": "Graded examples of a product, graded by shade:\n"}]
+        for number, (grade, picture) in enumerate(shown, 1):
+            content += [{"type": "text", "text": f"{number}. "}, {"type": "image", "image": picture},
+                        {"type": "text", "text": f" grade: {grade}\n"}]  # fmt: skip
+        content += [{"type": "text", "text": "Query: "}, {"type": "image", "image": panel(0.95, 8)},
+                    {"type": "text", "text": "\nWhich grade is this product, and why?"}]  # fmt: skip
+        graded = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True, return_tensors="pt")  # fmt: skip
+        with torch.no_grad():
+            greedy = {"max_new_tokens": 10, "do_sample": False}
+            answers = [model.generate(**graded, **greedy, use_cache=c) for c in (True, False)]
+        result["graded"] = processor.decode(answers[0][0, graded["input_ids"].shape[1] :])
+        result["cached_equals_uncached"] &= bool(torch.equal(*answers))
     pipe = pipeline("image-text-to-text", model=path, trust_remote_code=True)
     greedy = {"max_new_tokens": 4, "do_sample": False}
     raw = pipe(images=[query], text="Describe <image> please", generate_kwargs=greedy)
