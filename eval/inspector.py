@@ -499,7 +499,6 @@ class Inspector:
     def _grade_one(self, image: Image.Image) -> Judgement:
         """A graded query: the grade pointer's probabilities, the generated answer's grade (the pointer's best when
         the text names none), and the limit sample nearest the query along the grades (`grade_axis`)."""
-        from kensa_vl.modeling.comparison_kensa_vl import thumbnail_tiles
         from kensa_vl.modeling.grading_kensa_vl import grade_axis
 
         inputs, out = self._score(image)
@@ -513,11 +512,7 @@ class Inspector:
             text = self._generate(inputs, getattr(out, CACHE_KEY), out.pointers, max_new_tokens=longest)
         grade = parse_grading_answer(text)["grade"]  # cut short, or written by the language model: the pointer's
         grade = grade if grade in probabilities else max(probabilities, key=probabilities.get)
-        comparison = self.model.model.reference_comparison
-        query = inputs["pixel_values"][-int(inputs["image_grid"][-1, 2]) :]
-        grids = self.model.model.image_grids(query, comparison.encoders)
-        stats = comparison.statistics(query, grids, thumbnail_tiles(inputs["image_grid"][-1:]))
-        graded = self._bank.graded
+        stats, graded = pointer.stats, self._bank.graded
         groups = torch.tensor([self.grades.index(s["grade"]) for s in self.support], device=stats.device)
         axis, _, _ = grade_axis(torch.stack([d.stats for d in graded]), groups)
         limits = [n for n, s in enumerate(self.support) if s["limit"]]

@@ -591,7 +591,7 @@ class KensaVLReferenceComparison(nn.Module):
                     grading = role is None and end < input_ids.shape[1] and len(shown) > 1
                     pointer = self.grade_pointer_of(stats_of(image), shown) if grading else None
                     if pointer is not None:  # a grading answer: its grade's label, no verdict, no box
-                        copy, verdict = Pointer(row, -1, graded=True), None
+                        copy, verdict = Pointer(row, -1, graded=True, stats=stats_of(image)), None
                         copy.names, copy.logits, copy.gate = pointer
                     elif role is None and end < input_ids.shape[1]:
                         copy = Pointer(row, -1)  # `pointers` sets where the answer starts

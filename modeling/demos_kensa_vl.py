@@ -72,6 +72,7 @@ class Pointer:
     box: list[int] | None = None
     position: list[int] | None = None  # " the <position> <box>" of the box's centre, as token ids
     graded: bool = False  # `names` are grades: the answer copies "grade: <name>," from its first token
+    stats: torch.Tensor | None = None  # a graded query's whole-image statistics (`grading_kensa_vl.image_statistics`)
 
 
 def read_label(ids: list[int], close: int, config) -> tuple[str | None, list[int] | None]:
@@ -85,11 +86,8 @@ def read_label(ids: list[int], close: int, config) -> tuple[str | None, list[int
     for word in config.grade_word_ids if len(config.grade_marks) == 2 else []:
         if ids[end : end + len(word) + 1] == word + [config.name_marks[0]]:
             first = end + len(word) + 1
-            stops = {*config.grade_marks, config.image_token_id, *config.summary_stop_token_ids}
-            for i in range(first, min(first + MAX_NAME_TOKENS + 1, len(ids))):
-                if ids[i] in stops:
-                    return "grade", (ids[first:i] if i > first else None)
-            return "grade", None
+            stop = _name_end(ids, first, config.grade_marks, config)
+            return "grade", (ids[first:stop] if stop is not None and stop > first else None)
     if ids[end] in config.good_label_ids:
         return "good", None
     if ids[end] not in config.defective_label_ids:
@@ -99,11 +97,15 @@ def read_label(ids: list[int], close: int, config) -> tuple[str | None, list[int
     if colon not in window:
         return "defective", None
     first = end + 2 + window.index(colon)
-    stops = {at, config.image_token_id, *config.summary_stop_token_ids}
-    for i in range(first, min(first + MAX_NAME_TOKENS + 1, len(ids))):
-        if ids[i] in stops:
-            return "defective", (ids[end + 1 : i] if ids[i] == at and i > first else None)
-    return "defective", None
+    stop = _name_end(ids, first, [at], config)
+    return "defective", (ids[end + 1 : stop] if stop is not None and ids[stop] == at and stop > first else None)
+
+
+def _name_end(ids: list[int], first: int, marks, config) -> int | None:
+    """Where a name that starts at `first` ends: the position of the first of `marks`, the next image or chat turn
+    within MAX_NAME_TOKENS of it; None when there is none (not a name the answer can copy)."""
+    stops = {*marks, config.image_token_id, *config.summary_stop_token_ids}
+    return next((i for i in range(first, min(first + MAX_NAME_TOKENS + 1, len(ids))) if ids[i] in stops), None)
 
 
 def prompt_labels(ids: list[int], tiles: list[int], tokens_per_tile: int, config) -> list[tuple]:
