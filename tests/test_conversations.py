@@ -110,6 +110,25 @@ def test_corrupt_image_in_a_dataset_is_named_or_skipped_and_counted():
     assert out.features["images"] == List(Image())
 
 
+def test_lazy_conversations_equal_written_ones_and_carry_the_masks():
+    from datasets import Features
+
+    images = [random_image(16, 16, seed) for seed in range(3)]
+    masks = [None, random_image(16, 16, 7).convert("L"), None]
+    features = Features({"id": Value("string"), "image": Image(), "caption": Value("string"), "mask": Image()})
+    dataset = Dataset.from_dict({"id": ["p0", "p1", "p2"], "image": images, "caption": ["a", "b", "c"],
+                                 "mask": masks}, features=features)  # fmt: skip
+    written, _ = conv.to_conversations(dataset, conv.caption)
+    lazy = conv.lazy_conversations(dataset, conv.caption, masks=True)
+    assert len(lazy) == 3
+    for i in range(3):
+        assert lazy[i]["messages"] == written[i]["messages"]
+        assert list(lazy[i]["images"][0].getdata()) == list(images[i].convert("RGB").getdata())
+        assert (lazy[i]["masks"][0] is None) == (masks[i] is None)
+    assert list(lazy[1]["masks"][0].getdata()) == list(masks[1].getdata())
+    assert "masks" not in conv.lazy_conversations(dataset, conv.caption)[0]
+
+
 def test_episode_conversation_round_trips_the_answer(tiny, tmp_path):
     from kensa_vl.train.data.synth import SynthConfig, generate, load_synth
 

@@ -283,10 +283,8 @@ def load_data(args: KensaArguments, seed: int):
 
 
 def _source(name: str, items, episodes):
-    """One KensaSynth split as conversations of one kind: episodes and naming episodes (lazy), captions from the
-    descriptions, good/defective classification, or defect detection."""
-    from datasets import concatenate_datasets
-
+    """One KensaSynth split as conversations of one kind, built on access: episodes, naming episodes, captions from
+    the descriptions, good/defective classification, or defect detection (each row with its defect mask)."""
     from kensa_vl.train.data import conversations as conv
     from kensa_vl.train.data.defects import DEFECTS
 
@@ -296,13 +294,17 @@ def _source(name: str, items, episodes):
         return conv.naming_conversations(items, len(episodes))
     rows = items.rename_column("description", "caption")
     if name == "captions":
-        rows = conv.to_conversations(rows, conv.caption)[0]
-    elif name == "classification":
-        rows = conv.to_conversations(rows, conv.classification, class_names=["good", "defective"])[0]
-    else:
-        rows = conv.to_conversations(rows.map(_defect_objects), conv.detection, class_names=sorted(DEFECTS))[0]
-    masks = items.select_columns(["mask"]).map(lambda r: {"masks": [r["mask"]]}, remove_columns=["mask"])
-    return concatenate_datasets([rows, masks], axis=1)  # the defect mask of each image, for the anomaly map
+        return conv.lazy_conversations(rows, conv.caption, masks=True)
+    if name == "classification":
+        return conv.lazy_conversations(rows, conv.classification, masks=True, class_names=["good", "defective"])
+    return conv.lazy_conversations(rows, _detection, masks=True, class_names=sorted(DEFECTS))
+
+
+def _detection(row: dict, **kwargs) -> dict:
+    """A KensaSynth item as a detection conversation: its defect boxes under its defect type."""
+    from kensa_vl.train.data import conversations as conv
+
+    return conv.detection({**row, **_defect_objects(row)}, **kwargs)
 
 
 def _defect_objects(row: dict) -> dict:

@@ -336,6 +336,26 @@ def to_conversations(dataset, adapter: Callable, skip_invalid: bool = False, num
     return out.remove_columns("error"), summary
 
 
+def lazy_conversations(dataset, adapter: Callable, masks: bool = False, **kwargs):
+    """`to_conversations` built on access (`with_transform`): the adapter runs on each row when it is read, so the
+    images keep their stored bytes instead of being decoded and written out again as PNG (the main job's captions,
+    classification and detection rows: 44 s per stage). A bad record raises when it is read. With `masks`, each row
+    also carries its `mask` column as `masks` (the anomaly map's targets)."""
+
+    def transform(batch: dict) -> dict:
+        out = {"messages": [], "images": []} | ({"masks": []} if masks else {})
+        for values in zip(*batch.values(), strict=True):
+            record = dict(zip(batch, values, strict=True))
+            row = adapter(record, record_id=record.get("id"), **kwargs)
+            out["messages"].append(row["messages"])
+            out["images"].append(row["images"])
+            if masks:
+                out["masks"].append([record["mask"]])
+        return out
+
+    return dataset.with_transform(transform)
+
+
 def mixture(sources: dict, weights: dict[str, float], num_rows: int, seed: int = 0):
     """A weighted mixture for the multitask stage: `num_rows` rows drawn from `sources` (name -> dataset of
     conversations) in proportion to `weights`, each source cycled in a seeded shuffled order.
