@@ -30,7 +30,7 @@ from kensa_vl.modeling.comparison_kensa_vl import thumbnail_tiles
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 
 METHODS = {"kensa": "KensaVL (generated answer)", "pooled": "nearest grade, pooled features (training-free)"}
-MAX_NEW_TOKENS = 16  # "grade: <name>," of the longest evaluation name, and a little
+MAX_NEW_TOKENS = 1  # the Inspector writes at least "grade: <its longest name>," (what is measured), not the reason
 
 
 def grading_sets(items, seeds: int = 3, num_grades: int = 3, shots: int = 3) -> list[dict]:
