@@ -1,10 +1,11 @@
 """Inspection throughput: per-query latency with the support set cached vs the whole prompt recomputed, at several
 shot counts, against the query alone (`floor`: its own forward pass against a ready bank), and queries per second
 with the cache at batch 8, side by side in one run; and what showing the support set costs (`set_support`, median
-of 5).
+of 5). With `--coreset R`, a fourth runner: the cached support set's bank reduced to a greedy k-center coreset of
+R of its cells (`reference_coreset`), and how far its P(defective) moves from the exact bank's.
 
     python -m benchmarks.inspect_latency [--shots 1,2,4,8] [--queries 20] [--size 448] [--batch 8] [--model DIR]
-        [--data DIR [--split validation]]
+        [--data DIR [--split validation]] [--coreset 0.25]
 
 Without --model: the tiny offline KensaVL (random weights; 224 px tiles, up to 6 tiles + thumbnail per image).
 Without --data: noise photos of `--size` px; with it, KensaSynth photos of the split's first category (good supports,
@@ -61,6 +62,18 @@ def floor(inspector: Inspector, queries):
     return run
 
 
+def with_coreset(inspector: Inspector, support: list, ratio: float) -> Inspector:
+    """`inspector` shown `support` with its bank built at `reference_coreset` = `ratio` (the model's setting is put
+    back after: the query itself reads the ready bank)."""
+    config = inspector.model.config
+    kept, config.reference_coreset = config.reference_coreset, ratio
+    try:
+        inspector.set_support(support)
+    finally:
+        config.reference_coreset = kept
+    return inspector
+
+
 def synth_photos(path: str, split: str, shots: int, queries: int) -> tuple[list, list]:
     """The first category's first `shots` good photos as supports, and `queries` of its other photos, half good and
     half defective (alternating)."""
@@ -91,6 +104,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--data", default=None, help="a KensaSynth folder: its photos instead of noise")
     parser.add_argument("--split", default="validation")
+    parser.add_argument("--coreset", type=float, default=None, help="also time a cached bank of this share of cells")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.model:
@@ -112,7 +126,13 @@ def main() -> None:
         recomputed = Inspector(model, processor, cache=False, max_new_tokens=0)
         recomputed.set_support(support)
         runners = [judged(cached), judged(recomputed), floor(cached, queries)]
-        (fast, fast_median, a), (slow, slow_median, b), (alone, _, _) = per_query(runners, queries)
+        if args.coreset is not None:
+            runners.append(judged(with_coreset(Inspector(model, processor, max_new_tokens=0), support, args.coreset)))
+        results = per_query(runners, queries)
+        (fast, fast_median, a), (slow, slow_median, b), (alone, _, _) = results[:3]
+        reduced = ()
+        if args.coreset is not None:
+            reduced = (results[3][0], max(abs(x - y) for x, y in zip(a, results[3][2], strict=True)))
         start = time.perf_counter()
         batched = cached.judge(queries, batch_size=args.batch)
         qps = len(queries) / (time.perf_counter() - start)
@@ -120,7 +140,7 @@ def main() -> None:
         diff = max(abs(x - y) for x, y in zip(a + a, others, strict=True))
         prefix = cached._prefix["input_ids"].shape[1]
         query_tokens = cached._query_inputs(queries[0])["input_ids"].shape[1] - prefix
-        rows.append((k, prefix, query_tokens, shown, fast, fast_median, alone, slow, slow_median, qps, diff))
+        rows.append((k, prefix, query_tokens, shown, fast, fast_median, alone, slow, slow_median, qps, diff, reduced))
     source = f"KensaSynth {args.split} photos" if args.data else f"{args.size} px noise photos"
     print(f"{machine()}; {source}, {args.queries} queries, scores only")
     print(
@@ -130,15 +150,16 @@ def main() -> None:
         "| speed-up (means) "
         "| queries/s one by one (cached) "
         f"| queries/s at batch {args.batch} (cached) | max ΔP(defective) |"
+        + (f" cached, coreset {args.coreset} ms/query | its max ΔP(defective) |" if args.coreset else "")
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for k, prefix, query_tokens, shown, fast, fast_median, alone, slow, slow_median, qps, diff in rows:
+    print("|---" * (14 if args.coreset else 12) + "|")
+    for k, prefix, query_tokens, shown, fast, fast_median, alone, slow, slow_median, qps, diff, reduced in rows:
         print(
             f"| {k} | {prefix} | {query_tokens} | {shown * 1e3:.0f} | {fast * 1e3:.1f} ({fast_median * 1e3:.1f}) "
             f"| {alone * 1e3:.1f} | {fast / alone:.2f}× "
             f"| {slow * 1e3:.1f} ({slow_median * 1e3:.1f}) "
             f"| {slow / fast:.1f}× | {1 / fast:.0f} "
-            f"| {qps:.0f} | {diff:.1e} |"
+            f"| {qps:.0f} | {diff:.1e} |" + (f" {reduced[0] * 1e3:.1f} | {reduced[1]:.3f} |" if reduced else "")
         )
 
 

@@ -137,7 +137,8 @@ def run(args) -> None:
 
     work = jobs(args)
     state = PartialState()
-    model, processor = load_pretrained(args.model)  # a broken model folder is refused before a file is written
+    settings = {} if args.coreset is None else {"reference_coreset": args.coreset}
+    model, processor = load_pretrained(args.model, **settings)  # a broken folder is refused before a file is written
     sink = Sink(args.out if state.is_main_process else None, args.resume)
     inspector = Inspector(model, processor, threshold=args.threshold, support_max_tiles=args.support_tiles,
                           graded_by=args.graded_by)  # fmt: skip
@@ -234,6 +235,13 @@ def add_parsers(subparsers) -> None:
         default=None,
         help="tiles per support photo the language model reads (default: as many as a query's); the comparison "
         "still holds every tile of every support",
+    )
+    p.add_argument(
+        "--coreset",
+        type=float,
+        default=None,
+        help="keep this share of each support's cells in the comparison's bank (a greedy k-center coreset): faster "
+        "queries against a fixed support set, at a small cost in accuracy (docs/reference-comparison.md)",
     )
     p.add_argument("--out", help="X.jsonl (and X.csv), written as results are made; or X.json, written at the end")
     p.add_argument("--resume", action="store_true", help="with --out X.jsonl: skip the photos it already holds")

@@ -188,9 +188,9 @@ def _check_safetensors(path) -> None:
         raise ValueError(f"{path} is truncated or corrupt: its header needs {8 + length + end} bytes, it has {size}")
 
 
-def load_pretrained(path, dtype=None):
+def load_pretrained(path, dtype=None, **config):
     """Model + processor of a KensaVL folder or Hub id, through the Auto classes (remote code); a local folder is
-    checked first (`check_model_folder`)."""
+    checked first (`check_model_folder`). `config`: settings that replace the folder's (`reference_coreset=0.25`)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     check_model_folder(path)
@@ -198,7 +198,7 @@ def load_pretrained(path, dtype=None):
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=True).model_type
     if model_type != "kensa_vl":
         raise ValueError(f"{path} holds a {model_type!r} model, not a KensaVL (model_type 'kensa_vl')")
-    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype or "auto")
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype or "auto", **config)
     return model, AutoProcessor.from_pretrained(path, trust_remote_code=True)
 
 
@@ -246,8 +246,10 @@ class Inspector:
                 )
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str | None = None, dtype=None, **kwargs) -> Inspector:
-        model, processor = load_pretrained(path, dtype)
+    def from_pretrained(cls, path: str, device: str | None = None, dtype=None, config: dict | None = None,
+                        **kwargs) -> Inspector:  # fmt: skip
+        """An Inspector on a saved KensaVL; `config` replaces the folder's settings (`{"reference_coreset": 0.25}`)."""
+        model, processor = load_pretrained(path, dtype, **(config or {}))
         return cls(model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), processor, **kwargs)
 
     @property

@@ -13,6 +13,7 @@ Shipped to the Hub as remote code: imports only torch, transformers and siblings
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_kensa_vl import KensaVLConfig
+from .configuration_kensa_vl import KensaVLConfig, check_coreset
 from .demos_kensa_vl import (
     Demo,
     DemoPointer,
@@ -114,6 +115,43 @@ class PromptComparison:
 # gives the same lists), and each query cell is compared with the cells of its `probes` nearest lists only.
 LIST_CELLS, KMEANS_ITERATIONS, KMEANS_SAMPLE = 256, 4, 32
 APPROXIMATE_MIN_SHARE = 8  # `KensaVLReferenceComparison.nearest`: a smaller query searches exactly
+CORESET_ROUNDS = 32  # `coreset`: rounds of the greedy k-center choice
+
+
+def coreset(cells: torch.Tensor, ratio: float, rounds: int = CORESET_ROUNDS) -> torch.Tensor:
+    """PatchCore's greedy k-center coreset of unit `cells` (M, C): `ceil(ratio * M)` of them, chosen so that every
+    cell lies near a chosen one. The first is the cell farthest from the cells' mean; each later one the cell
+    farthest (cosine) from those chosen. To take one matrix product per round instead of one per cell, a round
+    (about `rounds` in all) takes the greedy choice among the farthest cells left, as long as each pick stays
+    farther from the chosen ones than the round's cut (so two picks of one far cluster do not waste a place). A
+    ratio of 1 keeps every cell, in order. The choice carries no gradient; the kept cells do."""
+    keep = math.ceil(check_coreset(ratio) * len(cells))
+    if keep >= len(cells):
+        return cells
+    return cells[greedy_centres(cells.detach(), keep, rounds)]
+
+
+@torch.no_grad()
+def greedy_centres(cells: torch.Tensor, keep: int, rounds: int) -> torch.Tensor:
+    """The rows of `coreset`'s choice: `(keep,)` indices into `cells`."""
+    per_round = -(-keep // rounds)
+    chosen = [(cells @ F.normalize(cells.mean(0), dim=0)).argmin().view(1)]
+    nearest = cells @ cells[chosen[0]].T.squeeze(-1)  # each cell's similarity to its nearest chosen cell
+    while (count := sum(len(c) for c in chosen)) < keep:
+        pool = nearest.topk(min(len(cells), 4 * per_round), largest=False)
+        near, cut, picked = pool.values.cpu().numpy().copy(), pool.values[-1].item(), []
+        inner = (cells[pool.indices] @ cells[pool.indices].T).cpu().numpy()  # small: picked one by one, off torch
+        while len(picked) < min(per_round, keep - count):
+            j = int(near.argmin())
+            if picked and near[j] >= cut:
+                break
+            picked.append(j)
+            near = near.clip(min=inner[j])  # the elementwise max
+            near[j] = 2.0
+        new = pool.indices[picked]
+        chosen.append(new)
+        nearest = torch.maximum(nearest, torch.cat([(part @ cells[new].T).amax(-1) for part in cells.split(16384)]))
+    return torch.cat(chosen)
 
 
 @torch.no_grad()  # a fixed metric (PatchCore's): no gradient flows through the nearest-neighbour search

@@ -102,6 +102,14 @@ def encoder_patch_grid(encoder: dict, tile_size: int) -> int:
     return tile_size // patch_size
 
 
+def check_coreset(ratio: float) -> float:
+    """`reference_coreset`, checked where it is set and where it is read (a setting passed to `from_pretrained` skips
+    `__init__`)."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"reference_coreset is the share of cells kept, in (0, 1]; got {ratio}.")
+    return ratio
+
+
 class KensaVLConfig(PretrainedConfig):
     r"""
     Configuration of a KensaVL model: one or more vision encoders, a projector and a decoder language model.
@@ -131,6 +139,9 @@ class KensaVLConfig(PretrainedConfig):
             copy per view (`REFERENCE_VIEWS`): PatchCore's memory bank augmented, so a few photos cover more of the
             orientations a good texture or part shows. Costs the compared encoders once more per view on the
             references (not on the query) and a bank that many times larger.
+        reference_coreset (`float`): the share of each reference image's cells (all views) kept in the bank, a
+            greedy k-center coreset (PatchCore's): every left-out cell lies near a kept one, and every search against
+            the bank costs that share of the full one. 1 keeps every cell.
         exact_search_cells (`int`), search_probes (`int`): a bank of up to `exact_search_cells` cells is searched
             exactly; a larger one approximately, each query cell in the `search_probes` nearest of its lists of about
             256 cells (`inverted_file_similarity`; 0 probes: always exact).
@@ -180,6 +191,7 @@ class KensaVLConfig(PretrainedConfig):
         reference_comparison: bool = False,
         reference_encoders: list[str] | None = None,
         reference_views: list[str] | None = None,
+        reference_coreset: float = 1.0,
         exact_search_cells: int = 65536,
         search_probes: int = 8,
         anomaly_loss_weight: float = 1.0,
@@ -231,6 +243,7 @@ class KensaVLConfig(PretrainedConfig):
         self.reference_comparison = reference_comparison
         self.reference_encoders = list(reference_encoders) if reference_encoders else None
         self.reference_views = list(reference_views or [])
+        self.reference_coreset = float(reference_coreset)
         self.exact_search_cells = exact_search_cells
         self.search_probes = search_probes
         self.anomaly_loss_weight = anomaly_loss_weight
@@ -286,6 +299,7 @@ class KensaVLConfig(PretrainedConfig):
             raise ValueError(
                 f"reference_views must be distinct views of {REFERENCE_VIEWS}, got {self.reference_views}."
             )
+        check_coreset(self.reference_coreset)
         if common % self.pixel_shuffle:
             raise ValueError(
                 f"The common patch grid {common} is not divisible by pixel_shuffle {self.pixel_shuffle} "

@@ -31,6 +31,7 @@ from .comparison_kensa_vl import (
     VERDICT_SLOPE,
     KensaVLReferenceComparison,
     ReferenceBank,
+    coreset,
     locate_box,
     nearest_distances,
     reference_view,
@@ -209,8 +210,9 @@ class KensaVLModel(KensaVLPreTrainedModel):
     ) -> dict[str, torch.Tensor]:
         """Reference tiles' cells as the comparison's bank, name -> `(cells, C)` per compared encoder: the tiles' own
         L2-normalised cells (`features`, name -> `(n, g, g, C)`, when already encoded), then the same tiles in each
-        of `views` (default `config.reference_views`). Needs no comparison module (the kNN baseline of a plain-ICL
-        model uses it)."""
+        of `views` (default `config.reference_views`), reduced to a greedy k-center `coreset` of
+        `config.reference_coreset` of them (1: every cell). Needs no comparison module (the kNN baseline of a
+        plain-ICL model uses it)."""
         if features is None:
             names = self.config.reference_encoder_names()
             features = unit_cells(self.image_grids(pixel_values, names), names)
@@ -220,7 +222,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
             seen = self.image_grids(torch.cat([reference_view(pixel_values, view) for view in views]), list(parts))
             for name, f in unit_cells(seen, parts).items():
                 parts[name].append(f)
-        return {name: torch.cat([f.reshape(-1, f.shape[-1]) for f in fs]) for name, fs in parts.items()}
+        cells = {name: torch.cat([f.reshape(-1, f.shape[-1]) for f in fs]) for name, fs in parts.items()}
+        return {name: coreset(c, self.config.reference_coreset) for name, c in cells.items()}
 
     @torch.no_grad()
     def support_bank(self, pixel_values: torch.Tensor, image_grid: torch.Tensor, labels: list | None = None):

@@ -391,6 +391,37 @@ def test_the_approximate_search_finds_the_exact_neighbours_it_probes():
     torch.testing.assert_close(nearest_distances(query, small, probes=4), nearest_distances(query, small))
 
 
+def test_a_coreset_covers_every_cluster_of_cells_and_keeps_its_share():
+    import torch.nn.functional as F
+
+    from kensa_vl.modeling.comparison_kensa_vl import coreset, exact_similarity
+
+    generator = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(64, 16, generator=generator), dim=-1)
+    owner = torch.cat([torch.zeros(2048, dtype=torch.long), torch.arange(64).repeat(32)])  # one cluster holds half
+    cells = F.normalize(centres[owner] + 0.01 * torch.randn(len(owner), 16, generator=generator), dim=-1)
+    torch.testing.assert_close(coreset(cells, 1.0), cells)  # every cell, in order
+    kept = coreset(cells, 64 / len(cells))  # one per round: PatchCore's greedy k-center
+    rows = (kept @ cells.T).argmax(-1)
+    assert torch.equal(cells[rows], kept)  # cells themselves, not centroids
+    assert sorted(owner[rows].tolist()) == list(range(64))  # one in every cluster, however small
+    drawn = torch.randperm(len(cells), generator=generator)[:64]
+    assert len(set(owner[drawn].tolist())) < 64  # which a random draw of as many misses
+    assert (1 - exact_similarity(cells, kept)).max() < 0.01 < (1 - exact_similarity(cells, cells[drawn])).max()
+    assert len(coreset(cells, 0.25)) == len(cells) // 4
+
+
+def test_reference_coreset_is_checked(tiny_dct):
+    from kensa_vl.modeling.configuration_kensa_vl import KensaVLConfig
+
+    model, _ = tiny_dct
+    for wrong in (0.0, 1.5):
+        with pytest.raises(
+            ValueError, match=rf"reference_coreset is the share of cells kept, in \(0, 1\]; got {wrong}"
+        ):
+            KensaVLConfig(**{**model.config.to_dict(), "reference_coreset": wrong})
+
+
 def test_the_comparison_searches_approximately_beyond_exact_search_cells(tiny_dct, monkeypatch):
     from kensa_vl.modeling import comparison_kensa_vl
 

@@ -279,6 +279,32 @@ def test_a_large_support_bank_builds_its_lists_once_for_its_own_scores_and_every
     assert np.mean([np.abs(a - b).mean() for a, b in zip(got, expected, strict=True)]) < 0.05  # mostly found
 
 
+def test_a_coreset_bank_keeps_a_share_of_each_support_cached_and_recomputed_alike(tiny_comparison, synth, monkeypatch):
+    import math
+
+    model, processor = tiny_comparison
+    monkeypatch.setattr(model.config, "reference_views", ["hflip", "rot90"])
+    test = synth["test"]
+    queries = [test[i]["image"] for i in (5, 6)]
+    exact = Inspector(model, processor, max_new_tokens=0)
+    exact.set_support(_support(test))
+    monkeypatch.setattr(model.config, "reference_coreset", 0.25)
+    scores = {}
+    for cache in (True, False):
+        inspector = Inspector(model, processor, cache=cache, max_new_tokens=0)
+        inspector.set_support(_support(test))
+        scores[cache] = [r.p_defective for r in inspector.judge(queries)]
+    assert scores[True] == pytest.approx(scores[False], abs=1e-5)
+    tiles = inspector._prefix["image_grid"][:2, 2].tolist()  # the two good supports; the defective one is no reference
+    per_image = [3 * n * 16 * 16 for n in tiles]  # each tile's 7 px DCT cells, in itself and two views
+    bank = inspector._bank.cells["dct"]
+    assert len(bank) == sum(math.ceil(0.25 * n) for n in per_image) < len(exact._bank.cells["dct"])
+    full = exact._bank.cells["dct"]
+    assert torch.equal(full[(bank @ full.T).argmax(-1)], bank)  # cells of the full bank, not new ones
+    exact_scores = [r.p_defective for r in exact.judge(queries)]
+    assert scores[True] != pytest.approx(exact_scores, abs=1e-6)  # the setting is read
+
+
 @pytest.mark.parametrize("views", [[], ["hflip", "rot90"]])
 def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth, monkeypatch, views):
     model, processor = tiny_comparison

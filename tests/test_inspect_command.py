@@ -136,3 +136,23 @@ def test_named_defective_examples_say_which_one_a_photo_resembles(folder, tmp_pa
     assert code == 0 and record["example"] in (3, 4) and record["example_name"] in ("a dark scratch", "打痕")
     assert printed[-1] == f"like example {record['example']}: {record['example_name']}"
     assert next(csv.DictReader(open(root / "named.csv")))["example_name"] == record["example_name"]
+
+
+def test_a_coreset_bank_is_a_setting_of_the_command(folder, tmp_path, capsys):
+    from kensa_vl.train.build import build_tiny, save_kensa
+    from kensa_vl.train.cli import main
+
+    model, processor = build_tiny(tile_size=112, max_tiles=2, reference_comparison=True, dct=True)
+    model_dir = save_kensa(model, processor, tmp_path / "compare")
+    root, photos = folder
+    scores = {}
+    for name, extra in (("exact", []), ("coreset", ["--coreset", "0.1"])):
+        out = root / f"{name}.jsonl"
+        code = run(main, model_dir, str(root / "good.png"), str(photos / "p1.png"), "--query", str(photos / "p0.png"),
+                   "--out", str(out), *extra)  # fmt: skip
+        assert code == 0
+        scores[name] = json.loads(out.read_text())["p_defective"]
+    assert scores["coreset"] != pytest.approx(scores["exact"], abs=1e-6)  # the supports' bank holds a tenth
+    capsys.readouterr()
+    assert run(main, model_dir, str(root / "good.png"), "--query", str(photos / "p0.png"), "--coreset", "2") != 0
+    assert "reference_coreset is the share of cells kept, in (0, 1]; got 2.0" in capsys.readouterr().err
