@@ -151,3 +151,17 @@ def test_an_assembled_model_with_a_comparison_inspects_before_any_training(parts
     x0, y0, x1, y1 = bad.boxes[0]
     assert x0 <= 68 <= x1 and y0 <= 48 <= y1  # around the blotch
     assert bad.heatmap[48, 68] > np.percentile(bad.heatmap, 90)
+
+
+def test_assemble_takes_every_comparison_setting_on_the_command_line(parts, tmp_path):
+    import json
+
+    from kensa_vl.train.cli import main
+
+    root, _ = parts
+    main(["assemble", "--vision", str(root / "dinov2"), "--text", str(root / "lm"), "--out", str(tmp_path / "k"),
+          "--tile-size", "56", "--max-tiles", "4", "--compare", "dinov2", "--reference-views", "hflip,rot90",
+          "--coreset", "0.5", "--search-probes", "4", "--exact-search-cells", "1000"])  # fmt: skip
+    config = json.loads((tmp_path / "k" / "config.json").read_text())
+    assert config["reference_encoders"] == ["dinov2"] and config["reference_views"] == ["hflip", "rot90"]
+    assert (config["reference_coreset"], config["search_probes"], config["exact_search_cells"]) == (0.5, 4, 1000)

@@ -293,11 +293,13 @@ def assemble(
     dtype=torch.float32,
     compare: list[str] | None = None,
     reference_views: list[str] | None = None,
+    **search,
 ):
     """Copy pretrained towers and LM into a fresh KensaVL (random projector), reserve tokens, save.
 
     `compare`: the encoders the reference comparison runs on (a tower's name, e.g. "dinov2", or "dct", which adds
     the weight-free DCT encoder); none: no comparison. `reference_views`: the bank's extra views (`REFERENCE_VIEWS`).
+    `search`: the comparison's other settings (`reference_coreset`, `exact_search_cells`, `search_probes`).
     With a comparison the model gives a verdict, a heatmap and a box from the first day, before any training: the
     verdict logit starts as the query's score over the supports' own level (`KensaVLReferenceComparison`)."""
     encoders, states = [], {}
@@ -330,6 +332,7 @@ def assemble(
         reference_comparison=bool(compare),
         reference_encoders=compare or None,
         reference_views=reference_views,
+        **search,
     )
     model = KensaVLForConditionalGeneration(config)
     for name, state in states.items():
@@ -382,6 +385,10 @@ def add_parsers(subparsers) -> None:
         help=f"comma-separated extra views of each support in the comparison's bank: {','.join(REFERENCE_VIEWS)}",
     )
 
+    asm.add_argument("--coreset", type=float, default=1.0, help="share of each support's cells the bank keeps")
+    asm.add_argument("--search-probes", type=int, default=8, help="lists a query cell searches in a large bank")
+    asm.add_argument("--exact-search-cells", type=int, default=65536, help="the largest bank searched exactly")
+
     def run(a: argparse.Namespace) -> None:
         out = assemble(
             a.vision,
@@ -393,6 +400,9 @@ def add_parsers(subparsers) -> None:
             dtype=getattr(torch, a.dtype),
             compare=a.compare,
             reference_views=a.reference_views,
+            reference_coreset=a.coreset,
+            search_probes=a.search_probes,
+            exact_search_cells=a.exact_search_cells,
         )
         print(f"saved {out}")
 
