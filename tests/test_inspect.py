@@ -279,6 +279,18 @@ def test_a_large_support_bank_builds_its_lists_once_for_its_own_scores_and_every
     assert np.mean([np.abs(a - b).mean() for a, b in zip(got, expected, strict=True)]) < 0.05  # mostly found
 
 
+def _cached_and_recomputed(model, processor, test, queries):
+    """P(defective) of `queries` against `_support(test)`, cached (True) and recomputed (False), checked equal; and
+    the recomputing inspector."""
+    scores = {}
+    for cache in (True, False):
+        inspector = Inspector(model, processor, cache=cache, max_new_tokens=0)
+        inspector.set_support(_support(test))
+        scores[cache] = [r.p_defective for r in inspector.judge(queries)]
+    assert scores[True] == pytest.approx(scores[False], abs=1e-5)
+    return scores, inspector
+
+
 def test_a_coreset_bank_keeps_a_share_of_each_support_cached_and_recomputed_alike(tiny_comparison, synth, monkeypatch):
     import math
 
@@ -289,12 +301,7 @@ def test_a_coreset_bank_keeps_a_share_of_each_support_cached_and_recomputed_alik
     exact = Inspector(model, processor, max_new_tokens=0)
     exact.set_support(_support(test))
     monkeypatch.setattr(model.config, "reference_coreset", 0.25)
-    scores = {}
-    for cache in (True, False):
-        inspector = Inspector(model, processor, cache=cache, max_new_tokens=0)
-        inspector.set_support(_support(test))
-        scores[cache] = [r.p_defective for r in inspector.judge(queries)]
-    assert scores[True] == pytest.approx(scores[False], abs=1e-5)
+    scores, inspector = _cached_and_recomputed(model, processor, test, queries)
     tiles = inspector._prefix["image_grid"][:2, 2].tolist()  # the two good supports; the defective one is no reference
     per_image = [3 * n * 16 * 16 for n in tiles]  # each tile's 7 px DCT cells, in itself and two views
     bank = inspector._bank.cells["dct"]
@@ -311,12 +318,7 @@ def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth,
     monkeypatch.setattr(model.config, "reference_views", views)
     test = synth["test"]
     queries = [test[i]["image"] for i in (5, 6)]
-    scores = {}
-    for cache in (True, False):
-        inspector = Inspector(model, processor, cache=cache, max_new_tokens=0)
-        inspector.set_support(_support(test))
-        scores[cache] = [r.p_defective for r in inspector.judge(queries)]
-    assert scores[True] == pytest.approx(scores[False], abs=1e-5)
+    scores, inspector = _cached_and_recomputed(model, processor, test, queries)
     good_tiles = int(inspector._prefix["image_grid"][:2, 2].sum())  # the defective third is not a reference
     cells = good_tiles * 16 * 16  # 7 px DCT cells of 112 px tiles
     assert inspector._bank.cells["dct"].shape[0] == (1 + len(views)) * cells  # the views are cached too
