@@ -511,7 +511,11 @@ class Inspector:
             longest = max(
                 len(tokenizer(grading_answer(g) + ",", add_special_tokens=False).input_ids) for g in self.grades
             )
-            text = self._generate(inputs, getattr(out, CACHE_KEY), out.pointers, max_new_tokens=longest)
+            # the greedy first token, read off the scoring pass (the grade's name mixed in), is fed as a new token:
+            # no prompt token runs again, and the answer is the one plain `generate` writes (tested)
+            first = int(out.logits[0, -1].argmax())
+            if first != tokenizer.eos_token_id:
+                text = self._generate(inputs, getattr(out, CACHE_KEY), out.pointers, [first], longest - 1)
         grade = parse_grading_answer(text)["grade"]  # cut short, or written by the language model: the pointer's
         grade = grade if grade in probabilities else max(probabilities, key=probabilities.get)
         stats, graded = pointer.stats, self._bank.graded

@@ -87,7 +87,7 @@ def test_closeness_ignores_the_grades_order_and_handles_one_example_per_grade():
 @pytest.mark.parametrize("cache", [True, False])
 def test_the_inspector_grades_and_names_the_nearest_limit_sample(grader, cache):
     model, processor = grader
-    inspector = Inspector(model, processor, noun="panel", graded_by="shade", max_new_tokens=10, cache=cache)
+    inspector = Inspector(model, processor, noun="panel", graded_by="shade", max_new_tokens=16, cache=cache)
     inspector.set_support(_support())
     results = inspector.judge([shade(level, 200 + g) for level, g in QUERIES])
     assert [r.grade for r in results] == [NAMES[g] for _, g in QUERIES] == [r.verdict for r in results]
@@ -97,6 +97,13 @@ def test_the_inspector_grades_and_names_the_nearest_limit_sample(grader, cache):
         assert max(result.grade_probabilities, key=result.grade_probabilities.get) == NAMES[grade]
         assert np.isnan(result.p_defective) and result.text.startswith(f"grade: {NAMES[grade]}")
     assert [r.limit_sample for r in results] == [2, 2, 4]  # the limit samples are examples 2 and 4
+    whole = Inspector(model, processor, noun="panel", graded_by="shade", cache=False)  # its prompt, images and all
+    whole.set_support(_support())
+    for result, (level, grade) in zip(results, QUERIES, strict=True):  # the answer plain `generate` writes
+        batch = whole._query_inputs(shade(level, 200 + grade))
+        out = model.generate(**batch, max_new_tokens=24, do_sample=False)
+        plain = processor.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert len(result.text) > len(f"grade: {NAMES[grade]},") and plain.startswith(result.text), (plain, result)
 
 
 def test_a_smaller_support_budget_grades_alike(grader):
