@@ -137,7 +137,8 @@ def greedy_centres(cells: torch.Tensor, keep: int, rounds: int) -> torch.Tensor:
     per_round = -(-keep // rounds)
     chosen = [(cells @ F.normalize(cells.mean(0), dim=0)).argmin().view(1)]
     nearest = cells @ cells[chosen[0]].T.squeeze(-1)  # each cell's similarity to its nearest chosen cell
-    while (count := sum(len(c) for c in chosen)) < keep:
+    count = 1
+    while count < keep:
         pool = nearest.topk(min(len(cells), 4 * per_round), largest=False)
         near, cut, picked = pool.values.cpu().numpy().copy(), pool.values[-1].item(), []
         inner = (cells[pool.indices] @ cells[pool.indices].T).cpu().numpy()  # small: picked one by one, off torch
@@ -150,6 +151,7 @@ def greedy_centres(cells: torch.Tensor, keep: int, rounds: int) -> torch.Tensor:
             near[j] = 2.0
         new = pool.indices[picked]
         chosen.append(new)
+        count += len(picked)
         nearest = torch.maximum(nearest, torch.cat([(part @ cells[new].T).amax(-1) for part in cells.split(16384)]))
     return torch.cat(chosen)
 

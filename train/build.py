@@ -385,11 +385,14 @@ def add_parsers(subparsers) -> None:
         help=f"comma-separated extra views of each support in the comparison's bank: {','.join(REFERENCE_VIEWS)}",
     )
 
-    asm.add_argument("--coreset", type=float, default=1.0, help="share of each support's cells the bank keeps")
-    asm.add_argument("--search-probes", type=int, default=8, help="lists a query cell searches in a large bank")
-    asm.add_argument("--exact-search-cells", type=int, default=65536, help="the largest bank searched exactly")
+    # the comparison's search settings; unset: the config's defaults (one place for them)
+    asm.add_argument("--coreset", type=float, help="share of each support's cells the bank keeps (default 1)")
+    asm.add_argument("--search-probes", type=int, help="lists a query cell searches in a large bank (default 8)")
+    asm.add_argument("--exact-search-cells", type=int, help="the largest bank searched exactly (default 65,536)")
 
     def run(a: argparse.Namespace) -> None:
+        search = {"reference_coreset": a.coreset, "search_probes": a.search_probes,
+                  "exact_search_cells": a.exact_search_cells}  # fmt: skip
         out = assemble(
             a.vision,
             a.text,
@@ -400,9 +403,7 @@ def add_parsers(subparsers) -> None:
             dtype=getattr(torch, a.dtype),
             compare=a.compare,
             reference_views=a.reference_views,
-            reference_coreset=a.coreset,
-            search_probes=a.search_probes,
-            exact_search_cells=a.exact_search_cells,
+            **{key: value for key, value in search.items() if value is not None},
         )
         print(f"saved {out}")
 
