@@ -169,7 +169,7 @@ def evaluate(
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from kensa_vl.train.data import MATERIALS
+    from kensa_vl.train.data import noun
 
     rows = pools(items)
     runs = [(k, None) for k in shots] + [(control_shots, c) for c in controls]
@@ -184,7 +184,7 @@ def evaluate(
         for job, (k, control, seed, category) in mine:
             d = defective_shots if control != "shuffled_labels" else max(defective_shots, 1)
             good, bad = support_for(rows, category, k, d, seed, control)
-            inspector.noun = MATERIALS[category].noun if category in MATERIALS else category
+            inspector.noun = noun(category)
             if hasattr(inspector, "scale"):
                 inspector.scale = (inspector_kwargs.get("scales") or {}).get(k, 1.0)
             inspector.set_support(control_support(items, good, bad, control, seed))

@@ -105,7 +105,7 @@ def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 
     """Grade every query of `grading_sets` with the baseline and, for a model that grades, with KensaVL through an
     `Inspector` (cached support, greedy answer), twice: with the drawn names and with the names rotated across the
     grades (`run` "rotated"), for the follow rate. The metrics and one record per query, method and run."""
-    from kensa_vl.train.data import ATTRIBUTES, MATERIALS
+    from kensa_vl.train.data import ATTRIBUTES, noun
 
     from .inspector import Inspector, support_item
 
@@ -124,7 +124,7 @@ def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 
                             "grade": grade, "predicted": predicted, "probs": probs})  # fmt: skip
         if inspector is None:
             continue
-        inspector.noun = MATERIALS[chosen["category"]].noun if chosen["category"] in MATERIALS else "product"
+        inspector.noun = noun(chosen["category"], "product")
         inspector.graded_by = ATTRIBUTES[chosen["attribute"]].noun if chosen["attribute"] in ATTRIBUTES else "look"
         for run, names in (("named", chosen["names"]), ("rotated", chosen["names"][1:] + chosen["names"][:1])):
             inspector.set_support([support_item(x["image"], label=names[g], limit=x["limit"])

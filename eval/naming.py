@@ -56,13 +56,13 @@ def evaluate_naming(model, processor, items, seeds: int = 3, shots: int = 4, per
                     threshold: float = 0.5, progress: bool = True) -> dict:  # fmt: skip
     """Run `naming_sets` through an `Inspector` (cached support, greedy answers): the metrics and one record per
     query and run."""
-    from kensa_vl.train.data import MATERIALS
+    from kensa_vl.train.data import noun
 
     sets = naming_sets(items, seeds, shots, per_type)
     inspector = Inspector(model, processor, threshold=threshold, max_new_tokens=24)
     records = []
     for chosen in tqdm(sets, desc="naming by example", disable=not progress):
-        inspector.noun = MATERIALS[chosen["category"]].noun if chosen["category"] in MATERIALS else chosen["category"]
+        inspector.noun = noun(chosen["category"])
         good = [support_item(items[i]["image"]) for i in chosen["good"]]
         context = {"category": chosen["category"], "seed": chosen["seed"]}
         for run, names in (("named", chosen["names"]), ("swapped", chosen["names"][::-1])):

