@@ -52,6 +52,22 @@ def markdown_table(results: dict[str, dict], metrics=TABLE_METRICS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def defect_table(results: dict[str, dict]) -> str:
+    """Per defect kind at the largest k: recall (1 - miss) and, in brackets, image AUROC, per method."""
+    k = max(results["kensa"]["shots"])
+    kinds = sorted(results["kensa"]["shots"][k].get("per_defect", {}))
+    if not kinds:
+        return ""
+    lines = [f"Recall (image AUROC) by defect kind at k = {k}:", "", "| method | " + " | ".join(kinds) + " |",
+             "|---|" + "---|" * len(kinds)]  # fmt: skip
+    for method, result in results.items():
+        per = result["shots"][k].get("per_defect", {})
+        cells = [f"{1 - per[d]['miss']['mean']:.2f} ({per[d]['auroc']['mean']:.2f})" if d in per else "n/a"
+                 for d in kinds]  # fmt: skip
+        lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def evaluate_and_report(
     model,
     processor,
@@ -101,7 +117,7 @@ def evaluate_and_report(
         for record in r["records"]
     ]
     _write(out / "records.jsonl", "".join(lines))
-    _write(out / "table.md", markdown_table(results))
+    _write(out / "table.md", markdown_table(results) + "\n" + defect_table(results))
     accuracy_vs_shots({METHODS[m]: r["shots"] for m, r in results.items()}, out / "accuracy_vs_shots.png")
     k = max(results["kensa"]["shots"])
     judged = {m: [x for x in r["records"] if x.get("verdict") != "error"] for m, r in results.items()}

