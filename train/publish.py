@@ -120,7 +120,7 @@ def model_card(
     if results is not None:
         if table is None:
             raise ValueError("the evaluation's results come with their table.md")
-        methods = {k: v for k, v in results.items() if k not in ("run", "naming", "grading")}
+        methods = {k: v for k, v in results.items() if k not in ("run", "naming", "grading", "surfaces")}
         config_of = methods["kensa"].get("config", {})
         calibrated = methods.get("patchcore", {}).get("config", {}).get("calibration") == "validation categories"
         calibration = "the validation categories (not test)" if calibrated else "nothing (its rule's threshold)"
@@ -132,6 +132,7 @@ def model_card(
             "calibration": calibration,
             "naming": results.get("naming"),
             "grading": results.get("grading"),
+            "surfaces": results.get("surfaces"),
         }
     text = config["text_config"]
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
