@@ -12,7 +12,8 @@ threshold:
 - `band-pass`: per photo at 224 px, log-luminance and chroma (Cb, Cr) band-passed at each scale s as
   Gaussian(s) - Gaussian(4 s), sampled every `stride` px; a query's score is the largest Euclidean distance of its
   samples to their nearest support sample (no normalisation: the size of a brightness change is the evidence);
-- `max`: the larger of the two ratios.
+- `max`: the larger of the two ratios; `geometric`: their geometric mean (the model's comparison averages its
+  encoders' log-distances).
 
 Prints image AUROC (overall and per defect kind) and balanced accuracy at ratio 1 for each.
 """
@@ -86,10 +87,11 @@ def study(model, processor, items, k: int = 4, seeds: int = 3, scales=(3.0, 6.0)
             bands = band_pass_scores(features, support, queries)
             dct = dct_scores(model, processor, items, support, queries)
             for q, b, d in zip(queries, bands, dct, strict=True):
-                records.append({"kind": items[q]["defect_type"], "dct": d, "band-pass": b, "max": max(b, d)})
+                records.append({"kind": items[q]["defect_type"], "dct": d, "band-pass": b, "max": max(b, d),
+                                "geometric": (b * d) ** 0.5})  # fmt: skip
     bad = np.array([r["kind"] is not None for r in records])
     out = {}
-    for method in ("dct", "band-pass", "max"):
+    for method in ("dct", "band-pass", "max", "geometric"):
         score = np.array([r[method] for r in records])
         found = {"auroc": roc_auc_score(bad, score)}
         found["balanced_accuracy"] = ((score[bad] >= 1).mean() + (score[~bad] < 1).mean()) / 2

@@ -106,4 +106,4 @@ def test_band_pass_ignores_gain_and_sees_a_faint_blot(tiny, synth_dir):
     model, processor = tiny
     items, _ = load_synth(synth_dir)
     out = study(model, processor, items["validation"], k=2, seeds=1)
-    assert set(out) == {"dct", "band-pass", "max"} and all(0 <= r["auroc"] <= 1 for r in out.values())
+    assert set(out) == {"dct", "band-pass", "max", "geometric"} and all(0 <= r["auroc"] <= 1 for r in out.values())
