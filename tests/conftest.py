@@ -17,7 +17,7 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-SURFACES_SYNTH = {"seed": 1, "num_images": 200, "num_episodes": 40, "resolution": 128}  # `surfaces_dir`
+SURFACES_SYNTH = {"seed": 1, "num_images": 400, "num_episodes": 40, "resolution": 256}  # `surfaces_dir`
 
 
 def stand_in_photos(folder, flat_every: int = 10) -> None:
@@ -64,7 +64,8 @@ def synth_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def surfaces_dir(tmp_path_factory):
-    """A small KensaSynth on real surfaces (200 photos at 128 px) made from `stand_in_photos`."""
+    """A small KensaSynth on real surfaces (400 photos at 256 px: 2 or more good ones per validation surface) made
+    from `stand_in_photos`."""
     from kensa_vl.train.data.synth import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("surfaces")
