@@ -54,6 +54,7 @@ def test_tiny_model_settings_are_checked_before_any_work(tmp_path, capsys):
         main(["train", "--out", str(tmp_path / "run"), "--tiny", "reference_comparison=maybe"])
     assert exit_info.value.code == 2 and "must be JSON" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+    assert not (tmp_path / "data-surfaces").exists()  # nor the real-surface set (nothing is downloaded)
 
 
 @pytest.mark.slow

@@ -89,6 +89,7 @@ def main_job(
         raise FileExistsError(f"{out} already holds a finished run; pass --overwrite or another --out")
     start = time.perf_counter()
     data = Path(data) if data else out.parent / "kensa-synth-224"
+    pipeline.tiny_settings(tiny)  # a bad setting fails here, before any data is made
     surfaces = real_surfaces(overrides[overrides.index("--surfaces") + 1] if "--surfaces" in overrides else None, data)
     previous, histories, train_seconds = pipeline.train(out, data, tiny, overrides)
 

@@ -41,18 +41,25 @@ def train_stage(recipe: Path, overrides: list[str], absent: tuple[str, ...] = ()
     return main(args, training_args)
 
 
-def train(out: Path, data: Path, tiny: dict | None = None, overrides: list[str] = ()) -> tuple[Path, dict, float]:
-    """Build the tiny model (`TINY` with `tiny` replacing entries; any `tiny_config` argument is allowed) into
-    `out/tiny` and train the two stage recipes on `data` into `out/align` and `out/model`. Returns (the model
-    folder, the stages' log histories, seconds)."""
-    from kensa_vl.train.build import build_tiny, tiny_config
+def tiny_settings(tiny: dict | None) -> dict:
+    """`TINY` with `tiny` replacing entries, each a `tiny_config` argument (else a ValueError naming them)."""
+    from kensa_vl.train.build import tiny_config
 
-    start = time.perf_counter()
     known = set(inspect.signature(tiny_config).parameters) - {"tokenizer"}
     unknown = sorted(set(tiny or {}) - known)
     if unknown:
         raise ValueError(f"unknown tiny-model settings {unknown}; known: {sorted(known)}")
-    settings = {**TINY, **(tiny or {})}
+    return {**TINY, **(tiny or {})}
+
+
+def train(out: Path, data: Path, tiny: dict | None = None, overrides: list[str] = ()) -> tuple[Path, dict, float]:
+    """Build the tiny model (`TINY` with `tiny` replacing entries; any `tiny_config` argument is allowed) into
+    `out/tiny` and train the two stage recipes on `data` into `out/align` and `out/model`. Returns (the model
+    folder, the stages' log histories, seconds)."""
+    from kensa_vl.train.build import build_tiny
+
+    start = time.perf_counter()
+    settings = tiny_settings(tiny)
     build_tiny(out / "tiny", **settings)
     absent = () if settings["reference_comparison"] else ("reference_comparison",)
     histories, previous = {}, out / "tiny"
