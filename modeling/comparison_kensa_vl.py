@@ -41,9 +41,9 @@ from .grading_kensa_vl import grade_closeness, image_statistics
 # distances)
 LOCATE_MARGIN, LOCATE_RANGE = 0.05, 2.0
 # the verdict logit's start (`KensaVLReferenceComparison.verdict`): VERDICT_SLOPE * (relative score - VERDICT_MARGIN),
-# defective when the image's kNN log-score lies VERDICT_MARGIN above the supports' own level. Read off KensaSynth's
-# validation categories (DCT cells, 4 shots: good photos at -0.17 +- 0.18, defective at +0.61 +- 0.41); training
-# moves both.
+# defective when a compared encoder's kNN log-score lies VERDICT_MARGIN above the supports' own level for it. Read off
+# KensaSynth's validation categories (DCT cells, 4 shots: good photos at -0.17 +- 0.18, defective at +0.61 +- 0.41);
+# training moves both.
 VERDICT_SLOPE, VERDICT_MARGIN = 8.0, 0.2
 
 
@@ -52,11 +52,12 @@ class ReferenceBank:
     """Reference images as a later image compares with them: what a support set is cached as.
 
     `cells`: per compared encoder, the references' L2-normalised cells, every reference view included, `(M, C)`.
-    `scores`: each reference image's own kNN score against the references before it, `(images,)` (the first image
-    has none, so a bank of one image has an empty tensor). Their median is the `level`: how far good photos of this
-    product lie from each other, what a query's score and `locate_box` are measured against. `demos`: the defective
-    examples (`Demo`, with their defects), which are not in `cells`; `graded`: the graded examples (`Demo`, with
-    their whole-image statistics), which are."""
+    `scores`: each reference image's own kNN score per compared encoder against the references before it, `(images,
+    encoders)` (the first image has none, so a bank of one image has an empty tensor). Their median per encoder is
+    `levels`: how far good photos of this product lie from each other, what a query's scores are measured against;
+    their mean, `level`, is what `locate_box` measures the heatmap (the encoders' mean) against. `demos`: the defective
+    examples (`Demo`, with their defects), which are not in `cells`; `graded`: the graded examples (`Demo`, with their
+    whole-image statistics), which are."""
 
     cells: dict[str, torch.Tensor]
     scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
@@ -71,8 +72,12 @@ class ReferenceBank:
         return self.lists[name]
 
     @property
+    def levels(self) -> torch.Tensor | None:
+        return self.scores.float().median(0).values if len(self.scores) else None
+
+    @property
     def level(self) -> float | None:
-        return self.scores.float().median().item() if len(self.scores) else None
+        return self.levels.mean().item() if len(self.scores) else None
 
     def to(self, device) -> ReferenceBank:
         cells = {n: c.to(device) for n, c in self.cells.items()}
@@ -98,7 +103,7 @@ class PromptComparison:
     `token_embeddings` `(N, tokens_per_tile, D)`: added to the visual tokens (zero for images without references).
     `anomaly_map` `(N, token positions per tile)`: logits, NaN for images without references.
     `summaries`: one per compared image whose `</img>` is in the input.
-    `image_scores` `(num_images,)`: kNN score per image, NaN without references.
+    `image_scores` `(num_images, encoders)`: kNN score per image and compared encoder, NaN without references.
     `distances`: per image, the compared encoders' `nearest_distances` maps (None without references).
     `banks`: with `keep`, per sample, the bank a later image compares with (None for a sample without images)."""
 
@@ -438,7 +443,8 @@ class KensaVLReferenceComparison(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(inputs, 64), nn.GELU(), nn.Linear(64, 1))
         self.embed = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
         self.summary = nn.Sequential(nn.Linear(6, width), nn.GELU(), nn.Linear(width, width))
-        self.verdict = nn.Linear(2, 1)  # (score over the level, whether there is a level) -> verdict logit
+        # (largest and mean score over its encoder's level, whether there is a level) -> verdict logit
+        self.verdict = nn.Linear(3, 1)
         self.demo_pointer = DemoPointer()  # which defective example a query shows, and whether to copy its name
         self.grade_pointer = DemoPointer("grade_pointer")  # which grade a query is, and whether to copy its label
         self.pair_cache: PairCache | None = None  # set by training when the compared encoders stay fixed
@@ -509,21 +515,26 @@ class KensaVLReferenceComparison(nn.Module):
         self, query, thumbnail: torch.Tensor, bank, level: torch.Tensor | None = None, lists=None, nearest=None
     ):
         """One image whose tiles are `thumbnail`-flagged `(n,)` against `bank` -> (token embeddings
-        `(n, tokens_per_tile, D)`, anomaly logits `(n, tokens_per_tile)`, the summary embedding `(D,)`, the image's
-        kNN score, each encoder's `nearest_distances`). The score is the largest log-distance over the grid tiles
-        (untrained, PatchCore's); `level` is the median score of the earlier images of the prompt (each against the
-        images before it), the prompt's own measure of how far good photos of this product lie from each other."""
+        `(n, tokens_per_tile, D)`, anomaly logits `(n, tokens_per_tile)`, the summary embedding `(D,)`, the verdict
+        logit, the image's kNN scores `(encoders,)`, each encoder's `nearest_distances`). An encoder's score is its
+        largest 3x3 log-distance over the grid tiles (PatchCore's); `level` `(encoders,)` is the median score of the
+        earlier images of the prompt (each against the images before it), the prompt's own measure of how far good
+        photos of this product lie from each other, per encoder: encoders see different things (the DCT cells fine
+        texture, the band-pass cells brightness and colour) with different spreads, and a defect one of them sees is
+        a defect (the verdict starts from the largest score over its level)."""
         x, nearest = self.distances(query, bank, lists, nearest)
         x = x.to(self.linear.weight.dtype)
         logits = (self.linear(x) + self.mlp(x)).squeeze(-1)
         selected = scored_tiles(thumbnail)
         scored = logits[selected].flatten()
         top = scored.topk(min(len(scored), logits.shape[-1])).values.mean()
-        score = x[selected][..., 0 :: self.PER_ENCODER].mean(-1).max()  # 3x3 log-distance, mean over encoders
+        # each encoder's largest 3x3 log-distance, and how far it lies above that encoder's own level
+        score = x[selected][..., 0 :: self.PER_ENCODER].flatten(0, 1).amax(0)  # (encoders,)
         relative, known = (score - level, 1.0) if level is not None else (torch.zeros_like(score), 0.0)
-        image = torch.stack([scored.max(), top, scored.mean(), score, relative, torch.full_like(score, known)])
+        known = torch.full_like(score[0], known)
+        image = torch.stack([scored.max(), top, scored.mean(), score.mean(), relative.max(), known])
         summary = torch.stack([logits, image[0].expand_as(logits)], -1)
-        verdict = self.verdict(image[4:]).squeeze(-1)
+        verdict = self.verdict(torch.stack([relative.max(), relative.mean(), known])).squeeze(-1)
         return self.embed(summary), logits, self.summary(image), verdict, score.detach(), nearest
 
     def compare_prompt(
@@ -550,7 +561,7 @@ class KensaVLReferenceComparison(nn.Module):
         is_image = input_ids == self.config.image_token_id
         added = torch.zeros_like(image_features)
         anomaly = image_features.new_full((len(image_features), self.token_side**2), float("nan"), dtype=torch.float32)
-        scores = anomaly.new_full((len(tiles),), float("nan"))
+        scores = anomaly.new_full((len(tiles), len(self.encoders)), float("nan"))
         summaries, nearest, kept, image = [], [None] * len(tiles), [], 0
         pairs = self.pair_cache if references is None else None
         keys = (
@@ -615,7 +626,7 @@ class KensaVLReferenceComparison(nn.Module):
                 end = int(positions[seen + (last - first) * per_tile - 1]) + 1  # the image's `</img>`
                 role, name = read_label(ids, end, self.config) if ids is not None else (None, None)
                 if cached is not None or members:
-                    level = torch.stack(levels).median() if levels else None
+                    level = torch.stack(levels).median(0).values if levels else None
                     # the cached support set alone: its lists, built once, serve every query
                     lists = self.bank_lists(cached) if cached is not None and not members else None
                     found, bank = search(image, cached, members)
@@ -652,7 +663,8 @@ class KensaVLReferenceComparison(nn.Module):
                             copy.logits, copy.gate = self.demo_pointer(similarity)
                         if len(self.config.box_token_ids) == 2:
                             rows_cols = image_grid[image, :2].tolist()
-                            found = locate_box(nearest[image], *rows_cols, None if level is None else float(level))
+                            mean_level = None if level is None else float(level.mean())
+                            found = locate_box(nearest[image], *rows_cols, mean_level)
                             copy.box, copy.position = located_tokens(found[0], self.config)
                     if end < input_ids.shape[1]:
                         summaries.append(Summary(row, end, summary, verdict, copy))
@@ -665,7 +677,7 @@ class KensaVLReferenceComparison(nn.Module):
                     graded.append((image, name))
                 image += 1
             if keep:
-                scores_kept = torch.stack(levels) if levels else anomaly.new_empty(0)
+                scores_kept = torch.stack(levels) if levels else anomaly.new_empty(0, len(self.encoders))
                 known = cached is not None or members
                 own = [Demo(d.name, defect_of(m, cached, members) if known else None) for m, d in demos]
                 kept_demos = ([] if cached is None else list(cached.demos)) + own

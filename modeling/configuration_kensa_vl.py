@@ -33,6 +33,9 @@ ENCODER_DEFAULTS[DCT_MODEL_TYPE] = {
     "image_std": [1.0, 1.0, 1.0],
     "feature_layers": [-1],
 }
+# The band-pass encoder (`KensaVLBandPassEncoder`): KensaVL's own, no weights, converts RGB itself.
+BANDPASS_MODEL_TYPE = "kensa_bandpass"
+ENCODER_DEFAULTS[BANDPASS_MODEL_TYPE] = dict(ENCODER_DEFAULTS[DCT_MODEL_TYPE])
 # Extra views of each reference tile that `reference_views` adds to the comparison's bank (square tiles: all keep
 # the tile's shape): a flip or a quarter turn of a good photo is still a good photo.
 REFERENCE_VIEWS = ("hflip", "vflip", "rot90", "rot180", "rot270")
@@ -116,13 +119,13 @@ class KensaVLConfig(PretrainedConfig):
 
     Args:
         text_config (`dict` or `PretrainedConfig`): config of any causal LM (llama, qwen2, phi3, mistral, ...).
-        vision_encoders (`list[dict]`): one entry per encoder with keys `name`, `config` (a transformers vision
-            config or its dict, with `model_type`: a ViT such as SigLIP, CLIP or DINOv2; a CNN, `resnet` or
-            `convnext`, whose `feature_layers` pick stages of one stride; KensaVL's own `kensa_dct` (block-DCT
-            coefficients, DocPedia) or `kensa_patch` (a linear projection of raw pixel patches, Fuyu)), and
-            optionally `feature_layers`, `layer_merge` (`"weighted"`: COMM's softmax-weighted sum of per-layer
-            LayerNorm + Linear; `"concat"`), `scales` (S2-Wrapper: `[1, 2]` also encodes each tile at 2x as 2x2
-            sub-tiles in the same call, stitched, average-pooled back to the tile's grid and concatenated along
+        vision_encoders (`list[dict]`): one entry per encoder with keys `name`, `config` (a transformers vision config
+            or its dict, with `model_type`: a ViT such as SigLIP, CLIP or DINOv2; a CNN, `resnet` or `convnext`, whose
+            `feature_layers` pick stages of one stride; KensaVL's own `kensa_dct` (block-DCT coefficients, DocPedia),
+            `kensa_bandpass` (band-passed brightness and colour) or `kensa_patch` (a linear projection of raw pixel
+            patches, Fuyu)), and optionally `feature_layers`, `layer_merge` (`"weighted"`: COMM's softmax-weighted sum
+            of per-layer LayerNorm + Linear; `"concat"`), `scales` (S2-Wrapper: `[1, 2]` also encodes each tile at 2x
+            as 2x2 sub-tiles in the same call, stitched, average-pooled back to the tile's grid and concatenated along
             channels; default `[1]`), `image_mean`, `image_std` (each encoder normalises the shared [0, 1] pixels
             itself). Encoder grids are average-pooled onto the smallest one.
         fusion (`str`): `"concat"` (Eagle: encoders on a common grid, channels concatenated; default) or
@@ -231,6 +234,9 @@ class KensaVLConfig(PretrainedConfig):
             if encoder["config"]["model_type"] == DCT_MODEL_TYPE:
                 dct = encoder["config"]
                 dct.setdefault("hidden_size", dct["luma_coefficients"] + 2 * dct["chroma_coefficients"])
+            if encoder["config"]["model_type"] == BANDPASS_MODEL_TYPE:
+                bands = encoder["config"]
+                bands.setdefault("hidden_size", 3 * len(bands["sigmas"]) + 1)
             encoders.append(encoder)
         self.vision_encoders = encoders
         self.fusion = fusion

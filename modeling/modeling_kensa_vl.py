@@ -69,7 +69,7 @@ class KensaVLModelOutputWithPast(BaseModelOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
     anomaly_map: torch.FloatTensor | None = None  # (num_tiles, token positions per tile) logits; NaN: no references
     anomaly_loss: torch.FloatTensor | None = None  # with `anomaly_labels`
-    image_scores: torch.FloatTensor | None = None  # (num_images,) kNN score per image; NaN: no references
+    image_scores: torch.FloatTensor | None = None  # (num_images, encoders) kNN scores per image; NaN: no references
     # with `return_reference_distances`: per image, the compared encoders' `nearest_distances` maps (None: no
     # references), what `locate_box` boxes
     reference_distances: tuple | None = None
@@ -118,8 +118,8 @@ class KensaVLPreTrainedModel(PreTrainedModel):
             module.layer_logits.data.zero_()
         # Set per layer, not on the parent: 5.x skips custom-code modules without parameters of their own.
         start = getattr(module, "kensa_init", None)
-        if start == "verdict":  # VERDICT_SLOPE * (relative score - VERDICT_MARGIN) where there is a level
-            module.weight.data.copy_(torch.tensor([[VERDICT_SLOPE, -VERDICT_SLOPE * VERDICT_MARGIN]]))
+        if start == "verdict":  # VERDICT_SLOPE * (largest relative score - VERDICT_MARGIN) where there is a level
+            module.weight.data.copy_(torch.tensor([[VERDICT_SLOPE, 0.0, -VERDICT_SLOPE * VERDICT_MARGIN]]))
             module.bias.data.zero_()
         elif start in ("pointer", "grade_pointer", "gate"):  # the pointers' slopes, and a gate that starts open
             module.weight.data.fill_({"pointer": POINTER_SLOPE, "grade_pointer": GRADE_SLOPE}.get(start, 0.0))

@@ -2,7 +2,8 @@
 
 - `build_towers`: one tower per encoder entry of the config: any transformers vision model that returns patch
   hidden states (SigLIP, CLIP, DINOv2, ResNet/ConvNeXt stages, ...) or KensaVL's own weight-free block-DCT encoder
-  (`KensaVLDCTEncoder`) and direct-patch encoder (`KensaVLPatchEncoder`);
+  (`KensaVLDCTEncoder`), band-pass encoder (`KensaVLBandPassEncoder`) and direct-patch encoder
+  (`KensaVLPatchEncoder`);
 - `tapped_hidden_states`: several layers per tower, taken with forward hooks; `encode_tiles` drops CLS and register
   tokens by count, merges the layers (`KensaVLLayerMerge`: COMM's weighted sum, or concatenation) and adds the
   S2-Wrapper scales;
@@ -24,6 +25,7 @@ from torch import nn
 from transformers import AutoModel
 
 from .configuration_kensa_vl import (
+    BANDPASS_MODEL_TYPE,
     CNN_MODEL_TYPES,
     DCT_MODEL_TYPE,
     PATCH_MODEL_TYPE,
@@ -143,6 +145,55 @@ class KensaVLDCTEncoder(nn.Module):
         return features.sign() * torch.log1p(10 * features.abs())
 
 
+def gaussian_mean(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Each pixel's Gaussian-weighted mean (`sigma` px) over the pixels of its own tile: a separable blur with zero
+    padding divided by the same blur of ones, so a tile's border is averaged over what the tile shows and not over
+    made-up pixels. `(n, c, h, w)` -> same shape."""
+    radius = min(int(3 * sigma), max(x.shape[-2:]) - 1)
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-(t**2) / (2 * sigma * sigma))
+    ones = torch.ones_like(x[:1, :1])
+    planes = torch.cat([x.flatten(0, 1).unsqueeze(1), ones])  # (n c + 1, 1, h, w): every plane, then the ones
+    planes = F.conv2d(planes, kernel.view(1, 1, 1, -1), padding=(0, radius))
+    planes = F.conv2d(planes, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    return (planes[:-1] / planes[-1:]).view_as(x)
+
+
+class KensaVLBandPassEncoder(nn.Module):
+    """Weight-free band-pass brightness and colour: what a low-contrast or low-frequency defect changes (a smear, a
+    blotch, a sheen or colour change, a dent seen as shading) and the DCT cells' fine texture does not show
+    (docs/real-surfaces.md). Log-luminance and chroma (Cb, Cr) of the tile, each as a Gaussian mean at `s` minus
+    one at `4 s` for each of `sigmas` (px of the tile), averaged over each `patch_size` block; then one constant
+    channel, `offset`. The constant makes the comparison's cosine distance between two cells about their squared
+    Euclidean distance over `2 offset^2` (a brightness change's size is the evidence, not its direction alone).
+
+    Config keys: `patch_size`, `sigmas`, `offset` (default 1); `hidden_size` is `3 * len(sigmas) + 1`."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.block, self.sigmas, self.offset = config["patch_size"], list(config["sigmas"]), config.get("offset", 1.0)
+        if not self.sigmas or min(self.sigmas) <= 0:
+            raise ValueError(f"Band-pass encoder: sigmas must be positive pixel widths, got {self.sigmas}.")
+
+    def forward(self, pixel_values: torch.Tensor, **_) -> torch.Tensor:
+        """`(n, 3, T, T)` RGB in [0, 1] -> `(n, (T / patch_size)^2, 3 * len(sigmas) + 1)`."""
+        x = pixel_values.float()
+        if x.shape[-1] % self.block or x.shape[-2] % self.block:
+            raise ValueError(
+                f"Band-pass encoder: tile sides must be multiples of patch_size {self.block}, "
+                f"got {tuple(x.shape[-2:])}."
+            )
+        luma = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
+        planes = torch.cat([torch.log(luma + 0.03), 0.564 * (x[:, 2:] - luma), 0.713 * (x[:, :1] - luma)], 1)
+        # blurred on the grid of block means (sigma in cells): 250x cheaper than at full resolution, and the blurs
+        # are wider than a block, so the cells barely change
+        cells = F.avg_pool2d(planes, self.block)
+        sigmas = [s / self.block for s in self.sigmas]
+        bands = torch.cat([gaussian_mean(cells, s) - gaussian_mean(cells, 4 * s) for s in sigmas], 1)
+        bands = bands.flatten(2).transpose(1, 2)
+        return torch.cat([bands, bands.new_full((*bands.shape[:2], 1), self.offset)], -1)
+
+
 class KensaVLPatchEncoder(nn.Module):
     """Direct patch input (Fuyu, OtterHD): each `patch_size` block of raw pixels, flattened, through one linear
     layer. No vision transformer: the cheapest way to reach a tile's full resolution, and the LM (or the other
@@ -159,6 +210,9 @@ class KensaVLPatchEncoder(nn.Module):
         return self.proj(patches.transpose(1, 2))
 
 
+WEIGHT_FREE = (KensaVLDCTEncoder, KensaVLBandPassEncoder, KensaVLPatchEncoder)  # KensaVL's own: no hidden layers
+
+
 def build_towers(config: KensaVLConfig) -> tuple[nn.ModuleDict, list[str], dict[str, dict]]:
     """The config's vision towers by encoder name, the modules they must not be split at (device maps), and the
     keyword arguments each tower's forward takes (`interpolate_pos_encoding` where its image size is not the
@@ -169,6 +223,8 @@ def build_towers(config: KensaVLConfig) -> tuple[nn.ModuleDict, list[str], dict[
         model_type = encoder["config"]["model_type"]
         if model_type == DCT_MODEL_TYPE:
             tower = KensaVLDCTEncoder(encoder["config"])
+        elif model_type == BANDPASS_MODEL_TYPE:
+            tower = KensaVLBandPassEncoder(encoder["config"])
         elif model_type == PATCH_MODEL_TYPE:
             tower = KensaVLPatchEncoder(encoder["config"])
         else:
@@ -189,7 +245,7 @@ def build_towers(config: KensaVLConfig) -> tuple[nn.ModuleDict, list[str], dict[
 def tower_layers(tower: nn.Module) -> tuple[nn.Module | None, nn.ModuleList | None]:
     """A tower's input stage and its sequence of layers whose outputs are `hidden_states[1:]`: a ViT's embeddings
     and encoder layers, a transformers CNN's stem and stages; (None, None) for KensaVL's own encoders and timm."""
-    if isinstance(tower, (KensaVLDCTEncoder, KensaVLPatchEncoder)) or hasattr(tower, "timm_model"):
+    if isinstance(tower, WEIGHT_FREE) or hasattr(tower, "timm_model"):
         return None, None
     if getattr(tower.config, "model_type", None) in CNN_MODEL_TYPES:
         return tower.embedder, tower.encoder.stages
@@ -229,7 +285,7 @@ def tapped_hidden_states(tower: nn.Module, taps: list[int], pixel_values: torch.
     Forward hooks on the encoder layers give the same indices as `output_hidden_states` in every transformers
     version (4.x's unwrapped CLIP/SigLIP transformers do not return hidden states) and keep only the taps.
     """
-    if isinstance(tower, (KensaVLDCTEncoder, KensaVLPatchEncoder)):  # one "layer": every tap is its output
+    if isinstance(tower, WEIGHT_FREE):  # one "layer": every tap is its output
         return [tower(pixel_values)] * len(taps)
     if getattr(tower.config, "model_type", None) in CNN_MODEL_TYPES:  # stage maps (n, C, h, w) -> tokens
         out = tower(pixel_values=pixel_values, output_hidden_states=True)

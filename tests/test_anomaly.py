@@ -48,6 +48,74 @@ def test_dct_config_and_tile_size_are_checked():
         encoder(torch.rand(1, 3, 112, 110))
 
 
+def _texture(seed: int, blotch: float = 0.0, side: int = 112) -> torch.Tensor:
+    """A fine random grey texture `(1, 3, side, side)` in [0, 1], darkened by a smooth Gaussian blotch (sigma 12 px,
+    `blotch` deep at its centre): a low-contrast smear."""
+    x = 0.5 + 0.1 * torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    x = torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    yy, xx = torch.meshgrid(torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="ij")
+    return (x - blotch * torch.exp(-((yy - side * 0.55) ** 2 + (xx - side * 0.45) ** 2) / (2 * 12.0**2))).clamp(0, 1)
+
+
+def test_bandpass_encoder_sees_a_faint_smooth_smear_that_the_dct_cells_do_not():
+    """Nearest-support cosine distances of a query's cells, as the comparison takes them: a smear 6% deep lies far
+    outside the good photos' spread in the band-pass cells and inside it in the DCT cells."""
+    import torch.nn.functional as F
+
+    from kensa_vl.modeling.comparison_kensa_vl import nearest_distances
+    from kensa_vl.modeling.vision_kensa_vl import KensaVLBandPassEncoder, KensaVLDCTEncoder
+
+    ratios = {}
+    for name, encoder in (
+        ("dct", KensaVLDCTEncoder({"patch_size": 7, "luma_coefficients": 36, "chroma_coefficients": 3})),
+        ("bandpass", KensaVLBandPassEncoder({"patch_size": 7, "sigmas": [3, 6]})),
+    ):
+        cells = lambda x: F.normalize(encoder(x), dim=-1).view(1, 16, 16, -1)  # noqa: B023, E731
+        bank = torch.cat([cells(_texture(seed)).flatten(0, 2) for seed in range(4)])
+        good, smear = (nearest_distances(cells(_texture(10, depth)), bank).max() for depth in (0.0, 0.06))
+        ratios[name] = (smear / good).item()
+    assert ratios["bandpass"] > 5 and ratios["dct"] < 1.2, ratios
+
+
+def test_bandpass_encoder_ignores_flat_tiles_and_checks_its_input():
+    """A flat tile of any colour has no band (each Gaussian mean is over the tile's own pixels, so its border is
+    flat too); the last channel is the constant `offset`. Bad settings and tile sides are named."""
+    from kensa_vl.modeling.vision_kensa_vl import KensaVLBandPassEncoder
+
+    encoder = KensaVLBandPassEncoder({"patch_size": 7, "sigmas": [3, 6], "offset": 2.0})
+    flat = torch.tensor([0.8, 0.3, 0.1]).view(1, 3, 1, 1).expand(2, 3, 112, 112)
+    out = encoder(flat)
+    assert out.shape == (2, 256, 7)
+    torch.testing.assert_close(out[..., :6], torch.zeros(2, 256, 6), atol=1e-6, rtol=0)
+    assert (out[..., 6] == 2.0).all() and encoder(_texture(0))[..., :6].abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"multiples of patch_size 7, got \(112, 110\)"):
+        encoder(torch.rand(1, 3, 112, 110))
+    with pytest.raises(ValueError, match=r"sigmas must be positive pixel widths, got \[0, 6\]"):
+        KensaVLBandPassEncoder({"patch_size": 7, "sigmas": [0, 6]})
+
+
+@pytest.mark.parametrize("compared", [["dct"], ["dct", "bandpass"]])
+def test_the_untrained_verdict_is_defective_when_one_compared_encoder_sees_the_defect(compared):
+    """Each compared encoder's score is measured against its own level (how far the good supports lie from each
+    other in it), and the verdict starts from the largest: the smear the DCT cells miss is caught once the band-pass
+    cells are compared beside them, and a good photo stays good."""
+    from kensa_vl.eval.inspector import Inspector, support_item
+    from kensa_vl.train.build import build_tiny
+
+    def photo(seed, blotch=0.0):
+        return Image.fromarray((_texture(seed, blotch, 224)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+
+    model, processor = build_tiny(
+        tile_size=112, max_tiles=4, dct=True, bandpass=True, reference_comparison=True, reference_encoders=compared
+    )
+    inspector = Inspector(model, processor, max_new_tokens=0)
+    inspector.set_support([support_item(photo(seed)) for seed in range(4)])
+    assert inspector._bank.levels.shape == (len(compared),)
+    good, smear = inspector.judge([photo(10), photo(11, 0.1)])
+    assert good.verdict == "good"
+    assert smear.verdict == ("defective" if "bandpass" in compared else "good")
+
+
 def test_anomaly_labels_follow_the_mask_into_tiles_and_tokens(tiny_dct):
     _, processor = tiny_dct
     mask = np.zeros((224, 224), np.uint8)
@@ -133,7 +201,7 @@ def test_reference_views_let_a_flipped_or_turned_photo_match_its_reference(tiny_
         for views in ([], [view]):
             monkeypatch.setattr(model.config, "reference_views", views)
             with torch.no_grad():
-                scores[view, bool(views)] = model(**batch).image_scores[1].item()
+                scores[view, bool(views)] = model(**batch).image_scores[1].max().item()  # every encoder
     for view in ("hflip", "rot90"):
         assert scores[view, True] < np.log(1e-3) < scores[view, False]
     with pytest.raises(ValueError, match=r"reference_views must be distinct views of .*\['mirror'\]"):
@@ -272,7 +340,7 @@ def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
     assert not torch.allclose(logits[4], other_logits[4])  # the thumbnail's own map changes ...
     # ... the image's summary does not (up to the thumbnail's share in the per-image median the features are over)
     torch.testing.assert_close(summary, other_summary, atol=1e-4, rtol=1e-3)
-    assert score == other_score
+    assert torch.equal(score, other_score)
 
 
 def test_peak_region_box_grows_from_the_peak_through_cells_above_the_threshold():

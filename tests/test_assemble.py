@@ -160,8 +160,11 @@ def test_assemble_takes_every_comparison_setting_on_the_command_line(parts, tmp_
 
     root, _ = parts
     main(["assemble", "--vision", str(root / "dinov2"), "--text", str(root / "lm"), "--out", str(tmp_path / "k"),
-          "--tile-size", "56", "--max-tiles", "4", "--compare", "dinov2", "--reference-views", "hflip,rot90",
+          "--tile-size", "56", "--max-tiles", "4", "--compare", "dinov2", "--compare", "bandpass",
+          "--reference-views", "hflip,rot90",
           "--coreset", "0.5", "--search-probes", "4", "--exact-search-cells", "1000"])  # fmt: skip
     config = json.loads((tmp_path / "k" / "config.json").read_text())
-    assert config["reference_encoders"] == ["dinov2"] and config["reference_views"] == ["hflip", "rot90"]
+    assert config["reference_encoders"] == ["dinov2", "bandpass"] and config["reference_views"] == ["hflip", "rot90"]
+    bandpass = config["vision_encoders"][-1]["config"]  # its Gaussians scaled with the tile (3 and 6 px at 112)
+    assert bandpass["model_type"] == "kensa_bandpass" and bandpass["sigmas"] == [1.5, 3.0]
     assert (config["reference_coreset"], config["search_probes"], config["exact_search_cells"]) == (0.5, 4, 1000)

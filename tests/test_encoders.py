@@ -78,7 +78,9 @@ def test_s2_scales_encode_sub_tiles_in_one_call_and_pool_them_back():
 def test_new_encoders_save_and_load(tmp_path):
     patch = {"name": "patch", **TINY_ENCODERS["patch"]}
     resnet = {"name": "resnet", **TINY_ENCODERS["resnet"]}
-    config = _config(patch, resnet, {**DCT, "scales": [1, 2]}, fusion="interleave")
+    bandpass = {"name": "bandpass", "config": {"model_type": "kensa_bandpass", "patch_size": 7, "sigmas": [3, 6]}}
+    config = _config(patch, resnet, {**DCT, "scales": [1, 2]}, bandpass, fusion="interleave")
+    assert config.encoder_hidden_sizes()["bandpass"] == 7  # 3 planes x 2 bands + the constant channel
     model = KensaVLForConditionalGeneration(config).eval()
     model.save_pretrained(tmp_path)
     loaded, info = KensaVLForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
@@ -88,4 +90,5 @@ def test_new_encoders_save_and_load(tmp_path):
         torch.testing.assert_close(
             loaded.model.get_image_features(x).pooler_output, model.model.get_image_features(x).pooler_output
         )
-    assert loaded.config.vision_encoders[3]["scales"] == [1, 2]
+    encoders = loaded.config.vision_encoders
+    assert encoders[3]["scales"] == [1, 2] and encoders[4]["config"]["sigmas"] == [3, 6]

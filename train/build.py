@@ -193,6 +193,14 @@ def dct_encoder() -> dict:
     return {"name": "dct", "config": config}
 
 
+def bandpass_encoder(tile_size: int) -> dict:
+    """The weight-free band-pass encoder's entry: the DCT encoder's 7 px cells; Gaussian(s) - Gaussian(4 s) at s = 3
+    and 6 px of a 112 px tile, scaled with the tile (half of a 224 px photo in the main job's 2x2 grid: the study's
+    3 and 6 px of the photo, chosen on the real-surface validation split, docs/real-surfaces.md)."""
+    sigmas = [3 * tile_size / 112, 6 * tile_size / 112]
+    return {"name": "bandpass", "config": {"model_type": "kensa_bandpass", "patch_size": 7, "sigmas": sigmas}}
+
+
 def tiny_config(
     tokenizer,
     tile_size: int = 224,
@@ -200,6 +208,7 @@ def tiny_config(
     fusion: str = "concat",
     reference_comparison: bool = False,
     dct: bool = False,
+    bandpass: bool = False,
     reference_encoders: list[str] | None = None,
     encoders: list[str] = ("siglip", "dinov2"),
     taps: list[int] | None = None,
@@ -212,7 +221,7 @@ def tiny_config(
     replaces the ViTs' feature layers (e.g. `[0, 1, 2]`: every hidden state of the 2-layer towers); `s2` encodes
     each ViT tile at 1x and 2x (S2-Wrapper)."""
     unknown = sorted(set(encoders) - set(TINY_ENCODERS))
-    if unknown or not encoders and not dct:
+    if unknown or not encoders and not (dct or bandpass):
         raise ValueError(f"encoders must be a non-empty subset of {list(TINY_ENCODERS)}, got {list(encoders)}")
     entries = []
     for name in encoders:
@@ -224,6 +233,8 @@ def tiny_config(
         entries.append({"name": name, **entry})
     if dct:
         entries.append(dct_encoder())
+    if bandpass:
+        entries.append(bandpass_encoder(tile_size))
     text = {
         "model_type": "llama",
         "vocab_size": len(tokenizer),
@@ -297,8 +308,9 @@ def assemble(
 ):
     """Copy pretrained towers and LM into a fresh KensaVL (random projector), reserve tokens, save.
 
-    `compare`: the encoders the reference comparison runs on (a tower's name, e.g. "dinov2", or "dct", which adds
-    the weight-free DCT encoder); none: no comparison. `reference_views`: the bank's extra views (`REFERENCE_VIEWS`).
+    `compare`: the encoders the reference comparison runs on (a tower's name, e.g. "dinov2"; "dct" and "bandpass" add
+    the weight-free DCT and band-pass encoders); none: no comparison. `reference_views`: the bank's extra views
+    (`REFERENCE_VIEWS`).
     `search`: the comparison's other settings (`reference_coreset`, `exact_search_cells`, `search_probes`).
     With a comparison the model gives a verdict, a heatmap and a box from the first day, before any training: the
     verdict logit starts as the query's score over the supports' own level (`KensaVLReferenceComparison`)."""
@@ -314,11 +326,13 @@ def assemble(
         encoders.append(entry)
         states[name] = state
     compare = list(compare or [])
-    if "dct" in compare:
-        encoders.append(dct_encoder())
+    own = {"dct": dct_encoder, "bandpass": lambda: bandpass_encoder(tile_size)}
+    encoders += [entry() for name, entry in own.items() if name in compare]
     unknown = sorted(set(compare) - {e["name"] for e in encoders})
     if unknown:
-        raise ValueError(f"--compare {unknown}: not an encoder of this model; the encoders are {sorted(states)} + dct")
+        raise ValueError(
+            f"--compare {unknown}: not an encoder of this model; the encoders are {sorted(states)}, dct and bandpass"
+        )
     lm = AutoModelForCausalLM.from_pretrained(text, dtype=torch.float32)
     tokenizer = add_kensa_tokens(AutoTokenizer.from_pretrained(text), NUM_LOC_BINS)
     config = KensaVLConfig(
@@ -376,7 +390,7 @@ def add_parsers(subparsers) -> None:
     asm.add_argument(
         "--compare",
         action="append",
-        help="an encoder the reference comparison runs on (a tower's name such as dinov2, or dct); repeatable",
+        help="an encoder the comparison runs on (a tower's name such as dinov2, or dct, bandpass); repeatable",
     )
     asm.add_argument(
         "--reference-views",
