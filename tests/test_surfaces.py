@@ -128,5 +128,17 @@ def test_the_main_job_goes_on_without_real_surfaces_it_cannot_fetch(tmp_path, mo
 
     monkeypatch.setattr(surfaces, "_download", unreachable)
     assert real_surfaces(None, tmp_path / "ks") is None and not (tmp_path / "ks-surfaces").exists()
-    assert "goes on without the real-surface report: could not download" in capsys.readouterr().err
+    assert "goes on without real surfaces (report, training source): could not download" in capsys.readouterr().err
     assert real_surfaces(surfaces_dir, tmp_path / "ks") == surfaces_dir  # a finished set is used as it is
+
+
+def test_a_source_that_cannot_be_made_is_left_out_of_the_recipe(monkeypatch):
+    """Without the real surfaces the main job trains on the rest of its recipe's mixture (`pipeline.train_stage`)."""
+    from kensa_vl.train import pipeline, sft
+
+    seen = []
+    monkeypatch.setattr(sft, "main", lambda args, training_args: seen.append(dict(args.weights)))
+    paths = ["--model", "m", "--data", "d", "--output_dir", "o"]
+    pipeline.train_stage(pipeline.RECIPES / "multitask.yaml", paths)
+    pipeline.train_stage(pipeline.RECIPES / "multitask.yaml", paths, unavailable=("surfaces",))
+    assert seen[0]["surfaces"] > 0 and seen[1] == {k: w for k, w in seen[0].items() if k != "surfaces"}

