@@ -436,6 +436,12 @@ class KensaVLReferenceComparison(nn.Module):
         super().__init__()
         self.config = config  # read when used: the builders set the token ids after the model is made
         self.encoders = config.reference_encoder_names()
+        # each compared encoder's excess over its level enters the verdict as scale * excess - margin (an encoder
+        # entry's `verdict_scale`, `verdict_margin`; 1 and 0 unless set: `train/build.py`'s band-pass entry)
+        entries = {encoder["name"]: encoder for encoder in config.vision_encoders}
+        self.excess = [
+            (entries[n].get("verdict_scale", 1.0), entries[n].get("verdict_margin", 0.0)) for n in self.encoders
+        ]
         self.token_side = config.token_side
         width = config.text_config.hidden_size
         inputs = self.PER_ENCODER * len(self.encoders)
@@ -530,7 +536,10 @@ class KensaVLReferenceComparison(nn.Module):
         top = scored.topk(min(len(scored), logits.shape[-1])).values.mean()
         # each encoder's largest 3x3 log-distance, and how far it lies above that encoder's own level
         score = x[selected][..., 0 :: self.PER_ENCODER].flatten(0, 1).amax(0)  # (encoders,)
-        relative, known = (score - level, 1.0) if level is not None else (torch.zeros_like(score), 0.0)
+        scale, margin = torch.tensor(self.excess, device=score.device, dtype=score.dtype).unbind(-1)
+        relative, known = (
+            ((score - level) * scale - margin, 1.0) if level is not None else (torch.zeros_like(score), 0.0)
+        )
         known = torch.full_like(score[0], known)
         image = torch.stack([scored.max(), top, scored.mean(), score.mean(), relative.max(), known])
         summary = torch.stack([logits, image[0].expand_as(logits)], -1)

@@ -127,7 +127,9 @@ class KensaVLConfig(PretrainedConfig):
             of per-layer LayerNorm + Linear; `"concat"`), `scales` (S2-Wrapper: `[1, 2]` also encodes each tile at 2x
             as 2x2 sub-tiles in the same call, stitched, average-pooled back to the tile's grid and concatenated along
             channels; default `[1]`), `image_mean`, `image_std` (each encoder normalises the shared [0, 1] pixels
-            itself). Encoder grids are average-pooled onto the smallest one.
+            itself), `verdict_scale` and `verdict_margin` (with `reference_comparison`: the encoder's excess over its
+            level enters the verdict as `verdict_scale * excess - verdict_margin`; 1 and 0). Encoder grids are
+            average-pooled onto the smallest one.
         fusion (`str`): `"concat"` (Eagle: encoders on a common grid, channels concatenated; default) or
             `"interleave"` (Eyes Wide Shut: each encoder projected on its own, tokens interleaved).
         pixel_shuffle (`int`): side of the space-to-depth block applied before the projector (2 → 4x fewer tokens).

@@ -611,3 +611,27 @@ def test_pair_cache_gives_the_same_comparison_and_searches_a_pair_once(monkeypat
     assert len(small.pairs) == 2 and small.bytes <= small.max_bytes
     assert small.misses > 4  # a dropped pair is searched again when it comes back
     torch.testing.assert_close(out.logits, expected.logits)
+
+
+def test_the_verdict_starts_from_the_largest_scaled_excess_over_each_encoders_level():
+    """`VERDICT_SLOPE * (max_e(scale_e * (score_e - level_e) - margin_e) - VERDICT_MARGIN)`, with the band-pass
+    entry's scale 0.5 and margin 0.5 (`train/build.py`) and the DCT entry's 1 and 0."""
+    from kensa_vl.modeling.comparison_kensa_vl import VERDICT_MARGIN, VERDICT_SLOPE
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(
+        tile_size=112, max_tiles=4, dct=True, bandpass=True, reference_comparison=True,
+        reference_encoders=["dct", "bandpass"],
+    )  # fmt: skip
+    comparison = model.model.reference_comparison
+    assert comparison.excess == [(1.0, 0.0), (0.5, 0.5)]
+    batch = processor.image_processor([random_image(224, 224, s) for s in (1, 2)], return_tensors="pt")
+    with torch.no_grad():
+        features = comparison.features(model.model.image_grids(batch["pixel_values"], comparison.encoders))
+        bank = {name: f[:5].flatten(0, 2) for name, f in features.items()}
+        query = {name: f[5:] for name, f in features.items()}
+        thumbnail = torch.tensor([False] * 4 + [True])
+        for level in (torch.tensor([0.0, -9.0]), torch.tensor([-9.0, 0.0])):  # each encoder in turn the larger
+            verdict, score = comparison(query, thumbnail, bank, level)[3:5]
+            excess = torch.stack([score[0] - level[0], 0.5 * (score[1] - level[1]) - 0.5])
+            torch.testing.assert_close(verdict, VERDICT_SLOPE * (excess.max() - VERDICT_MARGIN))

@@ -107,3 +107,17 @@ def test_band_pass_ignores_gain_and_sees_a_faint_blot(tiny, synth_dir):
     items, _ = load_synth(synth_dir)
     out = study(model, processor, items["validation"], k=2, seeds=1)
     assert set(out) == {"dct", "band-pass", "max", "geometric"} and all(0 <= r["auroc"] <= 1 for r in out.values())
+
+
+def test_band_pass_on_the_cell_grid_follows_the_full_resolution_band_pass():
+    """The encoder blurs the grid of cell means, not every pixel (`benchmarks/bandpass_encoder.py` times both): each
+    of its channels must follow the definition, cell for cell."""
+    from benchmarks.bandpass_encoder import full_resolution, textured
+    from kensa_vl.modeling.vision_kensa_vl import KensaVLBandPassEncoder
+
+    encoder = KensaVLBandPassEncoder({"patch_size": 7, "sigmas": [3, 6]})
+    pixels = textured(2, 112)
+    exact, fast = full_resolution(encoder, pixels).flatten(0, 1).T, encoder(pixels).flatten(0, 1).T
+    for channel in range(6):
+        assert torch.corrcoef(torch.stack([exact[channel], fast[channel]]))[0, 1] > 0.98
+    assert torch.equal(exact[6], fast[6])  # the constant channel
