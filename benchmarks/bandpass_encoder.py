@@ -20,8 +20,7 @@ from kensa_vl.modeling.vision_kensa_vl import KensaVLBandPassEncoder, KensaVLDCT
 
 def full_resolution(encoder: KensaVLBandPassEncoder, pixels: torch.Tensor) -> torch.Tensor:
     """The band-pass computed at every pixel, then averaged over each cell: `(n, cells, channels)`."""
-    luma = 0.299 * pixels[:, :1] + 0.587 * pixels[:, 1:2] + 0.114 * pixels[:, 2:]
-    planes = torch.cat([torch.log(luma + 0.03), 0.564 * (pixels[:, 2:] - luma), 0.713 * (pixels[:, :1] - luma)], 1)
+    planes = encoder.planes(pixels)
     bands = torch.cat([gaussian_mean(planes, s) - gaussian_mean(planes, 4 * s) for s in encoder.sigmas], 1)
     cells = F.avg_pool2d(bands, encoder.block).flatten(2).transpose(1, 2)
     return torch.cat([cells, cells.new_full((*cells.shape[:2], 1), encoder.offset)], -1)

@@ -175,6 +175,12 @@ class KensaVLBandPassEncoder(nn.Module):
         if not self.sigmas or min(self.sigmas) <= 0:
             raise ValueError(f"Band-pass encoder: sigmas must be positive pixel widths, got {self.sigmas}.")
 
+    @staticmethod
+    def planes(pixels: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] `(n, 3, h, w)` -> log-luminance (a gain cancels), Cb and Cr `(n, 3, h, w)`."""
+        luma = 0.299 * pixels[:, :1] + 0.587 * pixels[:, 1:2] + 0.114 * pixels[:, 2:]
+        return torch.cat([torch.log(luma + 0.03), 0.564 * (pixels[:, 2:] - luma), 0.713 * (pixels[:, :1] - luma)], 1)
+
     def forward(self, pixel_values: torch.Tensor, **_) -> torch.Tensor:
         """`(n, 3, T, T)` RGB in [0, 1] -> `(n, (T / patch_size)^2, 3 * len(sigmas) + 1)`."""
         x = pixel_values.float()
@@ -183,11 +189,9 @@ class KensaVLBandPassEncoder(nn.Module):
                 f"Band-pass encoder: tile sides must be multiples of patch_size {self.block}, "
                 f"got {tuple(x.shape[-2:])}."
             )
-        luma = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
-        planes = torch.cat([torch.log(luma + 0.03), 0.564 * (x[:, 2:] - luma), 0.713 * (x[:, :1] - luma)], 1)
-        # blurred on the grid of block means (sigma in cells): 250x cheaper than at full resolution, and the blurs
-        # are wider than a block, so the cells barely change
-        cells = F.avg_pool2d(planes, self.block)
+        # blurred on the grid of block means (sigma in cells), not at every pixel: tens of times cheaper, and the
+        # blurs are about as wide as a block or wider, so the cells barely change (benchmarks/bandpass_encoder.py)
+        cells = F.avg_pool2d(self.planes(x), self.block)
         sigmas = [s / self.block for s in self.sigmas]
         bands = torch.cat([gaussian_mean(cells, s) - gaussian_mean(cells, 4 * s) for s in sigmas], 1)
         bands = bands.flatten(2).transpose(1, 2)
