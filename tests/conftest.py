@@ -77,12 +77,12 @@ def surfaces_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def main_run(synth_dir, surfaces_dir, tmp_path_factory):
-    """The offline main job on a 48-step budget per stage (enough for the answers' form: the README's snippet is
+    """The offline main job on a 64-step budget per stage (enough for the answers' form: the README's snippet is
     tested on it), its real-surface episodes from `surfaces_dir`: (output folder, returned metrics)."""
     from kensa_vl.train.cli import main_job
 
     out = tmp_path_factory.mktemp("main") / "run"
-    budget = ["--max_steps", "48", "--num_rows", "192", "--per_device_train_batch_size", "4"]
+    budget = ["--max_steps", "64", "--num_rows", "256", "--per_device_train_batch_size", "4"]
     budget += ["--surfaces", str(surfaces_dir)]
     return out, main_job(out, synth_dir, shots=(0, 1), seeds=2, queries_per_category=2, overrides=budget)
 

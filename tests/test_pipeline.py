@@ -40,7 +40,7 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     )
     assert not any(info.values()) and model.config.tile_size == 112
     stages = json.loads((out / "model" / "kensa_training.json").read_text())  # both stages, for the model card
-    assert [s["stage"] for s in stages] == ["align", "multitask"] and [s["steps"] for s in stages] == [24, 24]
+    assert [s["stage"] for s in stages] == ["align", "multitask"] and [s["steps"] for s in stages] == [64, 64]
     with pytest.raises(FileExistsError, match="already holds a finished run"):
         main_job(out, synth_dir)
 

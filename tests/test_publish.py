@@ -34,7 +34,7 @@ def test_export_holds_the_model_and_a_card_of_measured_results(trained, tmp_path
     assert "datasets:\n- acme/set" in header and "base_model" not in header  # tiny: no pretrained parts
     assert 'from_pretrained("acme/kensa-tiny", trust_remote_code=True)' in card
     assert "AutoModelForVision2Seq" in card and "AutoModelForImageTextToText" in card
-    assert "| align | projector, layer_merges | captions=1.0 | 96 | 24 |" in card  # the recipe actually run
+    assert "| align | projector, layer_merges | captions=1.0 | 256 | 64 |" in card  # the recipe actually run
     assert "| KensaVL | 1 |" in card and "![accuracy_vs_shots.png](accuracy_vs_shots.png)" in card
     assert "cap, grass, leather" in card and "{{" not in card and "No evaluation results" not in card
     # every figure of the card is the model's own: each three-decimal number outside the table is in its metrics
