@@ -3,8 +3,10 @@ least 1% of the image, every defective photo of a split, k good supports, 3 seed
 
     python benchmarks/locate_rules.py outputs/main/model --data outputs/kensa-synth-224 [--split validation]
 
-The kept rule is `KensaVLModel.locate`; the others are what it was chosen against. A photo counts whether or not
-the verdict would find it (no verdict is computed here).
+The kept rule is `KensaVLModel.locate`; the others are what it was chosen against: on the DCT cells alone, and, when
+the model compares more encoders, their log-distances averaged and measured against their levels' mean (the rule
+before each encoder was measured against its own level). A photo counts whether or not the verdict would find it
+(no verdict is computed here).
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from tqdm.auto import tqdm
 from kensa_vl.eval.evaluate import control_support, support_for
 from kensa_vl.eval.inspector import Inspector, load_pretrained
 from kensa_vl.eval.metrics import LARGE_AREA, box_iou
-from kensa_vl.modeling.comparison_kensa_vl import LOCATE_MARGIN, nearest_distances, stitch_tiles
+from kensa_vl.modeling.comparison_kensa_vl import (
+    LOCATE_MARGIN,
+    LOCATE_RANGE,
+    distance_map,
+    nearest_distances,
+    peak_region_box,
+    stitch_tiles,
+)
 from kensa_vl.train.data.synth import load_synth
 
 
@@ -50,6 +59,28 @@ def rules(raw: torch.Tensor, averaged: torch.Tensor, level: float) -> dict[str, 
     }
 
 
+def encoder_rules(near: dict, rows: int, cols: int, levels: torch.Tensor, comparison) -> dict[str, list[float]]:
+    """With more than one compared encoder, each rule's region above its level + LOCATE_MARGIN and within
+    LOCATE_RANGE of the peak: each encoder alone; every encoder against its own level, the largest (`distance_map`);
+    the encoder with the largest excess alone; the encoders' log-distances averaged, against their levels' mean."""
+    names, excess = comparison.encoders, comparison.excess
+
+    def box(cells: torch.Tensor) -> list[float]:
+        return peak_region_box(cells, max(LOCATE_MARGIN, cells.max().item() - LOCATE_RANGE))[0]
+
+    own = [distance_map([near[n]], rows, cols, levels[e : e + 1], excess[e : e + 1]) for e, n in enumerate(names)]
+    out = {f"{n} cells alone": box(cells) for n, cells in zip(names, own, strict=True)}
+    out["every encoder against its own level, the largest"] = box(
+        distance_map([near[n] for n in names], rows, cols, levels, excess)
+    )
+    out["the encoder with the largest excess alone"] = box(max(own, key=lambda cells: cells.max().item()))
+    maps = [stitch_tiles(near[n], rows, cols).clamp_min(1e-4).log()[None, None] for n in names]
+    size = max(m.shape[-2:] for m in maps)
+    mean = torch.cat([F.interpolate(m, size) for m in maps]).mean(0)[0]
+    out["the encoders' mean log-distance, against their levels' mean"] = box(mean - levels.mean())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -68,8 +99,9 @@ def main() -> None:
         for category in sorted(rows):
             good, bad = support_for(rows, category, args.shots, 0, seed)
             inspector.set_support(control_support(items, good, bad, None, seed))
-            references = inspector._bank.cells
-            level = inspector._bank.level
+            references, levels = inspector._bank.cells, inspector._bank.levels
+            encoders = model.model.reference_comparison.encoders
+            level = levels[encoders.index("dct")].item()
             for i in rows[category]["defective"]:
                 item = items[i]
                 if item["area"] < LARGE_AREA:
@@ -78,15 +110,15 @@ def main() -> None:
                 pixels, grid = inputs["pixel_values"], inputs["image_grid"]
                 rows_, cols, _ = grid[0].tolist()
                 with torch.no_grad():
-                    grids = model.model.image_grids(pixels, ["dct"])
-                    features = model.model.reference_comparison.features(grids)["dct"]
-                    near = nearest_distances(features, references["dct"].float())
-                    pooled = F.avg_pool2d(near[:, None], 3, 1, 1, count_include_pad=False)[:, 0]
-                raw, averaged = (stitch_tiles(d, rows_, cols).clamp_min(1e-4).log() for d in (near, pooled))
+                    grids = model.model.image_grids(pixels, encoders)
+                    features = model.model.reference_comparison.features(grids)
+                    near = {n: nearest_distances(features[n], references[n].float()) for n in encoders}
+                    pooled = F.avg_pool2d(near["dct"][:, None], 3, 1, 1, count_include_pad=False)[:, 0]
+                raw, averaged = (stitch_tiles(d, rows_, cols).clamp_min(1e-4).log() for d in (near["dct"], pooled))
                 boxes = rules(raw, averaged, level)
-                boxes["kept: the same, within 2 of the peak (`locate`)"] = model.model.locate(
-                    pixels, grid, references
-                )[0]
+                if len(encoders) > 1:
+                    boxes.update(encoder_rules(near, rows_, cols, levels, model.model.reference_comparison))
+                boxes["kept (`locate`)"] = model.model.locate(pixels, grid, inspector._bank)[0]
                 w, h = item["image"].size
                 for name, (x0, y0, x1, y1) in boxes.items():
                     box = [x0 * w, y0 * h, x1 * w, y1 * h]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from kensa_vl.modeling.comparison_kensa_vl import (
+    distance_map,
     locate_box,
     nearest_distances,
     patch_distances,
@@ -116,9 +117,10 @@ class PatchCore:
     def _evidence(self, features, nearest: dict, verdict: str) -> dict:
         _, thumbnail, (rows, cols), size, _ = features
         distances = [cells[~thumbnail] for cells in nearest.values()]
-        out = {"heatmap": pixel_heatmap(distances, rows, cols, *size)}
+        level = math.log(max(self.threshold, 1e-4))  # every encoder's, PatchCore's one threshold
+        out = {"heatmap": pixel_heatmap(distance_map(distances, rows, cols, level), *size)}
         if verdict == "defective":
-            box, _ = locate_box(distances, rows, cols, math.log(max(self.threshold, 1e-4)))
+            box, _ = locate_box(distances, rows, cols, level)
             out["boxes"] = [pixel_box(box, *size)]
         return out
 

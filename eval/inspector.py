@@ -23,7 +23,6 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicLayer
 
-from kensa_vl.modeling.comparison_kensa_vl import distance_map, locate_box
 from kensa_vl.modeling.demos_kensa_vl import MAX_NAME_TOKENS, prompt_labels
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
@@ -107,9 +106,9 @@ def support_item(image, defective: bool = False, description: str | None = None,
     return {"image": image, "defect_type": name, "position": position, "boxes": boxes, "description": note or ""}
 
 
-def pixel_heatmap(distances: list, rows: int, cols: int, width: int, height: int) -> np.ndarray:
-    """`distance_map` of one image brought to its pixels (bilinear): `(height, width)` float32."""
-    cells = distance_map(distances, rows, cols).cpu().numpy()
+def pixel_heatmap(cells: torch.Tensor, width: int, height: int) -> np.ndarray:
+    """A cell map (`distance_map`) brought to the image's pixels (bilinear): `(height, width)` float32."""
+    cells = cells.float().cpu().numpy()
     return np.asarray(Image.fromarray(cells).resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
@@ -395,9 +394,10 @@ class Inspector:
         if distances is None:
             return {}
         grid = inputs["image_grid"][-1, :2].tolist()
-        out = {"heatmap": pixel_heatmap(distances, *grid, image.width, image.height)}
+        comparison, levels = self.model.model.reference_comparison, self._bank.levels
+        out = {"heatmap": pixel_heatmap(comparison.heatmap(distances, *grid, levels), image.width, image.height)}
         if verdict != "good":
-            box, _ = locate_box(distances, *grid, self._bank.level)
+            box, _ = comparison.locate(distances, *grid, levels)
             out["boxes"] = [pixel_box(box, image.width, image.height)]
         return out
 

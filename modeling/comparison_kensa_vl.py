@@ -54,8 +54,8 @@ class ReferenceBank:
     `cells`: per compared encoder, the references' L2-normalised cells, every reference view included, `(M, C)`.
     `scores`: each reference image's own kNN score per compared encoder against the references before it, `(images,
     encoders)` (the first image has none, so a bank of one image has an empty tensor). Their median per encoder is
-    `levels`: how far good photos of this product lie from each other, what a query's scores are measured against;
-    their mean, `level`, is what `locate_box` measures the heatmap (the encoders' mean) against. `demos`: the defective
+    `levels`: how far good photos of this product lie from each other, what a query's scores and heatmap
+    (`distance_map`) are measured against. `demos`: the defective
     examples (`Demo`, with their defects), which are not in `cells`; `graded`: the graded examples (`Demo`, with their
     whole-image statistics), which are."""
 
@@ -74,10 +74,6 @@ class ReferenceBank:
     @property
     def levels(self) -> torch.Tensor | None:
         return self.scores.float().median(0).values if len(self.scores) else None
-
-    @property
-    def level(self) -> float | None:
-        return self.levels.mean().item() if len(self.scores) else None
 
     def to(self, device) -> ReferenceBank:
         cells = {n: c.to(device) for n, c in self.cells.items()}
@@ -388,22 +384,34 @@ def scored_tiles(thumbnail: torch.Tensor) -> torch.Tensor:
     return ~thumbnail if (~thumbnail).any() else torch.ones_like(thumbnail)
 
 
-def distance_map(distances: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+def distance_map(
+    distances: list[torch.Tensor], rows: int, cols: int, levels=None, excess: list | None = None
+) -> torch.Tensor:
     """One image's heatmap: where it differs from its references. From its nearest-reference distances, one
     `(tiles, g, g)` map per compared encoder (grid tiles first, as the processor cuts them): each stitched over the
-    tile grid, as the log of the cosine distance (at least 1e-4), brought to the finest encoder's grid and averaged:
-    `(rows * g, cols * g)` over the whole image (the tile grid covers it, stretched to the grid's shape)."""
+    tile grid as the log of the cosine distance (at least 1e-4), measured against that encoder's level as the verdict
+    measures its score, `scale * (log-distance - level) - margin` (`excess`: per encoder `(scale, margin)`, 1 and 0
+    when not given; `levels`: per encoder or one for all; without, each map's own median), brought to the finest
+    encoder's grid; the largest over the encoders: `(rows * g, cols * g)` over the whole image (the tile grid covers
+    it, stretched to the grid's shape). Encoders' log-distances lie on different scales (the band-pass cells' are
+    some 4 lower than the DCT cells'), so a cell is far when it is far for one encoder by that encoder's measure."""
     maps = [stitch_tiles(d, rows, cols).float().clamp_min(1e-4).log() for d in distances]
+    if levels is None:
+        levels = [m.median() for m in maps]
+    levels = torch.as_tensor(levels, dtype=torch.float32).expand(len(maps)).tolist()
+    excess = excess or [(1.0, 0.0)] * len(maps)
     side = max(m.shape[0] for m in maps) // rows
-    return torch.stack([F.interpolate(m[None, None], (rows * side, cols * side))[0, 0] for m in maps]).mean(0)
+    relative = [(m - level) * scale - margin for m, level, (scale, margin) in zip(maps, levels, excess, strict=True)]
+    return torch.stack([F.interpolate(m[None, None], (rows * side, cols * side))[0, 0] for m in relative]).amax(0)
 
 
-def locate_box(distances: list[torch.Tensor], rows: int, cols: int, level: float | None):
-    """The defect's box from one image's nearest-reference distances (`distance_map`): the region grows from the
-    map's peak through cells above `level + LOCATE_MARGIN` (without a level, the map's 95th percentile) and within
-    `LOCATE_RANGE` of the peak (`peak_region_box`). Returns `(box, peak)`."""
-    cells = distance_map(distances, rows, cols)
-    threshold = level + LOCATE_MARGIN if level is not None else cells.float().quantile(0.95).item()
+def locate_box(distances: list[torch.Tensor], rows: int, cols: int, levels=None, excess: list | None = None):
+    """The defect's box from one image's nearest-reference distances (`distance_map` against `levels`): the region
+    grows from the map's peak through cells LOCATE_MARGIN above their level (without levels, above the map's 95th
+    percentile) and within `LOCATE_RANGE` of the peak (`peak_region_box`). Returns `(box, peak)`, `peak` the largest
+    cell's excess over its level."""
+    cells = distance_map(distances, rows, cols, levels, excess)
+    threshold = LOCATE_MARGIN if levels is not None else cells.float().quantile(0.95).item()
     return peak_region_box(cells, max(threshold, cells.max().item() - LOCATE_RANGE))
 
 
@@ -442,6 +450,8 @@ class KensaVLReferenceComparison(nn.Module):
         self.excess = [
             (entries[n].get("verdict_scale", 1.0), entries[n].get("verdict_margin", 0.0)) for n in self.encoders
         ]
+        # the encoders whose cells place the box and the heatmap (`locate`; all unless an entry says `locate: false`)
+        self.locating = [i for i, n in enumerate(self.encoders) if entries[n].get("locate", True)] or [0]
         self.token_side = config.token_side
         width = config.text_config.hidden_size
         inputs = self.PER_ENCODER * len(self.encoders)
@@ -501,6 +511,21 @@ class KensaVLReferenceComparison(nn.Module):
             return None
         large = [n for n in self.encoders if len(bank.cells[n]) > self.config.exact_search_cells]
         return {n: bank.inverted_lists(n) for n in large} or None
+
+    def locate(self, distances: list[torch.Tensor], rows: int, cols: int, levels=None):
+        """`locate_box` on the locating encoders' distances (`distances` and `levels` per compared encoder)."""
+        chosen, levels, excess = self._locating(distances, levels)
+        return locate_box(chosen, rows, cols, levels, excess)
+
+    def heatmap(self, distances: list[torch.Tensor], rows: int, cols: int, levels=None) -> torch.Tensor:
+        """`distance_map` of the locating encoders' distances (`distances` and `levels` per compared encoder)."""
+        chosen, levels, excess = self._locating(distances, levels)
+        return distance_map(chosen, rows, cols, levels, excess)
+
+    def _locating(self, distances, levels):
+        keep = self.locating
+        levels = None if levels is None else torch.as_tensor(levels, dtype=torch.float32).flatten()[keep]
+        return [distances[i] for i in keep], levels, [self.excess[i] for i in keep]
 
     def distances(self, query: dict[str, torch.Tensor], bank, lists: dict | None = None, nearest=None):
         """`query` name -> (n, g, g, C) tiles of one image, `bank` name -> (M, C) -> (log-distances
@@ -672,8 +697,7 @@ class KensaVLReferenceComparison(nn.Module):
                             copy.logits, copy.gate = self.demo_pointer(similarity)
                         if len(self.config.box_token_ids) == 2:
                             rows_cols = image_grid[image, :2].tolist()
-                            mean_level = None if level is None else float(level.mean())
-                            found = locate_box(nearest[image], *rows_cols, mean_level)
+                            found = self.locate(nearest[image], *rows_cols, level)
                             copy.box, copy.position = located_tokens(found[0], self.config)
                     if end < input_ids.shape[1]:
                         summaries.append(Summary(row, end, summary, verdict, copy))

@@ -32,7 +32,6 @@ from .comparison_kensa_vl import (
     KensaVLReferenceComparison,
     ReferenceBank,
     coreset,
-    locate_box,
     nearest_distances,
     reference_view,
     scored_tiles,
@@ -284,8 +283,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
     @torch.no_grad()
     def locate(self, pixel_values: torch.Tensor, image_grid: torch.Tensor, bank: ReferenceBank):
         """Where one image differs most from `bank`: `(box, peak)`, the box `[x0, y0, x1, y1]` as fractions of the
-        image's width and height, `peak` the largest cell's log-distance (`locate_box`, measured against the bank's
-        `level`). The rule was chosen on KensaSynth's validation split (docs/reference-comparison.md).
+        image's width and height, `peak` the largest cell's excess over its encoder's level (`locate_box`, against
+        the bank's `levels`). The rule was chosen on KensaSynth's validation split (docs/reference-comparison.md).
         `pixel_values` and `image_grid` hold the one image's tiles as the processor made them."""
         if image_grid.shape[0] != 1 or int(image_grid[0, 2]) != pixel_values.shape[0]:
             raise ValueError(
@@ -297,7 +296,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
         features = comparison.features(grids)
         lists = comparison.bank_lists(bank) or {}
         distances = [comparison.nearest(features[n], bank.cells[n].float(), lists.get(n)) for n in comparison.encoders]
-        return locate_box(distances, *image_grid[0, :2].tolist(), bank.level)
+        return comparison.locate(distances, *image_grid[0, :2].tolist(), bank.levels)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
         if input_ids is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,28 @@ def test_the_untrained_verdict_is_defective_when_one_compared_encoder_sees_the_d
     good, smear = inspector.judge([photo(10), photo(11, 0.1)])
     assert good.verdict == "good"
     assert smear.verdict == ("defective" if "bandpass" in compared else "good")
+
+
+def test_the_band_pass_cells_judge_but_do_not_place_the_box():
+    """The band-pass entry says `locate: false` (its blurred cells boxed defects less often than the DCT cells on
+    both validation sets): beside the DCT cells it turns the smear's verdict, and the heatmap, which the box is cut
+    from, is the DCT cells' alone, the same as a model that compares only those."""
+    from kensa_vl.eval.inspector import Inspector, support_item
+    from kensa_vl.train.build import build_tiny
+
+    def photo(seed, blotch=0.0):
+        return Image.fromarray((_texture(seed, blotch, 224)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+
+    judged = {}
+    for compared in (["dct"], ["dct", "bandpass"]):
+        model, processor = build_tiny(
+            tile_size=112, max_tiles=4, dct=True, bandpass=True, reference_comparison=True, reference_encoders=compared
+        )
+        inspector = Inspector(model, processor, max_new_tokens=0)
+        inspector.set_support([support_item(photo(seed)) for seed in range(4)])
+        judged[len(compared)] = inspector.judge([photo(11, 0.1)])[0]
+    assert judged[2].verdict == "defective" and len(judged[2].boxes) == 1
+    np.testing.assert_allclose(judged[2].heatmap, judged[1].heatmap, atol=1e-5)
 
 
 def test_anomaly_labels_follow_the_mask_into_tiles_and_tokens(tiny_dct):
@@ -355,6 +379,25 @@ def test_peak_region_box_grows_from_the_peak_through_cells_above_the_threshold()
     cells[5, 14] = 1.0  # touches the defect's corner: 8-connected, so it joins
     assert peak_region_box(cells, 0.5)[0] == pytest.approx([10 / 16, 2 / 8, 15 / 16, 6 / 8])
     assert peak_region_box(cells, 5.0)[0] == pytest.approx([12 / 16, 3 / 8, 13 / 16, 4 / 8])  # nothing passes
+
+
+def test_locate_box_measures_each_encoder_against_its_own_level():
+    """Encoders' log-distances lie on different scales: a cell far for the DCT cells (its level -3) is the defect,
+    not a band-pass cell that is 3 above the DCT cells' level but below its own (-6), however the mean of the two
+    maps ranks them. Band-pass excess counts at its scale and margin, as in the verdict."""
+    from kensa_vl.modeling.comparison_kensa_vl import distance_map, locate_box
+
+    dct, bandpass = torch.full((4, 4, 4), math.exp(-3.2)), torch.full((4, 4, 4), 1e-4)  # 2 x 2 tiles of 4 x 4 cells
+    dct[0, 1:3, 1:3] = math.exp(-2.0)  # the defect: 1 above the DCT level, top-left tile
+    bandpass[3, 3, 3] = math.exp(-6.5)  # bottom-right corner: 2.7 above the band-pass floor, 0.5 below its level
+    excess = [(1.0, 0.0), (0.5, 0.5)]
+    box, peak = locate_box([dct, bandpass], 2, 2, torch.tensor([-3.0, -6.0]), excess)
+    assert box == pytest.approx([1 / 8, 1 / 8, 3 / 8, 3 / 8]) and peak == pytest.approx(1.0)
+    cells = distance_map([dct, bandpass], 2, 2, [-3.0, -6.0], excess)
+    assert cells[7, 7].item() == pytest.approx(max(-0.2, (-6.5 + 6.0) * 0.5 - 0.5))  # the larger of its two
+    # one level for every encoder (PatchCore's threshold) and, without levels, each map's own median
+    assert locate_box([dct, bandpass], 2, 2, -3.0)[0] == pytest.approx([1 / 8, 1 / 8, 3 / 8, 3 / 8])
+    assert distance_map([dct], 2, 2).median().item() == pytest.approx(0.0)
 
 
 def test_stitch_tiles_puts_each_tile_where_the_processor_cut_it(tiny_dct):

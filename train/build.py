@@ -198,10 +198,12 @@ def bandpass_encoder(tile_size: int) -> dict:
     and 6 px of a 112 px tile, scaled with the tile (half of a 224 px photo in the main job's 2x2 grid: the study's
     3 and 6 px of the photo). Its excess over its level enters the verdict halved (its cosine distance is about a
     squared Euclidean one) and 0.5 lower: the smallest margin that keeps KensaSynth's validation balanced accuracy
-    at the DCT cells' alone, chosen on both validation sets (docs/real-surfaces.md)."""
+    at the DCT cells' alone, chosen on both validation sets (docs/real-surfaces.md). Its blurred cells do not place
+    the box: boxes hit less often with them than with the DCT cells alone on both validation sets
+    (`benchmarks/locate_rules.py`, docs/reference-comparison.md)."""
     sigmas = [3 * tile_size / 112, 6 * tile_size / 112]
     config = {"model_type": "kensa_bandpass", "patch_size": 7, "sigmas": sigmas}
-    return {"name": "bandpass", "config": config, "verdict_scale": 0.5, "verdict_margin": 0.5}
+    return {"name": "bandpass", "config": config, "verdict_scale": 0.5, "verdict_margin": 0.5, "locate": False}
 
 
 def tiny_config(
