@@ -459,8 +459,8 @@ class KensaVLReferenceComparison(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(inputs, 64), nn.GELU(), nn.Linear(64, 1))
         self.embed = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
         self.summary = nn.Sequential(nn.Linear(6, width), nn.GELU(), nn.Linear(width, width))
-        # (largest and mean score over its encoder's level, whether there is a level) -> verdict logit
-        self.verdict = nn.Linear(3, 1)
+        # (largest score over its encoder's level, whether there is a level) -> verdict logit
+        self.verdict = nn.Linear(2, 1)
         self.demo_pointer = DemoPointer()  # which defective example a query shows, and whether to copy its name
         self.grade_pointer = DemoPointer("grade_pointer")  # which grade a query is, and whether to copy its label
         self.pair_cache: PairCache | None = None  # set by training when the compared encoders stay fixed
@@ -568,7 +568,7 @@ class KensaVLReferenceComparison(nn.Module):
         known = torch.full_like(score[0], known)
         image = torch.stack([scored.max(), top, scored.mean(), score.mean(), relative.max(), known])
         summary = torch.stack([logits, image[0].expand_as(logits)], -1)
-        verdict = self.verdict(torch.stack([relative.max(), relative.mean(), known])).squeeze(-1)
+        verdict = self.verdict(torch.stack([relative.max(), known])).squeeze(-1)
         return self.embed(summary), logits, self.summary(image), verdict, score.detach(), nearest
 
     def compare_prompt(

@@ -118,7 +118,7 @@ class KensaVLPreTrainedModel(PreTrainedModel):
         # Set per layer, not on the parent: 5.x skips custom-code modules without parameters of their own.
         start = getattr(module, "kensa_init", None)
         if start == "verdict":  # VERDICT_SLOPE * (largest relative score - VERDICT_MARGIN) where there is a level
-            module.weight.data.copy_(torch.tensor([[VERDICT_SLOPE, 0.0, -VERDICT_SLOPE * VERDICT_MARGIN]]))
+            module.weight.data.copy_(torch.tensor([[VERDICT_SLOPE, -VERDICT_SLOPE * VERDICT_MARGIN]]))
             module.bias.data.zero_()
         elif start in ("pointer", "grade_pointer", "gate"):  # the pointers' slopes, and a gate that starts open
             module.weight.data.fill_({"pointer": POINTER_SLOPE, "grade_pointer": GRADE_SLOPE}.get(start, 0.0))

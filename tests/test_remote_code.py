@@ -133,7 +133,7 @@ def test_a_checkpoint_without_the_verdict_or_the_pointer_starts_at_its_prior(tmp
     save_file({k: v for k, v in weights.items() if part not in k}, tmp_path / "model.safetensors")
     old = KensaVLForConditionalGeneration.from_pretrained(tmp_path).model.reference_comparison
     if part == ".verdict.":
-        prior = torch.tensor([[VERDICT_SLOPE, 0.0, -VERDICT_SLOPE * VERDICT_MARGIN]])  # largest and mean excess, level
+        prior = torch.tensor([[VERDICT_SLOPE, -VERDICT_SLOPE * VERDICT_MARGIN]])  # largest excess, a level
         torch.testing.assert_close(old.verdict.weight, prior)
         assert old.verdict.bias.item() == 0.0 and old.demo_pointer.gate.weight.flatten().tolist() == [3.0, 3.0]
     elif part == ".grade_pointer.":
@@ -142,7 +142,7 @@ def test_a_checkpoint_without_the_verdict_or_the_pointer_starts_at_its_prior(tmp
     else:
         assert old.demo_pointer.pointer.weight.item() == POINTER_SLOPE and old.demo_pointer.pointer.bias.item() == 0
         assert old.demo_pointer.gate.weight.abs().sum() == 0 and old.demo_pointer.gate.bias.item() == GATE_START
-        assert old.verdict.weight.flatten().tolist() == [3.0, 3.0, 3.0]  # the rest as saved
+        assert old.verdict.weight.flatten().tolist() == [3.0, 3.0]  # the rest as saved
 
 
 @needs_457
