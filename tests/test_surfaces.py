@@ -65,6 +65,13 @@ def test_a_missing_photo_says_how_to_fetch_it(tmp_path, monkeypatch):
     monkeypatch.setenv("KENSA_VL_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="kensa-vl synth --surfaces"):
         master("mw-granite", 0, 128)
+    path = surfaces.photo_path("mw-granite")  # a cached photo cut short: named, with what to do
+    path.parent.mkdir(parents=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 80, 70)).save(buffer, "PNG")
+    path.write_bytes(buffer.getvalue()[:60])
+    with pytest.raises(OSError, match=r"mw-granite\.png cannot be read .*delete it and `kensa-vl synth --surfaces`"):
+        master("mw-granite", 0, 128)
 
 
 def test_real_surfaces_are_photographed_with_tilt_focus_and_jpeg_varying(photos):

@@ -205,7 +205,12 @@ def draw(name: str):
         path = photo_path(name)
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: real surfaces are fetched by `kensa-vl synth --surfaces`")
-        photo = np.asarray(Image.open(path).convert("RGB"), np.float32) / 255.0
+        try:
+            photo = np.asarray(Image.open(path).convert("RGB"), np.float32) / 255.0
+        except OSError as err:  # a cached photo cut short or overwritten after it was written whole
+            raise OSError(
+                f"{path} cannot be read ({err}): delete it and `kensa-vl synth --surfaces` fetches it again"
+            ) from err
         side = min(photo.shape[:2])
         photo = photo[:side, :side]
         target = max(8, round(size / MARGIN))
