@@ -121,3 +121,31 @@ def test_band_pass_on_the_cell_grid_follows_the_full_resolution_band_pass():
     for channel in range(6):
         assert torch.corrcoef(torch.stack([exact[channel], fast[channel]]))[0, 1] > 0.98
     assert torch.equal(exact[6], fast[6])  # the constant channel
+
+
+def test_the_level_study_measures_each_encoder_against_its_level_on_validation(synth_dir):
+    """benchmarks/verdict_levels.py: per query the kNN scores `(E,)`, the bank's sequential scores `(k - 1, E)` and
+    the supports' leave-one-out scores `(k, E)` of the model's compared encoders; a rule's decision is the largest
+    `scale * (score - level) / spread - margin`, and the best threshold separates what is separable."""
+    import numpy as np
+
+    from benchmarks.verdict_levels import RULES, best_threshold, collect, decisions, table
+    from kensa_vl.train.build import build_tiny
+    from kensa_vl.train.data import load_synth
+    from kensa_vl.train.pipeline import TINY
+
+    record = {"scores": np.array([-2.0, -7.0]), "sequential": np.array([[-3.0, -8.0], [-3.5, -9.0]]),
+              "held_out": np.array([[-3.0, -8.0], [-3.2, -8.5], [-2.8, -9.0]])}  # fmt: skip
+    excess = np.array([[1.0, 0.0], [0.5, 0.5]])
+    kept, _, largest, ranged = (decisions([record], rule, excess)[0] for rule in RULES.values())
+    assert kept == pytest.approx(max(-2.0 + 3.25, 0.5 * (-7.0 + 8.5) - 0.5))  # the medians: -3.25, -8.5
+    assert largest == pytest.approx(max(-2.0 + 2.8, 0.5 * (-7.0 + 8.0) - 0.5))
+    assert ranged == pytest.approx(max((-2.0 + 3.0) / 0.4, 0.5 * (-7.0 + 8.5) / 1.0 - 0.5))
+    assert best_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.5, 0.9])) == 0.5
+
+    model, processor = build_tiny(**TINY)
+    records = collect(model, processor, load_synth(synth_dir)[0]["validation"], shots=2, seeds=1)
+    assert {r["scores"].shape for r in records} == {(2,)} and {r["held_out"].shape for r in records} == {(2, 2)}
+    assert {r["sequential"].shape for r in records} == {(1, 2)} and {r["label"] for r in records} == {0, 1}
+    lines = table({"validation": records}, np.array(model.model.reference_comparison.excess))
+    assert len(lines) == 2 + len(RULES) and all(line.count("|") == 9 for line in lines)
