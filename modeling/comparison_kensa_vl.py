@@ -451,7 +451,7 @@ class KensaVLReferenceComparison(nn.Module):
             (entries[n].get("verdict_scale", 1.0), entries[n].get("verdict_margin", 0.0)) for n in self.encoders
         ]
         # the encoders whose cells place the box and the heatmap (`locate`; all unless an entry says `locate: false`)
-        self.locating = [i for i, n in enumerate(self.encoders) if entries[n].get("locate", True)] or [0]
+        self.locating = [self.encoders.index(n) for n in config.locating_encoder_names()]
         self.token_side = config.token_side
         width = config.text_config.hidden_size
         inputs = self.PER_ENCODER * len(self.encoders)

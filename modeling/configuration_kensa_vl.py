@@ -318,6 +318,13 @@ class KensaVLConfig(PretrainedConfig):
     def reference_encoder_names(self) -> list[str]:
         return self.reference_encoders or [encoder["name"] for encoder in self.vision_encoders]
 
+    def locating_encoder_names(self) -> list[str]:
+        """The compared encoders whose cells place the box and the heatmap: all but those whose entry says
+        `locate: false` (the first compared encoder when every entry does)."""
+        entries = {encoder["name"]: encoder for encoder in self.vision_encoders}
+        names = self.reference_encoder_names()
+        return [n for n in names if entries[n].get("locate", True)] or names[:1]
+
     @property
     def grid_size(self) -> int:
         """Side of the common patch grid all encoders are pooled to (the smallest encoder grid)."""
