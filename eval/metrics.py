@@ -20,7 +20,9 @@ import numpy as np
 from PIL import Image
 
 PIXEL_SIDE = 256
-BINS = np.linspace(np.log(1e-4), np.log(2.0), 1001)  # heatmap values: log cosine distance, in [log 1e-4, log 2]
+# heatmap values: a log cosine distance over the supports' level (`distance_map`), so either sign; the edges keep
+# every value a floored distance and a level can give apart (LOG_FLOOR: log 1e-6 = -13.8)
+BINS = np.linspace(-16.0, 16.0, 3201)
 AUPRO_LIMIT = 0.3
 LARGE_AREA = 0.01  # `box_hit_rate_1pct`: the hit rate on defects covering at least this fraction of the image
 

@@ -34,6 +34,13 @@ def test_binned_pixel_auroc_agrees_with_scikit_learn():
     assert np.isnan(pixel_auroc(_hist(normal), np.zeros(len(BINS) - 1)))
 
 
+def test_pixel_auroc_ranks_cells_above_their_level():
+    """Heatmaps are log-distances over the supports' level: a defect lies above 0, often well above, and is still
+    told apart from good cells that lie above it less far."""
+    normal, defect = np.linspace(-3, 1.5, 1000), np.linspace(2, 4, 100)
+    assert pixel_auroc(_hist(normal), _hist(defect)) == pytest.approx(1.0)
+
+
 def test_aupro_by_hand():
     normal = _hist(np.linspace(-8, -2, 10_000))  # uniform: the FPR at threshold t is the share of normals above t
     high, low = np.full(100, -0.5), np.full(100, -8.5)  # above every normal pixel / below every one
