@@ -25,6 +25,7 @@ from kensa_vl.eval.metrics import LARGE_AREA, box_iou
 from kensa_vl.modeling.comparison_kensa_vl import (
     LOCATE_MARGIN,
     LOCATE_RANGE,
+    LOG_FLOOR,
     distance_map,
     nearest_distances,
     peak_region_box,
@@ -74,7 +75,7 @@ def encoder_rules(near: dict, rows: int, cols: int, levels: torch.Tensor, compar
         distance_map([near[n] for n in names], rows, cols, levels, excess)
     )
     out["the encoder with the largest excess alone"] = box(max(own, key=lambda cells: cells.max().item()))
-    maps = [stitch_tiles(near[n], rows, cols).clamp_min(1e-4).log()[None, None] for n in names]
+    maps = [stitch_tiles(near[n], rows, cols).clamp_min(LOG_FLOOR).log()[None, None] for n in names]
     size = max(m.shape[-2:] for m in maps)
     mean = torch.cat([F.interpolate(m, size) for m in maps]).mean(0)[0]
     out["the encoders' mean log-distance, against their levels' mean"] = box(mean - levels.mean())
@@ -114,7 +115,8 @@ def main() -> None:
                     features = model.model.reference_comparison.features(grids)
                     near = {n: nearest_distances(features[n], references[n].float()) for n in encoders}
                     pooled = F.avg_pool2d(near["dct"][:, None], 3, 1, 1, count_include_pad=False)[:, 0]
-                raw, averaged = (stitch_tiles(d, rows_, cols).clamp_min(1e-4).log() for d in (near["dct"], pooled))
+                maps = (near["dct"], pooled)
+                raw, averaged = (stitch_tiles(d, rows_, cols).clamp_min(LOG_FLOOR).log() for d in maps)
                 boxes = rules(raw, averaged, level)
                 if len(encoders) > 1:
                     boxes.update(encoder_rules(near, rows_, cols, levels, model.model.reference_comparison))

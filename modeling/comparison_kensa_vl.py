@@ -45,6 +45,10 @@ LOCATE_MARGIN, LOCATE_RANGE = 0.05, 2.0
 # KensaSynth's validation categories (DCT cells, 4 shots: good photos at -0.17 +- 0.18, defective at +0.61 +- 0.41);
 # training moves both.
 VERDICT_SLOPE, VERDICT_MARGIN = 8.0, 0.2
+# the smallest cosine distance whose log is read: float32 resolves 1 - cos to about 1e-7, and the band-pass cells'
+# distances lie at 1e-5-1e-3 (a floor of 1e-4 tied most good photos' scores and cost that encoder 0.05 image AUROC on
+# the real-surface validation set, docs/real-surfaces.md)
+LOG_FLOOR = 1e-6
 
 
 @dataclass
@@ -389,13 +393,14 @@ def distance_map(
 ) -> torch.Tensor:
     """One image's heatmap: where it differs from its references. From its nearest-reference distances, one
     `(tiles, g, g)` map per compared encoder (grid tiles first, as the processor cuts them): each stitched over the
-    tile grid as the log of the cosine distance (at least 1e-4), measured against that encoder's level as the verdict
-    measures its score, `scale * (log-distance - level) - margin` (`excess`: per encoder `(scale, margin)`, 1 and 0
-    when not given; `levels`: per encoder or one for all; without, each map's own median), brought to the finest
-    encoder's grid; the largest over the encoders: `(rows * g, cols * g)` over the whole image (the tile grid covers
-    it, stretched to the grid's shape). Encoders' log-distances lie on different scales (the band-pass cells' are
-    some 4 lower than the DCT cells'), so a cell is far when it is far for one encoder by that encoder's measure."""
-    maps = [stitch_tiles(d, rows, cols).float().clamp_min(1e-4).log() for d in distances]
+    tile grid as the log of the cosine distance (at least LOG_FLOOR), measured against that encoder's level as the
+    verdict measures its score, `scale * (log-distance - level) - margin` (`excess`: per encoder `(scale, margin)`, 1
+    and 0 when not given; `levels`: per encoder or one for all; without, each map's own median), brought to the
+    finest encoder's grid; the largest over the encoders: `(rows * g, cols * g)` over the whole image (the tile grid
+    covers it, stretched to the grid's shape). Encoders' log-distances lie on different scales (the band-pass cells'
+    are some 4 lower than the DCT cells'), so a cell is far when it is far for one encoder by that encoder's
+    measure."""
+    maps = [stitch_tiles(d, rows, cols).float().clamp_min(LOG_FLOOR).log() for d in distances]
     if levels is None:
         levels = [m.median() for m in maps]
     levels = torch.as_tensor(levels, dtype=torch.float32).expand(len(maps)).tolist()
@@ -540,7 +545,7 @@ class KensaVLReferenceComparison(nn.Module):
             # the single farthest cell under each token: a defect of a cell or two, which the 3x3 mean dilutes
             far = F.adaptive_max_pool2d(cells.unsqueeze(1), self.token_side).flatten(1)
             out += [d, d / d.median().clamp_min(1e-6), far, far / far.median().clamp_min(1e-6)]
-        return torch.stack(out, -1).clamp_min(1e-4).log(), nearest
+        return torch.stack(out, -1).clamp_min(LOG_FLOOR).log(), nearest
 
     def forward(
         self, query, thumbnail: torch.Tensor, bank, level: torch.Tensor | None = None, lists=None, nearest=None

@@ -342,7 +342,33 @@ def test_a_one_cell_defect_shows_in_the_farthest_cell_not_diluted_by_the_mean(ti
     mean, far = x[..., 0], x[..., 2]  # the first encoder's 3x3 mean and farthest cell (logs)
     assert comparison.PER_ENCODER == 4 and x.shape[-1] == 4 * len(comparison.encoders)
     assert far.max() - mean.max() == pytest.approx(np.log(9), abs=1e-4)
-    assert far[1:].max() <= np.log(1e-4) + 1e-6  # the other tiles match their reference exactly
+    from kensa_vl.modeling.comparison_kensa_vl import LOG_FLOOR
+
+    assert far[1:].max() <= np.log(LOG_FLOOR) + 1e-6  # the other tiles match their reference exactly
+
+
+def test_small_distances_keep_their_order_above_the_log_floor(tiny_dct):
+    """The band-pass cells' cosine distances lie at 1e-5-1e-3: a query whose one cell is turned by a small angle
+    reads as farther than one turned by half that angle (under a floor of 1e-4, both read as the floor)."""
+    import torch.nn.functional as F
+
+    model, processor = tiny_dct
+    comparison = model.model.reference_comparison
+    batch = processor.image_processor([random_image(224, 224, 1)], return_tensors="pt")
+    with torch.no_grad():
+        features = comparison.features(model.model.image_grids(batch["pixel_values"]))
+        bank = {name: f.reshape(-1, f.shape[-1]) for name, f in features.items()}
+        far = []
+        for angle in (2e-3, 4e-3):  # cosine distances 2e-6 and 8e-6
+            query = {name: f.clone() for name, f in features.items()}
+            for f in query.values():
+                cell = f[0, 5, 5]
+                turn = torch.randn(cell.shape, generator=torch.Generator().manual_seed(0))
+                turn = F.normalize(turn - (turn @ cell) * cell, dim=0)
+                f[0, 5, 5] = cell * np.cos(angle) + turn * np.sin(angle)
+            x, _ = comparison.distances(query, bank)
+            far.append(x[..., 2].max().item())
+    assert far[1] - far[0] == pytest.approx(np.log(4), abs=0.1)
 
 
 def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
