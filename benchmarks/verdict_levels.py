@@ -116,6 +116,26 @@ def table(sets: dict[str, list[dict]], excess: np.ndarray) -> list[str]:
     return lines
 
 
+def margin_sweep(sets: dict[str, list[dict]], excess: np.ndarray, encoder: int, margins) -> list[str]:
+    """The kept level's rule with compared encoder `encoder`'s verdict margin set to each of `margins` (its scale
+    kept; inf: that encoder left out): per split, pooled AUROC and balanced accuracy at the untrained threshold. How
+    an encoder's margin is chosen (docs/real-surfaces.md)."""
+    rule = next(iter(RULES.values()))
+    splits = list(sets)
+    header = "| margin | " + " | ".join(f"{s}: AUROC | BA" for s in splits) + " |"
+    lines = [header, "|---" * (1 + 2 * len(splits)) + "|"]
+    for margin in margins:
+        changed = excess.copy()
+        changed[encoder, 1] = margin
+        cells = []
+        for records in sets.values():
+            labels = np.array([r["label"] for r in records])
+            d = decisions(records, rule, changed)
+            cells += [f"{roc_auc_score(labels, d):.3f}", f"{balanced(labels, d > VERDICT_MARGIN):.3f}"]
+        lines.append(f"| {margin:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -123,6 +143,8 @@ def main() -> None:
     parser.add_argument("--split", default="validation")
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--sweep", help="a compared encoder whose verdict margin to sweep (`margin_sweep`)")
+    parser.add_argument("--margins", default="0,0.25,0.5,0.75,1,1.5,2,inf", help="with --sweep")
     args = parser.parse_args()
     model, processor = load_pretrained(args.model)
     comparison = model.model.reference_comparison
@@ -133,6 +155,9 @@ def main() -> None:
     sizes = ", ".join(f"{name} {len(records)}" for name, records in sets.items())
     print(f"{args.split}, k = {args.shots}, {args.seeds} seeds, queries: {sizes}; encoders {comparison.encoders}")
     print("\n".join(table(sets, excess)))
+    if args.sweep:
+        margins = [float(m) for m in args.margins.split(",")]
+        print("\n".join(margin_sweep(sets, excess, comparison.encoders.index(args.sweep), margins)))
 
 
 if __name__ == "__main__":

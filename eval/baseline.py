@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from kensa_vl.modeling.comparison_kensa_vl import (
+    LOG_FLOOR,
     distance_map,
     locate_box,
     nearest_distances,
@@ -117,7 +118,7 @@ class PatchCore:
     def _evidence(self, features, nearest: dict, verdict: str) -> dict:
         _, thumbnail, (rows, cols), size, _ = features
         distances = [cells[~thumbnail] for cells in nearest.values()]
-        level = math.log(max(self.threshold, 1e-4))  # every encoder's, PatchCore's one threshold
+        level = math.log(max(self.threshold, LOG_FLOOR))  # every encoder's, PatchCore's one threshold
         out = {"heatmap": pixel_heatmap(distance_map(distances, rows, cols, level), *size)}
         if verdict == "defective":
             box, _ = locate_box(distances, rows, cols, level)
