@@ -129,7 +129,7 @@ def test_the_level_study_measures_each_encoder_against_its_level_on_validation(s
     `scale * (score - level) / spread - margin`, and the best threshold separates what is separable."""
     import numpy as np
 
-    from benchmarks.verdict_levels import RULES, best_threshold, collect, decisions, table
+    from benchmarks.verdict_levels import RULES, best_threshold, collect, decisions, margin_sweep, table
     from kensa_vl.train.build import build_tiny
     from kensa_vl.train.data import load_synth
     from kensa_vl.train.pipeline import TINY
@@ -149,3 +149,11 @@ def test_the_level_study_measures_each_encoder_against_its_level_on_validation(s
     assert {r["sequential"].shape for r in records} == {(1, 2)} and {r["label"] for r in records} == {0, 1}
     lines = table({"validation": records}, np.array(model.model.reference_comparison.excess))
     assert len(lines) == 2 + len(RULES) and all(line.count("|") == 9 for line in lines)
+    # the margin sweep: an infinite band-pass margin leaves the DCT cells alone to decide
+    excess = np.array(model.model.reference_comparison.excess)
+    swept = margin_sweep({"validation": records}, excess, 1, [0.5, float("inf")])
+    alone = [excess[0, 0] * (r["scores"][0] - np.median(r["sequential"][:, 0])) - excess[0, 1] for r in records]
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.array([r["label"] for r in records])
+    assert swept[-1].split(" | ")[1] == f"{roc_auc_score(labels, alone):.3f}" and len(swept) == 4
