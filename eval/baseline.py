@@ -26,7 +26,7 @@ import torch
 from kensa_vl.modeling.comparison_kensa_vl import (
     LOG_FLOOR,
     distance_map,
-    locate_box,
+    map_box,
     nearest_distances,
     patch_distances,
     pooled_distances,
@@ -119,9 +119,10 @@ class PatchCore:
         _, thumbnail, (rows, cols), size, _ = features
         distances = [cells[~thumbnail] for cells in nearest.values()]
         level = math.log(max(self.threshold, LOG_FLOOR))  # every encoder's, PatchCore's one threshold
-        out = {"heatmap": pixel_heatmap(distance_map(distances, rows, cols, level), *size)}
+        cells = distance_map(distances, rows, cols, level)
+        out = {"heatmap": pixel_heatmap(cells, *size)}
         if verdict == "defective":
-            box, _ = locate_box(distances, rows, cols, level)
+            box, _ = map_box(cells, leveled=True)
             out["boxes"] = [pixel_box(box, *size)]
         return out
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicLayer
 
+from kensa_vl.modeling.comparison_kensa_vl import map_box
 from kensa_vl.modeling.demos_kensa_vl import MAX_NAME_TOKENS, prompt_labels
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
@@ -395,9 +396,10 @@ class Inspector:
             return {}
         grid = inputs["image_grid"][-1, :2].tolist()
         comparison, levels = self.model.model.reference_comparison, self._bank.levels
-        out = {"heatmap": pixel_heatmap(comparison.heatmap(distances, *grid, levels), image.width, image.height)}
+        cells = comparison.heatmap(distances, *grid, levels)
+        out = {"heatmap": pixel_heatmap(cells, image.width, image.height)}
         if verdict != "good":
-            box, _ = comparison.locate(distances, *grid, levels)
+            box, _ = map_box(cells, levels is not None)  # the box `comparison.locate` gives, from the same map
             out["boxes"] = [pixel_box(box, image.width, image.height)]
         return out
 

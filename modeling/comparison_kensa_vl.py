@@ -415,8 +415,12 @@ def locate_box(distances: list[torch.Tensor], rows: int, cols: int, levels=None,
     grows from the map's peak through cells LOCATE_MARGIN above their level (without levels, above the map's 95th
     percentile) and within `LOCATE_RANGE` of the peak (`peak_region_box`). Returns `(box, peak)`, `peak` the largest
     cell's excess over its level."""
-    cells = distance_map(distances, rows, cols, levels, excess)
-    threshold = LOCATE_MARGIN if levels is not None else cells.float().quantile(0.95).item()
+    return map_box(distance_map(distances, rows, cols, levels, excess), levels is not None)
+
+
+def map_box(cells: torch.Tensor, leveled: bool) -> tuple[list[float], float]:
+    """`locate_box` on a `distance_map` already made (`cells`, against levels when `leveled`)."""
+    threshold = LOCATE_MARGIN if leveled else cells.float().quantile(0.95).item()
     return peak_region_box(cells, max(threshold, cells.max().item() - LOCATE_RANGE))
 
 
