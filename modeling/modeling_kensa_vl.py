@@ -209,17 +209,18 @@ class KensaVLModel(KensaVLPreTrainedModel):
     ) -> dict[str, torch.Tensor]:
         """Reference tiles' cells as the comparison's bank, name -> `(cells, C)` per compared encoder: the tiles' own
         L2-normalised cells (`features`, name -> `(n, g, g, C)`, when already encoded), then the same tiles in each
-        of `views` (default `config.reference_views`), reduced to a greedy k-center `coreset` of
-        `config.reference_coreset` of them (1: every cell). Needs no comparison module (the kNN baseline of a
-        plain-ICL model uses it)."""
+        of `views` (default `config.reference_views`; not for an encoder whose cells a view only moves,
+        `view_invariant`), reduced to a greedy k-center `coreset` of `config.reference_coreset` of them (1: every
+        cell). Needs no comparison module (the kNN baseline of a plain-ICL model uses it)."""
         if features is None:
             names = self.config.reference_encoder_names()
             features = unit_cells(self.image_grids(pixel_values, names), names)
         views = self.config.reference_views if views is None else views
         parts = {name: [f] for name, f in features.items()}
-        if views:  # every view in one pass of the encoders: one call per image, not one per view
-            seen = self.image_grids(torch.cat([reference_view(pixel_values, view) for view in views]), list(parts))
-            for name, f in unit_cells(seen, parts).items():
+        turned = [name for name in parts if not getattr(self.vision_towers[name], "view_invariant", False)]
+        if views and turned:  # every view in one pass of the encoders: one call per image, not one per view
+            seen = self.image_grids(torch.cat([reference_view(pixel_values, view) for view in views]), turned)
+            for name, f in unit_cells(seen, turned).items():
                 parts[name].append(f)
         cells = {name: torch.cat([f.reshape(-1, f.shape[-1]) for f in fs]) for name, fs in parts.items()}
         return {name: coreset(c, self.config.reference_coreset) for name, c in cells.items()}

@@ -169,6 +169,10 @@ class KensaVLBandPassEncoder(nn.Module):
 
     Config keys: `patch_size`, `sigmas`, `offset` (default 1); `hidden_size` is `3 * len(sigmas) + 1`."""
 
+    # a tile flipped or turned gives the same cells, moved (isotropic blurs of block means): reference views would
+    # only repeat them in the bank (`KensaVLModel.reference_cells`)
+    view_invariant = True
+
     def __init__(self, config: dict):
         super().__init__()
         self.block, self.sigmas, self.offset = config["patch_size"], list(config["sigmas"]), config.get("offset", 1.0)

@@ -96,6 +96,27 @@ def test_bandpass_encoder_ignores_flat_tiles_and_checks_its_input():
         KensaVLBandPassEncoder({"patch_size": 7, "sigmas": [0, 6]})
 
 
+def test_reference_views_turn_the_dct_cells_but_not_the_band_pass_cells():
+    """A flipped or turned tile's band-pass cells are its cells, moved (`view_invariant`), so the bank holds them
+    once; the DCT cells, which see orientation, get every view."""
+    from kensa_vl.modeling.comparison_kensa_vl import reference_view
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(
+        tile_size=112, max_tiles=4, dct=True, bandpass=True, reference_comparison=True,
+        reference_encoders=["dct", "bandpass"], reference_views=["hflip", "rot90"],
+    )  # fmt: skip
+    pixels = processor.image_processor([random_image(224, 224, 3)], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        bank = model.model.reference_cells(pixels)
+        grids = model.model.image_grids(pixels, ["bandpass"])["bandpass"].permute(0, 3, 1, 2)
+        for view in ("hflip", "vflip", "rot90", "rot270"):
+            turned = model.model.image_grids(reference_view(pixels, view), ["bandpass"])["bandpass"]
+            torch.testing.assert_close(turned.permute(0, 3, 1, 2), reference_view(grids, view), atol=1e-6, rtol=0)
+    cells = len(pixels) * 16 * 16  # 5 tiles of 16 x 16 cells
+    assert len(bank["bandpass"]) == cells and len(bank["dct"]) == 3 * cells
+
+
 @pytest.mark.parametrize("compared", [["dct"], ["dct", "bandpass"]])
 def test_the_untrained_verdict_is_defective_when_one_compared_encoder_sees_the_defect(compared):
     """Each compared encoder's score is measured against its own level (how far the good supports lie from each
