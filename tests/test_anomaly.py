@@ -347,9 +347,9 @@ def test_trainer_adds_the_anomaly_verdict_and_pointer_losses_that_trl_drops(tiny
     model.zero_grad()
 
 
-def test_a_one_cell_defect_shows_in_the_farthest_cell_not_diluted_by_the_mean(tiny_dct):
-    """Each token reads the 3x3 mean distance and the farthest single cell under it: a query identical to its
-    reference except for one cell is 9x farther there by the farthest cell than by the mean."""
+def _one_cell_changed(tiny_dct, change):
+    """The comparison's token log-distances `(tiles, tokens, PER_ENCODER * E)` of a photo against itself with one
+    interior cell of its first tile replaced by `change(cell)` in every compared encoder."""
     model, processor = tiny_dct
     comparison = model.model.reference_comparison
     batch = processor.image_processor([random_image(224, 224, 1)], return_tensors="pt")
@@ -357,14 +357,21 @@ def test_a_one_cell_defect_shows_in_the_farthest_cell_not_diluted_by_the_mean(ti
         features = comparison.features(model.model.image_grids(batch["pixel_values"]))
         bank = {name: f.reshape(-1, f.shape[-1]) for name, f in features.items()}
         query = {name: f.clone() for name, f in features.items()}
-        for f in query.values():  # one interior cell of the first tile points the other way
-            f[0, 5, 5] = -f[0, 5, 5]
-        x, _ = comparison.distances(query, bank)
+        for f in query.values():
+            f[0, 5, 5] = change(f[0, 5, 5])
+        return comparison.distances(query, bank)[0]
+
+
+def test_a_one_cell_defect_shows_in_the_farthest_cell_not_diluted_by_the_mean(tiny_dct):
+    """Each token reads the 3x3 mean distance and the farthest single cell under it: a query identical to its
+    reference except for one cell is 9x farther there by the farthest cell than by the mean."""
+    from kensa_vl.modeling.comparison_kensa_vl import LOG_FLOOR
+
+    comparison = tiny_dct[0].model.reference_comparison
+    x = _one_cell_changed(tiny_dct, lambda cell: -cell)  # the cell points the other way
     mean, far = x[..., 0], x[..., 2]  # the first encoder's 3x3 mean and farthest cell (logs)
     assert comparison.PER_ENCODER == 4 and x.shape[-1] == 4 * len(comparison.encoders)
     assert far.max() - mean.max() == pytest.approx(np.log(9), abs=1e-4)
-    from kensa_vl.modeling.comparison_kensa_vl import LOG_FLOOR
-
     assert far[1:].max() <= np.log(LOG_FLOOR) + 1e-6  # the other tiles match their reference exactly
 
 
@@ -373,23 +380,16 @@ def test_small_distances_keep_their_order_above_the_log_floor(tiny_dct):
     reads as farther than one turned by half that angle (under a floor of 1e-4, both read as the floor)."""
     import torch.nn.functional as F
 
-    model, processor = tiny_dct
-    comparison = model.model.reference_comparison
-    batch = processor.image_processor([random_image(224, 224, 1)], return_tensors="pt")
-    with torch.no_grad():
-        features = comparison.features(model.model.image_grids(batch["pixel_values"]))
-        bank = {name: f.reshape(-1, f.shape[-1]) for name, f in features.items()}
-        far = []
-        for angle in (2e-3, 4e-3):  # cosine distances 2e-6 and 8e-6
-            query = {name: f.clone() for name, f in features.items()}
-            for f in query.values():
-                cell = f[0, 5, 5]
-                turn = torch.randn(cell.shape, generator=torch.Generator().manual_seed(0))
-                turn = F.normalize(turn - (turn @ cell) * cell, dim=0)
-                f[0, 5, 5] = cell * np.cos(angle) + turn * np.sin(angle)
-            x, _ = comparison.distances(query, bank)
-            far.append(x[..., 2].max().item())
-    assert far[1] - far[0] == pytest.approx(np.log(4), abs=0.1)
+    def turned(angle):
+        def change(cell):
+            turn = torch.randn(cell.shape, generator=torch.Generator().manual_seed(0))
+            turn = F.normalize(turn - (turn @ cell) * cell, dim=0)
+            return cell * np.cos(angle) + turn * np.sin(angle)
+
+        return change
+
+    far = [_one_cell_changed(tiny_dct, turned(angle))[..., 2].max().item() for angle in (2e-3, 4e-3)]
+    assert far[1] - far[0] == pytest.approx(np.log(4), abs=0.1)  # cosine distances 2e-6 and 8e-6
 
 
 def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
