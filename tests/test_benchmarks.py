@@ -157,3 +157,26 @@ def test_the_level_study_measures_each_encoder_against_its_level_on_validation(s
 
     labels = np.array([r["label"] for r in records])
     assert swept[-1].split(" | ")[1] == f"{roc_auc_score(labels, alone):.3f}" and len(swept) == 4
+
+
+def test_the_view_repeats_benchmark_compares_the_two_banks_on_one_model():
+    """benchmarks/view_repeats.py: the bank before 7da9d8a holds the band-pass cells again in every view; both banks
+    judge alike (the repeats are the same cells, moved), and the towers are put back as they were."""
+    from benchmarks.view_repeats import inspectors
+    from kensa_vl.eval.inspector import support_item
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(
+        tile_size=112, max_tiles=4, dct=True, bandpass=True, reference_comparison=True,
+        reference_encoders=["dct", "bandpass"], reference_views=["hflip", "rot90"],
+    )  # fmt: skip
+    support = [support_item(image) for image in photos(2, 224)]
+    now, before, shown, added = inspectors(model, processor, support)
+    assert added == 2 * 5 * 16 * 16 * 2  # 2 photos of 5 tiles of 16 x 16 cells, in 2 more views
+    assert len(before._bank.cells["dct"]) == len(now._bank.cells["dct"]) and min(shown) > 0
+    assert model.model.vision_towers["bandpass"].view_invariant
+    query = photos(1, 224, seed=1)[0]
+    assert now.judge(query)[0].p_defective == pytest.approx(before.judge(query)[0].p_defective, abs=1e-5)
+    plain, _ = build_tiny(tile_size=112, max_tiles=4, dct=True, reference_comparison=True)
+    with pytest.raises(ValueError, match="no view-invariant encoder"):
+        inspectors(plain, processor, support)
