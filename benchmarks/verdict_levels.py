@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from kensa_vl.eval.evaluate import control_support, support_for
+from kensa_vl.eval.evaluate import control_support, pools, support_for
 from kensa_vl.eval.inspector import Inspector, load_pretrained
 from kensa_vl.modeling.comparison_kensa_vl import VERDICT_MARGIN
 from kensa_vl.train.data.synth import load_synth
@@ -31,9 +31,7 @@ from kensa_vl.train.data.synth import load_synth
 def collect(model, processor, items, shots: int, seeds: int) -> list[dict]:
     """Per query: category, label, its scores `(E,)`, the bank's sequential scores `(k - 1, E)` and the supports'
     leave-one-out scores `(k, E)`."""
-    rows = {}
-    for i, (category, label) in enumerate(zip(items["category"], items["label"], strict=True)):
-        rows.setdefault(category, {"good": [], "defective": []})[label].append(i)
+    rows = pools(items)
     inspector, out = Inspector(model, processor, max_new_tokens=0), []
     for seed in tqdm(range(seeds), desc="seeds"):
         for category in sorted(rows):

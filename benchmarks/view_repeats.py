@@ -31,7 +31,7 @@ def inspectors(model, processor, support: list) -> tuple[Inspector, Inspector, t
         shown_before = timed(lambda: before.set_support(support), repeats=3)
     finally:
         for tower in invariant:
-            tower.view_invariant = True
+            del tower.view_invariant  # the class's own again
     added = sum(len(before._bank.cells[n]) - len(now._bank.cells[n]) for n in now._bank.cells)
     return now, before, (shown_now, shown_before), added
 
