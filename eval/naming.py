@@ -53,20 +53,25 @@ def naming_sets(items, seeds: int, shots: int, per_type: int) -> list[dict]:
 
 
 def evaluate_naming(model, processor, items, seeds: int = 3, shots: int = 4, per_type: int = 4,
-                    threshold: float = 0.5, progress: bool = True) -> dict:  # fmt: skip
+                    threshold: float = 0.5, progress: bool = True, boxes: bool = False) -> dict:  # fmt: skip
     """Run `naming_sets` through an `Inspector` (cached support, greedy answers): the metrics and one record per
-    query and run."""
+    query and run. With `boxes`, each defective example comes with its defect's boxes, as a user who marks where
+    the defect is gives them."""
     from kensa_vl.train.data import noun
 
     sets = naming_sets(items, seeds, shots, per_type)
     inspector = Inspector(model, processor, threshold=threshold, max_new_tokens=24)
     records = []
+
+    def marked(index: int) -> list | None:
+        return items[index]["boxes"] if boxes else None
+
     for chosen in tqdm(sets, desc="naming by example", disable=not progress):
         inspector.noun = noun(chosen["category"])
         good = [support_item(items[i]["image"]) for i in chosen["good"]]
         context = {"category": chosen["category"], "seed": chosen["seed"]}
         for run, names in (("named", chosen["names"]), ("swapped", chosen["names"][::-1])):
-            demos = [support_item(items[i]["image"], defective=True, defect_type=n)
+            demos = [support_item(items[i]["image"], defective=True, defect_type=n, boxes=marked(i))
                      for i, n in zip(chosen["demos"], names, strict=True)]  # fmt: skip
             inspector.set_support(good + demos)
             want = dict(zip(chosen["types"], names, strict=True))
@@ -85,7 +90,8 @@ def evaluate_naming(model, processor, items, seeds: int = 3, shots: int = 4, per
             records.append(_record(context, "good_only", order, i, label, result))
         inspector.max_new_tokens = 24
     return {"metrics": naming_metrics(records, threshold), "records": records,
-            "config": {"seeds": seeds, "shots": shots, "per_type": per_type, "threshold": threshold}}  # fmt: skip
+            "config": {"seeds": seeds, "shots": shots, "per_type": per_type, "threshold": threshold,
+                       "boxes": boxes}}  # fmt: skip
 
 
 def _record(context: dict, run: str, order: int, index: int, label: str, result) -> dict:

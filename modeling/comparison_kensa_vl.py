@@ -30,6 +30,7 @@ from .demos_kensa_vl import (
     Pointer,
     copy_terms,
     farthest_cells,
+    label_box,
     located_tokens,
     match_similarity,
     read_label,
@@ -646,14 +647,15 @@ class KensaVLReferenceComparison(nn.Module):
         def query_of(m: int) -> dict[str, torch.Tensor]:
             return {name: f[starts[m] : starts[m + 1]] for name, f in features.items()}
 
-        def defect_of(m: int, cached: ReferenceBank | None, members: list[int]) -> dict[str, torch.Tensor]:
-            """A defective demo's defect: its farthest cells from the good bank (`farthest_cells`)."""
+        def defect_of(m: int, demo: Demo, cached: ReferenceBank | None, members: list[int]) -> dict[str, torch.Tensor]:
+            """A defective demo's defect: its farthest cells from the good bank, within its label's box if it gives
+            one (`farthest_cells`)."""
             found, bank = search(m, cached, members)
             lists = self.bank_lists(cached) if cached is not None and not members else {}
             if found is None:
                 found = [self.nearest(query_of(m)[n], bank[n], (lists or {}).get(n)) for n in self.encoders]
             selected = scored_tiles(thumbnail[starts[m] : starts[m + 1]])
-            return farthest_cells(query_of(m), found, selected, self.encoders)
+            return farthest_cells(query_of(m), found, selected, self.encoders, demo.box, image_grid[m, :2].tolist())
 
         for row, row_tokens in enumerate(is_image.sum(1).tolist()):
             positions = is_image[row].nonzero().flatten()
@@ -691,9 +693,9 @@ class KensaVLReferenceComparison(nn.Module):
                         copy = Pointer(row, -1)  # `pointers` sets where the answer starts
                         named = [(None, d) for d in (cached.demos if cached is not None else []) if d.name]
                         named += [(m, d) for m, d in demos if d.name]
-                        for m, _ in named:
+                        for m, d in named:
                             if m is not None and (m, len(members)) not in defects:
-                                defects[(m, len(members))] = defect_of(m, cached, members)
+                                defects[(m, len(members))] = defect_of(m, d, cached, members)
                         if named:
                             suspect = farthest_cells(
                                 query_of(image), nearest[image], scored_tiles(thumbnail[first:last]), self.encoders
@@ -712,7 +714,7 @@ class KensaVLReferenceComparison(nn.Module):
                         summaries.append(Summary(row, end, summary, verdict, copy))
                 seen += (last - first) * per_tile
                 if role == "defective":
-                    demos.append((image, Demo(name)))
+                    demos.append((image, Demo(name, box=label_box(ids, end, self.config))))
                 elif seen < row_tokens or keep:  # a later image of the row (or a caller's later query) compares
                     members.append(image)
                 if role == "grade" and name and (seen < row_tokens or keep):
@@ -721,7 +723,7 @@ class KensaVLReferenceComparison(nn.Module):
             if keep:
                 scores_kept = torch.stack(levels) if levels else anomaly.new_empty(0, len(self.encoders))
                 known = cached is not None or members
-                own = [Demo(d.name, defect_of(m, cached, members) if known else None) for m, d in demos]
+                own = [Demo(d.name, defect_of(m, d, cached, members) if known else None, box=d.box) for m, d in demos]
                 kept_demos = ([] if cached is None else list(cached.demos)) + own
                 kept_graded = ([] if cached is None else list(cached.graded)) + [
                     Demo(n, stats=stats_of(m)) for m, n in graded

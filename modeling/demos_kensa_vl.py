@@ -5,7 +5,8 @@ and a pointer from a query to the defective example it resembles, whose name the
   `good`, or `defective: <name> at the ...`. `read_label` reads it off the token ids. Good and unlabeled images are
   the comparison's references (its good bank); a defective one never is, so a query showing a demo's defect is not
   masked by it.
-- Each defective demo is searched against the good bank: its DEFECT_CELLS farthest cells are its defect. A query's
+- Each defective demo is searched against the good bank: its DEFECT_CELLS farthest cells are its defect, within the
+  box its label gives when it gives one (`label_box`: the user said where the defect is). A query's
   own farthest cells are compared with each demo's defect (`match_similarity`): the nearer, the likelier it shows
   that defect.
 - `DemoPointer` turns those similarities into a pointer over the demos and a gate, and `copy_names` makes a
@@ -51,10 +52,11 @@ class Demo:
     name: list[int] | None
     defect: dict[str, torch.Tensor] | None = None
     stats: torch.Tensor | None = None
+    box: list[float] | None = None  # the label's box (`label_box`), where the defect is looked for
 
     def to(self, device) -> Demo:
         defect = self.defect and {n: c.to(device) for n, c in self.defect.items()}
-        return Demo(self.name, defect, None if self.stats is None else self.stats.to(device))
+        return Demo(self.name, defect, None if self.stats is None else self.stats.to(device), self.box)
 
 
 @dataclass
@@ -101,6 +103,26 @@ def read_label(ids: list[int], close: int, config) -> tuple[str | None, list[int
     return "defective", (ids[end + 1 : stop] if stop is not None and ids[stop] == at and stop > first else None)
 
 
+def label_box(ids: list[int], close: int, config) -> list[float] | None:
+    """The first box of the label after the image whose `</img>` is at `close` (`<box>` and four location tokens,
+    then `</box>`, before the next image or chat turn) as `[x0, y0, x1, y1]` fractions of the image, the covering
+    bins' outer edges as `processing_kensa_vl.text_to_boxes` reads them; None without one (or a malformed one)."""
+    if len(config.box_token_ids) != 2 or config.loc_token_start_id is None:
+        return None
+    opening, closing = config.box_token_ids
+    stops, bins = {config.image_token_id, *config.summary_stop_token_ids}, config.num_loc_bins
+    for i in range(close + 1, len(ids)):
+        if ids[i] in stops:
+            return None
+        if ids[i] == opening:
+            loc = [t - config.loc_token_start_id for t in ids[i + 1 : i + 5]]
+            ordered = len(loc) == 4 and loc[0] <= loc[2] and loc[1] <= loc[3]
+            if ids[i + 5 : i + 6] != [closing] or not ordered or not all(0 <= b < bins for b in loc):
+                return None
+            return [loc[0] / bins, loc[1] / bins, (loc[2] + 1) / bins, (loc[3] + 1) / bins]
+    return None
+
+
 def _name_end(ids: list[int], first: int, marks, config) -> int | None:
     """Where a name that starts at `first` ends: the position of the first of `marks`, the next image or chat turn
     within MAX_NAME_TOKENS of it; None when there is none (not a name the answer can copy)."""
@@ -109,24 +131,43 @@ def _name_end(ids: list[int], first: int, marks, config) -> int | None:
 
 
 def prompt_labels(ids: list[int], tiles: list[int], tokens_per_tile: int, config) -> list[tuple]:
-    """`read_label` after each image of one prompt (`ids`, whose images have `tiles` tiles of `tokens_per_tile`
-    image tokens each, in order): what `support_bank` takes as `labels`."""
+    """`read_label` and `label_box` after each image of one prompt (`ids`, whose images have `tiles` tiles of
+    `tokens_per_tile` image tokens each, in order): `(role, name, box)`, what `support_bank` takes as `labels`."""
     positions = [i for i, t in enumerate(ids) if t == config.image_token_id]
     ends = [sum(tiles[: k + 1]) * tokens_per_tile - 1 for k in range(len(tiles))]
     if len(positions) != sum(tiles) * tokens_per_tile:
         raise ValueError(f"the prompt holds {len(positions)} image tokens; {tiles} tiles need "
                          f"{sum(tiles) * tokens_per_tile}")  # fmt: skip
-    return [read_label(ids, positions[end] + 1, config) for end in ends]
+    closes = [positions[end] + 1 for end in ends]
+    return [(*read_label(ids, close, config), label_box(ids, close, config)) for close in closes]
 
 
-def farthest_cells(cells: dict[str, torch.Tensor], distances: list[torch.Tensor], selected: torch.Tensor, names):
+def box_cells(box: list[float], rows: int, cols: int, side: int) -> torch.Tensor:
+    """Which cells of an image's `rows` x `cols` grid tiles (`side` x `side` cells each, row-major as the processor
+    cuts them; the grid covers the image) overlap `box` (`[x0, y0, x1, y1]` fractions): `(rows * cols, side, side)`
+    bool, at least one cell."""
+    x0, y0, x1, y1 = box
+    xs, ys = torch.arange(cols * side + 1) / (cols * side), torch.arange(rows * side + 1) / (rows * side)
+    across = (xs[:-1] < max(x1, x0 + 1e-6)) & (xs[1:] > x0)
+    down = (ys[:-1] < max(y1, y0 + 1e-6)) & (ys[1:] > y0)
+    inside = down[:, None] & across[None, :]
+    return inside.reshape(rows, side, cols, side).permute(0, 2, 1, 3).reshape(rows * cols, side, side)
+
+
+def farthest_cells(cells: dict[str, torch.Tensor], distances: list[torch.Tensor], selected: torch.Tensor, names,
+                   box: list[float] | None = None, grid: tuple[int, int] | None = None):  # fmt: skip
     """An image's DEFECT_CELLS cells farthest from its references, per compared encoder (`names`, in the order of
-    `distances`, each `(n, g, g)`), over its `selected` tiles: name -> `(K, C)`."""
+    `distances`, each `(n, g, g)`), over its `selected` tiles (its `grid` tiles, rows and columns): name -> `(K, C)`.
+    With `box`, among the cells that overlap it (`box_cells`)."""
     out = {}
     for name, d in zip(names, distances, strict=True):
         c = cells[name][selected]
-        flat = d[selected].flatten()
-        out[name] = c.reshape(-1, c.shape[-1])[flat.topk(min(DEFECT_CELLS, len(flat))).indices]
+        flat = d[selected].flatten().float()
+        if box is not None:
+            inside = box_cells(box, *grid, d.shape[-1]).flatten().to(flat.device)
+            flat = flat.masked_fill(~inside, float("-inf"))
+        count = len(flat) if box is None else int(inside.sum())
+        out[name] = c.reshape(-1, c.shape[-1])[flat.topk(min(DEFECT_CELLS, count)).indices]
     return out
 
 

@@ -229,24 +229,26 @@ class KensaVLModel(KensaVLPreTrainedModel):
     def support_bank(self, pixel_values: torch.Tensor, image_grid: torch.Tensor, labels: list | None = None):
         """A support set's `ReferenceBank` without the language model: the compared encoders alone on the images' tiles
         (`image_grid` rows, in order), each good image's cells in every view (`reference_cells`) and its score
-        against the good images before it. `labels`, per image, what `read_label` reads after it in the prompt
-        (`prompt_labels`): a defective one becomes one of the bank's `demos` instead (its farthest cells from
-        the good images); a graded one is also one of its `graded` (its whole-image statistics). What a query
-        compares with when the language model reads the supports at a smaller tile budget than the comparison
-        needs. A bank small enough for the exact search gives what a prompt of these images gives; a larger one
-        builds its approximate-search lists once, over the whole set, and searches each image's predecessors in
-        them (`InvertedLists.head`): every later query uses the same lists."""
+        against the good images before it. `labels`, per image, what `read_label` and `label_box` read after it
+        in the prompt (`prompt_labels`: role, name, box): a defective one becomes one of the bank's `demos` instead
+        (its farthest cells from the good images, within its box); a graded one is also one of its `graded` (its
+        whole-image statistics). What a query compares with when the language model reads the supports at a
+        smaller tile budget than the comparison needs. A bank small enough for the exact search gives what a
+        prompt of these images gives; a larger one builds its approximate-search lists once, over the whole set,
+        and searches each image's predecessors in them (`InvertedLists.head`): every later query uses the same
+        lists."""
         check_image_grid(image_grid, pixel_values)
-        labels = labels or [(None, None)] * len(image_grid)
+        labels = labels or [(None, None, None)] * len(image_grid)
         if len(labels) != len(image_grid):
-            raise ValueError(f"labels must give one (role, name) per image: {len(image_grid)} images, {len(labels)}")
+            raise ValueError(f"labels must give one (role, name, box) per image: {len(image_grid)} images, "
+                             f"{len(labels)}")  # fmt: skip
         comparison = self.reference_comparison
         grids = self.image_grids(pixel_values, comparison.encoders)
         features = comparison.features(grids)
         thumbnail = thumbnail_tiles(image_grid)
         starts = [0, *image_grid[:, 2].cumsum(0).tolist()]
         spans = list(zip(starts[:-1], starts[1:], strict=True))
-        good = [span for span, (role, _) in zip(spans, labels, strict=True) if role != "defective"]
+        good = [span for span, (role, *_) in zip(spans, labels, strict=True) if role != "defective"]
         cells = {name: [] for name in features}
         for first, last in good:
             image = {name: f[first:last] for name, f in features.items()}
@@ -269,12 +271,13 @@ class KensaVLModel(KensaVLPreTrainedModel):
                 nearest.append(found)
             scores.append(comparison(image, thumbnail[first:last], None, nearest=nearest)[4])
         bank.scores = torch.stack(scores) if scores else bank.scores
-        for (first, last), (role, name) in zip(spans, labels, strict=True):
+        for index, ((first, last), (role, name, box)) in enumerate(zip(spans, labels, strict=True)):
             if role == "defective" and good:
                 image = {n: f[first:last] for n, f in features.items()}
                 found = [comparison.nearest(image[n], bank.cells[n], lists.get(n)) for n in comparison.encoders]
-                defect = farthest_cells(image, found, scored_tiles(thumbnail[first:last]), comparison.encoders)
-                bank.demos.append(Demo(name, defect))
+                selected, grid = scored_tiles(thumbnail[first:last]), image_grid[index, :2].tolist()
+                defect = farthest_cells(image, found, selected, comparison.encoders, box, grid)
+                bank.demos.append(Demo(name, defect, box=box))
             if role == "grade" and name:
                 raw = {n: g[first:last] for n, g in grids.items()}
                 bank.graded.append(Demo(name, stats=comparison.statistics(pixel_values[first:last], raw,

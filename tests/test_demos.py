@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kensa_vl.eval.inspector import Inspector, support_item
-from kensa_vl.modeling.demos_kensa_vl import read_label
+from kensa_vl.modeling.demos_kensa_vl import box_cells, farthest_cells, label_box, read_label
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,42 @@ def test_labels_are_read_after_each_image(model_with_demos):
     assert [role for role, _ in labels] == ["good", "defective", "defective", None]
     assert processor.tokenizer.decode(labels[1][1]) == ": zorbik"
     assert labels[2][1] is None  # a defective example without a name is kept out of the bank, never copied
+
+
+def test_an_examples_box_is_read_from_its_label(model_with_demos):
+    model, processor = model_with_demos
+    boxed = processor.boxes_to_text([[16, 8, 40, 24]], 64, 64)
+    text = f"1. <image> defective: zorbik at the top {boxed} deep\n2. <image> defective: dent\nQuery: <image>\n"
+    ids = processor(text=text, images=[np.zeros((64, 64, 3), np.uint8)] * 3, max_tiles=[1] * 3)["input_ids"][0]
+    closes = [i for i, t in enumerate(ids) if t == processor.tokenizer.convert_tokens_to_ids("</img>")]
+    (expected,) = processor.text_to_boxes(boxed, 1, 1)  # the covering bins' edges, as fractions
+    np.testing.assert_allclose(label_box(ids, closes[0], model.config), expected)
+    assert label_box(ids, closes[1], model.config) is None  # no box of its own; the next label's is not its
+    assert label_box(ids, closes[2], model.config) is None
+
+
+def test_box_cells_follow_the_tile_grid():
+    # a 2x3 grid of tiles, 4x4 cells each: the box over the image's right third, top half is tile (0, 2) exactly
+    inside = box_cells([2 / 3, 0.0, 1.0, 0.5], rows=2, cols=3, side=4)
+    assert inside.shape == (6, 4, 4) and inside[2].all() and inside.sum() == 16
+    # a box inside one cell still holds that cell; one on a cell edge takes the cells it overlaps, not its neighbours
+    assert box_cells([0.51, 0.51, 0.52, 0.52], 1, 1, 4).nonzero().tolist() == [[0, 2, 2]]
+    assert box_cells([0.25, 0.0, 0.5, 0.25], 1, 1, 4).nonzero().tolist() == [[0, 0, 1]]
+
+
+def test_a_box_picks_the_defect_cells_inside_it():
+    torch.manual_seed(0)
+    cells = {"dct": torch.nn.functional.normalize(torch.randn(1, 4, 4, 8), dim=-1)}
+    distances = [torch.rand(1, 4, 4)]
+    distances[0][0, 0, 0] = 5.0  # the farthest cell lies outside the box
+    selected = torch.ones(1, dtype=torch.bool)
+    free = farthest_cells(cells, distances, selected, ["dct"])["dct"]
+    boxed = farthest_cells(cells, distances, selected, ["dct"], box=[0.5, 0.5, 1.0, 1.0], grid=(1, 1))["dct"]
+    torch.testing.assert_close(free[0], cells["dct"][0, 0, 0])
+    inside = cells["dct"][0, 2:, 2:].reshape(-1, 8)
+    assert len(boxed) == 4 and all(any(torch.equal(b, c) for c in inside) for b in boxed)
+    order = distances[0][0, 2:, 2:].flatten().argsort(descending=True)
+    torch.testing.assert_close(boxed, inside[order])  # the box's cells, farthest first
 
 
 def test_defective_examples_stay_out_of_the_good_bank(model_with_demos, synth):

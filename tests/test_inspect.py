@@ -217,7 +217,10 @@ def test_support_bank_equals_the_prompts_own_and_serves_a_smaller_support_budget
     prefix = full._prefix
     config, tiles = model.config, prefix["image_grid"][:, 2].tolist()
     labels = prompt_labels(prefix["input_ids"][0].tolist(), tiles, config.tokens_per_tile, config)
-    assert [role for role, _ in labels] == ["good", "good", "defective"]
+    assert [role for role, *_ in labels] == ["good", "good", "defective"]
+    defective = _support(test)[2]
+    written = processor.boxes_to_text(defective["boxes"][:1], *defective["image"].size)
+    np.testing.assert_allclose(labels[2][2], processor.text_to_boxes(written, 1, 1)[0])  # its first box, read back
     bank = model.model.support_bank(prefix["pixel_values"], prefix["image_grid"], labels)
     torch.testing.assert_close(bank.cells["dct"], full._bank.cells["dct"])  # every good tile, every view, in order
     torch.testing.assert_close(bank.scores, full._bank.scores)  # each good support against those before it
