@@ -1,6 +1,7 @@
 """`kensa-vl inspect`: judge photos against a few good (and defective) examples, as an inspection line would.
 
     kensa-vl inspect --model DIR --good a.png b.png --defective c.png="a dark scratch" --query q1.png 'lot7/*.png'
+    kensa-vl inspect --model DIR --good a.png b.png --defective c.png="打痕@40,60,90,70" --query q1.png  # its box
     kensa-vl inspect --model DIR --good a.png b.png --query-dir photos/ --out results.jsonl [--resume]
     kensa-vl inspect --model DIR --data mvtec_ad/bottle --shots 4 --viz outputs/viz --out results.json
     kensa-vl inspect --model DIR --class A=a1.png,a2.png --class B=b1.png --limit A=a_limit.png \
@@ -44,6 +45,23 @@ def query_files(args) -> list[str]:
     return files
 
 
+def defective_example(spec: str) -> dict:
+    """`--defective IMAGE[=NAME][@X0,Y0,X1,Y1]`: a defective example, its name, and the box of its defect in its
+    pixels (the example's defect is then looked for there, docs/naming-by-example.md)."""
+    from .inspector import support_item
+
+    box = None
+    head, at, tail = spec.rpartition("@")
+    if at and tail.replace(",", "").replace(" ", "").isdigit():
+        box = [int(v) for v in tail.split(",") if v.strip()]
+        if len(box) != 4:
+            raise ValueError(f"--defective takes IMAGE[=NAME][@X0,Y0,X1,Y1]; the box of {spec!r} has {len(box)} "
+                             "numbers, not 4")  # fmt: skip
+        spec = head
+    path, _, description = spec.partition("=")
+    return support_item(path, defective=True, description=description or None, boxes=[box] if box else None)
+
+
 def jobs(args) -> list[tuple[str, list[dict], list[str]]]:
     """(noun, support set, query files) per category: from `--good/--defective` and the queries, or from a dataset
     folder (`--data`: each category's `--shots` supports by the evaluation's protocol, and every query photo)."""
@@ -58,9 +76,7 @@ def jobs(args) -> list[tuple[str, list[dict], list[str]]]:
         if (args.classes or args.limit) and (args.good or args.defective):
             raise ValueError("--class/--limit (grading) and --good/--defective (inspection) do not mix: pick one")
         support = [support_item(path) for path in args.good]
-        for spec in args.defective:
-            path, _, description = spec.partition("=")
-            support.append(support_item(path, defective=True, description=description or None))
+        support += [defective_example(spec) for spec in args.defective]
         for spec, limit in [(c, False) for c in args.classes] + [(c, True) for c in args.limit]:
             grade, _, paths = spec.partition("=")
             if not grade.strip() or not paths:
@@ -211,8 +227,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--good", nargs="+", default=[], metavar="IMAGE")
     p.add_argument(
-        "--defective", nargs="*", default=[], metavar="IMAGE[=NAME]",
-        help="defective examples, each with the name an answer that resembles it copies ('a dark scratch', '打痕')",
+        "--defective", nargs="*", default=[], metavar="IMAGE[=NAME][@X0,Y0,X1,Y1]",
+        help="defective examples, each with the name an answer that resembles it copies ('a dark scratch', '打痕') "
+        "and optionally the box of its defect in its pixels ('d.png=打痕@40,60,90,70')",
     )  # fmt: skip
     p.add_argument(
         "--class", dest="classes", action="append", default=[], metavar="GRADE=IMAGE[,IMAGE...]",

@@ -6,6 +6,8 @@ category's other defective photos of those two types (`per_type` each) and as ma
 
 - **naming**: the share of those defective queries whose answer names the example of the query's type (a query
   judged good names nothing and counts as wrong); `naming_when_flagged`: among the queries judged defective.
+- **naming, the examples boxed**: the same with each defective example's boxes given (`naming_boxed`,
+  `naming_boxed_when_flagged`): the user marks where the example's defect is.
 - **follow rate**: with the two examples' names swapped (same images), the share of the queries named in both runs
   whose name swapped with them: the name is read from the example, not recalled.
 - **masking**: balanced accuracy of the verdict with the two defective examples in the support (one of the query's
@@ -53,33 +55,32 @@ def naming_sets(items, seeds: int, shots: int, per_type: int) -> list[dict]:
 
 
 def evaluate_naming(model, processor, items, seeds: int = 3, shots: int = 4, per_type: int = 4,
-                    threshold: float = 0.5, progress: bool = True, boxes: bool = False) -> dict:  # fmt: skip
+                    threshold: float = 0.5, progress: bool = True) -> dict:  # fmt: skip
     """Run `naming_sets` through an `Inspector` (cached support, greedy answers): the metrics and one record per
-    query and run. With `boxes`, each defective example comes with its defect's boxes, as a user who marks where
-    the defect is gives them."""
+    query and run. Runs: `named`, `swapped` (the names swapped; its defective queries), `boxed` (the examples with
+    their defects' boxes, as a user who marks where the defect is gives them; its defective queries) and
+    `good_only` (the good examples alone, scores only)."""
     from kensa_vl.train.data import noun
 
     sets = naming_sets(items, seeds, shots, per_type)
     inspector = Inspector(model, processor, threshold=threshold, max_new_tokens=24)
     records = []
-
-    def marked(index: int) -> list | None:
-        return items[index]["boxes"] if boxes else None
-
     for chosen in tqdm(sets, desc="naming by example", disable=not progress):
         inspector.noun = noun(chosen["category"])
         good = [support_item(items[i]["image"]) for i in chosen["good"]]
         context = {"category": chosen["category"], "seed": chosen["seed"]}
-        for run, names in (("named", chosen["names"]), ("swapped", chosen["names"][::-1])):
-            demos = [support_item(items[i]["image"], defective=True, defect_type=n, boxes=marked(i))
-                     for i, n in zip(chosen["demos"], names, strict=True)]  # fmt: skip
+        names = chosen["names"]
+        for run, shown in (("named", names), ("swapped", names[::-1]), ("boxed", names)):
+            demos = [support_item(items[i]["image"], defective=True, defect_type=n,
+                                  boxes=items[i]["boxes"] if run == "boxed" else None)
+                     for i, n in zip(chosen["demos"], shown, strict=True)]  # fmt: skip
             inspector.set_support(good + demos)
-            want = dict(zip(chosen["types"], names, strict=True))
+            want = dict(zip(chosen["types"], shown, strict=True))
             for order, (i, kind) in enumerate(chosen["queries"]):
                 result = inspector.judge(items[i]["image"])[0]
                 record = _record(context, run, order, i, "defective", result)
                 records.append({**record, "defect_type": kind, "expected": want[kind], "name": result.defect_type})
-            for order, i in enumerate(chosen["good_queries"]):
+            for order, i in enumerate(chosen["good_queries"] if run == "named" else []):
                 result = inspector.judge(items[i]["image"])[0]
                 records.append(_record(context, run, order, i, "good", result))
         inspector.max_new_tokens = 0
@@ -90,8 +91,7 @@ def evaluate_naming(model, processor, items, seeds: int = 3, shots: int = 4, per
             records.append(_record(context, "good_only", order, i, label, result))
         inspector.max_new_tokens = 24
     return {"metrics": naming_metrics(records, threshold), "records": records,
-            "config": {"seeds": seeds, "shots": shots, "per_type": per_type, "threshold": threshold,
-                       "boxes": boxes}}  # fmt: skip
+            "config": {"seeds": seeds, "shots": shots, "per_type": per_type, "threshold": threshold}}  # fmt: skip
 
 
 def _record(context: dict, run: str, order: int, index: int, label: str, result) -> dict:
@@ -109,18 +109,29 @@ def _balanced_accuracy(records: list[dict], threshold: float) -> float:
     return image_metrics(y, np.array([r["p_defective"] for r in records], dtype=float), threshold)["balanced_accuracy"]
 
 
+def _naming_rates(records: list[dict], run: str) -> tuple[float, float | None]:
+    """The share of `run`'s defective queries named after the example of their type, and among those judged
+    defective (None when none is)."""
+    named = [r for r in records if r["run"] == run and r["label"] == "defective"]
+    flagged = [r for r in named if r["verdict"] == "defective"]
+    rate = float(np.mean([r["name"] == r["expected"] for r in named]))
+    return rate, float(np.mean([r["name"] == r["expected"] for r in flagged])) if flagged else None
+
+
 def naming_metrics(records: list[dict], threshold: float = 0.5) -> dict:
-    """The naming rate, its rate among flagged queries, the follow rate and the two balanced accuracies."""
+    """The naming rate, its rate among flagged queries (also with the examples boxed, where that run was made), the
+    follow rate and the two balanced accuracies."""
     named = [r for r in records if r["run"] == "named" and r["label"] == "defective"]
     swapped = {(r["category"], r["seed"], r["query"]): r for r in records
                if r["run"] == "swapped" and r["label"] == "defective"}  # fmt: skip
-    flagged = [r for r in named if r["verdict"] == "defective"]
     pairs = [(r, swapped[(r["category"], r["seed"], r["query"])]) for r in named]
     both = [(a, b) for a, b in pairs if a["name"] is not None and b["name"] is not None]
+    rate, when_flagged = _naming_rates(records, "named")
+    out = {"queries": len(named), "naming": rate, "naming_when_flagged": when_flagged}
+    if any(r["run"] == "boxed" for r in records):
+        out["naming_boxed"], out["naming_boxed_when_flagged"] = _naming_rates(records, "boxed")
     return {
-        "queries": len(named),
-        "naming": float(np.mean([r["name"] == r["expected"] for r in named])),
-        "naming_when_flagged": float(np.mean([r["name"] == r["expected"] for r in flagged])) if flagged else None,
+        **out,
         "follow_rate": float(np.mean([_followed(a, b) for a, b in both])) if both else None,
         "named_in_both_runs": len(both),
         "balanced_accuracy_with_defective": _balanced_accuracy([r for r in records if r["run"] == "named"], threshold),
@@ -134,6 +145,8 @@ def naming_table(result: dict) -> str:
     cells = {
         "naming by example": m["naming"],
         "naming (queries judged defective)": m["naming_when_flagged"],
+        "naming, the examples boxed": m.get("naming_boxed"),
+        "naming, the examples boxed (queries judged defective)": m.get("naming_boxed_when_flagged"),
         "label-permutation follow rate": m["follow_rate"],
         "balanced accuracy, good examples only": m["balanced_accuracy_good_only"],
         "balanced accuracy, with the 2 defective examples": m["balanced_accuracy_with_defective"],

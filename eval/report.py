@@ -150,7 +150,7 @@ def _eval(args) -> None:
 
         model, processor = load_pretrained(args.model)
         shots = int(args.shots) if args.shots else 4
-        result = evaluate_naming(model, processor, items, seeds=args.seeds, shots=shots, boxes=args.demo_boxes)
+        result = evaluate_naming(model, processor, items, seeds=args.seeds, shots=shots)
         result["config"].update(model=args.model, data=str(args.data), split=args.split)
         write_naming(result, args.out)
         print(naming_table(result), end="")
@@ -227,6 +227,5 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--baseline-views", choices=("model", "none", "rotations"), default="model")
     p.add_argument("--no-controls", action="store_true", help="skip the other-category, noise, shuffled controls")
     p.add_argument("--no-text", action="store_true", help="scores, boxes and heatmaps only: no generated answers")
-    p.add_argument("--demo-boxes", action="store_true", help="naming: each defective example with its defect's boxes")
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=_eval)

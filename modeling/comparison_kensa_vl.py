@@ -34,6 +34,7 @@ from .demos_kensa_vl import (
     located_tokens,
     match_similarity,
     read_label,
+    region_descriptor,
 )
 from .grading_kensa_vl import grade_closeness, image_statistics
 
@@ -647,15 +648,20 @@ class KensaVLReferenceComparison(nn.Module):
         def query_of(m: int) -> dict[str, torch.Tensor]:
             return {name: f[starts[m] : starts[m + 1]] for name, f in features.items()}
 
-        def defect_of(m: int, demo: Demo, cached: ReferenceBank | None, members: list[int]) -> dict[str, torch.Tensor]:
-            """A defective demo's defect: its farthest cells from the good bank, within its label's box if it gives
-            one (`farthest_cells`)."""
+        def defect_of(m: int, demo: Demo, cached: ReferenceBank | None, members: list[int], level) -> Demo:
+            """A defective demo compared with the good bank (`level`: its level): `demo` with its defect, the
+            farthest cells within its label's box if it gives one (`farthest_cells`), and that box's region (or
+            without one, its located region's: `region_descriptor`)."""
             found, bank = search(m, cached, members)
             lists = self.bank_lists(cached) if cached is not None and not members else {}
             if found is None:
                 found = [self.nearest(query_of(m)[n], bank[n], (lists or {}).get(n)) for n in self.encoders]
+            grid = image_grid[m, :2].tolist()
             selected = scored_tiles(thumbnail[starts[m] : starts[m + 1]])
-            return farthest_cells(query_of(m), found, selected, self.encoders, demo.box, image_grid[m, :2].tolist())
+            defect = farthest_cells(query_of(m), found, selected, self.encoders, demo.box, grid)
+            box = demo.box or self.locate(found, *grid, level)[0]
+            region = region_descriptor(pixel_values[starts[m] : starts[m + 1]], *grid, box)
+            return Demo(demo.name, defect, box=demo.box, region=region)
 
         for row, row_tokens in enumerate(is_image.sum(1).tolist()):
             positions = is_image[row].nonzero().flatten()
@@ -691,25 +697,25 @@ class KensaVLReferenceComparison(nn.Module):
                         copy.names, copy.logits, copy.gate = pointer
                     elif role is None and end < input_ids.shape[1]:
                         copy = Pointer(row, -1)  # `pointers` sets where the answer starts
-                        named = [(None, d) for d in (cached.demos if cached is not None else []) if d.name]
-                        named += [(m, d) for m, d in demos if d.name]
-                        for m, d in named:
-                            if m is not None and (m, len(members)) not in defects:
-                                defects[(m, len(members))] = defect_of(m, d, cached, members)
+                        rows_cols = image_grid[image, :2].tolist()
+                        located = self.locate(nearest[image], *rows_cols, level)[0]
+                        named = [d for d in (cached.demos if cached is not None else []) if d.name]
+                        for m, d in demos:
+                            if d.name and (m, len(members)) not in defects:
+                                defects[(m, len(members))] = defect_of(m, d, cached, members, level)
+                            if d.name:
+                                named.append(defects[(m, len(members))])
                         if named:
                             suspect = farthest_cells(
                                 query_of(image), nearest[image], scored_tiles(thumbnail[first:last]), self.encoders
                             )
-                            similarity = torch.stack(
-                                [match_similarity(suspect, d.defect if m is None else defects[(m, len(members))])
-                                 for m, d in named]
-                            )  # fmt: skip
-                            copy.names = [d.name for _, d in named]
+                            region = region_descriptor(pixel_values[first:last], *rows_cols, located)
+                            similarity = torch.stack([match_similarity(suspect, d.defect, (region, d.region))
+                                                      for d in named])  # fmt: skip
+                            copy.names = [d.name for d in named]
                             copy.logits, copy.gate = self.demo_pointer(similarity)
                         if len(self.config.box_token_ids) == 2:
-                            rows_cols = image_grid[image, :2].tolist()
-                            found = self.locate(nearest[image], *rows_cols, level)
-                            copy.box, copy.position = located_tokens(found[0], self.config)
+                            copy.box, copy.position = located_tokens(located, self.config)
                     if end < input_ids.shape[1]:
                         summaries.append(Summary(row, end, summary, verdict, copy))
                 seen += (last - first) * per_tile
@@ -723,7 +729,8 @@ class KensaVLReferenceComparison(nn.Module):
             if keep:
                 scores_kept = torch.stack(levels) if levels else anomaly.new_empty(0, len(self.encoders))
                 known = cached is not None or members
-                own = [Demo(d.name, defect_of(m, d, cached, members) if known else None, box=d.box) for m, d in demos]
+                level = torch.stack(levels).median(0).values if levels else None
+                own = [defect_of(m, d, cached, members, level) if known else d for m, d in demos]
                 kept_demos = ([] if cached is None else list(cached.demos)) + own
                 kept_graded = ([] if cached is None else list(cached.graded)) + [
                     Demo(n, stats=stats_of(m)) for m, n in graded

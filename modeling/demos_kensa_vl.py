@@ -32,6 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFECT_CELLS = 8  # a demo's defect and a query's suspect region: their farthest cells from the good bank
+# a region's descriptor (`region_descriptor`) in units of: 0.1 of mean colour and of its spread against the surround
+# (per RGB channel), 2 of log area and of log aspect; a unit of descriptor distance costs REGION_SHARE of cosine
+# similarity in `match_similarity`. Chosen on KensaSynth's training categories' naming sets, then checked on the
+# validation categories (docs/naming-by-example.md).
+REGION_SCALE = (10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 0.5, 0.5)
+REGION_SHARE = 0.5
+REGION_RING = 0.5  # the surround: a ring this share of the region's longer side wide (at least 2% of the image)
 MAX_NAME_TOKENS = 32  # a longer `: ... at` span is not read as a name
 LABEL_WINDOW = 4  # the label's ':' comes within this many tokens of its first ("defect" "ive" ":" in some tokenizers)
 POINTER_SLOPE = 20.0  # pointer logit per unit of cosine similarity at the start: 0.05 closer is e times likelier
@@ -53,10 +60,12 @@ class Demo:
     defect: dict[str, torch.Tensor] | None = None
     stats: torch.Tensor | None = None
     box: list[float] | None = None  # the label's box (`label_box`), where the defect is looked for
+    region: torch.Tensor | None = None  # `region_descriptor` of the box, or of the located region without one
 
     def to(self, device) -> Demo:
         defect = self.defect and {n: c.to(device) for n, c in self.defect.items()}
-        return Demo(self.name, defect, None if self.stats is None else self.stats.to(device), self.box)
+        moved = [None if t is None else t.to(device) for t in (self.stats, self.region)]
+        return Demo(self.name, defect, moved[0], self.box, moved[1])
 
 
 @dataclass
@@ -171,10 +180,39 @@ def farthest_cells(cells: dict[str, torch.Tensor], distances: list[torch.Tensor]
     return out
 
 
-def match_similarity(query: dict[str, torch.Tensor], defect: dict[str, torch.Tensor]) -> torch.Tensor:
+def region_descriptor(tiles: torch.Tensor, rows: int, cols: int, box: list[float]) -> torch.Tensor:
+    """What a region looks like against its surround, from an image's tiles in [0, 1] (`rows` x `cols` grid tiles
+    first, as the processor cuts them) and its `box` (`[x0, y0, x1, y1]` fractions): per RGB channel the mean
+    inside the box minus the mean in a ring around it (REGION_RING), the same for the standard deviation (texture
+    contrast), then the log of the box's share of the image and the absolute log of its aspect: `(8,)` float32."""
+    side = tiles.shape[-1]
+    image = tiles[: rows * cols].float().reshape(rows, cols, 3, side, side).permute(2, 0, 3, 1, 4)
+    image = image.reshape(3, rows * side, cols * side)
+    h, w = image.shape[1:]
+    x0, y0 = min(int(box[0] * w), w - 1), min(int(box[1] * h), h - 1)
+    x1, y1 = max(x0 + 1, min(w, math.ceil(box[2] * w))), max(y0 + 1, min(h, math.ceil(box[3] * h)))
+    ring = max(round(REGION_RING * max(x1 - x0, y1 - y0)), math.ceil(0.02 * max(h, w)))
+    around = torch.zeros(h, w, dtype=torch.bool, device=image.device)
+    around[max(0, y0 - ring) : y1 + ring, max(0, x0 - ring) : x1 + ring] = True
+    around[y0:y1, x0:x1] = False
+    inside, outside = image[:, y0:y1, x0:x1].reshape(3, -1), image[:, around] if around.any() else image.flatten(1)
+    shape = [math.log((x1 - x0) * (y1 - y0) / (h * w)), abs(math.log((x1 - x0) / (y1 - y0)))]
+    return torch.cat([
+        inside.mean(1) - outside.mean(1),
+        inside.std(1, correction=0) - outside.std(1, correction=0),
+        torch.tensor(shape, device=image.device),
+    ])  # fmt: skip
+
+
+def match_similarity(query: dict[str, torch.Tensor], defect: dict[str, torch.Tensor], regions=(None, None)):
     """How near a query's farthest cells lie to a demo's defect: per encoder, each query cell's largest cosine
-    similarity to a defect cell, averaged over the cells and the encoders (a scalar)."""
-    return torch.stack([(query[n] @ defect[n].T).amax(-1).mean() for n in query]).mean()
+    similarity to a defect cell, averaged over the cells and the encoders (a scalar); with both `regions` (the
+    query's and the demo's `region_descriptor`), minus REGION_SHARE times their distance in REGION_SCALE units."""
+    similarity = torch.stack([(query[n] @ defect[n].T).amax(-1).mean() for n in query]).mean()
+    if regions[0] is None or regions[1] is None:
+        return similarity
+    scale = torch.tensor(REGION_SCALE, device=regions[0].device)
+    return similarity - REGION_SHARE * ((regions[0] - regions[1].to(regions[0].device)) * scale).norm()
 
 
 def continuation(written: list[int] | None, target: list[int]) -> int | None:

@@ -39,7 +39,7 @@ from .comparison_kensa_vl import (
     unit_cells,
 )
 from .configuration_kensa_vl import KensaVLConfig, encoder_width
-from .demos_kensa_vl import GATE_START, POINTER_SLOPE, Demo, copy_names, farthest_cells
+from .demos_kensa_vl import GATE_START, POINTER_SLOPE, Demo, copy_names, farthest_cells, region_descriptor
 from .grading_kensa_vl import GRADE_SLOPE
 from .vision_kensa_vl import (
     KensaVLLayerMerge,
@@ -277,7 +277,9 @@ class KensaVLModel(KensaVLPreTrainedModel):
                 found = [comparison.nearest(image[n], bank.cells[n], lists.get(n)) for n in comparison.encoders]
                 selected, grid = scored_tiles(thumbnail[first:last]), image_grid[index, :2].tolist()
                 defect = farthest_cells(image, found, selected, comparison.encoders, box, grid)
-                bank.demos.append(Demo(name, defect, box=box))
+                located = box or comparison.locate(found, *grid, bank.levels)[0]
+                region = region_descriptor(pixel_values[first:last], *grid, located)
+                bank.demos.append(Demo(name, defect, box=box, region=region))
             if role == "grade" and name:
                 raw = {n: g[first:last] for n, g in grids.items()}
                 bank.graded.append(Demo(name, stats=comparison.statistics(pixel_values[first:last], raw,

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from kensa_vl.eval.inspector import Inspector, support_item
-from kensa_vl.modeling.demos_kensa_vl import box_cells, farthest_cells, label_box, read_label
+from kensa_vl.modeling.demos_kensa_vl import (
+    box_cells,
+    farthest_cells,
+    label_box,
+    match_similarity,
+    read_label,
+    region_descriptor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +100,71 @@ def test_a_box_picks_the_defect_cells_inside_it():
     assert len(boxed) == 4 and all(any(torch.equal(b, c) for c in inside) for b in boxed)
     order = distances[0][0, 2:, 2:].flatten().argsort(descending=True)
     torch.testing.assert_close(boxed, inside[order])  # the box's cells, farthest first
+
+
+def test_a_regions_descriptor_is_its_look_against_the_surround():
+    image = torch.full((3, 96, 96), 0.5)
+    image[0, 16:32, 24:72] = 0.9  # a red band, 48 x 16 px, on grey
+    box = [24 / 96, 16 / 96, 72 / 96, 32 / 96]
+    whole = region_descriptor(image[None], 1, 1, box)
+    np.testing.assert_allclose(whole[:3], [0.4, 0.0, 0.0], atol=1e-6)  # redder than its surround
+    np.testing.assert_allclose(whole[3:6], 0.0, atol=1e-6)  # flat inside and out: no texture contrast
+    np.testing.assert_allclose(whole[6:], [np.log(48 * 16 / 96**2), np.log(3)], rtol=1e-5)  # share, aspect
+    tiles = image.reshape(3, 3, 32, 3, 32).permute(1, 3, 0, 2, 4).reshape(9, 3, 32, 32)  # 3 x 3 tiles, row-major
+    thumbnail = torch.zeros(1, 3, 32, 32)  # after the grid tiles; not read
+    torch.testing.assert_close(region_descriptor(torch.cat([tiles, thumbnail]), 3, 3, box), whole)
+
+
+def test_the_region_term_prefers_the_example_that_looks_alike():
+    cells = {"dct": torch.nn.functional.normalize(torch.randn(8, 4), dim=-1)}
+    dark, bright = (
+        torch.tensor([-0.3] * 3 + [0.0] * 3 + [-3.0, 0.0]),
+        torch.tensor([0.3] * 3 + [0.0] * 3 + [-3.0, 0.0]),
+    )
+    query = dark + 0.02
+    plain = match_similarity(cells, cells)
+    assert match_similarity(cells, cells, (query, None)) == plain  # without both regions: the cells alone
+    assert match_similarity(cells, cells, (query, dark)) > match_similarity(cells, cells, (query, bright))
+    assert match_similarity(cells, cells, (query, dark)) < plain  # a distance only lowers the similarity
+
+
+def _spotted(seed: int, spots=()):
+    """A grey noise texture, 224 px, with dark squares: `spots` of ((x, y), side)."""
+    from PIL import Image
+
+    pixels = (0.5 + 0.06 * np.random.default_rng(seed).standard_normal((224, 224, 3))).clip(0, 1)
+    for (x, y), side in spots:
+        pixels[y : y + side, x : x + side] = 0.1
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+def test_the_answer_follows_the_examples_boxes(model_with_demos, copying):
+    """One photo with a small and a large dark spot, shown as two named examples whose boxes mark one spot each: the
+    example the query is named after is the one boxed on the same spot whichever name it carries, so swapping the
+    boxes swaps the name. Each example's region is its box's (`region_descriptor`), not its located region."""
+    from kensa_vl.modeling.demos_kensa_vl import region_descriptor
+
+    model, processor = model_with_demos
+    good = [support_item(_spotted(seed)) for seed in range(3)]
+    spots = [((30, 40), 12), ((120, 110), 80)]
+    photo, query = _spotted(4, spots), _spotted(10, [((20, 30), 76)])
+    tiles = processor.image_processor([photo], return_tensors="pt")
+    chosen = []
+    for order in ([0, 1], [1, 0]):
+        boxes = [[[x, y, x + side, y + side]] for (x, y), side in (spots[i] for i in order)]
+        demos = [support_item(photo, defective=True, defect_type=name, boxes=b)
+                 for name, b in zip(["zorbik", "キズ"], boxes, strict=True)]  # fmt: skip
+        inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12)
+        inspector.set_support(good + demos)
+        for demo, (box,) in zip(inspector._bank.demos, boxes, strict=True):
+            fractions = processor.text_to_boxes(processor.boxes_to_text([box], 224, 224), 1, 1)[0]  # as binned
+            expected = region_descriptor(tiles["pixel_values"], *tiles["image_grid"][0, :2].tolist(), fractions)
+            torch.testing.assert_close(demo.region, expected)
+        result = inspector.judge(query)[0]
+        spot = order[result.example - 4]  # examples 1-3 are good
+        assert result.text.startswith(f"defective: {['zorbik', 'キズ'][result.example - 4]} at"), result.text
+        chosen.append(spot)
+    assert chosen[0] == chosen[1]  # the same spot, under the other name
 
 
 def test_defective_examples_stay_out_of_the_good_bank(model_with_demos, synth):

@@ -156,3 +156,19 @@ def test_a_coreset_bank_is_a_setting_of_the_command(folder, tmp_path, capsys):
     capsys.readouterr()
     assert run(main, model_dir, str(root / "good.png"), "--query", str(photos / "p0.png"), "--coreset", "2") != 0
     assert "reference_coreset is the share of cells kept, in (0, 1]; got 2.0" in capsys.readouterr().err
+
+
+def test_a_defective_examples_box_is_read_from_the_command_line(folder):
+    from kensa_vl.eval.inspect_command import defective_example
+
+    root, photos = folder
+    path = str(photos / "p2.png")
+    boxed = defective_example(f"{path}=a dark scratch@4,6,20,18")
+    assert boxed["defect_type"] == "a dark scratch" and boxed["boxes"] == [[4, 6, 20, 18]]
+    assert defective_example(f"{path}@4,6,20,18")["boxes"] == [[4, 6, 20, 18]]  # no name: "defect"
+    plain = defective_example(f"{path}=mail@home")  # not a box: part of the name
+    assert plain["defect_type"] == "mail@home" and plain["boxes"] == []
+    with pytest.raises(ValueError, match=r"IMAGE\[=NAME\]\[@X0,Y0,X1,Y1\]; the box of .* has 3 numbers, not 4"):
+        defective_example(f"{path}=dent@4,6,20")
+    with pytest.raises(ValueError, match=r"box \[4, 6, 2000, 18\] is not \[x0, y0, x1, y1\] inside"):
+        defective_example(f"{path}=dent@4,6,2000,18")

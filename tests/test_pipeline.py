@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 
@@ -23,9 +24,12 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert sum(r["method"] == "kensa" for r in records) == 2 * 2 * 3 * (2 + 3)  # (2 shot counts + 3 controls)
     assert "| KensaVL | 1 |" in (out / "table.md").read_text()
-    # the naming evaluation on the test categories: two seeds (as the shots' evaluation), both runs per query
+    # the naming evaluation on the test categories: two seeds (as the shots' evaluation), every run per query
     naming = [json.loads(line) for line in (out / "naming_records.jsonl").read_text().splitlines()]
-    assert {r["seed"] for r in naming} == {0, 1} and {r["run"] for r in naming} == {"named", "swapped", "good_only"}
+    assert {r["seed"] for r in naming} == {0, 1}
+    assert {r["run"] for r in naming} == {"named", "swapped", "boxed", "good_only"}
+    boxed = [r for r in naming if r["run"] == "boxed"]
+    assert saved["naming"]["naming_boxed"] == np.mean([r["name"] == r["expected"] for r in boxed])
     assert saved["naming"]["queries"] == sum(r["run"] == "named" and r["label"] == "defective" for r in naming) > 0
     assert "label-permutation follow rate" in (out / "naming.md").read_text()
     # the real surfaces it trained on the other ones of: their test split, 4 per category (k = 1 here), two seeds
