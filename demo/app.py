@@ -27,6 +27,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from kensa_vl.eval.inspect_command import split_box
 from kensa_vl.eval.inspector import Inspector, load_pretrained, support_item
 from kensa_vl.eval.plots import draw_judgement
 from kensa_vl.processing.image_processing_kensa_vl import ImageTooLarge, to_rgb
@@ -96,8 +97,10 @@ class Demo:
         def make() -> list[dict]:
             support = [support_item(open_image(p, "good example")) for p in good]
             for i, path in enumerate(defective):
-                note = notes[i] if i < len(notes) and notes[i] else None
-                support.append(support_item(open_image(path, "defective example"), defective=True, description=note))
+                note, box = split_box(notes[i]) if i < len(notes) else ("", None)
+                image = open_image(path, "defective example")
+                support.append(support_item(image, defective=True, description=note.strip() or None,
+                                            boxes=[box] if box else None))  # fmt: skip
             return support
 
         return self.session([*good, *defective], ["\n".join(notes), noun], make, noun=noun.strip() or "product")
@@ -242,7 +245,8 @@ def build(demo: Demo) -> gr.Blocks:
                     label="Defective examples", file_count="multiple", file_types=["image"], elem_id="defective"
                 )
                 descriptions = gr.Textbox(
-                    label="Defect names, one per line (what an answer that resembles the example says)", lines=3,
+                    label="Defect names, one per line (what an answer that resembles the example says); "
+                    "'name@x0,y0,x1,y1' marks where the example's defect is", lines=3,
                     elem_id="descriptions",
                 )  # fmt: skip
             with gr.Row():

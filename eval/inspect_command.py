@@ -45,19 +45,24 @@ def query_files(args) -> list[str]:
     return files
 
 
+def split_box(text: str) -> tuple[str, list[int] | None]:
+    """`WORDS[@X0,Y0,X1,Y1]` -> (the words, the box in pixels or None): a defective example's box, as the command
+    line and the demo take it. A tail after the last '@' that is not numbers is part of the words."""
+    head, at, tail = text.rpartition("@")
+    if not at or not tail.replace(",", "").replace(" ", "").isdigit():
+        return text, None
+    box = [int(v) for v in tail.split(",") if v.strip()]
+    if len(box) != 4:
+        raise ValueError(f"a defective example's box is @X0,Y0,X1,Y1; {text!r} gives {len(box)} numbers, not 4")
+    return head, box
+
+
 def defective_example(spec: str) -> dict:
     """`--defective IMAGE[=NAME][@X0,Y0,X1,Y1]`: a defective example, its name, and the box of its defect in its
     pixels (the example's defect is then looked for there, docs/naming-by-example.md)."""
     from .inspector import support_item
 
-    box = None
-    head, at, tail = spec.rpartition("@")
-    if at and tail.replace(",", "").replace(" ", "").isdigit():
-        box = [int(v) for v in tail.split(",") if v.strip()]
-        if len(box) != 4:
-            raise ValueError(f"--defective takes IMAGE[=NAME][@X0,Y0,X1,Y1]; the box of {spec!r} has {len(box)} "
-                             "numbers, not 4")  # fmt: skip
-        spec = head
+    spec, box = split_box(spec)
     path, _, description = spec.partition("=")
     return support_item(path, defective=True, description=description or None, boxes=[box] if box else None)
 

@@ -91,6 +91,12 @@ def test_limits_and_bad_examples_become_messages(app, demo, photos, monkeypatch)
     assert "good example broken.png is not a readable image" in status
     *_, status = demo.run(paths[:1], [], "", "nut", [])
     assert "at least one query" in status
+    *_, status = demo.run(paths[:2], paths[2:3], "dent@10,10,60", "nut", paths[:1])
+    assert "**Cannot inspect:**" in status and "'dent@10,10,60' gives 3 numbers, not 4" in status
+    *_, status = demo.run(paths[:2], paths[2:3], "dent@10,10,60,50", "nut", paths[:1])
+    assert status.startswith("Support set (2 good, 1 defective)"), status
+    (session,) = [i for i in demo.sessions.values() if i.support[-1]["defect_type"] == "dent"]
+    assert session.support[-1]["boxes"] == [[10, 10, 60, 50]]  # the example's box, from its line
     monkeypatch.setattr(app, "MAX_PIXELS", 100 * 100)
     *_, status = demo.run(paths[:1], [], "", "bolt", paths[:1])
     assert "200x160 = 32,000 pixels, the limit is 10,000" in status

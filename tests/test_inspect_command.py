@@ -168,7 +168,7 @@ def test_a_defective_examples_box_is_read_from_the_command_line(folder):
     assert defective_example(f"{path}@4,6,20,18")["boxes"] == [[4, 6, 20, 18]]  # no name: "defect"
     plain = defective_example(f"{path}=mail@home")  # not a box: part of the name
     assert plain["defect_type"] == "mail@home" and plain["boxes"] == []
-    with pytest.raises(ValueError, match=r"IMAGE\[=NAME\]\[@X0,Y0,X1,Y1\]; the box of .* has 3 numbers, not 4"):
+    with pytest.raises(ValueError, match=r"box is @X0,Y0,X1,Y1; .* gives 3 numbers, not 4"):
         defective_example(f"{path}=dent@4,6,20")
     with pytest.raises(ValueError, match=r"box \[4, 6, 2000, 18\] is not \[x0, y0, x1, y1\] inside"):
         defective_example(f"{path}=dent@4,6,2000,18")
