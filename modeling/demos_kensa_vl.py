@@ -184,24 +184,26 @@ def region_descriptor(tiles: torch.Tensor, rows: int, cols: int, box: list[float
     """What a region looks like against its surround, from an image's tiles in [0, 1] (`rows` x `cols` grid tiles
     first, as the processor cuts them) and its `box` (`[x0, y0, x1, y1]` fractions): per RGB channel the mean
     inside the box minus the mean in a ring around it (REGION_RING), the same for the standard deviation (texture
-    contrast), then the log of the box's share of the image and the absolute log of its aspect: `(8,)` float32."""
+    contrast), then the log of the box's share of the image and the absolute log of its aspect: `(8,)` float32.
+    Only the tiles under the box and its ring are read."""
     side = tiles.shape[-1]
-    image = tiles[: rows * cols].float().reshape(rows, cols, 3, side, side).permute(2, 0, 3, 1, 4)
-    image = image.reshape(3, rows * side, cols * side)
-    h, w = image.shape[1:]
+    h, w = rows * side, cols * side
     x0, y0 = min(int(box[0] * w), w - 1), min(int(box[1] * h), h - 1)
     x1, y1 = max(x0 + 1, min(w, math.ceil(box[2] * w))), max(y0 + 1, min(h, math.ceil(box[3] * h)))
     ring = max(round(REGION_RING * max(x1 - x0, y1 - y0)), math.ceil(0.02 * max(h, w)))
-    around = torch.zeros(h, w, dtype=torch.bool, device=image.device)
-    around[max(0, y0 - ring) : y1 + ring, max(0, x0 - ring) : x1 + ring] = True
-    around[y0:y1, x0:x1] = False
-    inside, outside = image[:, y0:y1, x0:x1].reshape(3, -1), image[:, around] if around.any() else image.flatten(1)
-    shape = [math.log((x1 - x0) * (y1 - y0) / (h * w)), abs(math.log((x1 - x0) / (y1 - y0)))]
-    return torch.cat([
-        inside.mean(1) - outside.mean(1),
-        inside.std(1, correction=0) - outside.std(1, correction=0),
-        torch.tensor(shape, device=image.device),
-    ])  # fmt: skip
+    top, bottom, left, right = max(0, y0 - ring), min(h, y1 + ring), max(0, x0 - ring), min(w, x1 + ring)
+    r0, r1, c0, c1 = top // side, -(-bottom // side), left // side, -(-right // side)  # the tiles under them
+    grid = tiles[: rows * cols].reshape(rows, cols, 3, side, side)[r0:r1, c0:c1].permute(2, 0, 3, 1, 4)
+    window = grid.reshape(3, (r1 - r0) * side, (c1 - c0) * side)
+    window = window[:, top - r0 * side : bottom - r0 * side, left - c0 * side : right - c0 * side]
+    a, b, c, d = y0 - top, y1 - top, x0 - left, x1 - left  # the box within the window
+    inside = window[:, a:b, c:d].reshape(3, -1)
+    strips = [window[:, :a], window[:, b:], window[:, a:b, :c], window[:, a:b, d:]]  # the ring, cut at the edges
+    around = torch.cat([strip.reshape(3, -1) for strip in strips], 1)
+    around = around if around.shape[1] else inside  # a box over the whole image has no ring
+    (std_in, mean_in), (std_out, mean_out) = (torch.std_mean(x.float(), 1, correction=0) for x in (inside, around))
+    shape = torch.tensor([math.log((x1 - x0) * (y1 - y0) / (h * w)), abs(math.log((x1 - x0) / (y1 - y0)))])
+    return torch.cat([mean_in - mean_out, std_in - std_out, shape.to(tiles.device)])
 
 
 def match_similarity(query: dict[str, torch.Tensor], defect: dict[str, torch.Tensor], regions=(None, None)):

@@ -113,6 +113,16 @@ def test_a_regions_descriptor_is_its_look_against_the_surround():
     tiles = image.reshape(3, 3, 32, 3, 32).permute(1, 3, 0, 2, 4).reshape(9, 3, 32, 32)  # 3 x 3 tiles, row-major
     thumbnail = torch.zeros(1, 3, 32, 32)  # after the grid tiles; not read
     torch.testing.assert_close(region_descriptor(torch.cat([tiles, thumbnail]), 3, 3, box), whole)
+    # on noise: the ring (cut at the image's edge) as a mask of it gives it
+    noise = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(0))
+    ring = torch.zeros(128, 128, dtype=torch.bool)
+    ring[:24, 88:120] = True  # a 16 x 16 box at the top, its ring 8 px wide (half its longer side) and cut
+    ring[:16, 96:112] = False
+    inside, around = noise[:, :16, 96:112].reshape(3, -1), noise[:, ring]
+    noise_tiles = noise.reshape(3, 4, 32, 4, 32).permute(1, 3, 0, 2, 4).reshape(16, 3, 32, 32)
+    found = region_descriptor(noise_tiles, 4, 4, [0.75, 0.0, 0.875, 0.125])
+    torch.testing.assert_close(found[:3], inside.mean(1) - around.mean(1))
+    torch.testing.assert_close(found[3:6], inside.std(1, correction=0) - around.std(1, correction=0))
 
 
 def test_the_region_term_prefers_the_example_that_looks_alike():
