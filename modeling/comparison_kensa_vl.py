@@ -361,6 +361,12 @@ def peak_region_box(cells: torch.Tensor, threshold: float) -> tuple[list[float],
     return box, cells.max().item()
 
 
+def median_level(scores: list[torch.Tensor]) -> torch.Tensor | None:
+    """The level of a product's good photos from their kNN scores (each `(encoders,)`): the median per encoder,
+    as `ReferenceBank.levels` gives it; None without scores."""
+    return torch.stack(scores).median(0).values if scores else None
+
+
 def unit_cells(grids: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
     """The compared encoders' (`names`) cells, L2-normalised in float32: name -> `(n, g, g, C)`."""
     return {name: F.normalize(grids[name].float(), dim=-1) for name in names}
@@ -677,7 +683,7 @@ class KensaVLReferenceComparison(nn.Module):
                 end = int(positions[seen + (last - first) * per_tile - 1]) + 1  # the image's `</img>`
                 role, name = read_label(ids, end, self.config) if ids is not None else (None, None)
                 if cached is not None or members:
-                    level = torch.stack(levels).median(0).values if levels else None
+                    level = median_level(levels)
                     # the cached support set alone: its lists, built once, serve every query
                     lists = self.bank_lists(cached) if cached is not None and not members else None
                     found, bank = search(image, cached, members)
@@ -698,13 +704,14 @@ class KensaVLReferenceComparison(nn.Module):
                     elif role is None and end < input_ids.shape[1]:
                         copy = Pointer(row, -1)  # `pointers` sets where the answer starts
                         rows_cols = image_grid[image, :2].tolist()
-                        located = self.locate(nearest[image], *rows_cols, level)[0]
                         named = [d for d in (cached.demos if cached is not None else []) if d.name]
-                        for m, d in demos:
-                            if d.name and (m, len(members)) not in defects:
+                        for m, d in [(m, d) for m, d in demos if d.name]:
+                            if (m, len(members)) not in defects:
                                 defects[(m, len(members))] = defect_of(m, d, cached, members, level)
-                            if d.name:
-                                named.append(defects[(m, len(members))])
+                            named.append(defects[(m, len(members))])
+                        boxed = len(self.config.box_token_ids) == 2
+                        # the query's located box: what the answer copies, and the region its look is read on
+                        located = self.locate(nearest[image], *rows_cols, level)[0] if named or boxed else None
                         if named:
                             suspect = farthest_cells(
                                 query_of(image), nearest[image], scored_tiles(thumbnail[first:last]), self.encoders
@@ -714,7 +721,7 @@ class KensaVLReferenceComparison(nn.Module):
                                                       for d in named])  # fmt: skip
                             copy.names = [d.name for d in named]
                             copy.logits, copy.gate = self.demo_pointer(similarity)
-                        if len(self.config.box_token_ids) == 2:
+                        if boxed:
                             copy.box, copy.position = located_tokens(located, self.config)
                     if end < input_ids.shape[1]:
                         summaries.append(Summary(row, end, summary, verdict, copy))
@@ -729,8 +736,7 @@ class KensaVLReferenceComparison(nn.Module):
             if keep:
                 scores_kept = torch.stack(levels) if levels else anomaly.new_empty(0, len(self.encoders))
                 known = cached is not None or members
-                level = torch.stack(levels).median(0).values if levels else None
-                own = [defect_of(m, d, cached, members, level) if known else d for m, d in demos]
+                own = [defect_of(m, d, cached, members, median_level(levels)) if known else d for m, d in demos]
                 kept_demos = ([] if cached is None else list(cached.demos)) + own
                 kept_graded = ([] if cached is None else list(cached.graded)) + [
                     Demo(n, stats=stats_of(m)) for m, n in graded
