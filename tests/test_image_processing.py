@@ -5,7 +5,13 @@ import pytest
 from conftest import random_image
 from PIL import Image
 
-from kensa_vl.processing.image_processing_kensa_vl import KensaVLImageProcessor, select_tile_grid, tile_image, to_rgb
+from kensa_vl.processing.image_processing_kensa_vl import (
+    KensaVLImageProcessor,
+    rescale_uint8,
+    select_tile_grid,
+    tile_image,
+    to_rgb,
+)
 
 
 @pytest.mark.parametrize(
@@ -41,6 +47,18 @@ def test_tiles_are_crops_of_the_resized_image_and_thumbnail_last():
     np.testing.assert_array_equal(tiles[2].transpose(1, 2, 0), thumb)
     one, _ = tile_image(random_image(50, 50), 64, 6, use_thumbnail=True)
     assert one.shape[0] == 1  # a single tile gets no thumbnail
+
+
+@pytest.mark.parametrize("factor", [1 / 255, 0.7 / 255, 2.0])
+def test_rescale_table_gives_the_float64_products_bits(factor):
+    every = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+    expected = (every.astype(np.float64) * factor).astype(np.float32)
+    np.testing.assert_array_equal(rescale_uint8(every, factor), expected)
+    floats = every.astype(np.float64) + 0.25  # not 8-bit: the product itself
+    np.testing.assert_array_equal(rescale_uint8(floats, factor), (floats * factor).astype(np.float32))
+    pixels = KensaVLImageProcessor(tile_size=16, max_tiles=1, rescale_factor=factor)(random_image(16, 16))
+    tiles, _ = tile_image(random_image(16, 16), 16, 1, use_thumbnail=True)
+    np.testing.assert_array_equal(pixels["pixel_values"], (tiles.astype(np.float64) * factor).astype(np.float32))
 
 
 def test_modes_become_rgb():
