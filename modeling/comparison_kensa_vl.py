@@ -51,6 +51,9 @@ VERDICT_SLOPE, VERDICT_MARGIN = 8.0, 0.2
 # distances lie at 1e-5-1e-3 (a floor of 1e-4 tied most good photos' scores and cost that encoder 0.05 image AUROC on
 # the real-surface validation set, docs/real-surfaces.md)
 LOG_FLOOR = 1e-6
+# `own_nearest`: the most cells of an image's own map a cell is compared with (a larger map is sampled on a coarser
+# lattice, every `stride`-th cell each way)
+OWN_BANK_CELLS = 1024
 
 
 @dataclass
@@ -336,6 +339,36 @@ def patch_distances(query: torch.Tensor, bank: torch.Tensor, token_side: int, ch
     return pooled_distances(nearest_distances(query, bank, chunk), token_side)
 
 
+def own_nearest(cells: torch.Tensor, rows: int, cols: int, window: float, chunk: int = 2**22) -> torch.Tensor:
+    """Each grid cell's cosine distance to the nearest cell of the same image outside the square around it of half
+    side `window` times the image's longer side (MuSc's zero-shot idea: a surface is its own reference; a defect
+    smaller than the window finds no look-alike elsewhere in the photo, a lighting or texture change of the whole
+    photo does). `cells` `(n, g, g, C)` unit, the image's tiles (grid tiles first, row-major, as the processor cuts
+    them); returns `(rows * cols, g, g)` for the grid tiles. The candidates are every cell up to OWN_BANK_CELLS,
+    else a coarser lattice of them. A cell's candidates are the lattice rows outside its window's rows (their
+    row maxima) and, in its window's rows, the columns outside it: no per-pair mask."""
+    g, channels = cells.shape[1], cells.shape[-1]
+    surface = cells[: rows * cols].reshape(rows, cols, g, g, channels).permute(0, 2, 1, 3, 4)
+    surface = surface.reshape(rows * g, cols * g, channels)
+    height, width = surface.shape[:2]
+    radius = max(1, round(window * max(height, width)))
+    stride = max(1, math.ceil(math.sqrt(height * width / OWN_BANK_CELLS)))
+    lattice = surface[::stride, ::stride]  # (Hb, Wb, C)
+    lattice_y = torch.arange(0, height, stride, device=cells.device)
+    lattice_x = torch.arange(0, width, stride, device=cells.device)
+    beside = (torch.arange(width, device=cells.device)[:, None] - lattice_x).abs() < radius  # (W, Wb)
+    best, step = [], max(1, chunk // (width * lattice_y.numel() * lattice_x.numel()))
+    for top in range(0, height, step):
+        ys = torch.arange(top, min(top + step, height), device=cells.device)
+        similarity = torch.einsum("ywc,vuc->ywvu", surface[ys], lattice)
+        within = ((ys[:, None] - lattice_y).abs() < radius)[:, None, :]  # (R, 1, Hb): rows in the window's band
+        outside = similarity.amax(-1).masked_fill(within, -1.0).amax(-1)
+        band = similarity.masked_fill(~within[..., None], -1.0).amax(2).masked_fill(beside, -1.0).amax(-1)
+        best.append(torch.maximum(outside, band))
+    distance = (1 - torch.cat(best)).clamp_min(0).view(rows, g, cols, g)
+    return distance.permute(0, 2, 1, 3).reshape(rows * cols, g, g)
+
+
 def stitch_tiles(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """An image's grid tiles' cell maps `(rows * cols, g, g)` (row-major, as the processor cuts them) -> the map of
     the whole image `(rows * g, cols * g)`."""
@@ -467,6 +500,9 @@ class KensaVLReferenceComparison(nn.Module):
         self.excess = [
             (entries[n].get("verdict_scale", 1.0), entries[n].get("verdict_margin", 0.0)) for n in self.encoders
         ]
+        # an encoder entry's `own_window`: its cells are also compared with the image's own cells outside that window
+        # (`own_nearest`; none unless set: `train/build.py`'s band-pass entry)
+        self.own_windows = [entries[n].get("own_window") for n in self.encoders]
         # the encoders whose cells place the box and the heatmap (`locate`; all unless an entry says `locate: false`)
         self.locating = [self.encoders.index(n) for n in config.locating_encoder_names()]
         self.token_side = config.token_side
@@ -544,13 +580,16 @@ class KensaVLReferenceComparison(nn.Module):
         levels = None if levels is None else torch.as_tensor(levels, dtype=torch.float32).flatten()[keep]
         return [distances[i] for i in keep], levels, [self.excess[i] for i in keep]
 
-    def distances(self, query: dict[str, torch.Tensor], bank, lists: dict | None = None, nearest=None):
+    def distances(self, query: dict[str, torch.Tensor], bank, lists: dict | None = None, nearest=None, grid=None):
         """`query` name -> (n, g, g, C) tiles of one image, `bank` name -> (M, C) -> (log-distances
         `(n, tokens_per_tile, PER_ENCODER * E)`, each encoder's `nearest_distances` `(n, g, g)`). `nearest`, when
-        given, holds those already (`PairCache`), and `bank` is not read."""
+        given, holds those already (`PairCache`), and `bank` is not read. With the image's `grid` (rows, cols), an
+        encoder with an `own_window` takes the nearer of the bank's cells and the image's own (`with_own`)."""
         lists = lists or {}
         if nearest is None:
             nearest = [self.nearest(query[name], bank[name], lists.get(name)) for name in self.encoders]
+        if grid is not None:
+            nearest = self.with_own(query, nearest, grid)
         out = []
         for cells in nearest:
             d = pooled_distances(cells, self.token_side)  # (n, tokens_per_tile)
@@ -559,8 +598,27 @@ class KensaVLReferenceComparison(nn.Module):
             out += [d, d / d.median().clamp_min(1e-6), far, far / far.median().clamp_min(1e-6)]
         return torch.stack(out, -1).clamp_min(LOG_FLOOR).log(), nearest
 
+    def with_own(self, query: dict[str, torch.Tensor], nearest: list[torch.Tensor], grid) -> list[torch.Tensor]:
+        """Each encoder's `nearest` distances `(n, g, g)` of one image (`query`: name -> its unit cells, `grid`:
+        rows, cols), for an encoder with an `own_window` the smaller of them and `own_nearest` on its grid tiles."""
+        rows, cols = grid
+        out = []
+        for name, found, window in zip(self.encoders, nearest, self.own_windows, strict=True):
+            if window:
+                own = own_nearest(query[name], rows, cols, window).to(found.dtype)
+                found = torch.cat([torch.minimum(found[: rows * cols], own), found[rows * cols :]])
+            out.append(found)
+        return out
+
     def forward(
-        self, query, thumbnail: torch.Tensor, bank, level: torch.Tensor | None = None, lists=None, nearest=None
+        self,
+        query,
+        thumbnail: torch.Tensor,
+        bank,
+        level: torch.Tensor | None = None,
+        lists=None,
+        nearest=None,
+        grid=None,
     ):
         """One image whose tiles are `thumbnail`-flagged `(n,)` against `bank` -> (token embeddings
         `(n, tokens_per_tile, D)`, anomaly logits `(n, tokens_per_tile)`, the summary embedding `(D,)`, the verdict
@@ -569,8 +627,9 @@ class KensaVLReferenceComparison(nn.Module):
         earlier images of the prompt (each against the images before it), the prompt's own measure of how far good
         photos of this product lie from each other, per encoder: encoders see different things (the DCT cells fine
         texture, the band-pass cells brightness and colour) with different spreads, and a defect one of them sees is
-        a defect (the verdict starts from the largest score over its level)."""
-        x, nearest = self.distances(query, bank, lists, nearest)
+        a defect (the verdict starts from the largest score over its level). `grid`: the image's (rows, cols), for
+        the encoders compared with the image itself too (`with_own`)."""
+        x, nearest = self.distances(query, bank, lists, nearest, grid)
         x = x.to(self.linear.weight.dtype)
         logits = (self.linear(x) + self.mlp(x)).squeeze(-1)
         selected = scored_tiles(thumbnail)
@@ -663,6 +722,7 @@ class KensaVLReferenceComparison(nn.Module):
             if found is None:
                 found = [self.nearest(query_of(m)[n], bank[n], (lists or {}).get(n)) for n in self.encoders]
             grid = image_grid[m, :2].tolist()
+            found = self.with_own(query_of(m), found, grid)
             selected = scored_tiles(thumbnail[starts[m] : starts[m + 1]])
             defect = farthest_cells(query_of(m), found, selected, self.encoders, demo.box, grid)
             box = demo.box or self.locate(found, *grid, level)[0]
@@ -687,8 +747,9 @@ class KensaVLReferenceComparison(nn.Module):
                     # the cached support set alone: its lists, built once, serve every query
                     lists = self.bank_lists(cached) if cached is not None and not members else None
                     found, bank = search(image, cached, members)
+                    rows_cols = image_grid[image, :2].tolist()
                     delta, logits, summary, verdict, scores[image], nearest[image] = self(
-                        query_of(image), thumbnail[first:last], bank, level, lists, found
+                        query_of(image), thumbnail[first:last], bank, level, lists, found, rows_cols
                     )
                     if role != "defective":  # the level: how far good photos lie from each other
                         levels.append(scores[image])
@@ -703,7 +764,6 @@ class KensaVLReferenceComparison(nn.Module):
                         copy.names, copy.logits, copy.gate = pointer
                     elif role is None and end < input_ids.shape[1]:
                         copy = Pointer(row, -1)  # `pointers` sets where the answer starts
-                        rows_cols = image_grid[image, :2].tolist()
                         named = [d for d in (cached.demos if cached is not None else []) if d.name]
                         for m, d in [(m, d) for m, d in demos if d.name]:
                             if (m, len(members)) not in defects:

@@ -128,8 +128,10 @@ class KensaVLConfig(PretrainedConfig):
             as 2x2 sub-tiles in the same call, stitched, average-pooled back to the tile's grid and concatenated along
             channels; default `[1]`), `image_mean`, `image_std` (each encoder normalises the shared [0, 1] pixels
             itself), `verdict_scale` and `verdict_margin` (with `reference_comparison`: the encoder's excess over its
-            level enters the verdict as `verdict_scale * excess - verdict_margin`; 1 and 0) and `locate` (whether
-            its cells place the defect's box and heatmap, `locate_box`; default true). Encoder grids are
+            level enters the verdict as `verdict_scale * excess - verdict_margin`; 1 and 0), `locate` (whether
+            its cells place the defect's box and heatmap, `locate_box`; default true) and `own_window` (its cells
+            are also compared with the image's own cells outside a window of this share of the image's longer side,
+            `own_nearest`; default none). Encoder grids are
             average-pooled onto the smallest one.
         fusion (`str`): `"concat"` (Eagle: encoders on a common grid, channels concatenated; default) or
             `"interleave"` (Eyes Wide Shut: each encoder projected on its own, tokens interleaved).

@@ -249,6 +249,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
         starts = [0, *image_grid[:, 2].cumsum(0).tolist()]
         spans = list(zip(starts[:-1], starts[1:], strict=True))
         good = [span for span, (role, *_) in zip(spans, labels, strict=True) if role != "defective"]
+        good_grids = [rows_cols for rows_cols, (role, *_) in zip(image_grid[:, :2].tolist(), labels, strict=True)
+                      if role != "defective"]  # fmt: skip
         cells = {name: [] for name in features}
         for first, last in good:
             image = {name: f[first:last] for name, f in features.items()}
@@ -269,13 +271,14 @@ class KensaVLModel(KensaVLPreTrainedModel):
                 else:
                     found = comparison.nearest(image[name], bank.cells[name][:rows])
                 nearest.append(found)
-            scores.append(comparison(image, thumbnail[first:last], None, nearest=nearest)[4])
+            scores.append(comparison(image, thumbnail[first:last], None, nearest=nearest, grid=good_grids[index])[4])
         bank.scores = torch.stack(scores) if scores else bank.scores
         for index, ((first, last), (role, name, box)) in enumerate(zip(spans, labels, strict=True)):
             if role == "defective" and good:
                 image = {n: f[first:last] for n, f in features.items()}
                 found = [comparison.nearest(image[n], bank.cells[n], lists.get(n)) for n in comparison.encoders]
                 selected, grid = scored_tiles(thumbnail[first:last]), image_grid[index, :2].tolist()
+                found = comparison.with_own(image, found, grid)
                 defect = farthest_cells(image, found, selected, comparison.encoders, box, grid)
                 located = box or comparison.locate(found, *grid, bank.levels)[0]
                 region = region_descriptor(pixel_values[first:last], *grid, located)

@@ -725,3 +725,66 @@ def test_the_verdict_starts_from_the_largest_scaled_excess_over_each_encoders_le
             verdict, score = comparison(query, thumbnail, bank, level)[3:5]
             excess = torch.stack([score[0] - level[0], 0.5 * (score[1] - level[1]) - 0.5])
             torch.testing.assert_close(verdict, VERDICT_SLOPE * (excess.max() - VERDICT_MARGIN))
+
+
+def _own_brute_force(surface: torch.Tensor, radius: int, stride: int = 1) -> torch.Tensor:
+    """Each cell of a unit map `(H, W, C)`: cosine distance to the nearest cell on the `stride` lattice at least
+    `radius` cells away along a row or a column."""
+    height, width, _ = surface.shape
+    out = torch.full((height, width), 2.0)
+    for y in range(height):
+        for x in range(width):
+            for v in range(0, height, stride):
+                for u in range(0, width, stride):
+                    if max(abs(y - v), abs(x - u)) >= radius:
+                        out[y, x] = min(out[y, x], 1 - float(surface[y, x] @ surface[v, u]))
+    return out.clamp_min(0)
+
+
+def _tiles_of(surface: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A map `(rows * g, cols * g, C)` cut into its tiles `(rows * cols, g, g, C)`, row-major, as the processor cuts
+    an image, plus a random thumbnail tile last."""
+    g = surface.shape[0] // rows
+    tiles = surface.reshape(rows, g, cols, g, -1).permute(0, 2, 1, 3, 4).reshape(rows * cols, g, g, -1)
+    return torch.cat([tiles, torch.nn.functional.normalize(torch.randn(1, g, g, surface.shape[-1]), dim=-1)])
+
+
+def test_own_nearest_is_the_nearest_cell_of_the_photo_outside_the_window(monkeypatch):
+    """Over the whole image (its tiles stitched), never within the window's half side (a fifth of 10 cells: 2), the
+    thumbnail left out; a map larger than OWN_BANK_CELLS is compared with a coarser lattice of its cells."""
+    import kensa_vl.modeling.comparison_kensa_vl as comparison
+    from kensa_vl.modeling.comparison_kensa_vl import own_nearest, stitch_tiles
+
+    surface = torch.nn.functional.normalize(torch.randn(10, 15, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    tiles = _tiles_of(surface, 2, 3)
+    found = own_nearest(tiles, 2, 3, 0.2)
+    assert found.shape == (6, 5, 5)
+    torch.testing.assert_close(stitch_tiles(found, 2, 3), _own_brute_force(surface, 3), atol=1e-6, rtol=0)
+    monkeypatch.setattr(comparison, "OWN_BANK_CELLS", 40)  # 150 cells: every second one each way
+    torch.testing.assert_close(
+        stitch_tiles(own_nearest(tiles, 2, 3, 0.2), 2, 3), _own_brute_force(surface, 3, 2), atol=1e-6, rtol=0
+    )
+
+
+def test_a_surface_is_its_own_reference_for_the_encoders_with_an_own_window():
+    """A photo unlike every reference but like itself (two looks in stripes wider than the window) reads near in
+    the band-pass cells, whose entry has an `own_window`, except its one odd cell; the DCT cells' distances and the
+    thumbnail's are the bank's."""
+    from kensa_vl.train.build import build_tiny
+
+    model, _ = build_tiny(
+        tile_size=112, max_tiles=4, dct=True, bandpass=True, reference_comparison=True,
+        reference_encoders=["dct", "bandpass"],
+    )  # fmt: skip
+    comparison = model.model.reference_comparison
+    assert comparison.own_windows == [None, 0.2]
+    looks = torch.eye(7)[:3]  # three orthogonal looks: 1 apart
+    surface = looks[(torch.arange(32) // 8 % 2)][None].expand(32, 32, 7).clone()  # stripes 8 cells wide
+    surface[20, 5] = looks[2]
+    query = {"dct": _tiles_of(torch.nn.functional.normalize(torch.randn(32, 32, 42), dim=-1), 2, 2),
+             "bandpass": _tiles_of(surface, 2, 2)}  # fmt: skip
+    far = [torch.ones(5, 16, 16), torch.ones(5, 16, 16)]  # every cell far from the bank
+    dct, bandpass = comparison.with_own(query, far, (2, 2))
+    assert torch.equal(dct, far[0]) and torch.equal(bandpass[4], far[1][4])
+    near = bandpass[:4].reshape(2, 2, 16, 16).permute(0, 2, 1, 3).reshape(32, 32)
+    assert near[20, 5] == 1 and near.flatten().topk(2).values[1] < 1e-5
