@@ -11,6 +11,9 @@ the largest over encoders of `scale * (score - level) / spread - margin` (the en
 `verdict_margin`); the threshold is the untrained model's, VERDICT_MARGIN. A threshold that transfers keeps
 balanced accuracy at that one threshold across categories and splits, and ranks queries of every category on one
 scale: pooled AUROC, not only per category. The language model plays no part.
+
+`--sweep ENCODER --margins ...` moves that encoder's verdict margin; `--sweep ENCODER --windows 0,0.1,0.2`
+its `own_window` (the photo compared with itself too, `own_nearest`), collecting the scores anew for each.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from kensa_vl.modeling.comparison_kensa_vl import VERDICT_MARGIN
 from kensa_vl.train.data.synth import load_synth
 
 
-def collect(model, processor, items, shots: int, seeds: int) -> list[dict]:
+def collect(model, processor, items, shots: int, seeds: int, leave_one_out: bool = True) -> list[dict]:
     """Per query: category, label, its scores `(E,)`, the bank's sequential scores `(k - 1, E)` and the supports'
-    leave-one-out scores `(k, E)`."""
+    leave-one-out scores `(k, E)` (without `leave_one_out`, `(0, E)`: not computed)."""
     rows = pools(items)
     inspector, out = Inspector(model, processor, max_new_tokens=0), []
     for seed in tqdm(range(seeds), desc="seeds"):
@@ -38,7 +41,7 @@ def collect(model, processor, items, shots: int, seeds: int) -> list[dict]:
             good, _ = support_for(rows, category, shots, 0, seed)
             support = control_support(items, good, [], None, seed)
             held_out = []
-            for i in range(shots):  # each support against the others
+            for i in range(shots if leave_one_out else 0):  # each support against the others
                 inspector.set_support(support[:i] + support[i + 1 :])
                 held_out.append(inspector._score(support[i]["image"])[1].image_scores[-1].float().numpy())
             inspector.set_support(support)
@@ -48,8 +51,9 @@ def collect(model, processor, items, shots: int, seeds: int) -> list[dict]:
                     continue
                 scores = inspector._score(items[i]["image"].convert("RGB"))[1].image_scores[-1].float().numpy()
                 label = int(items[i]["label"] == "defective")
+                held = np.stack(held_out) if held_out else np.zeros((0, len(scores)))
                 out.append({"category": category, "seed": seed, "label": label, "scores": scores,
-                            "sequential": sequential, "held_out": np.stack(held_out)})  # fmt: skip
+                            "sequential": sequential, "held_out": held})  # fmt: skip
     return out
 
 
@@ -114,23 +118,48 @@ def table(sets: dict[str, list[dict]], excess: np.ndarray) -> list[str]:
     return lines
 
 
+def sweep_header(setting: str, splits) -> list[str]:
+    return ["| " + setting + " | " + " | ".join(f"{s}: AUROC | BA" for s in splits) + " |",
+            "|---" * (1 + 2 * len(splits)) + "|"]  # fmt: skip
+
+
+def sweep_row(value: float, sets: dict[str, list[dict]], excess: np.ndarray) -> str:
+    """One setting's row: per split, the kept level's pooled AUROC and balanced accuracy at the untrained
+    threshold."""
+    rule, cells = next(iter(RULES.values())), []
+    for records in sets.values():
+        labels = np.array([r["label"] for r in records])
+        d = decisions(records, rule, excess)
+        cells += [f"{roc_auc_score(labels, d):.3f}", f"{balanced(labels, d > VERDICT_MARGIN):.3f}"]
+    return f"| {value:g} | " + " | ".join(cells) + " |"
+
+
 def margin_sweep(sets: dict[str, list[dict]], excess: np.ndarray, encoder: int, margins) -> list[str]:
     """The kept level's rule with compared encoder `encoder`'s verdict margin set to each of `margins` (its scale
     kept; inf: that encoder left out): per split, pooled AUROC and balanced accuracy at the untrained threshold. How
     an encoder's margin is chosen (docs/real-surfaces.md)."""
-    rule = next(iter(RULES.values()))
-    splits = list(sets)
-    header = "| margin | " + " | ".join(f"{s}: AUROC | BA" for s in splits) + " |"
-    lines = [header, "|---" * (1 + 2 * len(splits)) + "|"]
+    lines = sweep_header("margin", sets)
     for margin in margins:
         changed = excess.copy()
         changed[encoder, 1] = margin
-        cells = []
-        for records in sets.values():
-            labels = np.array([r["label"] for r in records])
-            d = decisions(records, rule, changed)
-            cells += [f"{roc_auc_score(labels, d):.3f}", f"{balanced(labels, d > VERDICT_MARGIN):.3f}"]
-        lines.append(f"| {margin:g} | " + " | ".join(cells) + " |")
+        lines.append(sweep_row(margin, sets, changed))
+    return lines
+
+
+def window_sweep(model, processor, splits: dict, encoder: str, windows, shots: int, seeds: int) -> list[str]:
+    """The kept level's rule with compared encoder `encoder`'s `own_window` set to each of `windows` (0: none),
+    the scores collected anew on each split (`splits`: name -> items): how the window is chosen
+    (docs/real-surfaces.md). The model's own windows are put back."""
+    comparison = model.model.reference_comparison
+    index, kept, excess = comparison.encoders.index(encoder), list(comparison.own_windows), np.array(comparison.excess)
+    lines = sweep_header(f"{encoder} own window", splits)
+    try:
+        for window in windows:
+            comparison.own_windows[index] = window or None
+            sets = {name: collect(model, processor, items, shots, seeds, False) for name, items in splits.items()}
+            lines.append(sweep_row(window, sets, excess))
+    finally:
+        comparison.own_windows[:] = kept
     return lines
 
 
@@ -143,13 +172,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--sweep", help="a compared encoder whose verdict margin to sweep (`margin_sweep`)")
     parser.add_argument("--margins", default="0,0.25,0.5,0.75,1,1.5,2,inf", help="with --sweep")
+    parser.add_argument("--windows", help="with --sweep: own windows to sweep instead of margins (0: none)")
     args = parser.parse_args()
     model, processor = load_pretrained(args.model)
     comparison = model.model.reference_comparison
     excess = np.array(comparison.excess, dtype=float)
-    sets = {}
-    for data in args.data:
-        sets[Path(data).name] = collect(model, processor, load_synth(data)[0][args.split], args.shots, args.seeds)
+    splits = {Path(data).name: load_synth(data)[0][args.split] for data in args.data}
+    if args.sweep and args.windows:
+        windows = [float(w) for w in args.windows.split(",")]
+        print(f"{args.split}, k = {args.shots}, {args.seeds} seeds; encoders {comparison.encoders}")
+        print("\n".join(window_sweep(model, processor, splits, args.sweep, windows, args.shots, args.seeds)))
+        return
+    sets = {name: collect(model, processor, items, args.shots, args.seeds) for name, items in splits.items()}
     sizes = ", ".join(f"{name} {len(records)}" for name, records in sets.items())
     print(f"{args.split}, k = {args.shots}, {args.seeds} seeds, queries: {sizes}; encoders {comparison.encoders}")
     print("\n".join(table(sets, excess)))

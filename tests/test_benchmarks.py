@@ -129,7 +129,16 @@ def test_the_level_study_measures_each_encoder_against_its_level_on_validation(s
     `scale * (score - level) / spread - margin`, and the best threshold separates what is separable."""
     import numpy as np
 
-    from benchmarks.verdict_levels import RULES, best_threshold, collect, decisions, margin_sweep, table
+    from benchmarks.verdict_levels import (
+        RULES,
+        best_threshold,
+        collect,
+        decisions,
+        margin_sweep,
+        sweep_row,
+        table,
+        window_sweep,
+    )
     from kensa_vl.train.build import build_tiny
     from kensa_vl.train.data import load_synth
     from kensa_vl.train.pipeline import TINY
@@ -157,6 +166,15 @@ def test_the_level_study_measures_each_encoder_against_its_level_on_validation(s
 
     labels = np.array([r["label"] for r in records])
     assert swept[-1].split(" | ")[1] == f"{roc_auc_score(labels, alone):.3f}" and len(swept) == 4
+    # the own-window sweep collects the scores anew per window and puts the model's windows back
+    comparison = model.model.reference_comparison
+    kept = list(comparison.own_windows)
+    items = load_synth(synth_dir)[0]["validation"]
+    rows = window_sweep(model, processor, {"validation": items}, "bandpass", [0, 0.2], shots=2, seeds=1)
+    assert comparison.own_windows == kept == [None, 0.2] and len(rows) == 4
+    built = collect(model, processor, items, shots=2, seeds=1, leave_one_out=False)  # the entry's own window, 0.2
+    assert {r["held_out"].shape for r in built} == {(0, 2)}
+    assert rows[3] == sweep_row(0.2, {"validation": built}, excess)
 
 
 def test_the_view_repeats_benchmark_compares_the_two_banks_on_one_model():
