@@ -46,6 +46,7 @@ def test_export_holds_the_model_and_a_card_of_measured_results(trained, tmp_path
     assert set(re.findall(r"\b\d\.\d{3}\b", prose)) <= own and re.findall(r"\b\d\.\d{3}\b", prose)
     assert "validation categories (not test)" in card and json.loads((trained / "metrics.json").read_text())["run"]
     assert "Grading by example" in card and "The model's answer: accuracy" in card and "grading_confusion.png" in names
+    assert "the photo as its own" in card  # the band-pass entry's own window
     real = json.loads((trained / "metrics.json").read_text())["surfaces"]
     assert f"k = 1: image AUROC {real['auroc']['mean']:.3f}" in card.split("Real photographed surfaces")[1]
 
