@@ -305,7 +305,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
         features = comparison.features(grids)
         lists = comparison.bank_lists(bank) or {}
         distances = [comparison.nearest(features[n], bank.cells[n].float(), lists.get(n)) for n in comparison.encoders]
-        return comparison.locate(distances, *image_grid[0, :2].tolist(), bank.levels)
+        grid = image_grid[0, :2].tolist()
+        return comparison.locate(comparison.with_own(features, distances, grid), *grid, bank.levels)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
         if input_ids is None:
