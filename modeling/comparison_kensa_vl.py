@@ -29,6 +29,7 @@ from .demos_kensa_vl import (
     DemoPointer,
     Pointer,
     copy_terms,
+    cut_tiles,
     farthest_cells,
     label_box,
     located_tokens,
@@ -347,9 +348,7 @@ def own_nearest(cells: torch.Tensor, rows: int, cols: int, window: float, chunk:
     them); returns `(rows * cols, g, g)` for the grid tiles. The candidates are every cell up to OWN_BANK_CELLS,
     else a coarser lattice of them. A cell's candidates are the lattice rows outside its window's rows (their
     row maxima) and, in its window's rows, the columns outside it: no per-pair mask."""
-    g, channels = cells.shape[1], cells.shape[-1]
-    surface = cells[: rows * cols].reshape(rows, cols, g, g, channels).permute(0, 2, 1, 3, 4)
-    surface = surface.reshape(rows * g, cols * g, channels)
+    surface = stitch_tiles(cells, rows, cols)  # (H, W, C)
     height, width = surface.shape[:2]
     radius = max(1, round(window * max(height, width)))
     stride = max(1, math.ceil(math.sqrt(height * width / OWN_BANK_CELLS)))
@@ -365,15 +364,14 @@ def own_nearest(cells: torch.Tensor, rows: int, cols: int, window: float, chunk:
         outside = similarity.amax(-1).masked_fill(within, -1.0).amax(-1)
         band = similarity.masked_fill(~within[..., None], -1.0).amax(2).masked_fill(beside, -1.0).amax(-1)
         best.append(torch.maximum(outside, band))
-    distance = (1 - torch.cat(best)).clamp_min(0).view(rows, g, cols, g)
-    return distance.permute(0, 2, 1, 3).reshape(rows * cols, g, g)
+    return cut_tiles((1 - torch.cat(best)).clamp_min(0), rows, cols)
 
 
 def stitch_tiles(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """An image's grid tiles' cell maps `(rows * cols, g, g)` (row-major, as the processor cuts them) -> the map of
-    the whole image `(rows * g, cols * g)`."""
-    g = cells.shape[-1]
-    return cells[: rows * cols].reshape(rows, cols, g, g).permute(0, 2, 1, 3).reshape(rows * g, cols * g)
+    """An image's grid tiles' cell maps `(rows * cols, g, g, ...)` (row-major, as the processor cuts them; any tiles
+    after them, a thumbnail, left out) -> the map of the whole image `(rows * g, cols * g, ...)`."""
+    g, rest = cells.shape[1], cells.shape[3:]
+    return cells[: rows * cols].reshape(rows, cols, g, g, *rest).transpose(1, 2).reshape(rows * g, cols * g, *rest)
 
 
 def peak_region_box(cells: torch.Tensor, threshold: float) -> tuple[list[float], float]:

@@ -159,8 +159,14 @@ def box_cells(box: list[float], rows: int, cols: int, side: int) -> torch.Tensor
     xs, ys = torch.arange(cols * side + 1) / (cols * side), torch.arange(rows * side + 1) / (rows * side)
     across = (xs[:-1] < max(x1, x0 + 1e-6)) & (xs[1:] > x0)
     down = (ys[:-1] < max(y1, y0 + 1e-6)) & (ys[1:] > y0)
-    inside = down[:, None] & across[None, :]
-    return inside.reshape(rows, side, cols, side).permute(0, 2, 1, 3).reshape(rows * cols, side, side)
+    return cut_tiles(down[:, None] & across[None, :], rows, cols)
+
+
+def cut_tiles(surface: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The map of a whole image `(rows * g, cols * g, ...)` -> its grid tiles' maps `(rows * cols, g, g, ...)`,
+    row-major as the processor cuts them (`stitch_tiles` undone)."""
+    g, rest = surface.shape[0] // rows, surface.shape[2:]
+    return surface.reshape(rows, g, cols, g, *rest).transpose(1, 2).reshape(rows * cols, g, g, *rest)
 
 
 def farthest_cells(cells: dict[str, torch.Tensor], distances: list[torch.Tensor], selected: torch.Tensor, names,

@@ -248,9 +248,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
         thumbnail = thumbnail_tiles(image_grid)
         starts = [0, *image_grid[:, 2].cumsum(0).tolist()]
         spans = list(zip(starts[:-1], starts[1:], strict=True))
-        good = [span for span, (role, *_) in zip(spans, labels, strict=True) if role != "defective"]
-        good_grids = [rows_cols for rows_cols, (role, *_) in zip(image_grid[:, :2].tolist(), labels, strict=True)
-                      if role != "defective"]  # fmt: skip
+        kept = [i for i, (role, *_) in enumerate(labels) if role != "defective"]  # the good images, in order
+        good = [spans[i] for i in kept]
         cells = {name: [] for name in features}
         for first, last in good:
             image = {name: f[first:last] for name, f in features.items()}
@@ -271,7 +270,8 @@ class KensaVLModel(KensaVLPreTrainedModel):
                 else:
                     found = comparison.nearest(image[name], bank.cells[name][:rows])
                 nearest.append(found)
-            scores.append(comparison(image, thumbnail[first:last], None, nearest=nearest, grid=good_grids[index])[4])
+            grid = image_grid[kept[index], :2].tolist()
+            scores.append(comparison(image, thumbnail[first:last], None, nearest=nearest, grid=grid)[4])
         bank.scores = torch.stack(scores) if scores else bank.scores
         for index, ((first, last), (role, name, box)) in enumerate(zip(spans, labels, strict=True)):
             if role == "defective" and good:
