@@ -290,6 +290,12 @@ class KensaVLConfig(PretrainedConfig):
                 )
             if not encoder["feature_layers"]:
                 raise ValueError(f"Encoder {encoder['name']!r}: feature_layers is empty.")
+            window = encoder.get("own_window")
+            if window is not None and not 0 < window < 1:
+                raise ValueError(
+                    f"Encoder {encoder['name']!r}: own_window is a share of the image's longer side, in (0, 1) or "
+                    f"None; got {window}."
+                )
             scales = encoder["scales"]
             if (
                 scales[0] != 1

@@ -75,6 +75,13 @@ def test_s2_scales_encode_sub_tiles_in_one_call_and_pool_them_back():
         _config({**DCT, "scales": [2]})
 
 
+@pytest.mark.parametrize("window", [0, -0.2, 1.0, 3])
+def test_an_own_window_outside_the_image_is_refused(window):
+    with pytest.raises(ValueError, match=rf"own_window is a share of the image's longer side.*got {window}"):
+        _config({**DCT, "own_window": window})
+    assert _config({**DCT, "own_window": 0.2}).vision_encoders[1]["own_window"] == 0.2
+
+
 def test_new_encoders_save_and_load(tmp_path):
     patch = {"name": "patch", **TINY_ENCODERS["patch"]}
     resnet = {"name": "resnet", **TINY_ENCODERS["resnet"]}
