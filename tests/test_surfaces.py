@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -37,6 +38,13 @@ def test_the_split_is_by_surface_and_every_kind_of_defect_is_used():
     assert "sheen" in cfg.defects("validation") and "contamination" in cfg.defects("test")
     # KensaSynth itself keeps its materials and its seven kinds
     assert set(SynthConfig().categories("train")) <= set(MATERIALS) and SynthConfig().defect_kinds == CLASSIC_DEFECTS
+
+
+def test_the_validation_split_has_enough_photos_of_every_kind_to_choose_on():
+    cfg = SynthConfig.real_surfaces()
+    specs = item_specs(cfg, "validation", cfg.split_sizes()[1])
+    kinds = Counter(spec["defect"] for spec in specs if spec["defect"])
+    assert set(kinds) == set(cfg.defects("validation")) and min(kinds.values()) >= 20, kinds
 
 
 def test_fetch_takes_the_photos_from_a_checked_wheel(tmp_path, monkeypatch):
