@@ -198,3 +198,23 @@ def test_the_view_repeats_benchmark_compares_the_two_banks_on_one_model():
     plain, _ = build_tiny(tile_size=112, max_tiles=4, dct=True, reference_comparison=True)
     with pytest.raises(ValueError, match="no view-invariant encoder"):
         inspectors(plain, processor, support)
+
+
+def test_the_training_profile_sums_each_part_by_its_file_and_function():
+    """benchmarks/profile_training.py: a part is the cumulative time of the function of that name in that file
+    (the remote-code copy of a model file too); a function of the same name in another file does not count."""
+    from types import SimpleNamespace
+
+    from benchmarks.profile_training import PARTS, part_seconds
+
+    rows = {  # pstats' (file, line, function) -> (calls, primitive calls, own time, cumulative time, callers)
+        ("/repo/modeling/comparison_kensa_vl.py", 188, "exact_similarity"): (3, 3, 0.5, 1.5, {}),
+        ("/cache/transformers_modules/m/comparison_kensa_vl.py", 188, "exact_similarity"): (1, 1, 0.1, 0.5, {}),
+        ("/repo/benchmarks/search_scaling.py", 20, "exact_similarity"): (1, 1, 4.0, 4.0, {}),
+        ("/repo/modeling/comparison_kensa_vl.py", 648, "compare_prompt"): (1, 1, 0.2, 2.5, {}),
+        ("/site/torch/autograd/graph.py", 966, "_engine_run_backward"): (1, 1, 0.7, 0.75, {}),
+    }
+    seconds = part_seconds(SimpleNamespace(stats=rows))
+    assert set(seconds) == set(PARTS)
+    assert seconds["exact nearest-cell searches"] == 2.0 and seconds["the comparison (`compare_prompt`)"] == 2.5
+    assert seconds["backward pass"] == 0.75 and seconds["towers (`encode_tiles`)"] == 0
