@@ -5,8 +5,9 @@ recipe's multitask stage, started from a finished align stage, profiled by cProf
         [--steps 60] [--profile-from 40]
 
 The comparison keeps each image pair's nearest-cell similarities (`PairCache`), so early steps search more than
-late ones: profile a window after the first steps. Prints seconds per step by part, the pair cache's hits and
-misses, and the machine. The stage's output goes to a temporary folder.
+late ones: profile a window after the first steps. Prints seconds per step by part (inside the trainer's
+`training_step`: the batches are collated before it), the pair cache's hits and misses, and the machine. The stage's
+output goes to a temporary folder.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ PARTS = {
     "towers (`encode_tiles`)": ("vision_kensa_vl.py", "encode_tiles"),
     "backward pass": ("torch/autograd/graph.py", "_engine_run_backward"),
     "TRL's chunked log-probabilities, backward": ("chunked_logprob.py", "backward"),
-    "collating and the processor": ("sft_trainer.py", "_collate_language_modeling"),
 }
 
 
