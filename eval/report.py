@@ -53,7 +53,9 @@ def markdown_table(results: dict[str, dict], metrics=TABLE_METRICS) -> str:
 
 
 def defect_table(results: dict[str, dict]) -> str:
-    """Per defect kind at the largest k: recall (1 - miss) and, in brackets, image AUROC, per method."""
+    """Per defect kind at the largest k: recall (1 - miss) and, in brackets, image AUROC, per method; and how many
+    distinct defective photos of each kind were queried (over seeds): a kind seen in a few photos moves in steps of
+    one photo (docs/real-surfaces.md)."""
     k = max(results["kensa"]["shots"])
     kinds = sorted(results["kensa"]["shots"][k].get("per_defect", {}))
     if not kinds:
@@ -65,6 +67,11 @@ def defect_table(results: dict[str, dict]) -> str:
         cells = [f"{1 - per[d]['miss']['mean']:.2f} ({per[d]['auroc']['mean']:.2f})" if d in per else "n/a"
                  for d in kinds]  # fmt: skip
         lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    photos = {d: set() for d in kinds}
+    for r in results["kensa"].get("records", []):
+        if r["shots"] == k and r["control"] is None and r["label"] == "defective" and r.get("verdict") != "error":
+            photos.get(r.get("defect_type"), set()).add((r["category"], r["index"]))
+    lines.append("| distinct photos queried | " + " | ".join(str(len(photos[d])) for d in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 

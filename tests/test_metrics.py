@@ -99,3 +99,26 @@ def test_the_bootstraps_ranking_metrics_equal_scikit_learns(seed):
     fast, reference = ranking_metrics(y, p), image_metrics(y, p, 0.5)
     for name in ("auroc", "aupr", "f1_max"):
         assert fast[name] == pytest.approx(reference[name], abs=1e-12), name
+
+
+def test_the_defect_kind_table_counts_the_distinct_photos_of_each_kind():
+    """A kind's recall over a few photos moves in steps of one photo: the table says how many were queried (the same
+    photo in two seeds counts once; controls, good photos and unreadable ones not at all)."""
+    from kensa_vl.eval.report import defect_table
+
+    per = {"miss": {"mean": 0.5}, "auroc": {"mean": 0.75}}
+
+    def record(seed, index, kind, **changes):
+        base = {"seed": seed, "shots": 4, "control": None, "label": "defective", "defect_type": kind,
+                "category": "wood", "index": index, "verdict": "defective"}  # fmt: skip
+        return {**base, **changes}
+
+    records = [
+        record(0, 1, "smear"), record(1, 1, "smear"), record(0, 2, "dent"), record(1, 3, "dent"),
+        record(0, 4, "dent", category="stone"), record(0, 5, "dent", control="noise"), record(0, 6, "dent", shots=2),
+        record(0, 7, "dent", verdict="error"), record(0, 8, None, label="good"),
+    ]  # fmt: skip
+    results = {"kensa": {"shots": {2: {}, 4: {"per_defect": {"dent": per, "smear": per}}}, "records": records}}
+    lines = defect_table(results).splitlines()
+    assert lines[2] == "| method | dent | smear |" and lines[4] == "| KensaVL | 0.50 (0.75) | 0.50 (0.75) |"
+    assert lines[5] == "| distinct photos queried | 3 | 1 |"
