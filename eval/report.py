@@ -69,8 +69,9 @@ def defect_table(results: dict[str, dict]) -> str:
         lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
     photos = {d: set() for d in kinds}
     for r in results["kensa"].get("records", []):
-        if r["shots"] == k and r["control"] is None and r["label"] == "defective" and r.get("verdict") != "error":
-            photos.get(r.get("defect_type"), set()).add((r["category"], r["index"]))
+        queried = r["shots"] == k and r["control"] is None and r.get("verdict") != "error"
+        if queried and r["label"] == "defective" and r.get("defect_type") in photos:
+            photos[r["defect_type"]].add((r["category"], r["index"]))
     lines.append("| distinct photos queried | " + " | ".join(str(len(photos[d])) for d in kinds) + " |")
     return "\n".join(lines) + "\n"
 

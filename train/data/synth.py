@@ -50,8 +50,8 @@ MIN_GRADING_PHOTOS = 12
 # `--surfaces`: KensaSynth on real photographed surfaces (`surfaces.py`), every defect kind; sheen changes are held out
 # for validation only, as crack and structure are in KensaSynth
 SURFACE_VALIDATION_DEFECTS = ("sheen",)
-# photos of the real-surface set: its validation split (15%) holds 20-35 defective photos of each kind at 4,000 (at
-# 1,000 it held 2-7, too few to choose on: its figures ran 0.09 AUROC above the test split's; docs/real-surfaces.md)
+# photos of the real-surface set: its validation split (15%) holds 21-35 defective photos of each kind at 4,000 (at
+# 1,000 it held 4-12, too few to choose on: its figures ran 0.09 AUROC above the test split's; docs/real-surfaces.md)
 SURFACE_IMAGES = 4000
 
 
@@ -464,7 +464,9 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("synth")  # its --help line: cli.COMMANDS
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, help="default: 1000, or 4000 with --surfaces (SURFACE_IMAGES)")
+    p.add_argument(
+        "--num-images", type=int, help=f"default: {SynthConfig.num_images}, or {SURFACE_IMAGES} with --surfaces"
+    )
     p.add_argument("--num-episodes", type=int, default=5000)
     p.add_argument("--resolution", type=int, default=1024, help=f"square photos, 128 to {MAX_RESOLUTION} px")
     p.add_argument(
