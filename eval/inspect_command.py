@@ -39,9 +39,15 @@ def query_files(args) -> list[str]:
     for folder in args.query_dir:
         if not Path(folder).is_dir():
             raise ValueError(f"--query-dir {folder}: no such folder")
-        files += sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise ValueError(f"--query-dir {folder} holds no photos ({', '.join(sorted(IMAGE_SUFFIXES))}, any depth)")
+        files += found
     if args.query_list:
-        files += [line.strip() for line in Path(args.query_list).read_text().splitlines() if line.strip()]
+        listed = [line.strip() for line in Path(args.query_list).read_text().splitlines() if line.strip()]
+        if not listed:
+            raise ValueError(f"--query-list {args.query_list} lists no photo (one path per line)")
+        files += listed
     return files
 
 

@@ -75,6 +75,15 @@ def test_globs_and_lists_of_queries(tiny_dir, folder, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["inspect", "--model", str(tiny_dir), "--good", str(root / "good.png"), "--query", str(photos / "*.jpg")])
     assert exit_info.value.code == 2 and "matches no file" in capsys.readouterr().err
+    # a folder without photos and an empty list say which option found nothing, not that none was given
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("no photo here")
+    (root / "blank.txt").write_text("\n  \n")
+    for option, value, message in (("--query-dir", root / "empty", "holds no photos"),
+                                   ("--query-list", root / "blank.txt", "lists no photo")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(["inspect", "--model", str(tiny_dir), "--good", str(root / "good.png"), option, str(value)])
+        assert exit_info.value.code == 2 and f"{option} {value} {message}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
