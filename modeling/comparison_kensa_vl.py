@@ -169,15 +169,20 @@ def greedy_centres(cells: torch.Tensor, keep: int, rounds: int) -> torch.Tensor:
 
 @torch.no_grad()  # a fixed metric (PatchCore's): no gradient flows through the nearest-neighbour search
 def nearest_distances(
-    query: torch.Tensor, bank: torch.Tensor, chunk: int = 2048, probes: int = 0, lists: InvertedLists | None = None
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    chunk: int | None = None,
+    probes: int = 0,
+    lists: InvertedLists | None = None,
 ) -> torch.Tensor:
     """Cosine distance of each cell of `query` (n, g, g, C), L2-normalised, to its nearest cell in `bank` (M, C),
     L2-normalised: `(n, g, g)`, at least 0. Exact by default: the similarities are taken in `chunk x chunk` blocks
-    with a running max, never as one (cells, M) matrix: 4x faster on a CPU at 448 px tiles (it stays in cache) and
-    bounded memory (BENCHMARKS.md). With `probes` > 0 and a bank of more than `probes` lists, approximate
+    (`search_chunk`) with a running max, never as one (cells, M) matrix: 4x faster on a CPU at 448 px tiles (it stays
+    in cache) and bounded memory (BENCHMARKS.md). With `probes` > 0 and a bank of more than `probes` lists, approximate
     (`inverted_file_similarity`, on `lists` when the bank's are already built): a cell's nearest may be missed, so a
     distance is never smaller than the exact one."""
     flat = query.reshape(-1, query.shape[-1]).to(bank.dtype)
+    chunk = chunk or search_chunk(flat.device)
     if probes and len(bank) > probes * LIST_CELLS:
         best = inverted_file_similarity(flat, lists or InvertedLists.build(bank), probes, chunk)
     else:
@@ -185,8 +190,15 @@ def nearest_distances(
     return (1 - best).clamp_min(0).view(query.shape[:-1])
 
 
-def exact_similarity(flat: torch.Tensor, bank: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def search_chunk(device: torch.device) -> int:
+    """The side of the exact search's blocks: 2048 on a CPU (a block stays in cache), 16384 on a GPU (1 GiB of
+    float32 similarities: 2048 x 2048 blocks leave an H200 waiting on thousands of small kernel launches)."""
+    return 2048 if device.type == "cpu" else 16384
+
+
+def exact_similarity(flat: torch.Tensor, bank: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Each row of `flat` (N, C): its largest dot product with a row of `bank` (M, C), in `chunk x chunk` blocks."""
+    chunk = chunk or search_chunk(flat.device)
     return torch.cat([block_similarity(part, bank, chunk) for part in flat.split(chunk)])
 
 
@@ -307,6 +319,13 @@ class InvertedLists:
         return InvertedLists(self.centroids, self.members[kept], sizes, self.order[kept])
 
 
+def approximate_pays(device: torch.device) -> bool:
+    """Whether the approximate search beats the exact one on `device`: on a CPU (BENCHMARKS.md), not on a GPU, where
+    its loop over thousands of lists costs more than the exact search's few large matrix products (an H200 at real
+    size: BENCHMARKS.md, "On a GPU")."""
+    return device.type == "cpu"
+
+
 def inverted_file_similarity(flat: torch.Tensor, lists: InvertedLists, probes: int, chunk: int) -> torch.Tensor:
     """Each query cell's largest similarity `(N,)` to the bank's cells in its `probes` nearest `lists` (an inverted
     file: FAISS's IVF-Flat, written in torch so the remote code needs nothing else). Costs about
@@ -335,7 +354,9 @@ def pooled_distances(nearest: torch.Tensor, token_side: int) -> torch.Tensor:
     return F.adaptive_max_pool2d(d, token_side).flatten(1)
 
 
-def patch_distances(query: torch.Tensor, bank: torch.Tensor, token_side: int, chunk: int = 2048) -> torch.Tensor:
+def patch_distances(
+    query: torch.Tensor, bank: torch.Tensor, token_side: int, chunk: int | None = None
+) -> torch.Tensor:
     """`pooled_distances` of `query`'s cells against `bank`: `(n, token_side^2)`."""
     return pooled_distances(nearest_distances(query, bank, chunk), token_side)
 
@@ -550,15 +571,15 @@ class KensaVLReferenceComparison(nn.Module):
         """`nearest_distances`, exact up to `config.exact_search_cells` bank cells, approximate beyond: on the bank's
         `lists` when they are built already (a cached support set's, `ReferenceBank.inverted_lists`), else when the
         query has at least 1/APPROXIMATE_MIN_SHARE as many cells as the bank (lists built per search cost about as
-        much as searching a few thousand query cells exactly, BENCHMARKS.md)."""
+        much as searching a few thousand query cells exactly, BENCHMARKS.md). On a CPU only (`approximate_pays`)."""
         cells = query.shape[:-1].numel()
         worth = lists is not None or cells * APPROXIMATE_MIN_SHARE >= len(bank)
-        large = len(bank) > self.config.exact_search_cells and worth
+        large = len(bank) > self.config.exact_search_cells and worth and approximate_pays(bank.device)
         return nearest_distances(query, bank, probes=self.config.search_probes if large else 0, lists=lists)
 
     def bank_lists(self, bank: ReferenceBank) -> dict | None:
         """A cached bank's lists per compared encoder, where the approximate search will use them (built once)."""
-        if not self.config.search_probes:
+        if not self.config.search_probes or not approximate_pays(next(iter(bank.cells.values())).device):
             return None
         large = [n for n in self.encoders if len(bank.cells[n]) > self.config.exact_search_cells]
         return {n: bank.inverted_lists(n) for n in large} or None
@@ -639,7 +660,7 @@ class KensaVLReferenceComparison(nn.Module):
         relative, known = (
             ((score - level) * scale - margin, 1.0) if level is not None else (torch.zeros_like(score), 0.0)
         )
-        known = torch.full_like(score[0], known)
+        relative, known = relative.to(x.dtype), torch.full_like(score[0], known)  # a float32 level, a bf16 model
         image = torch.stack([scored.max(), top, scored.mean(), score.mean(), relative.max(), known])
         summary = torch.stack([logits, image[0].expand_as(logits)], -1)
         verdict = self.verdict(torch.stack([relative.max(), known])).squeeze(-1)

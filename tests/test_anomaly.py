@@ -117,11 +117,14 @@ def test_reference_views_turn_the_dct_cells_but_not_the_band_pass_cells():
     assert len(bank["bandpass"]) == cells and len(bank["dct"]) == 3 * cells
 
 
-@pytest.mark.parametrize("compared", [["dct"], ["dct", "bandpass"]])
-def test_the_untrained_verdict_is_defective_when_one_compared_encoder_sees_the_defect(compared):
+@pytest.mark.parametrize(
+    ("compared", "dtype"),
+    [(["dct"], torch.float32), (["dct", "bandpass"], torch.float32), (["dct", "bandpass"], torch.bfloat16)],
+)
+def test_the_untrained_verdict_is_defective_when_one_compared_encoder_sees_the_defect(compared, dtype):
     """Each compared encoder's score is measured against its own level (how far the good supports lie from each
     other in it), and the verdict starts from the largest: the smear the DCT cells miss is caught once the band-pass
-    cells are compared beside them, and a good photo stays good."""
+    cells are compared beside them, and a good photo stays good. The same in bf16, as on a GPU."""
     from kensa_vl.eval.inspector import Inspector, support_item
     from kensa_vl.train.build import build_tiny
 
@@ -131,7 +134,7 @@ def test_the_untrained_verdict_is_defective_when_one_compared_encoder_sees_the_d
     model, processor = build_tiny(
         tile_size=112, max_tiles=4, dct=True, bandpass=True, reference_comparison=True, reference_encoders=compared
     )
-    inspector = Inspector(model, processor, max_new_tokens=0)
+    inspector = Inspector(model.to(dtype), processor, max_new_tokens=0)
     inspector.set_support([support_item(photo(seed)) for seed in range(4)])
     assert inspector._bank.levels.shape == (len(compared),)
     good, smear = inspector.judge([photo(10), photo(11, 0.1)])
@@ -597,6 +600,11 @@ def test_the_comparison_searches_approximately_beyond_exact_search_cells(tiny_dc
     calls.clear()
     comparison.nearest(query[:, :8, :8], bank)  # 128 cells: building the lists would cost more than they save
     assert not calls
+    # on a GPU the exact search is faster at any size: a bank off the CPU is searched exactly, in large blocks
+    meta = comparison.nearest(query.to("meta"), bank.to("meta"))
+    assert not calls and meta.shape == exact.shape
+    assert comparison.bank_lists(comparison_kensa_vl.ReferenceBank({"dct": bank.to("meta")}, torch.zeros(0))) is None
+    assert comparison_kensa_vl.search_chunk(torch.device("cuda")) > comparison_kensa_vl.search_chunk(bank.device)
 
 
 def test_the_verdict_logit_sets_the_odds_where_the_answer_starts(tiny_dct):
