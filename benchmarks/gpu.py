@@ -3,10 +3,12 @@ episode of 1344² photos. Training: tokens/s, model FLOPs utilisation (FLOPs cou
 one step, recomputation not counted), peak memory; inference: per-query latency and queries/s with the cached
 support set.
 
-    python -m benchmarks.gpu [--lm 1.5b] [--steps 5] [--checkpointing] [--peak-tflops 989]
+    python -m benchmarks.gpu [--lm 1.5b] [--steps 5] [--checkpointing] [--peak-tflops 989] [--compare dct bandpass]
     python -m benchmarks.gpu --tiny --size 448 --steps 1    # the code path on a CPU, small model
 
-`--peak-tflops`: the accelerator's dense bf16 peak (H100 / H200 SXM: 989).
+`--peak-tflops`: the accelerator's dense bf16 peak (H100 / H200 SXM: 989). `--compare`: the reference comparison on
+these encoders with every reference view, as `kensa-vl assemble --compare` builds it (a tower's name, "dct",
+"bandpass"); the comparison's FLOPs count towards the utilisation like any other.
 """
 
 from __future__ import annotations
@@ -15,14 +17,66 @@ import argparse
 import time
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.episode import photos
 from benchmarks.memory_estimate import real_config
 from kensa_vl.eval.inspector import Inspector, support_item
 from kensa_vl.eval.measure import PeakMemory, machine, timed
+from kensa_vl.modeling.configuration_kensa_vl import REFERENCE_VIEWS
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
 from kensa_vl.train.build import make_processor, set_token_ids, tiny_config, train_tokenizer
+
+
+def _matched_heads(formula, query: int):
+    """`formula` (torch's SDPA FLOP count over shapes: the query's and those before it, key, value) with the key and
+    value given as many heads as the query: torch before 2.13 rejects grouped-query attention (Qwen2's), whose
+    kernels broadcast the key/value heads."""
+
+    def count(*shapes, out_shape=None, **kwargs):
+        heads, shapes = shapes[query][1], list(shapes[: query + 3])
+        for i in (query + 1, query + 2):
+            shapes[i] = (shapes[i][0], heads, *shapes[i][2:])
+        return formula(*shapes)
+
+    return count
+
+
+def gqa_flop_formulas() -> dict:
+    """FlopCounterMode's `custom_mapping` for the SDPA kernels of every torch version this project supports."""
+    aten, kinds = torch.ops.aten, ("efficient", "flash", "cudnn")
+    forward = {getattr(aten, f"_scaled_dot_product_{k}_attention", None) for k in kinds} - {None}
+    backward = {getattr(aten, f"_scaled_dot_product_{k}_attention_backward", None) for k in kinds} - {None}
+    mapping = {op: _matched_heads(flop_counter.sdpa_flop_count, 0) for op in forward}
+    return mapping | {op: _matched_heads(flop_counter.sdpa_backward_flop_count, 1) for op in backward}
+
+
+def training(model, inputs: dict, labels: torch.Tensor, args) -> None:
+    """A training step's time, tokens/s, FLOPs utilisation and peak memory (every parameter trained, AdamW)."""
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=labels.is_cuda)
+
+    def step():
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False, custom_mapping=gqa_flop_formulas()) as counter:
+        model(**inputs, labels=labels).loss.backward()
+    flops = counter.get_total_flops()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = timed(step, args.steps)
+    with PeakMemory() as memory:
+        step()
+    print(f"| training: step s (median of {args.steps}) | {seconds:.3f} |")
+    print(f"| training: TFLOP per step | {flops / 1e12:.1f} |")
+    print(f"| training: tokens/s | {labels.shape[1] / seconds:,.0f} |")
+    mfu = flops / seconds / (args.peak_tflops * 1e12)
+    print(f"| training: model FLOPs utilisation | {mfu:.1%} of {args.peak_tflops:g} TFLOPS |")
+    print(f"| training: peak memory above weights (GiB) | {memory.peak / 2**30:.1f} |")
 
 
 def main() -> None:
@@ -35,12 +89,21 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--compare", nargs="*", default=[], help="encoders the reference comparison runs on")
+    parser.add_argument("--no-train", action="store_true", help="inference only")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on a GPU, else float32")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     torch.manual_seed(0)
     tokenizer = train_tokenizer()
-    config = tiny_config(tokenizer) if args.tiny else real_config(args.lm)
+    if args.tiny:
+        compare = {"reference_comparison": True, "reference_encoders": args.compare} if args.compare else {}
+        views = {"reference_views": list(REFERENCE_VIEWS)} if args.compare else {}
+        own = {"dct": "dct" in args.compare, "bandpass": "bandpass" in args.compare}
+        config = tiny_config(tokenizer, **own, **compare, **views)
+    else:
+        config = real_config(args.lm, args.compare)
     set_token_ids(config, tokenizer)
     with torch.device(device):
         model = KensaVLForConditionalGeneration(config).to(dtype)
@@ -50,32 +113,19 @@ def main() -> None:
     inputs = {k: v.to(device) for k, v in processor(text=prompt, images=images, return_tensors="pt").items()}
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == config.image_token_id, -100)
     tokens = inputs["input_ids"].shape[1]
-    if args.checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
-
-    def step():
-        model(**inputs, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    with FlopCounterMode(display=False) as counter:
-        model(**inputs, labels=labels).loss.backward()
-    flops = counter.get_total_flops()
-    optimizer.zero_grad(set_to_none=True)
-    seconds = timed(step, args.steps)
-    with PeakMemory() as memory:
-        step()
     print(f"{machine()}; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, {dtype}")
-    print(f"episode: {args.shots} supports + query, {args.size}², {tokens} tokens, {flops / 1e12:.1f} TFLOP per step")
-    print("| training | value |\n|---|---|")
-    print(f"| step (s, median of {args.steps}) | {seconds:.3f} |")
-    print(f"| tokens/s | {tokens / seconds:,.0f} |")
-    mfu = flops / seconds / (args.peak_tflops * 1e12)
-    print(f"| model FLOPs utilisation | {mfu:.1%} of {args.peak_tflops:g} TFLOPS |")
-    print(f"| peak memory above weights (GiB) | {memory.peak / 2**30:.1f} |")
+    compared = f"comparison on {', '.join(args.compare)} with every view" if args.compare else "no comparison"
+    print(f"episode: {args.shots} supports + query, {args.size}², {tokens} tokens, {compared}")
+    print("| measure | value |\n|---|---|")
+    if not args.no_train:
+        training(model, inputs, labels, args)
     model.eval()
+    with torch.no_grad():
+        forward = timed(lambda: model(**inputs), args.steps)
+    with torch.no_grad(), PeakMemory() as memory:
+        model(**inputs)
+    print(f"| inference, whole episode: forward s | {forward:.3f} |")
+    print(f"| inference, whole episode: peak memory above weights (GiB) | {memory.peak / 2**30:.1f} |")
     inspector = Inspector(model, processor, max_new_tokens=0)
     inspector.set_support([support_item(image) for image in images[:-1]])
     queries = photos(args.queries, args.size, seed=1)

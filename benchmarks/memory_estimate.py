@@ -15,8 +15,9 @@ import argparse
 
 import torch
 
-from kensa_vl.modeling.configuration_kensa_vl import KensaVLConfig
+from kensa_vl.modeling.configuration_kensa_vl import REFERENCE_VIEWS, KensaVLConfig
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
+from kensa_vl.train.build import with_compared
 
 SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
           "num_hidden_layers": 27, "num_attention_heads": 16, "patch_size": 14, "image_size": 384}  # fmt: skip
@@ -36,19 +37,29 @@ def build(size: str) -> KensaVLForConditionalGeneration:
         return KensaVLForConditionalGeneration(real_config(size))
 
 
-def real_config(size: str) -> KensaVLConfig:
-    """The real-size layout: SigLIP-so400m/14 + DINOv2-L/14 (two taps each) at 448 px tiles, a Qwen2.5 LM."""
+def real_config(size: str, compare: list[str] = ()) -> KensaVLConfig:
+    """The real-size layout: SigLIP-so400m/14 + DINOv2-L/14 (two taps each) at 448 px tiles, a Qwen2.5 LM.
+    `compare`: the encoders the reference comparison runs on, as `kensa-vl assemble --compare` takes them (a tower's
+    name; "dct" and "bandpass" add the weight-free encoders), with every reference view; none: no comparison."""
     text = dict(QWEN[size])
     tie = text.pop("tie")
+    encoders = [
+        {"name": "siglip", "config": SIGLIP, "feature_layers": [-2, -1]},
+        {"name": "dinov2", "config": DINOV2, "feature_layers": [-4, -1]},
+    ]
+    encoders = with_compared(encoders, compare, 448)
+    comparison = {
+        "reference_comparison": True,
+        "reference_encoders": list(compare),
+        "reference_views": list(REFERENCE_VIEWS),
+    }
     return KensaVLConfig(
         text_config=text,
-        vision_encoders=[
-            {"name": "siglip", "config": SIGLIP, "feature_layers": [-2, -1]},
-            {"name": "dinov2", "config": DINOV2, "feature_layers": [-4, -1]},
-        ],
+        vision_encoders=encoders,
         tile_size=448,
         max_tiles=12,
         tie_word_embeddings=tie,
+        **(comparison if compare else {}),
     )
 
 

@@ -218,3 +218,29 @@ def test_the_training_profile_sums_each_part_by_its_file_and_function():
     assert set(seconds) == set(PARTS)
     assert seconds["exact nearest-cell searches"] == 2.0 and seconds["the comparison (`compare_prompt`)"] == 2.5
     assert seconds["backward pass"] == 0.75 and seconds["towers (`encode_tiles`)"] == 0
+
+
+def test_gpu_benchmark_counts_grouped_query_attention_as_its_broadcast_heads():
+    """Qwen2's attention has fewer key/value heads than query heads; torch before 2.13 refused to count it."""
+    from torch.utils import flop_counter
+
+    from benchmarks.gpu import gqa_flop_formulas
+
+    formulas = gqa_flop_formulas()
+    query, grouped, full = (2, 12, 300, 64), (2, 2, 300, 64), (2, 12, 300, 64)
+    forward = formulas[torch.ops.aten._scaled_dot_product_efficient_attention]
+    backward = formulas[torch.ops.aten._scaled_dot_product_efficient_attention_backward]
+    assert forward(query, grouped, grouped, None, out_shape=None) == flop_counter.sdpa_flop_count(query, full, full)
+    expected = flop_counter.sdpa_backward_flop_count(query, query, full, full)
+    assert backward(query, query, grouped, grouped, out_shape=None) == expected
+
+
+def test_the_real_size_layout_takes_the_comparison_as_assemble_does():
+    from benchmarks.memory_estimate import real_config
+
+    config = real_config("1.5b", ["dinov2", "dct", "bandpass"])
+    assert config.reference_comparison and config.reference_encoders == ["dinov2", "dct", "bandpass"]
+    assert [e["name"] for e in config.vision_encoders] == ["siglip", "dinov2", "dct", "bandpass"]
+    assert not real_config("1.5b").reference_comparison
+    with pytest.raises(ValueError, match=r"\['clip'\]: not an encoder"):
+        real_config("1.5b", ["clip"])

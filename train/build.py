@@ -270,6 +270,20 @@ def tiny_config(
     return config
 
 
+def with_compared(encoders: list[dict], compare: list[str], tile_size: int) -> list[dict]:
+    """`encoders` and the weight-free encoders that `compare` names ("dct", "bandpass"); a ValueError for a name that
+    is neither one of them nor an encoder's (`kensa-vl assemble --compare`)."""
+    own = {"dct": dct_encoder, "bandpass": lambda: bandpass_encoder(tile_size)}
+    encoders = list(encoders) + [entry() for name, entry in own.items() if name in compare]
+    unknown = sorted(set(compare) - {e["name"] for e in encoders})
+    if unknown:
+        towers = sorted(e["name"] for e in encoders if e["name"] not in own)
+        raise ValueError(
+            f"--compare {unknown}: not an encoder of this model; the encoders are {towers}, dct and bandpass"
+        )
+    return encoders
+
+
 def build_tiny(out: str | Path | None = None, seed: int = 0, **config_kwargs):
     """A tiny random KensaVL + processor, built offline in seconds. Saved to `out` when given."""
     tokenizer = train_tokenizer(seed=seed)
@@ -334,13 +348,7 @@ def assemble(
         encoders.append(entry)
         states[name] = state
     compare = list(compare or [])
-    own = {"dct": dct_encoder, "bandpass": lambda: bandpass_encoder(tile_size)}
-    encoders += [entry() for name, entry in own.items() if name in compare]
-    unknown = sorted(set(compare) - {e["name"] for e in encoders})
-    if unknown:
-        raise ValueError(
-            f"--compare {unknown}: not an encoder of this model; the encoders are {sorted(states)}, dct and bandpass"
-        )
+    encoders = with_compared(encoders, compare, tile_size)
     lm = AutoModelForCausalLM.from_pretrained(text, dtype=torch.float32)
     tokenizer = add_kensa_tokens(AutoTokenizer.from_pretrained(text), NUM_LOC_BINS)
     config = KensaVLConfig(
