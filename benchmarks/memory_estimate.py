@@ -19,10 +19,12 @@ from kensa_vl.modeling.configuration_kensa_vl import REFERENCE_VIEWS, KensaVLCon
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
 from kensa_vl.train.build import with_compared
 
+# image_size: the 448 px tile, as `kensa-vl assemble` stores the towers (position embeddings resized once,
+# `at_tile_size`; the checkpoints' own are 384 and 518 px)
 SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
-          "num_hidden_layers": 27, "num_attention_heads": 16, "patch_size": 14, "image_size": 384}  # fmt: skip
+          "num_hidden_layers": 27, "num_attention_heads": 16, "patch_size": 14, "image_size": 448}  # fmt: skip
 DINOV2 = {"model_type": "dinov2", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-          "patch_size": 14, "image_size": 518}  # fmt: skip
+          "patch_size": 14, "image_size": 448}  # fmt: skip
 QWEN = {
     "1.5b": {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
              "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "tie": True},

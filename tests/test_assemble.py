@@ -102,6 +102,27 @@ def test_assembled_towers_and_lm_equal_the_components(parts):
 
 
 @pytest.mark.slow
+def test_towers_assembled_at_a_larger_tile_hold_their_position_embeddings_resized_once(parts, tmp_path):
+    """At 84 px tiles the 56 px towers give what the components give with their own interpolation, and no forward
+    interpolates again (the tower's size is the tile's)."""
+    root, _ = parts
+    out = assemble([str(root / "siglip"), str(root / "dinov2")], str(root / "lm"), tmp_path / "k", tile_size=84)
+    model = KensaVLForConditionalGeneration.from_pretrained(out).eval()
+    assert {e["config"]["image_size"] for e in model.config.vision_encoders} == {84}
+    assert model.model._tower_kwargs == {"siglip": {}, "dinov2": {}}
+    x = torch.randn(2, 3, 84, 84)
+    references = {
+        "siglip": AutoModel.from_pretrained(root / "siglip").vision_model,
+        "dinov2": AutoModel.from_pretrained(root / "dinov2"),
+    }
+    for name, reference in references.items():
+        with torch.no_grad():
+            expected = reference(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+            got = model.model.vision_towers[name](pixel_values=x).last_hidden_state
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.slow
 def test_assembled_config_records_provenance_and_tokens(parts):
     root, out = parts
     model = KensaVLForConditionalGeneration.from_pretrained(out)
