@@ -2,10 +2,10 @@
 
 Per category and seed one fixed support set of k good photos (plus `defective_shots` described defective ones),
 drawn from the category's support pool (`train/good`), or for KensaSynth from its good photos (then not queried).
-Queries: the category's other photos (every one, or `queries_per_category`, half good, half defective). Metrics
-(`metrics`): image AUROC, AUPR, F1-max, balanced accuracy, overkill, miss, calibration, pixel AUROC and AUPRO from
-the heatmaps, box hit rate and AP50; overall, per category, per defect type and per size, as the mean over seeds,
-and overall with a 95% bootstrap interval over seeds and queries.
+Queries: the category's other photos (every one, or `queries_per_category`, half good, half defective, drawn per
+seed: `queries_for`). Metrics (`metrics`): image AUROC, AUPR, F1-max, balanced accuracy, overkill, miss,
+calibration, pixel AUROC and AUPRO from the heatmaps, box hit rate and AP50; overall, per category, per defect type
+and per size, as the mean over seeds, and overall with a 95% bootstrap interval over seeds and queries.
 
 Controls (at `control_shots`): support from another category, noise images as support, and labels swapped in the
 demos. A model that uses its examples does worse under each.
@@ -64,6 +64,22 @@ def support_for(rows: dict, category: str, k: int, defective_k: int, seed: int, 
     return [int(i) for i in rng.choice(good, k, replace=False)], [
         int(i) for i in rng.choice(bad, defective_k, replace=False)
     ]
+
+
+def queries_for(rows: dict, category: str, used: set, per_category: int | None, seed: int) -> list[int]:
+    """A category's queries (`rows`: its photos by label): its photos outside the support, good first, or
+    `per_category` of them (half good, half defective, in their order): the first outside the support in an order
+    drawn by a generator seeded by (seed, category) only, so every k, method and process of a seed queries the same
+    photos (bar the support's), and each seed its own (the first photos of each label, every seed, queried 7-14
+    distinct defective photos per kind in the real-surface test report)."""
+    rng = np.random.default_rng([seed, sum(map(ord, category)), 0, 1])
+    queries = []
+    for label in ("good", "defective"):
+        pool = [int(j) for j in rows[label]]
+        order = pool if per_category is None else [pool[i] for i in rng.permutation(len(pool))]
+        chosen = set([j for j in order if j not in used][: None if per_category is None else per_category // 2])
+        queries += [j for j in pool if j in chosen]
+    return queries
 
 
 def control_support(items, good: list[int], bad: list[int], control: str | None, seed: int) -> list[dict]:
@@ -218,8 +234,7 @@ def _judge(inspector, items, rows: dict, used: set, per_category: int | None, co
     """One record per query of a category (`per_category`: half good, half defective); an unreadable photo is an
     error record (verdict "error", its reason) and the others are judged. With `keep`, each record holds its
     heatmap at `SHEET_SIDE`² (`heatmap`) for the example sheets."""
-    half = None if per_category is None else per_category // 2
-    queries = [i for label in ("good", "defective") for i in [j for j in rows[label] if j not in used][:half]]
+    queries = queries_for(rows, context["category"], used, per_category, context["seed"])
     out = []
     for order, i in enumerate(queries):
         record = {**context, "query": order, "index": i}

@@ -154,6 +154,21 @@ def test_support_sets_are_fixed_per_seed_and_never_queried(synth):
         support_for(rows, category, 999, 0, seed=0)
 
 
+def test_each_seed_queries_its_own_photos_the_same_for_every_k():
+    """`queries_per_category` photos per seed, half good and half defective, never from the support: each seed draws
+    its own (more distinct photos across seeds than the first ones of each label), every k the same bar the support."""
+    from kensa_vl.eval.evaluate import queries_for
+
+    rows = {"good": list(range(40)), "defective": list(range(40, 80))}
+    draws = [queries_for(rows, "nut", {0, 1, 40}, 8, seed) for seed in range(5)]
+    assert all(len(q) == 8 and sum(j >= 40 for j in q) == 4 and not {0, 1, 40} & set(q) for q in draws)
+    assert len({j for q in draws for j in q if j >= 40}) > 8  # the first-photos rule queried 41-44 only
+    assert queries_for(rows, "nut", {0, 1, 40}, 8, 0) == draws[0]
+    wider = queries_for(rows, "nut", {0, 1, 2, 3, 40}, 8, 0)  # a larger support (k = 4) on the same seed
+    assert len(set(wider) & set(draws[0])) >= 6
+    assert queries_for(rows, "nut", {0, 40}, None, 3) == [*range(1, 40), *range(41, 80)]
+
+
 def test_evaluate_reports_shots_and_controls(tiny, synth):
     model, processor = tiny
     out = evaluate(
