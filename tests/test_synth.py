@@ -108,6 +108,27 @@ def test_overwrite_rules(synth, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def test_a_folder_made_with_other_settings_is_used_with_a_warning_that_names_them(synth, tmp_path):
+    import dataclasses
+    import shutil
+    import warnings
+
+    from kensa_vl.train.data.synth import ensure
+
+    out, _, _ = synth
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ensure(out, SMALL) == out  # the same settings: nothing to say
+    with pytest.warns(UserWarning, match=r"num_images: 160, expected 800"):
+        assert ensure(out, dataclasses.replace(SMALL, num_images=800)) == out
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "config.json").unlink()  # made before the settings were recorded
+    with pytest.warns(UserWarning, match="not recorded"):
+        ensure(old, SMALL)
+    assert len(load_synth(old)[0]["train"]) == len(load_synth(out)[0]["train"])  # used as it is, not made anew
+
+
 def test_preview_and_card(synth):
     out, items, _ = synth
     from PIL import Image

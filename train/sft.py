@@ -276,7 +276,8 @@ def load_data(args: KensaArguments, seed: int):
     grading = load_grading(path) if "grading" in args.weights else None
     real = None
     if "surfaces" in args.weights:
-        real = load_synth(ensure(args.surfaces or f"{path}-surfaces", SynthConfig.real_surfaces(**synth)))
+        surfaces = SynthConfig.real_surfaces(resolution=args.synth_resolution)  # its own size, as the main job's
+        real = load_synth(ensure(args.surfaces or f"{path}-surfaces", surfaces))
     splits = {}
     for split in ("train", "validation"):
         names = [name for name in args.weights if name not in ("grading", "surfaces")]

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -356,6 +357,7 @@ def generate(cfg: SynthConfig, out: str | Path, preview: bool = False, overwrite
             for name, table in grading.items():
                 DatasetDict(table).save_to_disk(str(tmp / "grading" / name))
         write_card(tmp / "README.md", cfg, stats, grading)
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")  # what `ensure` checks
         for split in SPLITS:
             if preview:
                 contact_sheet(items[split], tmp / f"preview_{split}.png")
@@ -402,11 +404,27 @@ def _grading(cfg: SynthConfig, pool, tmp: Path, tag: str) -> dict:
 
 
 def ensure(path: str | Path, cfg: SynthConfig) -> Path:
-    """`path`, after generating KensaSynth with `cfg` there if it holds none."""
+    """`path`, after generating KensaSynth with `cfg` there if it holds none. A folder made with other settings is
+    used as it is (it may be the user's own) with a warning that names them (`settings_differ`)."""
     path = Path(path)
     if not (path / "checksums.json").exists():
         generate(cfg, path, preview=True)
+    elif differ := settings_differ(path, cfg):
+        warnings.warn(
+            f"{path} was made with other KensaSynth settings than this run's ({'; '.join(differ)}); it is used as it "
+            "is: delete it or pass another folder to make it anew",
+            stacklevel=2,
+        )
     return path
+
+
+def settings_differ(path: Path, cfg: SynthConfig) -> list[str]:
+    """The settings in which the KensaSynth folder `path` (its `config.json`) differs from `cfg`, as "name: found,
+    expected"; a folder made before its settings were recorded says so."""
+    if not (path / "config.json").exists():
+        return ["its settings are not recorded: made before 2026-12-04"]
+    found, expected = json.loads((path / "config.json").read_text()), json.loads(json.dumps(asdict(cfg)))
+    return [f"{k}: {found.get(k)!r}, expected {v!r}" for k, v in expected.items() if found.get(k) != v]
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
