@@ -78,20 +78,25 @@ def parts(tmp_path_factory):
     return root, out
 
 
-@pytest.mark.slow
-def test_assembled_towers_and_lm_equal_the_components(parts):
-    root, out = parts
-    model = KensaVLForConditionalGeneration.from_pretrained(out).eval()
-    x = torch.randn(2, 3, 56, 56)
+def _towers_equal_the_components(model, root, side: int, **kwargs) -> None:
+    """The assembled towers' output equals the saved SigLIP's and DINOv2's (called with `kwargs`) at `side` px."""
+    x = torch.randn(2, 3, side, side)
     references = {
         "siglip": AutoModel.from_pretrained(root / "siglip").vision_model,
         "dinov2": AutoModel.from_pretrained(root / "dinov2"),
     }
     for name, reference in references.items():
         with torch.no_grad():
-            expected = reference(pixel_values=x).last_hidden_state
+            expected = reference(pixel_values=x, **kwargs).last_hidden_state
             got = model.model.vision_towers[name](pixel_values=x).last_hidden_state
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.slow
+def test_assembled_towers_and_lm_equal_the_components(parts):
+    root, out = parts
+    model = KensaVLForConditionalGeneration.from_pretrained(out).eval()
+    _towers_equal_the_components(model, root, 56)
     lm = AutoModelForCausalLM.from_pretrained(root / "lm").eval()
     ids = torch.tensor([[5, 17, 42, 8, 99]])
     with torch.no_grad():
@@ -110,16 +115,7 @@ def test_towers_assembled_at_a_larger_tile_hold_their_position_embeddings_resize
     model = KensaVLForConditionalGeneration.from_pretrained(out).eval()
     assert {e["config"]["image_size"] for e in model.config.vision_encoders} == {84}
     assert model.model._tower_kwargs == {"siglip": {}, "dinov2": {}}
-    x = torch.randn(2, 3, 84, 84)
-    references = {
-        "siglip": AutoModel.from_pretrained(root / "siglip").vision_model,
-        "dinov2": AutoModel.from_pretrained(root / "dinov2"),
-    }
-    for name, reference in references.items():
-        with torch.no_grad():
-            expected = reference(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
-            got = model.model.vision_towers[name](pixel_values=x).last_hidden_state
-        torch.testing.assert_close(got, expected)
+    _towers_equal_the_components(model, root, 84, interpolate_pos_encoding=True)
 
 
 @pytest.mark.slow
