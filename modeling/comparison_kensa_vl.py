@@ -322,7 +322,7 @@ class InvertedLists:
 def approximate_pays(device: torch.device) -> bool:
     """Whether the approximate search beats the exact one on `device`: on a CPU (BENCHMARKS.md), not on a GPU, where
     its loop over thousands of lists costs more than the exact search's few large matrix products (an H200 at real
-    size: BENCHMARKS.md, "On a GPU")."""
+    size: BENCHMARKS.md, "GPU at real size")."""
     return device.type == "cpu"
 
 
