@@ -411,8 +411,8 @@ def ensure(path: str | Path, cfg: SynthConfig) -> Path:
         generate(cfg, path, preview=True)
     elif differ := settings_differ(path, cfg):
         warnings.warn(
-            f"{path} was made with other KensaSynth settings than this run's ({'; '.join(differ)}); it is used as it "
-            "is: delete it or pass another folder to make it anew",
+            f"{path} may not hold the KensaSynth this run would make ({'; '.join(differ)}); it is used as it is: "
+            "delete it or pass another folder to make it anew",
             stacklevel=2,
         )
     return path
