@@ -54,8 +54,9 @@ def gqa_flop_formulas() -> dict:
 
 def training(model, inputs: dict, labels: torch.Tensor, args) -> None:
     """A training step's time, tokens/s, FLOPs utilisation and peak memory (every parameter trained, AdamW)."""
-    if args.checkpointing:
-        model.gradient_checkpointing_enable()
+    if args.checkpointing:  # recent transformers call it activation checkpointing; v6 drops the old name
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=labels.is_cuda)
 
