@@ -21,10 +21,9 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.episode import photos
-from benchmarks.memory_estimate import real_config
+from benchmarks.memory_estimate import comparison_settings, real_config
 from kensa_vl.eval.inspector import Inspector, support_item
 from kensa_vl.eval.measure import PeakMemory, machine, timed
-from kensa_vl.modeling.configuration_kensa_vl import REFERENCE_VIEWS
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
 from kensa_vl.train.build import make_processor, set_token_ids, tiny_config, train_tokenizer
 
@@ -99,10 +98,8 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = train_tokenizer()
     if args.tiny:
-        compare = {"reference_comparison": True, "reference_encoders": args.compare} if args.compare else {}
-        views = {"reference_views": list(REFERENCE_VIEWS)} if args.compare else {}
         own = {"dct": "dct" in args.compare, "bandpass": "bandpass" in args.compare}
-        config = tiny_config(tokenizer, **own, **compare, **views)
+        config = tiny_config(tokenizer, **own, **comparison_settings(args.compare))
     else:
         config = real_config(args.lm, args.compare)
     set_token_ids(config, tokenizer)

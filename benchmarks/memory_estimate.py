@@ -39,6 +39,16 @@ def build(size: str) -> KensaVLForConditionalGeneration:
         return KensaVLForConditionalGeneration(real_config(size))
 
 
+def comparison_settings(compare: list[str]) -> dict:
+    """The config settings of a reference comparison on the encoders `compare`, with every reference view; none: {}."""
+    views = list(REFERENCE_VIEWS)
+    return (
+        {"reference_comparison": True, "reference_encoders": list(compare), "reference_views": views}
+        if compare
+        else {}
+    )
+
+
 def real_config(size: str, compare: list[str] = ()) -> KensaVLConfig:
     """The real-size layout: SigLIP-so400m/14 + DINOv2-L/14 (two taps each) at 448 px tiles, a Qwen2.5 LM.
     `compare`: the encoders the reference comparison runs on, as `kensa-vl assemble --compare` takes them (a tower's
@@ -50,18 +60,13 @@ def real_config(size: str, compare: list[str] = ()) -> KensaVLConfig:
         {"name": "dinov2", "config": DINOV2, "feature_layers": [-4, -1]},
     ]
     encoders = with_compared(encoders, compare, 448)
-    comparison = {
-        "reference_comparison": True,
-        "reference_encoders": list(compare),
-        "reference_views": list(REFERENCE_VIEWS),
-    }
     return KensaVLConfig(
         text_config=text,
         vision_encoders=encoders,
         tile_size=448,
         max_tiles=12,
         tie_word_embeddings=tie,
-        **(comparison if compare else {}),
+        **comparison_settings(compare),
     )
 
 

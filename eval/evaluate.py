@@ -72,12 +72,17 @@ def queries_for(rows: dict, category: str, used: set, per_category: int | None, 
     drawn by a generator seeded by (seed, category) only, so every k, method and process of a seed queries the same
     photos (bar the support's), and each seed its own (the first photos of each label, every seed, queried 7-14
     distinct defective photos per kind in the real-surface test report)."""
+    if per_category is not None and per_category < 2:
+        raise ValueError(
+            f"queries_per_category takes half good, half defective photos: at least 2, got {per_category}"
+        )
     rng = np.random.default_rng([seed, sum(map(ord, category)), 0, 1])
+    half = None if per_category is None else per_category // 2
     queries = []
     for label in ("good", "defective"):
         pool = [int(j) for j in rows[label]]
-        order = pool if per_category is None else [pool[i] for i in rng.permutation(len(pool))]
-        chosen = set([j for j in order if j not in used][: None if per_category is None else per_category // 2])
+        order = pool if half is None else [pool[i] for i in rng.permutation(len(pool))]
+        chosen = set([j for j in order if j not in used][:half])
         queries += [j for j in pool if j in chosen]
     return queries
 

@@ -167,6 +167,8 @@ def test_each_seed_queries_its_own_photos_the_same_for_every_k():
     wider = queries_for(rows, "nut", {0, 1, 2, 3, 40}, 8, 0)  # a larger support (k = 4) on the same seed
     assert len(set(wider) & set(draws[0])) >= 6
     assert queries_for(rows, "nut", {0, 40}, None, 3) == [*range(1, 40), *range(41, 80)]
+    with pytest.raises(ValueError, match="at least 2, got 1"):
+        queries_for(rows, "nut", set(), 1, 0)  # half of one photo is none: nothing would be queried
 
 
 def test_evaluate_reports_shots_and_controls(tiny, synth):
