@@ -36,6 +36,14 @@ ENCODER_DEFAULTS[DCT_MODEL_TYPE] = {
 # The band-pass encoder (`KensaVLBandPassEncoder`): KensaVL's own, no weights, converts RGB itself.
 BANDPASS_MODEL_TYPE = "kensa_bandpass"
 ENCODER_DEFAULTS[BANDPASS_MODEL_TYPE] = dict(ENCODER_DEFAULTS[DCT_MODEL_TYPE])
+# what the band-pass encoder may band-pass, with its channels: log-luminance, Cb and Cr, log local contrast
+BANDPASS_PLANES = ("luma", "chroma", "contrast")
+
+
+def bandpass_channels(planes) -> int:
+    return sum(2 if plane == "chroma" else 1 for plane in planes)
+
+
 # Extra views of each reference tile that `reference_views` adds to the comparison's bank (square tiles: all keep
 # the tile's shape): a flip or a quarter turn of a good photo is still a good photo.
 REFERENCE_VIEWS = ("hflip", "vflip", "rot90", "rot180", "rot270")
@@ -241,7 +249,8 @@ class KensaVLConfig(PretrainedConfig):
                 dct.setdefault("hidden_size", dct["luma_coefficients"] + 2 * dct["chroma_coefficients"])
             if encoder["config"]["model_type"] == BANDPASS_MODEL_TYPE:
                 bands = encoder["config"]
-                bands.setdefault("hidden_size", 3 * len(bands["sigmas"]) + 1)
+                channels = bandpass_channels(bands.get("planes", BANDPASS_PLANES[:2]))
+                bands.setdefault("hidden_size", channels * len(bands["sigmas"]) + 1)
             encoders.append(encoder)
         self.vision_encoders = encoders
         self.fusion = fusion

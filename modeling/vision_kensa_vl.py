@@ -26,6 +26,7 @@ from transformers import AutoModel
 
 from .configuration_kensa_vl import (
     BANDPASS_MODEL_TYPE,
+    BANDPASS_PLANES,
     CNN_MODEL_TYPES,
     DCT_MODEL_TYPE,
     PATCH_MODEL_TYPE,
@@ -159,6 +160,10 @@ def gaussian_mean(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return (planes[:-1] / planes[-1:]).view_as(x)
 
 
+# a block's log-luminance variance below this is noise (a standard deviation of 0.01: 1% of the brightness)
+CONTRAST_FLOOR = 1e-4
+
+
 class KensaVLBandPassEncoder(nn.Module):
     """Weight-free band-pass brightness and colour: what a low-contrast or low-frequency defect changes (a smear, a
     blotch, a sheen or colour change, a dent seen as shading) and the DCT cells' fine texture does not show
@@ -166,8 +171,12 @@ class KensaVLBandPassEncoder(nn.Module):
     one at `4 s` for each of `sigmas` (px of the tile), averaged over each `patch_size` block; then one constant
     channel, `offset`. The constant makes the comparison's cosine distance between two cells about their squared
     Euclidean distance over `2 offset^2` (a brightness change's size is the evidence, not its direction alone).
+    `planes` chooses what is band-passed (`BANDPASS_PLANES`): "luma" (log-luminance), "chroma" (Cb and Cr), and
+    "contrast", the log of each block's standard deviation of log-luminance, where texture is washed out or softened
+    (a sheen, a smear) while the mean brightness hardly moves.
 
-    Config keys: `patch_size`, `sigmas`, `offset` (default 1); `hidden_size` is `3 * len(sigmas) + 1`."""
+    Config keys: `patch_size`, `sigmas`, `offset` (default 1), `planes` (default luma and chroma); `hidden_size` is
+    `channels * len(sigmas) + 1` (`bandpass_channels`)."""
 
     # a tile flipped or turned gives the same cells, moved (isotropic blurs of block means): reference views would
     # only repeat them in the bank (`KensaVLModel.reference_cells`)
@@ -178,6 +187,11 @@ class KensaVLBandPassEncoder(nn.Module):
         self.block, self.sigmas, self.offset = config["patch_size"], list(config["sigmas"]), config.get("offset", 1.0)
         if not self.sigmas or min(self.sigmas) <= 0:
             raise ValueError(f"Band-pass encoder: sigmas must be positive pixel widths, got {self.sigmas}.")
+        self.kinds = list(config.get("planes", BANDPASS_PLANES[:2]))
+        if not self.kinds or set(self.kinds) - set(BANDPASS_PLANES) or len(set(self.kinds)) < len(self.kinds):
+            raise ValueError(
+                f"Band-pass encoder: planes must be distinct names of {BANDPASS_PLANES}, got {self.kinds}."
+            )
 
     @staticmethod
     def planes(pixels: torch.Tensor) -> torch.Tensor:
@@ -186,7 +200,7 @@ class KensaVLBandPassEncoder(nn.Module):
         return torch.cat([torch.log(luma + 0.03), 0.564 * (pixels[:, 2:] - luma), 0.713 * (pixels[:, :1] - luma)], 1)
 
     def forward(self, pixel_values: torch.Tensor, **_) -> torch.Tensor:
-        """`(n, 3, T, T)` RGB in [0, 1] -> `(n, (T / patch_size)^2, 3 * len(sigmas) + 1)`."""
+        """`(n, 3, T, T)` RGB in [0, 1] -> `(n, (T / patch_size)^2, channels * len(sigmas) + 1)`."""
         x = pixel_values.float()
         if x.shape[-1] % self.block or x.shape[-2] % self.block:
             raise ValueError(
@@ -195,7 +209,13 @@ class KensaVLBandPassEncoder(nn.Module):
             )
         # blurred on the grid of block means (sigma in cells), not at every pixel: tens of times cheaper, and the
         # blurs are about as wide as a block or wider, so the cells barely change (benchmarks/bandpass_encoder.py)
-        cells = F.avg_pool2d(self.planes(x), self.block)
+        planes = self.planes(x)
+        means = F.avg_pool2d(planes, self.block)
+        parts = {"luma": means[:, :1], "chroma": means[:, 1:]}
+        if "contrast" in self.kinds:
+            variance = (F.avg_pool2d(planes[:, :1] ** 2, self.block) - means[:, :1] ** 2).clamp_min(0)
+            parts["contrast"] = 0.5 * torch.log(variance + CONTRAST_FLOOR)
+        cells = torch.cat([parts[kind] for kind in self.kinds], 1)
         sigmas = [s / self.block for s in self.sigmas]
         bands = torch.cat([gaussian_mean(cells, s) - gaussian_mean(cells, 4 * s) for s in sigmas], 1)
         bands = bands.flatten(2).transpose(1, 2)

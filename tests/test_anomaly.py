@@ -96,6 +96,52 @@ def test_bandpass_encoder_ignores_flat_tiles_and_checks_its_input():
         KensaVLBandPassEncoder({"patch_size": 7, "sigmas": [0, 6]})
 
 
+def _softened(seed: int) -> torch.Tensor:
+    """`_texture(seed)` with a square smoothed by a 7 px box mean: the texture gone, the local brightness kept."""
+    x = _texture(seed)
+    blurred = torch.nn.functional.avg_pool2d(x, 7, 1, 3, count_include_pad=False)
+    x[..., 35:70, 42:77] = blurred[..., 35:70, 42:77]
+    return x
+
+
+def test_contrast_plane_sees_a_softened_texture_that_brightness_and_colour_do_not():
+    """The band-pass encoder's "contrast" plane (each block's log standard deviation of log-luminance): a square
+    whose texture is smoothed away, its brightness kept, lies far outside the good photos' spread in it and inside
+    it in the luma and chroma planes."""
+    import torch.nn.functional as F
+
+    from kensa_vl.modeling.comparison_kensa_vl import nearest_distances
+    from kensa_vl.modeling.vision_kensa_vl import KensaVLBandPassEncoder
+
+    ratios = {}
+    for planes in (["luma", "chroma"], ["contrast"]):
+        encoder = KensaVLBandPassEncoder({"patch_size": 7, "sigmas": [3, 6], "planes": planes})
+        cells = lambda x: F.normalize(encoder(x), dim=-1).view(1, 16, 16, -1)  # noqa: B023, E731
+        bank = torch.cat([cells(_texture(seed)).flatten(0, 2) for seed in range(4)])
+        good, softened = (nearest_distances(cells(x), bank).max() for x in (_texture(10), _softened(10)))
+        ratios[planes[0]] = (softened / good).item()
+    assert ratios["contrast"] > 10 and ratios["luma"] < 1.5, ratios
+
+
+def test_bandpass_planes_set_the_channels_and_are_checked():
+    """`planes` picks what is band-passed; the config's hidden size follows; a plane that does not exist is named."""
+    from kensa_vl.modeling.configuration_kensa_vl import KensaVLConfig
+    from kensa_vl.modeling.vision_kensa_vl import KensaVLBandPassEncoder
+    from kensa_vl.train.build import contrast_encoder, with_compared
+
+    x = _texture(0)
+    default = KensaVLBandPassEncoder({"patch_size": 7, "sigmas": [3, 6]})(x)
+    every = KensaVLBandPassEncoder({"patch_size": 7, "sigmas": [3, 6], "planes": ["luma", "chroma", "contrast"]})(x)
+    assert default.shape == (1, 256, 7) and every.shape == (1, 256, 9)
+    torch.testing.assert_close(every[..., [0, 1, 2, 4, 5, 6, 8]], default)  # luma and chroma as before, per sigma
+    with pytest.raises(ValueError, match=r"planes must be distinct names of .*, got \['gloss'\]"):
+        KensaVLBandPassEncoder({"patch_size": 7, "sigmas": [3, 6], "planes": ["gloss"]})
+    entry = contrast_encoder(112)
+    config = KensaVLConfig(vision_encoders=[entry], tile_size=112)
+    assert config.vision_encoders[0]["config"]["hidden_size"] == 3  # one plane at two sigmas, then the constant
+    assert [e["name"] for e in with_compared([], ["dct", "contrast"], 112)] == ["dct", "contrast"]
+
+
 def test_reference_views_turn_the_dct_cells_but_not_the_band_pass_cells():
     """A flipped or turned tile's band-pass cells are its cells, moved (`view_invariant`), so the bank holds them
     once; the DCT cells, which see orientation, get every view."""

@@ -209,6 +209,19 @@ def bandpass_encoder(tile_size: int) -> dict:
             "own_window": 0.2}  # fmt: skip
 
 
+def contrast_encoder(tile_size: int) -> dict:
+    """The weight-free contrast encoder's entry: the band-pass encoder on one plane, each cell's log local contrast
+    (`planes: ["contrast"]`), at the band-pass encoder's scales: a softened or washed-out texture (a smear, a sheen)
+    whose brightness and colour hardly move. Compared on its own, with its own level, rather than as a plane of the
+    band-pass cells: there its spread over good photos diluted the brightness and colour changes. Its margin, 0.5,
+    is the band-pass encoder's rule again: the smallest that keeps KensaSynth's validation balanced accuracy at the
+    other encoders' (docs/real-surfaces.md). Not in the main recipe: its gain on the real-surface validation set is
+    within the seed spread."""
+    entry = bandpass_encoder(tile_size)
+    entry["config"]["planes"] = ["contrast"]
+    return {**entry, "name": "contrast"}
+
+
 def tiny_config(
     tokenizer,
     tile_size: int = 224,
@@ -217,6 +230,7 @@ def tiny_config(
     reference_comparison: bool = False,
     dct: bool = False,
     bandpass: bool = False,
+    contrast: bool = False,
     reference_encoders: list[str] | None = None,
     encoders: list[str] = ("siglip", "dinov2"),
     taps: list[int] | None = None,
@@ -229,7 +243,7 @@ def tiny_config(
     replaces the ViTs' feature layers (e.g. `[0, 1, 2]`: every hidden state of the 2-layer towers); `s2` encodes
     each ViT tile at 1x and 2x (S2-Wrapper)."""
     unknown = sorted(set(encoders) - set(TINY_ENCODERS))
-    if unknown or not encoders and not (dct or bandpass):
+    if unknown or not encoders and not (dct or bandpass or contrast):
         raise ValueError(f"encoders must be a non-empty subset of {list(TINY_ENCODERS)}, got {list(encoders)}")
     entries = []
     for name in encoders:
@@ -243,6 +257,8 @@ def tiny_config(
         entries.append(dct_encoder())
     if bandpass:
         entries.append(bandpass_encoder(tile_size))
+    if contrast:
+        entries.append(contrast_encoder(tile_size))
     text = {
         "model_type": "llama",
         "vocab_size": len(tokenizer),
@@ -271,15 +287,19 @@ def tiny_config(
 
 
 def with_compared(encoders: list[dict], compare: list[str], tile_size: int) -> list[dict]:
-    """`encoders` and the weight-free encoders that `compare` names ("dct", "bandpass"); a ValueError for a name that
-    is neither one of them nor an encoder's (`kensa-vl assemble --compare`)."""
-    own = {"dct": dct_encoder, "bandpass": lambda: bandpass_encoder(tile_size)}
+    """`encoders` and the weight-free encoders that `compare` names ("dct", "bandpass", "contrast"); a ValueError
+    for a name that is neither one of them nor an encoder's (`kensa-vl assemble --compare`)."""
+    own = {
+        "dct": dct_encoder,
+        "bandpass": lambda: bandpass_encoder(tile_size),
+        "contrast": lambda: contrast_encoder(tile_size),
+    }
     encoders = list(encoders) + [entry() for name, entry in own.items() if name in compare]
     unknown = sorted(set(compare) - {e["name"] for e in encoders})
     if unknown:
         towers = sorted(e["name"] for e in encoders if e["name"] not in own)
         raise ValueError(
-            f"--compare {unknown}: not an encoder of this model; the encoders are {towers}, dct and bandpass"
+            f"--compare {unknown}: not an encoder of this model; the encoders are {towers}, dct, bandpass and contrast"
         )
     return encoders
 
@@ -431,7 +451,8 @@ def add_parsers(subparsers) -> None:
     asm.add_argument(
         "--compare",
         action="append",
-        help="an encoder the comparison runs on (a tower's name such as dinov2, or dct, bandpass); repeatable",
+        help="an encoder the comparison runs on (a tower's name such as dinov2, or dct, bandpass, contrast); "
+        "repeatable",
     )
     asm.add_argument(
         "--reference-views",
