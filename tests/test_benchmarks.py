@@ -244,3 +244,19 @@ def test_the_real_size_layout_takes_the_comparison_as_assemble_does():
     assert not real_config("1.5b").reference_comparison
     with pytest.raises(ValueError, match=r"\['clip'\]: not an encoder"):
         real_config("1.5b", ["clip"])
+
+
+def test_learned_cells_labels_cells_by_the_defect_mask_and_judges_every_encoder(synth_dir, capsys):
+    """benchmarks/learned_cells.py: a good photo's cells are all negative, a defective photo's cells at least 30%
+    inside its mask positive (partly inside: ignored); the study trains and judges the three encoders per kind."""
+    from benchmarks.learned_cells import load, main
+
+    pixels, cells, cats, bad, kinds = load(synth_dir, "validation")
+    assert pixels.shape[-2:] == (252, 252) and cells.shape[1:] == (36, 36) and len(cats) == len(kinds) == len(bad)
+    assert (cells[torch.from_numpy(~bad)] == 0).all() and (cells[torch.from_numpy(bad)] == 1).any()
+    inside = cells[torch.from_numpy(bad)]
+    assert (inside == -1).any() and (inside == 1).sum() < (inside >= 0).sum()  # soft edges; most cells are good
+    main(["--train", str(synth_dir), "--data", str(synth_dir), "--steps", "2", "--seeds", "1"])
+    table = capsys.readouterr().out
+    assert all(f"| {name} |" in table for name in ("DCT cells", "band-pass cells", "learnt cells"))
+    assert all(kind in table for kind in set(kinds[bad]))
