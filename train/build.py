@@ -215,8 +215,7 @@ def contrast_encoder(tile_size: int) -> dict:
     whose brightness and colour hardly move. Compared on its own, with its own level, rather than as a plane of the
     band-pass cells: there its spread over good photos diluted the brightness and colour changes. Its margin, 0.5,
     is the band-pass encoder's rule again: the smallest that keeps KensaSynth's validation balanced accuracy at the
-    other encoders' (docs/real-surfaces.md). Not in the main recipe: its gain on the real-surface validation set is
-    within the seed spread."""
+    other encoders' (docs/real-surfaces.md)."""
     entry = bandpass_encoder(tile_size)
     entry["config"]["planes"] = ["contrast"]
     return {**entry, "name": "contrast"}

@@ -15,16 +15,18 @@ from kensa_vl.modeling.configuration_kensa_vl import REFERENCE_VIEWS
 logger = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).parent / "configs" / "main"
-# 224 px photos: a 2x2 grid + thumbnail, 16 tokens per tile. The reference comparison runs on the weight-free DCT
-# and band-pass encoders (fine texture; brightness and colour): the random tiny ViTs' distances rank defects at
-# chance (docs/reference-comparison.md), and the DCT cells alone miss diffuse defects (docs/real-surfaces.md).
+# 224 px photos: a 2x2 grid + thumbnail, 16 tokens per tile. The reference comparison runs on the weight-free DCT,
+# band-pass and contrast encoders (fine texture; brightness and colour; texture washed out): the random tiny ViTs'
+# distances rank defects at chance (docs/reference-comparison.md), and the DCT cells alone miss diffuse defects
+# (docs/real-surfaces.md).
 TINY = {
     "tile_size": 112,
     "max_tiles": 4,
     "dct": True,
     "bandpass": True,
+    "contrast": True,
     "reference_comparison": True,
-    "reference_encoders": ["dct", "bandpass"],
+    "reference_encoders": ["dct", "bandpass", "contrast"],
     "reference_views": list(REFERENCE_VIEWS),  # all five, chosen on the validation split
 }
 
