@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .inspector import Inspector
-from .metrics import bootstrap, metrics, pixel_metrics, pixel_stats, ranking_metrics
+from .metrics import PixelTable, bootstrap, metrics, pixel_stats, ranking_metrics
 
 CONTROLS = ("other_category", "noise", "shuffled_labels")
 SHEET_SIDE = 96
@@ -113,14 +113,23 @@ def _summary(per_seed: list[dict]) -> dict:
     return out
 
 
-def _headline(records: list[dict], threshold: float) -> dict:
-    """The interval metrics of one resample (the image metrics and, with heatmaps, the pixel ones)."""
-    y = np.array([r["label"] == "defective" for r in records])
-    p = np.array([r["p_defective"] for r in records], dtype=float)
-    pred = p >= threshold
-    out = {"balanced_accuracy": (pred[y].mean() + (~pred[~y]).mean()) / 2 if y.any() and (~y).any() else np.nan}
-    out.update(ranking_metrics(y, p), **pixel_metrics(records))
-    return {k: out.get(k, np.nan) for k in INTERVAL_METRICS}
+class _Headline:
+    """The interval metrics of one bootstrap resample of `records` (the image metrics and, with heatmaps, the pixel
+    ones), read from arrays made once (`PixelTable`): a resample names its records, each found by identity."""
+
+    def __init__(self, records: list[dict], threshold: float):
+        self.row = {id(r): i for i, r in enumerate(records)}
+        self.y = np.array([r["label"] == "defective" for r in records])
+        self.p = np.array([r["p_defective"] for r in records], dtype=float)
+        self.pixels, self.threshold = PixelTable(records), threshold
+
+    def __call__(self, resample: list[dict]) -> dict:
+        rows = np.fromiter((self.row[id(r)] for r in resample), np.int64, len(resample))
+        y, p = self.y[rows], self.p[rows]
+        pred = p >= self.threshold
+        out = {"balanced_accuracy": (pred[y].mean() + (~pred[~y]).mean()) / 2 if y.any() and (~y).any() else np.nan}
+        out.update(ranking_metrics(y, p), **self.pixels.metrics(np.bincount(rows, minlength=len(self.y))))
+        return {k: out.get(k, np.nan) for k in INTERVAL_METRICS}
 
 
 def aggregate(records: list[dict], threshold: float = 0.5, resamples: int = 1000) -> dict:
@@ -142,7 +151,7 @@ def aggregate(records: list[dict], threshold: float = 0.5, resamples: int = 1000
 
     out = {"overall": over_seeds(lambda r: True), "errors": errors}
     if out["overall"] and resamples:
-        for key, interval in bootstrap(records, lambda rs: _headline(rs, threshold), resamples).items():
+        for key, interval in bootstrap(records, _Headline(records, threshold), resamples).items():
             if key in out["overall"] and not np.isnan(interval[0]):
                 out["overall"][key]["ci95"] = list(interval)
     out["per_category"] = {

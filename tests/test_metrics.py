@@ -9,10 +9,12 @@ import pytest
 from kensa_vl.eval.metrics import (
     BINS,
     PIXEL_SIDE,
+    PixelTable,
     aupro,
     bootstrap,
     image_metrics,
     pixel_auroc,
+    pixel_metrics,
     pixel_stats,
     ranking_metrics,
 )
@@ -122,3 +124,27 @@ def test_the_defect_kind_table_counts_the_distinct_photos_of_each_kind():
     lines = defect_table(results).splitlines()
     assert lines[2] == "| method | dent | smear |" and lines[4] == "| KensaVL | 0.50 (0.75) | 0.50 (0.75) |"
     assert lines[5] == "| distinct photos queried | 3 | 1 |"
+
+
+def test_a_resamples_pixel_metrics_from_the_table_equal_summing_its_records():
+    """`PixelTable.metrics` (what the bootstrap reads) against `pixel_metrics` of the drawn records themselves:
+    records drawn twice count twice, records without heatmaps (or with no defect) add nothing of their own."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(12):
+        heatmap = rng.normal(-4, 1, (64, 64))
+        mask = None
+        if i % 3:
+            mask = np.zeros((64, 64), bool)
+            mask[8 * (i % 4) : 8 * (i % 4) + 10, 20 : 30 + i] = True
+            mask[50:54, 5:9] = i % 2 == 0  # a second region on some
+            heatmap[mask] += rng.uniform(0.5, 3)
+        records.append({"pixels": None if i == 5 else pixel_stats(heatmap, mask)})
+    table = PixelTable(records)
+    for _ in range(4):
+        rows = rng.integers(len(records), size=len(records))
+        fast = table.metrics(np.bincount(rows, minlength=len(records)))
+        slow = pixel_metrics([records[i] for i in rows])
+        assert fast.keys() == slow.keys() == {"pixel_auroc", "aupro"}
+        assert fast == pytest.approx(slow, rel=1e-9, abs=1e-12)
+    assert table.metrics(np.eye(len(records), dtype=int)[5]) == {} == pixel_metrics([records[5]])
