@@ -152,7 +152,8 @@ def test_the_level_study_measures_each_encoder_against_its_level_on_validation(s
     assert ranged == pytest.approx(max((-2.0 + 3.0) / 0.4, 0.5 * (-7.0 + 8.5) / 1.0 - 0.5))
     assert best_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.5, 0.9])) == 0.5
 
-    model, processor = build_tiny(**TINY)
+    # the DCT and band-pass cells: two compared encoders, the DCT cells alone when the band-pass margin is infinite
+    model, processor = build_tiny(**{**TINY, "contrast": False, "reference_encoders": ["dct", "bandpass"]})
     records = collect(model, processor, load_synth(synth_dir)[0]["validation"], shots=2, seeds=1)
     assert {r["scores"].shape for r in records} == {(2,)} and {r["held_out"].shape for r in records} == {(2, 2)}
     assert {r["sequential"].shape for r in records} == {(1, 2)} and {r["label"] for r in records} == {0, 1}
