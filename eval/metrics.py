@@ -183,9 +183,9 @@ class PixelTable:
 
     def __init__(self, records: list[dict]):
         stats = [r.get("pixels") for r in records]
-        empty = np.zeros((0, len(BINS) - 1), np.int64)
+        none, empty = np.zeros(len(BINS) - 1), np.zeros((0, len(BINS) - 1))  # a record without a heatmap; no region
         self.has = np.array([s is not None for s in stats])
-        self.normal = np.stack([empty.sum(0) if s is None else s["normal"] for s in stats]).astype(float)
+        self.normal = np.stack([none if s is None else s["normal"] for s in stats]).astype(float)
         owned = [(i, h) for i, s in enumerate(stats) if s is not None for h in s["regions"]]
         self.owner = np.array([i for i, _ in owned], dtype=np.int64)
         self.regions = (np.stack([h for _, h in owned]) if owned else empty).astype(float)  # float: BLAS products

@@ -41,6 +41,7 @@ BANDPASS_PLANES = ("luma", "chroma", "contrast")
 
 
 def bandpass_channels(planes) -> int:
+    """The band-pass encoder's channels per scale for `planes` (chroma is two: Cb and Cr)."""
     return sum(2 if plane == "chroma" else 1 for plane in planes)
 
 
