@@ -5,10 +5,13 @@ support set.
 
     python -m benchmarks.gpu [--lm 1.5b] [--steps 5] [--checkpointing] [--peak-tflops 989] [--compare dct bandpass]
     python -m benchmarks.gpu --tiny --size 448 --steps 1    # the code path on a CPU, small model
+    python -m benchmarks.gpu --no-train --peer              # beside LLaVA-NeXT's forward over the same episode
 
 `--peak-tflops`: the accelerator's dense bf16 peak (H100 / H200 SXM: 989). `--compare`: the reference comparison on
 these encoders with every reference view, as `kensa-vl assemble --compare` builds it (a tower's name, "dct",
-"bandpass"); the comparison's FLOPs count towards the utilisation like any other.
+"bandpass", "contrast"); the comparison's FLOPs count towards the utilisation like any other. `--peer`: LLaVA-NeXT
+(CLIP ViT-L/14 at 336 px, anyres ≤ 672², the same language model, random weights) runs the same episode's forward
+through its own processor, and the ratio of the two forwards is printed.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.episode import photos
-from benchmarks.memory_estimate import comparison_settings, real_config
+from benchmarks.memory_estimate import QWEN, comparison_settings, real_config
+from benchmarks.peers import build, tokenizer_with_peer_tokens
 from kensa_vl.eval.inspector import Inspector, support_item
 from kensa_vl.eval.measure import PeakMemory, machine, timed
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
@@ -79,6 +83,46 @@ def training(model, inputs: dict, labels: torch.Tensor, args) -> None:
     print(f"| training: peak memory above weights (GiB) | {memory.peak / 2**30:.1f} |")
 
 
+def inspector_episode(model, processor, images: list, args) -> float:
+    """The episode as `kensa-vl inspect` runs it: `set_support` (the language model reads each support at
+    `args.support_tiles`; the comparison's bank holds every tile, `support_bank`) and one query judged."""
+    inspector = Inspector(model, processor, max_new_tokens=0, support_max_tiles=args.support_tiles)
+    support = [support_item(image) for image in images[:-1]]
+
+    def episode():
+        inspector.set_support(support)
+        inspector.judge(images[-1])
+
+    seconds = timed(episode, args.steps)
+    print(f"| Inspector's episode, supports read at {args.support_tiles} tile(s), bank in full: s | {seconds:.3f} |")
+    return seconds
+
+
+# LLaVA-NeXT's tower, CLIP ViT-L/14 at 336 px (0.3 B)
+CLIP_L = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
+
+
+def peer_forward(args, device: str, dtype, images: list) -> float:
+    """LLaVA-NeXT's forward over the same episode, its own processor, the same language model (tiny: the small
+    peers of `benchmarks.peers`)."""
+    if args.tiny:
+        built = build("LLaVA-NeXT")
+    else:
+        text = {k: v for k, v in QWEN[args.lm].items() if k != "tie"} | {"tie_word_embeddings": QWEN[args.lm]["tie"]}
+        tokenizer = tokenizer_with_peer_tokens()
+        with torch.device(device):
+            built = build("LLaVA-NeXT", tokenizer, vision=CLIP_L, text=text)
+    model = built.model.to(device, dtype).eval()
+    inputs = {k: v.to(device) for k, v in built.inputs(images).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    tokens = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        seconds = timed(lambda: model(**inputs), args.steps)
+    print(f"| LLaVA-NeXT, whole episode ({tokens} tokens, {model.num_parameters() / 1e9:.2f} B): forward s | "
+          f"{seconds:.3f} |")  # fmt: skip
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lm", default="1.5b", choices=["1.5b", "7b"])
@@ -92,13 +136,17 @@ def main() -> None:
     parser.add_argument("--compare", nargs="*", default=[], help="encoders the reference comparison runs on")
     parser.add_argument("--no-train", action="store_true", help="inference only")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on a GPU, else float32")
+    parser.add_argument("--peer", action="store_true", help="LLaVA-NeXT's forward over the same episode beside")
+    parser.add_argument(
+        "--support-tiles", type=int, help="also the episode as `kensa-vl inspect` runs it, supports read at N tiles"
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     torch.manual_seed(0)
     tokenizer = train_tokenizer()
     if args.tiny:
-        own = {"dct": "dct" in args.compare, "bandpass": "bandpass" in args.compare}
+        own = {name: name in args.compare for name in ("dct", "bandpass", "contrast")}
         config = tiny_config(tokenizer, **own, **comparison_settings(args.compare))
     else:
         config = real_config(args.lm, args.compare)
@@ -136,6 +184,15 @@ def main() -> None:
     qps = len(queries) / (time.perf_counter() - start)
     print(f"| inference, cached support: ms per query | {latency * 1e3:.0f} |")
     print(f"| inference, cached support: queries/s at batch {len(queries)} | {qps:.1f} |")
+    if args.support_tiles:
+        forward = inspector_episode(model, processor, images, args)
+    if args.peer:
+        del inspector, model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        ratio = forward / peer_forward(args, device, dtype, images)
+        which = "the Inspector's episode" if args.support_tiles else "whole episode's forward"
+        print(f"| {which} / LLaVA-NeXT's | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -50,13 +50,15 @@ def _text(tokenizer) -> dict:
     return {"model_type": "llama", "vocab_size": len(tokenizer), "max_position_embeddings": 32768, **TEXT}
 
 
-def build(name: str, tokenizer=None, dct: bool = False) -> Built:
+def build(name: str, tokenizer=None, dct: bool = False, vision: dict = VISION, text: dict | None = None) -> Built:
     """One model and processor by name (`NAMES`), SDPA attention everywhere (transformers' default). `dct`: KensaVL
-    with the reference comparison on the DCT encoder at 7 px blocks (the main job's layout)."""
+    with the reference comparison on the DCT encoder at 7 px blocks (the main job's layout). `vision`: every tower's
+    sizes; `text`: the language model's config (default: the small Llama above)."""
     tokenizer = tokenizer or tokenizer_with_peer_tokens()
     ids = tokenizer.convert_tokens_to_ids
     processors = {key.split(" ")[0]: value for key, value in peers(tokenizer).items()}
-    patch = {"patch_size": 14, **VISION}
+    patch = {"patch_size": 14, **vision}
+    text = text or _text(tokenizer)
     if name == "KensaVL":
         encoders = [
             {"name": "siglip", "config": {"model_type": "siglip_vision_model", "image_size": 448, **patch}},
@@ -70,7 +72,7 @@ def build(name: str, tokenizer=None, dct: bool = False) -> Built:
         if dct:
             encoders.append(dct_encoder())
             comparison = {"reference_comparison": True, "reference_encoders": ["dct"]}
-        config = KensaVLConfig(text_config=_text(tokenizer), vision_encoders=encoders, tile_size=448, **comparison)
+        config = KensaVLConfig(text_config=text, vision_encoders=encoders, tile_size=448, **comparison)
         set_token_ids(config, tokenizer)
         model = KensaVLForConditionalGeneration(config)
         return Built(name, model, make_processor(tokenizer, config), IMAGE_TOKEN)
@@ -78,7 +80,7 @@ def build(name: str, tokenizer=None, dct: bool = False) -> Built:
     if name == "LLaVA-NeXT":
         config = T.LlavaNextConfig(
             vision_config=T.CLIPVisionConfig(image_size=336, **patch),
-            text_config=_text(tokenizer),
+            text_config=text,
             image_token_index=ids(IMAGE_TOKEN),
             image_grid_pinpoints=processor.image_processor.image_grid_pinpoints,
             vision_feature_select_strategy="default",
@@ -88,7 +90,7 @@ def build(name: str, tokenizer=None, dct: bool = False) -> Built:
     elif name == "Idefics3":
         config = T.Idefics3Config(
             vision_config=T.Idefics3VisionConfig(image_size=364, **patch),
-            text_config=_text(tokenizer),
+            text_config=text,
             image_token_id=ids(IMAGE_TOKEN),
             scale_factor=2,
         )
@@ -96,7 +98,7 @@ def build(name: str, tokenizer=None, dct: bool = False) -> Built:
     elif name == "InternVL":
         config = T.InternVLConfig(
             vision_config=T.InternVLVisionConfig(image_size=[448, 448], **{**patch, "patch_size": [14, 14]}),
-            text_config=_text(tokenizer),
+            text_config=text,
             image_token_id=ids("<IMG_CONTEXT>"),
             downsample_ratio=0.5,
         )

@@ -30,6 +30,20 @@ def test_peer_runs_a_two_photo_prompt_from_its_own_processor(name, tokenizer):
     assert tokens == expected[name]
 
 
+@pytest.mark.parametrize("name", ["KensaVL", "LLaVA-NeXT"])
+def test_peer_takes_the_sizes_it_is_given(name, tokenizer):
+    """`benchmarks.gpu --peer` builds LLaVA-NeXT at real size through these arguments: they must reach the model."""
+    vision = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 96}
+    text = {"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 48, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 80}  # fmt: skip
+    config = build(name, tokenizer, vision=vision, text=text).model.config
+    towers = [e["config"] for e in config.vision_encoders] if name == "KensaVL" else [config.vision_config]
+    for tower in towers:
+        tower = tower if isinstance(tower, dict) else tower.to_dict()
+        assert (tower["hidden_size"], tower["num_hidden_layers"]) == (64, 1)
+    assert (config.text_config.model_type, config.text_config.hidden_size) == ("qwen2", 48)
+
+
 def test_kensa_with_the_comparison_and_fewer_support_tiles(tokenizer):
     built = build("KensaVL", tokenizer, dct=True)
     inputs = built.inputs(photos(2, 896), max_tiles=[1, 12])  # the support one tile, the query 2x2 + thumbnail
