@@ -48,16 +48,22 @@ def variants() -> dict[str, tuple[str, dict, dict]]:
     }
 
 
-def measure_inspector(built, images, repeats: int, support_tiles: int) -> dict:
-    """The episode as `kensa-vl inspect` runs it: `Inspector.set_support` (the language model reads the supports at
-    `support_tiles`, the comparison's bank holds every tile, `support_bank`) and one query judged (scores only)."""
-    inspector = Inspector(built.model.eval(), built.processor, max_new_tokens=0, support_max_tiles=support_tiles)
+def inspector_episode(model, processor, images: list, support_tiles: int):
+    """(the Inspector, the episode as `kensa-vl inspect` runs it): `Inspector.set_support` (the language model reads
+    the supports at `support_tiles`, the comparison's bank holds every tile, `support_bank`) and the last image
+    judged (scores only)."""
+    inspector = Inspector(model.eval(), processor, max_new_tokens=0, support_max_tiles=support_tiles)
     support = [support_item(image) for image in images[:-1]]
 
     def episode():
         inspector.set_support(support)
         inspector.judge(images[-1])
 
+    return inspector, episode
+
+
+def measure_inspector(built, images, repeats: int, support_tiles: int) -> dict:
+    inspector, episode = inspector_episode(built.model, built.processor, images, support_tiles)
     out = {"visual tokens": "n/a", "sequence": "n/a", "forward s": timed(episode, repeats)}
     with PeakMemory() as memory:
         episode()

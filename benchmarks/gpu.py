@@ -23,8 +23,8 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.episode import photos
-from benchmarks.memory_estimate import QWEN, comparison_settings, real_config
+from benchmarks.episode import inspector_episode, photos
+from benchmarks.memory_estimate import comparison_settings, language_model, real_config
 from benchmarks.peers import build, tokenizer_with_peer_tokens
 from kensa_vl.eval.inspector import Inspector, support_item
 from kensa_vl.eval.measure import PeakMemory, machine, timed
@@ -83,21 +83,6 @@ def training(model, inputs: dict, labels: torch.Tensor, args) -> None:
     print(f"| training: peak memory above weights (GiB) | {memory.peak / 2**30:.1f} |")
 
 
-def inspector_episode(model, processor, images: list, args) -> float:
-    """The episode as `kensa-vl inspect` runs it: `set_support` (the language model reads each support at
-    `args.support_tiles`; the comparison's bank holds every tile, `support_bank`) and one query judged."""
-    inspector = Inspector(model, processor, max_new_tokens=0, support_max_tiles=args.support_tiles)
-    support = [support_item(image) for image in images[:-1]]
-
-    def episode():
-        inspector.set_support(support)
-        inspector.judge(images[-1])
-
-    seconds = timed(episode, args.steps)
-    print(f"| Inspector's episode, supports read at {args.support_tiles} tile(s), bank in full: s | {seconds:.3f} |")
-    return seconds
-
-
 # LLaVA-NeXT's tower, CLIP ViT-L/14 at 336 px (0.3 B)
 CLIP_L = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
 
@@ -108,10 +93,9 @@ def peer_forward(args, device: str, dtype, images: list) -> float:
     if args.tiny:
         built = build("LLaVA-NeXT")
     else:
-        text = {k: v for k, v in QWEN[args.lm].items() if k != "tie"} | {"tie_word_embeddings": QWEN[args.lm]["tie"]}
         tokenizer = tokenizer_with_peer_tokens()
         with torch.device(device):
-            built = build("LLaVA-NeXT", tokenizer, vision=CLIP_L, text=text)
+            built = build("LLaVA-NeXT", tokenizer, vision=CLIP_L, text=language_model(args.lm))
     model = built.model.to(device, dtype).eval()
     inputs = {k: v.to(device) for k, v in built.inputs(images).items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -185,7 +169,9 @@ def main() -> None:
     print(f"| inference, cached support: ms per query | {latency * 1e3:.0f} |")
     print(f"| inference, cached support: queries/s at batch {len(queries)} | {qps:.1f} |")
     if args.support_tiles:
-        forward = inspector_episode(model, processor, images, args)
+        forward = timed(inspector_episode(model, processor, images, args.support_tiles)[1], args.steps)
+        read = f"supports read at {args.support_tiles} tile(s), bank in full"
+        print(f"| Inspector's episode, {read}: s | {forward:.3f} |")
     if args.peer:
         del inspector, model
         if device == "cuda":

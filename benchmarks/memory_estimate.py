@@ -49,12 +49,17 @@ def comparison_settings(compare: list[str]) -> dict:
     )
 
 
+def language_model(size: str) -> dict:
+    """The Qwen2.5 language model's config at `size` ("1.5b", "7b"), its output layer tied or not."""
+    return {k: v for k, v in QWEN[size].items() if k != "tie"} | {"tie_word_embeddings": QWEN[size]["tie"]}
+
+
 def real_config(size: str, compare: list[str] = ()) -> KensaVLConfig:
     """The real-size layout: SigLIP-so400m/14 + DINOv2-L/14 (two taps each) at 448 px tiles, a Qwen2.5 LM.
     `compare`: the encoders the reference comparison runs on, as `kensa-vl assemble --compare` takes them (a tower's
     name; "dct" and "bandpass" add the weight-free encoders), with every reference view; none: no comparison."""
-    text = dict(QWEN[size])
-    tie = text.pop("tie")
+    text = language_model(size)
+    tie = text.pop("tie_word_embeddings")  # set on the KensaVL config itself
     encoders = [
         {"name": "siglip", "config": SIGLIP, "feature_layers": [-2, -1]},
         {"name": "dinov2", "config": DINOV2, "feature_layers": [-4, -1]},
