@@ -18,6 +18,8 @@ and a pointer from a query to the defective example it resembles, whose name the
 - The query's box (`locate_box`, what the Inspector draws) is copied the same way: after the name's " at", the
   position words of its centre and the box's opening (" the top left <box>"), then its four location tokens and
   `</box>`. Plain `generate` and the pipeline write the comparison's box and say where it is.
+- `BoxGrammar` keeps every generated box well formed, copied or not: four location tokens after `<box>`, the
+  second corner right of and below the first, then `</box>`; no location token or `</box>` outside a box.
 
 Shipped to the Hub as remote code: imports only torch, transformers and siblings.
 """
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import LogitsProcessor
 
 DEFECT_CELLS = 8  # a demo's defect and a query's suspect region: their farthest cells from the good bank
 # a region's descriptor (`region_descriptor`) in units of: 0.1 of mean colour and of its spread against the surround
@@ -330,3 +333,39 @@ def copy_names(logits: torch.Tensor, history: torch.Tensor, pointers: list[Point
         lm = lm.index_put((index,), torch.logaddexp(lm[index], share.to(lm.device)))
         logits[pointer.row, col] = lm.to(logits.dtype)
     return logits
+
+
+class BoxGrammar(LogitsProcessor):
+    """Generation writes only well-formed boxes (what `label_box` and `text_to_boxes` read): after `<box>` exactly
+    four location tokens, `x0 y0 x1 y1` with `x1 >= x0` and `y1 >= y0`, then `</box>`; outside a box no location token
+    and no `</box>`. A language model trained briefly may otherwise open a box and never close it. Applied by
+    `KensaVLForConditionalGeneration.generate` after any other processors; where those (top-k, top-p) left no
+    allowed token of a row a finite score, its allowed tokens get equal scores."""
+
+    def __init__(self, config):
+        self.opening, self.closing = config.box_token_ids
+        self.first, self.bins = config.loc_token_start_id, config.num_loc_bins
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        length, rows = input_ids.shape[1], torch.arange(len(input_ids), device=input_ids.device)
+        opened, closed = (_last(input_ids == token) for token in (self.opening, self.closing))
+        inside = opened > closed
+        written = (length - 1 - opened).clamp(0, 4)  # tokens written since the row's last `<box>`
+        vocab = torch.arange(scores.shape[-1], device=scores.device)
+        location = (vocab >= self.first) & (vocab < self.first + self.bins)
+        # the second corner's coordinate is at least the first's: x1 (written 2) >= x0, y1 (written 3) >= y0
+        corner = input_ids[rows, (opened + written - 1).clamp(0, length - 1)] - self.first
+        lowest = torch.where(inside & (written >= 2) & (written < 4), corner, 0)
+        in_box = location[None] & (vocab[None] - self.first >= lowest[:, None])
+        outside = ~location[None] & (vocab[None] != self.closing)
+        allowed = torch.where((inside & (written < 4))[:, None], in_box, outside)
+        allowed = torch.where((inside & (written == 4))[:, None], vocab[None] == self.closing, allowed)
+        masked = scores.masked_fill(~allowed, -math.inf)
+        empty = ~torch.isfinite(masked).any(-1, keepdim=True)  # an earlier warper kept none of the allowed tokens
+        return torch.where(empty & allowed, torch.zeros_like(scores), masked)
+
+
+def _last(mask: torch.Tensor) -> torch.Tensor:
+    """Per row of `mask` `(B, L)`, the index of its last True, -1 where none."""
+    index = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, index, -1).amax(-1)

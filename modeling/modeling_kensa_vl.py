@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, LogitsProcessorList, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import can_return_tuple
@@ -39,7 +39,7 @@ from .comparison_kensa_vl import (
     unit_cells,
 )
 from .configuration_kensa_vl import KensaVLConfig, encoder_width
-from .demos_kensa_vl import GATE_START, POINTER_SLOPE, Demo, copy_names, farthest_cells, region_descriptor
+from .demos_kensa_vl import GATE_START, POINTER_SLOPE, BoxGrammar, Demo, copy_names, farthest_cells, region_descriptor
 from .grading_kensa_vl import GRADE_SLOPE
 from .vision_kensa_vl import (
     KensaVLLayerMerge,
@@ -535,6 +535,13 @@ class KensaVLForConditionalGeneration(KensaVLPreTrainedModel, GenerationMixin):
             pointers=pointers or None,
             **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
         )
+
+    def generate(self, *args, logits_processor=None, **kwargs):
+        """`GenerationMixin.generate`, every box it writes well formed (`BoxGrammar`, when the config has box
+        tokens), after the caller's `logits_processor`s."""
+        if len(self.config.box_token_ids) == 2 and self.config.loc_token_start_id is not None:
+            logits_processor = LogitsProcessorList([*(logits_processor or []), BoxGrammar(self.config)])
+        return super().generate(*args, logits_processor=logits_processor, **kwargs)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """Carry the answers' `pointers` from the prefill to every decoding step (they point into the prompt)."""

@@ -268,3 +268,37 @@ def test_tied_word_embeddings_survive_save_and_load(tmp_path):
     assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
     ids = torch.tensor([[1, 2, 5]])
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_generate_writes_only_closed_boxes(tiny, images):
+    """A random language model opens no box by itself; told to write one, it writes four ordered location tokens
+    and closes it (`BoxGrammar`), and writes no location token after."""
+    model, processor = tiny
+    config = model.config
+    inputs = processor(text="describe <image> defective at the top <box>", images=images[:1], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1] :].tolist()
+    bins = [t - config.loc_token_start_id for t in out[:4]]
+    assert all(0 <= b < config.num_loc_bins for b in bins) and bins[2] >= bins[0] and bins[3] >= bins[1], out
+    assert out[4] == config.box_token_ids[1]
+    assert not any(t >= config.loc_token_start_id or t in config.box_token_ids for t in out[5:]), out
+
+
+def test_box_grammar_masks_by_position_and_survives_top_k(tiny):
+    from kensa_vl.modeling.demos_kensa_vl import BoxGrammar
+
+    config = tiny[0].config
+    grammar, opening, closing = BoxGrammar(config), *config.box_token_ids
+    loc = config.loc_token_start_id
+    rows = [[5, 6], [opening, loc + 9], [opening, loc + 9, loc + 3], [opening, loc, loc, loc + 1, loc + 2]]
+    ids = torch.tensor([[0] * (5 - len(row)) + row for row in rows])  # left-padded
+    scores = torch.zeros(4, config.text_config.vocab_size)
+    allowed = torch.isfinite(grammar(ids, scores))
+    assert not allowed[0, loc : loc + config.num_loc_bins].any() and not allowed[0, closing] and allowed[0, 5]
+    assert allowed[1].nonzero().flatten().tolist() == list(range(loc, loc + config.num_loc_bins))  # y0: any bin
+    assert allowed[2].nonzero().flatten().tolist() == list(range(loc + 9, loc + config.num_loc_bins))  # x1 >= x0
+    assert allowed[3].nonzero().flatten().tolist() == [closing]
+    # top-k left only other tokens finite: the allowed ones share equal scores instead of an empty row
+    top_k = torch.full_like(scores, -torch.inf)
+    top_k[:, 5] = 1.0
+    kept = grammar(ids, top_k)
+    assert kept[3, closing] == 0 and torch.isfinite(kept[3]).sum() == 1 and kept[0, 5] == 1.0
