@@ -167,3 +167,31 @@ def test_pair_searches_are_kept_only_while_the_compared_encoders_cannot_change()
     model.model.layer_merges["dinov2"].requires_grad_(False)
     assert sft.keep_pair_searches(model)
     assert not sft.keep_pair_searches(build_tiny()[0])  # no comparison
+
+
+def test_the_bank_takes_the_training_views_and_the_saved_model_keeps_its_own(synth_dir, tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    from kensa_vl.modeling.modeling_kensa_vl import KensaVLModel
+    from kensa_vl.train.build import build_tiny, save_kensa
+
+    views = ["hflip", "rot90"]
+    settings = {"tile_size": 112, "max_tiles": 4, "reference_comparison": True, "dct": True}
+    model, processor = build_tiny(**settings, reference_views=views)
+    start = save_kensa(model, processor, tmp_path / "start")
+    seen, cells = [], KensaVLModel.reference_cells
+
+    def spy(self, *args, **kwargs):
+        seen.append(list(self.config.reference_views))
+        return cells(self, *args, **kwargs)
+
+    monkeypatch.setattr(KensaVLModel, "reference_cells", spy)
+    args, training = _args(synth_dir, tmp_path, model=str(start), mixture=["episodes=1"],
+                           train_reference_views=[])  # fmt: skip
+    training.save_strategy, training.save_steps = "steps", 1
+    sft.main(args, training)
+    assert seen and all(v == [] for v in seen)  # every bank of the training episodes without views
+    for folder in (training.output_dir, f"{training.output_dir}/checkpoint-1"):
+        assert AutoConfig.from_pretrained(folder, trust_remote_code=True).reference_views == views
+    with pytest.raises(ValueError, match=r"train_reference_views must be distinct views of .*got \['spin'\]"):
+        sft.KensaArguments(data=str(synth_dir), train_reference_views=["spin"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from kensa_vl.modeling.comparison_kensa_vl import PairCache
+from kensa_vl.modeling.configuration_kensa_vl import REFERENCE_VIEWS
 from kensa_vl.modeling.vision_kensa_vl import freeze_unread, read_layers
 from kensa_vl.processing.processing_kensa_vl import structure_tokens
 from kensa_vl.train.build import TRAINING_RECORD
@@ -66,6 +68,12 @@ class KensaArguments:
     synth_resolution: int = 448
     mixture: list[str] = field(default_factory=lambda: ["episodes=1"], metadata={"help": f"source=weight, {SOURCES}"})
     num_rows: int = 2000
+    train_reference_views: list[str] | None = field(
+        default=None,
+        metadata={"help": f"the comparison bank's views of each reference while this stage trains, of "
+                  f"{REFERENCE_VIEWS} (default: the model's own `reference_views`; [] for none); the saved model and "
+                  "its checkpoints keep the model's own (docs/training.md)"},
+    )  # fmt: skip
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -74,6 +82,9 @@ class KensaArguments:
         if unknown:
             raise ValueError(f"unknown components {unknown} in `train`; known: {list(COMPONENTS)}")
         self.weights = {}
+        views = self.train_reference_views
+        if views is not None and (set(views) - set(REFERENCE_VIEWS) or len(set(views)) != len(views)):
+            raise ValueError(f"train_reference_views must be distinct views of {REFERENCE_VIEWS}, got {views}")
         for item in self.mixture:
             name, _, weight = item.partition("=")
             if name not in SOURCES or not weight:
@@ -186,6 +197,7 @@ class KensaTrainer(SFTTrainer):
 
     def __init__(self, *args, param_groups: dict | None = None, vision_lr: float | None = None, **kwargs):
         self.param_groups, self.vision_lr = param_groups, vision_lr
+        self.saved_views = None  # the model's own reference views, written whatever the bank used in training
         super().__init__(*args, **kwargs)
         keep_pair_searches(self.model)
 
@@ -239,7 +251,20 @@ class KensaTrainer(SFTTrainer):
         model = self.accelerator.unwrap_model(self.model)
         model = model.get_base_model() if hasattr(model, "get_base_model") else model
         model._weight_conversions = None
-        return super().save_model(output_dir, _internal_call)
+        with bank_views(model.config, self.saved_views):
+            return super().save_model(output_dir, _internal_call)
+
+
+@contextmanager
+def bank_views(config, views: list[str] | None):
+    """`config.reference_views` is `views` inside (None: left as it is), and what it was again after."""
+    kept = config.reference_views
+    if views is not None:
+        config.reference_views = list(views)
+    try:
+        yield
+    finally:
+        config.reference_views = kept
 
 
 def load_model(args: KensaArguments):
@@ -356,7 +381,9 @@ def main(args: KensaArguments, training_args: SFTConfig) -> KensaTrainer:
         param_groups=groups,
         vision_lr=args.vision_lr,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.saved_views = list(getattr(model.config, "reference_views", []))
+    with bank_views(model.config, args.train_reference_views):
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
@@ -382,6 +409,7 @@ def write_training_record(args: KensaArguments, training_args: SFTConfig, steps:
             * training_args.world_size,
             "learning_rate": training_args.learning_rate,
             "vision_lr": args.vision_lr,
+            "reference_views": args.train_reference_views,  # null: the model's own
             "seed": training_args.seed,
         }
     )
