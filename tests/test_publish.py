@@ -157,3 +157,18 @@ def test_the_card_names_the_assembled_parts_as_base_models(tiny_dir):
     header = card.split("---")[1]
     assert "base_model:\n- google/siglip-so400m-patch14-384\n- Qwen/Qwen2.5-1.5B-Instruct" in header
     assert "not trained with `kensa-vl` recipes" in card and "**No evaluation results**" in card
+
+
+def test_the_card_says_which_views_the_bank_trained_with(tiny_dir):
+    import json
+
+    from kensa_vl.train.publish import model_card
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    stage = {"stage": "multitask", "train": ["projector"], "lora": None, "mixture": {"episodes": 1.0}, "rows": 8,
+             "steps": 1, "batch_size": 8, "learning_rate": 0.002, "vision_lr": None}  # fmt: skip
+    cards = [model_card(config, None, [{**stage, **extra}], [], "acme/kensa") for extra in
+             ({}, {"reference_views": None}, {"reference_views": []}, {"reference_views": ["hflip"]})]  # fmt: skip
+    assert not any("views while training" in card for card in cards[:2])  # the model's own (older records: none)
+    assert "episodes=1.0; the bank's views while training: none |" in cards[2]
+    assert "the bank's views while training: hflip |" in cards[3]
