@@ -25,6 +25,7 @@ from .metrics import PixelTable, bootstrap, metrics, pixel_stats, ranking_metric
 
 CONTROLS = ("other_category", "noise", "shuffled_labels")
 SHEET_SIDE = 96
+SCORING_BATCH = 8  # queries per forward pass when an evaluation only scores (`Inspector.judge`'s `batch_size`)
 INTERVAL_METRICS = ("balanced_accuracy", "auroc", "aupr", "f1_max", "pixel_auroc", "aupro")
 
 
@@ -249,16 +250,19 @@ def _judge(inspector, items, rows: dict, used: set, per_category: int | None, co
     error record (verdict "error", its reason) and the others are judged. With `keep`, each record holds its
     heatmap at `SHEET_SIDE`² (`heatmap`) for the example sheets."""
     queries = queries_for(rows, context["category"], used, per_category, context["seed"])
-    out = []
+    out, loaded = [], {}
     for order, i in enumerate(queries):
-        record = {**context, "query": order, "index": i}
         try:
-            item = items[i]
+            loaded[order] = items[i]
         except ValueError as err:  # a corrupt photo or mask (layouts read them when asked)
             label = items["label"][i]
-            out.append({**record, "label": label, "verdict": "error", "error": str(err), "p_defective": None})
-            continue
-        result = inspector.judge(item["image"])[0]
+            out.append({**context, "query": order, "index": i, "label": label, "verdict": "error", "error": str(err),
+                        "p_defective": None})  # fmt: skip
+    # scoring only: the queries of a support set share forward passes (`Inspector.judge`'s batches)
+    batch = {"batch_size": SCORING_BATCH} if getattr(inspector, "max_new_tokens", None) == 0 else {}
+    results = inspector.judge([item["image"] for item in loaded.values()], **batch)
+    for (order, item), result in zip(loaded.items(), results, strict=True):
+        record = {**context, "query": order, "index": queries[order]}
         mask = item.get("mask")
         mask = None if mask is None else np.asarray(mask) > 0
         record.update(
@@ -277,7 +281,7 @@ def _judge(inspector, items, rows: dict, used: set, per_category: int | None, co
             **({"file": item["file"]} if "file" in item else {}),
         )
         out.append(record)
-    return out
+    return sorted(out, key=lambda r: r["query"])
 
 
 def _written_boxes(inspector, text: str, image) -> list | None:

@@ -535,3 +535,21 @@ def test_a_tile_budget_below_one_is_refused(tiny, tiles):
         Inspector(model, processor, support_max_tiles=tiles)
     with pytest.raises(ValueError, match="query_max_tiles must be"):
         Inspector(model, processor, query_max_tiles=tiles)
+
+
+def test_a_scoring_evaluation_batches_its_queries_and_keeps_their_order(tiny_comparison, synth, monkeypatch):
+    from kensa_vl.eval import evaluate as evaluate_module
+
+    model, processor = tiny_comparison
+    run = dict(shots=(2,), seeds=1, queries_per_category=4, controls=(), generate=False, progress=False, resamples=0)
+    monkeypatch.setattr(evaluate_module, "SCORING_BATCH", 1)
+    alone = evaluate(model, processor, synth["test"], **run)["records"]
+    batches, batch = [], Inspector._judge_batch
+    monkeypatch.setattr(Inspector, "_judge_batch", lambda self, inputs, images: batches.append(len(inputs))
+                        or batch(self, inputs, images))  # fmt: skip
+    monkeypatch.setattr(evaluate_module, "SCORING_BATCH", 8)
+    together = evaluate(model, processor, synth["test"], **run)["records"]
+    assert max(batches) > 1 and sum(batches) == len(together) == len(alone)  # every query scored in a batch
+    for a, b in zip(alone, together, strict=True):
+        assert (a["index"], a["query"], a["verdict"], a["boxes"]) == (b["index"], b["query"], b["verdict"], b["boxes"])
+        assert abs(a["p_defective"] - b["p_defective"]) < 1e-4
