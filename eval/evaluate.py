@@ -250,38 +250,45 @@ def _judge(inspector, items, rows: dict, used: set, per_category: int | None, co
     error record (verdict "error", its reason) and the others are judged. With `keep`, each record holds its
     heatmap at `SHEET_SIDE`² (`heatmap`) for the example sheets."""
     queries = queries_for(rows, context["category"], used, per_category, context["seed"])
-    out, loaded = [], {}
-    for order, i in enumerate(queries):
-        try:
-            loaded[order] = items[i]
-        except ValueError as err:  # a corrupt photo or mask (layouts read them when asked)
-            label = items["label"][i]
-            out.append({**context, "query": order, "index": i, "label": label, "verdict": "error", "error": str(err),
-                        "p_defective": None})  # fmt: skip
-    # scoring only: the queries of a support set share forward passes (`Inspector.judge`'s batches)
-    batch = {"batch_size": SCORING_BATCH} if getattr(inspector, "max_new_tokens", None) == 0 else {}
-    results = inspector.judge([item["image"] for item in loaded.values()], **batch)
-    for (order, item), result in zip(loaded.items(), results, strict=True):
-        record = {**context, "query": order, "index": queries[order]}
-        mask = item.get("mask")
-        mask = None if mask is None else np.asarray(mask) > 0
-        record.update(
-            label=item["label"],
-            defect_type=item["defect_type"],
-            size=item.get("size"),
-            area=item.get("area"),
-            verdict=result.verdict,
-            p_defective=result.p_defective,
-            boxes=result.boxes,
-            true_boxes=[list(b) for b in item["boxes"]],
-            text=result.text,
-            generated_boxes=_written_boxes(inspector, result.text, item["image"]),
-            pixels=None if result.heatmap is None else pixel_stats(result.heatmap, mask),
-            heatmap=_small(result.heatmap) if keep else None,
-            **({"file": item["file"]} if "file" in item else {}),
-        )
-        out.append(record)
+    # scoring only: a support set's queries share forward passes (`Inspector.judge`'s batches), read a batch at a time
+    size = SCORING_BATCH if getattr(inspector, "max_new_tokens", None) == 0 else 1
+    out = []
+    for first in range(0, len(queries), size):
+        loaded = {}
+        for order in range(first, min(first + size, len(queries))):
+            try:
+                loaded[order] = items[queries[order]]
+            except ValueError as err:  # a corrupt photo or mask (layouts read them when asked)
+                index = queries[order]
+                out.append({**context, "query": order, "index": index, "label": items["label"][index],
+                            "verdict": "error", "error": str(err), "p_defective": None})  # fmt: skip
+        images = [item["image"] for item in loaded.values()]
+        results = inspector.judge(images, batch_size=size) if size > 1 else inspector.judge(images)
+        for (order, item), result in zip(loaded.items(), results, strict=True):
+            out.append(_record(inspector, item, result, {**context, "query": order, "index": queries[order]}, keep))
     return sorted(out, key=lambda r: r["query"])
+
+
+def _record(inspector, item: dict, result, record: dict, keep: bool) -> dict:
+    """A judged query's record: `record` (its context) with the item's truth and the judgement."""
+    mask = item.get("mask")
+    mask = None if mask is None else np.asarray(mask) > 0
+    record.update(
+        label=item["label"],
+        defect_type=item["defect_type"],
+        size=item.get("size"),
+        area=item.get("area"),
+        verdict=result.verdict,
+        p_defective=result.p_defective,
+        boxes=result.boxes,
+        true_boxes=[list(b) for b in item["boxes"]],
+        text=result.text,
+        generated_boxes=_written_boxes(inspector, result.text, item["image"]),
+        pixels=None if result.heatmap is None else pixel_stats(result.heatmap, mask),
+        heatmap=_small(result.heatmap) if keep else None,
+        **({"file": item["file"]} if "file" in item else {}),
+    )
+    return record
 
 
 def _written_boxes(inspector, text: str, image) -> list | None:

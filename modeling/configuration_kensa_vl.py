@@ -122,6 +122,13 @@ def check_coreset(ratio: float) -> float:
     return ratio
 
 
+def check_views(views: list[str], setting: str = "reference_views") -> list[str]:
+    """Views of `REFERENCE_VIEWS`, each once (the config's `reference_views`, a training stage's bank views)."""
+    if set(views) - set(REFERENCE_VIEWS) or len(set(views)) != len(views):
+        raise ValueError(f"{setting} must be distinct views of {REFERENCE_VIEWS}, got {views}.")
+    return views
+
+
 class KensaVLConfig(PretrainedConfig):
     r"""
     Configuration of a KensaVL model: one or more vision encoders, a projector and a decoder language model.
@@ -321,11 +328,7 @@ class KensaVLConfig(PretrainedConfig):
         unknown = sorted(set(self.reference_encoders or []) - set(names))
         if unknown:
             raise ValueError(f"reference_encoders {unknown} are not among the vision encoders {names}.")
-        views = [view for view in self.reference_views if view not in REFERENCE_VIEWS]
-        if views or len(set(self.reference_views)) != len(self.reference_views):
-            raise ValueError(
-                f"reference_views must be distinct views of {REFERENCE_VIEWS}, got {self.reference_views}."
-            )
+        check_views(self.reference_views)
         check_coreset(self.reference_coreset)
         if common % self.pixel_shuffle:
             raise ValueError(

@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from kensa_vl.modeling.comparison_kensa_vl import PairCache
-from kensa_vl.modeling.configuration_kensa_vl import REFERENCE_VIEWS
+from kensa_vl.modeling.configuration_kensa_vl import REFERENCE_VIEWS, check_views
 from kensa_vl.modeling.vision_kensa_vl import freeze_unread, read_layers
 from kensa_vl.processing.processing_kensa_vl import structure_tokens
 from kensa_vl.train.build import TRAINING_RECORD
@@ -82,9 +82,8 @@ class KensaArguments:
         if unknown:
             raise ValueError(f"unknown components {unknown} in `train`; known: {list(COMPONENTS)}")
         self.weights = {}
-        views = self.train_reference_views
-        if views is not None and (set(views) - set(REFERENCE_VIEWS) or len(set(views)) != len(views)):
-            raise ValueError(f"train_reference_views must be distinct views of {REFERENCE_VIEWS}, got {views}")
+        if self.train_reference_views is not None:
+            check_views(self.train_reference_views, "train_reference_views")
         for item in self.mixture:
             name, _, weight = item.partition("=")
             if name not in SOURCES or not weight:
@@ -197,8 +196,9 @@ class KensaTrainer(SFTTrainer):
 
     def __init__(self, *args, param_groups: dict | None = None, vision_lr: float | None = None, **kwargs):
         self.param_groups, self.vision_lr = param_groups, vision_lr
-        self.saved_views = None  # the model's own reference views, written whatever the bank used in training
         super().__init__(*args, **kwargs)
+        # the model's own reference views: saved whatever the bank uses while training (`bank_views`)
+        self.saved_views = list(getattr(self.model.config, "reference_views", []))
         keep_pair_searches(self.model)
 
     def create_optimizer(self, model=None):
@@ -381,7 +381,6 @@ def main(args: KensaArguments, training_args: SFTConfig) -> KensaTrainer:
         param_groups=groups,
         vision_lr=args.vision_lr,
     )
-    trainer.saved_views = list(getattr(model.config, "reference_views", []))
     with bank_views(model.config, args.train_reference_views):
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
