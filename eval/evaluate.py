@@ -115,22 +115,23 @@ def _summary(per_seed: list[dict]) -> dict:
 
 
 class _Headline:
-    """The interval metrics of one bootstrap resample of `records` (the image metrics and, with heatmaps, the pixel
-    ones), read from arrays made once (`PixelTable`): a resample names its records, each found by identity."""
+    """The interval metrics of bootstrap resamples of `records` (the image metrics and, with heatmaps, the pixel
+    ones), read from arrays made once (`PixelTable`): `(S, n)` drawn positions in `records` -> name -> `(S,)`."""
 
     def __init__(self, records: list[dict], threshold: float):
-        self.row = {id(r): i for i, r in enumerate(records)}
         self.y = np.array([r["label"] == "defective" for r in records])
         self.p = np.array([r["p_defective"] for r in records], dtype=float)
         self.pixels, self.threshold = PixelTable(records), threshold
 
-    def __call__(self, resample: list[dict]) -> dict:
-        rows = np.fromiter((self.row[id(r)] for r in resample), np.int64, len(resample))
+    def __call__(self, rows: np.ndarray) -> dict:
         y, p = self.y[rows], self.p[rows]
         pred = p >= self.threshold
-        out = {"balanced_accuracy": (pred[y].mean() + (~pred[~y]).mean()) / 2 if y.any() and (~y).any() else np.nan}
-        out.update(ranking_metrics(y, p), **self.pixels.metrics(np.bincount(rows, minlength=len(self.y))))
-        return {k: out.get(k, np.nan) for k in INTERVAL_METRICS}
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resample of one class: NaN
+            accuracy = ((pred & y).sum(1) / y.sum(1) + (~pred & ~y).sum(1) / (~y).sum(1)) / 2
+        flat = (np.arange(len(rows))[:, None] * len(self.y) + rows).ravel()  # how often each record is drawn, per row
+        counts = np.bincount(flat, minlength=len(rows) * len(self.y)).reshape(len(rows), -1)
+        out = {"balanced_accuracy": accuracy, **ranking_metrics(y, p), **self.pixels.metrics(counts)}
+        return {k: out.get(k, np.full(len(rows), np.nan)) for k in INTERVAL_METRICS}
 
 
 def aggregate(records: list[dict], threshold: float = 0.5, resamples: int = 1000) -> dict:

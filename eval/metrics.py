@@ -89,25 +89,28 @@ def image_metrics(y: np.ndarray, p: np.ndarray, threshold: float, bins: int = 10
     return out
 
 
-def ranking_metrics(y: np.ndarray, p: np.ndarray) -> dict:
-    """Image AUROC, AUPR (average precision) and F1-max computed in one sort: the bootstrap's thousands of resamples
-    cannot afford scikit-learn's input checks (~20 ms per call). Equal to scikit-learn's `roc_auc_score`,
-    `average_precision_score` and the F1-max of `precision_recall_curve`, ties included (tested)."""
-    from scipy.stats import rankdata
-
-    positives, n = int(y.sum()), len(y)
-    if positives in (0, n):
-        return {"auroc": float("nan"), "aupr": float("nan"), "f1_max": float("nan")}
-    ranks = rankdata(p)  # ties get the mean rank: the Mann-Whitney U form of AUROC
-    auroc = (ranks[y].sum() - positives * (positives + 1) / 2) / (positives * (n - positives))
-    order = np.argsort(-p, kind="stable")
-    scores, hits = p[order], y[order]
-    last = np.r_[scores[1:] != scores[:-1], True]  # the last of each run of tied scores: one threshold each
-    tp, seen = np.cumsum(hits)[last], np.arange(1, n + 1)[last]
-    precision, recall = tp / seen, tp / positives
-    aupr = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    return {"auroc": float(auroc), "aupr": aupr, "f1_max": float(f1.max())}
+def ranking_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
+    """Image AUROC, AUPR (average precision) and F1-max of each row of labels `y` and scores `p` `(S, n)`, for a
+    bootstrap's resamples at once (scikit-learn's input checks alone take ~20 ms a call): from each row's counts of
+    defective and good queries at each distinct score. Equal to scikit-learn's `roc_auc_score`,
+    `average_precision_score` and the F1-max of `precision_recall_curve`, ties included (tested); NaN for a row of
+    one class. Returns name -> `(S,)`."""
+    rows, n = p.shape
+    values, which = np.unique(p, return_inverse=True)
+    at = (np.arange(rows)[:, None] * len(values) + which.reshape(rows, n)).ravel()
+    bad = np.bincount(at, y.ravel().astype(float), rows * len(values)).reshape(rows, -1)
+    good = np.bincount(at, (~y).ravel().astype(float), rows * len(values)).reshape(rows, -1)
+    positives, negatives = bad.sum(1), good.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # a defective query outranks the good ones below its score and half of those tied with it
+        auroc = (bad * (np.cumsum(good, 1) - good / 2)).sum(1) / (positives * negatives)
+        tp, seen = np.cumsum(bad[:, ::-1], 1), np.cumsum((bad + good)[:, ::-1], 1)  # thresholds from the top down
+        precision, recall = tp / np.maximum(seen, 1), tp / positives[:, None]
+        aupr = (np.diff(recall, axis=1, prepend=0.0) * precision).sum(1)  # a score nobody has adds no recall
+        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    one_class = (positives == 0) | (negatives == 0)
+    out = {"auroc": auroc, "aupr": aupr, "f1_max": f1.max(1)}
+    return {name: np.where(one_class, np.nan, value) for name, value in out.items()}
 
 
 def pixel_stats(heatmap: np.ndarray, mask: np.ndarray | None) -> dict:
@@ -153,16 +156,7 @@ def aupro(normal: np.ndarray, regions: np.ndarray, limit: float = AUPRO_LIMIT) -
     threshold the overlap is the mean over regions of the fraction of the region's pixels at or above it."""
     if normal.sum() == 0 or len(regions) == 0:
         return float("nan")
-    return _area_to(_from_top(normal), _from_top(np.asarray(regions)).mean(0), limit)
-
-
-def _area_to(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
-    """`aupro` from the false-positive rate and the mean overlap at each threshold."""
-    end = np.searchsorted(fpr, limit, side="right")  # fpr is non-decreasing; cut at `limit`, interpolating
-    x, y = fpr[:end], pro[:end]
-    if end < len(fpr):
-        x, y = np.append(x, limit), np.append(y, np.interp(limit, fpr[end - 1 : end + 1], pro[end - 1 : end + 1]))
-    return float(np.trapezoid(y, x) / limit)
+    return float(_areas_to(_from_top(normal)[None], _from_top(np.asarray(regions)).mean(0)[None], limit)[0])
 
 
 def pixel_metrics(records: list[dict]) -> dict:
@@ -184,26 +178,46 @@ class PixelTable:
     def __init__(self, records: list[dict]):
         stats = [r.get("pixels") for r in records]
         none, empty = np.zeros(len(BINS) - 1), np.zeros((0, len(BINS) - 1))  # a record without a heatmap; no region
-        self.has = np.array([s is not None for s in stats])
         self.normal = np.stack([none if s is None else s["normal"] for s in stats]).astype(float)
         owned = [(i, h) for i, s in enumerate(stats) if s is not None for h in s["regions"]]
         self.owner = np.array([i for i, _ in owned], dtype=np.int64)
         self.regions = (np.stack([h for _, h in owned]) if owned else empty).astype(float)  # float: BLAS products
         self.overlap = _from_top(self.regions)  # each region's overlap at every threshold
 
-    def metrics(self, counts: np.ndarray) -> dict:
-        """`pixel_metrics` of the records drawn `counts` `(N,)` times each."""
-        if not counts[self.has].any():
-            return {}
-        drawn = np.flatnonzero(counts)  # a resample draws from one seed's records: multiply those rows only
-        normal = counts[drawn].astype(float) @ self.normal[drawn]
-        regions = np.flatnonzero(counts[self.owner])
-        weights = counts[self.owner[regions]].astype(float)
-        anomalous = weights @ self.regions[regions]
-        out = {"pixel_auroc": pixel_auroc(normal, anomalous), "aupro": float("nan")}
-        if normal.sum() > 0 and weights.sum() > 0:
-            out["aupro"] = _area_to(_from_top(normal), weights @ self.overlap[regions] / weights.sum(), AUPRO_LIMIT)
-        return out
+    def metrics(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        """`pixel_metrics` of each row of `counts` `(S, N)`, the records drawn that many times each (NaN where a
+        row draws no heatmap or no defect region): name -> `(S,)`."""
+        drawn = np.flatnonzero(counts.any(0))  # a resample draws from one seed's records: multiply those rows only
+        counts = counts[:, drawn].astype(float)
+        normal = counts @ self.normal[drawn]
+        regions = np.flatnonzero(np.isin(self.owner, drawn))
+        weights = counts[:, np.searchsorted(drawn, self.owner[regions])]
+        anomalous, total = weights @ self.regions[regions], weights.sum(1)
+        fpr, tpr = _from_top(normal), _from_top(anomalous)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pro = weights @ self.overlap[regions] / total[:, None]
+        auroc = np.where((normal.sum(1) > 0) & (anomalous.sum(1) > 0), np.trapezoid(tpr, fpr, axis=1), np.nan)
+        return {
+            "pixel_auroc": auroc,
+            "aupro": np.where((normal.sum(1) > 0) & (total > 0), _areas_to(fpr, pro), np.nan),
+        }
+
+
+def _areas_to(fpr: np.ndarray, pro: np.ndarray, limit: float = AUPRO_LIMIT) -> np.ndarray:
+    """Per row of `fpr` and `pro` `(S, T)` (the false-positive rate, non-decreasing from 0, and the mean overlap at
+    each threshold): the area under `pro` up to `fpr` = `limit` (interpolated there), over `limit`."""
+    end = (fpr <= limit).sum(1)  # fpr is non-decreasing along a row and starts at 0
+    inside = np.arange(1, fpr.shape[1])[None] < end[:, None]  # trapezoids wholly at or below the limit
+    area = np.where(inside, np.diff(fpr, axis=1) * (pro[:, 1:] + pro[:, :-1]) / 2, 0.0).sum(1)
+    rows, last = np.arange(len(fpr)), end - 1
+    cut = end < fpr.shape[1]
+    nxt = np.minimum(end, fpr.shape[1] - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = pro[rows, last] + (limit - fpr[rows, last]) * (pro[rows, nxt] - pro[rows, last]) / (
+            fpr[rows, nxt] - fpr[rows, last]
+        )
+    area += np.where(cut, (limit - fpr[rows, last]) * (pro[rows, last] + y) / 2, 0.0)
+    return area / limit
 
 
 def metrics(records: list[dict], threshold: float = 0.5) -> dict:
@@ -228,26 +242,35 @@ def metrics(records: list[dict], threshold: float = 0.5) -> dict:
 
 
 def bootstrap(records: list[dict], statistic, resamples: int = 1000, seed: int = 0, level: float = 0.95):
-    """A `level` percentile interval of `statistic(records_of_one_seed) -> dict of numbers`, averaged over seeds:
-    each resample draws the seeds with replacement and, within each, its queries with replacement. Returns
-    {name: (low, high)}."""
+    """A `level` percentile interval of a statistic of one seed's records, averaged over seeds: each resample draws
+    the seeds with replacement and, within each, its queries with replacement. `statistic(rows)` takes the drawn
+    positions in `records` of many such draws at once, `(S, n)` (all of one seed), and returns name -> `(S,)`.
+    Returns {name: (low, high)}."""
     with warnings.catch_warnings():  # a resample of one class has no AUROC: NaN, left out of the mean
         warnings.simplefilter("ignore", RuntimeWarning)
         return _bootstrap(records, statistic, resamples, seed, level)
 
 
+BOOTSTRAP_CHUNK = 256  # drawn seeds per `statistic` call: bounded memory on large splits
+
+
 def _bootstrap(records, statistic, resamples, seed, level):
     rng = np.random.default_rng(seed)
     by_seed = {}
-    for r in records:
-        by_seed.setdefault(r["seed"], []).append(r)
-    groups = list(by_seed.values())
-    draws = []
-    for _ in range(resamples):
-        values = []
-        for g in rng.integers(len(groups), size=len(groups)):
-            group = groups[g]
-            values.append(statistic([group[i] for i in rng.integers(len(group), size=len(group))]))
-        draws.append({k: np.nanmean([v[k] for v in values]) for k in values[0]})
+    for i, r in enumerate(records):
+        by_seed.setdefault(r["seed"], []).append(i)
+    groups = [np.array(g) for g in by_seed.values()]
+    drawn = [([], []) for _ in groups]  # per seed: the (resample, place) slots that drew it, and the rows drawn
+    for resample in range(resamples):
+        for place, g in enumerate(rng.integers(len(groups), size=len(groups))):
+            drawn[g][0].append(resample * len(groups) + place)
+            drawn[g][1].append(groups[g][rng.integers(len(groups[g]), size=len(groups[g]))])
+    values = {}
+    for slots, rows in drawn:
+        for start in range(0, len(slots), BOOTSTRAP_CHUNK):
+            chunk = slice(start, start + BOOTSTRAP_CHUNK)
+            for name, value in statistic(np.stack(rows[chunk])).items():
+                values.setdefault(name, np.full(resamples * len(groups), np.nan))[slots[chunk]] = value
     tail = (1 - level) / 2 * 100
-    return {k: tuple(float(x) for x in np.nanpercentile([d[k] for d in draws], [tail, 100 - tail])) for k in draws[0]}
+    means = {name: np.nanmean(v.reshape(resamples, len(groups)), 1) for name, v in values.items()}
+    return {name: tuple(float(x) for x in np.nanpercentile(m, [tail, 100 - tail])) for name, m in means.items()}

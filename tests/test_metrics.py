@@ -80,17 +80,49 @@ def test_pixel_stats_keep_small_defects_and_count_regions():
 def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_data():
     rng = np.random.default_rng(1)
 
+    def interval(records, resamples):
+        x = np.array([r["x"] for r in records])
+        return bootstrap(records, lambda rows: {"x": x[rows].mean(1)}, resamples)["x"]
+
     def records(n):
         return [{"seed": s, "x": rng.normal(1.0, 1.0)} for s in range(5) for _ in range(n)]
 
-    def mean(rs):
-        return {"x": float(np.mean([r["x"] for r in rs]))}
-
-    few, many = bootstrap(records(10), mean, 300)["x"], bootstrap(records(400), mean, 300)["x"]
+    few, many = interval(records(10), 300), interval(records(400), 300)
     assert few[0] < 1.0 < few[1] and many[0] < 1.0 < many[1]
     assert many[1] - many[0] < (few[1] - few[0]) / 3
-    constant = bootstrap([{"seed": s, "x": 2.0} for s in range(3)], mean, 50)["x"]
-    assert constant == (2.0, 2.0)
+    assert interval([{"seed": s, "x": 2.0} for s in range(3)], 50) == (2.0, 2.0)
+
+
+def test_the_bootstrap_equals_the_metrics_of_each_resamples_records():
+    """The batched resamples (`_Headline` over drawn positions) against the definition: draw the seeds, then each
+    seed's queries, take `metrics` (scikit-learn's curves, the records' summed histograms) of each drawn set, average
+    over the drawn seeds, and take the percentiles; seeds of unequal size, tied scores, records without heatmaps."""
+    from kensa_vl.eval.evaluate import INTERVAL_METRICS, _Headline
+    from kensa_vl.eval.metrics import metrics
+
+    rng = np.random.default_rng(3)
+    records = []
+    for seed, n in enumerate((14, 9, 12)):
+        for q in range(n):
+            heatmap, mask = rng.normal(-4, 1, (32, 32)), None
+            if q % 3 == 1:
+                mask = np.zeros((32, 32), bool)
+                mask[4 : 9 + q, 3:12] = True
+                heatmap[mask] += rng.uniform(0, 3)
+            records.append({"seed": seed, "label": "defective" if q % 2 else "good",
+                            "p_defective": float(np.round(rng.random(), 1)),
+                            "pixels": None if q == 4 else pixel_stats(heatmap, mask)})  # fmt: skip
+    resamples, draw = 40, np.random.default_rng(0)  # the bootstrap's own order of draws
+    seeds = [[r for r in records if r["seed"] == s] for s in range(3)]
+    means = []
+    for _ in range(resamples):
+        drawn = [seeds[g] for g in draw.integers(3, size=3)]
+        values = [metrics([group[i] for i in draw.integers(len(group), size=len(group))]) for group in drawn]
+        means.append({k: np.nanmean([v.get(k, np.nan) for v in values]) for k in INTERVAL_METRICS})
+    fast = bootstrap(records, _Headline(records, 0.5), resamples)
+    for name in INTERVAL_METRICS:
+        expected = np.nanpercentile([m[name] for m in means], [2.5, 97.5])
+        assert fast[name] == pytest.approx(tuple(expected), abs=1e-9), name
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -98,9 +130,13 @@ def test_the_bootstraps_ranking_metrics_equal_scikit_learns(seed):
     rng = np.random.default_rng(seed)
     y = rng.random(40) < 0.4
     p = np.round(rng.random(40), 1)  # many ties
-    fast, reference = ranking_metrics(y, p), image_metrics(y, p, 0.5)
-    for name in ("auroc", "aupr", "f1_max"):
-        assert fast[name] == pytest.approx(reference[name], abs=1e-12), name
+    other = rng.random(40) < 0.5
+    fast = ranking_metrics(np.stack([y, other, np.zeros(40, bool)]), np.stack([p, p, p]))  # rows apart
+    for row, labels in enumerate((y, other)):
+        reference = image_metrics(labels, p, 0.5)
+        for name in ("auroc", "aupr", "f1_max"):
+            assert fast[name][row] == pytest.approx(reference[name], abs=1e-12), name
+    assert all(np.isnan(v[2]) for v in fast.values())  # one class: no ranking
 
 
 def test_the_defect_kind_table_counts_the_distinct_photos_of_each_kind():
@@ -143,8 +179,9 @@ def test_a_resamples_pixel_metrics_from_the_table_equal_summing_its_records():
     table = PixelTable(records)
     for _ in range(4):
         rows = rng.integers(len(records), size=len(records))
-        fast = table.metrics(np.bincount(rows, minlength=len(records)))
+        fast = table.metrics(np.bincount(rows, minlength=len(records))[None])
         slow = pixel_metrics([records[i] for i in rows])
         assert fast.keys() == slow.keys() == {"pixel_auroc", "aupro"}
-        assert fast == pytest.approx(slow, rel=1e-9, abs=1e-12)
-    assert table.metrics(np.eye(len(records), dtype=int)[5]) == {} == pixel_metrics([records[5]])
+        assert {k: v[0] for k, v in fast.items()} == pytest.approx(slow, rel=1e-9, abs=1e-12)
+    alone = table.metrics(np.eye(len(records), dtype=int)[[5, 3]])  # no heatmap; a good photo's heatmap alone
+    assert pixel_metrics([records[5]]) == {} and np.isnan([*alone["pixel_auroc"], *alone["aupro"]]).all()
