@@ -599,16 +599,19 @@ class KensaVLReferenceComparison(nn.Module):
         levels = None if levels is None else torch.as_tensor(levels, dtype=torch.float32).flatten()[keep]
         return [distances[i] for i in keep], levels, [self.excess[i] for i in keep]
 
-    def distances(self, query: dict[str, torch.Tensor], bank, lists: dict | None = None, nearest=None, grid=None):
+    def distances(
+        self, query: dict[str, torch.Tensor], bank, lists: dict | None = None, nearest=None, grid=None, key=None
+    ):
         """`query` name -> (n, g, g, C) tiles of one image, `bank` name -> (M, C) -> (log-distances
         `(n, tokens_per_tile, PER_ENCODER * E)`, each encoder's `nearest_distances` `(n, g, g)`). `nearest`, when
         given, holds those already (`PairCache`), and `bank` is not read. With the image's `grid` (rows, cols), an
-        encoder with an `own_window` takes the nearer of the bank's cells and the image's own (`with_own`)."""
+        encoder with an `own_window` takes the nearer of the bank's cells and the image's own (`with_own`, `key`:
+        the image's `PairCache.key`)."""
         lists = lists or {}
         if nearest is None:
             nearest = [self.nearest(query[name], bank[name], lists.get(name)) for name in self.encoders]
         if grid is not None:
-            nearest = self.with_own(query, nearest, grid)
+            nearest = self.with_own(query, nearest, grid, key)
         out = []
         for cells in nearest:
             d = pooled_distances(cells, self.token_side)  # (n, tokens_per_tile)
@@ -617,17 +620,29 @@ class KensaVLReferenceComparison(nn.Module):
             out += [d, d / d.median().clamp_min(1e-6), far, far / far.median().clamp_min(1e-6)]
         return torch.stack(out, -1).clamp_min(LOG_FLOOR).log(), nearest
 
-    def with_own(self, query: dict[str, torch.Tensor], nearest: list[torch.Tensor], grid) -> list[torch.Tensor]:
+    def with_own(self, query: dict[str, torch.Tensor], nearest: list[torch.Tensor], grid, key=None) -> list:
         """Each encoder's `nearest` distances `(n, g, g)` of one image (`query`: name -> its unit cells, `grid`:
-        rows, cols), for an encoder with an `own_window` the smaller of them and `own_nearest` on its grid tiles."""
+        rows, cols), for an encoder with an `own_window` the smaller of them and `own_nearest` on its grid tiles;
+        with the image's `key` (`PairCache.key`), the `pair_cache` keeps an image's own distances too (training
+        meets each image many times)."""
         rows, cols = grid
         out = []
         for name, found, window in zip(self.encoders, nearest, self.own_windows, strict=True):
             if window:
-                own = own_nearest(query[name], rows, cols, window).to(found.dtype)
+                own = self.own_nearest(query[name], rows, cols, window, key and (key, name)).to(found.dtype)
                 found = torch.cat([torch.minimum(found[: rows * cols], own), found[rows * cols :]])
             out.append(found)
         return out
+
+    def own_nearest(self, cells: torch.Tensor, rows: int, cols: int, window: float, key=None) -> torch.Tensor:
+        """`own_nearest` of one image's `cells`, kept in the `pair_cache` under `key` when both are given."""
+        pairs, key = (self.pair_cache, ("own", key, rows, cols)) if key is not None else (None, None)
+        found = None if pairs is None else pairs.get(key)
+        if found is None:
+            found = own_nearest(cells, rows, cols, window)
+            if pairs is not None:
+                pairs.put(key, found)
+        return found.view(rows * cols, *cells.shape[1:3])
 
     def forward(
         self,
@@ -638,6 +653,7 @@ class KensaVLReferenceComparison(nn.Module):
         lists=None,
         nearest=None,
         grid=None,
+        key=None,
     ):
         """One image whose tiles are `thumbnail`-flagged `(n,)` against `bank` -> (token embeddings
         `(n, tokens_per_tile, D)`, anomaly logits `(n, tokens_per_tile)`, the summary embedding `(D,)`, the verdict
@@ -647,8 +663,8 @@ class KensaVLReferenceComparison(nn.Module):
         photos of this product lie from each other, per encoder: encoders see different things (the DCT cells fine
         texture, the band-pass cells brightness and colour) with different spreads, and a defect one of them sees is
         a defect (the verdict starts from the largest score over its level). `grid`: the image's (rows, cols), for
-        the encoders compared with the image itself too (`with_own`)."""
-        x, nearest = self.distances(query, bank, lists, nearest, grid)
+        the encoders compared with the image itself too (`with_own`; `key`: the image's `PairCache.key`)."""
+        x, nearest = self.distances(query, bank, lists, nearest, grid, key)
         x = x.to(self.linear.weight.dtype)
         logits = (self.linear(x) + self.mlp(x)).squeeze(-1)
         selected = scored_tiles(thumbnail)
@@ -729,6 +745,9 @@ class KensaVLReferenceComparison(nn.Module):
                 return [pairs.nearest(query[n], (keys[m], n), refs[n]) for n in self.encoders], None
             return None, bank_of(cached, members)
 
+        def key_of(m: int) -> str | None:
+            return keys[m] if keys else None
+
         def query_of(m: int) -> dict[str, torch.Tensor]:
             return {name: f[starts[m] : starts[m + 1]] for name, f in features.items()}
 
@@ -741,7 +760,7 @@ class KensaVLReferenceComparison(nn.Module):
             if found is None:
                 found = [self.nearest(query_of(m)[n], bank[n], (lists or {}).get(n)) for n in self.encoders]
             grid = image_grid[m, :2].tolist()
-            found = self.with_own(query_of(m), found, grid)
+            found = self.with_own(query_of(m), found, grid, key_of(m))
             selected = scored_tiles(thumbnail[starts[m] : starts[m + 1]])
             defect = farthest_cells(query_of(m), found, selected, self.encoders, demo.box, grid)
             box = demo.box or self.locate(found, *grid, level)[0]
@@ -768,7 +787,7 @@ class KensaVLReferenceComparison(nn.Module):
                     found, bank = search(image, cached, members)
                     rows_cols = image_grid[image, :2].tolist()
                     delta, logits, summary, verdict, scores[image], nearest[image] = self(
-                        query_of(image), thumbnail[first:last], bank, level, lists, found, rows_cols
+                        query_of(image), thumbnail[first:last], bank, level, lists, found, rows_cols, key_of(image)
                     )
                     if role != "defective":  # the level: how far good photos lie from each other
                         levels.append(scores[image])

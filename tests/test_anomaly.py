@@ -757,6 +757,35 @@ def test_pair_cache_gives_the_same_comparison_and_searches_a_pair_once(monkeypat
     torch.testing.assert_close(out.logits, expected.logits)
 
 
+def test_pair_cache_keeps_each_images_own_distances(monkeypatch):
+    """An encoder compared with the photo itself (`own_window`: the band-pass cells) searches each image's own cells
+    once while training's `PairCache` is set; the outputs equal those computed without it."""
+    from kensa_vl.modeling import comparison_kensa_vl
+    from kensa_vl.modeling.comparison_kensa_vl import PairCache
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True, bandpass=True,
+                                  reference_encoders=["dct", "bandpass"], reference_views=[])  # fmt: skip
+    assert model.model.reference_comparison.own_windows == [None, 0.2]
+    images = [random_image(224, 224, s) for s in (1, 2, 3)]
+    batch = processor(
+        text=["<image> <image> <image>", "<image> <image> <image>"],
+        images=[images, [images[1], images[0], images[2]]],
+        return_tensors="pt",
+    )
+    calls, search = [], comparison_kensa_vl.own_nearest
+    monkeypatch.setattr(comparison_kensa_vl, "own_nearest", lambda *a, **k: calls.append(1) or search(*a, **k))
+    with torch.no_grad():
+        expected = model(**batch)
+        assert len(calls) == 4  # the second and third image of each row, without the cache
+        model.model.reference_comparison.pair_cache = PairCache()
+        first, again = model(**batch), model(**batch)
+    assert len(calls) == 4 + 3  # a, b and c once each
+    for out in (first, again):
+        torch.testing.assert_close(out.image_scores, expected.image_scores, equal_nan=True)
+        torch.testing.assert_close(out.logits, expected.logits)
+
+
 def test_the_verdict_starts_from_the_largest_scaled_excess_over_each_encoders_level():
     """`VERDICT_SLOPE * (max_e(scale_e * (score_e - level_e) - margin_e) - VERDICT_MARGIN)`, with the band-pass
     entry's scale 0.5 and margin 0.5 (`train/build.py`) and the DCT entry's 1 and 0."""
