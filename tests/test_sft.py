@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -152,6 +154,33 @@ def test_resuming_mid_run_repeats_the_uninterrupted_loss_sequence(synth_dir, tmp
     assert saved == ["checkpoint-6"]  # it trained steps 4-6 only
     rest = _losses(trainer)  # steps 1-3 come back from the checkpoint's state, 4-6 are trained again
     assert [rest[s] for s in (4, 5, 6)] == pytest.approx([whole[s] for s in (4, 5, 6)], rel=1e-5)
+
+
+def test_the_fused_lm_head_scores_the_labelled_positions_alone(synth_dir, tmp_path, tiny, monkeypatch):
+    """TRL's fused LM head over a real batch (what `compute_loss` runs): under `labelled_positions_only` it scores
+    only the positions that carry a label, and every per-token output equals scoring all of them."""
+    from trl.kernels import chunked_logprob
+    from trl.trainer.utils import add_fused_lm_head
+
+    args, _ = _args(synth_dir, tmp_path)
+    model, processor = copy.deepcopy(tiny[0]), tiny[1]  # the patched forward stays on this copy
+    train, _ = sft.load_data(args, seed=0)
+    batch = sft.KensaCollator(processor, assistant_only_loss=True, token_side=model.config.token_side)(
+        [train[i] for i in range(4)]
+    )
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    rows, apply = [], chunked_logprob.ChunkedLogProbFunction.apply
+    monkeypatch.setattr(
+        chunked_logprob.ChunkedLogProbFunction, "apply", lambda h, *a: rows.append(len(h)) or apply(h, *a)
+    )
+    with torch.no_grad():
+        every = model(**batch, fused_lm_head=True)
+        with sft.labelled_positions_only():
+            labelled = model(**batch, fused_lm_head=True)
+    shifted = batch["labels"][:, 1:]
+    assert rows == [shifted.numel(), int((shifted != -100).sum())] and rows[1] < rows[0] / 3
+    for name in ("log_probs", "entropy", "is_top1"):
+        torch.testing.assert_close(getattr(labelled, name), getattr(every, name), rtol=1e-5, atol=1e-5)
 
 
 def test_pair_searches_are_kept_only_while_the_compared_encoders_cannot_change():

@@ -221,7 +221,8 @@ class KensaTrainer(SFTTrainer):
         captured = []
         handle = unwrapped.model.register_forward_hook(lambda module, args, output: captured.append(output))
         try:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with labelled_positions_only():
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             handle.remove()
         extras = {}
@@ -253,6 +254,27 @@ class KensaTrainer(SFTTrainer):
         model._weight_conversions = None
         with bank_views(model.config, self.saved_views):
             return super().save_model(output_dir, _internal_call)
+
+
+@contextmanager
+def labelled_positions_only():
+    """TRL (1.16) runs its fused LM head over every position of a batch where Triton is absent (fixed tile shapes,
+    for compilers) and zeroes the unlabelled ones after; on Triton devices it runs the labelled positions alone. An
+    episode's prompt is mostly image and user tokens, which the loss never counts: score the labelled positions
+    alone everywhere. Each position's log-probability does not depend on the others, so the loss, the entropy and
+    the token accuracy are the same (tested); only `compact` in TRL's fused forward reads this switch (the kernel
+    checks its own module's). A TRL without the switch is left as it is."""
+    from trl.trainer import utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
 
 
 @contextmanager
