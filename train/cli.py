@@ -76,13 +76,12 @@ def main_job(
     """The whole job; returns the metrics written to `OUT/metrics.json`. `overrides` are recipe arguments added to
     both stages (e.g. `["--max_steps", "2"]`); `tiny` replaces entries of the tiny model's `TINY` settings (e.g.
     `{"reference_comparison": False}` for plain in-context learning)."""
-    from kensa_vl.eval.grading import evaluate_grading, grading_table, write_grading
-    from kensa_vl.eval.inspector import load_pretrained
-    from kensa_vl.eval.naming import evaluate_naming, naming_table, write_naming
+    from kensa_vl.eval.grading import grading_table
+    from kensa_vl.eval.naming import naming_table
+    from kensa_vl.eval.parallel import side_by_side
     from kensa_vl.eval.plots import loss_curve
-    from kensa_vl.eval.report import evaluate_and_report
     from kensa_vl.train import pipeline
-    from kensa_vl.train.data import load_grading, load_synth
+    from kensa_vl.train.data import load_synth
 
     out = Path(out)
     if (out / "metrics.json").exists() and not overwrite:
@@ -93,8 +92,8 @@ def main_job(
     surfaces = real_surfaces(overrides[overrides.index("--surfaces") + 1] if "--surfaces" in overrides else None, data)
     unavailable = ("surfaces",) if surfaces is None else ()  # its training source too
     previous, histories, train_seconds = pipeline.train(out, data, tiny, overrides, unavailable)
+    loss_curve(histories, out / "loss.png")
 
-    model, processor = load_pretrained(previous)
     items, _ = load_synth(data)
     run_info = {
         "model": str(previous),
@@ -104,37 +103,26 @@ def main_job(
         "baseline_calibrated_on": sorted(set(items["validation"]["category"])),
         "train_seconds": round(train_seconds, 1),
     }
-    # reported on the test categories; the baseline's threshold is chosen on the validation categories
-    results = evaluate_and_report(
-        model, processor, items["test"], out, extra=run_info, calibration=items["validation"], shots=shots,
-        seeds=seeds, queries_per_category=queries_per_category,
-    )  # fmt: skip
-    loss_curve(histories, out / "loss.png")
-    # does the answer read the examples: 2 named defective examples, names from the evaluation pool (eval/naming.py)
-    naming = evaluate_naming(model, processor, items["test"], seeds=min(seeds, NAMING_SEEDS))
-    write_naming(naming, out)
-    # grading by 3 examples per grade on the test categories' grading tasks, names never seen (eval/grading.py)
-    grading = evaluate_grading(model, processor, load_grading(data)[0]["test"], seeds=min(seeds, NAMING_SEEDS))
-    write_grading(grading, out)
+    common, queries = {"model": previous, "seeds": seeds}, {"queries_per_category": queries_per_category}
+    # the evaluations are independent: side by side in two processes (eval/parallel.py), the longest first
+    tasks = [(_inspection, {**common, **queries, "data": data, "out": out, "run_info": run_info, "shots": shots})]
+    if surfaces is not None:
+        real = {"data": surfaces, "out": out / "surfaces", "shots": (max(shots),)}
+        tasks.append((_real_surfaces, {**common, **queries, **real}))
+    tasks += [(_grading, {**common, "data": data, "out": out}), (_naming, {**common, "data": data, "out": out})]
+    found = dict(zip([function.__name__ for function, _ in tasks], side_by_side(tasks), strict=True))
     summary = json.loads((out / "metrics.json").read_text())
-    summary.update(naming=naming["metrics"], grading=grading["metrics"])
+    summary.update(naming=found["_naming"]["metrics"], grading=found["_grading"]["metrics"])
     # real photographed surfaces and defect kinds never seen in training: KensaSynth on real surfaces' test split
     if surfaces is None:
         summary["surfaces"] = {"skipped": "the real surfaces could not be fetched (see the warning at the start)"}
     else:
-        real, _ = load_synth(surfaces)
-        found = evaluate_and_report(
-            model, processor, real["test"], out / "surfaces", calibration=real["validation"], shots=(max(shots),),
-            seeds=seeds, queries_per_category=queries_per_category, controls=(), generate=False,
-        )  # fmt: skip
-        real_overall = found["kensa"]["shots"][max(shots)]["overall"]
-        summary["surfaces"] = {"data": str(surfaces), "shots": max(shots), **real_overall}
+        summary["surfaces"] = {"data": str(surfaces), "shots": max(shots), **found["_real_surfaces"]}
         print(f"real surfaces (test split, k={max(shots)}):\n" + (out / "surfaces" / "table.md").read_text(), end="")
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    print(naming_table(naming), end="")
-    print(grading_table(grading), end="")
-    for k, result in results["kensa"]["shots"].items():
-        overall = result["overall"]
+    print(naming_table(found["_naming"]), end="")
+    print(grading_table(found["_grading"]), end="")
+    for k, overall in found["_inspection"].items():
         print(
             f"k={k}: balanced accuracy {overall['balanced_accuracy']['mean']:.3f} "
             f"{overall['balanced_accuracy'].get('ci95', '')}, AUROC {overall['auroc']['mean']:.3f}"
@@ -146,6 +134,62 @@ def main_job(
         )
     print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
     return json.loads((out / "metrics.json").read_text())
+
+
+def _loaded(model: Path, data: Path) -> tuple:
+    """The main job's model and processor, and a KensaSynth folder's splits: what each evaluation task loads."""
+    from kensa_vl.eval.inspector import load_pretrained
+    from kensa_vl.train.data import load_synth
+
+    return *load_pretrained(model), load_synth(data)[0]
+
+
+def _inspection(model, data, out, run_info, shots, seeds, queries_per_category) -> dict:
+    """The KensaSynth report on the test categories, the baseline's threshold chosen on the validation ones; each
+    k's overall figures."""
+    from kensa_vl.eval.report import evaluate_and_report
+
+    model, processor, items = _loaded(model, data)
+    results = evaluate_and_report(
+        model, processor, items["test"], out, extra=run_info, calibration=items["validation"], shots=shots,
+        seeds=seeds, queries_per_category=queries_per_category,
+    )  # fmt: skip
+    return {k: result["overall"] for k, result in results["kensa"]["shots"].items()}
+
+
+def _real_surfaces(model, data, out, shots, seeds, queries_per_category) -> dict:
+    """The real-surface set's test split, scoring only; the overall figures at its k."""
+    from kensa_vl.eval.report import evaluate_and_report
+
+    model, processor, items = _loaded(model, data)
+    found = evaluate_and_report(
+        model, processor, items["test"], out, calibration=items["validation"], shots=shots, seeds=seeds,
+        queries_per_category=queries_per_category, controls=(), generate=False,
+    )  # fmt: skip
+    return found["kensa"]["shots"][max(shots)]["overall"]
+
+
+def _naming(model, data, out, seeds) -> dict:
+    """Does the answer read the examples: 2 named defective examples, names from the evaluation pool
+    (eval/naming.py); written to `out`, the metrics returned."""
+    from kensa_vl.eval.naming import evaluate_naming, write_naming
+
+    model, processor, items = _loaded(model, data)
+    naming = evaluate_naming(model, processor, items["test"], seeds=min(seeds, NAMING_SEEDS))
+    write_naming(naming, out)
+    return {"metrics": naming["metrics"]}
+
+
+def _grading(model, data, out, seeds) -> dict:
+    """Grading by 3 examples per grade on the test categories' grading tasks, names never seen (eval/grading.py);
+    written to `out`, the metrics returned."""
+    from kensa_vl.eval.grading import evaluate_grading, write_grading
+    from kensa_vl.train.data import load_grading
+
+    model, processor, _ = _loaded(model, data)
+    grading = evaluate_grading(model, processor, load_grading(data)[0]["test"], seeds=min(seeds, NAMING_SEEDS))
+    write_grading(grading, out)
+    return {"metrics": grading["metrics"]}
 
 
 def real_surfaces(path: str | Path | None, data: Path) -> Path | None:
