@@ -6,7 +6,8 @@ loadable by the Auto classes with `trust_remote_code=True`), `OUT/metrics.json` 
 plus the run: data, categories, training time), `OUT/table.md`, `OUT/records.jsonl`, `OUT/loss.png`,
 `OUT/accuracy_vs_shots.png`, TensorBoard logs under `OUT/<stage>/runs`, the intermediate `OUT/tiny` and
 `OUT/align` checkpoints, and `OUT/surfaces/` (the real-surface test split's evaluation; its photos come from three
-PyPI wheels, downloaded once: the only download besides the install).
+PyPI wheels, downloaded once: the only download besides the install). Its four evaluations (KensaSynth, the real
+surfaces, grading, naming) run two at a time in spawned processes (`eval/parallel.py`).
 
 This is the one module of `kensa_vl.train` that imports `kensa_vl.eval`: the jobs that chain training and evaluation
 (the main job, the ablation) are put together here. It imports nothing heavy at the top: each sub-command's module
