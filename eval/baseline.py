@@ -19,13 +19,10 @@ the heatmap: the model's (`distance_map`).
 from __future__ import annotations
 
 import math
-import sys
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from kensa_vl.modeling import comparison_kensa_vl
 from kensa_vl.modeling.comparison_kensa_vl import (
     LOG_FLOOR,
     distance_map,
@@ -68,8 +65,6 @@ class PatchCore:
 
     def set_support(self, support: list[dict]) -> None:
         self.bank = [self._features(item["image"], reference=True) for item in support if item["defect_type"] is None]
-        # each encoder's bank, made once: every query searches the same tensor (`SearchMemo` knows it by then)
-        self.cells = {name: _bank(self.bank, name) for name in self.bank[0][-1]} if self.bank else {}
         if len(self.bank) >= 2:  # leave one out: how far a good photo is from the other good photos
             self.level = max(self._score(f, self.bank[:i] + self.bank[i + 1 :]) for i, f in enumerate(self.bank))
         elif self.bank:
@@ -112,8 +107,7 @@ class PatchCore:
         out = []
         for query in queries:
             features = self._features(query)
-            # searched once: the score and the evidence read it
-            nearest = {name: nearest_distances(cells, self.cells[name]) for name, cells in features[0].items()}
+            nearest = self._nearest(features, self.bank)  # searched once: the score and the evidence read it
             score = self._score_of(nearest, features[1])
             p = score / (score + self.threshold + 1e-12)  # p >= 0.5 exactly when score >= threshold
             verdict = "defective" if p >= 0.5 else "good"
@@ -131,24 +125,6 @@ class PatchCore:
             box, _ = map_box(cells, leveled=True)
             out["boxes"] = [pixel_box(box, *size)]
         return out
-
-
-@contextmanager
-def shared_searches(model):
-    """One `SearchMemo` for the baseline's searches and `model`'s, whose code may be its folder's own copy (remote
-    code) rather than this package's: both modules keep their exact searches in it while the block runs. A model
-    whose code has no memo (saved by an older version) searches as before."""
-    own = sys.modules.get(type(model).__module__.rsplit(".", 1)[0] + ".comparison_kensa_vl")
-    memo = comparison_kensa_vl.SearchMemo()
-    active = [m for m in {comparison_kensa_vl, own} if m is not None and hasattr(m, "SearchMemo")]
-    previous = [m.SearchMemo.current for m in active]
-    for module in active:
-        module.SearchMemo.current = memo
-    try:
-        yield memo
-    finally:
-        for module, before in zip(active, previous, strict=True):
-            module.SearchMemo.current = before
 
 
 def calibrate(records: list[dict]) -> dict[int, float]:

@@ -553,21 +553,3 @@ def test_a_scoring_evaluation_batches_its_queries_and_keeps_their_order(tiny_com
     for a, b in zip(alone, together, strict=True):
         assert (a["index"], a["query"], a["verdict"], a["boxes"]) == (b["index"], b["query"], b["verdict"], b["boxes"])
         assert abs(a["p_defective"] - b["p_defective"]) < 1e-4
-
-
-def test_the_baseline_reads_the_models_searches_of_the_same_queries_and_supports(tiny_comparison, synth):
-    """`shared_searches`: the model judges first, then the kNN baseline on the same support sets and queries finds
-    their exact searches kept (its own leave-one-out searches are new) and gives the same records as searching."""
-    from kensa_vl.eval.baseline import shared_searches
-
-    model, processor = tiny_comparison
-    run = dict(shots=(2,), seeds=1, queries_per_category=4, controls=(), generate=False, progress=False, resamples=0)
-    alone = evaluate(model, processor, synth["test"], method="patchcore", **run)["records"]
-    with shared_searches(model) as memo:
-        evaluate(model, processor, synth["test"], **run)
-        searched = memo.misses
-        assert searched > 0 and memo.hits == 0
-        kept = evaluate(model, processor, synth["test"], method="patchcore", **run)["records"]
-    assert memo.hits >= len(kept) * len(model.config.reference_encoder_names())  # every query's every encoder
-    for a, b in zip(alone, kept, strict=True):
-        assert (a["index"], a["p_defective"], a["boxes"]) == (b["index"], b["p_defective"], b["boxes"])
