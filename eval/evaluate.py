@@ -131,7 +131,7 @@ class _Headline:
         flat = (np.arange(len(rows))[:, None] * len(self.y) + rows).ravel()  # how often each record is drawn, per row
         counts = np.bincount(flat, minlength=len(rows) * len(self.y)).reshape(len(rows), -1)
         out = {"balanced_accuracy": accuracy, **ranking_metrics(y, p), **self.pixels.metrics(counts)}
-        return {k: out.get(k, np.full(len(rows), np.nan)) for k in INTERVAL_METRICS}
+        return {k: out[k] for k in INTERVAL_METRICS}
 
 
 def aggregate(records: list[dict], threshold: float = 0.5, resamples: int = 1000) -> dict:

@@ -185,9 +185,10 @@ def _grading(model, data, out, seeds) -> dict:
     """Grading by 3 examples per grade on the test categories' grading tasks, names never seen (eval/grading.py);
     written to `out`, the metrics returned."""
     from kensa_vl.eval.grading import evaluate_grading, write_grading
+    from kensa_vl.eval.inspector import load_pretrained
     from kensa_vl.train.data import load_grading
 
-    model, processor, _ = _loaded(model, data)
+    model, processor = load_pretrained(model)
     grading = evaluate_grading(model, processor, load_grading(data)[0]["test"], seeds=min(seeds, NAMING_SEEDS))
     write_grading(grading, out)
     return {"metrics": grading["metrics"]}
