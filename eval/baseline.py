@@ -65,6 +65,8 @@ class PatchCore:
 
     def set_support(self, support: list[dict]) -> None:
         self.bank = [self._features(item["image"], reference=True) for item in support if item["defect_type"] is None]
+        # each encoder's bank, made once: every query searches the same tensor (`SearchMemo` knows it by then)
+        self.cells = {name: _bank(self.bank, name) for name in self.bank[0][-1]} if self.bank else {}
         if len(self.bank) >= 2:  # leave one out: how far a good photo is from the other good photos
             self.level = max(self._score(f, self.bank[:i] + self.bank[i + 1 :]) for i, f in enumerate(self.bank))
         elif self.bank:
@@ -107,7 +109,8 @@ class PatchCore:
         out = []
         for query in queries:
             features = self._features(query)
-            nearest = self._nearest(features, self.bank)  # searched once: the score and the evidence read it
+            # searched once: the score and the evidence read it
+            nearest = {name: nearest_distances(cells, self.cells[name]) for name, cells in features[0].items()}
             score = self._score_of(nearest, features[1])
             p = score / (score + self.threshold + 1e-12)  # p >= 0.5 exactly when score >= threshold
             verdict = "defective" if p >= 0.5 else "good"

@@ -107,7 +107,7 @@ def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 
     grades (`run` "rotated"), for the follow rate. The metrics and one record per query, method and run."""
     from kensa_vl.train.data import ATTRIBUTES, noun
 
-    from .inspector import Inspector, support_item
+    from .inspector import Inspector, shared_searches, support_item
 
     sets = grading_sets(items, seeds, num_grades, shots)
     baseline, records = PooledNearest(model, processor), []
@@ -126,16 +126,17 @@ def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 
             continue
         inspector.noun = noun(chosen["category"], "product")
         inspector.graded_by = ATTRIBUTES[chosen["attribute"]].noun if chosen["attribute"] in ATTRIBUTES else "look"
-        for run, names in (("named", chosen["names"]), ("rotated", chosen["names"][1:] + chosen["names"][:1])):
-            inspector.set_support([support_item(x["image"], label=names[g], limit=x["limit"])
-                                   for x, g in zip(examples, chosen["grades"], strict=True)])  # fmt: skip
-            for order, (row, grade, image) in enumerate(queries):
-                result = inspector.judge(image)[0]
-                predicted = names.index(result.grade) if result.grade in names else None
-                probs = [result.grade_probabilities.get(n, 0.0) for n in names]
-                records.append({"method": "kensa", "run": run, **context, "query": order, "index": row,
-                                "grade": grade, "predicted": predicted, "probs": probs, "text": result.text,
-                                "limit_sample": result.limit_sample})  # fmt: skip
+        with shared_searches(model):  # the rotated run meets the same photos: searched once
+            for run, names in (("named", chosen["names"]), ("rotated", chosen["names"][1:] + chosen["names"][:1])):
+                inspector.set_support([support_item(x["image"], label=names[g], limit=x["limit"])
+                                       for x, g in zip(examples, chosen["grades"], strict=True)])  # fmt: skip
+                for order, (row, grade, image) in enumerate(queries):
+                    result = inspector.judge(image)[0]
+                    predicted = names.index(result.grade) if result.grade in names else None
+                    probs = [result.grade_probabilities.get(n, 0.0) for n in names]
+                    records.append({"method": "kensa", "run": run, **context, "query": order, "index": row,
+                                    "grade": grade, "predicted": predicted, "probs": probs, "text": result.text,
+                                    "limit_sample": result.limit_sample})  # fmt: skip
     config = {"seeds": seeds, "num_grades": num_grades, "shots": shots}
     return {"metrics": grading_metrics(records, num_grades), "records": records, "config": config}
 

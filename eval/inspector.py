@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -23,6 +25,7 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicLayer
 
+from kensa_vl.modeling import comparison_kensa_vl
 from kensa_vl.modeling.comparison_kensa_vl import map_box
 from kensa_vl.modeling.demos_kensa_vl import MAX_NAME_TOKENS, prompt_labels
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
@@ -200,6 +203,25 @@ def load_pretrained(path, dtype=None, **config):
         raise ValueError(f"{path} holds a {model_type!r} model, not a KensaVL (model_type 'kensa_vl')")
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype or "auto", **config)
     return model, AutoProcessor.from_pretrained(path, trust_remote_code=True)
+
+
+@contextmanager
+def shared_searches(model):
+    """One `SearchMemo` for the exact searches of `model`, whose code may be its folder's own copy (remote code), and
+    of this package's code (the kNN baseline's) while the block runs: an evaluation that meets the same query and
+    support photos again (the baseline after the model, the same examples under other names) searches them once and
+    gets the same answers. A model whose code has no memo (saved by an older version) searches as before."""
+    own = sys.modules.get(type(model).__module__.rsplit(".", 1)[0] + ".comparison_kensa_vl")
+    memo = comparison_kensa_vl.SearchMemo()
+    active = [m for m in {comparison_kensa_vl, own} if m is not None and hasattr(m, "SearchMemo")]
+    previous = [m.SearchMemo.current for m in active]
+    for module in active:
+        module.SearchMemo.current = memo
+    try:
+        yield memo
+    finally:
+        for module, before in zip(active, previous, strict=True):
+            module.SearchMemo.current = before
 
 
 class Inspector:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-from .inspector import Inspector, support_item
+from .inspector import Inspector, shared_searches, support_item
 from .metrics import image_metrics
 
 
@@ -60,38 +60,46 @@ def evaluate_naming(model, processor, items, seeds: int = 3, shots: int = 4, per
     query and run. Runs: `named`, `swapped` (the names swapped; its defective queries), `boxed` (the examples with
     their defects' boxes, as a user who marks where the defect is gives them; its defective queries) and
     `good_only` (the good examples alone, scores only)."""
-    from kensa_vl.train.data import noun
-
     sets = naming_sets(items, seeds, shots, per_type)
     inspector = Inspector(model, processor, threshold=threshold, max_new_tokens=24)
     records = []
     for chosen in tqdm(sets, desc="naming by example", disable=not progress):
-        inspector.noun = noun(chosen["category"])
-        good = [support_item(items[i]["image"]) for i in chosen["good"]]
-        context = {"category": chosen["category"], "seed": chosen["seed"]}
-        names = chosen["names"]
-        for run, shown in (("named", names), ("swapped", names[::-1]), ("boxed", names)):
-            demos = [support_item(items[i]["image"], defective=True, defect_type=n,
-                                  boxes=items[i]["boxes"] if run == "boxed" else None)
-                     for i, n in zip(chosen["demos"], shown, strict=True)]  # fmt: skip
-            inspector.set_support(good + demos)
-            want = dict(zip(chosen["types"], shown, strict=True))
-            for order, (i, kind) in enumerate(chosen["queries"]):
-                result = inspector.judge(items[i]["image"])[0]
-                record = _record(context, run, order, i, "defective", result)
-                records.append({**record, "defect_type": kind, "expected": want[kind], "name": result.defect_type})
-            for order, i in enumerate(chosen["good_queries"] if run == "named" else []):
-                result = inspector.judge(items[i]["image"])[0]
-                records.append(_record(context, run, order, i, "good", result))
-        inspector.max_new_tokens = 0
-        inspector.set_support(good)
-        for order, i in enumerate([i for i, _ in chosen["queries"]] + chosen["good_queries"]):
-            result = inspector.judge(items[i]["image"])[0]
-            label = "defective" if order < len(chosen["queries"]) else "good"
-            records.append(_record(context, "good_only", order, i, label, result))
-        inspector.max_new_tokens = 24
+        with shared_searches(model):  # the runs of a set meet the same photos: searched once
+            records += _naming_runs(inspector, items, chosen)
     return {"metrics": naming_metrics(records, threshold), "records": records,
             "config": {"seeds": seeds, "shots": shots, "per_type": per_type, "threshold": threshold}}  # fmt: skip
+
+
+def _naming_runs(inspector, items, chosen: dict) -> list[dict]:
+    """One naming set's records: its runs `named`, `swapped` and `boxed` (greedy answers), then `good_only`."""
+    from kensa_vl.train.data import noun
+
+    records = []
+    inspector.noun = noun(chosen["category"])
+    good = [support_item(items[i]["image"]) for i in chosen["good"]]
+    context = {"category": chosen["category"], "seed": chosen["seed"]}
+    names = chosen["names"]
+    for run, shown in (("named", names), ("swapped", names[::-1]), ("boxed", names)):
+        demos = [support_item(items[i]["image"], defective=True, defect_type=n,
+                              boxes=items[i]["boxes"] if run == "boxed" else None)
+                 for i, n in zip(chosen["demos"], shown, strict=True)]  # fmt: skip
+        inspector.set_support(good + demos)
+        want = dict(zip(chosen["types"], shown, strict=True))
+        for order, (i, kind) in enumerate(chosen["queries"]):
+            result = inspector.judge(items[i]["image"])[0]
+            record = _record(context, run, order, i, "defective", result)
+            records.append({**record, "defect_type": kind, "expected": want[kind], "name": result.defect_type})
+        for order, i in enumerate(chosen["good_queries"] if run == "named" else []):
+            result = inspector.judge(items[i]["image"])[0]
+            records.append(_record(context, run, order, i, "good", result))
+    inspector.max_new_tokens = 0
+    inspector.set_support(good)
+    for order, i in enumerate([i for i, _ in chosen["queries"]] + chosen["good_queries"]):
+        result = inspector.judge(items[i]["image"])[0]
+        label = "defective" if order < len(chosen["queries"]) else "good"
+        records.append(_record(context, "good_only", order, i, label, result))
+    inspector.max_new_tokens = 24
+    return records
 
 
 def _record(context: dict, run: str, order: int, index: int, label: str, result) -> dict:

@@ -553,3 +553,55 @@ def test_a_scoring_evaluation_batches_its_queries_and_keeps_their_order(tiny_com
     for a, b in zip(alone, together, strict=True):
         assert (a["index"], a["query"], a["verdict"], a["boxes"]) == (b["index"], b["query"], b["verdict"], b["boxes"])
         assert abs(a["p_defective"] - b["p_defective"]) < 1e-4
+
+
+def test_the_baseline_reads_the_models_searches_of_the_same_queries_and_supports(tiny_comparison, synth):
+    """`shared_searches`: the model judges first, then the kNN baseline on the same support sets and queries finds
+    their exact searches kept (its own leave-one-out searches are new) and gives the same records as searching."""
+    from kensa_vl.eval.inspector import shared_searches
+
+    model, processor = tiny_comparison
+    run = dict(shots=(2,), seeds=1, queries_per_category=4, controls=(), generate=False, progress=False, resamples=0)
+    alone = evaluate(model, processor, synth["test"], method="patchcore", **run)["records"]
+    with shared_searches(model) as memo:
+        evaluate(model, processor, synth["test"], **run)
+        searched = memo.misses
+        assert searched > 0 and memo.hits == 0
+        kept = evaluate(model, processor, synth["test"], method="patchcore", **run)["records"]
+    assert memo.hits >= len(kept) * len(model.config.reference_encoder_names())  # every query's every encoder
+    for a, b in zip(alone, kept, strict=True):
+        assert (a["index"], a["p_defective"], a["boxes"]) == (b["index"], b["p_defective"], b["boxes"])
+
+
+@pytest.mark.parametrize("task", ["naming", "grading"])
+def test_the_runs_of_one_set_read_each_others_searches(task, tiny_comparison, synth, synth_dir, monkeypatch):
+    """The runs of one naming or grading set show the same photos under other names (swapped, rotated, boxed, good
+    examples alone): the later runs find the first's exact searches kept (`shared_searches`, one memo per set) and
+    give the same records as searching again."""
+    import contextlib
+
+    from kensa_vl.eval import grading, inspector, naming
+    from kensa_vl.train.data import load_grading
+
+    model, processor = tiny_comparison
+    if task == "naming":
+        run, items, module = naming.evaluate_naming, synth["test"], naming
+    else:
+        items = load_grading(synth_dir)[0]["test"]
+        items = items.select([i for i, a in enumerate(items["attribute"]) if a == "shade"])
+        run, module = grading.evaluate_grading, inspector  # grading imports it when it runs
+    memos, shared = [], inspector.shared_searches
+
+    @contextlib.contextmanager
+    def counted(model):
+        with shared(model) as memo:
+            yield memo
+        memos.append(memo)
+
+    monkeypatch.setattr(module, "shared_searches", counted)
+    kept = run(model, processor, items, seeds=1, progress=False)["records"]
+    monkeypatch.setattr(module, "shared_searches", lambda model: contextlib.nullcontext())
+    searched = run(model, processor, items, seeds=1, progress=False)["records"]
+    assert memos and all(memo.hits >= memo.misses > 0 for memo in memos)  # each later run finds every search
+    keys = ("run", "index", "p_defective", "text", "predicted", "probs")
+    assert [[r.get(k) for k in keys] for r in kept] == [[r.get(k) for k in keys] for r in searched]
