@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 WORKERS = 2
 
@@ -30,7 +31,18 @@ def side_by_side(tasks: list[tuple], workers: int | None = None) -> list:
     spawn = multiprocessing.get_context("spawn")  # a forked copy of a process that ran torch's threads can hang
     with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_threads, initargs=(threads // workers,)) as pool:
         futures = [pool.submit(function, **kwargs) for function, kwargs in tasks]
-        return [future.result() for future in futures]
+        try:
+            return [future.result() for future in futures]
+        except BrokenProcessPool as err:  # a worker died (killed for memory, a crash in native code): say where
+            lost = [f.__name__ for (f, _), future in zip(tasks, futures, strict=True) if _broken(future)]
+            raise RuntimeError(
+                "a worker process ended abruptly (killed, e.g. for memory, or crashed in native code) while these "
+                f"tasks were unfinished: {', '.join(lost)}"
+            ) from err
+
+
+def _broken(future) -> bool:
+    return isinstance(future.exception(), BrokenProcessPool)
 
 
 def _threads(count: int) -> None:

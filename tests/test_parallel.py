@@ -23,3 +23,10 @@ def test_tasks_run_in_other_processes_with_a_share_of_the_threads_and_answer_in_
 
 def test_one_worker_runs_the_tasks_here_in_turn():
     assert side_by_side([(os.getpid, {}), (json.loads, {"s": "3"})], workers=1) == [os.getpid(), 3]
+
+
+def test_a_worker_that_dies_is_named_not_a_bare_broken_pool():
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs two torch threads to split")
+    with pytest.raises(RuntimeError, match=r"ended abruptly.*unfinished: .*_exit"):
+        side_by_side([(os._exit, {"status": 3}), (json.loads, {"s": "1"})])
