@@ -10,6 +10,7 @@ in the last float digits (1e-6 on grading probabilities in that run; no answer c
 from __future__ import annotations
 
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -34,11 +35,21 @@ def side_by_side(tasks: list[tuple], workers: int | None = None) -> list:
         try:
             return [future.result() for future in futures]
         except BrokenProcessPool as err:  # a worker died (killed for memory, a crash in native code): say where
-            lost = [f.__name__ for (f, _), future in zip(tasks, futures, strict=True) if _broken(future)]
+            lost = [_name(*task) for task, future in zip(tasks, futures, strict=True) if _broken(future)]
             raise RuntimeError(
                 "a worker process ended abruptly (killed, e.g. for memory, or crashed in native code) while these "
                 f"tasks were unfinished: {', '.join(lost)}"
             ) from err
+
+
+def timed(function, **kwargs) -> tuple:
+    """`(function(**kwargs), the seconds it took)`: a task of `side_by_side` that says where the time went."""
+    began = time.perf_counter()
+    return function(**kwargs), time.perf_counter() - began
+
+
+def _name(function, kwargs: dict) -> str:
+    return (kwargs["function"] if function is timed else function).__name__
 
 
 def _broken(future) -> bool:

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from kensa_vl.eval.parallel import side_by_side
+from kensa_vl.eval.parallel import side_by_side, timed
 
 
 def test_tasks_run_in_other_processes_with_a_share_of_the_threads_and_answer_in_order():
@@ -30,3 +30,7 @@ def test_a_worker_that_dies_is_named_not_a_bare_broken_pool():
         pytest.skip("needs two torch threads to split")
     with pytest.raises(RuntimeError, match=r"ended abruptly.*unfinished: .*_exit"):
         side_by_side([(os._exit, {"status": 3}), (json.loads, {"s": "1"})])
+    with pytest.raises(RuntimeError, match=r"unfinished: .*_exit"):  # a timed task by its own name
+        side_by_side([(timed, {"function": os._exit, "status": 3}), (json.loads, {"s": "1"})])
+    (value, seconds), _ = side_by_side([(timed, {"function": json.loads, "s": "[2]"}), (os.getpid, {})])
+    assert value == [2] and seconds > 0

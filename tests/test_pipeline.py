@@ -18,6 +18,8 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["run"]["categories"] == ["cap", "grass", "leather"] and saved["run"]["split"] == "test"
+    assert set(saved["run"]["evaluation_seconds"]) == {"inspection", "real_surfaces", "grading", "naming"}
+    assert all(seconds > 0 for seconds in saved["run"]["evaluation_seconds"].values())
     assert set(saved["kensa"]["shots"]) == {"0", "1"} and set(saved["patchcore"]["shots"]) == {"1"}  # no k=0
     assert set(saved["kensa"]["controls"]) == {"other_category", "noise", "shuffled_labels"}
     assert saved["kensa"]["shots"]["1"]["overall"]["n"] == metrics["kensa"]["shots"]["1"]["overall"]["n"] == 2 * 2 * 3

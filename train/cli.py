@@ -79,7 +79,7 @@ def main_job(
     `{"reference_comparison": False}` for plain in-context learning)."""
     from kensa_vl.eval.grading import grading_table
     from kensa_vl.eval.naming import naming_table
-    from kensa_vl.eval.parallel import side_by_side
+    from kensa_vl.eval.parallel import side_by_side, timed
     from kensa_vl.eval.plots import loss_curve
     from kensa_vl.train import pipeline
     from kensa_vl.train.data import load_synth
@@ -111,19 +111,23 @@ def main_job(
         real = {"data": surfaces, "out": out / "surfaces", "shots": (max(shots),)}
         tasks.append((_real_surfaces, {**common, **queries, **real}))
     tasks += [(_grading, {**common, "data": data, "out": out}), (_naming, {**common, "data": data, "out": out})]
-    found = dict(zip([function.__name__ for function, _ in tasks], side_by_side(tasks), strict=True))
+    names = [function.__name__.lstrip("_") for function, _ in tasks]
+    done = side_by_side([(timed, {"function": function, **kwargs}) for function, kwargs in tasks])
+    found = {name: value for name, (value, _) in zip(names, done, strict=True)}
+    seconds = {name: round(took, 1) for name, (_, took) in zip(names, done, strict=True)}
     summary = json.loads((out / "metrics.json").read_text())
-    summary.update(naming=found["_naming"]["metrics"], grading=found["_grading"]["metrics"])
+    summary.update(naming=found["naming"]["metrics"], grading=found["grading"]["metrics"])
+    summary["run"]["evaluation_seconds"] = seconds  # each evaluation's own time, two running at a time
     # real photographed surfaces and defect kinds never seen in training: KensaSynth on real surfaces' test split
     if surfaces is None:
         summary["surfaces"] = {"skipped": "the real surfaces could not be fetched (see the warning at the start)"}
     else:
-        summary["surfaces"] = {"data": str(surfaces), "shots": max(shots), **found["_real_surfaces"]}
+        summary["surfaces"] = {"data": str(surfaces), "shots": max(shots), **found["real_surfaces"]}
         print(f"real surfaces (test split, k={max(shots)}):\n" + (out / "surfaces" / "table.md").read_text(), end="")
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    print(naming_table(found["_naming"]), end="")
-    print(grading_table(found["_grading"]), end="")
-    for k, overall in found["_inspection"].items():
+    print(naming_table(found["naming"]), end="")
+    print(grading_table(found["grading"]), end="")
+    for k, overall in found["inspection"].items():
         print(
             f"k={k}: balanced accuracy {overall['balanced_accuracy']['mean']:.3f} "
             f"{overall['balanced_accuracy'].get('ci95', '')}, AUROC {overall['auroc']['mean']:.3f}"
@@ -133,6 +137,7 @@ def main_job(
                 else ""
             )
         )
+    print("evaluations, two at a time (s): " + ", ".join(f"{name} {took:.0f}" for name, took in seconds.items()))
     print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
     return json.loads((out / "metrics.json").read_text())
 
