@@ -107,7 +107,7 @@ def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 
     grades (`run` "rotated"), for the follow rate. The metrics and one record per query, method and run."""
     from kensa_vl.train.data import ATTRIBUTES, noun
 
-    from .inspector import Inspector, shared_searches, support_item
+    from .inspector import Inspector, shared_searches
 
     sets = grading_sets(items, seeds, num_grades, shots)
     baseline, records = PooledNearest(model, processor), []
@@ -127,16 +127,7 @@ def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 
         inspector.noun = noun(chosen["category"], "product")
         inspector.graded_by = ATTRIBUTES[chosen["attribute"]].noun if chosen["attribute"] in ATTRIBUTES else "look"
         with shared_searches(model):  # the rotated run meets the same photos: searched once
-            for run, names in (("named", chosen["names"]), ("rotated", chosen["names"][1:] + chosen["names"][:1])):
-                inspector.set_support([support_item(x["image"], label=names[g], limit=x["limit"])
-                                       for x, g in zip(examples, chosen["grades"], strict=True)])  # fmt: skip
-                for order, (row, grade, image) in enumerate(queries):
-                    result = inspector.judge(image)[0]
-                    predicted = names.index(result.grade) if result.grade in names else None
-                    probs = [result.grade_probabilities.get(n, 0.0) for n in names]
-                    records.append({"method": "kensa", "run": run, **context, "query": order, "index": row,
-                                    "grade": grade, "predicted": predicted, "probs": probs, "text": result.text,
-                                    "limit_sample": result.limit_sample})  # fmt: skip
+            records += _kensa_runs(inspector, chosen, examples, queries, context)
     config = {"seeds": seeds, "num_grades": num_grades, "shots": shots}
     return {"metrics": grading_metrics(records, num_grades), "records": records, "config": config}
 
@@ -144,6 +135,24 @@ def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 
 def named_records(records: list[dict], method: str) -> list[dict]:
     """A method's records of the run with the drawn names (the rotated run only measures the follow rate)."""
     return [r for r in records if r["method"] == method and r.get("run", "named") == "named"]
+
+
+def _kensa_runs(inspector, chosen: dict, examples: list, queries: list, context: dict) -> list[dict]:
+    """One grading set's KensaVL records: every query judged with the drawn names, then with them rotated."""
+    from .inspector import support_item
+
+    records = []
+    for run, names in (("named", chosen["names"]), ("rotated", chosen["names"][1:] + chosen["names"][:1])):
+        inspector.set_support([support_item(x["image"], label=names[g], limit=x["limit"])
+                               for x, g in zip(examples, chosen["grades"], strict=True)])  # fmt: skip
+        for order, (row, grade, image) in enumerate(queries):
+            result = inspector.judge(image)[0]
+            predicted = names.index(result.grade) if result.grade in names else None
+            probs = [result.grade_probabilities.get(n, 0.0) for n in names]
+            records.append({"method": "kensa", "run": run, **context, "query": order, "index": row,
+                            "grade": grade, "predicted": predicted, "probs": probs, "text": result.text,
+                            "limit_sample": result.limit_sample})  # fmt: skip
+    return records
 
 
 def grading_metrics(records: list[dict], num_grades: int) -> dict:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 
 WORKERS = 2
 
@@ -35,21 +37,27 @@ def side_by_side(tasks: list[tuple], workers: int | None = None) -> list:
         try:
             return [future.result() for future in futures]
         except BrokenProcessPool as err:  # a worker died (killed for memory, a crash in native code): say where
-            lost = [_name(*task) for task, future in zip(tasks, futures, strict=True) if _broken(future)]
+            lost = [f.__name__ for (f, _), future in zip(tasks, futures, strict=True) if _broken(future)]
             raise RuntimeError(
                 "a worker process ended abruptly (killed, e.g. for memory, or crashed in native code) while these "
                 f"tasks were unfinished: {', '.join(lost)}"
             ) from err
 
 
-def timed(function, **kwargs) -> tuple:
-    """`(function(**kwargs), the seconds it took)`: a task of `side_by_side` that says where the time went."""
-    began = time.perf_counter()
-    return function(**kwargs), time.perf_counter() - began
+@dataclass(frozen=True)
+class timed:
+    """A task's function that also says where the time went: `timed(function)(**kwargs)` is `(function(**kwargs),
+    the seconds it took)`, under the function's own name."""
 
+    function: Callable
 
-def _name(function, kwargs: dict) -> str:
-    return (kwargs["function"] if function is timed else function).__name__
+    @property
+    def __name__(self) -> str:
+        return self.function.__name__
+
+    def __call__(self, **kwargs) -> tuple:
+        began = time.perf_counter()
+        return self.function(**kwargs), time.perf_counter() - began
 
 
 def _broken(future) -> bool:

@@ -31,6 +31,6 @@ def test_a_worker_that_dies_is_named_not_a_bare_broken_pool():
     with pytest.raises(RuntimeError, match=r"ended abruptly.*unfinished: .*_exit"):
         side_by_side([(os._exit, {"status": 3}), (json.loads, {"s": "1"})])
     with pytest.raises(RuntimeError, match=r"unfinished: .*_exit"):  # a timed task by its own name
-        side_by_side([(timed, {"function": os._exit, "status": 3}), (json.loads, {"s": "1"})])
-    (value, seconds), _ = side_by_side([(timed, {"function": json.loads, "s": "[2]"}), (os.getpid, {})])
+        side_by_side([(timed(os._exit), {"status": 3}), (json.loads, {"s": "1"})])
+    (value, seconds), _ = side_by_side([(timed(json.loads), {"s": "[2]"}), (os.getpid, {})])
     assert value == [2] and seconds > 0

@@ -112,7 +112,7 @@ def main_job(
         tasks.append((_real_surfaces, {**common, **queries, **real}))
     tasks += [(_grading, {**common, "data": data, "out": out}), (_naming, {**common, "data": data, "out": out})]
     names = [function.__name__.lstrip("_") for function, _ in tasks]
-    done = side_by_side([(timed, {"function": function, **kwargs}) for function, kwargs in tasks])
+    done = side_by_side([(timed(function), kwargs) for function, kwargs in tasks])
     found = {name: value for name, (value, _) in zip(names, done, strict=True)}
     seconds = {name: round(took, 1) for name, (_, took) in zip(names, done, strict=True)}
     summary = json.loads((out / "metrics.json").read_text())
