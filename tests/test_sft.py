@@ -183,6 +183,40 @@ def test_the_fused_lm_head_scores_the_labelled_positions_alone(synth_dir, tmp_pa
         torch.testing.assert_close(getattr(labelled, name), getattr(every, name), rtol=1e-5, atol=1e-5)
 
 
+def test_a_right_padded_batch_runs_causal_with_the_same_loss_and_gradients(synth_dir, tmp_path, tiny):
+    """`right_padding_as_causal`: the language model's layers get no mask for a right-padded batch (SDPA's causal
+    kernel), and the loss and every gradient equal those of the masked run; a left-padded mask is passed on."""
+    args, _ = _args(synth_dir, tmp_path)
+    model, processor = copy.deepcopy(tiny[0]), tiny[1]
+    train, _ = sft.load_data(args, seed=0)
+    batch = sft.KensaCollator(processor, assistant_only_loss=True, token_side=model.config.token_side)(
+        [train[i] for i in range(4)]
+    )
+    assert not batch["attention_mask"].all()  # rows of different lengths: padded on the right
+    seen = []
+    model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+
+    def loss_and_grads(**inputs):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    masked = loss_and_grads(**batch)
+    with sft.right_padding_as_causal(model.model.language_model):
+        causal = loss_and_grads(**batch)
+        left = torch.ones(4, 8, dtype=torch.long)
+        left[0, :3] = 0  # padded on the left
+        model.model.language_model(input_ids=batch["input_ids"][:, :8], attention_mask=left)
+    assert seen[0] is not None and seen[1] is None and seen[2] is not None
+    torch.testing.assert_close(causal[0], masked[0], rtol=1e-5, atol=1e-6)
+    assert causal[1].keys() == masked[1].keys() and len(masked[1]) > 10
+    for name, grad in masked[1].items():
+        torch.testing.assert_close(causal[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_pair_searches_are_kept_only_while_the_compared_encoders_cannot_change():
     from kensa_vl.train.build import build_tiny
 
