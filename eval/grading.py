@@ -101,15 +101,21 @@ class PooledNearest:
 
 
 def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 3, shots: int = 3,
-                     progress: bool = True) -> dict:  # fmt: skip
+                     progress: bool = True, part: tuple[int, int] = (0, 1)) -> dict:  # fmt: skip
     """Grade every query of `grading_sets` with the baseline and, for a model that grades, with KensaVL through an
     `Inspector` (cached support, greedy answer), twice: with the drawn names and with the names rotated across the
-    grades (`run` "rotated"), for the follow rate. The metrics and one record per query, method and run."""
+    grades (`run` "rotated"), for the follow rate. The metrics and one record per query, method and run. `part`
+    `(i, n)`: only the i-th of n consecutive shares of the sets (run side by side; `joined` puts the shares' results
+    together as one run's)."""
     from kensa_vl.train.data import ATTRIBUTES, noun
 
     from .inspector import Inspector, shared_searches
 
+    i, n = part
+    if not 0 <= i < n:
+        raise ValueError(f"part is (i, n) with 0 <= i < n: the i-th of n shares of the grading sets; got {part}")
     sets = grading_sets(items, seeds, num_grades, shots)
+    sets = sets[i * len(sets) // n : (i + 1) * len(sets) // n]
     baseline, records = PooledNearest(model, processor), []
     grades = bool(getattr(model.config, "reference_comparison", False) and model.config.grade_marks)
     inspector = Inspector(model, processor, max_new_tokens=MAX_NEW_TOKENS) if grades else None
@@ -130,6 +136,13 @@ def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 
             records += _kensa_runs(inspector, chosen, examples, queries, context)
     config = {"seeds": seeds, "num_grades": num_grades, "shots": shots}
     return {"metrics": grading_metrics(records, num_grades), "records": records, "config": config}
+
+
+def joined(parts: list[dict]) -> dict:
+    """The results of `evaluate_grading`'s shares `(0, n) ... (n - 1, n)`, in that order: those of one whole run."""
+    records = [record for result in parts for record in result["records"]]
+    config = parts[0]["config"]
+    return {"metrics": grading_metrics(records, config["num_grades"]), "records": records, "config": config}
 
 
 def named_records(records: list[dict], method: str) -> list[dict]:

@@ -76,7 +76,7 @@ def test_eval_task_grading_writes_its_report(tiny_dir, synth_dir, tmp_path):
 
 
 def test_the_model_is_evaluated_beside_the_baseline_with_its_follow_rate(synth_dir):
-    from kensa_vl.eval.grading import evaluate_grading
+    from kensa_vl.eval.grading import evaluate_grading, joined
     from kensa_vl.train.build import build_tiny
 
     model, processor = build_tiny(tile_size=112, max_tiles=2, reference_comparison=True, dct=True)
@@ -90,3 +90,8 @@ def test_the_model_is_evaluated_beside_the_baseline_with_its_follow_rate(synth_d
     # the untrained model's answer names a grade of the prompt, read from its examples: the names rotate with it
     assert kensa["follow_rate"] > 0.9 and all(r["predicted"] is not None for r in result["records"])
     assert confusion(named_records(result["records"], "kensa"), 3).sum() == kensa["queries"]  # what the plot shows
+    # the main job's shares of the sets, side by side, put together: the whole run
+    shares = [evaluate_grading(model, processor, items, seeds=1, progress=False, part=(i, 3)) for i in range(3)]
+    assert all(share["records"] for share in shares) and joined(shares) == result
+    with pytest.raises(ValueError, match=r"0 <= i < n.*\(3, 3\)"):
+        evaluate_grading(model, processor, items, seeds=1, part=(3, 3))

@@ -12,7 +12,9 @@ import pytest
 def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     from transformers import AutoModelForImageTextToText
 
+    from kensa_vl.eval.grading import grading_sets
     from kensa_vl.train.cli import main_job
+    from kensa_vl.train.data import load_grading
 
     out, metrics = main_run
 
@@ -33,6 +35,13 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     boxed = [r for r in naming if r["run"] == "boxed"]
     assert saved["naming"]["naming_boxed"] == np.mean([r["name"] == r["expected"] for r in boxed])
     assert saved["naming"]["queries"] == sum(r["run"] == "named" and r["label"] == "defective" for r in naming) > 0
+    # grading, run in shares side by side: every set of the two seeds, once
+    sets = grading_sets(load_grading(synth_dir)[0]["test"], seeds=2)
+    grading = [json.loads(line) for line in (out / "grading_records.jsonl").read_text().splitlines()]
+    kensa = [(r["category"], r["attribute"], r["seed"], r["query"]) for r in grading if r["method"] == "kensa"]
+    assert sorted(set(kensa)) == sorted((s["category"], s["attribute"], s["seed"], q) for s in sets
+                                        for q in range(len(s["queries"])))  # fmt: skip
+    assert saved["grading"]["kensa"]["queries"] == len(kensa) / 2  # the named run and the rotated one
     assert "label-permutation follow rate" in (out / "naming.md").read_text()
     # the real surfaces it trained on the other ones of: their test split, 4 per category (k = 1 here), two seeds
     real = json.loads((out / "surfaces" / "metrics.json").read_text())

@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-# sub-command -> (the module whose `add_parsers` defines it, the line `kensa-vl --help` shows for it)
 NAMING_SEEDS = 3  # the main job's naming and grading evaluations: support draws per test category (eval/naming.py)
+GRADING_SHARES = 8  # the main job's grading evaluation, in shares of its sets that the two workers take in turn
+# sub-command -> (the module whose `add_parsers` defines it, the line `kensa-vl --help` shows for it)
 COMMANDS = {
     "tiny": ("kensa_vl.train.build", "build a tiny random KensaVL offline (the embedded default)"),
     "assemble": ("kensa_vl.train.build", "assemble KensaVL from pretrained towers and an LM"),
@@ -77,7 +78,7 @@ def main_job(
     """The whole job; returns the metrics written to `OUT/metrics.json`. `overrides` are recipe arguments added to
     both stages (e.g. `["--max_steps", "2"]`); `tiny` replaces entries of the tiny model's `TINY` settings (e.g.
     `{"reference_comparison": False}` for plain in-context learning)."""
-    from kensa_vl.eval.grading import grading_table
+    from kensa_vl.eval.grading import grading_table, joined, write_grading
     from kensa_vl.eval.naming import naming_table
     from kensa_vl.eval.parallel import side_by_side, timed
     from kensa_vl.eval.plots import loss_curve
@@ -110,11 +111,17 @@ def main_job(
     if surfaces is not None:
         real = {"data": surfaces, "out": out / "surfaces", "shots": (max(shots),)}
         tasks.append((_real_surfaces, {**common, **queries, **real}))
-    tasks += [(_grading, {**common, "data": data, "out": out}), (_naming, {**common, "data": data, "out": out})]
+    tasks.append((_naming, {**common, "data": data, "out": out}))
+    # grading last, in shares: a free worker takes the next one, so the two workers end within a share of each other
+    tasks += [(_grading, {**common, "data": data, "part": (i, GRADING_SHARES)}) for i in range(GRADING_SHARES)]
     names = [function.__name__.lstrip("_") for function, _ in tasks]
     done = side_by_side([(timed(function), kwargs) for function, kwargs in tasks])
-    found = {name: value for name, (value, _) in zip(names, done, strict=True)}
-    seconds = {name: round(took, 1) for name, (_, took) in zip(names, done, strict=True)}
+    found, seconds = {}, {}
+    for name, (value, took) in zip(names, done, strict=True):
+        found.setdefault(name, []).append(value)
+        seconds[name] = round(seconds.get(name, 0) + took, 1)  # grading: its shares' seconds together
+    found = {name: joined(values) if name == "grading" else values[0] for name, values in found.items()}
+    write_grading(found["grading"], out)
     summary = json.loads((out / "metrics.json").read_text())
     summary.update(naming=found["naming"]["metrics"], grading=found["grading"]["metrics"])
     summary["run"]["evaluation_seconds"] = seconds  # each evaluation's own time, two running at a time
@@ -186,17 +193,16 @@ def _naming(model, data, out, seeds) -> dict:
     return {"metrics": naming["metrics"]}
 
 
-def _grading(model, data, out, seeds) -> dict:
-    """Grading by 3 examples per grade on the test categories' grading tasks, names never seen (eval/grading.py);
-    written to `out`, the metrics returned."""
-    from kensa_vl.eval.grading import evaluate_grading, write_grading
+def _grading(model, data, seeds, part) -> dict:
+    """Grading by 3 examples per grade on the test categories' grading tasks, names never seen (eval/grading.py):
+    the `part` share of its sets (`evaluate_grading`)."""
+    from kensa_vl.eval.grading import evaluate_grading
     from kensa_vl.eval.inspector import load_pretrained
     from kensa_vl.train.data import load_grading
 
     model, processor = load_pretrained(model)
-    grading = evaluate_grading(model, processor, load_grading(data)[0]["test"], seeds=min(seeds, NAMING_SEEDS))
-    write_grading(grading, out)
-    return {"metrics": grading["metrics"]}
+    grading = load_grading(data)[0]["test"]
+    return evaluate_grading(model, processor, grading, seeds=min(seeds, NAMING_SEEDS), part=part)
 
 
 def real_surfaces(path: str | Path | None, data: Path) -> Path | None:
