@@ -119,8 +119,9 @@ def main_job(
     found, seconds = {}, {}
     for name, (value, took) in zip(names, done, strict=True):
         found.setdefault(name, []).append(value)
-        seconds[name] = round(seconds.get(name, 0) + took, 1)  # grading: its shares' seconds together
+        seconds[name] = seconds.get(name, 0) + took  # grading: its shares' seconds together
     found = {name: joined(values) if name == "grading" else values[0] for name, values in found.items()}
+    seconds = {name: round(took, 1) for name, took in seconds.items()}
     write_grading(found["grading"], out)
     summary = json.loads((out / "metrics.json").read_text())
     summary.update(naming=found["naming"]["metrics"], grading=found["grading"]["metrics"])
