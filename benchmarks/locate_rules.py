@@ -3,10 +3,13 @@ least 1% of the image, every defective photo of a split, k good supports, 3 seed
 
     python benchmarks/locate_rules.py outputs/main/model --data outputs/kensa-synth-224 [--split validation]
 
-The kept rule is `KensaVLModel.locate`; the others are what it was chosen against: on the DCT cells alone, and, when
-the model compares more encoders, their log-distances averaged and measured against their levels' mean (the rule
-before each encoder was measured against its own level). A photo counts whether or not the verdict would find it
-(no verdict is computed here).
+The kept rule is `KensaVLModel.locate` (with the main recipe's entries: every compared encoder against its own
+level, the largest); the others are what it was chosen against: on the DCT cells alone, each encoder alone, the DCT
+cells with one other, the encoder that decides the verdict, the DCT cells unless only another encoder flags the
+photo, and their log-distances averaged and measured against their levels' mean (the rule before each encoder was
+measured against its own level). Encoders with an `own_window` are compared with the photo itself too, as in the
+model. `--sweep` adds the region's margin above the level and range below the peak on every encoder's map. A photo
+counts whether or not the verdict would find it (no verdict is computed here).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from kensa_vl.modeling.comparison_kensa_vl import (
     LOCATE_MARGIN,
     LOCATE_RANGE,
     LOG_FLOOR,
+    VERDICT_MARGIN,
     distance_map,
     nearest_distances,
     peak_region_box,
+    pooled_distances,
     stitch_tiles,
 )
 from kensa_vl.train.data.synth import load_synth
@@ -60,10 +65,15 @@ def rules(raw: torch.Tensor, averaged: torch.Tensor, level: float) -> dict[str, 
     }
 
 
-def encoder_rules(near: dict, rows: int, cols: int, levels: torch.Tensor, comparison) -> dict[str, list[float]]:
+def encoder_rules(
+    near: dict, rows: int, cols: int, levels: torch.Tensor, comparison, sweep: bool = False
+) -> dict[str, list[float]]:
     """With more than one compared encoder, each rule's region above its level + LOCATE_MARGIN and within
-    LOCATE_RANGE of the peak: each encoder alone; every encoder against its own level, the largest (`distance_map`);
-    the encoder with the largest excess alone; the encoders' log-distances averaged, against their levels' mean."""
+    LOCATE_RANGE of the peak: each encoder alone; every encoder against its own level, the largest (`distance_map`;
+    with `sweep`, other margins and ranges); the first encoder with each other one; the encoder with the largest
+    excess on its map alone; the encoder that decides the verdict (the largest excess of its score) alone; the first
+    encoder unless it stays below VERDICT_MARGIN where another does not; the encoders' log-distances averaged, against
+    their levels' mean."""
     names, excess = comparison.encoders, comparison.excess
 
     def box(cells: torch.Tensor) -> list[float]:
@@ -71,10 +81,27 @@ def encoder_rules(near: dict, rows: int, cols: int, levels: torch.Tensor, compar
 
     own = [distance_map([near[n]], rows, cols, levels[e : e + 1], excess[e : e + 1]) for e, n in enumerate(names)]
     out = {f"{n} cells alone": box(cells) for n, cells in zip(names, own, strict=True)}
-    out["every encoder against its own level, the largest"] = box(
-        distance_map([near[n] for n in names], rows, cols, levels, excess)
-    )
+    every = distance_map([near[n] for n in names], rows, cols, levels, excess)
+    out["every encoder against its own level, the largest"] = box(every)
+    for margin, reach in [(m, r) for m in (-0.1, 0.0, 0.05, 0.1, 0.2) for r in (1.0, 1.5, 2.0, 3.0)] if sweep else []:
+        threshold = max(margin, every.max().item() - reach)
+        out[f"the same, above level + {margin}, within {reach} of the peak"] = peak_region_box(every, threshold)[0]
+    for e, n in list(enumerate(names))[1:] if len(names) > 2 else []:
+        pick = [0, e]
+        out[f"{names[0]} and {n} against their own levels, the largest"] = box(
+            distance_map([near[names[i]] for i in pick], rows, cols, levels[pick], [excess[i] for i in pick])
+        )
     out["the encoder with the largest excess alone"] = box(max(own, key=lambda cells: cells.max().item()))
+    # the verdict's own excess per encoder (`KensaVLReferenceComparison.forward`): the largest 3x3-averaged
+    # log-distance over the grid tiles, `scale * (score - level) - margin`
+    scores = torch.stack([pooled_distances(near[n][: rows * cols], comparison.token_side).amax() for n in names])
+    scale, margin = torch.tensor(excess).unbind(-1)
+    relative = (scores.clamp_min(LOG_FLOOR).log() - levels) * scale - margin
+    decider = int(relative.argmax())
+    out["the encoder that decides the verdict alone"] = box(own[decider])
+    flagged = relative[0] > VERDICT_MARGIN or relative.max() <= VERDICT_MARGIN
+    chosen = own[0] if flagged else own[decider]
+    out[f"{names[0]} cells when they flag the photo, else the deciding encoder's"] = box(chosen)
     maps = [stitch_tiles(near[n], rows, cols).clamp_min(LOG_FLOOR).log()[None, None] for n in names]
     size = max(m.shape[-2:] for m in maps)
     mean = torch.cat([F.interpolate(m, size) for m in maps]).mean(0)[0]
@@ -89,6 +116,7 @@ def main() -> None:
     parser.add_argument("--split", default="validation")
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--sweep", action="store_true", help="every encoder's map: margins and ranges")
     args = parser.parse_args()
     model, processor = load_pretrained(args.model)
     items = load_synth(args.data)[0][args.split]
@@ -113,13 +141,15 @@ def main() -> None:
                 with torch.no_grad():
                     grids = model.model.image_grids(pixels, encoders)
                     features = model.model.reference_comparison.features(grids)
-                    near = {n: nearest_distances(features[n], references[n].float()) for n in encoders}
+                    near = [nearest_distances(features[n], references[n].float()) for n in encoders]
+                    comparison = model.model.reference_comparison  # an encoder's own window, as `locate` has it
+                    near = dict(zip(encoders, comparison.with_own(features, near, (rows_, cols)), strict=True))
                     pooled = F.avg_pool2d(near["dct"][:, None], 3, 1, 1, count_include_pad=False)[:, 0]
                 maps = (near["dct"], pooled)
                 raw, averaged = (stitch_tiles(d, rows_, cols).clamp_min(LOG_FLOOR).log() for d in maps)
                 boxes = rules(raw, averaged, level)
                 if len(encoders) > 1:
-                    boxes.update(encoder_rules(near, rows_, cols, levels, model.model.reference_comparison))
+                    boxes.update(encoder_rules(near, rows_, cols, levels, comparison, args.sweep))
                 boxes["kept (`locate`)"] = model.model.locate(pixels, grid, inspector._bank)[0]
                 w, h = item["image"].size
                 for name, (x0, y0, x1, y1) in boxes.items():

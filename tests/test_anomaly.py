@@ -188,26 +188,45 @@ def test_the_untrained_verdict_is_defective_when_one_compared_encoder_sees_the_d
     assert smear.verdict == ("defective" if "bandpass" in compared else "good")
 
 
-def test_the_band_pass_cells_judge_but_do_not_place_the_box():
-    """The band-pass entry says `locate: false` (its blurred cells boxed defects less often than the DCT cells on
-    both validation sets): beside the DCT cells it turns the smear's verdict, and the heatmap, which the box is cut
-    from, is the DCT cells' alone, the same as a model that compares only those."""
+def test_the_band_pass_cells_place_the_box_of_a_smear_only_they_see():
+    """Every compared encoder places the box, each against its own level (`distance_map`; on both validation sets
+    boxes hit more often so, docs/reference-comparison.md): the smear that only the band-pass cells see is boxed
+    where it is. An entry that says `locate: false` is left out of the heatmap: the DCT cells alone then put it
+    elsewhere, as a model that compares only them does."""
     from kensa_vl.eval.inspector import Inspector, support_item
+    from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
     from kensa_vl.train.build import build_tiny
 
     def photo(seed, blotch=0.0):
         return Image.fromarray((_texture(seed, blotch, 224)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
 
+    model, processor = build_tiny(
+        tile_size=112, max_tiles=4, dct=True, bandpass=True, reference_comparison=True, reference_encoders=["dct"]
+    )
+    both = model.config.to_dict()
+    both["reference_encoders"] = ["dct", "bandpass"]
     judged = {}
-    for compared in (["dct"], ["dct", "bandpass"]):
-        model, processor = build_tiny(
-            tile_size=112, max_tiles=4, dct=True, bandpass=True, reference_comparison=True, reference_encoders=compared
-        )
-        inspector = Inspector(model, processor, max_new_tokens=0)
+    for name, locate in (("dct", None), ("both", True), ("both, bandpass not locating", False)):
+        config = type(model.config).from_dict(both) if name != "dct" else model.config
+        for entry in config.vision_encoders:
+            if entry["name"] == "bandpass" and locate is False:
+                entry["locate"] = False
+        torch.manual_seed(0)
+        inspector = Inspector(KensaVLForConditionalGeneration(config).eval(), processor, max_new_tokens=0)
         inspector.set_support([support_item(photo(seed)) for seed in range(4)])
-        judged[len(compared)] = inspector.judge([photo(11, 0.1)])[0]
-    assert judged[2].verdict == "defective" and len(judged[2].boxes) == 1
-    np.testing.assert_allclose(judged[2].heatmap, judged[1].heatmap, atol=1e-5)
+        judged[name] = inspector.judge([photo(11, 0.1)])[0]
+    centre = (0.45 * 224, 0.55 * 224)  # the blotch's, `_texture`
+
+    def holds(box):
+        return box[0] <= centre[0] <= box[2] and box[1] <= centre[1] <= box[3]
+
+    assert judged["both"].verdict == "defective" and len(judged["both"].boxes) == 1
+    assert holds(judged["both"].boxes[0])
+    peak = np.unravel_index(np.argmax(judged["both"].heatmap), judged["both"].heatmap.shape)
+    assert abs(peak[0] - centre[1]) < 30 and abs(peak[1] - centre[0]) < 30
+    left_out = judged["both, bandpass not locating"]
+    np.testing.assert_allclose(left_out.heatmap, judged["dct"].heatmap, atol=1e-5)
+    assert not holds(left_out.boxes[0])
 
 
 def test_anomaly_labels_follow_the_mask_into_tiles_and_tokens(tiny_dct):

@@ -198,15 +198,14 @@ def bandpass_encoder(tile_size: int) -> dict:
     and 6 px of a 112 px tile, scaled with the tile (half of a 224 px photo in the main job's 2x2 grid: the study's
     3 and 6 px of the photo). Its excess over its level enters the verdict halved (its cosine distance is about a
     squared Euclidean one) and 0.5 lower: the smallest margin that keeps KensaSynth's validation balanced accuracy
-    at the DCT cells' alone, chosen on both validation sets (docs/real-surfaces.md). Its blurred cells do not place
-    the box: boxes hit less often with them than with the DCT cells alone on both validation sets
+    at the DCT cells' alone, chosen on both validation sets (docs/real-surfaces.md). Its cells place the box beside
+    the DCT cells', each against its own level (`distance_map`): a diffuse defect only they see is boxed where it is
     (`benchmarks/locate_rules.py`, docs/reference-comparison.md). Its cells are also compared with the photo's own
     cells more than a fifth of its side away (`own_window`, `own_nearest`): on the real-surface validation set
     fewer good photos are flagged, KensaSynth's is unchanged (docs/real-surfaces.md)."""
     sigmas = [3 * tile_size / 112, 6 * tile_size / 112]
     config = {"model_type": "kensa_bandpass", "patch_size": 7, "sigmas": sigmas}
-    return {"name": "bandpass", "config": config, "verdict_scale": 0.5, "verdict_margin": 0.5, "locate": False,
-            "own_window": 0.2}  # fmt: skip
+    return {"name": "bandpass", "config": config, "verdict_scale": 0.5, "verdict_margin": 0.5, "own_window": 0.2}
 
 
 def contrast_encoder(tile_size: int) -> dict:
