@@ -206,11 +206,10 @@ def test_the_band_pass_cells_place_the_box_of_a_smear_only_they_see():
     both = model.config.to_dict()
     both["reference_encoders"] = ["dct", "bandpass"]
     judged = {}
-    for name, locate in (("dct", None), ("both", True), ("both, bandpass not locating", False)):
-        config = type(model.config).from_dict(both) if name != "dct" else model.config
-        for entry in config.vision_encoders:
-            if entry["name"] == "bandpass" and locate is False:
-                entry["locate"] = False
+    for name in ("dct", "both", "both, bandpass not locating"):
+        config = model.config if name == "dct" else type(model.config).from_dict(both)
+        if name.endswith("not locating"):
+            next(entry for entry in config.vision_encoders if entry["name"] == "bandpass")["locate"] = False
         torch.manual_seed(0)
         inspector = Inspector(KensaVLForConditionalGeneration(config).eval(), processor, max_new_tokens=0)
         inspector.set_support([support_item(photo(seed)) for seed in range(4)])
