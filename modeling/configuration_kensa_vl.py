@@ -36,13 +36,15 @@ ENCODER_DEFAULTS[DCT_MODEL_TYPE] = {
 # The band-pass encoder (`KensaVLBandPassEncoder`): KensaVL's own, no weights, converts RGB itself.
 BANDPASS_MODEL_TYPE = "kensa_bandpass"
 ENCODER_DEFAULTS[BANDPASS_MODEL_TYPE] = dict(ENCODER_DEFAULTS[DCT_MODEL_TYPE])
-# what the band-pass encoder may band-pass, with its channels: log-luminance, Cb and Cr, log local contrast
-BANDPASS_PLANES = ("luma", "chroma", "contrast")
+# what the band-pass encoder may band-pass, with its channels: log-luminance, Cb and Cr, log local contrast, log colour
+# ratios
+BANDPASS_PLANES = ("luma", "chroma", "contrast", "logchroma")
 
 
 def bandpass_channels(planes) -> int:
-    """The band-pass encoder's channels per scale for `planes` (chroma is two: Cb and Cr)."""
-    return sum(2 if plane == "chroma" else 1 for plane in planes)
+    """The band-pass encoder's channels per scale for `planes` (chroma is two, Cb and Cr; logchroma two, log R/G
+    and log B/G)."""
+    return sum(2 if plane in ("chroma", "logchroma") else 1 for plane in planes)
 
 
 # Extra views of each reference tile that `reference_views` adds to the comparison's bank (square tiles: all keep

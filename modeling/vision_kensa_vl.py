@@ -162,6 +162,8 @@ def gaussian_mean(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 # a block's log-luminance variance below this is noise (a standard deviation of 0.01: 1% of the brightness)
 CONTRAST_FLOOR = 1e-4
+# added to a brightness or channel before its log: sensor noise in the darkest pixels does not become large changes
+LOG_OFFSET = 0.03
 
 
 class KensaVLBandPassEncoder(nn.Module):
@@ -171,9 +173,11 @@ class KensaVLBandPassEncoder(nn.Module):
     one at `4 s` for each of `sigmas` (px of the tile), averaged over each `patch_size` block; then one constant
     channel, `offset`. The constant makes the comparison's cosine distance between two cells about their squared
     Euclidean distance over `2 offset^2` (a brightness change's size is the evidence, not its direction alone).
-    `planes` chooses what is band-passed (`BANDPASS_PLANES`): "luma" (log-luminance), "chroma" (Cb and Cr), and
-    "contrast", the log of each block's standard deviation of log-luminance, where texture is washed out or softened
-    (a sheen, a smear) while the mean brightness hardly moves.
+    `planes` chooses what is band-passed (`BANDPASS_PLANES`): "luma" (log-luminance), "chroma" (Cb and Cr),
+    "logchroma" (log R/G and log B/G: a colour change that multiplies the channels, a yellowing or a scorch, moves
+    them alike on a dark surface and a pale one, where Cb and Cr move with the brightness), and "contrast", the log of
+    each block's standard deviation of log-luminance, where texture is washed out or softened (a sheen, a smear) while
+    the mean brightness hardly moves.
 
     Config keys: `patch_size`, `sigmas`, `offset` (default 1), `planes` (default luma and chroma); `hidden_size` is
     `channels * len(sigmas) + 1` (`bandpass_channels`)."""
@@ -197,7 +201,9 @@ class KensaVLBandPassEncoder(nn.Module):
     def planes(pixels: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] `(n, 3, h, w)` -> log-luminance (a gain cancels), Cb and Cr `(n, 3, h, w)`."""
         luma = 0.299 * pixels[:, :1] + 0.587 * pixels[:, 1:2] + 0.114 * pixels[:, 2:]
-        return torch.cat([torch.log(luma + 0.03), 0.564 * (pixels[:, 2:] - luma), 0.713 * (pixels[:, :1] - luma)], 1)
+        return torch.cat(
+            [torch.log(luma + LOG_OFFSET), 0.564 * (pixels[:, 2:] - luma), 0.713 * (pixels[:, :1] - luma)], 1
+        )
 
     def forward(self, pixel_values: torch.Tensor, **_) -> torch.Tensor:
         """`(n, 3, T, T)` RGB in [0, 1] -> `(n, (T / patch_size)^2, channels * len(sigmas) + 1)`."""
@@ -212,6 +218,9 @@ class KensaVLBandPassEncoder(nn.Module):
         planes = self.planes(x)
         means = F.avg_pool2d(planes, self.block)
         parts = {"luma": means[:, :1], "chroma": means[:, 1:]}
+        if "logchroma" in self.kinds:
+            logs = torch.log(x + LOG_OFFSET)
+            parts["logchroma"] = F.avg_pool2d(torch.cat([logs[:, :1], logs[:, 2:]], 1) - logs[:, 1:2], self.block)
         if "contrast" in self.kinds:
             variance = (F.avg_pool2d(planes[:, :1] ** 2, self.block) - means[:, :1] ** 2).clamp_min(0)
             parts["contrast"] = 0.5 * torch.log(variance + CONTRAST_FLOOR)

@@ -123,6 +123,33 @@ def test_contrast_plane_sees_a_softened_texture_that_brightness_and_colour_do_no
     assert ratios["contrast"] > 10 and ratios["luma"] < 1.5, ratios
 
 
+def test_log_colour_ratios_see_a_yellowing_on_a_dark_surface_as_on_a_pale_one():
+    """The "logchroma" plane (log R/G, log B/G): the same yellowing (a fifth of the blue taken away over a soft
+    blotch) lies as far outside the good photos' spread on a dark brown surface as on a pale one; in Cb and Cr it
+    moves with the brightness, and the dark surface's hides it."""
+    import torch.nn.functional as F
+
+    from kensa_vl.modeling.comparison_kensa_vl import nearest_distances
+    from kensa_vl.modeling.vision_kensa_vl import KensaVLBandPassEncoder
+
+    def surface(seed, tone, yellowed=0.0):
+        x = _texture(seed) * torch.tensor(tone).view(1, 3, 1, 1) / 0.5  # the grey texture, coloured
+        yy, xx = torch.meshgrid(torch.arange(112.0), torch.arange(112.0), indexing="ij")
+        x[:, 2] *= 1 - yellowed * torch.exp(-((yy - 60) ** 2 + (xx - 50) ** 2) / (2 * 12.0**2))
+        return x.clamp(0, 1)
+
+    ratios = {}
+    for planes in (["chroma"], ["logchroma"]):
+        encoder = KensaVLBandPassEncoder({"patch_size": 7, "sigmas": [3, 6], "planes": planes})
+        cells = lambda x: F.normalize(encoder(x), dim=-1).view(1, 16, 16, -1)  # noqa: B023, E731
+        for name, tone in (("dark", (0.25, 0.15, 0.1)), ("pale", (0.8, 0.75, 0.65))):
+            bank = torch.cat([cells(surface(seed, tone)).flatten(0, 2) for seed in range(4)])
+            good, yellowed = (nearest_distances(cells(surface(10, tone, y)), bank).max() for y in (0.0, 0.2))
+            ratios[planes[0], name] = (yellowed / good).item()
+    assert ratios["logchroma", "dark"] > 10 and ratios["logchroma", "dark"] > 0.5 * ratios["logchroma", "pale"], ratios
+    assert ratios["chroma", "dark"] < 0.25 * ratios["chroma", "pale"], ratios
+
+
 def test_bandpass_planes_set_the_channels_and_are_checked():
     """`planes` picks what is band-passed; the config's hidden size follows; a plane that does not exist is named."""
     from kensa_vl.modeling.configuration_kensa_vl import KensaVLConfig
@@ -806,7 +833,7 @@ def test_pair_cache_keeps_each_images_own_distances(monkeypatch):
 
 def test_the_verdict_starts_from_the_largest_scaled_excess_over_each_encoders_level():
     """`VERDICT_SLOPE * (max_e(scale_e * (score_e - level_e) - margin_e) - VERDICT_MARGIN)`, with the band-pass
-    entry's scale 0.5 and margin 0.5 (`train/build.py`) and the DCT entry's 1 and 0."""
+    entry's scale 0.5 and margin 0.25 (`train/build.py`) and the DCT entry's 1 and 0."""
     from kensa_vl.modeling.comparison_kensa_vl import VERDICT_MARGIN, VERDICT_SLOPE
     from kensa_vl.train.build import build_tiny
 
@@ -815,7 +842,7 @@ def test_the_verdict_starts_from_the_largest_scaled_excess_over_each_encoders_le
         reference_encoders=["dct", "bandpass"],
     )  # fmt: skip
     comparison = model.model.reference_comparison
-    assert comparison.excess == [(1.0, 0.0), (0.5, 0.5)]
+    assert comparison.excess == [(1.0, 0.0), (0.5, 0.25)]
     batch = processor.image_processor([random_image(224, 224, s) for s in (1, 2)], return_tensors="pt")
     with torch.no_grad():
         features = comparison.features(model.model.image_grids(batch["pixel_values"], comparison.encoders))
@@ -824,7 +851,7 @@ def test_the_verdict_starts_from_the_largest_scaled_excess_over_each_encoders_le
         thumbnail = torch.tensor([False] * 4 + [True])
         for level in (torch.tensor([0.0, -9.0]), torch.tensor([-9.0, 0.0])):  # each encoder in turn the larger
             verdict, score = comparison(query, thumbnail, bank, level)[3:5]
-            excess = torch.stack([score[0] - level[0], 0.5 * (score[1] - level[1]) - 0.5])
+            excess = torch.stack([score[0] - level[0], 0.5 * (score[1] - level[1]) - 0.25])
             torch.testing.assert_close(verdict, VERDICT_SLOPE * (excess.max() - VERDICT_MARGIN))
 
 

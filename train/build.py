@@ -196,16 +196,18 @@ def dct_encoder() -> dict:
 def bandpass_encoder(tile_size: int) -> dict:
     """The weight-free band-pass encoder's entry: the DCT encoder's 7 px cells; Gaussian(s) - Gaussian(4 s) at s = 3
     and 6 px of a 112 px tile, scaled with the tile (half of a 224 px photo in the main job's 2x2 grid: the study's
-    3 and 6 px of the photo). Its excess over its level enters the verdict halved (its cosine distance is about a
-    squared Euclidean one) and 0.5 lower: the smallest margin that keeps KensaSynth's validation balanced accuracy
-    at the DCT cells' alone, chosen on both validation sets (docs/real-surfaces.md). Its cells place the box beside
+    3 and 6 px of the photo), of log-luminance and the log colour ratios (`planes`: a multiplied channel moves them
+    alike on dark and pale surfaces; both validation sets gained over Cb and Cr, docs/real-surfaces.md). Its excess
+    over its level enters the verdict halved (its cosine distance is about a squared Euclidean one) and 0.25 lower:
+    the smallest margin that keeps KensaSynth's validation balanced accuracy at the other encoders' alone, chosen on
+    both validation sets (docs/real-surfaces.md). Its cells place the box beside
     the DCT cells', each against its own level (`distance_map`): a diffuse defect only they see is boxed where it is
     (`benchmarks/locate_rules.py`, docs/reference-comparison.md). Its cells are also compared with the photo's own
     cells more than a fifth of its side away (`own_window`, `own_nearest`): on the real-surface validation set
     fewer good photos are flagged, KensaSynth's is unchanged (docs/real-surfaces.md)."""
     sigmas = [3 * tile_size / 112, 6 * tile_size / 112]
-    config = {"model_type": "kensa_bandpass", "patch_size": 7, "sigmas": sigmas}
-    return {"name": "bandpass", "config": config, "verdict_scale": 0.5, "verdict_margin": 0.5, "own_window": 0.2}
+    config = {"model_type": "kensa_bandpass", "patch_size": 7, "sigmas": sigmas, "planes": ["luma", "logchroma"]}
+    return {"name": "bandpass", "config": config, "verdict_scale": 0.5, "verdict_margin": 0.25, "own_window": 0.2}
 
 
 def contrast_encoder(tile_size: int) -> dict:
@@ -217,7 +219,7 @@ def contrast_encoder(tile_size: int) -> dict:
     other encoders' (docs/real-surfaces.md)."""
     entry = bandpass_encoder(tile_size)
     entry["config"]["planes"] = ["contrast"]
-    return {**entry, "name": "contrast"}
+    return {**entry, "name": "contrast", "verdict_margin": 0.5}
 
 
 def tiny_config(
