@@ -3,13 +3,14 @@ least 1% of the image, every defective photo of a split, k good supports, 3 seed
 
     python benchmarks/locate_rules.py outputs/main/model --data outputs/kensa-synth-224 [--split validation]
 
-The kept rule is `KensaVLModel.locate` (with the main recipe's entries: every compared encoder against its own
-level, the largest); the others are what it was chosen against: on the DCT cells alone, each encoder alone, the DCT
-cells with one other, the encoder that decides the verdict, the DCT cells unless only another encoder flags the
-photo, and their log-distances averaged and measured against their levels' mean (the rule before each encoder was
-measured against its own level). Encoders with an `own_window` are compared with the photo itself too, as in the
-model. `--sweep` adds the region's margin above the level and range below the peak on every encoder's map. A photo
-counts whether or not the verdict would find it (no verdict is computed here).
+The kept rule is `KensaVLModel.locate`; the others are what it was chosen against: on the DCT cells alone, each
+encoder alone, the DCT cells with one other, every encoder against its own level (the largest), the encoder that
+decides the verdict, the DCT cells unless only another encoder flags the photo (then the deciding encoder's map, or
+every encoder's: the kept rule since 2026-12-05, `finder`), and their log-distances averaged and measured against
+their levels' mean (the rule before each encoder was measured against its own level). Encoders with an
+`own_window` are compared with the photo itself too, as in the model. `--sweep` adds the region's margin above the
+level and range below the peak on every encoder's map. A photo counts whether or not the verdict would find it (no
+verdict is computed here).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def encoder_rules(
     flagged = relative[0] > VERDICT_MARGIN or relative.max() <= VERDICT_MARGIN
     chosen = own[0] if flagged else own[decider]
     out[f"{names[0]} cells when they flag the photo, else the deciding encoder's"] = box(chosen)
+    out[f"{names[0]} cells when they flag the photo, else every encoder's"] = box(own[0] if flagged else every)
     maps = [stitch_tiles(near[n], rows, cols).clamp_min(LOG_FLOOR).log()[None, None] for n in names]
     size = max(m.shape[-2:] for m in maps)
     mean = torch.cat([F.interpolate(m, size) for m in maps]).mean(0)[0]

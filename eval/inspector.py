@@ -26,7 +26,6 @@ from PIL import Image
 from transformers.cache_utils import DynamicLayer
 
 from kensa_vl.modeling import comparison_kensa_vl
-from kensa_vl.modeling.comparison_kensa_vl import map_box
 from kensa_vl.modeling.demos_kensa_vl import MAX_NAME_TOKENS, prompt_labels
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
@@ -421,7 +420,7 @@ class Inspector:
         cells = comparison.heatmap(distances, *grid, levels)
         out = {"heatmap": pixel_heatmap(cells, image.width, image.height)}
         if verdict != "good":
-            box, _ = map_box(cells, levels is not None)  # the box `comparison.locate` gives, from the same map
+            box, _ = comparison.locate(distances, *grid, levels)  # the box `generate` copies
             out["boxes"] = [pixel_box(box, image.width, image.height)]
         return out
 

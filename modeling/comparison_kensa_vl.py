@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_kensa_vl import KensaVLConfig, check_coreset
+from .configuration_kensa_vl import BANDPASS_MODEL_TYPE, KensaVLConfig, check_coreset
 from .demos_kensa_vl import (
     Demo,
     DemoPointer,
@@ -571,6 +571,9 @@ class KensaVLReferenceComparison(nn.Module):
         self.own_windows = [entries[n].get("own_window") for n in self.encoders]
         # the encoders whose cells place the box and the heatmap (`locate`; all unless an entry says `locate: false`)
         self.locating = [self.encoders.index(n) for n in config.locating_encoder_names()]
+        # the band-pass family's cells are blurred over their surround: where a sharp encoder found the defect, its
+        # cells place the box (`finder`)
+        self.blurred = [entries[n]["config"]["model_type"] == BANDPASS_MODEL_TYPE for n in self.encoders]
         self.token_side = config.token_side
         width = config.text_config.hidden_size
         inputs = self.PER_ENCODER * len(self.encoders)
@@ -632,9 +635,31 @@ class KensaVLReferenceComparison(nn.Module):
         return {n: bank.inverted_lists(n) for n in large} or None
 
     def locate(self, distances: list[torch.Tensor], rows: int, cols: int, levels=None):
-        """`locate_box` on the locating encoders' distances (`distances` and `levels` per compared encoder)."""
+        """`locate_box` on the locating encoders' distances (`distances` and `levels` per compared encoder): on the
+        map of the one that found the defect (`finder`), or without levels on all of theirs."""
         chosen, levels, excess = self._locating(distances, levels)
+        if levels is not None:
+            keep = self.finder(chosen, rows, cols, levels, excess)
+            chosen, levels, excess = [chosen[i] for i in keep], levels[keep], [excess[i] for i in keep]
         return locate_box(chosen, rows, cols, levels, excess)
+
+    def finder(self, distances: list[torch.Tensor], rows: int, cols: int, levels: torch.Tensor, excess) -> list[int]:
+        """Which of the locating encoders (`distances` in their order) place the box: the sharp ones (not of the
+        band-pass family, `blurred`) when one of their scores' excess over its level, as the verdict takes it, would
+        flag the image by itself, or when no encoder's would; else all of them. A blurred encoder's cells spread a
+        sharp defect over its surround; a diffuse one only they see is where they see it. Chosen on both validation
+        splits (docs/reference-comparison.md); all of them when they are all of one kind."""
+        blurred = [self.blurred[i] for i in self.locating]
+        sharp = [i for i, b in enumerate(blurred) if not b]
+        if len(sharp) in (0, len(blurred)):
+            return list(range(len(blurred)))
+        scores = torch.stack([pooled_distances(d[: rows * cols], self.token_side).amax() for d in distances])
+        scale, margin = torch.tensor(excess, dtype=torch.float32).unbind(-1)
+        relative = (scores.float().cpu().clamp_min(LOG_FLOOR).log() - levels.cpu()) * scale - margin
+        flagged = relative > VERDICT_MARGIN
+        if flagged[sharp].any() or not flagged.any():
+            return sharp
+        return list(range(len(blurred)))
 
     def heatmap(self, distances: list[torch.Tensor], rows: int, cols: int, levels=None) -> torch.Tensor:
         """`distance_map` of the locating encoders' distances (`distances` and `levels` per compared encoder)."""

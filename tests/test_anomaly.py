@@ -255,6 +255,40 @@ def test_the_band_pass_cells_place_the_box_of_a_smear_only_they_see():
     assert not holds(left_out.boxes[0])
 
 
+def test_a_sharp_defect_is_boxed_on_the_dct_cells_that_found_it():
+    """The box is cut from the map of the encoder that found the defect (`finder`): a small dark square, which the
+    DCT cells flag by themselves, is boxed on their map alone, as tightly as a model that compares only them would
+    box it, while the heatmap shows every encoder's cells (the band-pass cells spread it over its surround)."""
+    from kensa_vl.eval.inspector import Inspector, support_item
+    from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
+    from kensa_vl.train.build import build_tiny
+
+    def photo(seed, square=False):
+        x = _texture(seed, 0.0, 224)
+        if square:
+            x[..., 100:114, 60:74] *= 0.3
+        return Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+
+    model, processor = build_tiny(
+        tile_size=112, max_tiles=4, dct=True, bandpass=True, reference_comparison=True, reference_encoders=["dct"]
+    )
+    both = model.config.to_dict()
+    both["reference_encoders"] = ["dct", "bandpass"]
+    judged = {}
+    for name, config in (("dct", model.config), ("both", type(model.config).from_dict(both))):
+        torch.manual_seed(0)
+        inspector = Inspector(KensaVLForConditionalGeneration(config).eval(), processor, max_new_tokens=0)
+        inspector.set_support([support_item(photo(seed)) for seed in range(4)])
+        judged[name] = inspector.judge([photo(11, square=True)])[0]
+        comparison = inspector.model.model.reference_comparison
+    assert judged["both"].verdict == judged["dct"].verdict == "defective"
+    assert judged["both"].boxes == judged["dct"].boxes
+    x0, y0, x1, y1 = judged["both"].boxes[0]
+    assert x0 <= 60 and x1 >= 74 and y0 <= 100 and y1 >= 114 and (x1 - x0) * (y1 - y0) < 4 * 14 * 14
+    assert np.abs(judged["both"].heatmap - judged["dct"].heatmap).max() > 0.1
+    assert comparison.encoders == ["dct", "bandpass"]
+
+
 def test_anomaly_labels_follow_the_mask_into_tiles_and_tokens(tiny_dct):
     _, processor = tiny_dct
     mask = np.zeros((224, 224), np.uint8)
