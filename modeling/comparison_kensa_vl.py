@@ -636,7 +636,7 @@ class KensaVLReferenceComparison(nn.Module):
 
     def locate(self, distances: list[torch.Tensor], rows: int, cols: int, levels=None):
         """`locate_box` on the locating encoders' distances (`distances` and `levels` per compared encoder): on the
-        map of the one that found the defect (`finder`), or without levels on all of theirs."""
+        maps of those that found the defect (`finder`), or without levels on all of theirs."""
         chosen, levels, excess = self._locating(distances, levels)
         if levels is not None:
             keep = self.finder(chosen, rows, cols, levels, excess)
