@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -67,6 +68,20 @@ def open_image(path: str, role: str) -> Image.Image:
         raise ValueError(f"{role} {name}: {err.width}x{err.height} = {pixels:,} pixels, {limit}") from err
     except ValueError as err:
         raise ValueError(f"{role} {name} is not a readable image") from err
+
+
+def unlike_note(unlike: list[tuple[int, float]], good: int) -> str:
+    """The status line's warning for the examples that look unlike the good ones (`Inspector.unlike`), numbered as
+    uploaded."""
+    named = [f"good example {n}" if n <= good else f"defective example {n - good}" for n, _ in unlike]
+    if not named:
+        return ""
+    far = ", ".join(f"{math.exp(e):.1f}x" for _, e in unlike)
+    verb = "looks" if len(named) == 1 else "look"
+    return (
+        f" **Check the examples:** {' and '.join(named)} {verb} unlike the good examples (cells {far} as far from "
+        "them as theirs from each other): another product, or a wrong file?"
+    )
 
 
 def check_counts(**files) -> None:
@@ -164,7 +179,7 @@ class Demo:
                 rows.append(row)
             cached = "encoded" if encoded else "reused from the cache"
             status = f"Support set ({len(good)} good, {len(defective)} defective) {cached} in {support_ms:.0f} ms."
-            return gallery, rows, status
+            return gallery, rows, status + unlike_note(inspector.unlike, len(good))
         except ValueError as err:
             return [], [], f"**Cannot inspect:** {err}"
         except Exception:  # the page gets a message, the log gets the traceback

@@ -31,12 +31,10 @@ from kensa_vl.modeling.comparison_kensa_vl import (
     patch_distances,
     pooled_distances,
     scored_tiles,
-    thumbnail_tiles,
-    unit_cells,
 )
-from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 
 from .inspector import Judgement, pixel_box, pixel_heatmap
+from .support_check import compared_features
 
 
 class PatchCore:
@@ -47,21 +45,9 @@ class PatchCore:
         self.scale, self.views = scale, None if views is None else tuple(views)
         self.noun = None  # set by the evaluator; unused
 
-    @torch.no_grad()
     def _features(self, image, reference: bool = False) -> tuple:
-        """(name -> `(tiles, g, g, C)` L2-normalised cells of each encoder the model compares, thumbnail flags,
-        the tile grid's rows and columns, the image's width and height, and for a `reference` its bank cells,
-        name -> `(cells, C)`, views included)."""
-        image = to_rgb(image)
-        batch = self.processor.image_processor([image], max_tiles=self.max_tiles, return_tensors="pt")
-        names = self.model.config.reference_encoder_names()
-        pixel_values = batch["pixel_values"].to(self.model.device)
-        grids = self.model.model.image_grids(pixel_values, names)
-        cells = unit_cells(grids, names)
-        grid = batch["image_grid"][0, :2].tolist()
-        # the model's own bank (views included; it needs no comparison module, so a plain-ICL model's works too)
-        bank = self.model.model.reference_cells(pixel_values, cells, self.views) if reference else None
-        return cells, thumbnail_tiles(batch["image_grid"]).to(self.model.device), grid, image.size, bank
+        """The image as the comparison sees it (`compared_features`), the bank with this baseline's views."""
+        return compared_features(self.model, self.processor, image, self.max_tiles, self.views, reference)
 
     def set_support(self, support: list[dict]) -> None:
         self.bank = [self._features(item["image"], reference=True) for item in support if item["defect_type"] is None]

@@ -171,7 +171,8 @@ def make_inspector(model, processor, method: str, generate: bool, threshold: flo
 
         return PatchCore(model, processor, **kwargs)
     if method == "kensa":
-        return Inspector(model, processor, threshold=threshold, max_new_tokens=48 if generate else 0, **kwargs)
+        return Inspector(model, processor, threshold=threshold, max_new_tokens=48 if generate else 0,
+                         check_examples=False, **kwargs)  # fmt: skip
     raise ValueError(f"method must be 'kensa' or 'patchcore', got {method!r}")
 
 

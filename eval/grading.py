@@ -118,7 +118,7 @@ def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 
     sets = sets[i * len(sets) // n : (i + 1) * len(sets) // n]
     baseline, records = PooledNearest(model, processor), []
     grades = bool(getattr(model.config, "reference_comparison", False) and model.config.grade_marks)
-    inspector = Inspector(model, processor, max_new_tokens=MAX_NEW_TOKENS) if grades else None
+    inspector = Inspector(model, processor, max_new_tokens=MAX_NEW_TOKENS, check_examples=False) if grades else None
     for chosen in tqdm(sets, desc="grading by example", disable=not progress):
         context = {key: chosen[key] for key in ("category", "attribute", "seed")}
         queries = [(row, grade, items[row]["image"]) for row, grade in chosen["queries"]]

@@ -159,6 +159,7 @@ def run(args) -> None:
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .inspector import Inspector, load_pretrained
 
@@ -178,7 +179,8 @@ def run(args) -> None:
         if not todo:
             continue
         inspector.noun = noun
-        inspector.set_support(support)
+        with logging_redirect_tqdm():  # a warning about the examples (`Inspector.unlike`) on its own line
+            inspector.set_support(support)
         with state.split_between_processes(todo) as mine:
             for order, path in mine:
                 record = judge(inspector, path, noun, args)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,10 @@ from kensa_vl.processing.processing_kensa_vl import (
     verdict_token_ids,
 )
 from kensa_vl.train.data import episode, grading_episode
+
+from .support_check import unlike_examples, unlike_message
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -236,6 +241,10 @@ class Inspector:
             the support set is cached (`cache`).
         max_new_tokens: length of the generated description (0: score only, no text).
         graded_by: what graded examples are graded by, in the grading prompt ("colour shade", "gloss").
+        check_examples: with the comparison, `set_support` looks for examples unlike the good ones (a photo of
+            another product, `support_check.unlike_examples`), keeps them in `unlike` and logs a warning for each.
+            The check encodes each example once more with the compared encoders (the weight-free cells cost
+            milliseconds; a pretrained tower, one more pass over the examples).
     """
 
     def __init__(
@@ -249,8 +258,10 @@ class Inspector:
         query_max_tiles: int | None = None,
         max_new_tokens: int = 48,
         graded_by: str = "appearance",
+        check_examples: bool = True,
     ):
         self.model, self.processor, self.graded_by = model.eval(), processor, graded_by
+        self.check_examples, self.unlike = check_examples, []
         self.noun, self.threshold, self.cache = noun, threshold, cache
         for name, tiles in (("support_max_tiles", support_max_tiles), ("query_max_tiles", query_max_tiles)):
             if tiles is not None and (not isinstance(tiles, int) or tiles < 1):  # 0 would read as "the default"
@@ -342,6 +353,11 @@ class Inspector:
                 self._bank = self.model.model.support_bank(full["pixel_values"], full["image_grid"], labels)
             elif compares:
                 self._bank = out.reference_bank[0]
+        self.unlike = []
+        if compares and self.check_examples:
+            self.unlike = unlike_examples(self.model, self.processor, self.support, self._bank_max_tiles())
+            for number, excess in self.unlike:
+                logger.warning(unlike_message(number, excess, self.support[number - 1]["defect_type"] is not None))
 
     def _check_grades(self, support: list[dict]) -> None:
         """Grading needs graded examples only, of two or more grades, no photo in two grades, and a model that

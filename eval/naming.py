@@ -61,7 +61,7 @@ def evaluate_naming(model, processor, items, seeds: int = 3, shots: int = 4, per
     their defects' boxes, as a user who marks where the defect is gives them; its defective queries) and
     `good_only` (the good examples alone, scores only)."""
     sets = naming_sets(items, seeds, shots, per_type)
-    inspector = Inspector(model, processor, threshold=threshold, max_new_tokens=24)
+    inspector = Inspector(model, processor, threshold=threshold, max_new_tokens=24, check_examples=False)
     records = []
     for chosen in tqdm(sets, desc="naming by example", disable=not progress):
         with shared_searches(model):  # the runs of a set meet the same photos: searched once

@@ -275,3 +275,18 @@ def test_learned_cells_labels_cells_by_the_defect_mask_and_judges_every_encoder(
     table = capsys.readouterr().out
     assert all(f"| {name} |" in table for name in ("DCT cells", "band-pass cells", "learnt cells"))
     assert all(kind in table for kind in set(kinds[bad]))
+
+
+def test_the_unlike_table_gives_each_kinds_share_above_each_margin():
+    """benchmarks/unlike_examples.py: per data folder and margin, the share of each kind of example whose excess is
+    above the margin; the kept margin is marked."""
+    from benchmarks.unlike_examples import KINDS, table
+    from kensa_vl.eval.support_check import UNLIKE_MARGIN
+
+    found = {"set": {kind: [0.1 * (i + 1) * 10 ** (kind == KINDS[1]) for i in range(4)] for kind in KINDS}}
+    lines = table(found, [0.25, UNLIKE_MARGIN])
+    low, kept = (line.split(" | ") for line in lines[2:4])
+    assert low[1] == "0.25" and kept[1] == f"{UNLIKE_MARGIN:g} (kept)"
+    assert low[2] == "0.50" and low[3] == "1.00"  # 0.3 and 0.4 of 0.1-0.4 are above 0.25; 1-4 all are
+    assert kept[2] == "0.00" and kept[3] == "1.00"
+    assert lines[-1].startswith("Examples measured: good example 4,")

@@ -258,3 +258,28 @@ def test_the_service_holds_under_concurrent_users_over_http():
 
     result = main(["--clients", "3", "--seconds", "8", "--cache-size", "2", "--concurrency", "2"])
     assert result["requests"] >= 3 and result["lost"] == 0 and result["mismatches"] == 0
+
+
+def test_the_status_line_names_an_example_unlike_the_others(app, synth_dir, tmp_path):
+    """Three good photos of one product and one of another as good examples: the other is named, numbered as
+    uploaded; without it nothing is."""
+    from kensa_vl.eval.inspector import Inspector
+    from kensa_vl.train.build import build_tiny
+    from kensa_vl.train.data.synth import load_synth
+
+    test = load_synth(synth_dir)[0]["test"]
+    first, second = "grass", "cap"  # a surface, then a product (photos of a product vary more: docs/inspection.md)
+    good = [i for i, label in enumerate(test["label"]) if label == "good"]
+    rows = [i for i in good if test[i]["category"] == first][:4] + [
+        next(i for i in good if test[i]["category"] == second)
+    ]
+    paths = [str(tmp_path / f"{i}.png") for i in rows]
+    for i, path in zip(rows, paths, strict=True):
+        test[i]["image"].save(path)
+    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True,
+                                  reference_encoders=["dct"])  # fmt: skip
+    demo = app.Demo(Inspector(model, processor, max_new_tokens=0))
+    *_, status = demo.run([*paths[:3], paths[4]], [], "", "product", paths[3:4])
+    assert "**Check the examples:** good example 4 looks unlike the good examples" in status, status
+    *_, status = demo.run(paths[:3], [], "", "product", paths[3:4])
+    assert "Check the examples" not in status, status

@@ -346,7 +346,8 @@ def test_reference_comparison_is_cached_with_the_support(tiny_comparison, synth,
     calls, encode = [], model.model.reference_cells
     spy = lambda *args, **kwargs: calls.append(len(args) + len(kwargs)) or encode(*args, **kwargs)  # noqa: E731
     monkeypatch.setattr(model.model, "reference_cells", spy)
-    inspector = Inspector(model, processor, max_new_tokens=0)
+    # the examples' check (`support_check`) encodes them on its own; the comparison's path is what is tested here
+    inspector = Inspector(model, processor, max_new_tokens=0, check_examples=False)
     inspector.set_support(_support(test))
     assert calls and all(n == 2 for n in calls)  # always handed the features already encoded
     again = encode(inspector._prefix["pixel_values"])

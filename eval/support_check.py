@@ -1,0 +1,103 @@
+"""Examples that do not belong: a photo of another product (or a wrong file) among the support examples.
+
+The comparison takes the good examples as the product's own measure of normal; one photo of another product among
+them widens that measure and hides defects, and a defective example of another product names nothing a query can
+show. Per compared encoder, an example's *typical distance* is the median, over the cells of its grid tiles, of the
+cosine distance to the nearest cell of the other good examples (their bank, views included, as the comparison's).
+A good example lies about as far from the others as they lie from each other; a photo of another product lies farther
+almost everywhere, while a defect of the product moves a few cells, which the median ignores. An example is *unlike*
+the others when the log of its typical distance exceeds the good examples' own (each against the others; their
+median) by more than UNLIKE_MARGIN, averaged over the compared encoders: its cells lie exp(excess) times as far.
+
+UNLIKE_MARGIN is the smallest that calls at most 1 in 100 good examples unlike on the validation splits of KensaSynth
+and of the real-surface set (`benchmarks/unlike_examples.py`, docs/inspection.md): there it calls about 0.8 of the
+photos of another synthetic product unlike and 0.4 of another real surface (a second concrete or dark wood looks much
+like the first), and 0 to 0.01 of the product's defective examples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from kensa_vl.modeling.comparison_kensa_vl import (
+    LOG_FLOOR,
+    nearest_distances,
+    scored_tiles,
+    thumbnail_tiles,
+    unit_cells,
+)
+from kensa_vl.processing.image_processing_kensa_vl import to_rgb
+
+UNLIKE_MARGIN = 0.75  # e^0.75 = 2.1 times as far
+
+
+@torch.no_grad()
+def compared_features(model, processor, image, max_tiles: int | None = None, views=None, reference: bool = False):
+    """One image as the comparison sees it: (name -> `(tiles, g, g, C)` L2-normalised cells of each encoder the model
+    compares, thumbnail flags, the tile grid's rows and columns, the image's width and height, and for a `reference`
+    its bank cells, name -> `(cells, C)`, with its copies in `views` (None: the model's `reference_views`))."""
+    image = to_rgb(image)
+    batch = processor.image_processor([image], max_tiles=max_tiles, return_tensors="pt")
+    names = model.config.reference_encoder_names()
+    pixel_values = batch["pixel_values"].to(model.device)
+    cells = unit_cells(model.model.image_grids(pixel_values, names), names)
+    grid = batch["image_grid"][0, :2].tolist()
+    # the model's own bank (views included; it needs no comparison module, so a plain-ICL model's works too)
+    bank = model.model.reference_cells(pixel_values, cells, views) if reference else None
+    return cells, thumbnail_tiles(batch["image_grid"]).to(model.device), grid, image.size, bank
+
+
+def typical_distance(features, others: list) -> np.ndarray:
+    """Per compared encoder, the log of the median distance of `features`' grid-tile cells (`compared_features`) to
+    the nearest bank cell of `others` (their `compared_features` with `reference=True`): `(encoders,)`."""
+    cells, thumbnail, *_ = features
+    out = []
+    for name, query in cells.items():
+        bank = torch.cat([other[-1][name] for other in others])
+        distances = nearest_distances(query[scored_tiles(thumbnail)], bank)
+        out.append(math.log(max(float(distances.float().median()), LOG_FLOOR)))
+    return np.array(out)
+
+
+def example_excess(model, processor, support: list[dict], max_tiles: int | None = None) -> list[float | None]:
+    """Per support item (in order), how much farther its cells lie from the good examples than theirs from each
+    other: the mean over compared encoders of its log typical distance minus the good examples' median one. A good
+    example is measured against the other good ones when there are at least three (with two, neither can be told
+    from the other), a defective one against all of them; None where it is not measured."""
+    features = [compared_features(model, processor, s["image"], max_tiles, reference=True) for s in support]
+    good = [i for i, s in enumerate(support) if s["defect_type"] is None]
+    own = {}  # each good example against the other good ones
+    for i in good if len(good) > 1 else []:
+        own[i] = typical_distance(features[i], [features[j] for j in good if j != i])
+    out = []
+    for i, item in enumerate(support):
+        if item["defect_type"] is None and len(good) < 3:
+            out.append(None)
+            continue
+        peers = [own[j] for j in good if j != i]
+        measured = own[i] if i in own else typical_distance(features[i], [features[j] for j in good])
+        out.append(float((measured - np.median(peers, 0)).mean()) if peers else None)
+    return out
+
+
+def unlike_examples(model, processor, support: list[dict], max_tiles: int | None = None,
+                    margin: float = UNLIKE_MARGIN) -> list[tuple[int, float]]:  # fmt: skip
+    """The examples (1-based, in support order) whose `example_excess` is above `margin`, with their excess. Graded
+    examples are not checked: grades differ in the whole surface's look by design."""
+    if any("grade" in s for s in support) or not getattr(model.config, "reference_comparison", False):
+        return []
+    excess = example_excess(model, processor, support, max_tiles)
+    return [(n, e) for n, e in enumerate(excess, 1) if e is not None and e > margin]
+
+
+def unlike_message(number: int, excess: float, defective: bool) -> str:
+    """What the user is told about an example `unlike_examples` names."""
+    others = "the good examples" if defective else "the other good examples"
+    return (
+        f"example {number} looks unlike {others}: its cells lie {math.exp(excess):.1f}x as far from them as theirs "
+        f"from each other (more than {math.exp(UNLIKE_MARGIN):.1f}x is unlike). Another product, or a wrong file? "
+        "The comparison takes the good examples as the product's normal."
+    )

@@ -1,0 +1,74 @@
+"""Examples that do not belong (`eval/support_check.py`): a photo of another product among the support examples is
+named, the product's own good and defective photos are not."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from kensa_vl.eval.inspector import Inspector, support_item
+from kensa_vl.eval.support_check import UNLIKE_MARGIN, example_excess, unlike_examples
+
+
+@pytest.fixture(scope="module")
+def test_split(synth_dir):
+    from kensa_vl.train.data.synth import load_synth
+
+    return load_synth(synth_dir)[0]["test"]
+
+
+@pytest.fixture(scope="module")
+def compared():
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True)
+    return model.eval(), processor
+
+
+def _photos(split, category, label, count):
+    rows = [i for i, (c, lab) in enumerate(zip(split["category"], split["label"], strict=True)) if (c, lab) ==
+            (category, label)]  # fmt: skip
+    return [split[i] for i in rows[:count]]
+
+
+def test_a_photo_of_another_product_among_the_examples_is_named(compared, test_split):
+    model, processor = compared
+    categories = sorted(set(test_split["category"]))
+    for category in categories:
+        own = _photos(test_split, category, "good", 4)
+        defective = _photos(test_split, category, "defective", 1)
+        assert unlike_examples(model, processor, own + defective) == []  # the product's own photos, a defect too
+        for other in [c for c in categories if c != category]:
+            foreign = _photos(test_split, other, "good", 1)
+            named = unlike_examples(model, processor, own[:3] + foreign)
+            assert [number for number, _ in named] == [4], (category, other, named)
+            assert named[0][1] > UNLIKE_MARGIN
+
+
+def test_good_examples_are_measured_from_three_on(compared, test_split):
+    """With two good examples neither can be told from the other: only a defective example is measured."""
+    model, processor = compared
+    categories = sorted(set(test_split["category"]))
+    two = _photos(test_split, categories[0], "good", 2)
+    foreign = _photos(test_split, categories[1], "defective", 1)
+    excess = example_excess(model, processor, two + foreign)
+    assert excess[:2] == [None, None] and excess[2] > UNLIKE_MARGIN
+
+
+def test_the_inspector_warns_of_an_example_unlike_the_others(compared, test_split, caplog):
+    model, processor = compared
+    first, second = sorted(set(test_split["category"]))[:2]
+    support = [support_item(p["image"]) for p in _photos(test_split, first, "good", 3)]
+    support.append(support_item(_photos(test_split, second, "defective", 1)[0]["image"], defective=True,
+                                description="a dark scratch"))  # fmt: skip
+    inspector = Inspector(model, processor, max_new_tokens=0)
+    with caplog.at_level(logging.WARNING, logger="kensa_vl.eval.inspector"):
+        inspector.set_support(support)
+    assert [number for number, _ in inspector.unlike] == [4]
+    assert "example 4 looks unlike the good examples" in caplog.text and "Another product" in caplog.text
+    quiet = Inspector(model, processor, max_new_tokens=0, check_examples=False)
+    quiet.set_support(support)
+    assert quiet.unlike == []
+    inspector.set_support(support[:3])  # a support set without it: nothing is named any more
+    assert inspector.unlike == []
