@@ -32,9 +32,10 @@ from kensa_vl.modeling.comparison_kensa_vl import (
     LOG_FLOOR,
     VERDICT_MARGIN,
     distance_map,
+    image_scores,
     nearest_distances,
+    over_levels,
     peak_region_box,
-    pooled_distances,
     stitch_tiles,
 )
 from kensa_vl.train.data.synth import load_synth
@@ -95,9 +96,7 @@ def encoder_rules(
     out["the encoder with the largest excess alone"] = box(max(own, key=lambda cells: cells.max().item()))
     # the verdict's own excess per encoder (`KensaVLReferenceComparison.forward`): the largest 3x3-averaged
     # log-distance over the grid tiles, `scale * (score - level) - margin`
-    scores = torch.stack([pooled_distances(near[n][: rows * cols], comparison.token_side).amax() for n in names])
-    scale, margin = torch.tensor(excess).unbind(-1)
-    relative = (scores.clamp_min(LOG_FLOOR).log() - levels) * scale - margin
+    relative = over_levels(image_scores([near[n] for n in names], rows * cols, comparison.token_side), levels, excess)
     decider = int(relative.argmax())
     out["the encoder that decides the verdict alone"] = box(own[decider])
     flagged = relative[0] > VERDICT_MARGIN or relative.max() <= VERDICT_MARGIN

@@ -401,6 +401,21 @@ def pooled_distances(nearest: torch.Tensor, token_side: int) -> torch.Tensor:
     return F.adaptive_max_pool2d(d, token_side).flatten(1)
 
 
+def image_scores(distances: list[torch.Tensor], tiles: int, token_side: int) -> torch.Tensor:
+    """Each compared encoder's kNN score of one image from its `nearest_distances` (`(n, g, g)` each): the largest
+    3x3-averaged log-distance over its first `tiles` tiles (its grid tiles), what the verdict reads: `(encoders,)`."""
+    pooled = [pooled_distances(d[:tiles].float(), token_side).amax() for d in distances]
+    return torch.stack(pooled).clamp_min(LOG_FLOOR).log()
+
+
+def over_levels(scores: torch.Tensor, levels: torch.Tensor, excess) -> torch.Tensor:
+    """Each compared encoder's log score `(encoders,)` over its level as the verdict takes it, `scale * (score -
+    level) - margin` (`excess`: per encoder `(scale, margin)`, the entries' `verdict_scale` and `verdict_margin`), in
+    float32: above VERDICT_MARGIN, that encoder alone calls the image defective."""
+    scale, margin = torch.tensor(excess, dtype=torch.float32, device=scores.device).unbind(-1)
+    return (scores.float() - levels.to(scores.device, torch.float32)) * scale - margin
+
+
 def patch_distances(
     query: torch.Tensor, bank: torch.Tensor, token_side: int, chunk: int | None = None
 ) -> torch.Tensor:
@@ -653,10 +668,7 @@ class KensaVLReferenceComparison(nn.Module):
         sharp = [i for i, b in enumerate(blurred) if not b]
         if len(sharp) in (0, len(blurred)):
             return list(range(len(blurred)))
-        scores = torch.stack([pooled_distances(d[: rows * cols], self.token_side).amax() for d in distances])
-        scale, margin = torch.tensor(excess, dtype=torch.float32).unbind(-1)
-        relative = (scores.float().cpu().clamp_min(LOG_FLOOR).log() - levels.cpu()) * scale - margin
-        flagged = relative > VERDICT_MARGIN
+        flagged = over_levels(image_scores(distances, rows * cols, self.token_side), levels, excess) > VERDICT_MARGIN
         if flagged[sharp].any() or not flagged.any():
             return sharp
         return list(range(len(blurred)))
@@ -744,9 +756,8 @@ class KensaVLReferenceComparison(nn.Module):
         top = scored.topk(min(len(scored), logits.shape[-1])).values.mean()
         # each encoder's largest 3x3 log-distance, and how far it lies above that encoder's own level
         score = x[selected][..., 0 :: self.PER_ENCODER].flatten(0, 1).amax(0)  # (encoders,)
-        scale, margin = torch.tensor(self.excess, device=score.device, dtype=score.dtype).unbind(-1)
         relative, known = (
-            ((score - level) * scale - margin, 1.0) if level is not None else (torch.zeros_like(score), 0.0)
+            (over_levels(score, level, self.excess), 1.0) if level is not None else (torch.zeros_like(score), 0.0)
         )
         relative, known = relative.to(x.dtype), torch.full_like(score[0], known)  # a float32 level, a bf16 model
         image = torch.stack([scored.max(), top, scored.mean(), score.mean(), relative.max(), known])
