@@ -32,6 +32,7 @@ from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 from kensa_vl.processing.processing_kensa_vl import (
     IMAGE_TOKEN,
+    UNNAMED_DEFECT,
     grading_answer,
     parse_grading_answer,
     parse_inspection_answer,
@@ -78,9 +79,9 @@ class Judgement:
 def support_item(image, defective: bool = False, description: str | None = None, boxes=None, defect_type=None,
                  label: str | None = None, limit: bool = False):  # fmt: skip
     """A support example in the episode format: a good image, or a defective one named by `defect_type`, or else by
-    its `description` (the user's own words: "a dark scratch", "打痕"), or else "defect", with optional boxes (its
-    pixels, `[x0, y0, x1, y1]`). The name is what an answer that matches this example copies; a description given
-    beside a `defect_type` follows the box in the prompt.
+    its `description` (the user's own words: "a dark scratch", "打痕"), or else "defect" (`UNNAMED_DEFECT`), with
+    optional boxes (its pixels, `[x0, y0, x1, y1]`). The name is what an answer that matches this example copies; a
+    description given beside a `defect_type` follows the box in the prompt.
 
     For grading, a graded example: `label` is its grade ("B", "1級", "too dark"), `limit` marks a limit sample
     (限度見本: the most its grade allows), and a `description` follows the label in the prompt."""
@@ -101,7 +102,7 @@ def support_item(image, defective: bool = False, description: str | None = None,
     for box in boxes:
         if len(box) != 4 or not (0 <= box[0] < box[2] <= image.width and 0 <= box[1] < box[3] <= image.height):
             raise ValueError(f"box {box} is not [x0, y0, x1, y1] inside the {image.width}x{image.height} image")
-    name = " ".join((defect_type or description or "defect").split())  # one line: the answer's name
+    name = " ".join((defect_type or description or UNNAMED_DEFECT).split())  # one line: the answer's name
     if ":" in name or " at " in f" {name} ":
         raise ValueError(f"a defect name cannot hold ':' or the word 'at' (they mark where a name ends): {name!r}")
     position = "center"

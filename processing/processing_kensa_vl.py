@@ -181,6 +181,9 @@ def answer_prompt_ids(tokenizer) -> list[int]:
     return tokenizer(ANSWER_PROMPT, add_special_tokens=False).input_ids
 
 
+UNNAMED_DEFECT = "defect"  # a defect no example names: no defective example in the support, or one without words
+
+
 def inspection_answer(defect_type: str | None, position: str | None, boxes, width: int, height: int, num_bins: int):
     """The target answer: `"good"` when `defect_type` is None, else `"defective: <type> at the <position> <boxes>"`."""
     if defect_type is None:

@@ -141,7 +141,9 @@ def test_episode_conversation_round_trips_the_answer(tiny, tmp_path):
         assert layout.count("<image>") == len(row["images"]) == len(ep["support"]) + 1
         query = items["test"][ep["query"]]
         parsed = parse_inspection_answer(layout[-1], 128, 128, NUM_LOC_BINS)
-        assert parsed["verdict"] == query["label"] and parsed["defect_type"] == query["defect_type"]
+        shown = any(items["test"][int(i)]["defect_type"] is not None for i in ep["support"])
+        named = query["defect_type"] if shown or query["defect_type"] is None else "defect"  # no example names it
+        assert parsed["verdict"] == query["label"] and parsed["defect_type"] == named
         assert parsed["position"] == query["position"] and len(parsed["boxes"]) == len(query["boxes"])
         for (x0, y0, x1, y1), (a, b, c, d) in zip(parsed["boxes"], query["boxes"], strict=True):
             assert x0 <= a and y0 <= b and c <= x1 and d <= y1  # the decoded box contains the true one
@@ -188,3 +190,23 @@ def test_episodes_decode_an_item_once_while_it_is_kept():
     items = Items()
     [r["images"] for r in conv.episode_conversations(items, episodes, decoded=1)]
     assert len(items.reads) > 3
+
+
+def test_a_defect_no_example_shows_is_answered_defect_not_a_recalled_type():
+    """With good examples alone the answer names no type ("defect"); with a defective example shown, the query's
+    type, as before."""
+    from PIL import Image as Photo
+
+    from kensa_vl.processing.processing_kensa_vl import UNNAMED_DEFECT
+
+    def photo(kind=None):
+        item = {"image": Photo.new("RGB", (64, 64)), "defect_type": kind, "position": None, "boxes": []}
+        return item if kind is None else {**item, "position": "center", "boxes": [[20, 20, 40, 40]], "description": ""}
+
+    query = photo("hole")
+    alone = conv.episode([photo(), photo()], query, "nut")["messages"][-1]["content"][0]["text"]
+    assert alone.startswith(f"defective: {UNNAMED_DEFECT} at the center <box>"), alone
+    shown = conv.episode([photo(), photo("scratch")], query, "nut")["messages"][-1]["content"][0]["text"]
+    assert shown.startswith("defective: hole at the center <box>"), shown
+    assert conv.episode([photo()], photo(), "nut")["messages"][-1]["content"][0]["text"] == "good"
+    assert query["defect_type"] == "hole"  # the item itself is left as it was

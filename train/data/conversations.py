@@ -27,7 +27,13 @@ import numpy as np
 from PIL import Image
 
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
-from kensa_vl.processing.processing_kensa_vl import NUM_LOC_BINS, boxes_to_text, grading_answer, inspection_answer
+from kensa_vl.processing.processing_kensa_vl import (
+    NUM_LOC_BINS,
+    UNNAMED_DEFECT,
+    boxes_to_text,
+    grading_answer,
+    inspection_answer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,12 +172,17 @@ def episode(support: list[dict], query: dict, noun: str, num_bins: int = NUM_LOC
     """A KensaSynth episode (item rows) as one user turn with numbered references and the query, and the answer.
 
     A good reference reads "good"; a defective one gives the answer format and the description, so the demos
-    teach the format the query is answered in.
+    teach the format the query is answered in. The query's defect is named by its type only where the support
+    shows a defective example; with good examples alone it is `UNNAMED_DEFECT` ("defect"): a name is read from the
+    examples, not recalled (trained on types, a model named every defect of unseen products "scratch").
     """
 
     def answer(item: dict) -> str:
         width, height = item["image"].size
         return inspection_answer(item["defect_type"], item["position"], item["boxes"], width, height, num_bins)
+
+    if query["defect_type"] is not None and all(item["defect_type"] is None for item in support):
+        query = {**query, "defect_type": UNNAMED_DEFECT}
 
     blocks = [f"Reference photos of a {noun}:\n"] if support else []
     for j, item in enumerate(support, 1):
