@@ -80,7 +80,7 @@ def unlike_note(unlike: list[tuple[int, float]], good: int) -> str:
     verb = "looks" if len(named) == 1 else "look"
     return (
         f" **Check the examples:** {' and '.join(named)} {verb} unlike the good examples (cells {far} as far from "
-        "them as theirs from each other): another product, or a wrong file?"
+        "them as theirs from each other): another product, another zoom, or a wrong file?"
     )
 
 

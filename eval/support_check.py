@@ -98,6 +98,6 @@ def unlike_message(number: int, excess: float, defective: bool) -> str:
     others = "the good examples" if defective else "the other good examples"
     return (
         f"example {number} looks unlike {others}: its cells lie {math.exp(excess):.1f}x as far from them as theirs "
-        f"from each other (more than {math.exp(UNLIKE_MARGIN):.1f}x is unlike). Another product, or a wrong file? "
-        "The comparison takes the good examples as the product's normal."
+        f"from each other (more than {math.exp(UNLIKE_MARGIN):.1f}x is unlike). Another product, another zoom (the "
+        "photo's scale after tiling), or a wrong file? The comparison takes the good examples as the product's normal."
     )
