@@ -12,13 +12,11 @@ Threshold: `scale` x the supports' level. The level is how far a good photo is f
 largest leave-one-out score over the supports (k >= 2), or with one support the largest score of one of its grid
 tiles against its other tiles. `scale` is the baseline's calibration, chosen per k on validation categories
 (`calibrate`), as the model's threshold was learnt in training: both get a threshold they did not see test data for.
-A defective verdict's box: the model's rule (`locate_box`) on the same distances, with the threshold as the level;
-the heatmap: the model's (`distance_map`).
+A defective verdict's box: the model's rule (`locate_box`) on the same distances, each encoder's map against its own
+level (its leave-one-out score times `scale`); the heatmap: the model's (`distance_map`), the same way.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -54,39 +52,46 @@ class PatchCore:
         # each encoder's bank, made once: every query searches the same tensor (`SearchMemo` knows it by then)
         self.cells = {name: _bank(self.bank, name) for name in self.bank[0][-1]} if self.bank else {}
         if len(self.bank) >= 2:  # leave one out: how far a good photo is from the other good photos
-            self.level = max(self._score(f, self.bank[:i] + self.bank[i + 1 :]) for i, f in enumerate(self.bank))
+            left_out = [self._scores_of(self._nearest(f, self.bank[:i] + self.bank[i + 1 :]), f[1])
+                        for i, f in enumerate(self.bank)]  # fmt: skip
+            self.level = max(score for score, _ in left_out)
+            self.levels = torch.stack([per for _, per in left_out]).amax(0)
         elif self.bank:
-            self.level = self._tile_level(self.bank[0])
+            self.level, self.levels = self._tile_level(self.bank[0])
 
-    def _tile_level(self, features) -> float:
-        """One support's level: the largest score of one of its grid tiles against its other grid tiles' cells."""
+    def _tile_level(self, features) -> tuple[float, torch.Tensor]:
+        """One support's level: the largest score of one of its grid tiles against its other grid tiles' cells, and
+        each encoder's largest."""
         cells, thumbnail, *_ = features
         grid = (~thumbnail).nonzero().flatten().tolist()
         if len(grid) < 2:
             raise ValueError("with one good support the baseline's threshold needs a photo cut into 2 or more tiles")
-        side, scores = self.model.config.token_side, []
+        side, scores, per = self.model.config.token_side, [], []
         for t in grid:
             others = [o for o in grid if o != t]
-            distances = [patch_distances(c[t : t + 1], c[others].flatten(0, 2), side) for c in cells.values()]
-            scores.append(float(torch.stack(distances).mean(0).max()))
-        return max(scores)
+            distances = torch.stack(
+                [patch_distances(c[t : t + 1], c[others].flatten(0, 2), side) for c in cells.values()]
+            )
+            scores.append(float(distances.mean(0).max()))
+            per.append(distances.flatten(1).amax(1))
+        return max(scores), torch.stack(per).amax(0)
 
     @property
     def threshold(self) -> float:
         return self.scale * self.level
-
-    def _score(self, features, bank: list) -> float:
-        return self._score_of(self._nearest(features, bank), features[1])
 
     @staticmethod
     def _nearest(features, bank: list) -> dict:
         """Each compared encoder's `nearest_distances` of every tile of the query to `bank`'s cells."""
         return {name: nearest_distances(query, _bank(bank, name)) for name, query in features[0].items()}
 
-    def _score_of(self, nearest: dict, thumbnail: torch.Tensor) -> float:
+    def _scores_of(self, nearest: dict, thumbnail: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """(the score: the largest over the scored tiles' tokens of the encoders' mean 3x3 distance, and each
+        encoder's own largest `(encoders,)`)."""
         side = self.model.config.token_side
-        distances = [pooled_distances(cells, side) for cells in nearest.values()]
-        return float(torch.stack(distances).mean(0)[scored_tiles(thumbnail)].max())
+        selected = scored_tiles(thumbnail)
+        distances = torch.stack([pooled_distances(cells[selected], side) for cells in nearest.values()])
+        return float(distances.mean(0).max()), distances.flatten(1).amax(1)
 
     def judge(self, queries) -> list[Judgement]:
         if not self.bank:
@@ -97,7 +102,7 @@ class PatchCore:
             features = self._features(query)
             # searched once: the score and the evidence read it
             nearest = {name: nearest_distances(cells, self.cells[name]) for name, cells in features[0].items()}
-            score = self._score_of(nearest, features[1])
+            score, _ = self._scores_of(nearest, features[1])
             p = score / (score + self.threshold + 1e-12)  # p >= 0.5 exactly when score >= threshold
             verdict = "defective" if p >= 0.5 else "good"
             out.append(Judgement(verdict, p, **self._evidence(features, nearest, verdict)))
@@ -107,8 +112,10 @@ class PatchCore:
     def _evidence(self, features, nearest: dict, verdict: str) -> dict:
         _, thumbnail, (rows, cols), size, _ = features
         distances = [cells[~thumbnail] for cells in nearest.values()]
-        level = math.log(max(self.threshold, LOG_FLOOR))  # every encoder's, PatchCore's one threshold
-        cells = distance_map(distances, rows, cols, level)
+        # each encoder's map against its own level (its leave-one-out score times the threshold's scale): the
+        # encoders' distances lie on different scales, and one level for all boxed the whole photo
+        levels = (self.scale * self.levels).clamp_min(LOG_FLOOR).log()
+        cells = distance_map(distances, rows, cols, levels)
         out = {"heatmap": pixel_heatmap(cells, *size)}
         if verdict == "defective":
             box, _ = map_box(cells, leveled=True)

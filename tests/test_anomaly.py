@@ -639,6 +639,35 @@ def test_locate_finds_a_defect_against_good_references_before_any_training(tiny_
         model.model.locate(grid["pixel_values"][:2], grid["image_grid"], inspector._bank)
 
 
+def test_the_baseline_boxes_each_encoder_against_its_own_level(synth_dir):
+    """With encoders whose distances lie on different scales (DCT, band-pass and contrast cells), the kNN baseline's
+    box is cut from each encoder's map against that encoder's own leave-one-out level: a leather's defects are boxed,
+    none by the whole photo (one level for all encoders boxed two of these five whole)."""
+    from kensa_vl.eval.baseline import PatchCore
+    from kensa_vl.eval.inspector import support_item
+    from kensa_vl.eval.metrics import box_iou
+    from kensa_vl.train.build import build_tiny
+    from kensa_vl.train.data.synth import load_synth
+
+    test = load_synth(synth_dir)[0]["test"]
+    rows = [i for i, category in enumerate(test["category"]) if category == "leather"]
+    good = [i for i in rows if test[i]["label"] == "good"][:4]
+    compared = ["dct", "bandpass", "contrast"]
+    model, processor = build_tiny(tile_size=112, max_tiles=4, dct=True, bandpass=True, contrast=True,
+                                  reference_comparison=True, reference_encoders=compared)  # fmt: skip
+    baseline = PatchCore(model.eval(), processor)
+    baseline.set_support([support_item(test[i]["image"]) for i in good])
+    assert baseline.levels.shape == (3,)
+    hits = 0
+    for i in [i for i in rows if test[i]["label"] == "defective"][:5]:
+        (judged,) = baseline.judge([test[i]["image"]])
+        width, height = test[i]["image"].size
+        for x0, y0, x1, y1 in judged.boxes:
+            assert (x1 - x0) * (y1 - y0) < width * height / 2, (i, judged.boxes)
+        hits += bool(judged.boxes) and box_iou(judged.boxes[0], test[i]["boxes"][0]) >= 0.5
+    assert hits >= 3
+
+
 def test_nearest_distances_in_blocks_equal_the_full_matrix():
     import torch.nn.functional as F
 
