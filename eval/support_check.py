@@ -77,7 +77,7 @@ def example_excess(model, processor, support: list[dict], max_tiles: int | None 
         if item["defect_type"] is None and len(good) < 3:
             out.append(None)
             continue
-        peers = [own[j] for j in good if j != i]
+        peers = [own[j] for j in good if j != i and j in own]  # none with a single good example
         measured = own[i] if i in own else typical_distance(features[i], [features[j] for j in good])
         out.append(float((measured - np.median(peers, 0)).mean()) if peers else None)
     return out

@@ -54,6 +54,7 @@ def test_good_examples_are_measured_from_three_on(compared, test_split):
     foreign = _photos(test_split, categories[1], "defective", 1)
     excess = example_excess(model, processor, two + foreign)
     assert excess[:2] == [None, None] and excess[2] > UNLIKE_MARGIN
+    assert example_excess(model, processor, two[:1] + foreign) == [None, None]  # one good example: nothing to go by
 
 
 def test_the_inspector_warns_of_an_example_unlike_the_others(compared, test_split, caplog):
