@@ -84,6 +84,15 @@ def unlike_note(unlike: list[tuple[int, float]], good: int) -> str:
     )
 
 
+def unlike_query_note(names: list[str]) -> str:
+    """The status line's warning for the queries that look unlike the good examples (`Judgement.unlike`)."""
+    if not names:
+        return ""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    verb = "looks" if len(names) == 1 else "look"
+    return f" **Check the queries:** {shown} {verb} unlike the good examples: another product or another zoom?"
+
+
 def check_counts(**files) -> None:
     for role, paths in files.items():
         if len(paths) > LIMITS[role]:
@@ -156,7 +165,7 @@ class Demo:
             start = time.perf_counter()
             inspector, encoded = self.set_support(good, defective, descriptions, noun)
             support_ms = (time.perf_counter() - start) * 1000
-            gallery, rows = [], []
+            gallery, rows, unlike_queries = [], [], []
             for path in queries:
                 start = time.perf_counter()
                 try:
@@ -173,13 +182,16 @@ class Demo:
                 )  # fmt: skip
                 caption = f"{Path(path).name}: {result.verdict} (P(defective) {result.p_defective:.2f})"
                 caption += f", like {like}" if like and result.verdict == "defective" else ""
+                if result.unlike is not None:  # another product or zoom (`Inspector._query_check`)
+                    caption += f", unlike the good examples ({math.exp(result.unlike):.1f}x as far)"
+                    unlike_queries.append(Path(path).name)
                 # the heatmap (where the query differs from the good examples) under the boxes, when the model compares
                 gallery.append((draw_judgement(image, result.boxes, result.verdict, result.heatmap), caption))
                 row = [Path(path).name, result.verdict, round(result.p_defective, 3), result.text, like, round(ms)]
                 rows.append(row)
             cached = "encoded" if encoded else "reused from the cache"
             status = f"Support set ({len(good)} good, {len(defective)} defective) {cached} in {support_ms:.0f} ms."
-            return gallery, rows, status + unlike_note(inspector.unlike, len(good))
+            return gallery, rows, status + unlike_note(inspector.unlike, len(good)) + unlike_query_note(unlike_queries)
         except ValueError as err:
             return [], [], f"**Cannot inspect:** {err}"
         except Exception:  # the page gets a message, the log gets the traceback

@@ -19,12 +19,14 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import math
 from pathlib import Path
 
 from .layouts import IMAGE_SUFFIXES
 
 CSV_FIELDS = ("file", "category", "verdict", "p_defective", "defect_type", "position", "boxes", "example",
-              "example_name", "example_share", "grade", "grade_probabilities", "limit_sample", "text")  # fmt: skip
+              "example_name", "example_share", "grade", "grade_probabilities", "limit_sample", "unlike",
+              "text")  # fmt: skip
 
 
 def query_files(args) -> list[str]:
@@ -179,9 +181,9 @@ def run(args) -> None:
         if not todo:
             continue
         inspector.noun = noun
-        with logging_redirect_tqdm():  # a warning about the examples (`Inspector.unlike`) on its own line
+        # a warning about an example or a query unlike the good examples (`Inspector.unlike`) on its own line
+        with logging_redirect_tqdm(), state.split_between_processes(todo) as mine:
             inspector.set_support(support)
-        with state.split_between_processes(todo) as mine:
             for order, path in mine:
                 record = judge(inspector, path, noun, args)
                 if state.num_processes > 1:
@@ -221,6 +223,8 @@ def emit(record: dict, sink: Sink, failed: list) -> None:
         print(f"{record['file']}\t{record['grade']}\t{shares}{limit}", flush=True)
     else:
         like = f"\tlike example {record['example']}: {record['example_name']}" if record.get("example") else ""
+        if record.get("unlike"):  # `Inspector._query_check`
+            like += f"\tunlike the good examples ({math.exp(record['unlike']):.1f}x as far): another product or zoom?"
         print(f"{record['file']}\t{record['verdict']}\t{record['p_defective']:.3f}{like}", flush=True)
     sink.add(record)
 

@@ -41,7 +41,7 @@ from kensa_vl.processing.processing_kensa_vl import (
 )
 from kensa_vl.train.data import episode, grading_episode
 
-from .support_check import unlike_examples, unlike_message
+from .support_check import UNLIKE_MARGIN, check_support, compared_features, query_message, unlike_message
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ class Judgement:
     grade: str | None = None
     grade_probabilities: dict[str, float] | None = None
     limit_sample: int | None = None
+    # the query's cells lie exp(unlike) times as far from the good examples as theirs from each other, set where that
+    # is above `support_check.UNLIKE_MARGIN` (another product or zoom; `Inspector(check_examples=True)`)
+    unlike: float | None = None
 
     def to_dict(self) -> dict:
         """The JSON-ready fields (the heatmap is left out: an image, see `plots.heatmap_overlay`)."""
@@ -243,9 +246,10 @@ class Inspector:
         max_new_tokens: length of the generated description (0: score only, no text).
         graded_by: what graded examples are graded by, in the grading prompt ("colour shade", "gloss").
         check_examples: with the comparison, `set_support` looks for examples unlike the good ones (a photo of
-            another product, `support_check.unlike_examples`), keeps them in `unlike` and logs a warning for each.
-            The check encodes each example once more with the compared encoders (the weight-free cells cost
-            milliseconds; a pretrained tower, one more pass over the examples).
+            another product, `support_check.check_support`), keeps them in `unlike` and logs a warning for each;
+            and `judge` measures each query the same way, setting `Judgement.unlike` (and logging a warning) for one
+            unlike the good examples (another product or zoom). The check encodes each image once more with the
+            compared encoders (the weight-free cells cost milliseconds; a pretrained tower, one more pass).
     """
 
     def __init__(
@@ -262,7 +266,7 @@ class Inspector:
         check_examples: bool = True,
     ):
         self.model, self.processor, self.graded_by = model.eval(), processor, graded_by
-        self.check_examples, self.unlike = check_examples, []
+        self.check_examples, self.unlike, self._normal = check_examples, [], None
         self.noun, self.threshold, self.cache = noun, threshold, cache
         for name, tiles in (("support_max_tiles", support_max_tiles), ("query_max_tiles", query_max_tiles)):
             if tiles is not None and (not isinstance(tiles, int) or tiles < 1):  # 0 would read as "the default"
@@ -354,9 +358,9 @@ class Inspector:
                 self._bank = self.model.model.support_bank(full["pixel_values"], full["image_grid"], labels)
             elif compares:
                 self._bank = out.reference_bank[0]
-        self.unlike = []
+        self.unlike, self._normal = [], None
         if compares and self.check_examples:
-            self.unlike = unlike_examples(self.model, self.processor, self.support, self._bank_max_tiles())
+            self.unlike, self._normal = check_support(self.model, self.processor, self.support, self._bank_max_tiles())
             for number, excess in self.unlike:
                 logger.warning(unlike_message(number, excess, self.support[number - 1]["defect_type"] is not None))
 
@@ -494,7 +498,7 @@ class Inspector:
         for row, (x, image) in enumerate(zip(inputs, images, strict=True)):
             verdict, p_defective = self._verdict(forward.logits[row, -1])
             evidence = self._evidence(x, image, verdict, distances[row])
-            evidence.update(self._matched(getattr(forward, "pointers", None), row))
+            evidence.update(self._matched(getattr(forward, "pointers", None), row), **self._query_check(image))
             out.append(Judgement(verdict, p_defective, **evidence))
         return out
 
@@ -509,6 +513,17 @@ class Inspector:
         best = int(shares.argmax())
         name = self.support[defective[best] - 1]["defect_type"]
         return {"example": defective[best], "example_name": name, "example_share": round(float(shares[best]), 4)}
+
+    def _query_check(self, image: Image.Image) -> dict:
+        """`unlike` for a query whose cells lie far from the good examples' (`support_check.Normal`), with a logged
+        warning; empty where it lies near them or nothing is checked."""
+        if self._normal is None:
+            return {}
+        excess = self._normal.excess(compared_features(self.model, self.processor, image, self.query_max_tiles))
+        if excess <= UNLIKE_MARGIN:
+            return {}
+        logger.warning(query_message(excess))
+        return {"unlike": round(excess, 4)}
 
     def _verdict(self, logits: torch.Tensor) -> tuple[str, float]:
         """The answer's first-token logits -> (verdict, P(defective)) from the "good" and "defective" tokens."""
@@ -529,7 +544,7 @@ class Inspector:
         verdict, p_defective = self._verdict(out.logits[0, -1])
         distances = getattr(out, "reference_distances", None)
         evidence = self._evidence(inputs, image, verdict, distances and distances[-1])
-        evidence.update(self._matched(getattr(out, "pointers", None)))
+        evidence.update(self._matched(getattr(out, "pointers", None)), **self._query_check(image))
         if self.max_new_tokens == 0:
             return Judgement(verdict, p_defective, **evidence)
         text = self._describe(inputs, getattr(out, CACHE_KEY), verdict, getattr(out, "pointers", None))

@@ -13,11 +13,17 @@ UNLIKE_MARGIN is the smallest that calls at most 1 in 100 good examples unlike o
 and of the real-surface set (`benchmarks/unlike_examples.py`, docs/inspection.md): there it calls about 0.8 of the
 photos of another synthetic product unlike and 0.4 of another real surface (a second concrete or dark wood looks much
 like the first), and 0 to 0.01 of the product's defective examples.
+
+A query is measured the same way, against all the good examples (`Normal.excess`): a photo of another product or
+zoom is flagged defective by the comparison almost everywhere, and the verdict alone does not say why. The same
+margin calls no good or defective query of the product on those validation splits and 0.9 (KensaSynth) and 0.5 (real
+surfaces) of another product's photos (`benchmarks/unlike_examples.py`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,11 +68,25 @@ def typical_distance(features, others: list) -> np.ndarray:
     return np.array(out)
 
 
-def example_excess(model, processor, support: list[dict], max_tiles: int | None = None) -> list[float | None]:
+@dataclass
+class Normal:
+    """The good examples as the check measures them: their `compared_features` (bank cells included) and `level`,
+    the median over them of each one's `typical_distance` to the others `(encoders,)`."""
+
+    features: list
+    level: np.ndarray
+
+    def excess(self, features) -> float:
+        """How much farther an image's cells (`compared_features`) lie from the good examples than theirs from each
+        other: the mean over compared encoders of its log typical distance minus `level`."""
+        return float((typical_distance(features, self.features) - self.level).mean())
+
+
+def measure_support(model, processor, support: list[dict], max_tiles: int | None = None):
     """Per support item (in order), how much farther its cells lie from the good examples than theirs from each
-    other: the mean over compared encoders of its log typical distance minus the good examples' median one. A good
-    example is measured against the other good ones when there are at least three (with two, neither can be told
-    from the other), a defective one against all of them; None where it is not measured."""
+    other (`Normal.excess`); and the good examples' `Normal`, which measures a query the same way (None with fewer
+    than two). A good example is measured against the other good ones when there are at least three (with two,
+    neither can be told from the other), a defective one against all of them; None where it is not measured."""
     features = [compared_features(model, processor, s["image"], max_tiles, reference=True) for s in support]
     good = [i for i, s in enumerate(support) if s["defect_type"] is None]
     own = {}  # each good example against the other good ones
@@ -80,17 +100,30 @@ def example_excess(model, processor, support: list[dict], max_tiles: int | None 
         peers = [own[j] for j in good if j != i and j in own]  # none with a single good example
         measured = own[i] if i in own else typical_distance(features[i], [features[j] for j in good])
         out.append(float((measured - np.median(peers, 0)).mean()) if peers else None)
-    return out
+    normal = Normal([features[i] for i in good], np.median(list(own.values()), 0)) if own else None
+    return out, normal
+
+
+def example_excess(model, processor, support: list[dict], max_tiles: int | None = None) -> list[float | None]:
+    """`measure_support`'s excess of each support item."""
+    return measure_support(model, processor, support, max_tiles)[0]
+
+
+def check_support(model, processor, support: list[dict], max_tiles: int | None = None,
+                  margin: float = UNLIKE_MARGIN) -> tuple[list[tuple[int, float]], Normal | None]:  # fmt: skip
+    """The examples (1-based, in support order) whose excess is above `margin`, with their excess, and the good
+    examples' `Normal` for the queries. Graded supports are not checked (grades differ in the whole surface's look by
+    design), nor a model without the comparison: ([], None)."""
+    if any("grade" in s for s in support) or not getattr(model.config, "reference_comparison", False):
+        return [], None
+    excess, normal = measure_support(model, processor, support, max_tiles)
+    return [(n, e) for n, e in enumerate(excess, 1) if e is not None and e > margin], normal
 
 
 def unlike_examples(model, processor, support: list[dict], max_tiles: int | None = None,
                     margin: float = UNLIKE_MARGIN) -> list[tuple[int, float]]:  # fmt: skip
-    """The examples (1-based, in support order) whose `example_excess` is above `margin`, with their excess. Graded
-    examples are not checked: grades differ in the whole surface's look by design."""
-    if any("grade" in s for s in support) or not getattr(model.config, "reference_comparison", False):
-        return []
-    excess = example_excess(model, processor, support, max_tiles)
-    return [(n, e) for n, e in enumerate(excess, 1) if e is not None and e > margin]
+    """`check_support`'s examples unlike the good ones."""
+    return check_support(model, processor, support, max_tiles, margin)[0]
 
 
 def unlike_message(number: int, excess: float, defective: bool) -> str:
@@ -100,4 +133,13 @@ def unlike_message(number: int, excess: float, defective: bool) -> str:
         f"example {number} looks unlike {others}: its cells lie {math.exp(excess):.1f}x as far from them as theirs "
         f"from each other (more than {math.exp(UNLIKE_MARGIN):.1f}x is unlike). Another product, another zoom (the "
         "photo's scale after tiling), or a wrong file? The comparison takes the good examples as the product's normal."
+    )
+
+
+def query_message(excess: float) -> str:
+    """What the user is told about a query whose `Normal.excess` is above UNLIKE_MARGIN."""
+    return (
+        f"the query looks unlike the good examples: its cells lie {math.exp(excess):.1f}x as far from them as theirs "
+        f"from each other (more than {math.exp(UNLIKE_MARGIN):.1f}x is unlike). Another product or another zoom? Its "
+        "verdict compares it with the examples' product"
     )

@@ -282,4 +282,7 @@ def test_the_status_line_names_an_example_unlike_the_others(app, synth_dir, tmp_
     *_, status = demo.run([*paths[:3], paths[4]], [], "", "product", paths[3:4])
     assert "**Check the examples:** good example 4 looks unlike the good examples" in status, status
     *_, status = demo.run(paths[:3], [], "", "product", paths[3:4])
-    assert "Check the examples" not in status, status
+    assert "Check the examples" not in status and "Check the queries" not in status, status
+    gallery, _, status = demo.run(paths[:3], [], "", "product", paths[3:])  # the other product's photo as a query
+    assert f"**Check the queries:** {Path(paths[4]).name} looks unlike the good examples" in status, status
+    assert "unlike" not in gallery[0][1] and "unlike the good examples" in gallery[1][1]

@@ -147,6 +147,22 @@ def test_named_defective_examples_say_which_one_a_photo_resembles(folder, tmp_pa
     assert next(csv.DictReader(open(root / "named.csv")))["example_name"] == record["example_name"]
 
 
+def test_a_query_unlike_the_good_examples_is_marked_in_the_printed_line_and_the_table(tmp_path, capsys):
+    from kensa_vl.eval.inspect_command import Sink, emit
+    from kensa_vl.eval.inspector import Judgement
+
+    sink, failed = Sink(str(tmp_path / "r.jsonl"), False), []
+    for name, unlike in (("own.png", None), ("other.png", 1.48)):
+        record = {"file": name, "category": "nut", **Judgement("defective", 0.9, unlike=unlike).to_dict()}
+        emit(record, sink, failed)
+    sink.close()
+    own, other = capsys.readouterr().out.strip().split("\n")
+    assert own == "own.png\tdefective\t0.900" and failed == []
+    assert other.endswith("\tunlike the good examples (4.4x as far): another product or zoom?"), other
+    table = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert [row["unlike"] for row in table] == ["", "1.48"]
+
+
 def test_a_coreset_bank_is_a_setting_of_the_command(folder, tmp_path, capsys):
     from kensa_vl.train.build import build_tiny, save_kensa
     from kensa_vl.train.cli import main
