@@ -1,8 +1,10 @@
 """Inspection throughput: per-query latency with the support set cached vs the whole prompt recomputed, at several
 shot counts, against the query alone (`floor`: its own forward pass against a ready bank), and queries per second
 with the cache at batch 8, side by side in one run; and what showing the support set costs (`set_support`, median
-of 5). With `--coreset R`, a fourth runner: the cached support set's bank reduced to a greedy k-center coreset of
-R of its cells (`reference_coreset`), and how far its P(defective) moves from the exact bank's.
+of 5). The cached runner is what users get, with the check of each query against the good examples
+(`support_check`, `Judgement.unlike`); a cached runner without it (`check_examples=False`, as the evaluations run)
+gives the check's cost. With `--coreset R`, a fifth runner: the cached support set's bank reduced to a greedy
+k-center coreset of R of its cells (`reference_coreset`), and how far its P(defective) moves from the exact bank's.
 
     python -m benchmarks.inspect_latency [--shots 1,2,4,8] [--queries 20] [--size 448] [--batch 8] [--model DIR]
         [--data DIR [--split validation]] [--coreset 0.25]
@@ -125,14 +127,16 @@ def main() -> None:
         shown = timed(lambda c=cached, s=support: c.set_support(s), repeats=5)  # the support set, encoded once
         recomputed = Inspector(model, processor, cache=False, max_new_tokens=0)
         recomputed.set_support(support)
-        runners = [judged(cached), judged(recomputed), floor(cached, queries)]
+        unchecked = Inspector(model, processor, max_new_tokens=0, check_examples=False)
+        unchecked.set_support(support)
+        runners = [judged(cached), judged(recomputed), floor(cached, queries), judged(unchecked)]
         if args.coreset is not None:
             runners.append(judged(with_coreset(Inspector(model, processor, max_new_tokens=0), support, args.coreset)))
         results = per_query(runners, queries)
-        (fast, fast_median, a), (slow, slow_median, b), (alone, _, _) = results[:3]
+        (fast, fast_median, a), (slow, slow_median, b), (alone, _, _), (bare, _, _) = results[:4]
         reduced = ()
         if args.coreset is not None:
-            reduced = (results[3][0], max(abs(x - y) for x, y in zip(a, results[3][2], strict=True)))
+            reduced = (results[4][0], max(abs(x - y) for x, y in zip(a, results[4][2], strict=True)))
         start = time.perf_counter()
         batched = cached.judge(queries, batch_size=args.batch)
         qps = len(queries) / (time.perf_counter() - start)
@@ -140,23 +144,24 @@ def main() -> None:
         diff = max(abs(x - y) for x, y in zip(a + a, others, strict=True))
         prefix = cached._prefix["input_ids"].shape[1]
         query_tokens = cached._query_inputs(queries[0])["input_ids"].shape[1] - prefix
-        rows.append((k, prefix, query_tokens, shown, fast, fast_median, alone, slow, slow_median, qps, diff, reduced))
+        rows.append((k, prefix, query_tokens, shown, fast, fast_median, alone, bare, slow, slow_median, qps, diff,
+                     reduced))  # fmt: skip
     source = f"KensaSynth {args.split} photos" if args.data else f"{args.size} px noise photos"
     print(f"{machine()}; {source}, {args.queries} queries, scores only")
     print(
         "| k | prefix tokens | query tokens | set_support ms | cached ms/query: mean (median) "
-        "| query alone (floor) ms | cached / floor "
+        "| query alone (floor) ms | cached / floor | cached without the check ms/query | cached / without "
         "| recomputed ms/query: mean (median) "
         "| speed-up (means) "
         "| queries/s one by one (cached) "
         f"| queries/s at batch {args.batch} (cached) | max ΔP(defective) |"
         + (f" cached, coreset {args.coreset} ms/query | its max ΔP(defective) |" if args.coreset else "")
     )
-    print("|---" * (14 if args.coreset else 12) + "|")
-    for k, prefix, query_tokens, shown, fast, fast_median, alone, slow, slow_median, qps, diff, reduced in rows:
+    print("|---" * (16 if args.coreset else 14) + "|")
+    for k, prefix, query_tokens, shown, fast, fast_median, alone, bare, slow, slow_median, qps, diff, reduced in rows:
         print(
             f"| {k} | {prefix} | {query_tokens} | {shown * 1e3:.0f} | {fast * 1e3:.1f} ({fast_median * 1e3:.1f}) "
-            f"| {alone * 1e3:.1f} | {fast / alone:.2f}× "
+            f"| {alone * 1e3:.1f} | {fast / alone:.2f}× | {bare * 1e3:.1f} | {fast / bare:.2f}× "
             f"| {slow * 1e3:.1f} ({slow_median * 1e3:.1f}) "
             f"| {slow / fast:.1f}× | {1 / fast:.0f} "
             f"| {qps:.0f} | {diff:.1e} |" + (f" {reduced[0] * 1e3:.1f} | {reduced[1]:.3f} |" if reduced else "")

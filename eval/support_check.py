@@ -38,6 +38,9 @@ from kensa_vl.modeling.comparison_kensa_vl import (
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 
 UNLIKE_MARGIN = 0.75  # e^0.75 = 2.1 times as far
+# a query's median is read on every second row and column of its cells: a quarter of the search, the same calls on
+# the validation splits (docs/inspection.md)
+QUERY_STRIDE = 2
 
 
 @torch.no_grad()
@@ -56,14 +59,15 @@ def compared_features(model, processor, image, max_tiles: int | None = None, vie
     return cells, thumbnail_tiles(batch["image_grid"]).to(model.device), grid, image.size, bank
 
 
-def typical_distance(features, others: list) -> np.ndarray:
-    """Per compared encoder, the log of the median distance of `features`' grid-tile cells (`compared_features`) to
-    the nearest bank cell of `others` (their `compared_features` with `reference=True`): `(encoders,)`."""
+def typical_distance(features, others: list, stride: int = 1) -> np.ndarray:
+    """Per compared encoder, the log of the median distance of `features`' grid-tile cells (`compared_features`;
+    every `stride`-th row and column of each tile's cells) to the nearest bank cell of `others` (their
+    `compared_features` with `reference=True`): `(encoders,)`."""
     cells, thumbnail, *_ = features
     out = []
     for name, query in cells.items():
         bank = torch.cat([other[-1][name] for other in others])
-        distances = nearest_distances(query[scored_tiles(thumbnail)], bank)
+        distances = nearest_distances(query[scored_tiles(thumbnail)][:, ::stride, ::stride], bank)
         out.append(math.log(max(float(distances.float().median()), LOG_FLOOR)))
     return np.array(out)
 
@@ -76,10 +80,10 @@ class Normal:
     features: list
     level: np.ndarray
 
-    def excess(self, features) -> float:
-        """How much farther an image's cells (`compared_features`) lie from the good examples than theirs from each
-        other: the mean over compared encoders of its log typical distance minus `level`."""
-        return float((typical_distance(features, self.features) - self.level).mean())
+    def excess(self, features, stride: int = QUERY_STRIDE) -> float:
+        """How much farther an image's cells (`compared_features`, read at `stride`) lie from the good examples than
+        theirs from each other: the mean over compared encoders of its log typical distance minus `level`."""
+        return float((typical_distance(features, self.features, stride) - self.level).mean())
 
 
 def measure_support(model, processor, support: list[dict], max_tiles: int | None = None):
