@@ -222,7 +222,8 @@ def emit(record: dict, sink: Sink, failed: list) -> None:
         limit = f"\tnearest limit sample: example {record['limit_sample']}" if record.get("limit_sample") else ""
         print(f"{record['file']}\t{record['grade']}\t{shares}{limit}", flush=True)
     else:
-        like = f"\tlike example {record['example']}: {record['example_name']}" if record.get("example") else ""
+        shown = record.get("example") and record["verdict"] == "defective"  # a good photo resembles no defect
+        like = f"\tlike example {record['example']}: {record['example_name']}" if shown else ""
         if record.get("unlike"):  # `Inspector._query_check`
             like += f"\tunlike the good examples ({math.exp(record['unlike']):.1f}x as far): another product or zoom?"
         print(f"{record['file']}\t{record['verdict']}\t{record['p_defective']:.3f}{like}", flush=True)

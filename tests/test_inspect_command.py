@@ -136,10 +136,10 @@ def test_named_defective_examples_say_which_one_a_photo_resembles(folder, tmp_pa
     model, processor = build_tiny(tile_size=112, max_tiles=2, reference_comparison=True, dct=True)
     model_dir = save_kensa(model, processor, tmp_path / "compare")
     root, photos = folder
-    out = root / "named.jsonl"
+    out = root / "named.jsonl"  # threshold 0: the photo is judged defective, so the example it resembles is printed
     code = run(main, model_dir, str(root / "good.png"), str(photos / "p1.png"), "--defective",
                f"{photos / 'p2.png'}=a dark scratch", f"{photos / 'p3.png'}=打痕", "--query", str(photos / "p0.png"),
-               "--out", str(out))  # fmt: skip
+               "--out", str(out), "--threshold", "0")  # fmt: skip
     printed = capsys.readouterr().out.strip().split("\t")
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert code == 0 and record["example"] in (3, 4) and record["example_name"] in ("a dark scratch", "打痕")
@@ -147,7 +147,7 @@ def test_named_defective_examples_say_which_one_a_photo_resembles(folder, tmp_pa
     assert next(csv.DictReader(open(root / "named.csv")))["example_name"] == record["example_name"]
 
 
-def test_a_query_unlike_the_good_examples_is_marked_in_the_printed_line_and_the_table(tmp_path, capsys):
+def test_the_printed_line_marks_a_query_unlike_the_good_examples_and_a_defect_like_an_example(tmp_path, capsys):
     from kensa_vl.eval.inspect_command import Sink, emit
     from kensa_vl.eval.inspector import Judgement
 
@@ -155,12 +155,18 @@ def test_a_query_unlike_the_good_examples_is_marked_in_the_printed_line_and_the_
     for name, unlike in (("own.png", None), ("other.png", 1.48)):
         record = {"file": name, "category": "nut", **Judgement("defective", 0.9, unlike=unlike).to_dict()}
         emit(record, sink, failed)
+    # the defective example a photo resembles is printed for a defective verdict only: a good photo shows no defect
+    for verdict in ("good", "defective"):
+        judged = Judgement(verdict, 0.9 if verdict == "defective" else 0.1, example=5, example_name="打痕")
+        emit({"file": f"{verdict}.png", "category": "nut", **judged.to_dict()}, sink, failed)
     sink.close()
-    own, other = capsys.readouterr().out.strip().split("\n")
+    own, other, good, defective = capsys.readouterr().out.strip().split("\n")
     assert own == "own.png\tdefective\t0.900" and failed == []
     assert other.endswith("\tunlike the good examples (4.4x as far): another product or zoom?"), other
+    assert good == "good.png\tgood\t0.100" and defective == "defective.png\tdefective\t0.900\tlike example 5: 打痕"
     table = list(csv.DictReader(open(tmp_path / "r.csv")))
-    assert [row["unlike"] for row in table] == ["", "1.48"]
+    assert [row["unlike"] for row in table] == ["", "1.48", "", ""]
+    assert [row["example_name"] for row in table] == ["", "", "打痕", "打痕"]  # the record keeps what was measured
 
 
 def test_a_coreset_bank_is_a_setting_of_the_command(folder, tmp_path, capsys):
