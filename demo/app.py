@@ -176,12 +176,12 @@ class Demo:
                     continue
                 ms = (time.perf_counter() - start) * 1000
                 # which defective example it resembles, numbered as uploaded, and the pointer's share on it
-                like = "" if result.example is None else (
+                like = "" if result.example is None or result.verdict != "defective" else (
                     f"defective example {result.example - len(good)}: {result.example_name} "
                     f"({result.example_share:.2f})"
                 )  # fmt: skip
                 caption = f"{Path(path).name}: {result.verdict} (P(defective) {result.p_defective:.2f})"
-                caption += f", like {like}" if like and result.verdict == "defective" else ""
+                caption += f", like {like}" if like else ""
                 if result.unlike is not None:  # another product or zoom (`Inspector._query_check`)
                     caption += f", unlike the good examples ({math.exp(result.unlike):.1f}x as far)"
                     unlike_queries.append(Path(path).name)

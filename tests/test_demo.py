@@ -66,9 +66,16 @@ def test_the_gallery_shows_the_heatmap_of_a_comparing_model(app, photos):
     (session,) = demo.sessions.values()  # the support set's own inspector
     result = session.judge(app.open_image(paths[3], "query"))[0]
     assert result.heatmap is not None and np.abs(drawn - plain).mean() > 10  # blended, not the photo alone
-    # a named defective example: each result says it resembles it, numbered as uploaded, with the pointer's share
-    _, rows, _ = demo.run(paths[:2], [paths[2]], "a dark scratch", "nut", [paths[3]])
-    assert rows[0][4].startswith("defective example 1: a dark scratch (") and rows[0][4].endswith(")")
+    # a named defective example: a result judged defective says it resembles it, numbered as uploaded, with the
+    # pointer's share; one judged good resembles no defect (thresholds 0 and 1: every photo defective, every one good)
+    for threshold, like in ((0.0, True), (1.0, False)):
+        judging = app.Demo(Inspector(model, processor, max_new_tokens=0, threshold=threshold))
+        gallery, rows, _ = judging.run(paths[:2], [paths[2]], "a dark scratch", "nut", [paths[3]])
+        if like:
+            assert rows[0][4].startswith("defective example 1: a dark scratch (") and rows[0][4].endswith(")")
+            assert ", like defective example 1: a dark scratch" in gallery[0][1]
+        else:
+            assert rows[0][1] == "good" and rows[0][4] == "" and ", like " not in gallery[0][1]
 
 
 def test_support_is_cached_and_a_bad_query_is_reported_while_the_others_are_judged(demo, photos):
