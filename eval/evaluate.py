@@ -8,7 +8,9 @@ calibration, pixel AUROC and AUPRO from the heatmaps, box hit rate and AP50; ove
 and per size, as the mean over seeds, and overall with a 95% bootstrap interval over seeds and queries.
 
 Controls (at `control_shots`): support from another category, noise images as support, and labels swapped in the
-demos. A model that uses its examples does worse under each.
+demos. A model that uses its examples does worse under each. Under the other-category control the Inspector also
+checks each query against the examples, as a user's does (`support_check`): `unlike_share`, the share of queries
+it calls unlike them (another product), is what a user would be warned of.
 
 Under `accelerate launch` the support sets are split across the processes and the records gathered (the same
 records as one process, in the same order).
@@ -220,6 +222,8 @@ def evaluate(
             inspector.noun = noun(category)
             if hasattr(inspector, "scale"):
                 inspector.scale = (inspector_kwargs.get("scales") or {}).get(k, 1.0)
+            if hasattr(inspector, "check_examples"):  # the other product's examples: is each query called unlike?
+                inspector.check_examples = control == "other_category"
             inspector.set_support(control_support(items, good, bad, control, seed))
             context = dict(job=job, seed=seed, shots=k, control=control, category=category)
             keep = seed == 0 and control is None and k == max(shots)  # the heatmaps of the example sheets
@@ -289,6 +293,7 @@ def _record(inspector, item: dict, result, record: dict, keep: bool) -> dict:
         pixels=None if result.heatmap is None else pixel_stats(result.heatmap, mask),
         heatmap=_small(result.heatmap) if keep else None,
         **({"file": item["file"]} if "file" in item else {}),
+        **({"unlike": result.unlike} if getattr(inspector, "check_examples", False) else {}),  # `support_check`
     )
     return record
 

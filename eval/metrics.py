@@ -225,6 +225,8 @@ def metrics(records: list[dict], threshold: float = 0.5) -> dict:
     y = np.array([r["label"] == "defective" for r in records])
     p = np.array([r["p_defective"] for r in records], dtype=float)
     out = {**image_metrics(y, p, threshold), **pixel_metrics(records)}
+    if records and "unlike" in records[0]:  # the queries were checked against the examples (`Judgement.unlike`)
+        out["unlike_share"] = float(np.mean([r["unlike"] is not None for r in records]))
     defective = [r for r in records if r["label"] == "defective"]
     if defective and "true_boxes" in defective[0]:
         hit = [any(box_iou(b, t) >= 0.5 for b in r["boxes"] for t in r["true_boxes"]) for r in defective]

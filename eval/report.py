@@ -52,6 +52,17 @@ def markdown_table(results: dict[str, dict], metrics=TABLE_METRICS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def unlike_line(results: dict[str, dict]) -> str:
+    """The share of the other-category control's queries that the Inspector called unlike the examples (another
+    product: what a user is warned of); empty without that control."""
+    control = results["kensa"]["controls"].get("other_category")
+    share = control and control["overall"] and control["overall"].get("unlike_share")
+    if not share:
+        return ""
+    return (f"Other-category control: {share['mean']:.2f} of the queries were called unlike the examples (another "
+            "product or zoom; `Judgement.unlike`, docs/inspection.md).\n\n")  # fmt: skip
+
+
 def defect_table(results: dict[str, dict]) -> str:
     """Per defect kind at the largest k: recall (1 - miss) and, in brackets, image AUROC, per method; and how many
     distinct defective photos of each kind were queried (over seeds): a kind seen in a few photos moves in steps of
@@ -127,7 +138,7 @@ def evaluate_and_report(
         for record in r["records"]
     ]
     _write(out / "records.jsonl", "".join(lines))
-    _write(out / "table.md", markdown_table(results) + "\n" + defect_table(results))
+    _write(out / "table.md", markdown_table(results) + "\n" + unlike_line(results) + defect_table(results))
     accuracy_vs_shots({METHODS[m]: r["shots"] for m, r in results.items()}, out / "accuracy_vs_shots.png")
     k = max(results["kensa"]["shots"])
     judged = {m: [x for x in r["records"] if x.get("verdict") != "error"] for m, r in results.items()}

@@ -193,6 +193,23 @@ def test_evaluate_reports_shots_and_controls(tiny, synth):
     assert len(support) == 2 * len(categories)
 
 
+def test_the_other_category_control_counts_the_queries_called_unlike_the_examples(tiny_comparison, synth):
+    """Under the other-category control each query is checked against the (other product's) examples, as a user's
+    Inspector checks it; the share called unlike is reported. The other runs are not checked."""
+    from kensa_vl.eval.report import unlike_line
+
+    model, processor = tiny_comparison
+    out = evaluate(model, processor, synth["test"], shots=(4,), seeds=1, queries_per_category=4,
+                   controls=("other_category",), control_shots=4, generate=False, progress=False)  # fmt: skip
+    checked = [r for r in out["records"] if r["control"] == "other_category"]
+    assert checked and all("unlike" in r for r in checked)
+    assert not any("unlike" in r for r in out["records"] if r["control"] is None)
+    share = out["controls"]["other_category"]["overall"]["unlike_share"]["mean"]
+    assert share == np.mean([r["unlike"] is not None for r in checked]) > 0.5, share
+    assert "unlike_share" not in out["shots"][4]["overall"]
+    assert unlike_line({"kensa": out}).startswith(f"Other-category control: {share:.2f} of the queries were called")
+
+
 def test_a_cached_support_sets_lists_serve_every_query(tiny_comparison, synth, monkeypatch):
     from kensa_vl.modeling import comparison_kensa_vl
 
