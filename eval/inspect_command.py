@@ -20,6 +20,7 @@ import csv
 import glob
 import json
 import math
+import sys
 from pathlib import Path
 
 from .layouts import IMAGE_SUFFIXES
@@ -214,19 +215,23 @@ def judge(inspector, path: str, noun: str, args) -> dict:
 
 
 def emit(record: dict, sink: Sink, failed: list) -> None:
+    from tqdm.auto import tqdm
+
     if record["verdict"] == "error":
         failed.append(record["file"])
-        print(f"{record['file']}\terror\t{record['text']}", flush=True)
+        line = f"{record['file']}\terror\t{record['text']}"
     elif record.get("grade") is not None:
         shares = " ".join(f"{g}={p:.2f}" for g, p in record["grade_probabilities"].items())
         limit = f"\tnearest limit sample: example {record['limit_sample']}" if record.get("limit_sample") else ""
-        print(f"{record['file']}\t{record['grade']}\t{shares}{limit}", flush=True)
+        line = f"{record['file']}\t{record['grade']}\t{shares}{limit}"
     else:
         shown = record.get("example") and record["verdict"] == "defective"  # a good photo resembles no defect
         like = f"\tlike example {record['example']}: {record['example_name']}" if shown else ""
         if record.get("unlike"):  # `Inspector._query_check`
             like += f"\tunlike the good examples ({math.exp(record['unlike']):.1f}x as far): another product or zoom?"
-        print(f"{record['file']}\t{record['verdict']}\t{record['p_defective']:.3f}{like}", flush=True)
+        line = f"{record['file']}\t{record['verdict']}\t{record['p_defective']:.3f}{like}"
+    tqdm.write(line)  # above the progress bar, which stays on the terminal's last line
+    sys.stdout.flush()  # a line per photo as it is judged, also into a pipe
     sink.add(record)
 
 
