@@ -41,6 +41,23 @@ def tiny():
     return model, processor
 
 
+@pytest.fixture(scope="module")
+def tiny_dct():
+    """A tiny model comparing on the DCT cells at 112 px tiles (one per test module: some tests set its weights)."""
+    from kensa_vl.train.build import build_tiny
+
+    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def test_split(synth_dir):
+    """The small KensaSynth folder's test split (`synth_dir`)."""
+    from kensa_vl.train.data.synth import load_synth
+
+    return load_synth(synth_dir)[0]["test"]
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tiny, tmp_path_factory):
     from kensa_vl.train.build import save_kensa

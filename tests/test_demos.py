@@ -18,44 +18,29 @@ from kensa_vl.modeling.demos_kensa_vl import (
 )
 
 
-@pytest.fixture(scope="module")
-def synth(synth_dir):
-    from kensa_vl.train.data.synth import load_synth
-
-    return load_synth(synth_dir)[0]["test"]
-
-
-@pytest.fixture(scope="module")
-def model_with_demos():
-    from kensa_vl.train.build import build_tiny
-
-    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True)
-    return model.eval(), processor
-
-
 @pytest.fixture
-def copying(model_with_demos):
+def copying(tiny_dct):
     """The copy's gate wide open: the copy decides the name, and what is tested is which name it reads."""
-    gate = model_with_demos[0].model.reference_comparison.demo_pointer.gate.bias
+    gate = tiny_dct[0].model.reference_comparison.demo_pointer.gate.bias
     start = gate.data.clone()
     gate.data.fill_(30.0)
     yield
     gate.data.copy_(start)
 
 
-def _rows(synth, label, count, skip=0):
-    return [i for i, lab in enumerate(synth["label"]) if lab == label][skip : skip + count]
+def _rows(test_split, label, count, skip=0):
+    return [i for i, lab in enumerate(test_split["label"]) if lab == label][skip : skip + count]
 
 
-def _support(synth, names):
-    good = [support_item(synth[i]["image"]) for i in _rows(synth, "good", 2)]
-    bad = _rows(synth, "defective", len(names))
+def _support(test_split, names):
+    good = [support_item(test_split[i]["image"]) for i in _rows(test_split, "good", 2)]
+    bad = _rows(test_split, "defective", len(names))
     named = zip(bad, names, strict=True)
-    return good + [support_item(synth[i]["image"], defective=True, defect_type=n) for i, n in named]
+    return good + [support_item(test_split[i]["image"], defective=True, defect_type=n) for i, n in named]
 
 
-def test_labels_are_read_after_each_image(model_with_demos):
-    model, processor = model_with_demos
+def test_labels_are_read_after_each_image(tiny_dct):
+    model, processor = tiny_dct
     text = "1. <image> good\n2. <image> defective: zorbik at the top\n3. <image> defective\nQuery: <image>\n"
     images = [np.zeros((64, 64, 3), np.uint8)] * 4
     ids = processor(text=text, images=images, max_tiles=[1] * 4)["input_ids"][0]
@@ -66,8 +51,8 @@ def test_labels_are_read_after_each_image(model_with_demos):
     assert labels[2][1] is None  # a defective example without a name is kept out of the bank, never copied
 
 
-def test_an_examples_box_is_read_from_its_label(model_with_demos):
-    model, processor = model_with_demos
+def test_an_examples_box_is_read_from_its_label(tiny_dct):
+    model, processor = tiny_dct
     boxed = processor.boxes_to_text([[16, 8, 40, 24]], 64, 64)
     text = f"1. <image> defective: zorbik at the top {boxed} deep\n2. <image> defective: dent\nQuery: <image>\n"
     ids = processor(text=text, images=[np.zeros((64, 64, 3), np.uint8)] * 3, max_tiles=[1] * 3)["input_ids"][0]
@@ -148,13 +133,13 @@ def _spotted(seed: int, spots=()):
     return Image.fromarray((pixels * 255).astype(np.uint8))
 
 
-def test_the_answer_follows_the_examples_boxes(model_with_demos, copying):
+def test_the_answer_follows_the_examples_boxes(tiny_dct, copying):
     """One photo with a small and a large dark spot, shown as two named examples whose boxes mark one spot each: the
     example the query is named after is the one boxed on the same spot whichever name it carries, so swapping the
     boxes swaps the name. Each example's region is its box's (`region_descriptor`), not its located region."""
     from kensa_vl.modeling.demos_kensa_vl import region_descriptor
 
-    model, processor = model_with_demos
+    model, processor = tiny_dct
     good = [support_item(_spotted(seed)) for seed in range(3)]
     spots = [((30, 40), 12), ((120, 110), 80)]
     photo, query = _spotted(4, spots), _spotted(10, [((20, 30), 76)])
@@ -177,28 +162,28 @@ def test_the_answer_follows_the_examples_boxes(model_with_demos, copying):
     assert chosen[0] == chosen[1]  # the same spot, under the other name
 
 
-def test_defective_examples_stay_out_of_the_good_bank(model_with_demos, synth):
-    model, processor = model_with_demos
+def test_defective_examples_stay_out_of_the_good_bank(tiny_dct, test_split):
+    model, processor = tiny_dct
     goods = Inspector(model, processor, max_new_tokens=0)
-    goods.set_support(_support(synth, []))
+    goods.set_support(_support(test_split, []))
     both = Inspector(model, processor, max_new_tokens=0)
-    both.set_support(_support(synth, ["zorbik"]))
+    both.set_support(_support(test_split, ["zorbik"]))
     for name, cells in goods._bank.cells.items():
         assert torch.equal(both._bank.cells[name], cells)  # the good photos' cells only
     assert torch.equal(both._bank.scores, goods._bank.scores)  # the level: how far good photos lie from each other
     assert len(both._bank.demos) == 1 and processor.tokenizer.decode(both._bank.demos[0].name) == ": zorbik"
-    query = synth[_rows(synth, "defective", 1, skip=3)[0]]["image"]
+    query = test_split[_rows(test_split, "defective", 1, skip=3)[0]]["image"]
     assert both.judge(query)[0].p_defective == pytest.approx(goods.judge(query)[0].p_defective, abs=0.2)
 
 
 @pytest.mark.parametrize("cache", [True, False])
-def test_the_answer_names_the_matching_example_and_follows_a_swap(model_with_demos, synth, cache, copying):
-    model, processor = model_with_demos
-    query = synth[_rows(synth, "defective", 1, skip=3)[0]]["image"]
+def test_the_answer_names_the_matching_example_and_follows_a_swap(tiny_dct, test_split, cache, copying):
+    model, processor = tiny_dct
+    query = test_split[_rows(test_split, "defective", 1, skip=3)[0]]["image"]
     named = {}
     for names in (["zorbik", "キズ"], ["キズ", "zorbik"]):
         inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12, cache=cache)
-        inspector.set_support(_support(synth, names))
+        inspector.set_support(_support(test_split, names))
         _, out = inspector._score(query)
         (found,) = out.pointers
         matched = names[int(found.logits.argmax())]
@@ -212,12 +197,12 @@ def test_the_answer_names_the_matching_example_and_follows_a_swap(model_with_dem
     assert named[("zorbik", "キズ")] != named[("キズ", "zorbik")]
 
 
-def test_plain_generate_copies_the_name(model_with_demos, synth, copying):
+def test_plain_generate_copies_the_name(tiny_dct, test_split, copying):
     """A Hub user's `generate` on the whole prompt (pixels included) copies as the Inspector does."""
-    model, processor = model_with_demos
+    model, processor = tiny_dct
     inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12, cache=False)
-    inspector.set_support(_support(synth, ["zorbik", "キズ"]))
-    query = synth[_rows(synth, "defective", 1, skip=3)[0]]["image"]
+    inspector.set_support(_support(test_split, ["zorbik", "キズ"]))
+    query = test_split[_rows(test_split, "defective", 1, skip=3)[0]]["image"]
     inputs = inspector._query_inputs(query)
     defective = torch.tensor([[inspector.verdict_ids[1]]])
     ids = torch.cat([inputs["input_ids"], defective], 1)
@@ -228,13 +213,13 @@ def test_plain_generate_copies_the_name(model_with_demos, synth, copying):
     assert text.split(" at")[0] in ("defective: zorbik", "defective: キズ")
 
 
-def test_the_pointer_learns_from_the_answers_name(model_with_demos, synth):
+def test_the_pointer_learns_from_the_answers_name(tiny_dct, test_split):
     from kensa_vl.train.data.conversations import episode
 
-    model, processor = model_with_demos
+    model, processor = tiny_dct
     comparison = model.model.reference_comparison
-    support = _support(synth, ["zorbik", "キズ"])
-    query = {**support[-1], "image": synth[_rows(synth, "defective", 1, skip=3)[0]]["image"]}
+    support = _support(test_split, ["zorbik", "キズ"])
+    query = {**support[-1], "image": test_split[_rows(test_split, "defective", 1, skip=3)[0]]["image"]}
     row = episode(support, query, "product")
     text = processor.apply_chat_template(row["messages"], tokenize=False)
     batch = processor(text=text, images=row["images"], return_tensors="pt")
@@ -268,15 +253,15 @@ def test_name_pools_are_disjoint_and_training_names_come_from_the_prompt(synth_d
     assert named >= 4 and rows[5]["messages"] == naming_conversations(items, 12, seed=3)[5]["messages"]
 
 
-def test_a_generated_box_is_the_comparisons_box(model_with_demos, synth):
+def test_a_generated_box_is_the_comparisons_box(tiny_dct, test_split):
     """After a name's " at", `generate` writes the position words of the comparison's box of the query and the box
     itself: the box the Inspector reports, whatever the language model would write."""
     from kensa_vl.processing.processing_kensa_vl import position_word
 
-    model, processor = model_with_demos
+    model, processor = tiny_dct
     inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=0, cache=False)
-    inspector.set_support(_support(synth, []))
-    item = synth[_rows(synth, "defective", 1, skip=3)[0]]
+    inspector.set_support(_support(test_split, []))
+    item = test_split[_rows(test_split, "defective", 1, skip=3)[0]]
     expected = inspector.judge(item["image"])[0].boxes[0]
     inputs = inspector._query_inputs(item["image"])
     named = processor.tokenizer("defective: dent at", add_special_tokens=False, return_tensors="pt").input_ids
@@ -292,9 +277,9 @@ def test_a_generated_box_is_the_comparisons_box(model_with_demos, synth):
     np.testing.assert_allclose(box, expected, atol=bin_size + 1)  # the same box, to a location bin
 
 
-def test_names_come_from_the_users_words_and_bad_names_are_refused(model_with_demos, synth):
-    model, processor = model_with_demos
-    image = synth[_rows(synth, "defective", 1)[0]]["image"]
+def test_names_come_from_the_users_words_and_bad_names_are_refused(tiny_dct, test_split):
+    model, processor = tiny_dct
+    image = test_split[_rows(test_split, "defective", 1)[0]]["image"]
     described = support_item(image, defective=True, description="a  dark\nscratch")
     assert described["defect_type"] == "a dark scratch" and described["description"] == ""  # one line, the name
     both = support_item(image, defective=True, defect_type="dent", description="near the rim, 2 mm")
@@ -306,13 +291,13 @@ def test_names_come_from_the_users_words_and_bad_names_are_refused(model_with_de
     inspector = Inspector(model, processor, max_new_tokens=0)
     long = support_item(image, defective=True, description=" ".join(["scratch"] * 40))
     with pytest.raises(ValueError, match=r"example 3's name is \d+ tokens long; .* at most 32"):
-        inspector.set_support(_support(synth, []) + [long])
+        inspector.set_support(_support(test_split, []) + [long])
 
 
-def test_two_examples_with_one_name_share_it(model_with_demos, synth, copying):
+def test_two_examples_with_one_name_share_it(tiny_dct, test_split, copying):
     """Two defective examples named alike (different looks): the pointer's shares on them add up on the name."""
-    model, processor = model_with_demos
+    model, processor = tiny_dct
     inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12)
-    inspector.set_support(_support(synth, ["zorbik", "zorbik"]))
-    result = inspector.judge(synth[_rows(synth, "defective", 1, skip=3)[0]]["image"])[0]
+    inspector.set_support(_support(test_split, ["zorbik", "zorbik"]))
+    result = inspector.judge(test_split[_rows(test_split, "defective", 1, skip=3)[0]]["image"])[0]
     assert result.text.startswith("defective: zorbik at") and result.example in (3, 4)

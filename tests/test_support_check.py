@@ -5,25 +5,8 @@ from __future__ import annotations
 
 import logging
 
-import pytest
-
 from kensa_vl.eval.inspector import Inspector, support_item
 from kensa_vl.eval.support_check import UNLIKE_MARGIN, example_excess, unlike_examples
-
-
-@pytest.fixture(scope="module")
-def test_split(synth_dir):
-    from kensa_vl.train.data.synth import load_synth
-
-    return load_synth(synth_dir)[0]["test"]
-
-
-@pytest.fixture(scope="module")
-def compared():
-    from kensa_vl.train.build import build_tiny
-
-    model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True)
-    return model.eval(), processor
 
 
 def _photos(split, category, label, count):
@@ -32,8 +15,8 @@ def _photos(split, category, label, count):
     return [split[i] for i in rows[:count]]
 
 
-def test_a_photo_of_another_product_among_the_examples_is_named(compared, test_split):
-    model, processor = compared
+def test_a_photo_of_another_product_among_the_examples_is_named(tiny_dct, test_split):
+    model, processor = tiny_dct
     categories = sorted(set(test_split["category"]))
     for category in categories:
         own = _photos(test_split, category, "good", 4)
@@ -46,9 +29,9 @@ def test_a_photo_of_another_product_among_the_examples_is_named(compared, test_s
             assert named[0][1] > UNLIKE_MARGIN
 
 
-def test_good_examples_are_measured_from_three_on(compared, test_split):
+def test_good_examples_are_measured_from_three_on(tiny_dct, test_split):
     """With two good examples neither can be told from the other: only a defective example is measured."""
-    model, processor = compared
+    model, processor = tiny_dct
     categories = sorted(set(test_split["category"]))
     two = _photos(test_split, categories[0], "good", 2)
     foreign = _photos(test_split, categories[1], "defective", 1)
@@ -57,8 +40,8 @@ def test_good_examples_are_measured_from_three_on(compared, test_split):
     assert example_excess(model, processor, two[:1] + foreign) == [None, None]  # one good example: nothing to go by
 
 
-def test_the_inspector_warns_of_an_example_unlike_the_others(compared, test_split, caplog):
-    model, processor = compared
+def test_the_inspector_warns_of_an_example_unlike_the_others(tiny_dct, test_split, caplog):
+    model, processor = tiny_dct
     first, second = sorted(set(test_split["category"]))[:2]
     support = [support_item(p["image"]) for p in _photos(test_split, first, "good", 3)]
     support.append(support_item(_photos(test_split, second, "defective", 1)[0]["image"], defective=True,
@@ -75,13 +58,13 @@ def test_the_inspector_warns_of_an_example_unlike_the_others(compared, test_spli
     assert inspector.unlike == []
 
 
-def test_a_query_of_another_product_is_flagged(compared, test_split, caplog):
+def test_a_query_of_another_product_is_flagged(tiny_dct, test_split, caplog):
     """Each query is measured against the good examples like a defective example: another product's photos get
     `Judgement.unlike` and a warning; the product's own good and defective photos lie nearer (in this small set two
     of leather's 27 photos read 2.7x and 3.5x: its synthetic grain varies more at 112 px than the main recipe's
     validation photos, where no good or defective query is flagged, docs/inspection.md). Nothing is measured without
     the check or with a single good example."""
-    model, processor = compared
+    model, processor = tiny_dct
     categories = sorted(set(test_split["category"]))
     inspector = Inspector(model, processor, max_new_tokens=0)
     quiet = Inspector(model, processor, max_new_tokens=0, check_examples=False)
