@@ -7,9 +7,11 @@ The kept rule is `KensaVLModel.locate`; the others are what it was chosen agains
 encoder alone, the DCT cells with one other, every encoder against its own level (the largest), the encoder that
 decides the verdict, the DCT cells unless only another encoder flags the photo (then the deciding encoder's map, or
 every encoder's: the kept rule since 2026-12-05, `finder`), and their log-distances averaged and measured against
-their levels' mean (the rule before each encoder was measured against its own level). Encoders with an
-`own_window` are compared with the photo itself too, as in the model. `--sweep` adds the region's margin above the
-level and range below the peak on every encoder's map. A photo counts whether or not the verdict would find it (no
+their levels' mean (the rule before each encoder was measured against its own level). Every rule's region joins the
+nearby groups of cells about as far as the peak (`peak_region_box`); on the kept map the peak's connected cells alone
+(the region before) are a row too. Encoders with an `own_window` are compared with the photo itself too, as in the
+model. `--sweep` adds the region's margin above the level and range below the peak on every encoder's map, and the
+joined groups' reach and gap on the kept map. A photo counts whether or not the verdict would find it (no
 verdict is computed here).
 """
 
@@ -102,7 +104,15 @@ def encoder_rules(
     flagged = relative[0] > VERDICT_MARGIN or relative.max() <= VERDICT_MARGIN
     chosen = own[0] if flagged else own[decider]
     out[f"{names[0]} cells when they flag the photo, else the deciding encoder's"] = box(chosen)
-    out[f"{names[0]} cells when they flag the photo, else every encoder's"] = box(own[0] if flagged else every)
+    kept = own[0] if flagged else every
+    out[f"{names[0]} cells when they flag the photo, else every encoder's"] = box(kept)
+    threshold = max(LOCATE_MARGIN, kept.max().item() - LOCATE_RANGE)
+    out["the same, the peak's connected cells alone (the region before 2026-12-05)"] = peak_region_box(
+        kept, threshold, gap=0
+    )[0]
+    for gap, join in [(g, j) for g in (0.05, 0.1, 0.15, 0.2) for j in (0.25, 0.5, 0.75)] if sweep else []:
+        region = peak_region_box(kept, threshold, join, gap)[0]
+        out[f"the same, groups within {join} of the peak joined across {gap} of the map"] = region
     maps = [stitch_tiles(near[n], rows, cols).clamp_min(LOG_FLOOR).log()[None, None] for n in names]
     size = max(m.shape[-2:] for m in maps)
     mean = torch.cat([F.interpolate(m, size) for m in maps]).mean(0)[0]

@@ -43,6 +43,10 @@ from .grading_kensa_vl import grade_closeness, image_statistics
 # within LOCATE_RANGE of the peak's (at least e^-2 = 14% of its distance: near-identical photos give tiny, noisy
 # distances)
 LOCATE_MARGIN, LOCATE_RANGE = 0.05, 2.0
+# `peak_region_box`: a region of cells above the threshold whose own peak is within LOCATE_JOIN of the map's peak
+# joins the peak's region when it comes within LOCATE_GAP of the map's longer side of it (3 cells of a 224 px photo's
+# 32): a cut-paste or a shuffled block differs at its seams, which break into pieces (docs/reference-comparison.md)
+LOCATE_JOIN, LOCATE_GAP = 0.5, 0.1
 # the verdict logit's start (`KensaVLReferenceComparison.verdict`): VERDICT_SLOPE * (relative score - VERDICT_MARGIN),
 # defective when a compared encoder's kNN log-score lies VERDICT_MARGIN above the supports' own level for it. Read off
 # KensaSynth's validation categories (DCT cells, 4 shots: good photos at -0.17 +- 0.18, defective at +0.61 +- 0.41);
@@ -457,22 +461,45 @@ def stitch_tiles(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return cells[: rows * cols].reshape(rows, cols, g, g, *rest).transpose(1, 2).reshape(rows * g, cols * g, *rest)
 
 
-def peak_region_box(cells: torch.Tensor, threshold: float) -> tuple[list[float], float]:
-    """The box around the connected region (8-neighbourhood) of cells above `threshold` that holds the map's largest
-    cell, as `[x0, y0, x1, y1]` fractions of the map's width and height, with that cell's value. When no cell passes
-    the threshold, the box of the largest cell alone."""
+def peak_region_box(
+    cells: torch.Tensor, threshold: float, join: float = LOCATE_JOIN, gap: float = LOCATE_GAP
+) -> tuple[list[float], float]:
+    """The box around the region of cells above `threshold` that holds the map's largest cell, as `[x0, y0, x1, y1]`
+    fractions of the map's width and height, with that cell's value. The region is the peak's connected cells
+    (8-neighbourhood) and every other connected group above the threshold whose largest cell is within `join` of the
+    peak's and which comes within `gap` of the map's longer side of the region (joined one after another; none with a
+    `gap` of 0). When no cell passes the threshold, the box of the largest cell alone."""
     h, w = cells.shape
+    peak = cells.max().item()
     above = cells > threshold
+    groups = connected_groups(above)
+    top = torch.full((h * w + 1,), -math.inf, device=cells.device)
+    top = top.scatter_reduce(0, groups.flatten() + 1, cells.flatten().float(), "amax")[1:]  # each group's peak
+    strong = above & (top[groups.clamp_min(0)] >= peak - join)
     region = torch.zeros_like(above)
     region.view(-1)[cells.argmax()] = True
-    while True:  # grow from the peak through cells above the threshold (flood fill as repeated 3x3 dilation)
-        grown = F.max_pool2d(region[None, None].float(), 3, 1, 1)[0, 0].bool() & above | region
-        if torch.equal(grown, region):
+    region |= above & (groups == groups.view(-1)[cells.argmax()])
+    reach = max(1, round(gap * max(h, w)))
+    while gap:
+        near = F.max_pool2d(region[None, None].float(), 2 * reach + 1, 1, reach)[0, 0].bool()
+        joining = groups[near & strong & ~region].unique()
+        if not len(joining):
             break
-        region = grown
+        region |= torch.isin(groups, joining)
     ys, xs = region.nonzero(as_tuple=True)
     box = [xs.min().item() / w, ys.min().item() / h, (xs.max().item() + 1) / w, (ys.max().item() + 1) / h]
-    return box, cells.max().item()
+    return box, peak
+
+
+def connected_groups(mask: torch.Tensor) -> torch.Tensor:
+    """Each cell's connected group (8-neighbourhood) of a boolean map `(h, w)`: a label per cell, the same within a
+    group, -1 outside the mask (the largest flat index in the group, spread by repeated 3x3 max pooling)."""
+    labels = torch.where(mask, torch.arange(mask.numel(), device=mask.device).view(mask.shape), -1).float()
+    while True:
+        spread = torch.where(mask, F.max_pool2d(labels[None, None], 3, 1, 1)[0, 0], -1.0)
+        if torch.equal(spread, labels):
+            return labels.long()
+        labels = spread
 
 
 def median_level(scores: list[torch.Tensor]) -> torch.Tensor | None:
@@ -535,7 +562,8 @@ def distance_map(
 def locate_box(distances: list[torch.Tensor], rows: int, cols: int, levels=None, excess: list | None = None):
     """The defect's box from one image's nearest-reference distances (`distance_map` against `levels`): the region
     grows from the map's peak through cells LOCATE_MARGIN above their level (without levels, above the map's 95th
-    percentile) and within `LOCATE_RANGE` of the peak (`peak_region_box`). Returns `(box, peak)`, `peak` the largest
+    percentile) and within `LOCATE_RANGE` of the peak, and joins nearby groups of such cells about as far as the peak
+    (`peak_region_box`). Returns `(box, peak)`, `peak` the largest
     cell's excess over its level."""
     return map_box(distance_map(distances, rows, cols, levels, excess), levels is not None)
 

@@ -556,6 +556,24 @@ def test_peak_region_box_grows_from_the_peak_through_cells_above_the_threshold()
     assert peak_region_box(cells, 5.0)[0] == pytest.approx([12 / 16, 3 / 8, 13 / 16, 4 / 8])  # nothing passes
 
 
+def test_peak_region_box_joins_the_pieces_of_a_defects_seams():
+    """A pasted square differs at its seams, which break into pieces: a nearby piece about as far from the supports
+    as the peak joins the region; a nearby weak one or a strong one far away does not."""
+    from kensa_vl.modeling.comparison_kensa_vl import peak_region_box
+
+    cells = torch.zeros(32, 32)
+    cells[10, 10:16] = 2.0  # the square's top seam, with the peak
+    cells[10, 12] = 2.2
+    cells[13:18, 18] = 1.9  # its right seam, two cells away from the top one's end: joins
+    box, _ = peak_region_box(cells, threshold=0.5)
+    assert box == pytest.approx([10 / 32, 10 / 32, 19 / 32, 18 / 32])
+    cells[13:18, 18] = 1.0  # the same piece, far less far from the supports than the peak: stays out
+    assert peak_region_box(cells, 0.5)[0] == pytest.approx([10 / 32, 10 / 32, 16 / 32, 11 / 32])
+    cells[13:18, 18] = 0.0
+    cells[25:28, 25] = 2.1  # strong, but ten cells away
+    assert peak_region_box(cells, 0.5)[0] == pytest.approx([10 / 32, 10 / 32, 16 / 32, 11 / 32])
+
+
 def test_locate_box_measures_each_encoder_against_its_own_level():
     """Encoders' log-distances lie on different scales: a cell far for the DCT cells (its level -3) is the defect,
     not a band-pass cell that is 3 above the DCT cells' level but below its own (-6), however the mean of the two
