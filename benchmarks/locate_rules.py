@@ -106,13 +106,14 @@ def encoder_rules(
     out[f"{names[0]} cells when they flag the photo, else the deciding encoder's"] = box(chosen)
     kept = own[0] if flagged else every
     out[f"{names[0]} cells when they flag the photo, else every encoder's"] = box(kept)
-    threshold = max(LOCATE_MARGIN, kept.max().item() - LOCATE_RANGE)
-    out["the same, the peak's connected cells alone (the region before 2026-12-05)"] = peak_region_box(
-        kept, threshold, gap=0
+    before = max(LOCATE_MARGIN, kept.max().item() - 2.0)  # the region before 2026-12-05: no groups joined, range 2
+    out["the same, the peak's connected cells within 2 of it (the region before)"] = peak_region_box(
+        kept, before, gap=0
     )[0]
-    for gap, join in [(g, j) for g in (0.05, 0.1, 0.15, 0.2) for j in (0.25, 0.5, 0.75)] if sweep else []:
-        region = peak_region_box(kept, threshold, join, gap)[0]
-        out[f"the same, groups within {join} of the peak joined across {gap} of the map"] = region
+    variants = [(r, g, j) for r in (1.0, 1.5, 2.0) for g in (0, 0.05, 0.1, 0.15) for j in (0.25, 0.5, 0.75)]
+    for reach, gap, join in [(r, g, j) for r, g, j in variants if g or j == 0.5] if sweep else []:
+        region = peak_region_box(kept, max(LOCATE_MARGIN, kept.max().item() - reach), join, gap)[0]
+        out[f"the same, within {reach} of the peak, groups within {join} of it joined across {gap}"] = region
     maps = [stitch_tiles(near[n], rows, cols).clamp_min(LOG_FLOOR).log()[None, None] for n in names]
     size = max(m.shape[-2:] for m in maps)
     mean = torch.cat([F.interpolate(m, size) for m in maps]).mean(0)[0]

@@ -40,9 +40,10 @@ from .demos_kensa_vl import (
 from .grading_kensa_vl import grade_closeness, image_statistics
 
 # `locate_box`: a cell belongs to the defect when its log-distance is LOCATE_MARGIN above the supports' level and
-# within LOCATE_RANGE of the peak's (at least e^-2 = 14% of its distance: near-identical photos give tiny, noisy
-# distances)
-LOCATE_MARGIN, LOCATE_RANGE = 0.05, 2.0
+# within LOCATE_RANGE of the peak's (at least e^-1.5 = 22% of its distance: near-identical photos give tiny, noisy
+# distances; 1.5 rather than 2 since the region joins the pieces of a defect, chosen on both validation splits and
+# KensaSynth's training categories, docs/reference-comparison.md)
+LOCATE_MARGIN, LOCATE_RANGE = 0.05, 1.5
 # `peak_region_box`: a region of cells above the threshold whose own peak is within LOCATE_JOIN of the map's peak
 # joins the peak's region when it comes within LOCATE_GAP of the map's longer side of it (3 cells of a 224 px photo's
 # 32): a cut-paste or a shuffled block differs at its seams, which break into pieces (docs/reference-comparison.md)
