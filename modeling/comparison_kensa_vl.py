@@ -566,8 +566,7 @@ def locate_box(distances: list[torch.Tensor], rows: int, cols: int, levels=None,
     """The defect's box from one image's nearest-reference distances (`distance_map` against `levels`): the region
     grows from the map's peak through cells LOCATE_MARGIN above their level (without levels, above the map's 95th
     percentile) and within `LOCATE_RANGE` of the peak, and joins nearby groups of such cells about as far as the peak
-    (`peak_region_box`). Returns `(box, peak)`, `peak` the largest
-    cell's excess over its level."""
+    (`peak_region_box`). Returns `(box, peak)`, `peak` the largest cell's excess over its level."""
     return map_box(distance_map(distances, rows, cols, levels, excess), levels is not None)
 
 
