@@ -9,10 +9,10 @@ decides the verdict, the DCT cells unless only another encoder flags the photo (
 every encoder's: the kept rule since 2026-12-05, `finder`), and their log-distances averaged and measured against
 their levels' mean (the rule before each encoder was measured against its own level). The rules on the encoders'
 maps (from "dct cells alone" on) join the nearby groups of cells about as far as the peak (`peak_region_box`); on the
-kept map the peak's connected cells alone (the region before) are a row too. Encoders with an `own_window` are compared with the photo itself too, as in the
-model. `--sweep` adds the region's margin above the level and range below the peak on every encoder's map, and the
-joined groups' reach and gap on the kept map. A photo counts whether or not the verdict would find it (no
-verdict is computed here).
+kept map the peak's connected cells alone (the region before) are a row too. Encoders with an `own_window` are
+compared with the photo itself too, as in the model. `--sweep` adds the region's margin above the level and range
+below the peak on every encoder's map, and the joined groups' reach and gap on the kept map. A photo counts whether
+or not the verdict would find it (no verdict is computed here).
 """
 
 from __future__ import annotations
