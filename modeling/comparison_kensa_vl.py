@@ -471,15 +471,15 @@ def peak_region_box(
     peak's and which comes within `gap` of the map's longer side of the region (joined one after another; none with a
     `gap` of 0). When no cell passes the threshold, the box of the largest cell alone."""
     h, w = cells.shape
-    peak = cells.max().item()
+    at = cells.argmax()
+    peak = cells.view(-1)[at].item()
     above = cells > threshold
     groups = connected_groups(above)
     top = torch.full((h * w + 1,), -math.inf, device=cells.device)
     top = top.scatter_reduce(0, groups.flatten() + 1, cells.flatten().float(), "amax")[1:]  # each group's peak
     strong = above & (top[groups.clamp_min(0)] >= peak - join)
-    region = torch.zeros_like(above)
-    region.view(-1)[cells.argmax()] = True
-    region |= above & (groups == groups.view(-1)[cells.argmax()])
+    region = above & (groups == groups.view(-1)[at])
+    region.view(-1)[at] = True  # the peak itself, also when no cell passes the threshold
     reach = max(1, round(gap * max(h, w)))
     while gap:
         near = region[None, None].float()  # the square around the region, as two 1-D max pools (cheaper)
