@@ -10,6 +10,9 @@ category's other defective photos of those two types (`per_type` each) and as ma
   `naming_boxed_when_flagged`): the user marks where the example's defect is.
 - **follow rate**: with the two examples' names swapped (same images), the share of the queries named in both runs
   whose name swapped with them: the name is read from the example, not recalled.
+- **a type no example shows** (`unshown_named`): queries of a third defect type of the category (where it has one),
+  `per_type` of them, with the named examples; among those judged defective, the share answered with one of the
+  examples' names (lower is better: the defect is not of either kind; "defect" says so).
 - **masking**: balanced accuracy of the verdict with the two defective examples in the support (one of the query's
   own type) against the good examples alone, on the same queries: `balanced_accuracy_with_defective` and
   `balanced_accuracy_good_only`.
@@ -28,7 +31,8 @@ from .metrics import image_metrics
 
 def naming_sets(items, seeds: int, shots: int, per_type: int) -> list[dict]:
     """The support sets and queries: per category and seed, `shots` good photos, one photo of each of two defect
-    types that have at least two photos, and the queries (seeded by (seed, category))."""
+    types that have at least two photos, and the queries (seeded by (seed, category)); `unshown`: photos of a third
+    type where the category has one (drawn last, so the other draws are those of a set without them)."""
     from kensa_vl.train.data import draw_names, naming_pools
 
     pools, sets = naming_pools(items), []
@@ -44,11 +48,15 @@ def naming_sets(items, seeds: int, shots: int, per_type: int) -> list[dict]:
             photos = {t: [int(i) for i in rng.permutation(pools[(category, t)])] for t in shown}
             good = [int(i) for i in rng.permutation(goods)]
             queries = [(i, t) for t in shown for i in photos[t][1 : 1 + per_type]]
-            sets.append({
+            chosen = {
                 "category": category, "seed": seed, "good": good[:shots], "demos": [photos[t][0] for t in shown],
                 "types": shown, "names": draw_names(rng, 2, "evaluation"), "queries": queries,
                 "good_queries": good[shots : shots + len(queries)],
-            })  # fmt: skip
+            }  # fmt: skip
+            others = sorted(set(kinds) - set(shown))
+            third = str(rng.choice(others)) if others else None
+            rows = [int(i) for i in rng.permutation(pools[(category, third)])[:per_type]] if third else []
+            sets.append({**chosen, "unshown": [(i, third) for i in rows]})
     if not sets:
         raise ValueError(f"no category has more than {shots} good photos and two defect types with two photos each")
     return sets
@@ -92,6 +100,11 @@ def _naming_runs(inspector, items, chosen: dict) -> list[dict]:
         for order, i in enumerate(chosen["good_queries"] if run == "named" else []):
             result = inspector.judge(items[i]["image"])[0]
             records.append(_record(context, run, order, i, "good", result))
+        for order, (i, kind) in enumerate(chosen.get("unshown", []) if run == "named" else []):
+            result = inspector.judge(items[i]["image"])[0]
+            record = _record(context, "unshown", order, i, "defective", result)
+            records.append({**record, "defect_type": kind, "expected": None, "name": result.defect_type,
+                            "names": list(names)})  # fmt: skip
     inspector.max_new_tokens = 0
     inspector.set_support(good)
     for order, i in enumerate([i for i, _ in chosen["queries"]] + chosen["good_queries"]):
@@ -138,6 +151,9 @@ def naming_metrics(records: list[dict], threshold: float = 0.5) -> dict:
     out = {"queries": len(named), "naming": rate, "naming_when_flagged": when_flagged}
     if any(r["run"] == "boxed" for r in records):
         out["naming_boxed"], out["naming_boxed_when_flagged"] = _naming_rates(records, "boxed")
+    unshown = [r for r in records if r["run"] == "unshown" and r["verdict"] == "defective"]
+    out["unshown_queries"] = sum(r["run"] == "unshown" for r in records)
+    out["unshown_named"] = float(np.mean([r["name"] in r["names"] for r in unshown])) if unshown else None
     return {
         **out,
         "follow_rate": float(np.mean([_followed(a, b) for a, b in both])) if both else None,
@@ -156,12 +172,15 @@ def naming_table(result: dict) -> str:
         "naming, the examples boxed": m.get("naming_boxed"),
         "naming, the examples boxed (queries judged defective)": m.get("naming_boxed_when_flagged"),
         "label-permutation follow rate": m["follow_rate"],
+        "a type no example shows, named after an example (judged defective; lower is better)": m.get("unshown_named"),
         "balanced accuracy, good examples only": m["balanced_accuracy_good_only"],
         "balanced accuracy, with the 2 defective examples": m["balanced_accuracy_with_defective"],
     }
     lines = ["| measure | value |", "|---|---|"]
     lines += [f"| {k} | {'n/a' if v is None else f'{v:.3f}'} |" for k, v in cells.items()]
-    return "\n".join(lines) + f"\n\n{m['queries']} defective queries, {m['named_in_both_runs']} named in both runs.\n"
+    unshown = f", {m['unshown_queries']} of a type no example shows" if m.get("unshown_queries") else ""
+    counts = f"{m['queries']} defective queries{unshown}, {m['named_in_both_runs']} named in both runs"
+    return "\n".join(lines) + f"\n\n{counts}.\n"
 
 
 def write_naming(result: dict, out) -> None:
