@@ -29,6 +29,10 @@ from .inspector import Inspector, shared_searches, support_item
 from .metrics import image_metrics
 
 
+class NoNamingSets(ValueError):
+    """A split with no category that a naming set can be drawn from."""
+
+
 def naming_sets(items, seeds: int, shots: int, per_type: int) -> list[dict]:
     """The support sets and queries: per category and seed, `shots` good photos, one photo of each of two defect
     types that have at least two photos, and the queries (seeded by (seed, category)); `unshown`: photos of a third
@@ -58,7 +62,7 @@ def naming_sets(items, seeds: int, shots: int, per_type: int) -> list[dict]:
             rows = [int(i) for i in rng.permutation(pools[(category, third)])[:per_type]] if third else []
             sets.append({**chosen, "unshown": [(i, third) for i in rows]})
     if not sets:
-        raise ValueError(f"no category has more than {shots} good photos and two defect types with two photos each")
+        raise NoNamingSets(f"no category has more than {shots} good photos and two defect types with two photos each")
     return sets
 
 

@@ -623,3 +623,30 @@ def test_the_runs_of_one_set_read_each_others_searches(task, tiny_comparison, sy
     assert memos and all(memo.hits >= memo.misses > 0 for memo in memos)  # each later run finds every search
     keys = ("run", "index", "p_defective", "text", "predicted", "probs")
     assert [[r.get(k) for k in keys] for r in kept] == [[r.get(k) for k in keys] for r in searched]
+
+
+def test_naming_asks_about_a_type_no_example_shows_and_counts_its_borrowed_names(synth):
+    """Each naming set also holds queries of a third defect type of its category, which no example shows; among
+    those judged defective, `unshown_named` is the share answered with one of the examples' names."""
+    from kensa_vl.eval.naming import naming_metrics, naming_sets
+
+    items = synth["test"]
+    sets = naming_sets(items, seeds=2, shots=4, per_type=4)
+    assert any(s["unshown"] for s in sets)
+    for s in sets:
+        assert all(items[i]["defect_type"] == kind not in s["types"] for i, kind in s["unshown"])
+        assert not {i for i, _ in s["unshown"]} & {*s["good"], *s["demos"], *(i for i, _ in s["queries"])}
+    names = ["a dark scratch", "打痕"]
+    base = {"category": "nut", "seed": 0, "label": "defective", "p_defective": 0.9, "names": names}
+    records = [{**base, "run": "named", "query": 0, "verdict": "defective", "name": "打痕", "expected": "打痕"},
+               {**base, "run": "swapped", "query": 0, "verdict": "defective", "name": "a dark scratch",
+                "expected": "a dark scratch"},
+               {**base, "run": "unshown", "verdict": "defective", "name": "打痕"},
+               {**base, "run": "unshown", "verdict": "defective", "name": "defect"},
+               {**base, "run": "unshown", "verdict": "good", "name": None}]  # fmt: skip
+    good = {**base, "label": "good", "verdict": "good", "p_defective": 0.1}
+    records += [{**good, "run": "named"}, {**base, "run": "good_only", "verdict": "defective"},
+                {**good, "run": "good_only"}]  # fmt: skip
+    metrics = naming_metrics(records)
+    assert metrics["unshown_queries"] == 3 and metrics["unshown_named"] == 0.5  # the good verdict names nothing
+    assert metrics["naming"] == 1.0 and metrics["queries"] == 1  # the unshown queries are not named queries
