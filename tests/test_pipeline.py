@@ -20,7 +20,8 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["run"]["categories"] == ["cap", "grass", "leather"] and saved["run"]["split"] == "test"
-    assert set(saved["run"]["evaluation_seconds"]) == {"inspection", "real_surfaces", "grading", "naming"}
+    evaluations = {"inspection", "real_surfaces", "grading", "naming", "real_naming"}
+    assert set(saved["run"]["evaluation_seconds"]) == evaluations
     assert all(seconds > 0 for seconds in saved["run"]["evaluation_seconds"].values())
     assert set(saved["kensa"]["shots"]) == {"0", "1"} and set(saved["patchcore"]["shots"]) == {"1"}  # no k=0
     assert set(saved["kensa"]["controls"]) == {"other_category", "noise", "shuffled_labels"}
@@ -31,9 +32,13 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     # the naming evaluation on the test categories: two seeds (as the shots' evaluation), every run per query
     naming = [json.loads(line) for line in (out / "naming_records.jsonl").read_text().splitlines()]
     assert {r["seed"] for r in naming} == {0, 1}
-    assert {r["run"] for r in naming} == {"named", "swapped", "boxed", "good_only"}
+    assert {r["run"] for r in naming} == {"named", "swapped", "boxed", "good_only", "unshown"}
     boxed = [r for r in naming if r["run"] == "boxed"]
     assert saved["naming"]["naming_boxed"] == np.mean([r["name"] == r["expected"] for r in boxed])
+    unshown = [r for r in naming if r["run"] == "unshown"]  # a third type of the category, no example of it
+    shown = {(r["category"], r["seed"], r["defect_type"]) for r in naming if r["run"] == "named" and r.get("expected")}
+    assert saved["naming"]["unshown_queries"] == len(unshown) > 0
+    assert not {(r["category"], r["seed"], r["defect_type"]) for r in unshown} & shown
     assert saved["naming"]["queries"] == sum(r["run"] == "named" and r["label"] == "defective" for r in naming) > 0
     # grading, run in shares side by side: every set of the two seeds, once
     sets = grading_sets(load_grading(synth_dir)[0]["test"], seeds=2)
@@ -47,6 +52,9 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
     real = json.loads((out / "surfaces" / "metrics.json").read_text())
     assert saved["surfaces"]["n"] == real["kensa"]["shots"]["1"]["overall"]["n"] == 2 * 2 * 12
     assert "Recall (image AUROC) by defect kind" in (out / "surfaces" / "table.md").read_text()
+    # naming on them: this tiny set has too few photos of a defect type per surface, and says so
+    assert saved["surfaces"]["naming"] == {"skipped": "no category has more than 4 good photos and two defect types "
+                                           "with two photos each"}  # fmt: skip
     for png in ("loss.png", "accuracy_vs_shots.png", "roc.png", "accuracy_vs_size.png", "examples.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "model" / "runs").rglob("events.out.tfevents.*"))  # TensorBoard
