@@ -51,6 +51,26 @@ def test_export_holds_the_model_and_a_card_of_measured_results(trained, tmp_path
     assert f"k = 1: image AUROC {real['auroc']['mean']:.3f}" in card.split("Real photographed surfaces")[1]
 
 
+def test_the_card_gives_naming_on_real_surfaces_and_of_an_unshown_type_where_measured(trained):
+    import json
+
+    from kensa_vl.train.publish import model_card
+
+    config = json.loads((trained / "model" / "config.json").read_text())
+    results = json.loads((trained / "metrics.json").read_text())
+    table = (trained / "table.md").read_text()
+    results["naming"].update(unshown_queries=27, unshown_named=0.963)
+    results["surfaces"]["naming"] = {"queries": 155, "naming": 0.49, "naming_when_flagged": 0.717}
+    card = model_card(config, results, [], [], "acme/kensa", table=table)
+    assert "A defect of a\ntype neither example shows (27 queries)" in card and "for 0.963 of those judged" in card
+    real = card.split("Real photographed surfaces")[1]
+    assert "for 0.490 of\n155 defective queries (0.717 of those\njudged defective)." in real
+    results["naming"]["unshown_named"] = None  # none judged defective
+    results["surfaces"]["naming"] = {"skipped": "no category has ..."}
+    card = model_card(config, results, [], [], "acme/kensa", table=table)
+    assert "neither example shows" not in card and "Naming by example on them" not in card
+
+
 def test_notes_with_their_plots_join_the_card(trained, tmp_path):
     from kensa_vl.train.publish import export
 
