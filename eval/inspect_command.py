@@ -25,6 +25,11 @@ from pathlib import Path
 
 from .layouts import IMAGE_SUFFIXES
 
+FINE_TILES_HELP = (
+    "for photos much larger than the model compares at: also judge each one with every photo cut into up to N "
+    "tiles (16 for 768 px photos and the tiny model's 112 px tiles) and take the mean P(defective); each photo is "
+    "judged twice, the second time at N tiles (docs/real-surfaces.md)"
+)
 CSV_FIELDS = ("file", "category", "verdict", "p_defective", "defect_type", "position", "boxes", "example",
               "example_name", "example_share", "grade", "grade_probabilities", "limit_sample", "unlike",
               "text")  # fmt: skip
@@ -172,7 +177,7 @@ def run(args) -> None:
     model, processor = load_pretrained(args.model, **settings)  # a broken folder is refused before a file is written
     sink = Sink(args.out if state.is_main_process else None, args.resume)
     inspector = Inspector(model, processor, threshold=args.threshold, support_max_tiles=args.support_tiles,
-                          graded_by=args.graded_by)  # fmt: skip
+                          graded_by=args.graded_by, fine_tiles=args.fine_tiles)  # fmt: skip
     total = sum(len(q) for *_, q in work)
     bar = tqdm(total=total, unit="photo", desc="inspecting", disable=not state.is_main_process)
     failed, gathered = [], []
@@ -276,6 +281,7 @@ def add_parsers(subparsers) -> None:
         help="tiles per support photo the language model reads (default: as many as a query's); the comparison "
         "still holds every tile of every support",
     )
+    p.add_argument("--fine-tiles", type=int, default=None, metavar="N", help=FINE_TILES_HELP)
     p.add_argument(
         "--coreset",
         type=float,

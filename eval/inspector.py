@@ -19,7 +19,7 @@ import inspect
 import logging
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -250,6 +250,12 @@ class Inspector:
             and `judge` measures each query the same way, setting `Judgement.unlike` (and logging a warning) for one
             unlike the good examples (another product or zoom). The check encodes each image once more with the
             compared encoders (the weight-free cells cost milliseconds; a pretrained tower, one more pass).
+        fine_tiles: also judge every query with every photo cut into up to this many tiles (a second `Inspector`,
+            which costs the query that much more), and take the mean of the two P(defective): a photo far larger than
+            the compared resolution loses thin and faint defects in the resize, which the finer budget keeps, and the
+            default budget keeps diffuse ones (docs/real-surfaces.md, "The 768 px photos at more tiles"). The text,
+            boxes and heatmap are those of the budget whose verdict agrees with the mean's (the default's when both
+            do). Inspection only (grading ignores it); `generate` and the pipeline judge at one budget.
     """
 
     def __init__(
@@ -264,15 +270,21 @@ class Inspector:
         max_new_tokens: int = 48,
         graded_by: str = "appearance",
         check_examples: bool = True,
+        fine_tiles: int | None = None,
     ):
         self.model, self.processor, self.graded_by = model.eval(), processor, graded_by
         self.check_examples, self.unlike, self._normal = check_examples, [], None
         self.noun, self.threshold, self.cache = noun, threshold, cache
-        for name, tiles in (("support_max_tiles", support_max_tiles), ("query_max_tiles", query_max_tiles)):
+        budgets = (("support_max_tiles", support_max_tiles), ("query_max_tiles", query_max_tiles))
+        for name, tiles in (*budgets, ("fine_tiles", fine_tiles)):
             if tiles is not None and (not isinstance(tiles, int) or tiles < 1):  # 0 would read as "the default"
                 raise ValueError(f"{name} must be a whole number of tiles >= 1 or None, got {tiles!r}")
         self.support_max_tiles, self.query_max_tiles = support_max_tiles, query_max_tiles
         self.max_new_tokens = max_new_tokens
+        self.fine = None if fine_tiles is None else Inspector(
+            model, processor, noun, threshold, cache, support_max_tiles=fine_tiles, query_max_tiles=fine_tiles,
+            max_new_tokens=max_new_tokens, graded_by=graded_by, check_examples=False,
+        )  # fmt: skip
         self.verdict_ids = verdict_token_ids(processor.tokenizer)
         self.support: list[dict] | None = None
         if getattr(model.config, "reference_comparison", False):
@@ -358,6 +370,9 @@ class Inspector:
                 self._bank = self.model.model.support_bank(full["pixel_values"], full["image_grid"], labels)
             elif compares:
                 self._bank = out.reference_bank[0]
+        if self.fine is not None and not self.grades:
+            self._settings_to_fine()
+            self.fine.set_support(support)
         self.unlike, self._normal = [], None
         if compares and self.check_examples:
             self.unlike, self._normal = check_support(self.model, self.processor, self.support, self._bank_max_tiles())
@@ -465,22 +480,39 @@ class Inspector:
                 if not isinstance(query, str) and not hasattr(query, "__fspath__"):
                     raise
                 out[index] = Judgement("error", float("nan"), str(err))  # an unreadable file: say so, judge the rest
+        if self.fine is not None and not self.grades:
+            self._settings_to_fine()
+            fine = self.fine.judge(list(images.values()), batch_size)
         if batch_size == 1 or self._cache is None or self.max_new_tokens > 0 or self.grades:
             for index, image in images.items():
                 out[index] = self._grade_one(image) if self.grades else self._judge_one(image)
-            return out
-        inputs = {index: self._query_inputs(image) for index, image in images.items()}
-        groups = {}
-        for index, x in inputs.items():
-            groups.setdefault(x["input_ids"].shape[1], []).append(index)
-        for group in groups.values():
-            for start in range(0, len(group), batch_size):
-                chosen = group[start : start + batch_size]
-                for index, result in zip(
-                    chosen, self._judge_batch([inputs[i] for i in chosen], [images[i] for i in chosen]), strict=True
-                ):
-                    out[index] = result
+        else:
+            inputs = {index: self._query_inputs(image) for index, image in images.items()}
+            groups = {}
+            for index, x in inputs.items():
+                groups.setdefault(x["input_ids"].shape[1], []).append(index)
+            for group in groups.values():
+                for start in range(0, len(group), batch_size):
+                    chosen = group[start : start + batch_size]
+                    judged = self._judge_batch([inputs[i] for i in chosen], [images[i] for i in chosen])
+                    for index, result in zip(chosen, judged, strict=True):
+                        out[index] = result
+        if self.fine is not None and not self.grades:
+            for index, other in zip(images, fine, strict=True):
+                out[index] = self._both_budgets(out[index], other)
         return out
+
+    def _settings_to_fine(self) -> None:
+        """What a caller may change between calls (`noun`, `threshold`, `max_new_tokens`), for the fine budget too."""
+        self.fine.noun, self.fine.threshold, self.fine.max_new_tokens = self.noun, self.threshold, self.max_new_tokens
+
+    def _both_budgets(self, judged: Judgement, fine: Judgement) -> Judgement:
+        """One query's judgements at the default and the fine budget (`fine_tiles`) as one: the mean P(defective),
+        the verdict at the threshold, and the rest from the budget whose own verdict agrees (the default's first)."""
+        p_defective = (judged.p_defective + fine.p_defective) / 2
+        verdict = "defective" if p_defective >= self.threshold else "good"
+        chosen = judged if judged.verdict == verdict else fine
+        return replace(chosen, verdict=verdict, p_defective=p_defective, unlike=judged.unlike)
 
     def _judge_batch(self, inputs: list[dict], images: list[Image.Image]) -> list[Judgement]:
         """Score queries of equal prompt length in one forward pass over the cached prefix (repeated per row)."""

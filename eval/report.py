@@ -198,6 +198,7 @@ def _eval(args) -> None:
         extra={"model": args.model, "data": str(args.data), "layout": layout, "split": args.split},
         shots=shots, seeds=args.seeds, queries_per_category=args.queries_per_category, generate=not args.no_text,
         **({"controls": controls} if controls is not None else {}),
+        **({"fine_tiles": args.fine_tiles} if args.fine_tiles else {}),
     )  # fmt: skip
     from accelerate import PartialState
 
@@ -222,6 +223,8 @@ def _grading(args) -> None:
 
 
 def add_parsers(subparsers) -> None:
+    from .inspect_command import FINE_TILES_HELP
+
     p = subparsers.add_parser("eval")  # its --help line: cli.COMMANDS
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="KensaSynth, MVTec AD or LOCO, VisA, or a good/defective folder")
@@ -248,5 +251,6 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--baseline-views", choices=("model", "none", "rotations"), default="model")
     p.add_argument("--no-controls", action="store_true", help="skip the other-category, noise, shuffled controls")
     p.add_argument("--no-text", action="store_true", help="scores, boxes and heatmaps only: no generated answers")
+    p.add_argument("--fine-tiles", type=int, default=None, metavar="N", help=FINE_TILES_HELP + "; the model only")
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=_eval)

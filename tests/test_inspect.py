@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from kensa_vl.eval.evaluate import aggregate, evaluate, support_for
-from kensa_vl.eval.inspector import Inspector, support_item
+from kensa_vl.eval.inspector import Inspector, Judgement, support_item
 from kensa_vl.eval.metrics import ap50, metrics
 from kensa_vl.modeling.demos_kensa_vl import prompt_labels
 from tests.conftest import random_image
@@ -650,3 +652,31 @@ def test_naming_asks_about_a_type_no_example_shows_and_counts_its_borrowed_names
     metrics = naming_metrics(records)
     assert metrics["unshown_queries"] == 3 and metrics["unshown_named"] == 0.5  # the good verdict names nothing
     assert metrics["naming"] == 1.0 and metrics["queries"] == 1  # the unshown queries are not named queries
+
+
+def test_a_second_tile_budget_judges_each_query_again_and_averages_the_two(tiny_comparison, synth, tmp_path):
+    """`fine_tiles`: every query judged at the default budget and at the finer one, P(defective) their mean, the
+    text and boxes of the budget whose verdict agrees with it; an unreadable file stays an error."""
+    model, processor = tiny_comparison
+    test = synth["test"]
+    support = _support(test)
+    queries = [test[i]["image"] for i in range(5, 10)] + [str(tmp_path / "missing.png")]
+    both = Inspector(model, processor, noun="nut", max_new_tokens=8, cache=False, fine_tiles=9)
+    alone = Inspector(model, processor, noun="nut", max_new_tokens=8, cache=False)
+    fine = Inspector(model, processor, noun="nut", max_new_tokens=8, cache=False, support_max_tiles=9,
+                     query_max_tiles=9, check_examples=False)  # fmt: skip
+    for inspector in (both, alone, fine):
+        inspector.set_support(support)
+    judged, a, f = both.judge(queries), alone.judge(queries), fine.judge(queries)
+    assert judged[-1].verdict == "error" and both.fine.noun == "nut"
+    for j, x, y in zip(judged[:-1], a[:-1], f[:-1], strict=True):
+        assert j.p_defective == pytest.approx((x.p_defective + y.p_defective) / 2, abs=1e-5)
+        assert j.verdict == ("defective" if j.p_defective >= 0.5 else "good")
+        assert (j.text, j.boxes) == ((x.text, x.boxes) if x.verdict == j.verdict else (y.text, y.boxes))
+    # the rule itself, both ways: the default budget's evidence when it agrees, else the fine one's
+    good = Judgement("good", 0.25, "good")
+    bad = Judgement("defective", 0.75, "defective: defect", boxes=[[1, 2, 3, 4]])
+    assert both._both_budgets(good, bad) == replace(bad, p_defective=0.5)
+    assert both._both_budgets(bad, Judgement("good", 0.0, "good")) == Judgement("good", 0.375, "good")
+    with pytest.raises(ValueError, match="fine_tiles must be a whole number of tiles >= 1 or None, got 0"):
+        Inspector(model, processor, fine_tiles=0)

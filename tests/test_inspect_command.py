@@ -7,6 +7,7 @@ import csv
 import json
 
 import pytest
+from PIL import Image
 
 from tests.conftest import random_image
 
@@ -187,6 +188,27 @@ def test_a_coreset_bank_is_a_setting_of_the_command(folder, tmp_path, capsys):
     capsys.readouterr()
     assert run(main, model_dir, str(root / "good.png"), "--query", str(photos / "p0.png"), "--coreset", "2") != 0
     assert "reference_coreset is the share of cells kept, in (0, 1]; got 2.0" in capsys.readouterr().err
+
+
+def test_a_second_tile_budget_is_a_setting_of_the_command(folder, tmp_path):
+    from kensa_vl.eval.inspector import Inspector, load_pretrained, support_item
+    from kensa_vl.train.build import build_tiny, save_kensa
+    from kensa_vl.train.cli import main
+
+    model, processor = build_tiny(tile_size=112, max_tiles=2, reference_comparison=True, dct=True)
+    model_dir = save_kensa(model, processor, tmp_path / "compare")
+    root, photos = folder
+    out = root / "fine.jsonl"
+    code = run(main, model_dir, str(root / "good.png"), str(photos / "p1.png"), "--query", str(photos / "p0.png"),
+               "--out", str(out), "--fine-tiles", "6")  # fmt: skip
+    model, processor = load_pretrained(model_dir)
+    scores = []
+    for fine in (6, None):
+        inspector = Inspector(model, processor, fine_tiles=fine)
+        inspector.set_support([support_item(Image.open(p)) for p in (root / "good.png", photos / "p1.png")])
+        scores.append(inspector.judge(Image.open(photos / "p0.png"))[0].p_defective)
+    assert code == 0 and json.loads(out.read_text())["p_defective"] == pytest.approx(scores[0], abs=1e-5)
+    assert scores[0] != pytest.approx(scores[1], abs=1e-4)  # the second budget moved it
 
 
 def test_a_defective_examples_box_is_read_from_the_command_line(folder):

@@ -210,6 +210,20 @@ def test_eval_and_inspect_on_an_mvtec_folder(comparing_dir, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_eval_judges_at_a_second_tile_budget_when_asked(comparing_dir, tmp_path):
+    from kensa_vl.train.cli import main
+
+    data = write_mvtec(tmp_path / "mvtec", ("bottle",))
+    scores = {}
+    for name, extra in (("default", []), ("fine", ["--fine-tiles", "1"])):  # these photos are too small for more
+        main(["eval", "--model", str(comparing_dir), "--data", str(data), "--shots", "2", "--seeds", "1", "--no-text",
+              "--no-baseline", "--out", str(tmp_path / name), *extra])  # fmt: skip
+        lines = (tmp_path / name / "records.jsonl").read_text().splitlines()
+        scores[name] = [json.loads(line)["p_defective"] for line in lines]
+    assert len(scores["fine"]) == len(scores["default"]) == 7
+    assert scores["fine"] != pytest.approx(scores["default"], abs=1e-4)  # each query judged at one tile too
+
+
 @pytest.mark.slow
 def test_eval_data_parallel_gives_the_records_of_one_process(comparing_dir, tmp_path):
     data = write_mvtec(tmp_path / "mvtec", ("bottle", "screw", "cable"))
