@@ -480,8 +480,9 @@ class Inspector:
                 if not isinstance(query, str) and not hasattr(query, "__fspath__"):
                     raise
                 out[index] = Judgement("error", float("nan"), str(err))  # an unreadable file: say so, judge the rest
-        if self.fine is not None and not self.grades:
+        if self.fine is not None and not self.grades:  # scores only: its text is written where its verdict is kept
             self._settings_to_fine()
+            self.fine.max_new_tokens = 0
             fine = self.fine.judge(list(images.values()), batch_size)
         if batch_size == 1 or self._cache is None or self.max_new_tokens > 0 or self.grades:
             for index, image in images.items():
@@ -498,20 +499,24 @@ class Inspector:
                     for index, result in zip(chosen, judged, strict=True):
                         out[index] = result
         if self.fine is not None and not self.grades:
-            for index, other in zip(images, fine, strict=True):
-                out[index] = self._both_budgets(out[index], other)
+            for (index, image), other in zip(images.items(), fine, strict=True):
+                out[index] = self._both_budgets(out[index], other, image)
         return out
 
     def _settings_to_fine(self) -> None:
-        """What a caller may change between calls (`noun`, `threshold`, `max_new_tokens`), for the fine budget too."""
-        self.fine.noun, self.fine.threshold, self.fine.max_new_tokens = self.noun, self.threshold, self.max_new_tokens
+        """What a caller may change between calls (`noun`, `threshold`), for the fine budget too."""
+        self.fine.noun, self.fine.threshold = self.noun, self.threshold
 
-    def _both_budgets(self, judged: Judgement, fine: Judgement) -> Judgement:
+    def _both_budgets(self, judged: Judgement, fine: Judgement, image: Image.Image | None = None) -> Judgement:
         """One query's judgements at the default and the fine budget (`fine_tiles`) as one: the mean P(defective),
-        the verdict at the threshold, and the rest from the budget whose own verdict agrees (the default's first)."""
+        the verdict at the threshold, and the rest from the budget whose own verdict agrees (the default's first).
+        `fine` is scored only; where it is kept and text is asked for, the fine budget writes it for `image`."""
         p_defective = (judged.p_defective + fine.p_defective) / 2
         verdict = "defective" if p_defective >= self.threshold else "good"
         chosen = judged if judged.verdict == verdict else fine
+        if chosen is fine and self.max_new_tokens and image is not None:
+            self.fine.max_new_tokens = self.max_new_tokens
+            chosen = self.fine.judge(image)[0]
         return replace(chosen, verdict=verdict, p_defective=p_defective, unlike=judged.unlike)
 
     def _judge_batch(self, inputs: list[dict], images: list[Image.Image]) -> list[Judgement]:
