@@ -6,6 +6,7 @@ support set.
     python -m benchmarks.gpu [--lm 1.5b] [--steps 5] [--checkpointing] [--peak-tflops 989] [--compare dct bandpass]
     python -m benchmarks.gpu --tiny --size 448 --steps 1    # the code path on a CPU, small model
     python -m benchmarks.gpu --no-train --peer              # beside LLaVA-NeXT's forward over the same episode
+    python -m benchmarks.gpu --no-train --fine-tiles 16     # a query judged at a second tile budget too
 
 `--peak-tflops`: the accelerator's dense bf16 peak (H100 / H200 SXM: 989). `--compare`: the reference comparison on
 these encoders with every reference view, as `kensa-vl assemble --compare` builds it (a tower's name, "dct",
@@ -83,6 +84,15 @@ def training(model, inputs: dict, labels: torch.Tensor, args) -> None:
     print(f"| training: peak memory above weights (GiB) | {memory.peak / 2**30:.1f} |")
 
 
+def fine_tiles_latency(model, processor, images: list, query, args) -> float:
+    """A cached query's seconds when it is judged at the default budget and again at `--fine-tiles` (`kensa-vl
+    inspect --fine-tiles`): both budgets' support sets cached, scores only."""
+    inspector = Inspector(model, processor, max_new_tokens=0, fine_tiles=args.fine_tiles)
+    inspector.set_support([support_item(image) for image in images[:-1]])
+    inspector.judge(query)  # warm-up
+    return timed(lambda: inspector.judge(query), args.steps)
+
+
 # LLaVA-NeXT's tower, CLIP ViT-L/14 at 336 px (0.3 B)
 CLIP_L = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
 
@@ -124,6 +134,7 @@ def main() -> None:
     parser.add_argument(
         "--support-tiles", type=int, help="also the episode as `kensa-vl inspect` runs it, supports read at N tiles"
     )
+    parser.add_argument("--fine-tiles", type=int, help="also a cached query judged at a second budget of N tiles")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
@@ -168,6 +179,10 @@ def main() -> None:
     qps = len(queries) / (time.perf_counter() - start)
     print(f"| inference, cached support: ms per query | {latency * 1e3:.0f} |")
     print(f"| inference, cached support: queries/s at batch {len(queries)} | {qps:.1f} |")
+    if args.fine_tiles:
+        both = fine_tiles_latency(model, processor, images, queries[0], args)
+        print(f"| inference, cached support, also judged at {args.fine_tiles} tiles: ms per query | {both * 1e3:.0f} "
+              f"({both / latency:.2f}x) |")  # fmt: skip
     if args.support_tiles:
         forward = timed(inspector_episode(model, processor, images, args.support_tiles)[1], args.steps)
         read = f"supports read at {args.support_tiles} tile(s), bank in full"
