@@ -294,6 +294,14 @@ class Inspector:
                     "modeling/*.py files into it (the weights are unchanged), or build it again"
                 )
 
+    def __copy__(self) -> Inspector:
+        """An inspector over the same model whose `set_support` leaves this one's support set alone, at both budgets:
+        the fine budget's inspector (`fine_tiles`) is copied too (the demo keeps one copy per user's support set)."""
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.fine = copy.copy(self.fine)
+        return other
+
     @classmethod
     def from_pretrained(cls, path: str, device: str | None = None, dtype=None, config: dict | None = None,
                         **kwargs) -> Inspector:  # fmt: skip

@@ -78,6 +78,35 @@ def test_the_gallery_shows_the_heatmap_of_a_comparing_model(app, photos):
             assert rows[0][1] == "good" and rows[0][4] == "" and ", like " not in gallery[0][1]
 
 
+def test_each_support_set_keeps_its_own_second_tile_budget(app, photos, monkeypatch):
+    """KENSA_FINE_TILES: the demo judges at a second budget too, and each user's support set keeps its own state at
+    both budgets (a second user's examples never replace the first's at the fine budget)."""
+    from kensa_vl.eval.inspector import Inspector
+    from kensa_vl.train import build
+
+    model, processor = build.build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True,
+                                        reference_encoders=["dct"])  # fmt: skip
+    monkeypatch.delenv("KENSA_MODEL", raising=False)
+    monkeypatch.setattr(build, "build_tiny", lambda **_: (model, processor))
+    monkeypatch.setenv("KENSA_MAX_NEW_TOKENS", "0")
+    monkeypatch.setenv("KENSA_FINE_TILES", "many")
+    with pytest.raises(ValueError, match="KENSA_FINE_TILES must be a whole number of tiles, such as 16, got 'many'"):
+        app.load_inspector()
+    monkeypatch.setenv("KENSA_FINE_TILES", "9")
+    demo = app.Demo(app.load_inspector())
+    assert demo.inspector.fine.query_max_tiles == 9
+    paths, _ = photos
+    _, first, _ = demo.run(paths[:2], [], "", "nut", [paths[3]])
+    demo.run(paths[1:3], [], "", "nut", [paths[3]])
+    one, two = demo.sessions.values()
+    assert one.fine is not two.fine and one.fine.support == one.support != two.fine.support
+    alone = Inspector(model, processor, noun="nut", max_new_tokens=0, fine_tiles=9)
+    alone.set_support(one.support)
+    expected = alone.judge(app.open_image(paths[3], "query"))[0].p_defective
+    assert one.judge(app.open_image(paths[3], "query"))[0].p_defective == pytest.approx(expected, abs=1e-6)
+    assert first[0][2] == round(expected, 3)
+
+
 def test_support_is_cached_and_a_bad_query_is_reported_while_the_others_are_judged(demo, photos):
     paths, broken = photos
     gallery, rows, status = demo.run(paths[:2], [paths[2]], "a dark scratch", "nut", [paths[3], broken])
