@@ -60,6 +60,11 @@ LOG_FLOOR = 1e-6
 # `own_nearest`: the most cells of an image's own map a cell is compared with (a larger map is sampled on a coarser
 # lattice, every `stride`-th cell each way)
 OWN_BANK_CELLS = 1024
+# `product_mask` (an encoder entry's `masks_background`, AnomalyDINO's masking for objects on a background): an
+# image's cells split in two along their first principal component; the side off the border is the product, grown by
+# MASK_GROW cells. Used only where the border is background (at least MASK_BORDER of its cells on the other side)
+# and the product covers MASK_COVER of the image: a texture or a product that fills the frame is not masked.
+MASK_BORDER, MASK_COVER, MASK_GROW = 0.9, (0.05, 0.85), 1
 
 
 @dataclass
@@ -462,6 +467,49 @@ def stitch_tiles(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return cells[: rows * cols].reshape(rows, cols, g, g, *rest).transpose(1, 2).reshape(rows * g, cols * g, *rest)
 
 
+def product_mask(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor | None:
+    """Where one image shows the product rather than its background, from one encoder's cells of its grid tiles
+    `(rows * cols, g, g, C)` (any tiles after them, a thumbnail, left out): `(rows * g, cols * g)` bool, True on
+    the product; None where the image shows no background (MASK_BORDER, MASK_COVER). The cells' projections on
+    their first principal component are split in two by iterated means (the threshold halfway between the two
+    sides' means), which holds for a small part as for a large one; the product is the largest connected piece of
+    its side (a speck of dust on the background is another)."""
+    grid = stitch_tiles(cells, rows, cols).float()
+    h, w, channels = grid.shape
+    flat = grid.reshape(-1, channels)
+    flat = flat - flat.mean(0)
+    axis = torch.linalg.eigh(flat.T @ flat).eigenvectors[:, -1]
+    projection = (flat @ axis).view(h, w)
+    threshold = projection.mean()
+    for _ in range(16):
+        high = projection > threshold
+        if high.all() or not high.any():
+            return None
+        threshold = (projection[high].mean() + projection[~high].mean()) / 2
+    high = projection > threshold
+    border = torch.cat([high[0], high[-1], high[1:-1, 0], high[1:-1, -1]]).float().mean()
+    product = ~high if border > 0.5 else high
+    on_border = min(float(border), 1 - float(border))
+    if on_border > 1 - MASK_BORDER or not MASK_COVER[0] <= product.float().mean() <= MASK_COVER[1]:
+        return None
+    groups = connected_groups(product)  # the product is its largest piece: a speck of dust is not
+    product = groups == groups.flatten()[groups.flatten() >= 0].mode().values
+    grown = F.max_pool2d(product[None, None].float(), 2 * MASK_GROW + 1, 1, MASK_GROW)
+    return grown[0, 0].bool()
+
+
+def on_product(nearest: torch.Tensor, product: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """One encoder's `nearest` distances of an image `(tiles, g, g)` with its background's grid-tile cells (off the
+    `product_mask`, brought to this encoder's grid) set to the median over the product's: never the largest, and
+    the median over the image that the distances are also read against moves little."""
+    g = nearest.shape[1]
+    mask = F.interpolate(product[None, None].float(), size=(rows * g, cols * g), mode="nearest")[0, 0].bool()
+    mask = cut_tiles(mask, rows, cols)
+    grid = nearest[: rows * cols]
+    neutral = grid[mask].median()
+    return torch.cat([torch.where(mask, grid, neutral), nearest[rows * cols :]])
+
+
 def peak_region_box(
     cells: torch.Tensor, threshold: float, join: float = LOCATE_JOIN, gap: float = LOCATE_GAP
 ) -> tuple[list[float], float]:
@@ -614,6 +662,8 @@ class KensaVLReferenceComparison(nn.Module):
         # an encoder entry's `own_window`: its cells are also compared with the image's own cells outside that window
         # (`own_nearest`; none unless set: `train/build.py`'s band-pass entry)
         self.own_windows = [entries[n].get("own_window") for n in self.encoders]
+        # the encoder entry that `masks_background`: its cells tell the product from its background (`product_mask`)
+        self.masking = next((n for n in self.encoders if entries[n].get("masks_background")), None)
         # the encoders whose cells place the box and the heatmap (`locate`; all unless an entry says `locate: false`)
         self.locating = [self.encoders.index(n) for n in config.locating_encoder_names()]
         # the band-pass family's cells are blurred over their surround: where a sharp encoder found the defect, its
@@ -738,7 +788,9 @@ class KensaVLReferenceComparison(nn.Module):
         """Each encoder's `nearest` distances `(n, g, g)` of one image (`query`: name -> its unit cells, `grid`:
         rows, cols), for an encoder with an `own_window` the smaller of them and `own_nearest` on its grid tiles;
         with the image's `key` (`PairCache.key`), the `pair_cache` keeps an image's own distances too (training
-        meets each image many times)."""
+        meets each image many times). Where an encoder `masks_background` and the image shows a background
+        (`product_mask`), every encoder's distances there are set off (`on_product`): the score, the heatmap, the box
+        and the defect's cells are read on the product alone."""
         rows, cols = grid
         out = []
         for name, found, window in zip(self.encoders, nearest, self.own_windows, strict=True):
@@ -746,7 +798,8 @@ class KensaVLReferenceComparison(nn.Module):
                 own = self.own_nearest(query[name], rows, cols, window, key and (key, name)).to(found.dtype)
                 found = torch.cat([torch.minimum(found[: rows * cols], own), found[rows * cols :]])
             out.append(found)
-        return out
+        product = None if self.masking is None else product_mask(query[self.masking][: rows * cols], rows, cols)
+        return out if product is None else [on_product(found, product, rows, cols) for found in out]
 
     def own_nearest(self, cells: torch.Tensor, rows: int, cols: int, window: float, key=None) -> torch.Tensor:
         """`own_nearest` of one image's `cells`, kept in the `pair_cache` under `key` when both are given."""

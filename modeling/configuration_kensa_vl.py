@@ -149,7 +149,10 @@ class KensaVLConfig(PretrainedConfig):
             level enters the verdict as `verdict_scale * excess - verdict_margin`; 1 and 0), `locate` (whether
             its cells place the defect's box and heatmap, `locate_box`; default true) and `own_window` (its cells
             are also compared with the image's own cells outside a window of this share of the image's longer side,
-            `own_nearest`; default none). Encoder grids are
+            `own_nearest`; default none), `masks_background` (its cells tell the product from its background, and
+            every compared encoder's cells on the background are left out of the score, heatmap and box where an
+            image shows one, `product_mask`: AnomalyDINO's masking for objects; at most one entry; default false).
+            Encoder grids are
             average-pooled onto the smallest one.
         fusion (`str`): `"concat"` (Eagle: encoders on a common grid, channels concatenated; default) or
             `"interleave"` (Eyes Wide Shut: each encoder projected on its own, tokens interleaved).
@@ -330,6 +333,12 @@ class KensaVLConfig(PretrainedConfig):
         unknown = sorted(set(self.reference_encoders or []) - set(names))
         if unknown:
             raise ValueError(f"reference_encoders {unknown} are not among the vision encoders {names}.")
+        masking = [encoder["name"] for encoder in self.vision_encoders if encoder.get("masks_background")]
+        if len(masking) > 1 or set(masking) - set(self.reference_encoder_names()):
+            raise ValueError(
+                f"masks_background: at most one encoder, and one the comparison runs on "
+                f"({self.reference_encoder_names()}); got {masking}."
+            )
         check_views(self.reference_views)
         check_coreset(self.reference_coreset)
         if common % self.pixel_shuffle:

@@ -178,10 +178,14 @@ def test_assemble_takes_every_comparison_setting_on_the_command_line(parts, tmp_
     root, _ = parts
     main(["assemble", "--vision", str(root / "dinov2"), "--text", str(root / "lm"), "--out", str(tmp_path / "k"),
           "--tile-size", "56", "--max-tiles", "4", "--compare", "dinov2", "--compare", "bandpass",
-          "--reference-views", "hflip,rot90",
+          "--reference-views", "hflip,rot90", "--mask-background", "dinov2",
           "--coreset", "0.5", "--search-probes", "4", "--exact-search-cells", "1000"])  # fmt: skip
     config = json.loads((tmp_path / "k" / "config.json").read_text())
     assert config["reference_encoders"] == ["dinov2", "bandpass"] and config["reference_views"] == ["hflip", "rot90"]
+    assert [e.get("masks_background", False) for e in config["vision_encoders"]] == [True, False]
+    with pytest.raises(ValueError, match="--mask-background 'dct': not an encoder compared"):
+        assemble([str(root / "dinov2")], str(root / "lm"), tmp_path / "m", tile_size=56, max_tiles=4,
+                 compare=["dinov2"], mask_background="dct")  # fmt: skip
     bandpass = config["vision_encoders"][-1]["config"]  # its Gaussians scaled with the tile (3 and 6 px at 112)
     assert bandpass["model_type"] == "kensa_bandpass" and bandpass["sigmas"] == [1.5, 3.0]
     assert (config["reference_coreset"], config["search_probes"], config["exact_search_cells"]) == (0.5, 4, 1000)

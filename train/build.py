@@ -371,13 +371,16 @@ def assemble(
     dtype=torch.float32,
     compare: list[str] | None = None,
     reference_views: list[str] | None = None,
+    mask_background: str | None = None,
     **search,
 ):
     """Copy pretrained towers and LM into a fresh KensaVL (random projector), reserve tokens, save.
 
     `compare`: the encoders the reference comparison runs on (a tower's name, e.g. "dinov2"; "dct" and "bandpass" add
     the weight-free DCT and band-pass encoders); none: no comparison. `reference_views`: the bank's extra views
-    (`REFERENCE_VIEWS`).
+    (`REFERENCE_VIEWS`). `mask_background`: the compared encoder whose cells tell a product from its background
+    (AnomalyDINO's masking with a DINOv2 tower: "dinov2"); every compared encoder's cells on the background are
+    then left out where a photo shows one (`masks_background`, `product_mask`).
     `search`: the comparison's other settings (`reference_coreset`, `exact_search_cells`, `search_probes`).
     With a comparison the model gives a verdict, a heatmap and a box from the first day, before any training: the
     verdict logit starts as the query's score over the supports' own level (`KensaVLReferenceComparison`)."""
@@ -394,6 +397,10 @@ def assemble(
         states[name] = state
     compare = list(compare or [])
     encoders = with_compared(encoders, compare, tile_size)
+    if mask_background is not None:
+        if mask_background not in compare:
+            raise ValueError(f"--mask-background {mask_background!r}: not an encoder compared ({compare})")
+        next(e for e in encoders if e["name"] == mask_background)["masks_background"] = True
     lm = AutoModelForCausalLM.from_pretrained(text, dtype=torch.float32)
     tokenizer = add_kensa_tokens(AutoTokenizer.from_pretrained(text), NUM_LOC_BINS)
     config = KensaVLConfig(
@@ -460,6 +467,12 @@ def add_parsers(subparsers) -> None:
         default=None,
         help=f"comma-separated extra views of each support in the comparison's bank: {','.join(REFERENCE_VIEWS)}",
     )
+    asm.add_argument(
+        "--mask-background",
+        metavar="ENCODER",
+        help="a compared encoder whose cells tell the product from its background (dinov2): the background of a "
+        "photo that shows one is not inspected",
+    )
 
     # the comparison's search settings; unset: the config's defaults (one place for them)
     asm.add_argument("--coreset", type=float, help="share of each support's cells the bank keeps (default 1)")
@@ -479,6 +492,7 @@ def add_parsers(subparsers) -> None:
             dtype=getattr(torch, a.dtype),
             compare=a.compare,
             reference_views=a.reference_views,
+            mask_background=a.mask_background,
             **{key: value for key, value in search.items() if value is not None},
         )
         print(f"saved {out}")
