@@ -16,6 +16,7 @@ Under `accelerate launch` each process judges its share and the main process wri
 
 from __future__ import annotations
 
+import argparse
 import csv
 import glob
 import json
@@ -26,10 +27,21 @@ from pathlib import Path
 from .layouts import IMAGE_SUFFIXES
 
 FINE_TILES_HELP = (
-    "for photos much larger than the model compares at: also judge each one with every photo cut into up to N "
-    "tiles (16 for 768 px photos and the tiny model's 112 px tiles) and take the mean P(defective); each photo is "
-    "judged twice, the second time at N tiles (docs/real-surfaces.md)"
+    "auto (the default): for photos at least twice as large per side as the model compares at, also judge each one "
+    "with every photo cut into 4x the tiles (16 for the tiny model: 768 px photos) and take the mean P(defective), at "
+    "about 3.5x the time; N: always, at up to N tiles; off: never (docs/real-surfaces.md)"
 )
+
+
+def fine_tiles_setting(text: str) -> int | str | None:
+    """`--fine-tiles`: "auto", "off" (None) or a whole number of tiles (`Inspector`'s `fine_tiles`)."""
+    if text in ("auto", "off"):
+        return None if text == "off" else "auto"
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"takes auto, off or a whole number of tiles >= 1, got {text!r}")
+    return int(text)
+
+
 CSV_FIELDS = ("file", "category", "verdict", "p_defective", "defect_type", "position", "boxes", "example",
               "example_name", "example_share", "grade", "grade_probabilities", "limit_sample", "unlike",
               "text")  # fmt: skip
@@ -281,7 +293,7 @@ def add_parsers(subparsers) -> None:
         help="tiles per support photo the language model reads (default: as many as a query's); the comparison "
         "still holds every tile of every support",
     )
-    p.add_argument("--fine-tiles", type=int, default=None, metavar="N", help=FINE_TILES_HELP)
+    p.add_argument("--fine-tiles", type=fine_tiles_setting, default="auto", metavar="auto|N|off", help=FINE_TILES_HELP)
     p.add_argument(
         "--coreset",
         type=float,

@@ -44,6 +44,10 @@ from kensa_vl.train.data import episode, grading_episode
 from .support_check import UNLIKE_MARGIN, check_support, compared_features, query_message, unlike_message
 
 logger = logging.getLogger(__name__)
+# `fine_tiles="auto"`: a second budget of FINE_AUTO_SCALE**2 times the query's tiles where the support photos hold at
+# least FINE_AUTO_SCALE times as many pixels per side as that budget compares (the rule validated at 768 px with the
+# tiny model's four 112 px tiles: 16 tiles, docs/real-surfaces.md); smaller photos are judged at one budget
+FINE_AUTO_SCALE = 2
 
 
 @dataclass
@@ -255,7 +259,9 @@ class Inspector:
             the compared resolution loses thin and faint defects in the resize, which the finer budget keeps, and the
             default budget keeps diffuse ones (docs/real-surfaces.md, "The 768 px photos at more tiles"). The text,
             boxes and heatmap are those of the budget whose verdict agrees with the mean's (the default's when both
-            do). Inspection only (grading ignores it); `generate` and the pipeline judge at one budget.
+            do). Inspection only (grading ignores it); `generate` and the pipeline judge at one budget. "auto":
+            FINE_AUTO_SCALE**2 times the query's tile budget, used for a support set whose photos are at least
+            FINE_AUTO_SCALE times larger per side than that budget compares (`fine_active`), else not at all.
     """
 
     def __init__(
@@ -270,17 +276,22 @@ class Inspector:
         max_new_tokens: int = 48,
         graded_by: str = "appearance",
         check_examples: bool = True,
-        fine_tiles: int | None = None,
+        fine_tiles: int | str | None = None,
     ):
         self.model, self.processor, self.graded_by = model.eval(), processor, graded_by
         self.check_examples, self.unlike, self._normal = check_examples, [], None
         self.noun, self.threshold, self.cache = noun, threshold, cache
         budgets = (("support_max_tiles", support_max_tiles), ("query_max_tiles", query_max_tiles))
+        self.fine_auto = fine_tiles == "auto"
+        fine_tiles = FINE_AUTO_SCALE**2 * (query_max_tiles or processor.image_processor.max_tiles) if self.fine_auto \
+            else fine_tiles  # fmt: skip
         for name, tiles in (*budgets, ("fine_tiles", fine_tiles)):
             if tiles is not None and (not isinstance(tiles, int) or tiles < 1):  # 0 would read as "the default"
-                raise ValueError(f"{name} must be a whole number of tiles >= 1 or None, got {tiles!r}")
+                other = ", 'auto'" if name == "fine_tiles" else ""
+                raise ValueError(f"{name} must be a whole number of tiles >= 1{other} or None, got {tiles!r}")
         self.support_max_tiles, self.query_max_tiles = support_max_tiles, query_max_tiles
         self.max_new_tokens = max_new_tokens
+        self.fine_active = fine_tiles is not None and not self.fine_auto  # "auto" decides in `set_support`
         self.fine = None if fine_tiles is None else Inspector(
             model, processor, noun, threshold, cache, support_max_tiles=fine_tiles, query_max_tiles=fine_tiles,
             max_new_tokens=max_new_tokens, graded_by=graded_by, check_examples=False,
@@ -378,7 +389,13 @@ class Inspector:
                 self._bank = self.model.model.support_bank(full["pixel_values"], full["image_grid"], labels)
             elif compares:
                 self._bank = out.reference_bank[0]
-        if self.fine is not None and not self.grades:
+        if self.fine_auto:
+            self.fine_active = self._photos_scale([s["image"] for s in self.support]) >= FINE_AUTO_SCALE
+            if self.fine_active:
+                tiles = self.fine.query_max_tiles
+                logger.info("the support photos are %dx or more larger per side than compared: each query is judged "
+                            "again at %d tiles", FINE_AUTO_SCALE, tiles)  # fmt: skip
+        if self.fine_active and not self.grades:
             self._settings_to_fine()
             self.fine.set_support(support)
         self.unlike, self._normal = [], None
@@ -411,6 +428,16 @@ class Inspector:
         if not (getattr(self.model.config, "reference_comparison", False) and self.model.config.grade_marks):
             raise ValueError("this model does not grade: it needs the reference comparison and a tokenizer whose "
                              "grade marks were set when it was built (config.grade_marks)")  # fmt: skip
+
+    def _photos_scale(self, images: list[Image.Image]) -> float:
+        """How many times more pixels per side the median of `images` holds than the query's tile budget compares
+        (its tiles' pixels), 0 without images."""
+        if not images:
+            return 0.0
+        processor = self.processor.image_processor
+        tile, budget = processor.tile_size, self.query_max_tiles or processor.max_tiles
+        pixels = float(np.median([image.width * image.height for image in images]))
+        return (pixels / (budget * tile * tile)) ** 0.5
 
     def _prompt_max_tiles(self) -> int:
         return self.support_max_tiles or self.processor.image_processor.max_tiles
@@ -488,7 +515,7 @@ class Inspector:
                 if not isinstance(query, str) and not hasattr(query, "__fspath__"):
                     raise
                 out[index] = Judgement("error", float("nan"), str(err))  # an unreadable file: say so, judge the rest
-        if self.fine is not None and not self.grades:  # scores only: its text is written where its verdict is kept
+        if self.fine_active and not self.grades:  # scores only: its text is written where its verdict is kept
             self._settings_to_fine()
             self.fine.max_new_tokens = 0
             fine = self.fine.judge(list(images.values()), batch_size)
@@ -506,7 +533,7 @@ class Inspector:
                     judged = self._judge_batch([inputs[i] for i in chosen], [images[i] for i in chosen])
                     for index, result in zip(chosen, judged, strict=True):
                         out[index] = result
-        if self.fine is not None and not self.grades:
+        if self.fine_active and not self.grades:
             for (index, image), other in zip(images.items(), fine, strict=True):
                 out[index] = self._both_budgets(out[index], other, image)
         return out

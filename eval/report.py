@@ -223,7 +223,7 @@ def _grading(args) -> None:
 
 
 def add_parsers(subparsers) -> None:
-    from .inspect_command import FINE_TILES_HELP
+    from .inspect_command import FINE_TILES_HELP, fine_tiles_setting
 
     p = subparsers.add_parser("eval")  # its --help line: cli.COMMANDS
     p.add_argument("--model", required=True)
@@ -251,6 +251,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--baseline-views", choices=("model", "none", "rotations"), default="model")
     p.add_argument("--no-controls", action="store_true", help="skip the other-category, noise, shuffled controls")
     p.add_argument("--no-text", action="store_true", help="scores, boxes and heatmaps only: no generated answers")
-    p.add_argument("--fine-tiles", type=int, default=None, metavar="N", help=FINE_TILES_HELP + "; the model only")
+    p.add_argument("--fine-tiles", type=fine_tiles_setting, default="auto", metavar="auto|N|off",
+                   help=FINE_TILES_HELP + "; the model only")  # fmt: skip
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=_eval)

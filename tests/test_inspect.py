@@ -678,5 +678,28 @@ def test_a_second_tile_budget_judges_each_query_again_and_averages_the_two(tiny_
     bad = Judgement("defective", 0.75, "defective: defect", boxes=[[1, 2, 3, 4]])
     assert both._both_budgets(good, bad) == replace(bad, p_defective=0.5)
     assert both._both_budgets(bad, Judgement("good", 0.0, "good")) == Judgement("good", 0.375, "good")
-    with pytest.raises(ValueError, match="fine_tiles must be a whole number of tiles >= 1 or None, got 0"):
+    with pytest.raises(ValueError, match="fine_tiles must be a whole number of tiles >= 1, 'auto' or None, got 0"):
         Inspector(model, processor, fine_tiles=0)
+
+
+def test_auto_judges_again_only_photos_far_larger_than_compared(tiny_comparison, synth):
+    """`fine_tiles="auto"`: photos at least FINE_AUTO_SCALE times larger per side than the query's budget compares
+    are judged again at FINE_AUTO_SCALE**2 times its tiles, as `fine_tiles=16` would; smaller ones as without."""
+    from kensa_vl.eval.inspector import FINE_AUTO_SCALE
+
+    model, processor = tiny_comparison  # four 112 px tiles: 224 px compared
+    test = synth["test"]
+    support, queries = _support(test), [test[i]["image"] for i in range(5, 8)]
+    assert FINE_AUTO_SCALE == 2 and max(q.width for q in queries) < 2 * 224
+    for size, same in ((None, None), (448, 16)):  # the photos as they are, then enlarged to 448 px: 2x per side
+        shown = [{**s, "image": s["image"].resize((size, size))} if size else s for s in support]
+        asked = [q.resize((size, size)) if size else q for q in queries]
+        auto = Inspector(model, processor, max_new_tokens=0, fine_tiles="auto")
+        alone = Inspector(model, processor, max_new_tokens=0, fine_tiles=same)
+        for inspector in (auto, alone):
+            inspector.set_support(shown)
+        assert auto.fine_active == (same is not None) and alone.fine_active == (same is not None)
+        for a, b in zip(auto.judge(asked), alone.judge(asked), strict=True):
+            assert a.p_defective == pytest.approx(b.p_defective, abs=1e-5)
+    with pytest.raises(ValueError, match="fine_tiles must be a whole number of tiles >= 1, 'auto' or None, got 'x'"):
+        Inspector(model, processor, fine_tiles="x")

@@ -3,6 +3,7 @@ record, and a stopped run resumes without judging a photo twice."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 
@@ -209,6 +210,11 @@ def test_a_second_tile_budget_is_a_setting_of_the_command(folder, tmp_path):
         scores.append(inspector.judge(Image.open(photos / "p0.png"))[0].p_defective)
     assert code == 0 and json.loads(out.read_text())["p_defective"] == pytest.approx(scores[0], abs=1e-5)
     assert scores[0] != pytest.approx(scores[1], abs=1e-4)  # the second budget moved it
+    from kensa_vl.eval.inspect_command import fine_tiles_setting
+
+    assert [fine_tiles_setting(t) for t in ("auto", "off", "16")] == ["auto", None, 16]
+    with pytest.raises(argparse.ArgumentTypeError, match="takes auto, off or a whole number of tiles >= 1, got '0'"):
+        fine_tiles_setting("0")
 
 
 def test_a_defective_examples_box_is_read_from_the_command_line(folder):
