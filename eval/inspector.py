@@ -292,6 +292,7 @@ class Inspector:
         self.support_max_tiles, self.query_max_tiles = support_max_tiles, query_max_tiles
         self.max_new_tokens = max_new_tokens
         self.fine_active = fine_tiles is not None and not self.fine_auto  # "auto" decides in `set_support`
+        self._fine_told = False
         self.fine = None if fine_tiles is None else Inspector(
             model, processor, noun, threshold, cache, support_max_tiles=fine_tiles, query_max_tiles=fine_tiles,
             max_new_tokens=max_new_tokens, graded_by=graded_by, check_examples=False,
@@ -391,8 +392,8 @@ class Inspector:
                 self._bank = out.reference_bank[0]
         if self.fine_auto:
             self.fine_active = self._photos_scale([s["image"] for s in self.support]) >= FINE_AUTO_SCALE
-            if self.fine_active:
-                tiles = self.fine.query_max_tiles
+            if self.fine_active and not self._fine_told:  # once per inspector, not per support set
+                self._fine_told, tiles = True, self.fine.query_max_tiles
                 logger.info("the support photos are %dx or more larger per side than compared: each query is judged "
                             "again at %d tiles", FINE_AUTO_SCALE, tiles)  # fmt: skip
         if self.fine_active and not self.grades:

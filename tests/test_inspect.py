@@ -682,7 +682,7 @@ def test_a_second_tile_budget_judges_each_query_again_and_averages_the_two(tiny_
         Inspector(model, processor, fine_tiles=0)
 
 
-def test_auto_judges_again_only_photos_far_larger_than_compared(tiny_comparison, synth):
+def test_auto_judges_again_only_photos_far_larger_than_compared(tiny_comparison, synth, caplog):
     """`fine_tiles="auto"`: photos at least FINE_AUTO_SCALE times larger per side than the query's budget compares
     are judged again at FINE_AUTO_SCALE**2 times its tiles, as `fine_tiles=16` would; smaller ones as without."""
     from kensa_vl.eval.inspector import FINE_AUTO_SCALE
@@ -701,5 +701,10 @@ def test_auto_judges_again_only_photos_far_larger_than_compared(tiny_comparison,
         assert auto.fine_active == (same is not None) and alone.fine_active == (same is not None)
         for a, b in zip(auto.judge(asked), alone.judge(asked), strict=True):
             assert a.p_defective == pytest.approx(b.p_defective, abs=1e-5)
+    told = Inspector(model, processor, max_new_tokens=0, fine_tiles="auto")
+    with caplog.at_level("INFO", logger="kensa_vl.eval.inspector"):
+        told.set_support(shown)  # the 448 px set, and a second one: the user is told once
+        told.set_support(shown[:2])
+    assert sum("each query is judged again at 16 tiles" in r.getMessage() for r in caplog.records) == 1
     with pytest.raises(ValueError, match="fine_tiles must be a whole number of tiles >= 1, 'auto' or None, got 'x'"):
         Inspector(model, processor, fine_tiles="x")
