@@ -195,7 +195,8 @@ def _eval(args) -> None:
     controls = () if layout != "kensa-synth" or args.no_controls else None
     results = evaluate_and_report(
         model, processor, items, args.out, baseline=not args.no_baseline, calibration=calibration, views=views,
-        extra={"model": args.model, "data": str(args.data), "layout": layout, "split": args.split},
+        extra={"model": args.model, "data": str(args.data), "layout": layout, "split": args.split,
+               "fine_tiles": args.fine_tiles},
         shots=shots, seeds=args.seeds, queries_per_category=args.queries_per_category, generate=not args.no_text,
         **({"controls": controls} if controls is not None else {}),
         **({"fine_tiles": args.fine_tiles} if args.fine_tiles else {}),

@@ -221,6 +221,8 @@ def test_eval_judges_at_a_second_tile_budget_when_asked(comparing_dir, tmp_path)
         lines = (tmp_path / name / "records.jsonl").read_text().splitlines()
         scores[name] = [json.loads(line)["p_defective"] for line in lines]
     assert len(scores["fine"]) == len(scores["default"]) == 7
+    runs = [json.loads((tmp_path / name / "metrics.json").read_text())["run"] for name in ("default", "fine")]
+    assert [run["fine_tiles"] for run in runs] == ["auto", 1]  # which setting each report was made with
     assert scores["fine"] != pytest.approx(scores["default"], abs=1e-4)  # each query judged at one tile too
 
 
