@@ -8,10 +8,9 @@ Each query gets its verdict, P(defective), the description, which defective exam
 example 2: a dark scratch"), its heatmap and boxes drawn, and the time it took. The Grade tab grades queries against
 examples of 2-4 named grades, each with an optional limit sample (官能検査): each query gets its grade, the
 probability of each grade and the nearest limit sample. Each
-support set is encoded once and kept (KV cache) by key for the next request with it; KENSA_FINE_TILES=auto (or 16)
-also judges each query with every photo at 4x the tiles where the photos are 2x or more larger per side than the
-model compares at (or always, at up to 16 tiles): `kensa-vl inspect --fine-tiles`, about 3.5x the time; the last
-KENSA_CACHE_SIZE (4)
+support set is encoded once and kept (KV cache) by key for the next request with it; as `kensa-vl inspect`, photos
+2x or more larger per side than the model compares at are judged again at 4x the tiles (KENSA_FINE_TILES: auto, the
+default; off; or N, always at up to N tiles; about 3.5x the time); the last KENSA_CACHE_SIZE (4)
 are held, KENSA_CONCURRENCY (2) requests run at once and KENSA_QUEUE_SIZE (16) wait, beyond that a request is
 refused with a message. Bad input gets a message in the page, never a traceback.
 """
@@ -46,9 +45,9 @@ MAX_PIXELS = 4096 * 4096
 
 def load_inspector() -> Inspector:
     """The model named by KENSA_MODEL (folder or Hub id), else the tiny offline default of the main job."""
-    fine = os.environ.get("KENSA_FINE_TILES")  # photos far larger than the model compares at (docs/inspection.md)
-    if fine is not None and fine != "auto" and not fine.strip().isdigit():
-        raise ValueError(f"KENSA_FINE_TILES must be auto or a whole number of tiles, such as 16, got {fine!r}")
+    fine = os.environ.get("KENSA_FINE_TILES", "auto")  # photos far larger than compared (docs/inspection.md)
+    if fine not in ("auto", "off") and not fine.strip().isdigit():
+        raise ValueError(f"KENSA_FINE_TILES must be auto, off or a whole number of tiles, such as 16, got {fine!r}")
     source = os.environ.get("KENSA_MODEL")
     if source:
         model, processor = load_pretrained(source)
@@ -58,7 +57,7 @@ def load_inspector() -> Inspector:
 
         model, processor = build_tiny(**TINY)
     tokens = int(os.environ.get("KENSA_MAX_NEW_TOKENS", "48"))
-    fine_tiles = fine if fine in (None, "auto") else int(fine)
+    fine_tiles = {"auto": "auto", "off": None}[fine] if fine in ("auto", "off") else int(fine)
     return Inspector(model, processor, max_new_tokens=tokens, fine_tiles=fine_tiles)
 
 

@@ -89,8 +89,12 @@ def test_each_support_set_keeps_its_own_second_tile_budget(app, photos, monkeypa
     monkeypatch.delenv("KENSA_MODEL", raising=False)
     monkeypatch.setattr(build, "build_tiny", lambda **_: (model, processor))
     monkeypatch.setenv("KENSA_MAX_NEW_TOKENS", "0")
+    monkeypatch.delenv("KENSA_FINE_TILES", raising=False)
+    assert app.load_inspector().fine_auto  # as `kensa-vl inspect`
+    monkeypatch.setenv("KENSA_FINE_TILES", "off")
+    assert app.load_inspector().fine is None
     monkeypatch.setenv("KENSA_FINE_TILES", "many")
-    with pytest.raises(ValueError, match="KENSA_FINE_TILES must be auto or a whole number of tiles, .* got 'many'"):
+    with pytest.raises(ValueError, match="KENSA_FINE_TILES must be auto, off or a whole number of tiles, .* 'many'"):
         app.load_inspector()
     monkeypatch.setenv("KENSA_FINE_TILES", "9")
     demo = app.Demo(app.load_inspector())
