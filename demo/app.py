@@ -9,8 +9,9 @@ example 2: a dark scratch"), its heatmap and boxes drawn, and the time it took. 
 examples of 2-4 named grades, each with an optional limit sample (官能検査): each query gets its grade, the
 probability of each grade and the nearest limit sample. Each
 support set is encoded once and kept (KV cache) by key for the next request with it; as `kensa-vl inspect`, photos
-2x or more larger per side than the model compares at are judged again at 4x the tiles (KENSA_FINE_TILES: auto, the
-default; off; or N, always at up to N tiles; about 3.5x the time); the last KENSA_CACHE_SIZE (4)
+2x or more larger per side than the model compares at are judged again at 4x the tiles, at most 16
+(KENSA_FINE_TILES: auto, the default; off; or N, always at up to N tiles; about 3.5x the time); the last
+KENSA_CACHE_SIZE (4)
 are held, KENSA_CONCURRENCY (2) requests run at once and KENSA_QUEUE_SIZE (16) wait, beyond that a request is
 refused with a message. Bad input gets a message in the page, never a traceback.
 """

@@ -28,7 +28,7 @@ from .layouts import IMAGE_SUFFIXES
 
 FINE_TILES_HELP = (
     "auto (the default): for photos at least twice as large per side as the model compares at, also judge each one "
-    "with every photo cut into 4x the tiles (16 for the tiny model: 768 px photos) and take the mean P(defective), at "
+    "with every photo cut into 4x the tiles, at most 16 (16 for the tiny model), and take the mean P(defective), at "
     "about 3.5x the time; N: always, at up to N tiles; off: never (docs/real-surfaces.md)"
 )
 

@@ -44,10 +44,12 @@ from kensa_vl.train.data import episode, grading_episode
 from .support_check import UNLIKE_MARGIN, check_support, compared_features, query_message, unlike_message
 
 logger = logging.getLogger(__name__)
-# `fine_tiles="auto"`: a second budget of FINE_AUTO_SCALE**2 times the query's tiles where the support photos hold at
-# least FINE_AUTO_SCALE times as many pixels per side as that budget compares (the rule validated at 768 px with the
-# tiny model's four 112 px tiles: 16 tiles, docs/real-surfaces.md); smaller photos are judged at one budget
-FINE_AUTO_SCALE = 2
+# `fine_tiles="auto"`: a second budget of FINE_AUTO_SCALE**2 times the query's tiles, at most FINE_AUTO_MAX_TILES,
+# where the support photos hold at least FINE_AUTO_SCALE times as many pixels per side as the query's budget compares
+# (the rule validated at 448 and 768 px with the tiny model's four 112 px tiles: 16 tiles, docs/real-surfaces.md);
+# smaller photos are judged at one budget. The cap keeps a real-size model's bank (12 tiles of 448 px, every view of
+# every support tile) from growing 4x: at 16 tiles a cached query costs 2.7-3.7x on an H100 (BENCHMARKS.md)
+FINE_AUTO_SCALE, FINE_AUTO_MAX_TILES = 2, 16
 
 
 @dataclass
@@ -260,8 +262,9 @@ class Inspector:
             default budget keeps diffuse ones (docs/real-surfaces.md, "The 768 px photos at more tiles"). The text,
             boxes and heatmap are those of the budget whose verdict agrees with the mean's (the default's when both
             do). Inspection only (grading ignores it); `generate` and the pipeline judge at one budget. "auto":
-            FINE_AUTO_SCALE**2 times the query's tile budget, used for a support set whose photos are at least
-            FINE_AUTO_SCALE times larger per side than that budget compares (`fine_active`), else not at all.
+            FINE_AUTO_SCALE**2 times the query's tile budget (at most FINE_AUTO_MAX_TILES), used for a support set
+            whose photos are at least FINE_AUTO_SCALE times larger per side than that budget compares (`fine_active`),
+            else not at all (nor where the cap leaves no more tiles than the budget).
     """
 
     def __init__(
@@ -281,11 +284,12 @@ class Inspector:
         self.model, self.processor, self.graded_by = model.eval(), processor, graded_by
         self.check_examples, self.unlike, self._normal = check_examples, [], None
         self.noun, self.threshold, self.cache = noun, threshold, cache
-        budgets = (("support_max_tiles", support_max_tiles), ("query_max_tiles", query_max_tiles))
         self.fine_auto = fine_tiles == "auto"
-        fine_tiles = FINE_AUTO_SCALE**2 * (query_max_tiles or processor.image_processor.max_tiles) if self.fine_auto \
-            else fine_tiles  # fmt: skip
-        for name, tiles in (*budgets, ("fine_tiles", fine_tiles)):
+        budgets = {"support_max_tiles": support_max_tiles, "query_max_tiles": query_max_tiles}
+        for name, tiles in {**budgets, "fine_tiles": fine_tiles}.items():
+            if self.fine_auto and name == "fine_tiles":  # a share of the query's budget, known good by now
+                budget = query_max_tiles or processor.image_processor.max_tiles
+                tiles = fine_tiles = min(FINE_AUTO_SCALE**2 * budget, FINE_AUTO_MAX_TILES)
             if tiles is not None and (not isinstance(tiles, int) or tiles < 1):  # 0 would read as "the default"
                 other = ", 'auto'" if name == "fine_tiles" else ""
                 raise ValueError(f"{name} must be a whole number of tiles >= 1{other} or None, got {tiles!r}")
@@ -391,7 +395,8 @@ class Inspector:
             elif compares:
                 self._bank = out.reference_bank[0]
         if self.fine_auto:
-            self.fine_active = self._photos_scale([s["image"] for s in self.support]) >= FINE_AUTO_SCALE
+            larger = self._photos_scale([s["image"] for s in self.support]) >= FINE_AUTO_SCALE
+            self.fine_active = larger and self.fine.query_max_tiles > self._bank_max_tiles()
             if self.fine_active and not self._fine_told:  # once per inspector, not per support set
                 self._fine_told, tiles = True, self.fine.query_max_tiles
                 logger.info("the support photos are %dx or more larger per side than compared: each query is judged "

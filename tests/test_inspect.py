@@ -685,7 +685,7 @@ def test_a_second_tile_budget_judges_each_query_again_and_averages_the_two(tiny_
 def test_auto_judges_again_only_photos_far_larger_than_compared(tiny_comparison, synth, caplog):
     """`fine_tiles="auto"`: photos at least FINE_AUTO_SCALE times larger per side than the query's budget compares
     are judged again at FINE_AUTO_SCALE**2 times its tiles, as `fine_tiles=16` would; smaller ones as without."""
-    from kensa_vl.eval.inspector import FINE_AUTO_SCALE
+    from kensa_vl.eval.inspector import FINE_AUTO_MAX_TILES, FINE_AUTO_SCALE
 
     model, processor = tiny_comparison  # four 112 px tiles: 224 px compared
     test = synth["test"]
@@ -701,6 +701,11 @@ def test_auto_judges_again_only_photos_far_larger_than_compared(tiny_comparison,
         assert auto.fine_active == (same is not None) and alone.fine_active == (same is not None)
         for a, b in zip(auto.judge(asked), alone.judge(asked), strict=True):
             assert a.p_defective == pytest.approx(b.p_defective, abs=1e-5)
+    # at most FINE_AUTO_MAX_TILES, and none where that is no more than the budget (photos 4x the budget's 224 px)
+    assert Inspector(model, processor, fine_tiles="auto", query_max_tiles=12).fine.query_max_tiles == 16
+    capped = Inspector(model, processor, max_new_tokens=0, fine_tiles="auto", query_max_tiles=16)
+    capped.set_support([{**s, "image": s["image"].resize((896, 896))} for s in support])
+    assert FINE_AUTO_MAX_TILES == 16 and not capped.fine_active
     told = Inspector(model, processor, max_new_tokens=0, fine_tiles="auto")
     with caplog.at_level("INFO", logger="kensa_vl.eval.inspector"):
         told.set_support(shown)  # the 448 px set, and a second one: the user is told once
