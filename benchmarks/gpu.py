@@ -7,6 +7,7 @@ support set.
     python -m benchmarks.gpu --tiny --size 448 --steps 1    # the code path on a CPU, small model
     python -m benchmarks.gpu --no-train --peer              # beside LLaVA-NeXT's forward over the same episode
     python -m benchmarks.gpu --no-train --fine-tiles 16     # a query judged at a second tile budget too
+    python -m benchmarks.gpu --no-train --compare dinov2 --mask-background dinov2   # the background masked
 
 `--peak-tflops`: the accelerator's dense bf16 peak (H100 / H200 SXM: 989). `--compare`: the reference comparison on
 these encoders with every reference view, as `kensa-vl assemble --compare` builds it (a tower's name, "dct",
@@ -135,6 +136,7 @@ def main() -> None:
         "--support-tiles", type=int, help="also the episode as `kensa-vl inspect` runs it, supports read at N tiles"
     )
     parser.add_argument("--fine-tiles", type=int, help="also a cached query judged at a second budget of N tiles")
+    parser.add_argument("--mask-background", help="the compared encoder that masks the background (real size only)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
@@ -144,7 +146,7 @@ def main() -> None:
         own = {name: name in args.compare for name in ("dct", "bandpass", "contrast")}
         config = tiny_config(tokenizer, **own, **comparison_settings(args.compare))
     else:
-        config = real_config(args.lm, args.compare)
+        config = real_config(args.lm, args.compare, args.mask_background)
     set_token_ids(config, tokenizer)
     with torch.device(device):
         model = KensaVLForConditionalGeneration(config).to(dtype)

@@ -17,7 +17,7 @@ import torch
 
 from kensa_vl.modeling.configuration_kensa_vl import REFERENCE_VIEWS, KensaVLConfig
 from kensa_vl.modeling.modeling_kensa_vl import KensaVLForConditionalGeneration
-from kensa_vl.train.build import with_compared
+from kensa_vl.train.build import with_compared, with_masking
 
 # image_size: the 448 px tile, as `kensa-vl assemble` stores the towers (position embeddings resized once,
 # `at_tile_size`; the checkpoints' own are 384 and 518 px)
@@ -54,17 +54,18 @@ def language_model(size: str) -> dict:
     return {k: v for k, v in QWEN[size].items() if k != "tie"} | {"tie_word_embeddings": QWEN[size]["tie"]}
 
 
-def real_config(size: str, compare: list[str] = ()) -> KensaVLConfig:
+def real_config(size: str, compare: list[str] = (), mask_background: str | None = None) -> KensaVLConfig:
     """The real-size layout: SigLIP-so400m/14 + DINOv2-L/14 (two taps each) at 448 px tiles, a Qwen2.5 LM.
     `compare`: the encoders the reference comparison runs on, as `kensa-vl assemble --compare` takes them (a tower's
-    name; "dct" and "bandpass" add the weight-free encoders), with every reference view; none: no comparison."""
+    name; "dct" and "bandpass" add the weight-free encoders), with every reference view; none: no comparison.
+    `mask_background`: the compared encoder that masks the background (`kensa-vl assemble --mask-background`)."""
     text = language_model(size)
     tie = text.pop("tie_word_embeddings")  # set on the KensaVL config itself
     encoders = [
         {"name": "siglip", "config": SIGLIP, "feature_layers": [-2, -1]},
         {"name": "dinov2", "config": DINOV2, "feature_layers": [-4, -1]},
     ]
-    encoders = with_compared(encoders, compare, 448)
+    encoders = with_masking(with_compared(encoders, compare, 448), list(compare), mask_background)
     return KensaVLConfig(
         text_config=text,
         vision_encoders=encoders,

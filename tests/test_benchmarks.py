@@ -259,6 +259,10 @@ def test_the_real_size_layout_takes_the_comparison_as_assemble_does():
     assert not real_config("1.5b").reference_comparison
     with pytest.raises(ValueError, match=r"\['clip'\]: not an encoder"):
         real_config("1.5b", ["clip"])
+    masked = real_config("1.5b", ["dinov2", "dct"], mask_background="dinov2")
+    assert [e.get("masks_background", False) for e in masked.vision_encoders] == [False, True, False]
+    with pytest.raises(ValueError, match="--mask-background 'siglip': not an encoder compared"):
+        real_config("1.5b", ["dinov2"], mask_background="siglip")
 
 
 def test_learned_cells_labels_cells_by_the_defect_mask_and_judges_every_encoder(synth_dir, capsys):

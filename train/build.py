@@ -360,6 +360,16 @@ def _load_vision(path: str, tile_size: int):
     return config, state, mean, std
 
 
+def with_masking(encoders: list[dict], compare: list[str], name: str | None) -> list[dict]:
+    """`encoders` with the entry `name` masking the background (`masks_background`); a ValueError where it is not
+    compared (`kensa-vl assemble --mask-background`); unchanged for None."""
+    if name is None:
+        return encoders
+    if name not in compare:
+        raise ValueError(f"--mask-background {name!r}: not an encoder compared ({compare})")
+    return [{**e, "masks_background": True} if e["name"] == name else e for e in encoders]
+
+
 def assemble(
     vision: list[str],
     text: str,
@@ -397,10 +407,7 @@ def assemble(
         states[name] = state
     compare = list(compare or [])
     encoders = with_compared(encoders, compare, tile_size)
-    if mask_background is not None:
-        if mask_background not in compare:
-            raise ValueError(f"--mask-background {mask_background!r}: not an encoder compared ({compare})")
-        next(e for e in encoders if e["name"] == mask_background)["masks_background"] = True
+    encoders = with_masking(encoders, compare, mask_background)
     lm = AutoModelForCausalLM.from_pretrained(text, dtype=torch.float32)
     tokenizer = add_kensa_tokens(AutoTokenizer.from_pretrained(text), NUM_LOC_BINS)
     config = KensaVLConfig(
