@@ -18,6 +18,10 @@ A query is measured the same way, against all the good examples (`Normal.excess`
 zoom is flagged defective by the comparison almost everywhere, and the verdict alone does not say why. The same
 margin calls no good or defective query of the product on those validation splits and 0.9 (KensaSynth) and 0.5 (real
 surfaces) of another product's photos (`benchmarks/unlike_examples.py`).
+
+With a model whose comparison masks the background (an encoder entry's `masks_background`), every image is measured
+on its product's cells alone where it shows a background, as the comparison reads it: a part on another tray is not
+unlike its examples.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import torch
 from kensa_vl.modeling.comparison_kensa_vl import (
     LOG_FLOOR,
     nearest_distances,
+    product_cells,
+    product_mask,
     scored_tiles,
     thumbnail_tiles,
     unit_cells,
@@ -59,17 +65,27 @@ def compared_features(model, processor, image, max_tiles: int | None = None, vie
     return cells, thumbnail_tiles(batch["image_grid"]).to(model.device), grid, image.size, bank
 
 
-def typical_distance(features, others: list, stride: int = 1) -> np.ndarray:
+def typical_distance(features, others: list, stride: int = 1, masking: str | None = None) -> np.ndarray:
     """Per compared encoder, the log of the median distance of `features`' grid-tile cells (`compared_features`;
     every `stride`-th row and column of each tile's cells) to the nearest bank cell of `others` (their
-    `compared_features` with `reference=True`): `(encoders,)`."""
-    cells, thumbnail, *_ = features
+    `compared_features` with `reference=True`): `(encoders,)`. With `masking` (the model's encoder that
+    `masks_background`), over the product's cells alone where the image shows a background (`product_mask`)."""
+    cells, thumbnail, (rows, cols), *_ = features
+    scored = scored_tiles(thumbnail)
+    product = None if masking is None else product_mask(cells[masking][scored], rows, cols)
     out = []
     for name, query in cells.items():
         bank = torch.cat([other[-1][name] for other in others])
-        distances = nearest_distances(query[scored_tiles(thumbnail)][:, ::stride, ::stride], bank)
+        distances = nearest_distances(query[scored][:, ::stride, ::stride], bank)
+        if product is not None:
+            distances = distances[product_cells(product, rows, cols, query.shape[1])[:, ::stride, ::stride]]
         out.append(math.log(max(float(distances.float().median()), LOG_FLOOR)))
     return np.array(out)
+
+
+def background_masking(model) -> str | None:
+    """The encoder of `model`'s comparison that `masks_background`, if any."""
+    return getattr(getattr(model.model, "reference_comparison", None), "masking", None)
 
 
 @dataclass
@@ -79,11 +95,12 @@ class Normal:
 
     features: list
     level: np.ndarray
+    masking: str | None = None
 
     def excess(self, features, stride: int = QUERY_STRIDE) -> float:
         """How much farther an image's cells (`compared_features`, read at `stride`) lie from the good examples than
         theirs from each other: the mean over compared encoders of its log typical distance minus `level`."""
-        return float((typical_distance(features, self.features, stride) - self.level).mean())
+        return float((typical_distance(features, self.features, stride, self.masking) - self.level).mean())
 
 
 def measure_support(model, processor, support: list[dict], max_tiles: int | None = None):
@@ -93,18 +110,19 @@ def measure_support(model, processor, support: list[dict], max_tiles: int | None
     neither can be told from the other), a defective one against all of them; None where it is not measured."""
     features = [compared_features(model, processor, s["image"], max_tiles, reference=True) for s in support]
     good = [i for i, s in enumerate(support) if s["defect_type"] is None]
+    masking = background_masking(model)
     own = {}  # each good example against the other good ones
     for i in good if len(good) > 1 else []:
-        own[i] = typical_distance(features[i], [features[j] for j in good if j != i])
+        own[i] = typical_distance(features[i], [features[j] for j in good if j != i], masking=masking)
     out = []
     for i, item in enumerate(support):
         if item["defect_type"] is None and len(good) < 3:
             out.append(None)
             continue
         peers = [own[j] for j in good if j != i and j in own]  # none with a single good example
-        measured = own[i] if i in own else typical_distance(features[i], [features[j] for j in good])
+        measured = own[i] if i in own else typical_distance(features[i], [features[j] for j in good], masking=masking)
         out.append(float((measured - np.median(peers, 0)).mean()) if peers else None)
-    normal = Normal([features[i] for i in good], np.median(list(own.values()), 0)) if own else None
+    normal = Normal([features[i] for i in good], np.median(list(own.values()), 0), masking) if own else None
     return out, normal
 
 

@@ -498,13 +498,17 @@ def product_mask(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor | No
     return grown[0, 0].bool()
 
 
+def product_cells(product: torch.Tensor, rows: int, cols: int, g: int) -> torch.Tensor:
+    """A `product_mask` brought to an encoder whose tiles hold `g` x `g` cells: `(rows * cols, g, g)` bool."""
+    mask = F.interpolate(product[None, None].float(), size=(rows * g, cols * g), mode="nearest")[0, 0].bool()
+    return cut_tiles(mask, rows, cols)
+
+
 def on_product(nearest: torch.Tensor, product: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """One encoder's `nearest` distances of an image `(tiles, g, g)` with its background's grid-tile cells (off the
     `product_mask`, brought to this encoder's grid) set to the median over the product's: never the largest, and
     the median over the image that the distances are also read against moves little."""
-    g = nearest.shape[1]
-    mask = F.interpolate(product[None, None].float(), size=(rows * g, cols * g), mode="nearest")[0, 0].bool()
-    mask = cut_tiles(mask, rows, cols)
+    mask = product_cells(product, rows, cols, nearest.shape[1])
     grid = nearest[: rows * cols]
     neutral = grid[mask].median()
     return torch.cat([torch.where(mask, grid, neutral), nearest[rows * cols :]])

@@ -13,11 +13,13 @@ from PIL import Image
 
 def photo(kind: str, seed: int = 0, mark: str | None = None) -> Image.Image:
     """224 px: a textured disc on a dark, slightly noisy background ("object"), a texture filling the frame
-    ("texture") or the background alone ("plain"); `mark` adds a bright speck of dust on the background ("dust") or a
-    dark blot on the disc ("blot")."""
+    ("texture") or the background alone ("plain"); `mark` adds a bright speck of dust on the background ("dust"), a
+    dark blot on the disc ("blot"), or puts the disc on another background, a blue one ("tray")."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[:224, :224]
     image = np.repeat((0.15 + 0.02 * rng.standard_normal((224, 224)))[..., None], 3, -1)
+    if mark == "tray":
+        image = np.array([0.05, 0.1, 0.35]) + 0.02 * rng.standard_normal((224, 224, 1))
     texture = 0.6 + 0.15 * np.sin(x / 3.0) * np.cos(y / 4.0) + 0.05 * rng.standard_normal((224, 224))
     if kind == "object":
         disc = (x - 112) ** 2 + (y - 112) ** 2 < 60**2
@@ -82,6 +84,25 @@ def test_dust_on_the_background_is_ignored_and_a_defect_on_the_product_is_found(
     assert blot.p_defective > good.p_defective + 0.4
     y, x = np.unravel_index(blot_masked.heatmap.argmax(), blot_masked.heatmap.shape)
     assert 90 <= y < 134 and 110 <= x < 154
+
+
+def test_a_part_on_another_background_is_not_unlike_its_examples_when_the_background_is_masked(models):
+    """The examples check (`support_check`) reads the product's cells alone too: the same part on another tray is
+    unlike the examples by its background alone, and not once the background is masked."""
+    from kensa_vl.eval.inspector import support_item
+    from kensa_vl.eval.support_check import UNLIKE_MARGIN, compared_features, measure_support
+
+    model, masked, processor = models
+    support = [support_item(photo("object", seed)) for seed in range(1, 5)]
+    excess = {}
+    for name, m in (("plain", model), ("masked", masked)):
+        _, normal = measure_support(m, processor, support)
+        assert normal.masking == (None if name == "plain" else "dct")
+        excess[name] = [
+            normal.excess(compared_features(m, processor, photo("object", 9, look))) for look in (None, "tray")
+        ]
+    assert excess["plain"][1] > UNLIKE_MARGIN > excess["masked"][1]
+    assert max(excess["plain"][0], excess["masked"][0]) < UNLIKE_MARGIN  # the part on its own tray, either way
 
 
 def test_one_compared_encoder_masks_the_background(models):
