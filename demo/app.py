@@ -25,13 +25,14 @@ import math
 import os
 import threading
 import time
+from argparse import ArgumentTypeError
 from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
-from kensa_vl.eval.inspect_command import split_box
+from kensa_vl.eval.inspect_command import fine_tiles_setting, split_box
 from kensa_vl.eval.inspector import Inspector, load_pretrained, support_item
 from kensa_vl.eval.plots import draw_judgement
 from kensa_vl.processing.image_processing_kensa_vl import ImageTooLarge, to_rgb
@@ -47,8 +48,11 @@ MAX_PIXELS = 4096 * 4096
 def load_inspector() -> Inspector:
     """The model named by KENSA_MODEL (folder or Hub id), else the tiny offline default of the main job."""
     fine = os.environ.get("KENSA_FINE_TILES", "auto")  # photos far larger than compared (docs/inspection.md)
-    if fine not in ("auto", "off") and not fine.strip().isdigit():
-        raise ValueError(f"KENSA_FINE_TILES must be auto, off or a whole number of tiles, such as 16, got {fine!r}")
+    try:
+        fine_tiles = fine_tiles_setting(fine.strip())
+    except ArgumentTypeError as err:
+        expected = "auto, off or a whole number of tiles, such as 16"
+        raise ValueError(f"KENSA_FINE_TILES must be {expected}, got {fine!r}") from err
     source = os.environ.get("KENSA_MODEL")
     if source:
         model, processor = load_pretrained(source)
@@ -58,7 +62,6 @@ def load_inspector() -> Inspector:
 
         model, processor = build_tiny(**TINY)
     tokens = int(os.environ.get("KENSA_MAX_NEW_TOKENS", "48"))
-    fine_tiles = {"auto": "auto", "off": None}[fine] if fine in ("auto", "off") else int(fine)
     return Inspector(model, processor, max_new_tokens=tokens, fine_tiles=fine_tiles)
 
 

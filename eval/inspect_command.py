@@ -33,6 +33,12 @@ FINE_TILES_HELP = (
 )
 
 
+def add_fine_tiles(parser, note: str = "") -> None:
+    """The `--fine-tiles` option of `kensa-vl inspect` and `eval` (`note`: added to its help)."""
+    parser.add_argument("--fine-tiles", type=fine_tiles_setting, default="auto", metavar="auto|N|off",
+                        help=FINE_TILES_HELP + note)  # fmt: skip
+
+
 def fine_tiles_setting(text: str) -> int | str | None:
     """`--fine-tiles`: "auto", "off" (None) or a whole number of tiles (`Inspector`'s `fine_tiles`)."""
     if text in ("auto", "off"):
@@ -293,7 +299,7 @@ def add_parsers(subparsers) -> None:
         help="tiles per support photo the language model reads (default: as many as a query's); the comparison "
         "still holds every tile of every support",
     )
-    p.add_argument("--fine-tiles", type=fine_tiles_setting, default="auto", metavar="auto|N|off", help=FINE_TILES_HELP)
+    add_fine_tiles(p)
     p.add_argument(
         "--coreset",
         type=float,

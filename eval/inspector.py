@@ -401,7 +401,7 @@ class Inspector:
                 self._fine_told, tiles = True, self.fine.query_max_tiles
                 logger.info("the support photos are %dx or more larger per side than compared: each query is judged "
                             "again at %d tiles", FINE_AUTO_SCALE, tiles)  # fmt: skip
-        if self.fine_active and not self.grades:
+        if self._judges_twice:
             self._settings_to_fine()
             self.fine.set_support(support)
         self.unlike, self._normal = [], None
@@ -521,7 +521,7 @@ class Inspector:
                 if not isinstance(query, str) and not hasattr(query, "__fspath__"):
                     raise
                 out[index] = Judgement("error", float("nan"), str(err))  # an unreadable file: say so, judge the rest
-        if self.fine_active and not self.grades:  # scores only: its text is written where its verdict is kept
+        if self._judges_twice:  # scores only: its text is written where its verdict is kept
             self._settings_to_fine()
             self.fine.max_new_tokens = 0
             fine = self.fine.judge(list(images.values()), batch_size)
@@ -539,10 +539,15 @@ class Inspector:
                     judged = self._judge_batch([inputs[i] for i in chosen], [images[i] for i in chosen])
                     for index, result in zip(chosen, judged, strict=True):
                         out[index] = result
-        if self.fine_active and not self.grades:
+        if self._judges_twice:
             for (index, image), other in zip(images.items(), fine, strict=True):
                 out[index] = self._both_budgets(out[index], other, image)
         return out
+
+    @property
+    def _judges_twice(self) -> bool:
+        """Whether each query is judged at the fine budget too (`fine_tiles`; inspection, not grading)."""
+        return self.fine_active and not self.grades
 
     def _settings_to_fine(self) -> None:
         """What a caller may change between calls (`noun`, `threshold`), for the fine budget too."""

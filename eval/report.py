@@ -199,7 +199,7 @@ def _eval(args) -> None:
                "fine_tiles": args.fine_tiles},
         shots=shots, seeds=args.seeds, queries_per_category=args.queries_per_category, generate=not args.no_text,
         **({"controls": controls} if controls is not None else {}),
-        **({"fine_tiles": args.fine_tiles} if args.fine_tiles else {}),
+        fine_tiles=args.fine_tiles,
     )  # fmt: skip
     from accelerate import PartialState
 
@@ -224,7 +224,7 @@ def _grading(args) -> None:
 
 
 def add_parsers(subparsers) -> None:
-    from .inspect_command import FINE_TILES_HELP, fine_tiles_setting
+    from .inspect_command import add_fine_tiles
 
     p = subparsers.add_parser("eval")  # its --help line: cli.COMMANDS
     p.add_argument("--model", required=True)
@@ -252,7 +252,6 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--baseline-views", choices=("model", "none", "rotations"), default="model")
     p.add_argument("--no-controls", action="store_true", help="skip the other-category, noise, shuffled controls")
     p.add_argument("--no-text", action="store_true", help="scores, boxes and heatmaps only: no generated answers")
-    p.add_argument("--fine-tiles", type=fine_tiles_setting, default="auto", metavar="auto|N|off",
-                   help=FINE_TILES_HELP + "; the model only")  # fmt: skip
+    add_fine_tiles(p, "; the model only")
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=_eval)
