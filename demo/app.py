@@ -10,7 +10,8 @@ examples of 2-4 named grades, each with an optional limit sample (官能検査):
 probability of each grade and the nearest limit sample. Each
 support set is encoded once and kept (KV cache) by key for the next request with it; as `kensa-vl inspect`, photos
 2x or more larger per side than the model compares at are judged again at 4x the tiles, at most 16
-(KENSA_FINE_TILES: auto, the default; off; or N, always at up to N tiles; about 3.5x the time); the last
+(KENSA_FINE_TILES: auto, the default; off; or N, always at up to N tiles; about 3.5x the time), and each query
+is judged with it and its examples moved half a compared cell too (KENSA_PHASES: 2, the default, or 1); the last
 KENSA_CACHE_SIZE (4)
 are held, KENSA_CONCURRENCY (2) requests run at once and KENSA_QUEUE_SIZE (16) wait, beyond that a request is
 refused with a message. Bad input gets a message in the page, never a traceback.
@@ -33,7 +34,7 @@ import gradio as gr
 from PIL import Image
 
 from kensa_vl.eval.inspect_command import fine_tiles_setting, split_box
-from kensa_vl.eval.inspector import Inspector, load_pretrained, support_item
+from kensa_vl.eval.inspector import PHASES, Inspector, load_pretrained, support_item
 from kensa_vl.eval.plots import draw_judgement
 from kensa_vl.processing.image_processing_kensa_vl import ImageTooLarge, to_rgb
 
@@ -62,7 +63,10 @@ def load_inspector() -> Inspector:
 
         model, processor = build_tiny(**TINY)
     tokens = int(os.environ.get("KENSA_MAX_NEW_TOKENS", "48"))
-    return Inspector(model, processor, max_new_tokens=tokens, fine_tiles=fine_tiles)
+    phases = os.environ.get("KENSA_PHASES", str(PHASES)).strip()  # each photo moved half a cell too (2)
+    if phases not in ("1", "2"):
+        raise ValueError(f"KENSA_PHASES must be 1 or 2, got {phases!r}")
+    return Inspector(model, processor, max_new_tokens=tokens, fine_tiles=fine_tiles, phases=int(phases))
 
 
 def open_image(path: str, role: str) -> Image.Image:

@@ -31,12 +31,20 @@ FINE_TILES_HELP = (
     "with every photo cut into 4x the tiles, at most 16 (16 for the tiny model), and take the mean P(defective), at "
     "about 3.5x the time; N: always, at up to N tiles; off: never (docs/real-surfaces.md)"
 )
+PHASES_HELP = (
+    "2 (the default): also judge each photo with it and its examples moved half a compared cell, and take the mean "
+    "P(defective), at twice the time; 1: the photos as they are (docs/real-surfaces.md)"
+)
 
 
-def add_fine_tiles(parser, note: str = "") -> None:
-    """The `--fine-tiles` option of `kensa-vl inspect` and `eval` (`note`: added to its help)."""
+def add_looks(parser, note: str = "") -> None:
+    """The `--fine-tiles` and `--phases` options of `kensa-vl inspect` and `eval`: how many looks each query gets
+    (`note`: added to their help)."""
     parser.add_argument("--fine-tiles", type=fine_tiles_setting, default="auto", metavar="auto|N|off",
                         help=FINE_TILES_HELP + note)  # fmt: skip
+    from .inspector import PHASES
+
+    parser.add_argument("--phases", type=int, choices=(1, 2), default=PHASES, help=PHASES_HELP + note)
 
 
 def fine_tiles_setting(text: str) -> int | str | None:
@@ -195,7 +203,7 @@ def run(args) -> None:
     model, processor = load_pretrained(args.model, **settings)  # a broken folder is refused before a file is written
     sink = Sink(args.out if state.is_main_process else None, args.resume)
     inspector = Inspector(model, processor, threshold=args.threshold, support_max_tiles=args.support_tiles,
-                          graded_by=args.graded_by, fine_tiles=args.fine_tiles)  # fmt: skip
+                          graded_by=args.graded_by, fine_tiles=args.fine_tiles, phases=args.phases)  # fmt: skip
     total = sum(len(q) for *_, q in work)
     bar = tqdm(total=total, unit="photo", desc="inspecting", disable=not state.is_main_process)
     failed, gathered = [], []
@@ -299,7 +307,7 @@ def add_parsers(subparsers) -> None:
         help="tiles per support photo the language model reads (default: as many as a query's); the comparison "
         "still holds every tile of every support",
     )
-    add_fine_tiles(p)
+    add_looks(p)
     p.add_argument(
         "--coreset",
         type=float,

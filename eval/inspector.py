@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicLayer
 from kensa_vl.modeling import comparison_kensa_vl
 from kensa_vl.modeling.demos_kensa_vl import MAX_NAME_TOKENS, prompt_labels
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
-from kensa_vl.processing.image_processing_kensa_vl import to_rgb
+from kensa_vl.processing.image_processing_kensa_vl import select_tile_grid, to_rgb
 from kensa_vl.processing.processing_kensa_vl import (
     IMAGE_TOKEN,
     UNNAMED_DEFECT,
@@ -50,6 +50,11 @@ logger = logging.getLogger(__name__)
 # smaller photos are judged at one budget. The cap keeps a real-size model's bank (12 tiles of 448 px, every view of
 # every support tile) from growing 4x: at 16 tiles a cached query costs 2.7-3.7x on an H100 (BENCHMARKS.md)
 FINE_AUTO_SCALE, FINE_AUTO_MAX_TILES = 2, 16
+# `phases=2`: the second look moves every photo this many compared pixels (the tiles' pixels) up and left, a little
+# over half of the comparison's 7 px cells (4 was chosen over 3 on the validation splits, docs/real-surfaces.md)
+PHASE_SHIFT = 4
+# the phases of `kensa-vl inspect`, `eval`, the demo and the main job's reports (an `Inspector` judges one unless told)
+PHASES = 2
 
 
 @dataclass
@@ -265,6 +270,14 @@ class Inspector:
             FINE_AUTO_SCALE**2 times the query's tile budget (at most FINE_AUTO_MAX_TILES), used for a support set
             whose photos are at least FINE_AUTO_SCALE times larger per side than that budget compares (`fine_active`),
             else not at all (nor where the cap leaves no more tiles than the budget).
+        phases: 2 also judges every query with it and its supports moved PHASE_SHIFT compared pixels up and left
+            (edge reflected; a second support set, and twice the work per query), and P(defective) is the mean of
+            the two looks: the comparison's cells then sample the surface at a second phase, and the two
+            measurements' noise partly cancels (docs/real-surfaces.md, "Two phases of the cell grid"). The text,
+            boxes and heatmap are the unmoved look's, for the verdict of the mean. Where the fine budget judges a
+            query (`fine_tiles`, `fine_active`), that is its second look and the moved one is not made (on 768 px
+            validation photos both together gained nothing, at twice the time). Inspection only (grading ignores
+            it); `generate` judges one look.
     """
 
     def __init__(
@@ -280,6 +293,7 @@ class Inspector:
         graded_by: str = "appearance",
         check_examples: bool = True,
         fine_tiles: int | str | None = None,
+        phases: int = 1,
     ):
         self.model, self.processor, self.graded_by = model.eval(), processor, graded_by
         self.check_examples, self.unlike, self._normal = check_examples, [], None
@@ -295,11 +309,17 @@ class Inspector:
                 raise ValueError(f"{name} must be a whole number of tiles >= 1{other} or None, got {tiles!r}")
         self.support_max_tiles, self.query_max_tiles = support_max_tiles, query_max_tiles
         self.max_new_tokens = max_new_tokens
+        if phases not in (1, 2):
+            raise ValueError(f"phases must be 1 (the photos as they are) or 2 (and moved half a cell), got {phases!r}")
         self.fine_active = fine_tiles is not None and not self.fine_auto  # "auto" decides in `set_support`
         self._fine_told = False
         self.fine = None if fine_tiles is None else Inspector(
             model, processor, noun, threshold, cache, support_max_tiles=fine_tiles, query_max_tiles=fine_tiles,
             max_new_tokens=max_new_tokens, graded_by=graded_by, check_examples=False,
+        )  # fmt: skip
+        self.phase = None if phases == 1 else MovedLook(
+            model, processor, noun, threshold, cache, support_max_tiles, query_max_tiles, max_new_tokens=0,
+            graded_by=graded_by, check_examples=False,
         )  # fmt: skip
         self.verdict_ids = verdict_token_ids(processor.tokenizer)
         self.support: list[dict] | None = None
@@ -311,11 +331,12 @@ class Inspector:
                 )
 
     def __copy__(self) -> Inspector:
-        """An inspector over the same model whose `set_support` leaves this one's support set alone, at both budgets:
-        the fine budget's inspector (`fine_tiles`) is copied too (the demo keeps one copy per user's support set)."""
+        """An inspector over the same model whose `set_support` leaves this one's support set alone, in every look:
+        the fine budget's (`fine_tiles`) and the moved one's (`phases`) are copied too (the demo keeps one copy per
+        user's support set)."""
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
-        other.fine = copy.copy(self.fine)
+        other.fine, other.phase = copy.copy(self.fine), copy.copy(self.phase)
         return other
 
     @classmethod
@@ -402,8 +423,11 @@ class Inspector:
                 logger.info("the support photos are %dx or more larger per side than compared: each query is judged "
                             "again at %d tiles", FINE_AUTO_SCALE, tiles)  # fmt: skip
         if self._judges_twice:
-            self._settings_to_fine()
+            self._settings_to(self.fine)
             self.fine.set_support(support)
+        if self._judges_moved:
+            self._settings_to(self.phase)
+            self.phase.set_support(support)
         self.unlike, self._normal = [], None
         if compares and self.check_examples:
             self.unlike, self._normal = check_support(self.model, self.processor, self.support, self._bank_max_tiles())
@@ -522,12 +546,17 @@ class Inspector:
                     raise
                 out[index] = Judgement("error", float("nan"), str(err))  # an unreadable file: say so, judge the rest
         if self._judges_twice:  # scores only: its text is written where its verdict is kept
-            self._settings_to_fine()
+            self._settings_to(self.fine)
             self.fine.max_new_tokens = 0
             fine = self.fine.judge(list(images.values()), batch_size)
+        moved = {}  # the moved look's P(defective) per query, which the unmoved look's verdict averages in
+        if self._judges_moved:
+            self._settings_to(self.phase)
+            looks = self.phase.judge(list(images.values()), batch_size)
+            moved = {index: look.p_defective for index, look in zip(images, looks, strict=True)}
         if batch_size == 1 or self._cache is None or self.max_new_tokens > 0 or self.grades:
             for index, image in images.items():
-                out[index] = self._grade_one(image) if self.grades else self._judge_one(image)
+                out[index] = self._grade_one(image) if self.grades else self._judge_one(image, moved.get(index))
         else:
             inputs = {index: self._query_inputs(image) for index, image in images.items()}
             groups = {}
@@ -536,7 +565,9 @@ class Inspector:
             for group in groups.values():
                 for start in range(0, len(group), batch_size):
                     chosen = group[start : start + batch_size]
-                    judged = self._judge_batch([inputs[i] for i in chosen], [images[i] for i in chosen])
+                    judged = self._judge_batch(
+                        [inputs[i] for i in chosen], [images[i] for i in chosen], [moved.get(i) for i in chosen]
+                    )
                     for index, result in zip(chosen, judged, strict=True):
                         out[index] = result
         if self._judges_twice:
@@ -549,9 +580,15 @@ class Inspector:
         """Whether each query is judged at the fine budget too (`fine_tiles`; inspection, not grading)."""
         return self.fine_active and not self.grades
 
-    def _settings_to_fine(self) -> None:
-        """What a caller may change between calls (`noun`, `threshold`), for the fine budget too."""
-        self.fine.noun, self.fine.threshold = self.noun, self.threshold
+    @property
+    def _judges_moved(self) -> bool:
+        """Whether each query is judged moved half a cell too (`phases=2`; inspection, not grading, and not where
+        the fine budget is the second look)."""
+        return self.phase is not None and not self.grades and not self._judges_twice
+
+    def _settings_to(self, other: Inspector) -> None:
+        """What a caller may change between calls (`noun`, `threshold`), for another look (`fine`, `phase`) too."""
+        other.noun, other.threshold = self.noun, self.threshold
 
     def _both_budgets(self, judged: Judgement, fine: Judgement, image: Image.Image | None = None) -> Judgement:
         """One query's judgements at the default and the fine budget (`fine_tiles`) as one: the mean P(defective),
@@ -565,8 +602,9 @@ class Inspector:
             chosen = self.fine.judge(image)[0]
         return replace(chosen, verdict=verdict, p_defective=p_defective, unlike=judged.unlike)
 
-    def _judge_batch(self, inputs: list[dict], images: list[Image.Image]) -> list[Judgement]:
-        """Score queries of equal prompt length in one forward pass over the cached prefix (repeated per row)."""
+    def _judge_batch(self, inputs: list[dict], images: list[Image.Image], moved: list) -> list[Judgement]:
+        """Score queries of equal prompt length in one forward pass over the cached prefix (repeated per row);
+        `moved`: each query's P(defective) in the moved look, or None."""
         batch = {
             k: torch.cat([x[k] for x in inputs]) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid")
         }
@@ -579,7 +617,7 @@ class Inspector:
         distances = getattr(forward, "reference_distances", None) or [None] * len(inputs)  # one query per row
         out = []
         for row, (x, image) in enumerate(zip(inputs, images, strict=True)):
-            verdict, p_defective = self._verdict(forward.logits[row, -1])
+            verdict, p_defective = self._verdict(forward.logits[row, -1], moved[row])
             evidence = self._evidence(x, image, verdict, distances[row])
             evidence.update(self._matched(getattr(forward, "pointers", None), row), **self._query_check(image))
             out.append(Judgement(verdict, p_defective, **evidence))
@@ -608,9 +646,11 @@ class Inspector:
         logger.warning(query_message(excess))
         return {"unlike": round(excess, 4)}
 
-    def _verdict(self, logits: torch.Tensor) -> tuple[str, float]:
-        """The answer's first-token logits -> (verdict, P(defective)) from the "good" and "defective" tokens."""
+    def _verdict(self, logits: torch.Tensor, moved: float | None = None) -> tuple[str, float]:
+        """The answer's first-token logits -> (verdict, P(defective)) from the "good" and "defective" tokens,
+        averaged with the moved look's P(defective) where there is one (`phases=2`)."""
         p_defective = torch.softmax(logits.float()[list(self.verdict_ids)], 0)[1].item()
+        p_defective = p_defective if moved is None else (p_defective + moved) / 2
         return ("defective" if p_defective >= self.threshold else "good"), p_defective
 
     def _score(self, image: Image.Image) -> tuple[dict, object]:
@@ -622,9 +662,9 @@ class Inspector:
             step["input_ids"] = inputs["input_ids"][:, self._prefix["input_ids"].shape[1] :]
         return inputs, self._forward(step, cache, use_cache=self.max_new_tokens > 0)
 
-    def _judge_one(self, image: Image.Image) -> Judgement:
+    def _judge_one(self, image: Image.Image, moved: float | None = None) -> Judgement:
         inputs, out = self._score(image)
-        verdict, p_defective = self._verdict(out.logits[0, -1])
+        verdict, p_defective = self._verdict(out.logits[0, -1], moved)
         distances = getattr(out, "reference_distances", None)
         evidence = self._evidence(inputs, image, verdict, distances and distances[-1])
         evidence.update(self._matched(getattr(out, "pointers", None)), **self._query_check(image))
@@ -686,3 +726,33 @@ class Inspector:
         if verdict == "good":
             return "good"
         return self._generate(inputs, cache, pointers, [self.verdict_ids[1]])
+
+
+class MovedLook(Inspector):
+    """The second look of `phases=2`: every photo, supports and queries, moved PHASE_SHIFT compared pixels up and
+    left (edge reflected; a support's boxes with it), so the comparison's cells fall at another phase of the
+    surface. Its P(defective) is what the unmoved look averages in; its boxes and heatmap stay in the moved pixels."""
+
+    def set_support(self, support: list[dict]) -> None:
+        tiles = self._bank_max_tiles()
+        super().set_support([self._moved_item(item, tiles) for item in support])
+
+    def judge(self, queries, batch_size: int = 1) -> list[Judgement]:
+        queries = [queries] if isinstance(queries, (Image.Image, str, np.ndarray)) else list(queries)
+        tiles = self.query_max_tiles or self.processor.image_processor.max_tiles
+        return super().judge([self._moved(to_rgb(query), tiles)[0] for query in queries], batch_size)
+
+    def _moved(self, image: Image.Image, max_tiles: int) -> tuple[Image.Image, int, int]:
+        """`image` moved PHASE_SHIFT of its compared pixels (at `max_tiles`) up and left, and the move (dx, dy)."""
+        tile = self.processor.image_processor.tile_size
+        rows, cols = select_tile_grid(image.width, image.height, tile, max_tiles)
+        dx = min(round(PHASE_SHIFT * image.width / (cols * tile)), image.width - 1)
+        dy = min(round(PHASE_SHIFT * image.height / (rows * tile)), image.height - 1)
+        pixels = np.pad(np.asarray(image), ((0, dy), (0, dx), (0, 0)), mode="reflect")[dy:, dx:]
+        return Image.fromarray(pixels), dx, dy
+
+    def _moved_item(self, item: dict, max_tiles: int) -> dict:
+        image, dx, dy = self._moved(item["image"], max_tiles)
+        boxes = [[max(x0 - dx, 0), max(y0 - dy, 0), max(x1 - dx, 1), max(y1 - dy, 1)] for x0, y0, x1, y1 in
+                 item.get("boxes") or []]  # fmt: skip
+        return {**item, "image": image, **({"boxes": boxes} if "boxes" in item else {})}

@@ -67,19 +67,22 @@ def naming_sets(items, seeds: int, shots: int, per_type: int) -> list[dict]:
 
 
 def evaluate_naming(model, processor, items, seeds: int = 3, shots: int = 4, per_type: int = 4,
-                    threshold: float = 0.5, progress: bool = True) -> dict:  # fmt: skip
+                    threshold: float = 0.5, progress: bool = True, phases: int = 1) -> dict:  # fmt: skip
     """Run `naming_sets` through an `Inspector` (cached support, greedy answers): the metrics and one record per
     query and run. Runs: `named`, `swapped` (the names swapped; its defective queries), `boxed` (the examples with
     their defects' boxes, as a user who marks where the defect is gives them; its defective queries) and
-    `good_only` (the good examples alone, scores only)."""
+    `good_only` (the good examples alone, scores only); `phases`: the Inspector's (2: each photo judged moved half
+    a cell too, as `kensa-vl inspect` does by default)."""
     sets = naming_sets(items, seeds, shots, per_type)
-    inspector = Inspector(model, processor, threshold=threshold, max_new_tokens=24, check_examples=False)
+    inspector = Inspector(model, processor, threshold=threshold, max_new_tokens=24, check_examples=False,
+                          phases=phases)  # fmt: skip
     records = []
     for chosen in tqdm(sets, desc="naming by example", disable=not progress):
         with shared_searches(model):  # the runs of a set meet the same photos: searched once
             records += _naming_runs(inspector, items, chosen)
     return {"metrics": naming_metrics(records, threshold), "records": records,
-            "config": {"seeds": seeds, "shots": shots, "per_type": per_type, "threshold": threshold}}  # fmt: skip
+            "config": {"seeds": seeds, "shots": shots, "per_type": per_type, "threshold": threshold,
+                       "phases": phases}}  # fmt: skip
 
 
 def _naming_runs(inspector, items, chosen: dict) -> list[dict]:

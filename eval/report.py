@@ -171,7 +171,7 @@ def _eval(args) -> None:
 
         model, processor = load_pretrained(args.model)
         shots = int(args.shots) if args.shots else 4
-        result = evaluate_naming(model, processor, items, seeds=args.seeds, shots=shots)
+        result = evaluate_naming(model, processor, items, seeds=args.seeds, shots=shots, phases=args.phases)
         result["config"].update(model=args.model, data=str(args.data), split=args.split)
         write_naming(result, args.out)
         print(naming_table(result), end="")
@@ -196,10 +196,10 @@ def _eval(args) -> None:
     results = evaluate_and_report(
         model, processor, items, args.out, baseline=not args.no_baseline, calibration=calibration, views=views,
         extra={"model": args.model, "data": str(args.data), "layout": layout, "split": args.split,
-               "fine_tiles": args.fine_tiles},
+               "fine_tiles": args.fine_tiles, "phases": args.phases},
         shots=shots, seeds=args.seeds, queries_per_category=args.queries_per_category, generate=not args.no_text,
         **({"controls": controls} if controls is not None else {}),
-        fine_tiles=args.fine_tiles,
+        fine_tiles=args.fine_tiles, phases=args.phases,
     )  # fmt: skip
     from accelerate import PartialState
 
@@ -224,7 +224,7 @@ def _grading(args) -> None:
 
 
 def add_parsers(subparsers) -> None:
-    from .inspect_command import add_fine_tiles
+    from .inspect_command import add_looks
 
     p = subparsers.add_parser("eval")  # its --help line: cli.COMMANDS
     p.add_argument("--model", required=True)
@@ -252,6 +252,6 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--baseline-views", choices=("model", "none", "rotations"), default="model")
     p.add_argument("--no-controls", action="store_true", help="skip the other-category, noise, shuffled controls")
     p.add_argument("--no-text", action="store_true", help="scores, boxes and heatmaps only: no generated answers")
-    add_fine_tiles(p, "; the model only")
+    add_looks(p, "; the model only")
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=_eval)

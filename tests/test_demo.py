@@ -79,8 +79,8 @@ def test_the_gallery_shows_the_heatmap_of_a_comparing_model(app, photos):
 
 
 def test_each_support_set_keeps_its_own_second_tile_budget(app, photos, monkeypatch):
-    """KENSA_FINE_TILES: the demo judges at a second budget too, and each user's support set keeps its own state at
-    both budgets (a second user's examples never replace the first's at the fine budget)."""
+    """KENSA_FINE_TILES and KENSA_PHASES: the demo judges at a second budget and a second phase too, and each user's
+    support set keeps its own state in every look (a second user's examples never replace the first's)."""
     from kensa_vl.eval.inspector import Inspector
     from kensa_vl.train import build
 
@@ -96,10 +96,22 @@ def test_each_support_set_keeps_its_own_second_tile_budget(app, photos, monkeypa
     monkeypatch.setenv("KENSA_FINE_TILES", "many")
     with pytest.raises(ValueError, match="KENSA_FINE_TILES must be auto, off or a whole number of tiles, .* 'many'"):
         app.load_inspector()
+    monkeypatch.setenv("KENSA_FINE_TILES", "off")
+    monkeypatch.setenv("KENSA_PHASES", "3")
+    with pytest.raises(ValueError, match="KENSA_PHASES must be 1 or 2, got '3'"):
+        app.load_inspector()
+    monkeypatch.setenv("KENSA_PHASES", "1")
+    assert app.load_inspector().phase is None
+    monkeypatch.delenv("KENSA_PHASES")
+    paths, _ = photos
+    demo = app.Demo(app.load_inspector())  # judged moved half a cell too, as `kensa-vl inspect`
+    demo.run(paths[:2], [], "", "nut", [paths[3]])
+    demo.run(paths[1:3], [], "", "nut", [paths[3]])
+    one, two = demo.sessions.values()
+    assert one.phase is not two.phase and one.phase.support != two.phase.support and one._judges_moved
     monkeypatch.setenv("KENSA_FINE_TILES", "9")
     demo = app.Demo(app.load_inspector())
     assert demo.inspector.fine.query_max_tiles == 9
-    paths, _ = photos
     _, first, _ = demo.run(paths[:2], [], "", "nut", [paths[3]])
     demo.run(paths[1:3], [], "", "nut", [paths[3]])
     one, two = demo.sessions.values()

@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from kensa_vl.eval.evaluate import aggregate, evaluate, support_for
 from kensa_vl.eval.inspector import Inspector, Judgement, support_item
@@ -713,3 +714,58 @@ def test_auto_judges_again_only_photos_far_larger_than_compared(tiny_comparison,
     assert sum("each query is judged again at 16 tiles" in r.getMessage() for r in caplog.records) == 1
     with pytest.raises(ValueError, match="fine_tiles must be a whole number of tiles >= 1, 'auto' or None, got 'x'"):
         Inspector(model, processor, fine_tiles="x")
+
+
+def test_a_second_phase_judges_every_photo_moved_and_averages_the_two(tiny_comparison, synth, tmp_path):
+    """`phases=2`: every query judged as it is and with it and its supports moved PHASE_SHIFT compared pixels up and
+    left (a support's boxes with it), P(defective) the mean of the two, and the text, boxes and heatmap the unmoved
+    look's for the mean's verdict; batches judge as one by one; an unreadable file stays an error; where a second
+    tile budget judges the query, it is the second look."""
+    from kensa_vl.eval.inspector import PHASE_SHIFT, MovedLook
+
+    model, processor = tiny_comparison  # four 112 px tiles: a 256 px photo is compared at 224 px
+    test = synth["test"]
+    support = _support(test)
+    queries = [test[i]["image"] for i in range(5, 11)]
+    assert PHASE_SHIFT == 4 and {q.size for q in queries} == {(256, 256)}
+    image = queries[0]
+    arrays = np.asarray(image).astype(int)
+    moved, dx, dy = MovedLook(model, processor)._moved(image, 4)
+    assert (dx, dy) == (5, 5)  # 4 compared pixels at 256 / 224
+    assert (np.asarray(moved)[:-5, :-5] == arrays[5:, 5:]).all()
+    assert (np.asarray(moved)[-5:, :-5] == arrays[-2:-7:-1, 5:]).all()  # the edge reflected
+    by_hand = []
+    for s in support:
+        x = np.pad(np.asarray(s["image"]), ((0, 5), (0, 5), (0, 0)), mode="reflect")[5:, 5:]
+        boxes = [[max(x0 - 5, 0), max(y0 - 5, 0), max(x1 - 5, 1), max(y1 - 5, 1)] for x0, y0, x1, y1 in s["boxes"]]
+        by_hand.append({**s, "image": Image.fromarray(x), "boxes": boxes})
+    assert [b["boxes"] for b in by_hand] == [m["boxes"] for m in (MovedLook(model, processor)._moved_item(s, 4)
+                                                                  for s in support)]  # fmt: skip
+    assert by_hand[-1]["boxes"] and by_hand[-1]["boxes"] != [list(b) for b in support[-1]["boxes"]]
+
+    both = Inspector(model, processor, noun="nut", max_new_tokens=8, phases=2)
+    alone = Inspector(model, processor, noun="nut", max_new_tokens=8)
+    shifted = Inspector(model, processor, noun="nut", max_new_tokens=0, check_examples=False)
+    both.set_support(support), alone.set_support(support), shifted.set_support(by_hand)
+    missing = str(tmp_path / "missing.png")
+    judged, a = both.judge([*queries, missing]), alone.judge(queries)
+    m = shifted.judge([Image.fromarray(np.pad(np.asarray(q), ((0, 5), (0, 5), (0, 0)), mode="reflect")[5:, 5:])
+                       for q in queries])  # fmt: skip
+    assert judged[-1].verdict == "error" and both.phase.noun == "nut"
+    for j, x, y in zip(judged, a, m, strict=False):
+        assert j.p_defective == pytest.approx((x.p_defective + y.p_defective) / 2, abs=1e-5)
+        assert j.verdict == ("defective" if j.p_defective >= 0.5 else "good") == j.text.split(":")[0]
+        np.testing.assert_allclose(j.heatmap, x.heatmap, atol=1e-5)
+        if j.verdict == x.verdict:
+            assert (j.text, j.boxes) == (x.text, x.boxes)
+    assert {x.verdict for x in a} == {"good", "defective"}
+    both.max_new_tokens = 0
+    one, batched = both.judge(queries), both.judge(queries, batch_size=4)
+    for x, y in zip(one, batched, strict=True):
+        assert x.p_defective == pytest.approx(y.p_defective, abs=1e-5)
+    fine, fine_alone = (Inspector(model, processor, max_new_tokens=0, fine_tiles=9, phases=p) for p in (2, 1))
+    fine.set_support(support), fine_alone.set_support(support)
+    for x, y in zip(fine.judge(queries[:2]), fine_alone.judge(queries[:2]), strict=True):  # the fine budget's look
+        assert x.p_defective == pytest.approx(y.p_defective, abs=1e-6)  # is the second: no moved one beside it
+    with pytest.raises(ValueError, match="phases must be 1 .* or 2 .*, got 3"):
+        Inspector(model, processor, phases=3)

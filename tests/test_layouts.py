@@ -210,20 +210,22 @@ def test_eval_and_inspect_on_an_mvtec_folder(comparing_dir, tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_eval_judges_at_a_second_tile_budget_when_asked(comparing_dir, tmp_path):
+def test_eval_judges_at_a_second_tile_budget_and_phase_when_asked(comparing_dir, tmp_path):
     from kensa_vl.train.cli import main
 
     data = write_mvtec(tmp_path / "mvtec", ("bottle",))
-    scores = {}
-    for name, extra in (("default", []), ("fine", ["--fine-tiles", "1"])):  # these photos are too small for more
+    scores, names = {}, ("default", "fine", "one_phase")
+    for name, extra in zip(names, ([], ["--fine-tiles", "1"], ["--phases", "1"]), strict=True):  # too small for more
         main(["eval", "--model", str(comparing_dir), "--data", str(data), "--shots", "2", "--seeds", "1", "--no-text",
               "--no-baseline", "--out", str(tmp_path / name), *extra])  # fmt: skip
         lines = (tmp_path / name / "records.jsonl").read_text().splitlines()
         scores[name] = [json.loads(line)["p_defective"] for line in lines]
-    assert len(scores["fine"]) == len(scores["default"]) == 7
-    runs = [json.loads((tmp_path / name / "metrics.json").read_text())["run"] for name in ("default", "fine")]
-    assert [run["fine_tiles"] for run in runs] == ["auto", 1]  # which setting each report was made with
+    assert len(scores["fine"]) == len(scores["default"]) == len(scores["one_phase"]) == 7
+    runs = [json.loads((tmp_path / name / "metrics.json").read_text())["run"] for name in names]
+    assert [run["fine_tiles"] for run in runs] == ["auto", 1, "auto"]  # which setting each report was made with
+    assert [run["phases"] for run in runs] == [2, 2, 1]
     assert scores["fine"] != pytest.approx(scores["default"], abs=1e-4)  # each query judged at one tile too
+    assert scores["one_phase"] != pytest.approx(scores["default"], abs=1e-4)  # the default judges moved photos too
 
 
 @pytest.mark.slow

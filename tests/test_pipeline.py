@@ -20,6 +20,7 @@ def test_main_job_writes_model_metrics_plots_and_logs(main_run, synth_dir):
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["run"]["categories"] == ["cap", "grass", "leather"] and saved["run"]["split"] == "test"
+    assert saved["run"]["phases"] == 2  # each query judged moved half a cell too, as `kensa-vl eval` does
     evaluations = {"inspection", "real_surfaces", "grading", "naming", "real_naming"}
     assert set(saved["run"]["evaluation_seconds"]) == evaluations
     assert all(seconds > 0 for seconds in saved["run"]["evaluation_seconds"].values())

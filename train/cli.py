@@ -79,6 +79,7 @@ def main_job(
     both stages (e.g. `["--max_steps", "2"]`); `tiny` replaces entries of the tiny model's `TINY` settings (e.g.
     `{"reference_comparison": False}` for plain in-context learning)."""
     from kensa_vl.eval.grading import grading_table, joined, write_grading
+    from kensa_vl.eval.inspector import PHASES
     from kensa_vl.eval.naming import naming_table
     from kensa_vl.eval.parallel import side_by_side, timed
     from kensa_vl.eval.plots import loss_curve
@@ -104,6 +105,7 @@ def main_job(
         "categories": sorted(set(items["test"]["category"])),
         "baseline_calibrated_on": sorted(set(items["validation"]["category"])),
         "train_seconds": round(train_seconds, 1),
+        "phases": PHASES,  # the looks each query gets (`Inspector`), as `kensa-vl eval`'s default
     }
     common, queries = {"model": previous, "seeds": seeds}, {"queries_per_category": queries_per_category}
     # the evaluations are independent: side by side in two processes (eval/parallel.py), the longest first
@@ -166,24 +168,26 @@ def _loaded(model: Path, data: Path) -> tuple:
 def _inspection(model, data, out, run_info, shots, seeds, queries_per_category) -> dict:
     """The KensaSynth report on the test categories, the baseline's threshold chosen on the validation ones; each
     k's overall figures."""
+    from kensa_vl.eval.inspector import PHASES
     from kensa_vl.eval.report import evaluate_and_report
 
     model, processor, items = _loaded(model, data)
     results = evaluate_and_report(
         model, processor, items["test"], out, extra=run_info, calibration=items["validation"], shots=shots,
-        seeds=seeds, queries_per_category=queries_per_category,
+        seeds=seeds, queries_per_category=queries_per_category, phases=PHASES,
     )  # fmt: skip
     return {k: result["overall"] for k, result in results["kensa"]["shots"].items()}
 
 
 def _real_surfaces(model, data, out, shots, seeds, queries_per_category) -> dict:
     """The real-surface set's test split, scoring only; the overall figures at its k."""
+    from kensa_vl.eval.inspector import PHASES
     from kensa_vl.eval.report import evaluate_and_report
 
     model, processor, items = _loaded(model, data)
     found = evaluate_and_report(
         model, processor, items["test"], out, calibration=items["validation"], shots=shots, seeds=seeds,
-        queries_per_category=queries_per_category, controls=(), generate=False,
+        queries_per_category=queries_per_category, controls=(), generate=False, phases=PHASES,
     )  # fmt: skip
     return found["kensa"]["shots"][max(shots)]["overall"]
 
@@ -191,10 +195,11 @@ def _real_surfaces(model, data, out, shots, seeds, queries_per_category) -> dict
 def _naming(model, data, out, seeds) -> dict:
     """Does the answer read the examples: 2 named defective examples, names from the evaluation pool
     (eval/naming.py); written to `out`, the metrics returned."""
+    from kensa_vl.eval.inspector import PHASES
     from kensa_vl.eval.naming import evaluate_naming, write_naming
 
     model, processor, items = _loaded(model, data)
-    naming = evaluate_naming(model, processor, items["test"], seeds=min(seeds, NAMING_SEEDS))
+    naming = evaluate_naming(model, processor, items["test"], seeds=min(seeds, NAMING_SEEDS), phases=PHASES)
     write_naming(naming, out)
     return {"metrics": naming["metrics"]}
 
