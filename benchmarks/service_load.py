@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     from gradio_client import Client, handle_file
 
-    from kensa_vl.eval.inspector import Inspector, load_pretrained, support_item
+    from kensa_vl.eval.inspector import PHASES, Inspector, load_pretrained, support_item
 
     work = Path(tempfile.mkdtemp(prefix="kensa-load-"))
     model = Path(args.model) if args.model else None
@@ -104,7 +104,8 @@ def main(argv=None) -> dict:
 
         model = save_kensa(*build_tiny(**TINY), work / "model")
     users = [photos(work, u, args.queries + 2) for u in range(args.clients)]  # 2 good supports, then the queries
-    reference = Inspector(*load_pretrained(model), noun="tile", max_new_tokens=0)
+    # judged as the demo judges by default (KENSA_FINE_TILES and KENSA_PHASES unset)
+    reference = Inspector(*load_pretrained(model), noun="tile", max_new_tokens=0, fine_tiles="auto", phases=PHASES)
     expected = []
     for paths in users:
         reference.set_support([support_item(p) for p in paths[:2]])

@@ -740,11 +740,12 @@ class MovedLook(Inspector):
     def judge(self, queries, batch_size: int = 1) -> list[Judgement]:
         queries = [queries] if isinstance(queries, (Image.Image, str, np.ndarray)) else list(queries)
         tiles = self.query_max_tiles or self.processor.image_processor.max_tiles
-        return super().judge([self._moved(to_rgb(query), tiles)[0] for query in queries], batch_size)
+        return super().judge([self._moved(query, tiles)[0] for query in queries], batch_size)
 
-    def _moved(self, image: Image.Image, max_tiles: int) -> tuple[Image.Image, int, int]:
-        """`image` moved PHASE_SHIFT of its compared pixels (at `max_tiles`) up and left, and the move (dx, dy)."""
-        tile = self.processor.image_processor.tile_size
+    def _moved(self, image, max_tiles: int) -> tuple[Image.Image, int, int]:
+        """`image` (any mode, or a path) moved PHASE_SHIFT of its compared pixels (at `max_tiles`) up and left, in
+        RGB, and the move (dx, dy)."""
+        image, tile = to_rgb(image), self.processor.image_processor.tile_size
         rows, cols = select_tile_grid(image.width, image.height, tile, max_tiles)
         dx = min(round(PHASE_SHIFT * image.width / (cols * tile)), image.width - 1)
         dy = min(round(PHASE_SHIFT * image.height / (rows * tile)), image.height - 1)

@@ -399,7 +399,7 @@ def test_batched_judging_equals_one_by_one(tiny_comparison, synth, tmp_path):
     inspector.set_support(_support(test))
     one = inspector.judge(queries)
     sizes, judge_batch = [], inspector._judge_batch
-    inspector._judge_batch = lambda inputs, images: sizes.append(len(inputs)) or judge_batch(inputs, images)
+    inspector._judge_batch = lambda inputs, *rest: sizes.append(len(inputs)) or judge_batch(inputs, *rest)
     batched = inspector.judge(queries, batch_size=3)
     assert sorted(sizes) == [1, 2, 3]  # five photos of one size in batches of 3 and 2, the odd one alone
     assert [r.verdict for r in batched] == [r.verdict for r in one]
@@ -566,8 +566,8 @@ def test_a_scoring_evaluation_batches_its_queries_and_keeps_their_order(tiny_com
     monkeypatch.setattr(evaluate_module, "SCORING_BATCH", 1)
     alone = evaluate(model, processor, synth["test"], **run)["records"]
     batches, batch = [], Inspector._judge_batch
-    monkeypatch.setattr(Inspector, "_judge_batch", lambda self, inputs, images: batches.append(len(inputs))
-                        or batch(self, inputs, images))  # fmt: skip
+    monkeypatch.setattr(Inspector, "_judge_batch", lambda self, inputs, *rest: batches.append(len(inputs))
+                        or batch(self, inputs, *rest))  # fmt: skip
     monkeypatch.setattr(evaluate_module, "SCORING_BATCH", 8)
     together = evaluate(model, processor, synth["test"], **run)["records"]
     assert max(batches) > 1 and sum(batches) == len(together) == len(alone)  # every query scored in a batch
@@ -734,6 +734,8 @@ def test_a_second_phase_judges_every_photo_moved_and_averages_the_two(tiny_compa
     assert (dx, dy) == (5, 5)  # 4 compared pixels at 256 / 224
     assert (np.asarray(moved)[:-5, :-5] == arrays[5:, 5:]).all()
     assert (np.asarray(moved)[-5:, :-5] == arrays[-2:-7:-1, 5:]).all()  # the edge reflected
+    grey, *_ = MovedLook(model, processor)._moved(image.convert("L"), 4)  # a support given in any mode
+    assert grey.mode == "RGB" and grey.size == image.size
     by_hand = []
     for s in support:
         x = np.pad(np.asarray(s["image"]), ((0, 5), (0, 5), (0, 0)), mode="reflect")[5:, 5:]
