@@ -7,6 +7,7 @@ support set.
     python -m benchmarks.gpu --tiny --size 448 --steps 1    # the code path on a CPU, small model
     python -m benchmarks.gpu --no-train --peer              # beside LLaVA-NeXT's forward over the same episode
     python -m benchmarks.gpu --no-train --fine-tiles 16     # a query judged at a second tile budget too
+    python -m benchmarks.gpu --no-train --phases            # a query judged moved half a cell too (`phases=2`)
     python -m benchmarks.gpu --no-train --compare dinov2 --mask-background dinov2   # the background masked
 
 `--peak-tflops`: the accelerator's dense bf16 peak (H100 / H200 SXM: 989). `--compare`: the reference comparison on
@@ -85,13 +86,14 @@ def training(model, inputs: dict, labels: torch.Tensor, args) -> None:
     print(f"| training: peak memory above weights (GiB) | {memory.peak / 2**30:.1f} |")
 
 
-def fine_tiles_latency(model, processor, images: list, query, args) -> float:
-    """A cached query's seconds when it is judged at the default budget and again at `--fine-tiles` (`kensa-vl
-    inspect --fine-tiles`): both budgets' support sets cached, scores only."""
-    inspector = Inspector(model, processor, max_new_tokens=0, fine_tiles=args.fine_tiles)
+def looks_latency(model, processor, images: list, query, steps: int, **looks) -> float:
+    """A cached query's seconds when it is judged in a second look too, as `kensa-vl inspect` does (`looks`:
+    `fine_tiles=N`, a second tile budget, or `phases=2`, moved half a cell): both looks' support sets cached,
+    scores only."""
+    inspector = Inspector(model, processor, max_new_tokens=0, **looks)
     inspector.set_support([support_item(image) for image in images[:-1]])
     inspector.judge(query)  # warm-up
-    return timed(lambda: inspector.judge(query), args.steps)
+    return timed(lambda: inspector.judge(query), steps)
 
 
 # LLaVA-NeXT's tower, CLIP ViT-L/14 at 336 px (0.3 B)
@@ -136,6 +138,7 @@ def main() -> None:
         "--support-tiles", type=int, help="also the episode as `kensa-vl inspect` runs it, supports read at N tiles"
     )
     parser.add_argument("--fine-tiles", type=int, help="also a cached query judged at a second budget of N tiles")
+    parser.add_argument("--phases", action="store_true", help="also a cached query judged moved half a cell too")
     parser.add_argument("--mask-background", help="the compared encoder that masks the background (real size only)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,9 +184,12 @@ def main() -> None:
     qps = len(queries) / (time.perf_counter() - start)
     print(f"| inference, cached support: ms per query | {latency * 1e3:.0f} |")
     print(f"| inference, cached support: queries/s at batch {len(queries)} | {qps:.1f} |")
-    if args.fine_tiles:
-        both = fine_tiles_latency(model, processor, images, queries[0], args)
-        print(f"| inference, cached support, also judged at {args.fine_tiles} tiles: ms per query | {both * 1e3:.0f} "
+    looks = {f"at {args.fine_tiles} tiles": {"fine_tiles": args.fine_tiles}} if args.fine_tiles else {}
+    if args.phases:
+        looks["moved half a cell"] = {"phases": 2}
+    for name, setting in looks.items():
+        both = looks_latency(model, processor, images, queries[0], args.steps, **setting)
+        print(f"| inference, cached support, also judged {name}: ms per query | {both * 1e3:.0f} "
               f"({both / latency:.2f}x) |")  # fmt: skip
     if args.support_tiles:
         forward = timed(inspector_episode(model, processor, images, args.support_tiles)[1], args.steps)

@@ -294,3 +294,19 @@ def test_the_unlike_table_gives_each_kinds_share_above_each_margin():
     assert low[2] == "0.50" and low[3] == "1.00"  # 0.3 and 0.4 of 0.1-0.4 are above 0.25; 1-4 all are
     assert kept[2] == "0.00" and kept[3] == "1.00"
     assert lines[-1].startswith("Examples measured: good example 4,")
+
+
+def test_gpu_benchmark_times_a_query_in_each_second_look_it_is_asked_for(monkeypatch, capsys):
+    """`benchmarks.gpu --fine-tiles N --phases` (the tiny path on a CPU): a row for each second look, beside the
+    one-look latency it is a ratio of."""
+    from benchmarks import gpu
+
+    argv = ["gpu", "--tiny", "--size", "224", "--shots", "2", "--queries", "2", "--steps", "1", "--no-train"]
+    monkeypatch.setattr("sys.argv", [*argv, "--phases", "--fine-tiles", "9", "--compare", "dct"])
+    gpu.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if "also judged" in line]
+    assert [row.split(":")[0] for row in rows] == [
+        "| inference, cached support, also judged at 9 tiles",
+        "| inference, cached support, also judged moved half a cell",
+    ]
+    assert all(float(row.split("(")[1].split("x")[0]) > 0 for row in rows)
