@@ -34,7 +34,7 @@ import gradio as gr
 from PIL import Image
 
 from kensa_vl.eval.inspect_command import fine_tiles_setting, split_box
-from kensa_vl.eval.inspector import PHASES, Inspector, load_pretrained, support_item
+from kensa_vl.eval.inspector import PHASE_CHOICES, PHASES, Inspector, load_pretrained, support_item
 from kensa_vl.eval.plots import draw_judgement
 from kensa_vl.processing.image_processing_kensa_vl import ImageTooLarge, to_rgb
 
@@ -64,8 +64,8 @@ def load_inspector() -> Inspector:
         model, processor = build_tiny(**TINY)
     tokens = int(os.environ.get("KENSA_MAX_NEW_TOKENS", "48"))
     phases = os.environ.get("KENSA_PHASES", str(PHASES)).strip()  # each photo moved half a cell too (2)
-    if phases not in ("1", "2"):
-        raise ValueError(f"KENSA_PHASES must be 1 or 2, got {phases!r}")
+    if phases not in {str(choice) for choice in PHASE_CHOICES}:
+        raise ValueError(f"KENSA_PHASES must be {' or '.join(map(str, PHASE_CHOICES))}, got {phases!r}")
     return Inspector(model, processor, max_new_tokens=tokens, fine_tiles=fine_tiles, phases=int(phases))
 
 

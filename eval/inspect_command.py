@@ -24,6 +24,7 @@ import math
 import sys
 from pathlib import Path
 
+from .inspector import PHASE_CHOICES, PHASES
 from .layouts import IMAGE_SUFFIXES
 
 FINE_TILES_HELP = (
@@ -42,9 +43,7 @@ def add_looks(parser, note: str = "") -> None:
     (`note`: added to their help)."""
     parser.add_argument("--fine-tiles", type=fine_tiles_setting, default="auto", metavar="auto|N|off",
                         help=FINE_TILES_HELP + note)  # fmt: skip
-    from .inspector import PHASES
-
-    parser.add_argument("--phases", type=int, choices=(1, 2), default=PHASES, help=PHASES_HELP + note)
+    parser.add_argument("--phases", type=int, choices=PHASE_CHOICES, default=PHASES, help=PHASES_HELP + note)
 
 
 def fine_tiles_setting(text: str) -> int | str | None:

@@ -53,8 +53,9 @@ FINE_AUTO_SCALE, FINE_AUTO_MAX_TILES = 2, 16
 # `phases=2`: the second look moves every photo this many compared pixels (the tiles' pixels) up and left, a little
 # over half of the comparison's 7 px cells (4 was chosen over 3 on the validation splits, docs/real-surfaces.md)
 PHASE_SHIFT = 4
-# the phases of `kensa-vl inspect`, `eval`, the demo and the main job's reports (an `Inspector` judges one unless told)
-PHASES = 2
+# the phases of `kensa-vl inspect`, `eval`, the demo and the main job's reports (an `Inspector` judges one unless
+# told), and the numbers of phases there are
+PHASES, PHASE_CHOICES = 2, (1, 2)
 
 
 @dataclass
@@ -139,6 +140,11 @@ def pixel_box(box, width: int, height: int) -> list[int]:
     """`[x0, y0, x1, y1]` as fractions of the image -> pixels, at least one pixel wide and high."""
     x0, y0, x1, y1 = (round(f * size) for f, size in zip(box, (width, height, width, height), strict=True))
     return [x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]
+
+
+def query_list(queries) -> list:
+    """`judge`'s queries as a list: one image (PIL, array or path) or an iterable of them."""
+    return [queries] if isinstance(queries, (Image.Image, str, np.ndarray)) else list(queries)
 
 
 def fork_cache(cache):
@@ -309,7 +315,7 @@ class Inspector:
                 raise ValueError(f"{name} must be a whole number of tiles >= 1{other} or None, got {tiles!r}")
         self.support_max_tiles, self.query_max_tiles = support_max_tiles, query_max_tiles
         self.max_new_tokens = max_new_tokens
-        if phases not in (1, 2):
+        if phases not in PHASE_CHOICES:
             raise ValueError(f"phases must be 1 (the photos as they are) or 2 (and moved half a cell), got {phases!r}")
         self.fine_active = fine_tiles is not None and not self.fine_auto  # "auto" decides in `set_support`
         self._fine_told = False
@@ -536,7 +542,7 @@ class Inspector:
             raise ValueError("call set_support(...) before judge(...) (an empty list judges without examples)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        queries = [queries] if isinstance(queries, (Image.Image, str, np.ndarray)) else list(queries)
+        queries = query_list(queries)
         out, images = [None] * len(queries), {}
         for index, query in enumerate(queries):
             try:
@@ -738,9 +744,8 @@ class MovedLook(Inspector):
         super().set_support([self._moved_item(item, tiles) for item in support])
 
     def judge(self, queries, batch_size: int = 1) -> list[Judgement]:
-        queries = [queries] if isinstance(queries, (Image.Image, str, np.ndarray)) else list(queries)
         tiles = self.query_max_tiles or self.processor.image_processor.max_tiles
-        return super().judge([self._moved(query, tiles)[0] for query in queries], batch_size)
+        return super().judge([self._moved(query, tiles)[0] for query in query_list(queries)], batch_size)
 
     def _moved(self, image, max_tiles: int) -> tuple[Image.Image, int, int]:
         """`image` (any mode, or a path) moved PHASE_SHIFT of its compared pixels (at `max_tiles`) up and left, in
