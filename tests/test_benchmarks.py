@@ -192,6 +192,47 @@ def test_the_level_study_measures_each_encoder_against_its_level_on_validation(s
     assert rows[3] == sweep_row(0.2, {"validation": built}, excess)
 
 
+def test_the_verdict_parts_add_up_to_what_the_inspector_reads(synth_dir, tmp_path, monkeypatch):
+    """benchmarks/verdict_parts.py: each query's verdict logit plus the language model's own odds are the odds the
+    Inspector reads its P(defective) from, so the mix at weight 1 ranks as the model does; weight 0 is the verdict
+    alone; the test split is refused."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from benchmarks.verdict_parts import collect, main, mixes, parts, plot, table
+    from kensa_vl.eval.evaluate import control_support, pools, support_for
+    from kensa_vl.eval.inspector import Inspector
+    from kensa_vl.train.build import build_tiny
+    from kensa_vl.train.data import load_synth
+    from kensa_vl.train.pipeline import TINY
+
+    model, processor = build_tiny(**TINY)
+    items = load_synth(synth_dir)[0]["validation"]
+    rows = pools(items)
+    category = sorted(rows)[0]
+    good, _ = support_for(rows, category, 2, 0, 0)
+    inspector = Inspector(model, processor, max_new_tokens=0)
+    inspector.set_support(control_support(items, good, [], None, 0))
+    query = items[rows[category]["defective"][0]]["image"].convert("RGB")
+    verdict, lm = parts(inspector, query)
+    p = inspector.judge(query)[0].p_defective
+    assert verdict != 0 and 1 / (1 + np.exp(-(verdict + lm))) == pytest.approx(p, abs=1e-5)
+
+    record = collect(model, processor, items, shots=2, seeds=1)
+    assert set(record["label"]) == {0, 1} and len(record["label"]) == len(record["verdict"]) == len(record["lm"])
+    scored = mixes(record, [0, 1])
+    assert scored["w=0"][0] == pytest.approx(roc_auc_score(record["label"], record["verdict"]))
+    assert scored["w=1"][0] == pytest.approx(roc_auc_score(record["label"], record["verdict"] + record["lm"]))
+    assert scored["language model alone"][0] == pytest.approx(roc_auc_score(record["label"], record["lm"]))
+    lines = table({"a": record, "b": record}, [0, 1])
+    assert len(lines) == 2 + 3 and all(line.count("|") == 8 for line in lines)
+    plot({"a": record}, [0, 1], tmp_path / "parts.png")
+    assert (tmp_path / "parts.png").stat().st_size > 0
+    monkeypatch.setattr("sys.argv", ["verdict_parts", "m", "--data", str(synth_dir), "--split", "test"])
+    with pytest.raises(SystemExit):
+        main()
+
+
 def test_the_view_repeats_benchmark_compares_the_two_banks_on_one_model():
     """benchmarks/view_repeats.py: the bank before 7da9d8a holds the band-pass cells again in every view; both banks
     judge alike (the repeats are the same cells, moved), and the towers are put back as they were."""
