@@ -24,6 +24,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks import STUDY_SPLITS
 from benchmarks.episode import photos
 from kensa_vl.eval.inspector import Inspector, load_pretrained, support_item
 from kensa_vl.eval.measure import machine, timed
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--model", default=None)
     parser.add_argument("--data", default=None, help="a KensaSynth folder: its photos instead of noise")
-    parser.add_argument("--split", default="validation")
+    parser.add_argument("--split", default="validation", choices=STUDY_SPLITS)
     parser.add_argument("--coreset", type=float, default=None, help="also time a cached bank of this share of cells")
     args = parser.parse_args()
     torch.manual_seed(0)

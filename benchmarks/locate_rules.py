@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from benchmarks import STUDY_SPLITS
 from kensa_vl.eval.evaluate import control_support, support_for
 from kensa_vl.eval.inspector import Inspector, load_pretrained
 from kensa_vl.eval.metrics import LARGE_AREA, box_iou
@@ -125,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="validation")
+    parser.add_argument("--split", default="validation", choices=STUDY_SPLITS)
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--sweep", action="store_true", help="every encoder's map: margins and ranges")

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from benchmarks import STUDY_SPLITS
 from kensa_vl.eval.evaluate import pools, support_for
 from kensa_vl.eval.inspector import load_pretrained
 from kensa_vl.eval.support_check import UNLIKE_MARGIN, compared_features, example_excess, measure_support
@@ -83,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("--data", action="append", required=True, help="a KensaSynth folder (repeatable)")
-    parser.add_argument("--split", default="validation")
+    parser.add_argument("--split", default="validation", choices=STUDY_SPLITS)
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--queries", type=int, default=8, help="queries of each kind per category and seed")

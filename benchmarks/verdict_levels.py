@@ -18,13 +18,13 @@ its `own_window` (the photo compared with itself too, `own_nearest`), collecting
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
+from benchmarks import study_parser
 from kensa_vl.eval.evaluate import control_support, pools, support_for
 from kensa_vl.eval.inspector import Inspector, load_pretrained
 from kensa_vl.modeling.comparison_kensa_vl import VERDICT_MARGIN
@@ -164,12 +164,7 @@ def window_sweep(model, processor, splits: dict, encoder: str, windows, shots: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--data", action="append", required=True, help="a KensaSynth folder (repeatable)")
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--shots", type=int, default=4)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = study_parser(__doc__)
     parser.add_argument("--sweep", help="a compared encoder whose verdict margin to sweep (`margin_sweep`)")
     parser.add_argument("--margins", default="0,0.25,0.5,0.75,1,1.5,2,inf", help="with --sweep")
     parser.add_argument("--windows", help="with --sweep: own windows to sweep instead of margins (0: none)")

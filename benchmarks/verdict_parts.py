@@ -14,7 +14,6 @@ threshold (odds 0). Which part ranks which split better, and whether some other 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +21,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
+from benchmarks import study_parser
+from benchmarks.verdict_levels import balanced
 from kensa_vl.eval.evaluate import control_support, pools, support_for
 from kensa_vl.eval.inspector import Inspector, load_pretrained
 from kensa_vl.train.data.synth import load_synth
-
-from .verdict_levels import balanced
-
-SPLITS = ("validation", "train")
 
 
 @torch.no_grad()
@@ -102,12 +99,7 @@ def plot(sets: dict[str, dict], weights, path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--data", action="append", required=True, help="a KensaSynth folder (repeatable)")
-    parser.add_argument("--split", default="validation", choices=SPLITS)
-    parser.add_argument("--shots", type=int, default=4)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = study_parser(__doc__)
     parser.add_argument("--weights", default="0,0.5,1,1.5,2,3,5")
     parser.add_argument("--plot", help="a PNG of both measures against the weight")
     args = parser.parse_args()

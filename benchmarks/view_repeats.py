@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from benchmarks import STUDY_SPLITS
 from benchmarks.inspect_latency import judged, per_query, synth_photos
 from kensa_vl.eval.inspector import Inspector, load_pretrained, support_item
 from kensa_vl.eval.measure import machine, timed
@@ -40,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="validation")
+    parser.add_argument("--split", default="validation", choices=STUDY_SPLITS)
     parser.add_argument("--shots", default="4,8")
     parser.add_argument("--queries", type=int, default=20)
     args = parser.parse_args()

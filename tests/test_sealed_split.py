@@ -28,3 +28,23 @@ def test_the_check_catches_a_study_that_reads_test():
     assert reads_of_test('parser.add_argument("--split", default="test")\n') == [1]
     assert reads_of_test('"""python -m benchmarks.x --split test"""\n') == [1]
     assert not reads_of_test('items = load_synth(data)[0]["validation"]  # not the test split\n')
+
+
+SPLIT_OPTIONS = [
+    p
+    for p in STUDIES
+    if "def main" in p.read_text() and ('"--split"' in p.read_text() or "study_parser(" in p.read_text())
+]
+
+
+@pytest.mark.parametrize("path", SPLIT_OPTIONS, ids=lambda p: p.stem)
+def test_a_study_with_a_split_option_refuses_the_test_split(path, monkeypatch, capsys):
+    """Beside the check of the source above: asked for the test split on the command line, each exits before it
+    loads anything, naming the splits it takes."""
+    import importlib
+
+    module = importlib.import_module(f"{path.parent.name}.{path.stem}")
+    monkeypatch.setattr("sys.argv", [path.stem, "model", "--data", "d", "--split", "te" + "st"])
+    with pytest.raises(SystemExit) as exited:
+        module.main()
+    assert exited.value.code == 2 and "invalid choice" in capsys.readouterr().err
