@@ -737,7 +737,7 @@ class Inspector:
 class MovedLook(Inspector):
     """The second look of `phases=2`: every photo, supports and queries, moved PHASE_SHIFT compared pixels up and
     left (edge reflected; a support's boxes with it), so the comparison's cells fall at another phase of the
-    surface. Its P(defective) is what the unmoved look averages in; its boxes and heatmap stay in the moved pixels."""
+    surface. Its P(defective) is what the unmoved look averages in; it places no heatmap or box."""
 
     def set_support(self, support: list[dict]) -> None:
         tiles = self._bank_max_tiles()
@@ -746,6 +746,10 @@ class MovedLook(Inspector):
     def judge(self, queries, batch_size: int = 1) -> list[Judgement]:
         tiles = self.query_max_tiles or self.processor.image_processor.max_tiles
         return super().judge([self._moved(query, tiles)[0] for query in query_list(queries)], batch_size)
+
+    def _evidence(self, inputs: dict, image: Image.Image, verdict: str, distances=None) -> dict:
+        """None: the unmoved look's heatmap and box are the ones reported, so this look places none."""
+        return {}
 
     def _moved(self, image, max_tiles: int) -> tuple[Image.Image, int, int]:
         """`image` (any mode, or a path) moved PHASE_SHIFT of its compared pixels (at `max_tiles`) up and left, in
