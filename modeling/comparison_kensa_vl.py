@@ -36,6 +36,7 @@ from .demos_kensa_vl import (
     match_similarity,
     read_label,
     region_descriptor,
+    within_box,
 )
 from .grading_kensa_vl import grade_closeness, image_statistics
 
@@ -742,6 +743,15 @@ class KensaVLReferenceComparison(nn.Module):
             chosen, levels, excess = [chosen[i] for i in keep], levels[keep], [excess[i] for i in keep]
         return locate_box(chosen, rows, cols, levels, excess)
 
+    def demo_region(self, tiles: torch.Tensor, distances: list[torch.Tensor], grid, box, levels) -> torch.Tensor:
+        """A defective demo's look (`region_descriptor` of its `tiles`) on its region located as a query's is
+        (`locate` on its `distances`, `levels` per compared encoder), so that the two looks are read alike; within
+        the `box` its label gives when it gives one (the cells outside it set to no distance). The box itself is
+        tighter than any located region, and its look agreed less with the queries' (docs/naming-by-example.md)."""
+        if box is not None:
+            distances = [d * within_box(box, grid, d) for d in distances]
+        return region_descriptor(tiles, *grid, self.locate(distances, *grid, levels)[0])
+
     def finder(self, distances: list[torch.Tensor], rows: int, cols: int, levels: torch.Tensor, excess) -> list[int]:
         """Which of the locating encoders (`distances` in their order) place the box: the sharp ones (not of the
         band-pass family, `blurred`) when one of their scores' excess over its level, as the verdict takes it, would
@@ -925,8 +935,7 @@ class KensaVLReferenceComparison(nn.Module):
 
         def defect_of(m: int, demo: Demo, cached: ReferenceBank | None, members: list[int], level) -> Demo:
             """A defective demo compared with the good bank (`level`: its level): `demo` with its defect, the
-            farthest cells within its label's box if it gives one (`farthest_cells`), and that box's region (or
-            without one, its located region's: `region_descriptor`)."""
+            farthest cells within its label's box if it gives one (`farthest_cells`), and its look (`demo_region`)."""
             found, bank = search(m, cached, members)
             lists = self.bank_lists(cached) if cached is not None and not members else {}
             if found is None:
@@ -935,8 +944,7 @@ class KensaVLReferenceComparison(nn.Module):
             found = self.with_own(query_of(m), found, grid, key_of(m))
             selected = scored_tiles(thumbnail[starts[m] : starts[m + 1]])
             defect = farthest_cells(query_of(m), found, selected, self.encoders, demo.box, grid)
-            box = demo.box or self.locate(found, *grid, level)[0]
-            region = region_descriptor(pixel_values[starts[m] : starts[m + 1]], *grid, box)
+            region = self.demo_region(pixel_values[starts[m] : starts[m + 1]], found, grid, demo.box, level)
             return Demo(demo.name, defect, box=demo.box, region=region)
 
         for row, row_tokens in enumerate(is_image.sum(1).tolist()):

@@ -63,7 +63,7 @@ class Demo:
     defect: dict[str, torch.Tensor] | None = None
     stats: torch.Tensor | None = None
     box: list[float] | None = None  # the label's box (`label_box`), where the defect is looked for
-    region: torch.Tensor | None = None  # `region_descriptor` of the box, or of the located region without one
+    region: torch.Tensor | None = None  # its look: `region_descriptor` of its located region, inside its box
 
     def to(self, device) -> Demo:
         defect = self.defect and {n: c.to(device) for n, c in self.defect.items()}
@@ -163,6 +163,13 @@ def box_cells(box: list[float], rows: int, cols: int, side: int) -> torch.Tensor
     across = (xs[:-1] < max(x1, x0 + 1e-6)) & (xs[1:] > x0)
     down = (ys[:-1] < max(y1, y0 + 1e-6)) & (ys[1:] > y0)
     return cut_tiles(down[:, None] & across[None, :], rows, cols)
+
+
+def within_box(box: list[float], grid, distances: torch.Tensor) -> torch.Tensor:
+    """Which of an image's cells (`distances`' shape, `(n, g, g)`: its `grid` tiles, rows and columns, first) overlap
+    `box` (`box_cells`): a mask of that shape and dtype, 1 inside, 0 outside and on any other tile."""
+    inside = box_cells(box, *grid, distances.shape[-1]).to(distances)
+    return torch.cat([inside, inside.new_zeros(distances.shape[0] - len(inside), *inside.shape[1:])])
 
 
 def cut_tiles(surface: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

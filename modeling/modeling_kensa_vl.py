@@ -39,7 +39,7 @@ from .comparison_kensa_vl import (
     unit_cells,
 )
 from .configuration_kensa_vl import KensaVLConfig, encoder_width
-from .demos_kensa_vl import GATE_START, POINTER_SLOPE, BoxGrammar, Demo, copy_names, farthest_cells, region_descriptor
+from .demos_kensa_vl import GATE_START, POINTER_SLOPE, BoxGrammar, Demo, copy_names, farthest_cells
 from .grading_kensa_vl import GRADE_SLOPE
 from .vision_kensa_vl import (
     KensaVLLayerMerge,
@@ -280,8 +280,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
                 selected, grid = scored_tiles(thumbnail[first:last]), image_grid[index, :2].tolist()
                 found = comparison.with_own(image, found, grid)
                 defect = farthest_cells(image, found, selected, comparison.encoders, box, grid)
-                located = box or comparison.locate(found, *grid, bank.levels)[0]
-                region = region_descriptor(pixel_values[first:last], *grid, located)
+                region = comparison.demo_region(pixel_values[first:last], found, grid, box, bank.levels)
                 bank.demos.append(Demo(name, defect, box=box, region=region))
             if role == "grade" and name:
                 raw = {n: g[first:last] for n, g in grids.items()}

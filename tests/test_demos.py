@@ -110,6 +110,23 @@ def test_a_regions_descriptor_is_its_look_against_the_surround():
     torch.testing.assert_close(found[3:6], inside.std(1, correction=0) - around.std(1, correction=0))
 
 
+def test_an_examples_look_is_read_on_its_located_region_inside_its_box(tiny_dct):
+    """A defective example's look is read as a query's is, on its located region (`locate`), and with a box on the
+    region located inside it: a farther spot outside the box is not where its look is read."""
+    comparison = tiny_dct[0].model.reference_comparison  # SigLIP- and DINOv2-like cells (8 x 8) and DCT cells (16)
+    tiles = torch.rand(1, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    dct = torch.full((1, 16, 16), 1e-3)
+    dct[0, 2, 2] = 0.5  # the farthest cell, outside the box
+    dct[0, 10:12, 10:13] = 0.2  # a nearer spot, inside it
+    distances = [torch.full((1, 8, 8), 1e-3), torch.full((1, 8, 8), 1e-3), dct]
+    levels = torch.full((3,), np.log(1e-3))
+    box = [0.6, 0.6, 0.85, 0.8]
+    inside = comparison.demo_region(tiles, distances, (1, 1), box, levels)
+    torch.testing.assert_close(inside, region_descriptor(tiles, 1, 1, [10 / 16, 10 / 16, 13 / 16, 12 / 16]))
+    free = comparison.demo_region(tiles, distances, (1, 1), None, levels)
+    torch.testing.assert_close(free, region_descriptor(tiles, 1, 1, [2 / 16, 2 / 16, 3 / 16, 3 / 16]))
+
+
 def test_the_region_term_prefers_the_example_that_looks_alike():
     cells = {"dct": torch.nn.functional.normalize(torch.randn(8, 4), dim=-1)}
     dark, bright = (
@@ -136,14 +153,11 @@ def _spotted(seed: int, spots=()):
 def test_the_answer_follows_the_examples_boxes(tiny_dct, copying):
     """One photo with a small and a large dark spot, shown as two named examples whose boxes mark one spot each: the
     example the query is named after is the one boxed on the same spot whichever name it carries, so swapping the
-    boxes swaps the name. Each example's region is its box's (`region_descriptor`), not its located region."""
-    from kensa_vl.modeling.demos_kensa_vl import region_descriptor
-
+    boxes swaps the name. Each example's look is read inside its box (`demo_region`)."""
     model, processor = tiny_dct
     good = [support_item(_spotted(seed)) for seed in range(3)]
     spots = [((30, 40), 12), ((120, 110), 80)]
     photo, query = _spotted(4, spots), _spotted(10, [((20, 30), 76)])
-    tiles = processor.image_processor([photo], return_tensors="pt")
     chosen = []
     for order in ([0, 1], [1, 0]):
         boxes = [[[x, y, x + side, y + side]] for (x, y), side in (spots[i] for i in order)]
@@ -152,9 +166,9 @@ def test_the_answer_follows_the_examples_boxes(tiny_dct, copying):
         inspector = Inspector(model, processor, threshold=0.0, max_new_tokens=12)
         inspector.set_support(good + demos)
         for demo, (box,) in zip(inspector._bank.demos, boxes, strict=True):
-            fractions = processor.text_to_boxes(processor.boxes_to_text([box], 224, 224), 1, 1)[0]  # as binned
-            expected = region_descriptor(tiles["pixel_values"], *tiles["image_grid"][0, :2].tolist(), fractions)
-            torch.testing.assert_close(demo.region, expected)
+            # 112 px tiles of 8 cells on the coarsest encoder: its look is read inside the cells under the box
+            cells = box_cells([v / 224 for v in box], 2, 2, 8)
+            assert demo.region[6] <= np.log(cells.sum() / cells.numel()) + 1e-6
         result = inspector.judge(query)[0]
         spot = order[result.example - 4]  # examples 1-3 are good
         assert result.text.startswith(f"defective: {['zorbik', 'キズ'][result.example - 4]} at"), result.text
