@@ -674,6 +674,9 @@ class KensaVLReferenceComparison(nn.Module):
         # the band-pass family's cells are blurred over their surround: where a sharp encoder found the defect, its
         # cells place the box (`finder`)
         self.blurred = [entries[n]["config"]["model_type"] == BANDPASS_MODEL_TYPE for n in self.encoders]
+        # the encoders whose cells say which example a defect is like, beside the region's look: the sharp ones, all
+        # when all are of one kind (the blurred ones measure what the look does: docs/naming-by-example.md)
+        self.naming = [n for n, b in zip(self.encoders, self.blurred, strict=True) if not b] or list(self.encoders)
         self.token_side = config.token_side
         width = config.text_config.hidden_size
         inputs = self.PER_ENCODER * len(self.encoders)
@@ -995,6 +998,7 @@ class KensaVLReferenceComparison(nn.Module):
                                 query_of(image), nearest[image], scored_tiles(thumbnail[first:last]), self.encoders
                             )
                             region = region_descriptor(pixel_values[first:last], *rows_cols, located)
+                            suspect = {n: suspect[n] for n in self.naming}
                             similarity = torch.stack([match_similarity(suspect, d.defect, (region, d.region))
                                                       for d in named])  # fmt: skip
                             copy.names = [d.name for d in named]

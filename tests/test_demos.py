@@ -127,6 +127,27 @@ def test_an_examples_look_is_read_on_its_located_region_inside_its_box(tiny_dct)
     torch.testing.assert_close(free, region_descriptor(tiles, 1, 1, [2 / 16, 2 / 16, 3 / 16, 3 / 16]))
 
 
+def test_which_example_a_query_is_like_is_read_on_the_sharp_cells(test_split, monkeypatch):
+    """With sharp (DCT) and blurred (band-pass, contrast) cells compared, the query's defect cells are matched with
+    the examples' on the sharp ones alone: the blurred ones measure what the region's look does. One kind: all."""
+    from kensa_vl.modeling import comparison_kensa_vl
+    from kensa_vl.train.build import build_tiny
+
+    compared = ["dct", "bandpass", "contrast"]
+    model, processor = build_tiny(tile_size=112, max_tiles=4, dct=True, bandpass=True, contrast=True,
+                                  reference_comparison=True, reference_encoders=compared)  # fmt: skip
+    seen, match = [], comparison_kensa_vl.match_similarity
+    monkeypatch.setattr(comparison_kensa_vl, "match_similarity", lambda q, *a: seen.append(set(q)) or match(q, *a))
+    inspector = Inspector(model.eval(), processor, max_new_tokens=4)
+    inspector.set_support(_support(test_split, ["zorbik", "キズ"]))
+    inspector.judge(test_split[_rows(test_split, "defective", 1, skip=3)[0]]["image"])
+    assert seen == [{"dct"}, {"dct"}]  # one match per named example
+    assert model.model.reference_comparison.naming == ["dct"]
+    blurred_only = build_tiny(tile_size=112, max_tiles=4, dct=True, bandpass=True, reference_comparison=True,
+                          reference_encoders=["bandpass"])[0]  # fmt: skip
+    assert blurred_only.model.reference_comparison.naming == ["bandpass"]  # all of one kind: all of them
+
+
 def test_the_region_term_prefers_the_example_that_looks_alike():
     cells = {"dct": torch.nn.functional.normalize(torch.randn(8, 4), dim=-1)}
     dark, bright = (
