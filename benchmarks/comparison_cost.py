@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kensa_vl.eval.measure import machine, timed
-from kensa_vl.modeling.comparison_kensa_vl import nearest_distances
+from kensa_vl.modeling.search_kensa_vl import nearest_distances
 
 SHAPES = {"main job (112 px tiles)": (5, 16), "448 px tiles": (10, 64)}
 

@@ -36,11 +36,11 @@ from kensa_vl.modeling.comparison_kensa_vl import (
     VERDICT_MARGIN,
     distance_map,
     image_scores,
-    nearest_distances,
     over_levels,
     peak_region_box,
     stitch_tiles,
 )
+from kensa_vl.modeling.search_kensa_vl import nearest_distances
 from kensa_vl.train.data.synth import load_synth
 
 

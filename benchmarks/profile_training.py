@@ -26,7 +26,7 @@ from kensa_vl.eval.measure import machine
 # the comparison, TRL's log-probabilities' backward part of the backward pass)
 PARTS = {
     "the comparison (`compare_prompt`)": ("comparison_kensa_vl.py", "compare_prompt"),
-    "exact nearest-cell searches": ("comparison_kensa_vl.py", "exact_similarity"),
+    "exact nearest-cell searches": ("search_kensa_vl.py", "exact_similarity"),
     "the photo's own cells (`own_nearest`)": ("comparison_kensa_vl.py", "own_nearest"),
     "towers (`encode_tiles`)": ("vision_kensa_vl.py", "encode_tiles"),
     "backward pass": ("torch/autograd/graph.py", "_engine_run_backward"),

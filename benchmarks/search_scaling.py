@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from kensa_vl.eval.evaluate import evaluate
 from kensa_vl.eval.inspector import load_pretrained
 from kensa_vl.eval.measure import machine, timed
-from kensa_vl.modeling.comparison_kensa_vl import InvertedLists, coreset, nearest_distances
+from kensa_vl.modeling.search_kensa_vl import InvertedLists, coreset, nearest_distances
 from kensa_vl.train.data.synth import load_synth
 
 

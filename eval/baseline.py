@@ -25,11 +25,11 @@ from kensa_vl.modeling.comparison_kensa_vl import (
     LOG_FLOOR,
     distance_map,
     map_box,
-    nearest_distances,
     patch_distances,
     pooled_distances,
     scored_tiles,
 )
+from kensa_vl.modeling.search_kensa_vl import nearest_distances
 
 from .inspector import Judgement, pixel_box, pixel_heatmap
 from .support_check import compared_features

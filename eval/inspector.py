@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicLayer
 
-from kensa_vl.modeling import comparison_kensa_vl
+from kensa_vl.modeling import search_kensa_vl
 from kensa_vl.modeling.demos_kensa_vl import MAX_NAME_TOKENS, prompt_labels
 from kensa_vl.modeling.modeling_kensa_vl import CACHE_KEY
 from kensa_vl.processing.image_processing_kensa_vl import select_tile_grid, to_rgb
@@ -236,9 +236,10 @@ def shared_searches(model):
     of this package's code (the kNN baseline's) while the block runs: an evaluation that meets the same query and
     support photos again (the baseline after the model, the same examples under other names) searches them once and
     gets the same answers. A model whose code has no memo (saved by an older version) searches as before."""
-    own = sys.modules.get(type(model).__module__.rsplit(".", 1)[0] + ".comparison_kensa_vl")
-    memo = comparison_kensa_vl.SearchMemo()
-    active = [m for m in {comparison_kensa_vl, own} if m is not None and hasattr(m, "SearchMemo")]
+    package = type(model).__module__.rsplit(".", 1)[0]  # its memo's module: before 2026-12-06 the comparison's
+    own = [sys.modules.get(f"{package}.{name}") for name in ("search_kensa_vl", "comparison_kensa_vl")]
+    memo = search_kensa_vl.SearchMemo()
+    active = [m for m in {search_kensa_vl, *own} if m is not None and hasattr(m, "SearchMemo")]
     previous = [m.SearchMemo.current for m in active]
     for module in active:
         module.SearchMemo.current = memo

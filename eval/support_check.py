@@ -34,13 +34,13 @@ import torch
 
 from kensa_vl.modeling.comparison_kensa_vl import (
     LOG_FLOOR,
-    nearest_distances,
     product_cells,
     product_mask,
     scored_tiles,
     thumbnail_tiles,
     unit_cells,
 )
+from kensa_vl.modeling.search_kensa_vl import nearest_distances
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 
 UNLIKE_MARGIN = 0.75  # e^0.75 = 2.1 times as far

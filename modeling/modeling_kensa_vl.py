@@ -31,8 +31,6 @@ from .comparison_kensa_vl import (
     VERDICT_SLOPE,
     KensaVLReferenceComparison,
     ReferenceBank,
-    coreset,
-    nearest_distances,
     reference_view,
     scored_tiles,
     thumbnail_tiles,
@@ -41,6 +39,7 @@ from .comparison_kensa_vl import (
 from .configuration_kensa_vl import KensaVLConfig, encoder_width
 from .demos_kensa_vl import GATE_START, POINTER_SLOPE, BoxGrammar, Demo, copy_names, farthest_cells
 from .grading_kensa_vl import GRADE_SLOPE
+from .search_kensa_vl import coreset, nearest_distances
 from .vision_kensa_vl import (
     KensaVLLayerMerge,
     KensaVLProjector,

@@ -64,7 +64,7 @@ def test_bandpass_encoder_sees_a_faint_smooth_smear_that_the_dct_cells_do_not():
     outside the good photos' spread in the band-pass cells and inside it in the DCT cells."""
     import torch.nn.functional as F
 
-    from kensa_vl.modeling.comparison_kensa_vl import nearest_distances
+    from kensa_vl.modeling.search_kensa_vl import nearest_distances
     from kensa_vl.modeling.vision_kensa_vl import KensaVLBandPassEncoder, KensaVLDCTEncoder
 
     ratios = {}
@@ -110,7 +110,7 @@ def test_contrast_plane_sees_a_softened_texture_that_brightness_and_colour_do_no
     it in the luma and chroma planes."""
     import torch.nn.functional as F
 
-    from kensa_vl.modeling.comparison_kensa_vl import nearest_distances
+    from kensa_vl.modeling.search_kensa_vl import nearest_distances
     from kensa_vl.modeling.vision_kensa_vl import KensaVLBandPassEncoder
 
     ratios = {}
@@ -129,7 +129,7 @@ def test_log_colour_ratios_see_a_yellowing_on_a_dark_surface_as_on_a_pale_one():
     moves with the brightness, and the dark surface's hides it."""
     import torch.nn.functional as F
 
-    from kensa_vl.modeling.comparison_kensa_vl import nearest_distances
+    from kensa_vl.modeling.search_kensa_vl import nearest_distances
     from kensa_vl.modeling.vision_kensa_vl import KensaVLBandPassEncoder
 
     def surface(seed, tone, yellowed=0.0):
@@ -689,7 +689,7 @@ def test_the_baseline_boxes_each_encoder_against_its_own_level(synth_dir):
 def test_nearest_distances_in_blocks_equal_the_full_matrix():
     import torch.nn.functional as F
 
-    from kensa_vl.modeling.comparison_kensa_vl import nearest_distances
+    from kensa_vl.modeling.search_kensa_vl import nearest_distances
 
     torch.manual_seed(0)
     query, bank = F.normalize(torch.randn(3, 5, 5, 8), dim=-1), F.normalize(torch.randn(50, 8), dim=-1)
@@ -709,7 +709,7 @@ def _clustered_cells(count: int, seed: int) -> torch.Tensor:
 
 
 def test_the_approximate_search_finds_the_exact_neighbours_it_probes():
-    from kensa_vl.modeling.comparison_kensa_vl import LIST_CELLS, nearest_distances
+    from kensa_vl.modeling.search_kensa_vl import LIST_CELLS, nearest_distances
 
     bank, query = _clustered_cells(32 * LIST_CELLS, 1), _clustered_cells(2048, 2).view(8, 16, 16, 16)
     exact = nearest_distances(query, bank)
@@ -727,7 +727,7 @@ def test_the_approximate_search_finds_the_exact_neighbours_it_probes():
 def test_a_coreset_covers_every_cluster_of_cells_and_keeps_its_share():
     import torch.nn.functional as F
 
-    from kensa_vl.modeling.comparison_kensa_vl import coreset, exact_similarity
+    from kensa_vl.modeling.search_kensa_vl import coreset, exact_similarity
 
     generator = torch.Generator().manual_seed(0)
     centres = F.normalize(torch.randn(64, 16, generator=generator), dim=-1)
@@ -756,12 +756,12 @@ def test_reference_coreset_is_checked(tiny_dct):
 
 
 def test_the_comparison_searches_approximately_beyond_exact_search_cells(tiny_dct, monkeypatch):
-    from kensa_vl.modeling import comparison_kensa_vl
+    from kensa_vl.modeling import comparison_kensa_vl, search_kensa_vl
 
     comparison = tiny_dct[0].model.reference_comparison
     calls = []
-    search = comparison_kensa_vl.inverted_file_similarity
-    monkeypatch.setattr(comparison_kensa_vl, "inverted_file_similarity", lambda *a: calls.append(1) or search(*a))
+    search = search_kensa_vl.inverted_file_similarity
+    monkeypatch.setattr(search_kensa_vl, "inverted_file_similarity", lambda *a: calls.append(1) or search(*a))
     bank, query = _clustered_cells(16 * 256, 3), _clustered_cells(512, 4).view(2, 16, 16, 16)
     monkeypatch.setattr(comparison.config, "exact_search_cells", len(bank))
     exact = comparison.nearest(query, bank)
@@ -776,7 +776,7 @@ def test_the_comparison_searches_approximately_beyond_exact_search_cells(tiny_dc
     meta = comparison.nearest(query.to("meta"), bank.to("meta"))
     assert not calls and meta.shape == exact.shape
     assert comparison.bank_lists(comparison_kensa_vl.ReferenceBank({"dct": bank.to("meta")}, torch.zeros(0))) is None
-    assert comparison_kensa_vl.search_chunk(torch.device("cuda")) > comparison_kensa_vl.search_chunk(bank.device)
+    assert search_kensa_vl.search_chunk(torch.device("cuda")) > search_kensa_vl.search_chunk(bank.device)
 
 
 def test_the_verdict_logit_sets_the_odds_where_the_answer_starts(tiny_dct):
@@ -833,7 +833,8 @@ def test_in_training_the_verdict_odds_sit_before_the_answers_first_token(tiny_dc
 
 
 def test_a_banks_lists_are_built_once_and_search_as_lists_built_anew():
-    from kensa_vl.modeling.comparison_kensa_vl import ReferenceBank, nearest_distances
+    from kensa_vl.modeling.comparison_kensa_vl import ReferenceBank
+    from kensa_vl.modeling.search_kensa_vl import nearest_distances
 
     bank = ReferenceBank({"dct": _clustered_cells(32 * 256, 1)})
     lists = bank.inverted_lists("dct")
@@ -847,7 +848,7 @@ def test_a_banks_lists_are_built_once_and_search_as_lists_built_anew():
 def test_pair_cache_gives_the_same_comparison_and_searches_a_pair_once(monkeypatch):
     """Training's `PairCache`: the search against several references is the max over pairs, so results equal the
     joint search; a prompt seen again searches nothing and makes no bank cells; the byte budget holds."""
-    from kensa_vl.modeling.comparison_kensa_vl import PairCache
+    from kensa_vl.modeling.search_kensa_vl import PairCache
     from kensa_vl.train.build import build_tiny
 
     model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True,
@@ -887,7 +888,7 @@ def test_pair_cache_keeps_each_images_own_distances(monkeypatch):
     """An encoder compared with the photo itself (`own_window`: the band-pass cells) searches each image's own cells
     once while training's `PairCache` is set; the outputs equal those computed without it."""
     from kensa_vl.modeling import comparison_kensa_vl
-    from kensa_vl.modeling.comparison_kensa_vl import PairCache
+    from kensa_vl.modeling.search_kensa_vl import PairCache
     from kensa_vl.train.build import build_tiny
 
     model, processor = build_tiny(tile_size=112, max_tiles=4, reference_comparison=True, dct=True, bandpass=True,

@@ -261,8 +261,8 @@ def test_the_training_profile_sums_each_part_by_its_file_and_function():
     from benchmarks.profile_training import PARTS, part_seconds
 
     rows = {  # pstats' (file, line, function) -> (calls, primitive calls, own time, cumulative time, callers)
-        ("/repo/modeling/comparison_kensa_vl.py", 188, "exact_similarity"): (3, 3, 0.5, 1.5, {}),
-        ("/cache/transformers_modules/m/comparison_kensa_vl.py", 188, "exact_similarity"): (1, 1, 0.1, 0.5, {}),
+        ("/repo/modeling/search_kensa_vl.py", 188, "exact_similarity"): (3, 3, 0.5, 1.5, {}),
+        ("/cache/transformers_modules/m/search_kensa_vl.py", 188, "exact_similarity"): (1, 1, 0.1, 0.5, {}),
         ("/repo/benchmarks/search_scaling.py", 20, "exact_similarity"): (1, 1, 4.0, 4.0, {}),
         ("/repo/modeling/comparison_kensa_vl.py", 648, "compare_prompt"): (1, 1, 0.2, 2.5, {}),
         ("/site/torch/autograd/graph.py", 966, "_engine_run_backward"): (1, 1, 0.7, 0.75, {}),

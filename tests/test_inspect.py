@@ -214,7 +214,7 @@ def test_the_other_category_control_counts_the_queries_called_unlike_the_example
 
 
 def test_a_cached_support_sets_lists_serve_every_query(tiny_comparison, synth, monkeypatch):
-    from kensa_vl.modeling import comparison_kensa_vl
+    from kensa_vl.modeling import search_kensa_vl
 
     model, processor = tiny_comparison
     test = synth["test"]
@@ -222,8 +222,8 @@ def test_a_cached_support_sets_lists_serve_every_query(tiny_comparison, synth, m
     exact = Inspector(model, processor, max_new_tokens=0)
     exact.set_support(_support(test))
     expected = [j.heatmap for j in exact.judge(queries)]
-    builds, build = [], comparison_kensa_vl.InvertedLists.build
-    monkeypatch.setattr(comparison_kensa_vl.InvertedLists, "build", lambda bank: builds.append(1) or build(bank))
+    builds, build = [], search_kensa_vl.InvertedLists.build
+    monkeypatch.setattr(search_kensa_vl.InvertedLists, "build", lambda bank: builds.append(1) or build(bank))
     monkeypatch.setattr(model.config, "exact_search_cells", 1000)  # every bank is large: search approximately
     approximate = Inspector(model, processor, max_new_tokens=0)
     approximate.set_support(_support(test))
@@ -295,7 +295,7 @@ def test_a_large_support_bank_builds_its_lists_once_for_its_own_scores_and_every
 ):
     """Above the exact search's size, `support_bank` builds the lists over the whole set once, scores each support
     against its predecessors in them (`InvertedLists.head`), and the queries search the same lists."""
-    from kensa_vl.modeling import comparison_kensa_vl
+    from kensa_vl.modeling import search_kensa_vl
 
     model, processor = tiny_comparison
     test = synth["test"]
@@ -303,10 +303,8 @@ def test_a_large_support_bank_builds_its_lists_once_for_its_own_scores_and_every
     exact.set_support(_support(test))
     queries = [test[i]["image"] for i in (5, 6)]
     expected = [j.heatmap for j in exact.judge(queries)]
-    builds, build = [], comparison_kensa_vl.InvertedLists.build
-    monkeypatch.setattr(
-        comparison_kensa_vl.InvertedLists, "build", lambda bank: builds.append(len(bank)) or build(bank)
-    )
+    builds, build = [], search_kensa_vl.InvertedLists.build
+    monkeypatch.setattr(search_kensa_vl.InvertedLists, "build", lambda bank: builds.append(len(bank)) or build(bank))
     monkeypatch.setattr(model.config, "exact_search_cells", 1000)  # every bank is large: search approximately
     approximate = Inspector(model, processor, max_new_tokens=0, support_max_tiles=1)
     approximate.set_support(_support(test))

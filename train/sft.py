@@ -21,8 +21,8 @@ import torch
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from kensa_vl.modeling.comparison_kensa_vl import PairCache
 from kensa_vl.modeling.configuration_kensa_vl import REFERENCE_VIEWS, check_views
+from kensa_vl.modeling.search_kensa_vl import PairCache
 from kensa_vl.modeling.vision_kensa_vl import freeze_unread, read_layers
 from kensa_vl.processing.processing_kensa_vl import structure_tokens
 from kensa_vl.train.build import TRAINING_RECORD
