@@ -484,6 +484,12 @@ class KensaVLReferenceComparison(nn.Module):
             distances = [d * within_box(box, grid, d) for d in distances]
         return region_descriptor(tiles, *grid, self.locate(distances, *grid, levels)[0])
 
+    def defect_cells(self, cells: dict, distances: list[torch.Tensor], selected: torch.Tensor, box=None, grid=None):
+        """`farthest_cells` of an image (its unit `cells` per compared encoder, its `distances` in their order) on
+        the encoders whose cells say which example a defect is like (`naming`): what `match_similarity` compares."""
+        keep = [distances[self.encoders.index(n)] for n in self.naming]
+        return farthest_cells(cells, keep, selected, self.naming, box, grid)
+
     def finder(self, distances: list[torch.Tensor], rows: int, cols: int, levels: torch.Tensor, excess) -> list[int]:
         """Which of the locating encoders (`distances` in their order) place the box: the sharp ones (not of the
         band-pass family, `blurred`) when one of their scores' excess over its level, as the verdict takes it, would
@@ -675,7 +681,7 @@ class KensaVLReferenceComparison(nn.Module):
             grid = image_grid[m, :2].tolist()
             found = self.with_own(query_of(m), found, grid, key_of(m))
             selected = scored_tiles(thumbnail[starts[m] : starts[m + 1]])
-            defect = farthest_cells(query_of(m), found, selected, self.encoders, demo.box, grid)
+            defect = self.defect_cells(query_of(m), found, selected, demo.box, grid)
             region = self.demo_region(pixel_values[starts[m] : starts[m + 1]], found, grid, demo.box, level)
             return Demo(demo.name, defect, box=demo.box, region=region)
 
@@ -723,11 +729,10 @@ class KensaVLReferenceComparison(nn.Module):
                         # the query's located box: what the answer copies, and the region its look is read on
                         located = self.locate(nearest[image], *rows_cols, level)[0] if named or boxed else None
                         if named:
-                            suspect = farthest_cells(
-                                query_of(image), nearest[image], scored_tiles(thumbnail[first:last]), self.encoders
+                            suspect = self.defect_cells(
+                                query_of(image), nearest[image], scored_tiles(thumbnail[first:last])
                             )
                             region = region_descriptor(pixel_values[first:last], *rows_cols, located)
-                            suspect = {n: suspect[n] for n in self.naming}
                             similarity = torch.stack([match_similarity(suspect, d.defect, (region, d.region))
                                                       for d in named])  # fmt: skip
                             copy.names = [d.name for d in named]

@@ -7,8 +7,9 @@ and a pointer from a query to the defective example it resembles, whose name the
   masked by it.
 - Each defective demo is searched against the good bank: its DEFECT_CELLS farthest cells are its defect, within the
   box its label gives when it gives one (`label_box`: the user said where the defect is). A query's
-  own farthest cells are compared with each demo's defect (`match_similarity`): the nearer, the likelier it shows
-  that defect.
+  own farthest cells are compared with each demo's defect, on the sharp encoders' cells
+  (`KensaVLReferenceComparison.defect_cells`), and its look with the demo's (`region_descriptor`, `match_similarity`):
+  the nearer, the likelier it shows that defect.
 - `DemoPointer` turns those similarities into a pointer over the demos and a gate, and `copy_names` makes a
   pointer-generator (See et al., 2017) of the answer's name: after `defective`, the next token's probability mixes
   the language model's with the next token of each demo's label (`: <name>`, up to its " at") that agrees with what

@@ -37,7 +37,7 @@ from .comparison_kensa_vl import (
     unit_cells,
 )
 from .configuration_kensa_vl import KensaVLConfig, encoder_width
-from .demos_kensa_vl import GATE_START, POINTER_SLOPE, BoxGrammar, Demo, copy_names, farthest_cells
+from .demos_kensa_vl import GATE_START, POINTER_SLOPE, BoxGrammar, Demo, copy_names
 from .grading_kensa_vl import GRADE_SLOPE
 from .search_kensa_vl import coreset, nearest_distances
 from .vision_kensa_vl import (
@@ -278,7 +278,7 @@ class KensaVLModel(KensaVLPreTrainedModel):
                 found = [comparison.nearest(image[n], bank.cells[n], lists.get(n)) for n in comparison.encoders]
                 selected, grid = scored_tiles(thumbnail[first:last]), image_grid[index, :2].tolist()
                 found = comparison.with_own(image, found, grid)
-                defect = farthest_cells(image, found, selected, comparison.encoders, box, grid)
+                defect = comparison.defect_cells(image, found, selected, box, grid)
                 region = comparison.demo_region(pixel_values[first:last], found, grid, box, bank.levels)
                 bank.demos.append(Demo(name, defect, box=box, region=region))
             if role == "grade" and name:
