@@ -490,6 +490,13 @@ class KensaVLReferenceComparison(nn.Module):
         keep = [distances[self.encoders.index(n)] for n in self.naming]
         return farthest_cells(cells, keep, selected, self.naming, box, grid)
 
+    def shown_demo(self, name, box, cells: dict, distances: list, tiles, thumbnail, grid, levels) -> Demo:
+        """A defective demo as the pointer reads it: a `Demo` of its `name` and `box` with its defect cells
+        (`defect_cells`, within the box) and its look (`demo_region`), from its unit `cells` per compared encoder, its
+        `distances` from the good bank (`with_own` applied), its `tiles`, their `thumbnail` flags and its `grid`."""
+        defect = self.defect_cells(cells, distances, scored_tiles(thumbnail), box, grid)
+        return Demo(name, defect, box=box, region=self.demo_region(tiles, distances, grid, box, levels))
+
     def finder(self, distances: list[torch.Tensor], rows: int, cols: int, levels: torch.Tensor, excess) -> list[int]:
         """Which of the locating encoders (`distances` in their order) place the box: the sharp ones (not of the
         band-pass family, `blurred`) when one of their scores' excess over its level, as the verdict takes it, would
@@ -673,17 +680,17 @@ class KensaVLReferenceComparison(nn.Module):
 
         def defect_of(m: int, demo: Demo, cached: ReferenceBank | None, members: list[int], level) -> Demo:
             """A defective demo compared with the good bank (`level`: its level): `demo` with its defect, the
-            farthest cells within its label's box if it gives one (`farthest_cells`), and its look (`demo_region`)."""
+            farthest cells within its label's box if it gives one, and its look (`shown_demo`)."""
             found, bank = search(m, cached, members)
             lists = self.bank_lists(cached) if cached is not None and not members else {}
             if found is None:
                 found = [self.nearest(query_of(m)[n], bank[n], (lists or {}).get(n)) for n in self.encoders]
             grid = image_grid[m, :2].tolist()
             found = self.with_own(query_of(m), found, grid, key_of(m))
-            selected = scored_tiles(thumbnail[starts[m] : starts[m + 1]])
-            defect = self.defect_cells(query_of(m), found, selected, demo.box, grid)
-            region = self.demo_region(pixel_values[starts[m] : starts[m + 1]], found, grid, demo.box, level)
-            return Demo(demo.name, defect, box=demo.box, region=region)
+            a, b = starts[m], starts[m + 1]
+            return self.shown_demo(
+                demo.name, demo.box, query_of(m), found, pixel_values[a:b], thumbnail[a:b], grid, level
+            )
 
         for row, row_tokens in enumerate(is_image.sum(1).tolist()):
             positions = is_image[row].nonzero().flatten()

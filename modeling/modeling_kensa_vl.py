@@ -32,7 +32,6 @@ from .comparison_kensa_vl import (
     KensaVLReferenceComparison,
     ReferenceBank,
     reference_view,
-    scored_tiles,
     thumbnail_tiles,
     unit_cells,
 )
@@ -276,11 +275,10 @@ class KensaVLModel(KensaVLPreTrainedModel):
             if role == "defective" and good:
                 image = {n: f[first:last] for n, f in features.items()}
                 found = [comparison.nearest(image[n], bank.cells[n], lists.get(n)) for n in comparison.encoders]
-                selected, grid = scored_tiles(thumbnail[first:last]), image_grid[index, :2].tolist()
+                grid = image_grid[index, :2].tolist()
                 found = comparison.with_own(image, found, grid)
-                defect = comparison.defect_cells(image, found, selected, box, grid)
-                region = comparison.demo_region(pixel_values[first:last], found, grid, box, bank.levels)
-                bank.demos.append(Demo(name, defect, box=box, region=region))
+                tiles, flags = pixel_values[first:last], thumbnail[first:last]
+                bank.demos.append(comparison.shown_demo(name, box, image, found, tiles, flags, grid, bank.levels))
             if role == "grade" and name:
                 raw = {n: g[first:last] for n, g in grids.items()}
                 bank.graded.append(Demo(name, stats=comparison.statistics(pixel_values[first:last], raw,
