@@ -8,8 +8,8 @@ and a pointer from a query to the defective example it resembles, whose name the
 - Each defective demo is searched against the good bank: its DEFECT_CELLS farthest cells are its defect, within the
   box its label gives when it gives one (`label_box`: the user said where the defect is). A query's
   own farthest cells are compared with each demo's defect, on the sharp encoders' cells
-  (`KensaVLReferenceComparison.defect_cells`), and its look with the demo's (`region_descriptor`, `match_similarity`):
-  the nearer, the likelier it shows that defect.
+  (`KensaVLReferenceComparison.defect_cells`), and its look and form with the demo's (`region_descriptor`,
+  `match_similarity`): the nearer, the likelier it shows that defect.
 - `DemoPointer` turns those similarities into a pointer over the demos and a gate, and `copy_names` makes a
   pointer-generator (See et al., 2017) of the answer's name: after `defective`, the next token's probability mixes
   the language model's with the next token of each demo's label (`: <name>`, up to its " at") that agrees with what
@@ -43,6 +43,11 @@ DEFECT_CELLS = 8  # a demo's defect and a query's suspect region: their farthest
 REGION_SCALE = (10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 0.5, 0.5)
 REGION_SHARE = 0.5
 REGION_RING = 0.5  # the surround: a ring this share of the region's longer side wide (at least 2% of the image)
+# a region's form (`region_form`): the cosine similarity a unit of difference costs, per unit of its fill,
+# elongation, log edge ratio and edge coherence (each a share over about its spread across KensaSynth's training
+# defects: 0.2, 0.3, 0.8, 0.3). Added to the look's cost, not inside its norm: there the colour terms drown them.
+FORM_COST = (0.5 / 0.2, 0.5 / 0.3, 0.25 / 0.8, 0.25 / 0.3)
+FORM_DEVIATION = 2.5  # a pixel unlike the surround: this far from its mean, in its standard deviations (RGB norm)
 MAX_NAME_TOKENS = 32  # a longer `: ... at` span is not read as a name
 LABEL_WINDOW = 4  # the label's ':' comes within this many tokens of its first ("defect" "ive" ":" in some tokenizers)
 POINTER_SLOPE = 20.0  # pointer logit per unit of cosine similarity at the start: 0.05 closer is e times likelier
@@ -201,8 +206,8 @@ def region_descriptor(tiles: torch.Tensor, rows: int, cols: int, box: list[float
     """What a region looks like against its surround, from an image's tiles in [0, 1] (`rows` x `cols` grid tiles
     first, as the processor cuts them) and its `box` (`[x0, y0, x1, y1]` fractions): per RGB channel the mean
     inside the box minus the mean in a ring around it (REGION_RING), the same for the standard deviation (texture
-    contrast), then the log of the box's share of the image and the absolute log of its aspect: `(8,)` float32.
-    Only the tiles under the box and its ring are read."""
+    contrast), the log of the box's share of the image and the absolute log of its aspect, then its form
+    (`region_form`): `(12,)` float32. Only the tiles under the box and its ring are read."""
     side = tiles.shape[-1]
     h, w = rows * side, cols * side
     x0, y0 = min(int(box[0] * w), w - 1), min(int(box[1] * h), h - 1)
@@ -211,27 +216,59 @@ def region_descriptor(tiles: torch.Tensor, rows: int, cols: int, box: list[float
     top, bottom, left, right = max(0, y0 - ring), min(h, y1 + ring), max(0, x0 - ring), min(w, x1 + ring)
     r0, r1, c0, c1 = top // side, -(-bottom // side), left // side, -(-right // side)  # the tiles under them
     grid = tiles[: rows * cols].reshape(rows, cols, 3, side, side)[r0:r1, c0:c1].permute(2, 0, 3, 1, 4)
-    window = grid.reshape(3, (r1 - r0) * side, (c1 - c0) * side)
+    window = grid.reshape(3, (r1 - r0) * side, (c1 - c0) * side).float()
     window = window[:, top - r0 * side : bottom - r0 * side, left - c0 * side : right - c0 * side]
-    a, b, c, d = y0 - top, y1 - top, x0 - left, x1 - left  # the box within the window
-    inside = window[:, a:b, c:d].reshape(3, -1)
-    strips = [window[:, :a], window[:, b:], window[:, a:b, :c], window[:, a:b, d:]]  # the ring, cut at the edges
-    around = torch.cat([strip.reshape(3, -1) for strip in strips], 1)
-    around = around if around.shape[1] else inside  # a box over the whole image has no ring
-    (std_in, mean_in), (std_out, mean_out) = (torch.std_mean(x.float(), 1, correction=0) for x in (inside, around))
+    inside = torch.zeros(window.shape[1:], dtype=torch.bool, device=window.device)
+    inside[y0 - top : y1 - top, x0 - left : x1 - left] = True  # the box within the window; the rest is the ring
+    around = ~inside if (~inside).any() else inside  # a box over the whole image has no ring
+    (std_in, mean_in), (std_out, mean_out) = (torch.std_mean(window[:, m], 1, correction=0) for m in (inside, around))
     shape = torch.tensor([math.log((x1 - x0) * (y1 - y0) / (h * w)), abs(math.log((x1 - x0) / (y1 - y0)))])
-    return torch.cat([mean_in - mean_out, std_in - std_out, shape.to(tiles.device)])
+    form = region_form(window, inside, around, mean_out, std_out)
+    return torch.cat([mean_in - mean_out, std_in - std_out, shape.to(window.device), form])
+
+
+def region_form(window: torch.Tensor, inside: torch.Tensor, around: torch.Tensor, mean: torch.Tensor, std):
+    """A region's form, which its colour does not say (a thin line and a blot of the same tint differ here): of the
+    box's pixels unlike the surround (FORM_DEVIATION from its `mean` in its `std`, or beyond the box's median when
+    more are; its farthest tenth when fewer than 3), their share of the box (fill) and their elongation (1 - the
+    square root of their spread's minor over major axis: 0 a disc, 1 a line); the log of the mean edge strength
+    (Sobel) in the box over that in the ring; and the edges' coherence in the box (structure tensor: 0 edges every
+    way, 1 all along one direction). From the `window` `(3, H, W)` and its `inside` (the box) and `around` (the
+    ring) masks: `(4,)` float32."""
+    box = inside.nonzero()
+    (a, c), (b, d) = box.min(0).values.tolist(), (box.max(0).values + 1).tolist()
+    z = (window[:, a:b, c:d] - mean[:, None, None]) / (std[:, None, None] + 0.02)
+    deviation = z.square().sum(0).sqrt()
+    marked = deviation > max(FORM_DEVIATION, deviation.flatten().quantile(0.5).item())
+    if marked.sum() < 3:
+        marked = deviation >= deviation.flatten().quantile(0.9)
+    ys, xs = marked.nonzero(as_tuple=True)
+    elongation = torch.zeros((), device=window.device)
+    if len(xs) > 2:
+        low, high = torch.linalg.eigvalsh(torch.cov(torch.stack([xs, ys]).float())).clamp_min(1e-6)
+        elongation = 1 - (low / high).sqrt()
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=window.device)
+    grey = F.pad(window.mean(0)[None, None], (1, 1, 1, 1), mode="replicate")
+    gx, gy = (F.conv2d(grey, k[None, None])[0, 0] for k in (sobel, sobel.T))
+    strength = torch.hypot(gx, gy)
+    edge = torch.log((strength[inside].mean() + 1e-4) / (strength[around].mean() + 1e-4))
+    xx, yy, xy = (gx * gx)[inside].mean(), (gy * gy)[inside].mean(), (gx * gy)[inside].mean()
+    coherence = torch.sqrt((xx - yy) ** 2 + 4 * xy**2) / (xx + yy + 1e-9)
+    return torch.stack([marked.float().mean(), elongation, edge, coherence])
 
 
 def match_similarity(query: dict[str, torch.Tensor], defect: dict[str, torch.Tensor], regions=(None, None)):
     """How near a query's farthest cells lie to a demo's defect: per encoder, each query cell's largest cosine
     similarity to a defect cell, averaged over the cells and the encoders (a scalar); with both `regions` (the
-    query's and the demo's `region_descriptor`), minus REGION_SHARE times their distance in REGION_SCALE units."""
+    query's and the demo's `region_descriptor`), minus REGION_SHARE times the distance of their looks in
+    REGION_SCALE units and the FORM_COST of each difference of their forms."""
     similarity = torch.stack([(query[n] @ defect[n].T).amax(-1).mean() for n in query]).mean()
     if regions[0] is None or regions[1] is None:
         return similarity
-    scale = torch.tensor(REGION_SCALE, device=regions[0].device)
-    return similarity - REGION_SHARE * ((regions[0] - regions[1].to(regions[0].device)) * scale).norm()
+    difference = regions[0] - regions[1].to(regions[0].device)
+    look, form = difference[: len(REGION_SCALE)], difference[len(REGION_SCALE) :]
+    look_cost = REGION_SHARE * (look * torch.tensor(REGION_SCALE, device=look.device)).norm()
+    return similarity - look_cost - (form.abs() * torch.tensor(FORM_COST, device=form.device)).sum()
 
 
 def continuation(written: list[int] | None, target: list[int]) -> int | None:

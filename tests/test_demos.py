@@ -9,6 +9,7 @@ import torch
 
 from kensa_vl.eval.inspector import Inspector, support_item
 from kensa_vl.modeling.demos_kensa_vl import (
+    REGION_SCALE,
     box_cells,
     farthest_cells,
     label_box,
@@ -94,7 +95,8 @@ def test_a_regions_descriptor_is_its_look_against_the_surround():
     whole = region_descriptor(image[None], 1, 1, box)
     np.testing.assert_allclose(whole[:3], [0.4, 0.0, 0.0], atol=1e-6)  # redder than its surround
     np.testing.assert_allclose(whole[3:6], 0.0, atol=1e-6)  # flat inside and out: no texture contrast
-    np.testing.assert_allclose(whole[6:], [np.log(48 * 16 / 96**2), np.log(3)], rtol=1e-5)  # share, aspect
+    np.testing.assert_allclose(whole[6:8], [np.log(48 * 16 / 96**2), np.log(3)], rtol=1e-5)  # share, aspect
+    np.testing.assert_allclose(whole[8:10], [1.0, 1 - 16 / 48], atol=2e-3)  # all of the box unlike; 3:1 spread
     tiles = image.reshape(3, 3, 32, 3, 32).permute(1, 3, 0, 2, 4).reshape(9, 3, 32, 32)  # 3 x 3 tiles, row-major
     thumbnail = torch.zeros(1, 3, 32, 32)  # after the grid tiles; not read
     torch.testing.assert_close(region_descriptor(torch.cat([tiles, thumbnail]), 3, 3, box), whole)
@@ -150,15 +152,47 @@ def test_which_example_a_query_is_like_is_read_on_the_sharp_cells(test_split, mo
 
 def test_the_region_term_prefers_the_example_that_looks_alike():
     cells = {"dct": torch.nn.functional.normalize(torch.randn(8, 4), dim=-1)}
+    form = [0.5, 0.2, 1.0, 0.3]  # fill, elongation, edge, coherence
     dark, bright = (
-        torch.tensor([-0.3] * 3 + [0.0] * 3 + [-3.0, 0.0]),
-        torch.tensor([0.3] * 3 + [0.0] * 3 + [-3.0, 0.0]),
+        torch.tensor([-0.3] * 3 + [0.0] * 3 + [-3.0, 0.0] + form),
+        torch.tensor([0.3] * 3 + [0.0] * 3 + [-3.0, 0.0] + form),
     )
     query = dark + 0.02
     plain = match_similarity(cells, cells)
     assert match_similarity(cells, cells, (query, None)) == plain  # without both regions: the cells alone
     assert match_similarity(cells, cells, (query, dark)) > match_similarity(cells, cells, (query, bright))
     assert match_similarity(cells, cells, (query, dark)) < plain  # a distance only lowers the similarity
+
+
+def _grey(marks) -> torch.Tensor:
+    """A faintly textured grey image, 96 px, as one tile `(1, 3, 96, 96)`, with `marks` (a boolean map) set to
+    their value: `marks` is a list of (map, value)."""
+    image = 0.5 + 0.005 * torch.randn(3, 96, 96, generator=torch.Generator().manual_seed(0))
+    for where, value in marks:
+        image[:, where] = value
+    return image[None]
+
+
+def test_a_line_and_a_blot_of_one_tint_differ_in_form():
+    """A faint blot is named after a strong blot, not after a thin line whose box it resembles in tint (stains
+    beside a scratch example were named after the scratch, docs/naming-by-example.md): the form (fill, elongation,
+    edges) tells a line from a blot where the colour terms cannot."""
+    ys, xs = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    disc = (xs - 48) ** 2 + (ys - 48) ** 2 <= 12**2
+    line = ((xs - ys).abs() <= 1) & (xs >= 28) & (xs < 68)  # a diagonal line, 40 px long, 3 px wide
+    disc_box, line_box = [36 / 96, 36 / 96, 61 / 96, 61 / 96], [28 / 96, 27 / 96, 68 / 96, 69 / 96]
+    faint = region_descriptor(_grey([(disc, 0.44)]), 1, 1, disc_box)
+    strong = region_descriptor(_grey([(disc, 0.2)]), 1, 1, disc_box)
+    thin = region_descriptor(_grey([(line, 0.2)]), 1, 1, line_box)
+    fill, elongation, _, coherence = thin[8:].tolist()
+    assert fill < 0.25 and elongation > 0.9 and coherence > 0.5  # a line: few pixels, along one direction
+    fill, elongation, _, coherence = faint[8:].tolist()
+    assert fill > 0.6 and elongation < 0.1 and coherence < 0.2  # a blot: most of its box, edges every way
+    torch.testing.assert_close(faint[8:10], strong[8:10], atol=0.02, rtol=0)  # fill and elongation: not tint
+    cells = {"dct": torch.nn.functional.normalize(torch.randn(8, 4), dim=-1)}
+    scale = torch.tensor(REGION_SCALE)
+    assert ((faint - thin)[:8] * scale).norm() < ((faint - strong)[:8] * scale).norm()  # by look alone: the line
+    assert match_similarity(cells, cells, (faint, strong)) > match_similarity(cells, cells, (faint, thin))
 
 
 def _spotted(seed: int, spots=()):
