@@ -358,6 +358,85 @@ def map_box(cells: torch.Tensor, leveled: bool) -> tuple[list[float], float]:
     return peak_region_box(cells, max(threshold, cells.max().item() - LOCATE_RANGE))
 
 
+class PromptImages:
+    """The images of one `compare_prompt` batch, by index: their spans of tiles, compared cells (`query`), bank
+    cells (`cells`: made when a search needs them, which a `PairCache` hit does not), whole-image statistics (for
+    grading), and their search against a good bank (`search`), or a defective demo's (`defect`)."""
+
+    def __init__(self, comparison: KensaVLReferenceComparison, grids: dict, image_grid: torch.Tensor, pixel_values,
+                 bank_cells: Callable[[torch.Tensor, dict], dict], pairs: PairCache | None):  # fmt: skip
+        self.comparison, self.grids = comparison, grids
+        self.features = comparison.features(grids)  # name -> (N, g, g, C)
+        self.image_grid, self.pixel_values, self.thumbnail = image_grid, pixel_values, thumbnail_tiles(image_grid)
+        self.bank_cells, self.pairs = bank_cells, pairs
+        self.starts = [0, *torch.tensor(image_grid[:, 2].tolist()).cumsum(0).tolist()]
+        spans = [self.span(m) for m in range(len(self))]
+        self.keys = [] if pairs is None else [PairCache.key(pixel_values[a:b]) for a, b in spans]
+        self.made, self.made_stats = {}, {}  # image -> its bank cells; image -> its statistics
+        # a reference's bank cells before they are made: its own cells and one copy per view (`reference_cells`)
+        views = 1 + len(comparison.config.reference_views)
+        self.cells_per_tile = self.features[comparison.encoders[0]].shape[1:3].numel() * views
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def span(self, m: int) -> tuple[int, int]:
+        """Image `m`'s tiles: `(first, last)`, last exclusive."""
+        return self.starts[m], self.starts[m + 1]
+
+    def grid(self, m: int) -> list[int]:
+        return self.image_grid[m, :2].tolist()
+
+    def key(self, m: int) -> str | None:
+        return self.keys[m] if self.keys else None
+
+    def query(self, m: int) -> dict[str, torch.Tensor]:
+        a, b = self.span(m)
+        return {name: f[a:b] for name, f in self.features.items()}
+
+    def stats(self, m: int) -> torch.Tensor:
+        if m not in self.made_stats:
+            a, b = self.span(m)
+            grids = {n: g[a:b] for n, g in self.grids.items()}
+            self.made_stats[m] = self.comparison.statistics(self.pixel_values[a:b], grids, self.thumbnail[a:b])
+        return self.made_stats[m]
+
+    def cells(self, m: int, name: str) -> torch.Tensor:
+        if m not in self.made:
+            a, b = self.span(m)
+            self.made[m] = self.bank_cells(self.pixel_values[a:b], {n: f[a:b] for n, f in self.features.items()})
+        return self.made[m][name]
+
+    def bank(self, cached: ReferenceBank | None, members: list[int]) -> dict[str, torch.Tensor]:
+        """The good bank of a `cached` support set and the prompt's earlier good images (`members`)."""
+        if cached is not None and not members:  # the cached set's own tensors: the same for every query
+            return {n: cached.cells[n].float() for n in self.features}
+        prefix = {n: [] if cached is None else [cached.cells[n].float()] for n in self.features}
+        return {n: torch.cat(prefix[n] + [self.cells(m, n) for m in members]) for n in self.features}
+
+    def search(self, m: int, cached: ReferenceBank | None, members: list[int]):
+        """Image `m` against the good bank: (its nearest distances from the pair cache, or None and the bank)."""
+        size = sum(self.starts[r + 1] - self.starts[r] for r in members) * self.cells_per_tile
+        if self.pairs is not None and size <= self.comparison.config.exact_search_cells:
+            query = self.query(m)
+            refs = {n: [(self.keys[r], partial(self.cells, r, n)) for r in members] for n in self.comparison.encoders}
+            return [self.pairs.nearest(query[n], (self.keys[m], n), refs[n]) for n in self.comparison.encoders], None
+        return None, self.bank(cached, members)
+
+    def defect(self, m: int, demo: Demo, cached: ReferenceBank | None, members: list[int], level) -> Demo:
+        """Defective demo `m` compared with the good bank (`level`: its level): `demo` with its defect, the farthest
+        cells within its label's box if it gives one, and its look (`shown_demo`)."""
+        comparison = self.comparison
+        found, bank = self.search(m, cached, members)
+        lists = comparison.bank_lists(cached) if cached is not None and not members else {}
+        if found is None:
+            found = [comparison.nearest(self.query(m)[n], bank[n], (lists or {}).get(n)) for n in comparison.encoders]
+        found = comparison.with_own(self.query(m), found, self.grid(m), self.key(m))
+        a, b = self.span(m)
+        tiles, thumbnail = self.pixel_values[a:b], self.thumbnail[a:b]
+        return comparison.shown_demo(demo.name, demo.box, self.query(m), found, tiles, thumbnail, self.grid(m), level)
+
+
 class KensaVLReferenceComparison(nn.Module):
     """PatchCore inside the model, with a learned anomaly map.
 
@@ -623,75 +702,16 @@ class KensaVLReferenceComparison(nn.Module):
         turns an image's tiles and compared features into its bank cells (the model's `reference_cells`: every
         reference view). With `keep`, per sample, the bank a later image would compare with: the cached support
         set's, then every image's own (what `reference_cells` gives, image by image), with their scores."""
-        features = self.features(grids)  # name -> (N, g, g, C)
-        thumbnail = thumbnail_tiles(image_grid)
-        tiles, per_tile = image_grid[:, 2].tolist(), image_features.shape[1]
+        pairs = self.pair_cache if references is None else None
+        images = PromptImages(self, grids, image_grid, pixel_values, bank_cells, pairs)
+        per_tile = image_features.shape[1]
         streams = per_tile // self.token_side**2  # tokens per position: one per encoder when interleaved
-        starts = [0, *torch.tensor(tiles).cumsum(0).tolist()]
         is_image = input_ids == self.config.image_token_id
         added = torch.zeros_like(image_features)
         anomaly = image_features.new_full((len(image_features), self.token_side**2), float("nan"), dtype=torch.float32)
-        scores = anomaly.new_full((len(tiles), len(self.encoders)), float("nan"))
-        summaries, nearest, kept, image = [], [None] * len(tiles), [], 0
-        pairs = self.pair_cache if references is None else None
-        keys = (
-            []
-            if pairs is None
-            else [PairCache.key(pixel_values[a:b]) for a, b in zip(starts, starts[1:], strict=False)]
-        )
-        made = {}  # image -> its bank cells, made when a search needs them (a `pairs` hit does not)
-        # a reference's bank cells before they are made: its own cells and one copy per view (`reference_cells`)
-        cells_per_tile = features[self.encoders[0]].shape[1:3].numel() * (1 + len(self.config.reference_views))
+        scores = anomaly.new_full((len(images), len(self.encoders)), float("nan"))
+        summaries, nearest, kept, image = [], [None] * len(images), [], 0
         reads_labels = bool(self.config.good_label_ids and self.config.defective_label_ids or self.config.grade_marks)
-        stats = {}  # image -> its whole-image statistics, for grading
-
-        def stats_of(m: int) -> torch.Tensor:
-            if m not in stats:
-                a, b = starts[m], starts[m + 1]
-                stats[m] = self.statistics(pixel_values[a:b], {n: g[a:b] for n, g in grids.items()}, thumbnail[a:b])
-            return stats[m]
-
-        def cells_of(m: int, name: str) -> torch.Tensor:
-            if m not in made:
-                a, b = starts[m], starts[m + 1]
-                made[m] = bank_cells(pixel_values[a:b], {n: f[a:b] for n, f in features.items()})
-            return made[m][name]
-
-        def bank_of(cached: ReferenceBank | None, members: list[int]) -> dict[str, torch.Tensor]:
-            if cached is not None and not members:  # the cached set's own tensors: the same for every query
-                return {n: cached.cells[n].float() for n in features}
-            prefix = {n: [] if cached is None else [cached.cells[n].float()] for n in features}
-            return {n: torch.cat(prefix[n] + [cells_of(m, n) for m in members]) for n in features}
-
-        def search(m: int, cached: ReferenceBank | None, members: list[int]):
-            """Image `m` against the good bank: (its nearest distances from the pair cache, or None and the bank)."""
-            size = sum(starts[r + 1] - starts[r] for r in members) * cells_per_tile
-            if pairs is not None and size <= self.config.exact_search_cells:
-                query = query_of(m)
-                refs = {n: [(keys[r], partial(cells_of, r, n)) for r in members] for n in self.encoders}
-                return [pairs.nearest(query[n], (keys[m], n), refs[n]) for n in self.encoders], None
-            return None, bank_of(cached, members)
-
-        def key_of(m: int) -> str | None:
-            return keys[m] if keys else None
-
-        def query_of(m: int) -> dict[str, torch.Tensor]:
-            return {name: f[starts[m] : starts[m + 1]] for name, f in features.items()}
-
-        def defect_of(m: int, demo: Demo, cached: ReferenceBank | None, members: list[int], level) -> Demo:
-            """A defective demo compared with the good bank (`level`: its level): `demo` with its defect, the
-            farthest cells within its label's box if it gives one, and its look (`shown_demo`)."""
-            found, bank = search(m, cached, members)
-            lists = self.bank_lists(cached) if cached is not None and not members else {}
-            if found is None:
-                found = [self.nearest(query_of(m)[n], bank[n], (lists or {}).get(n)) for n in self.encoders]
-            grid = image_grid[m, :2].tolist()
-            found = self.with_own(query_of(m), found, grid, key_of(m))
-            a, b = starts[m], starts[m + 1]
-            return self.shown_demo(
-                demo.name, demo.box, query_of(m), found, pixel_values[a:b], thumbnail[a:b], grid, level
-            )
-
         for row, row_tokens in enumerate(is_image.sum(1).tolist()):
             positions = is_image[row].nonzero().flatten()
             ids = input_ids[row].tolist() if reads_labels else None
@@ -702,50 +722,33 @@ class KensaVLReferenceComparison(nn.Module):
             # graded: the graded examples (in the bank too), their names and statistics
             seen, members, demos, defects, graded = 0, [], [], {}, []
             while seen < row_tokens:
-                first, last = starts[image], starts[image + 1]
+                first, last = images.span(image)
                 end = int(positions[seen + (last - first) * per_tile - 1]) + 1  # the image's `</img>`
                 role, name = read_label(ids, end, self.config) if ids is not None else (None, None)
                 if cached is not None or members:
                     level = median_level(levels)
                     # the cached support set alone: its lists, built once, serve every query
                     lists = self.bank_lists(cached) if cached is not None and not members else None
-                    found, bank = search(image, cached, members)
-                    rows_cols = image_grid[image, :2].tolist()
+                    found, bank = images.search(image, cached, members)
                     delta, logits, summary, verdict, scores[image], nearest[image] = self(
-                        query_of(image), thumbnail[first:last], bank, level, lists, found, rows_cols, key_of(image)
-                    )
+                        images.query(image), images.thumbnail[first:last], bank, level, lists, found,
+                        images.grid(image), images.key(image),
+                    )  # fmt: skip
                     if role != "defective":  # the level: how far good photos lie from each other
                         levels.append(scores[image])
                     added[first:last] = delta.repeat_interleave(streams, 1).to(added.dtype)
                     anomaly[first:last] = logits.float()
                     copy = None  # what an answer about a query may copy: a demo's name, the box, where it is
-                    shown = ([] if cached is None else cached.graded) + [Demo(n, stats=stats_of(m)) for m, n in graded]
-                    grading = role is None and end < input_ids.shape[1] and len(shown) > 1
-                    pointer = self.grade_pointer_of(stats_of(image), shown) if grading else None
-                    if pointer is not None:  # a grading answer: its grade's label, no verdict, no box
-                        copy, verdict = Pointer(row, -1, graded=True, stats=stats_of(image)), None
-                        copy.names, copy.logits, copy.gate = pointer
-                    elif role is None and end < input_ids.shape[1]:
-                        copy = Pointer(row, -1)  # `pointers` sets where the answer starts
-                        named = [d for d in (cached.demos if cached is not None else []) if d.name]
-                        for m, d in [(m, d) for m, d in demos if d.name]:
-                            if (m, len(members)) not in defects:
-                                defects[(m, len(members))] = defect_of(m, d, cached, members, level)
-                            named.append(defects[(m, len(members))])
-                        boxed = len(self.config.box_token_ids) == 2
-                        # the query's located box: what the answer copies, and the region its look is read on
-                        located = self.locate(nearest[image], *rows_cols, level)[0] if named or boxed else None
-                        if named:
-                            suspect = self.defect_cells(
-                                query_of(image), nearest[image], scored_tiles(thumbnail[first:last])
-                            )
-                            region = region_descriptor(pixel_values[first:last], *rows_cols, located)
-                            similarity = torch.stack([match_similarity(suspect, d.defect, (region, d.region))
-                                                      for d in named])  # fmt: skip
-                            copy.names = [d.name for d in named]
-                            copy.logits, copy.gate = self.demo_pointer(similarity)
-                        if boxed:
-                            copy.box, copy.position = located_tokens(located, self.config)
+                    if role is None and end < input_ids.shape[1]:
+                        shown = ([] if cached is None else cached.graded) + [
+                            Demo(n, stats=images.stats(m)) for m, n in graded
+                        ]
+                        copy = self.grade_copy(row, images.stats(image), shown) if len(shown) > 1 else None
+                        if copy is not None:  # a grading answer: its grade's label, no verdict, no box
+                            verdict = None
+                        else:
+                            named = self.named_demos(images, cached, members, demos, defects, level)
+                            copy = self.answer_copy(row, images, image, nearest[image], level, named)
                     if end < input_ids.shape[1]:
                         summaries.append(Summary(row, end, summary, verdict, copy))
                 seen += (last - first) * per_tile
@@ -757,16 +760,65 @@ class KensaVLReferenceComparison(nn.Module):
                     graded.append((image, name))
                 image += 1
             if keep:
-                scores_kept = torch.stack(levels) if levels else anomaly.new_empty(0, len(self.encoders))
-                known = cached is not None or members
-                own = [defect_of(m, d, cached, members, median_level(levels)) if known else d for m, d in demos]
-                kept_demos = ([] if cached is None else list(cached.demos)) + own
-                kept_graded = ([] if cached is None else list(cached.graded)) + [
-                    Demo(n, stats=stats_of(m)) for m, n in graded
-                ]
-                bank = ReferenceBank(bank_of(cached, members), scores_kept, kept_demos, kept_graded) if known else None
-                kept.append(bank)
+                kept.append(self.kept_bank(images, cached, members, demos, graded, levels))
         return PromptComparison(added, anomaly, summaries, scores, tuple(nearest), tuple(kept) if keep else None)
+
+    def grade_copy(self, row: int, stats: torch.Tensor, shown: list[Demo]) -> Pointer | None:
+        """What a graded answer (batch row `row`, the query's whole-image `stats`) copies: the grade pointer over the
+        `shown` graded examples (`grade_pointer_of`); None with fewer than two grades."""
+        pointer = self.grade_pointer_of(stats, shown)
+        if pointer is None:
+            return None
+        copy = Pointer(row, -1, graded=True, stats=stats)  # `pointers` sets where the answer starts
+        copy.names, copy.logits, copy.gate = pointer
+        return copy
+
+    def named_demos(self, images: PromptImages, cached, members: list, demos: list, defects: dict, level):
+        """The named defective demos a query's answer may copy, with their defects: the `cached` set's, then the
+        prompt's own (`demos`, each compared with the good bank of `members` once: `defects` keeps them)."""
+        named = [d for d in (cached.demos if cached is not None else []) if d.name]
+        for m, d in [(m, d) for m, d in demos if d.name]:
+            if (m, len(members)) not in defects:
+                defects[(m, len(members))] = images.defect(m, d, cached, members, level)
+            named.append(defects[(m, len(members))])
+        return named
+
+    def answer_copy(self, row: int, images: PromptImages, m: int, found: list, level, named: list[Demo]) -> Pointer:
+        """What an answer about image `m` (batch row `row`, its nearest distances `found`, the prompt's `level`) may
+        copy: the `named` defective examples' names, pointed at by how alike its defect and theirs are
+        (`match_similarity`), and its located box (`locate`), which is also where its look is read."""
+        copy = Pointer(row, -1)  # `pointers` sets where the answer starts
+        boxed = len(self.config.box_token_ids) == 2
+        if not named and not boxed:
+            return copy
+        first, last = images.span(m)
+        located = self.locate(found, *images.grid(m), level)[0]
+        if named:
+            suspect = self.defect_cells(images.query(m), found, scored_tiles(images.thumbnail[first:last]))
+            region = region_descriptor(images.pixel_values[first:last], *images.grid(m), located)
+            similarity = torch.stack([match_similarity(suspect, d.defect, (region, d.region)) for d in named])
+            copy.names = [d.name for d in named]
+            copy.logits, copy.gate = self.demo_pointer(similarity)
+        if boxed:
+            copy.box, copy.position = located_tokens(located, self.config)
+        return copy
+
+    def kept_bank(self, images: PromptImages, cached, members: list, demos: list, graded: list, levels: list):
+        """The bank a caller's later query of this row compares with (`compare_prompt`'s `keep`): the cached set's
+        cells, then its `members`' own, their scores (`levels`), every defective demo with its defect, and the graded
+        examples with their statistics; None for a row with no references."""
+        known = cached is not None or members
+        if not known:
+            return None
+        level = median_level(levels)
+        own = [images.defect(m, d, cached, members, level) for m, d in demos]
+        scores = torch.stack(levels) if levels else images.pixel_values.new_empty(0, len(self.encoders))
+        return ReferenceBank(
+            images.bank(cached, members),
+            scores.float(),
+            ([] if cached is None else list(cached.demos)) + own,
+            ([] if cached is None else list(cached.graded)) + [Demo(n, stats=images.stats(m)) for m, n in graded],
+        )
 
     def add_summaries(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, summaries: list[Summary]):
         """Add each compared image's summary embedding to its `</img>` token and the text after it, up to the next
