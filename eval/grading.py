@@ -109,7 +109,8 @@ def evaluate_grading(model, processor, items, seeds: int = 3, num_grades: int = 
     together as one run's)."""
     from kensa_vl.train.data import ATTRIBUTES, noun
 
-    from .inspector import Inspector, shared_searches
+    from .inspector import Inspector
+    from .model_folder import shared_searches
 
     i, n = part
     if not 0 <= i < n:

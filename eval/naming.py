@@ -25,8 +25,9 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-from .inspector import Inspector, shared_searches, support_item
+from .inspector import Inspector, support_item
 from .metrics import image_metrics
+from .model_folder import shared_searches
 
 
 class NoNamingSets(ValueError):

@@ -108,7 +108,7 @@ def evaluate_and_report(
 
     from .baseline import calibrate
     from .evaluate import evaluate
-    from .inspector import shared_searches
+    from .model_folder import shared_searches
     from .plots import accuracy_vs_shots, accuracy_vs_size, example_grid, example_sheet, roc_curves
 
     out = Path(out)

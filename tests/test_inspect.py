@@ -577,7 +577,7 @@ def test_a_scoring_evaluation_batches_its_queries_and_keeps_their_order(tiny_com
 def test_the_baseline_reads_the_models_searches_of_the_same_queries_and_supports(tiny_comparison, synth):
     """`shared_searches`: the model judges first, then the kNN baseline on the same support sets and queries finds
     their exact searches kept (its own leave-one-out searches are new) and gives the same records as searching."""
-    from kensa_vl.eval.inspector import shared_searches
+    from kensa_vl.eval.model_folder import shared_searches
 
     model, processor = tiny_comparison
     run = dict(shots=(2,), seeds=1, queries_per_category=4, controls=(), generate=False, progress=False, resamples=0)
@@ -599,7 +599,7 @@ def test_the_runs_of_one_set_read_each_others_searches(task, tiny_comparison, sy
     give the same records as searching again."""
     import contextlib
 
-    from kensa_vl.eval import grading, inspector, naming
+    from kensa_vl.eval import grading, model_folder, naming
     from kensa_vl.train.data import load_grading
 
     model, processor = tiny_comparison
@@ -608,8 +608,8 @@ def test_the_runs_of_one_set_read_each_others_searches(task, tiny_comparison, sy
     else:
         items = load_grading(synth_dir)[0]["test"]
         items = items.select([i for i, a in enumerate(items["attribute"]) if a == "shade"])
-        run, module = grading.evaluate_grading, inspector  # grading imports it when it runs
-    memos, shared = [], inspector.shared_searches
+        run, module = grading.evaluate_grading, model_folder  # grading imports it when it runs
+    memos, shared = [], model_folder.shared_searches
 
     @contextlib.contextmanager
     def counted(model):

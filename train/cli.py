@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         elif chosen == "ablate":
             module.add_parsers(subparsers, importlib.import_module("kensa_vl.train.pipeline").train)
         elif chosen == "publish":  # the loader's check of a model folder, from the evaluation side
-            module.add_parsers(subparsers, importlib.import_module("kensa_vl.eval.inspector").check_model_folder)
+            module.add_parsers(subparsers, importlib.import_module("kensa_vl.eval.model_folder").check_model_folder)
         else:
             module.add_parsers(subparsers)
     for name, (_, line) in COMMANDS.items():  # the others, for the listing (and a clear error for a typo)

@@ -53,7 +53,7 @@ def export(
     """Write the export folder (see the module docstring); `datasets` are Hub dataset ids for the card's header,
     `notes` a markdown file of further measured results (an ablation, say) the card includes, and plots it links
     that lie beside it. `check(model_dir)` refuses a broken model folder first (the CLI passes the loader's,
-    `kensa_vl.eval.inspector.check_model_folder`)."""
+    `kensa_vl.eval.model_folder.check_model_folder`)."""
     model_dir, out = Path(model_dir), Path(out)
     if check is not None:
         check(model_dir)
