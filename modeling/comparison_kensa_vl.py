@@ -426,15 +426,19 @@ class PromptImages:
     def defect(self, m: int, demo: Demo, cached: ReferenceBank | None, members: list[int], level) -> Demo:
         """Defective demo `m` compared with the good bank (`level`: its level): `demo` with its defect, the farthest
         cells within its label's box if it gives one, and its look (`shown_demo`)."""
-        comparison = self.comparison
+        comparison, query, grid = self.comparison, self.query(m), self.grid(m)
         found, bank = self.search(m, cached, members)
-        lists = comparison.bank_lists(cached) if cached is not None and not members else {}
         if found is None:
-            found = [comparison.nearest(self.query(m)[n], bank[n], (lists or {}).get(n)) for n in comparison.encoders]
-        found = comparison.with_own(self.query(m), found, self.grid(m), self.key(m))
+            lists = self.lists(cached, members) or {}
+            found = [comparison.nearest(query[n], bank[n], lists.get(n)) for n in comparison.encoders]
+        found = comparison.with_own(query, found, grid, self.key(m))
         a, b = self.span(m)
         tiles, thumbnail = self.pixel_values[a:b], self.thumbnail[a:b]
-        return comparison.shown_demo(demo.name, demo.box, self.query(m), found, tiles, thumbnail, self.grid(m), level)
+        return comparison.shown_demo(demo.name, demo.box, query, found, tiles, thumbnail, grid, level)
+
+    def lists(self, cached: ReferenceBank | None, members: list[int]) -> dict | None:
+        """The cached support set's lists when it is the whole bank (built once, they serve every query); else None."""
+        return self.comparison.bank_lists(cached) if cached is not None and not members else None
 
 
 class KensaVLReferenceComparison(nn.Module):
@@ -727,9 +731,8 @@ class KensaVLReferenceComparison(nn.Module):
                 role, name = read_label(ids, end, self.config) if ids is not None else (None, None)
                 if cached is not None or members:
                     level = median_level(levels)
-                    # the cached support set alone: its lists, built once, serve every query
-                    lists = self.bank_lists(cached) if cached is not None and not members else None
                     found, bank = images.search(image, cached, members)
+                    lists = images.lists(cached, members)
                     delta, logits, summary, verdict, scores[image], nearest[image] = self(
                         images.query(image), images.thumbnail[first:last], bank, level, lists, found,
                         images.grid(image), images.key(image),

@@ -216,28 +216,27 @@ def region_descriptor(tiles: torch.Tensor, rows: int, cols: int, box: list[float
     top, bottom, left, right = max(0, y0 - ring), min(h, y1 + ring), max(0, x0 - ring), min(w, x1 + ring)
     r0, r1, c0, c1 = top // side, -(-bottom // side), left // side, -(-right // side)  # the tiles under them
     grid = tiles[: rows * cols].reshape(rows, cols, 3, side, side)[r0:r1, c0:c1].permute(2, 0, 3, 1, 4)
-    window = grid.reshape(3, (r1 - r0) * side, (c1 - c0) * side).float()
-    window = window[:, top - r0 * side : bottom - r0 * side, left - c0 * side : right - c0 * side]
+    window = grid.reshape(3, (r1 - r0) * side, (c1 - c0) * side)
+    window = window[:, top - r0 * side : bottom - r0 * side, left - c0 * side : right - c0 * side].float()
+    box = (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))  # the box within the window; the rest is the ring
     inside = torch.zeros(window.shape[1:], dtype=torch.bool, device=window.device)
-    inside[y0 - top : y1 - top, x0 - left : x1 - left] = True  # the box within the window; the rest is the ring
+    inside[box] = True
     around = ~inside if (~inside).any() else inside  # a box over the whole image has no ring
     (std_in, mean_in), (std_out, mean_out) = (torch.std_mean(window[:, m], 1, correction=0) for m in (inside, around))
     shape = torch.tensor([math.log((x1 - x0) * (y1 - y0) / (h * w)), abs(math.log((x1 - x0) / (y1 - y0)))])
-    form = region_form(window, inside, around, mean_out, std_out)
+    form = region_form(window, box, inside, around, mean_out, std_out)
     return torch.cat([mean_in - mean_out, std_in - std_out, shape.to(window.device), form])
 
 
-def region_form(window: torch.Tensor, inside: torch.Tensor, around: torch.Tensor, mean: torch.Tensor, std):
+def region_form(window: torch.Tensor, box: tuple[slice, slice], inside, around, mean: torch.Tensor, std):
     """A region's form, which its colour does not say (a thin line and a blot of the same tint differ here): of the
     box's pixels unlike the surround (FORM_DEVIATION from its `mean` in its `std`, or beyond the box's median when
     more are; its farthest tenth when fewer than 3), their share of the box (fill) and their elongation (1 - the
     square root of their spread's minor over major axis: 0 a disc, 1 a line); the log of the mean edge strength
     (Sobel) in the box over that in the ring; and the edges' coherence in the box (structure tensor: 0 edges every
-    way, 1 all along one direction). From the `window` `(3, H, W)` and its `inside` (the box) and `around` (the
-    ring) masks: `(4,)` float32."""
-    box = inside.nonzero()
-    (a, c), (b, d) = box.min(0).values.tolist(), (box.max(0).values + 1).tolist()
-    z = (window[:, a:b, c:d] - mean[:, None, None]) / (std[:, None, None] + 0.02)
+    way, 1 all along one direction). From the `window` `(3, H, W)`, its `box` (rows, columns) and that box's
+    `inside` and `around` (the ring) masks: `(4,)` float32."""
+    z = (window[:, box[0], box[1]] - mean[:, None, None]) / (std[:, None, None] + 0.02)
     deviation = z.square().sum(0).sqrt()
     marked = deviation > max(FORM_DEVIATION, deviation.flatten().quantile(0.5).item())
     if marked.sum() < 3:
