@@ -168,7 +168,52 @@ def naming_metrics(records: list[dict], threshold: float = 0.5) -> dict:
         "named_in_both_runs": len(both),
         "balanced_accuracy_with_defective": _balanced_accuracy([r for r in records if r["run"] == "named"], threshold),
         "balanced_accuracy_good_only": _balanced_accuracy([r for r in records if r["run"] == "good_only"], threshold),
+        "intervals": naming_intervals(records, threshold),
     }
+
+
+def naming_intervals(records: list[dict], threshold: float = 0.5, resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, list[float]]:  # fmt: skip
+    """A `level` percentile interval of each rate of `naming_metrics`, from resampling the query photos with
+    replacement: a photo is drawn with all its records (runs and seeds), so a photo met under three seeds counts
+    once, not three times. The intervals say how far the rates would move on other photos of the same categories,
+    not on other categories."""
+    photos = sorted({(r["category"], r.get("index", -1)) for r in records})
+    at = {photo: i for i, photo in enumerate(photos)}
+    counts = np.random.default_rng(seed).multinomial(len(photos), np.full(len(photos), 1 / len(photos)), resamples)
+
+    def rate(pairs) -> np.ndarray:  # (record, right) pairs -> the rate in each resample, (resamples,)
+        right, seen = np.zeros(len(photos)), np.zeros(len(photos))
+        for r, ok in pairs:
+            seen[at[(r["category"], r.get("index", -1))]] += 1
+            right[at[(r["category"], r.get("index", -1))]] += ok
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return counts @ right / (counts @ seen)
+
+    def naming(run: str, flagged: bool) -> np.ndarray:
+        rows = [r for r in records if r["run"] == run and r["label"] == "defective"]
+        return rate((r, r["name"] == r["expected"]) for r in rows if not flagged or r["verdict"] == "defective")
+
+    def balanced(run: str) -> np.ndarray:
+        rows = [r for r in records if r["run"] == run]
+        right = [(r, (r["p_defective"] >= threshold) == (r["label"] == "defective")) for r in rows]
+        defective = rate(h for h in right if h[0]["label"] == "defective")
+        return (defective + rate(h for h in right if h[0]["label"] != "defective")) / 2
+
+    swapped = {(r["category"], r["seed"], r["query"]): r for r in records
+               if r["run"] == "swapped" and r["label"] == "defective"}  # fmt: skip
+    both = [(a, swapped[(a["category"], a["seed"], a["query"])]) for a in records
+            if a["run"] == "named" and a["label"] == "defective" and a["name"] is not None]  # fmt: skip
+    draws = {
+        "naming": naming("named", False), "naming_when_flagged": naming("named", True),
+        "follow_rate": rate((a, _followed(a, b)) for a, b in both if b["name"] is not None),
+        "balanced_accuracy_with_defective": balanced("named"), "balanced_accuracy_good_only": balanced("good_only"),
+    }  # fmt: skip
+    if any(r["run"] == "boxed" for r in records):
+        draws["naming_boxed"], draws["naming_boxed_when_flagged"] = naming("boxed", False), naming("boxed", True)
+    tail = (1 - level) / 2 * 100
+    return {k: [float(x) for x in np.nanpercentile(v, [tail, 100 - tail])] for k, v in draws.items()
+            if np.isfinite(v).any()}  # fmt: skip
 
 
 def naming_table(result: dict) -> str:
@@ -184,11 +229,19 @@ def naming_table(result: dict) -> str:
         "balanced accuracy, good examples only": m["balanced_accuracy_good_only"],
         "balanced accuracy, with the 2 defective examples": m["balanced_accuracy_with_defective"],
     }
-    lines = ["| measure | value |", "|---|---|"]
-    lines += [f"| {k} | {'n/a' if v is None else f'{v:.3f}'} |" for k, v in cells.items()]
+    keys = ["naming", "naming_when_flagged", "naming_boxed", "naming_boxed_when_flagged", "follow_rate", None,
+            "balanced_accuracy_good_only", "balanced_accuracy_with_defective"]  # fmt: skip
+    intervals = m.get("intervals", {})
+    lines = ["| measure | value | 95% interval |", "|---|---|---|"]
+    for (label, v), key in zip(cells.items(), keys, strict=True):
+        low_high = intervals.get(key)
+        interval = "" if low_high is None else f"[{low_high[0]:.3f}, {low_high[1]:.3f}]"
+        lines.append(f"| {label} | {'n/a' if v is None else f'{v:.3f}'} | {interval} |")
     unshown = f", {m['unshown_queries']} of a type no example shows" if m.get("unshown_queries") else ""
     counts = f"{m['queries']} defective queries{unshown}, {m['named_in_both_runs']} named in both runs"
-    return "\n".join(lines) + f"\n\n{counts}.\n"
+    note = (" Intervals: the query photos resampled with replacement, each with all its runs and seeds"
+            " (`naming_intervals`); they do not cover other categories.") if intervals else ""  # fmt: skip
+    return "\n".join(lines) + f"\n\n{counts}.{note}\n"
 
 
 def write_naming(result: dict, out) -> None:

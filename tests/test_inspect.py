@@ -653,6 +653,36 @@ def test_naming_asks_about_a_type_no_example_shows_and_counts_its_borrowed_names
     assert metrics["naming"] == 1.0 and metrics["queries"] == 1  # the unshown queries are not named queries
 
 
+def test_naming_intervals_resample_photos_so_a_photo_met_under_more_seeds_adds_no_certainty():
+    """`naming_intervals` draws query photos, each with all its records: the same 20 photos met under three seeds
+    give the interval one seed gives, which a draw of records would narrow by about the square root of 3."""
+    from kensa_vl.eval.naming import naming_intervals, naming_metrics, naming_table
+
+    def runs(seeds: int) -> list[dict]:
+        out = []
+        for seed, index in [(s, i) for s in range(seeds) for i in range(20)]:
+            base = {"category": "nut", "seed": seed, "query": index, "index": index, "label": "defective"}
+            right = index % 2 == 0  # half the photos named right, every time they are met
+            out += [{**base, "run": "named", "verdict": "defective", "p_defective": 0.9,
+                     "name": "打痕" if right else "キズ", "expected": "打痕"},
+                    {**base, "run": "swapped", "verdict": "defective", "p_defective": 0.9,
+                     "name": "キズ" if right else "打痕", "expected": "キズ"},
+                    {**base, "run": "named", "label": "good", "index": 100 + index, "verdict": "good",
+                     "p_defective": 0.2 if index < 15 else 0.7}]  # fmt: skip
+            out += [{**r, "run": "good_only"} for r in out[-3::2]]
+        return out
+
+    one, three = naming_intervals(runs(1)), naming_intervals(runs(3))
+    assert one["naming"] == three["naming"]
+    low, high = one["naming"]
+    assert low < 0.5 < high and 0.25 < high - low < 0.6  # 20 photos: a standard error of about 0.11
+    assert one["follow_rate"] == [1.0, 1.0]  # every named query followed the swap
+    metrics = naming_metrics(runs(1))
+    low, high = metrics["intervals"]["balanced_accuracy_with_defective"]
+    assert low < metrics["balanced_accuracy_with_defective"] == 0.875 < high
+    assert "| naming by example | 0.500 | [" in naming_table({"metrics": metrics})
+
+
 def test_a_second_tile_budget_judges_each_query_again_and_averages_the_two(tiny_comparison, synth, tmp_path):
     """`fine_tiles`: every query judged at the default budget and at the finer one, P(defective) their mean, the
     text and boxes of the budget whose verdict agrees with it; an unreadable file stays an error."""

@@ -65,6 +65,11 @@ def test_the_card_gives_naming_on_real_surfaces_and_of_an_unshown_type_where_mea
     assert "A defect of a\ntype neither example shows (27 queries)" in card and "for 0.963 of those judged" in card
     real = card.split("Real photographed surfaces")[1]
     assert "for 0.490 of\n155 defective queries (0.717 of those\njudged defective)." in real
+    results["naming"]["intervals"] = {"naming": [0.25, 0.75]}  # the intervals, where the report has them
+    results["surfaces"]["naming"]["intervals"] = {"naming_when_flagged": [0.6, 0.8]}
+    card = model_card(config, results, [], [], "acme/kensa", table=table)
+    assert "(95% interval\n[0.250, 0.750], the query photos resampled); with the" in card.split("Real photographed")[0]
+    assert "judged defective, 95% interval\n[0.600, 0.800])." in card.split("Real photographed surfaces")[1]
     results["naming"]["unshown_named"] = None  # none judged defective
     results["surfaces"]["naming"] = {"skipped": "no category has ..."}
     card = model_card(config, results, [], [], "acme/kensa", table=table)
