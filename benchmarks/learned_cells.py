@@ -27,7 +27,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import trange
 
-from kensa_vl.modeling.comparison_kensa_vl import LOG_FLOOR, patch_distances
+from kensa_vl.modeling.comparison_kensa_vl import patch_distances
+from kensa_vl.modeling.locate_kensa_vl import LOG_FLOOR
 from kensa_vl.modeling.vision_kensa_vl import KensaVLBandPassEncoder, KensaVLDCTEncoder
 from kensa_vl.train.data.synth import load_synth
 

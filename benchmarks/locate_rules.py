@@ -29,14 +29,12 @@ from benchmarks import STUDY_SPLITS
 from kensa_vl.eval.evaluate import control_support, support_for
 from kensa_vl.eval.inspector import Inspector, load_pretrained
 from kensa_vl.eval.metrics import LARGE_AREA, box_iou
-from kensa_vl.modeling.comparison_kensa_vl import (
+from kensa_vl.modeling.comparison_kensa_vl import VERDICT_MARGIN, image_scores, over_levels
+from kensa_vl.modeling.locate_kensa_vl import (
     LOCATE_MARGIN,
     LOCATE_RANGE,
     LOG_FLOOR,
-    VERDICT_MARGIN,
     distance_map,
-    image_scores,
-    over_levels,
     peak_region_box,
     stitch_tiles,
 )

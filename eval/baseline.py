@@ -21,14 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kensa_vl.modeling.comparison_kensa_vl import (
-    LOG_FLOOR,
-    distance_map,
-    map_box,
-    patch_distances,
-    pooled_distances,
-    scored_tiles,
-)
+from kensa_vl.modeling.comparison_kensa_vl import patch_distances, pooled_distances, scored_tiles
+from kensa_vl.modeling.locate_kensa_vl import LOG_FLOOR, distance_map, map_box
 from kensa_vl.modeling.search_kensa_vl import nearest_distances
 
 from .inspector import Judgement, pixel_box, pixel_heatmap

@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 from kensa_vl.modeling.comparison_kensa_vl import (
-    LOG_FLOOR,
     product_cells,
     product_mask,
     scored_tiles,
     thumbnail_tiles,
     unit_cells,
 )
+from kensa_vl.modeling.locate_kensa_vl import LOG_FLOOR
 from kensa_vl.modeling.search_kensa_vl import nearest_distances
 from kensa_vl.processing.image_processing_kensa_vl import to_rgb
 

@@ -5,7 +5,9 @@ The model code is split by idea, as sibling files the remote-code loader ships t
 - `vision_kensa_vl.py`: tiles -> visual tokens (towers incl. the weight-free DCT encoder, layer taps and merges,
   S2 scales, pixel shuffle, projector);
 - `comparison_kensa_vl.py`: the reference comparison (PatchCore inside the model: the cell bank, the nearest-cell
-  search, per-token evidence, the anomaly map and its loss, the summary added after each image, the box);
+  search, per-token evidence, the anomaly map and its loss, the summary added after each image), with
+  `search_kensa_vl.py` (the search), `locate_kensa_vl.py` (the heatmap and the box), `demos_kensa_vl.py` (what an
+  answer copies from the examples) and `grading_kensa_vl.py` (grades);
 - this file: the outputs, `KensaVLPreTrainedModel`, `KensaVLModel` (vision + comparison + language model) and
   `KensaVLForConditionalGeneration` (+ LM head), in the order transformers uses.
 

@@ -493,7 +493,7 @@ def _one_cell_changed(tiny_dct, change):
 def test_a_one_cell_defect_shows_in_the_farthest_cell_not_diluted_by_the_mean(tiny_dct):
     """Each token reads the 3x3 mean distance and the farthest single cell under it: a query identical to its
     reference except for one cell is 9x farther there by the farthest cell than by the mean."""
-    from kensa_vl.modeling.comparison_kensa_vl import LOG_FLOOR
+    from kensa_vl.modeling.locate_kensa_vl import LOG_FLOOR
 
     comparison = tiny_dct[0].model.reference_comparison
     x = _one_cell_changed(tiny_dct, lambda cell: -cell)  # the cell points the other way
@@ -543,7 +543,7 @@ def test_the_image_summary_reads_the_grid_tiles_not_the_thumbnail(tiny_dct):
 
 
 def test_peak_region_box_grows_from_the_peak_through_cells_above_the_threshold():
-    from kensa_vl.modeling.comparison_kensa_vl import peak_region_box
+    from kensa_vl.modeling.locate_kensa_vl import peak_region_box
 
     cells = torch.zeros(8, 16)
     cells[2:5, 10:14] = 1.0  # the defect: rows 2..4, columns 10..13
@@ -559,7 +559,7 @@ def test_peak_region_box_grows_from_the_peak_through_cells_above_the_threshold()
 def test_peak_region_box_joins_the_pieces_of_a_defects_seams():
     """A pasted square differs at its seams, which break into pieces: a nearby piece about as far from the supports
     as the peak joins the region; a nearby weak one or a strong one far away does not."""
-    from kensa_vl.modeling.comparison_kensa_vl import peak_region_box
+    from kensa_vl.modeling.locate_kensa_vl import peak_region_box
 
     cells = torch.zeros(32, 32)
     cells[10, 10:16] = 2.0  # the square's top seam, with the peak
@@ -578,7 +578,7 @@ def test_locate_box_measures_each_encoder_against_its_own_level():
     """Encoders' log-distances lie on different scales: a cell far for the DCT cells (its level -3) is the defect,
     not a band-pass cell that is 3 above the DCT cells' level but below its own (-6), however the mean of the two
     maps ranks them. Band-pass excess counts at its scale and margin, as in the verdict."""
-    from kensa_vl.modeling.comparison_kensa_vl import distance_map, locate_box
+    from kensa_vl.modeling.locate_kensa_vl import distance_map, locate_box
 
     dct, bandpass = torch.full((4, 4, 4), math.exp(-3.2)), torch.full((4, 4, 4), 1e-4)  # 2 x 2 tiles of 4 x 4 cells
     dct[0, 1:3, 1:3] = math.exp(-2.0)  # the defect: 1 above the DCT level, top-left tile
@@ -594,7 +594,7 @@ def test_locate_box_measures_each_encoder_against_its_own_level():
 
 
 def test_stitch_tiles_puts_each_tile_where_the_processor_cut_it(tiny_dct):
-    from kensa_vl.modeling.comparison_kensa_vl import stitch_tiles
+    from kensa_vl.modeling.locate_kensa_vl import stitch_tiles
 
     _, processor = tiny_dct
     image = np.zeros((224, 448, 3), np.uint8)  # 2 x 4 tiles of 112 px: the value of each pixel is its tile's
@@ -963,7 +963,8 @@ def test_own_nearest_is_the_nearest_cell_of_the_photo_outside_the_window(monkeyp
     """Over the whole image (its tiles stitched), never within the window's half side (a fifth of 10 cells: 2), the
     thumbnail left out; a map larger than OWN_BANK_CELLS is compared with a coarser lattice of its cells."""
     import kensa_vl.modeling.comparison_kensa_vl as comparison
-    from kensa_vl.modeling.comparison_kensa_vl import own_nearest, stitch_tiles
+    from kensa_vl.modeling.comparison_kensa_vl import own_nearest
+    from kensa_vl.modeling.locate_kensa_vl import stitch_tiles
 
     surface = torch.nn.functional.normalize(torch.randn(10, 15, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
     tiles = _tiles_of(surface, 2, 3)
