@@ -179,6 +179,8 @@ def naming_intervals(records: list[dict], threshold: float = 0.5, resamples: int
     once, not three times. The intervals say how far the rates would move on other photos of the same categories,
     not on other categories."""
     photos = sorted({(r["category"], r.get("index", -1)) for r in records})
+    if not photos:
+        return {}
     at = {photo: i for i, photo in enumerate(photos)}
     counts = np.random.default_rng(seed).multinomial(len(photos), np.full(len(photos), 1 / len(photos)), resamples)
 

@@ -681,6 +681,7 @@ def test_naming_intervals_resample_photos_so_a_photo_met_under_more_seeds_adds_n
     low, high = metrics["intervals"]["balanced_accuracy_with_defective"]
     assert low < metrics["balanced_accuracy_with_defective"] == 0.875 < high
     assert "| naming by example | 0.500 | [" in naming_table({"metrics": metrics})
+    assert naming_intervals([]) == {}  # no photos, no intervals (and no error)
 
 
 def test_a_second_tile_budget_judges_each_query_again_and_averages_the_two(tiny_comparison, synth, tmp_path):
