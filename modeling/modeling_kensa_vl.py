@@ -40,6 +40,10 @@ from .comparison_kensa_vl import (
 from .configuration_kensa_vl import KensaVLConfig, encoder_width
 from .demos_kensa_vl import GATE_START, POINTER_SLOPE, BoxGrammar, Demo, copy_names
 from .grading_kensa_vl import GRADE_SLOPE
+
+# transformers 4.57 loading a local folder copies into its module cache only the relative imports of the file
+# `auto_map` names: every sibling is imported here, also one that only a sibling uses
+from .locate_kensa_vl import locate_box  # noqa: F401
 from .search_kensa_vl import coreset, nearest_distances
 from .vision_kensa_vl import (
     KensaVLLayerMerge,

@@ -90,6 +90,16 @@ def test_saved_folder_holds_every_file_its_remote_code_imports(tiny_dir):
     assert shipped == {p.name for d in ("modeling", "processing") for p in (ROOT / d).glob("*_kensa_vl.py")}
 
 
+def test_the_model_file_imports_every_model_sibling_itself():
+    """transformers 4.57, loading a local folder, copies into its module cache only the relative imports of the
+    file `auto_map` names, then fails on a sibling that only a sibling imports: so the model file imports each."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    direct = set(get_relative_imports(str(ROOT / "modeling" / "modeling_kensa_vl.py")))
+    siblings = {p.stem for p in (ROOT / "modeling").glob("*_kensa_vl.py")} - {"modeling_kensa_vl"}
+    assert direct == siblings
+
+
 @pytest.mark.parametrize(
     "name, kwargs",
     [
