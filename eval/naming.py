@@ -178,17 +178,21 @@ def naming_intervals(records: list[dict], threshold: float = 0.5, resamples: int
     replacement: a photo is drawn with all its records (runs and seeds), so a photo met under three seeds counts
     once, not three times. The intervals say how far the rates would move on other photos of the same categories,
     not on other categories."""
-    photos = sorted({(r["category"], r.get("index", -1)) for r in records})
+
+    def photo(r: dict) -> tuple:
+        return r["category"], r.get("index", -1)
+
+    photos = sorted({photo(r) for r in records})
     if not photos:
         return {}
-    at = {photo: i for i, photo in enumerate(photos)}
+    at = {p: i for i, p in enumerate(photos)}
     counts = np.random.default_rng(seed).multinomial(len(photos), np.full(len(photos), 1 / len(photos)), resamples)
 
     def rate(pairs) -> np.ndarray:  # (record, right) pairs -> the rate in each resample, (resamples,)
         right, seen = np.zeros(len(photos)), np.zeros(len(photos))
         for r, ok in pairs:
-            seen[at[(r["category"], r.get("index", -1))]] += 1
-            right[at[(r["category"], r.get("index", -1))]] += ok
+            seen[at[photo(r)]] += 1
+            right[at[photo(r)]] += ok
         with np.errstate(invalid="ignore", divide="ignore"):
             return counts @ right / (counts @ seen)
 
@@ -219,26 +223,24 @@ def naming_intervals(records: list[dict], threshold: float = 0.5, resamples: int
 
 
 def naming_table(result: dict) -> str:
-    """The metrics as a markdown table."""
+    """The metrics as a markdown table, with their intervals where `naming_intervals` gave them."""
     m = result["metrics"]
-    cells = {
-        "naming by example": m["naming"],
-        "naming (queries judged defective)": m["naming_when_flagged"],
-        "naming, the examples boxed": m.get("naming_boxed"),
-        "naming, the examples boxed (queries judged defective)": m.get("naming_boxed_when_flagged"),
-        "label-permutation follow rate": m["follow_rate"],
-        "a type no example shows, named after an example (judged defective; lower is better)": m.get("unshown_named"),
-        "balanced accuracy, good examples only": m["balanced_accuracy_good_only"],
-        "balanced accuracy, with the 2 defective examples": m["balanced_accuracy_with_defective"],
+    rows = {
+        "naming by example": "naming",
+        "naming (queries judged defective)": "naming_when_flagged",
+        "naming, the examples boxed": "naming_boxed",
+        "naming, the examples boxed (queries judged defective)": "naming_boxed_when_flagged",
+        "label-permutation follow rate": "follow_rate",
+        "a type no example shows, named after an example (judged defective; lower is better)": "unshown_named",
+        "balanced accuracy, good examples only": "balanced_accuracy_good_only",
+        "balanced accuracy, with the 2 defective examples": "balanced_accuracy_with_defective",
     }
-    keys = ["naming", "naming_when_flagged", "naming_boxed", "naming_boxed_when_flagged", "follow_rate", None,
-            "balanced_accuracy_good_only", "balanced_accuracy_with_defective"]  # fmt: skip
     intervals = m.get("intervals", {})
     lines = ["| measure | value | 95% interval |", "|---|---|---|"]
-    for (label, v), key in zip(cells.items(), keys, strict=True):
-        low_high = intervals.get(key)
-        interval = "" if low_high is None else f"[{low_high[0]:.3f}, {low_high[1]:.3f}]"
-        lines.append(f"| {label} | {'n/a' if v is None else f'{v:.3f}'} | {interval} |")
+    for label, key in rows.items():
+        value, interval = m.get(key), intervals.get(key)
+        shown = "" if interval is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+        lines.append(f"| {label} | {'n/a' if value is None else f'{value:.3f}'} | {shown} |")
     unshown = f", {m['unshown_queries']} of a type no example shows" if m.get("unshown_queries") else ""
     counts = f"{m['queries']} defective queries{unshown}, {m['named_in_both_runs']} named in both runs"
     note = (" Intervals: the query photos resampled with replacement, each with all its runs and seeds"
