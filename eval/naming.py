@@ -138,11 +138,24 @@ def _balanced_accuracy(records: list[dict], threshold: float) -> float:
     return image_metrics(y, np.array([r["p_defective"] for r in records], dtype=float), threshold)["balanced_accuracy"]
 
 
+def _queries(records: list[dict], run: str, flagged: bool = False) -> list[dict]:
+    """`run`'s defective queries; with `flagged`, those judged defective."""
+    return [r for r in records if r["run"] == run and r["label"] == "defective"
+            and (not flagged or r["verdict"] == "defective")]  # fmt: skip
+
+
+def _named_in_both(records: list[dict]) -> list[tuple[dict, dict]]:
+    """Each defective query of the `named` run with the same query of the `swapped` run, where both answers name
+    an example."""
+    swapped = {(r["category"], r["seed"], r["query"]): r for r in _queries(records, "swapped")}
+    pairs = [(r, swapped[(r["category"], r["seed"], r["query"])]) for r in _queries(records, "named")]
+    return [(a, b) for a, b in pairs if a["name"] is not None and b["name"] is not None]
+
+
 def _naming_rates(records: list[dict], run: str) -> tuple[float, float | None]:
     """The share of `run`'s defective queries named after the example of their type, and among those judged
     defective (None when none is)."""
-    named = [r for r in records if r["run"] == run and r["label"] == "defective"]
-    flagged = [r for r in named if r["verdict"] == "defective"]
+    named, flagged = _queries(records, run), _queries(records, run, flagged=True)
     rate = float(np.mean([r["name"] == r["expected"] for r in named]))
     return rate, float(np.mean([r["name"] == r["expected"] for r in flagged])) if flagged else None
 
@@ -150,13 +163,9 @@ def _naming_rates(records: list[dict], run: str) -> tuple[float, float | None]:
 def naming_metrics(records: list[dict], threshold: float = 0.5) -> dict:
     """The naming rate, its rate among flagged queries (also with the examples boxed, where that run was made), the
     follow rate and the two balanced accuracies."""
-    named = [r for r in records if r["run"] == "named" and r["label"] == "defective"]
-    swapped = {(r["category"], r["seed"], r["query"]): r for r in records
-               if r["run"] == "swapped" and r["label"] == "defective"}  # fmt: skip
-    pairs = [(r, swapped[(r["category"], r["seed"], r["query"])]) for r in named]
-    both = [(a, b) for a, b in pairs if a["name"] is not None and b["name"] is not None]
+    both = _named_in_both(records)
     rate, when_flagged = _naming_rates(records, "named")
-    out = {"queries": len(named), "naming": rate, "naming_when_flagged": when_flagged}
+    out = {"queries": len(_queries(records, "named")), "naming": rate, "naming_when_flagged": when_flagged}
     if any(r["run"] == "boxed" for r in records):
         out["naming_boxed"], out["naming_boxed_when_flagged"] = _naming_rates(records, "boxed")
     unshown = [r for r in records if r["run"] == "unshown" and r["verdict"] == "defective"]
@@ -197,8 +206,7 @@ def naming_intervals(records: list[dict], threshold: float = 0.5, resamples: int
             return counts @ right / (counts @ seen)
 
     def naming(run: str, flagged: bool) -> np.ndarray:
-        rows = [r for r in records if r["run"] == run and r["label"] == "defective"]
-        return rate((r, r["name"] == r["expected"]) for r in rows if not flagged or r["verdict"] == "defective")
+        return rate((r, r["name"] == r["expected"]) for r in _queries(records, run, flagged))
 
     def balanced(run: str) -> np.ndarray:
         rows = [r for r in records if r["run"] == run]
@@ -206,13 +214,9 @@ def naming_intervals(records: list[dict], threshold: float = 0.5, resamples: int
         defective = rate(h for h in right if h[0]["label"] == "defective")
         return (defective + rate(h for h in right if h[0]["label"] != "defective")) / 2
 
-    swapped = {(r["category"], r["seed"], r["query"]): r for r in records
-               if r["run"] == "swapped" and r["label"] == "defective"}  # fmt: skip
-    both = [(a, swapped[(a["category"], a["seed"], a["query"])]) for a in records
-            if a["run"] == "named" and a["label"] == "defective" and a["name"] is not None]  # fmt: skip
     draws = {
         "naming": naming("named", False), "naming_when_flagged": naming("named", True),
-        "follow_rate": rate((a, _followed(a, b)) for a, b in both if b["name"] is not None),
+        "follow_rate": rate((a, _followed(a, b)) for a, b in _named_in_both(records)),
         "balanced_accuracy_with_defective": balanced("named"), "balanced_accuracy_good_only": balanced("good_only"),
     }  # fmt: skip
     if any(r["run"] == "boxed" for r in records):
