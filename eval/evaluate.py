@@ -23,12 +23,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .inspector import Inspector
-from .metrics import PixelTable, bootstrap, metrics, pixel_stats, ranking_metrics
+from .metrics import BOX_RATES, PixelTable, bootstrap, box_hits, metrics, pixel_stats, ranking_metrics
 
 CONTROLS = ("other_category", "noise", "shuffled_labels")
 SHEET_SIDE = 96
 SCORING_BATCH = 8  # queries per forward pass when an evaluation only scores (`Inspector.judge`'s `batch_size`)
-INTERVAL_METRICS = ("balanced_accuracy", "auroc", "aupr", "f1_max", "pixel_auroc", "aupro")
+INTERVAL_METRICS = ("balanced_accuracy", "auroc", "aupr", "f1_max", "pixel_auroc", "aupro", *BOX_RATES)
 
 
 def _columns(items) -> list[str]:
@@ -117,22 +117,25 @@ def _summary(per_seed: list[dict]) -> dict:
 
 
 class _Headline:
-    """The interval metrics of bootstrap resamples of `records` (the image metrics and, with heatmaps, the pixel
-    ones), read from arrays made once (`PixelTable`): `(S, n)` drawn positions in `records` -> name -> `(S,)`."""
+    """The interval metrics of bootstrap resamples of `records` (the image metrics, with heatmaps the pixel ones, with
+    boxes the hit rates), read from arrays made once (`PixelTable`, `box_hits`): `(S, n)` drawn positions in
+    `records` -> name -> `(S,)`; NaN where a resample draws nothing a metric counts."""
 
     def __init__(self, records: list[dict], threshold: float):
         self.y = np.array([r["label"] == "defective" for r in records])
         self.p = np.array([r["p_defective"] for r in records], dtype=float)
         self.pixels, self.threshold = PixelTable(records), threshold
+        self.boxes = {name: box_hits(records, key) for name, key in BOX_RATES.items()}
 
     def __call__(self, rows: np.ndarray) -> dict:
         y, p = self.y[rows], self.p[rows]
         pred = p >= self.threshold
         with np.errstate(divide="ignore", invalid="ignore"):  # a resample of one class: NaN
             accuracy = ((pred & y).sum(1) / y.sum(1) + (~pred & ~y).sum(1) / (~y).sum(1)) / 2
+            boxes = {name: hits[rows].sum(1) / counted[rows].sum(1) for name, (hits, counted) in self.boxes.items()}
         flat = (np.arange(len(rows))[:, None] * len(self.y) + rows).ravel()  # how often each record is drawn, per row
         counts = np.bincount(flat, minlength=len(rows) * len(self.y)).reshape(len(rows), -1)
-        out = {"balanced_accuracy": accuracy, **ranking_metrics(y, p), **self.pixels.metrics(counts)}
+        out = {"balanced_accuracy": accuracy, **ranking_metrics(y, p), **self.pixels.metrics(counts), **boxes}
         return {k: out[k] for k in INTERVAL_METRICS}
 
 

@@ -35,6 +35,22 @@ def box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+# the hit rates on defects covering at least LARGE_AREA of the image: name -> the records' key holding the boxes
+# (`generated_boxes`: what the generated answer wrote, what `generate` and the pipeline give)
+BOX_RATES = {"box_hit_rate_1pct": "boxes", "generated_box_hit_rate_1pct": "generated_boxes"}
+
+
+def box_hits(records: list[dict], key: str = "boxes") -> tuple[np.ndarray, np.ndarray]:
+    """Per record: whether one of its `key` boxes overlaps one of its true boxes at IoU >= 0.5, and whether it counts
+    toward a `BOX_RATES` hit rate (a defective record with true boxes and `key` set, its defect covering at least
+    `LARGE_AREA` of the image). The metrics and their bootstrap resamples read the same two arrays."""
+    counted = np.array([r["label"] == "defective" and r.get("true_boxes") is not None and r.get(key) is not None
+                        and (r.get("area") or 0) >= LARGE_AREA for r in records], dtype=bool)  # fmt: skip
+    hits = np.array([c and any(box_iou(b, t) >= 0.5 for b in r[key] for t in r["true_boxes"])
+                     for c, r in zip(counted, records, strict=True)], dtype=bool)  # fmt: skip
+    return hits, counted
+
+
 def ap50(records: list[dict]) -> float:
     """VOC all-point AP at IoU 0.5 over defective queries; every predicted box is scored by P(defective)."""
     truths = sum(len(r["true_boxes"]) for r in records)
@@ -231,15 +247,10 @@ def metrics(records: list[dict], threshold: float = 0.5) -> dict:
     if defective and "true_boxes" in defective[0]:
         hit = [any(box_iou(b, t) >= 0.5 for b in r["boxes"] for t in r["true_boxes"]) for r in defective]
         out["box_hit_rate"], out["ap50"] = float(np.mean(hit)), ap50(defective)
-        visible = [h for h, r in zip(hit, defective, strict=True) if (r.get("area") or 0) >= LARGE_AREA]
-        if visible:
-            out["box_hit_rate_1pct"] = float(np.mean(visible))
-        # the boxes the generated answer wrote (what `generate` and the pipeline give), where answers were generated
-        written = [r for r in defective if r.get("generated_boxes") is not None and (r.get("area") or 0) >= LARGE_AREA]
-        if written:
-            out["generated_box_hit_rate_1pct"] = float(np.mean(
-                [any(box_iou(b, t) >= 0.5 for b in r["generated_boxes"] for t in r["true_boxes"]) for r in written]
-            ))  # fmt: skip
+        for name, key in BOX_RATES.items():  # the Inspector's boxes; the generated answer's, where it was generated
+            hits, counted = box_hits(records, key)
+            if counted.any():
+                out[name] = float(hits[counted].mean())
     return out
 
 

@@ -96,7 +96,8 @@ def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_data():
 def test_the_bootstrap_equals_the_metrics_of_each_resamples_records():
     """The batched resamples (`_Headline` over drawn positions) against the definition: draw the seeds, then each
     seed's queries, take `metrics` (scikit-learn's curves, the records' summed histograms) of each drawn set, average
-    over the drawn seeds, and take the percentiles; seeds of unequal size, tied scores, records without heatmaps."""
+    over the drawn seeds, and take the percentiles; seeds of unequal size, tied scores, records without heatmaps, box
+    hit rates with defects too small to count and answers never generated."""
     from kensa_vl.eval.evaluate import INTERVAL_METRICS, _Headline
     from kensa_vl.eval.metrics import metrics
 
@@ -109,9 +110,14 @@ def test_the_bootstrap_equals_the_metrics_of_each_resamples_records():
                 mask = np.zeros((32, 32), bool)
                 mask[4 : 9 + q, 3:12] = True
                 heatmap[mask] += rng.uniform(0, 3)
+            true = [[10, 10, 40, 30]] if q % 2 else []
+            near = [[12, 8, 41, 33]] if rng.random() < 0.6 else [[50, 50, 60, 60]]  # a hit or a miss
             records.append({"seed": seed, "label": "defective" if q % 2 else "good",
                             "p_defective": float(np.round(rng.random(), 1)),
-                            "pixels": None if q == 4 else pixel_stats(heatmap, mask)})  # fmt: skip
+                            "pixels": None if q == 4 else pixel_stats(heatmap, mask),
+                            # boxes: a defect under 1% of the image and an answer never generated count in no rate
+                            "true_boxes": true, "area": 0.005 if q == 5 else 0.02, "boxes": near if q % 2 else [],
+                            "generated_boxes": None if q == 3 else (near[::-1] if q % 4 else [])})  # fmt: skip
     resamples, draw = 40, np.random.default_rng(0)  # the bootstrap's own order of draws
     seeds = [[r for r in records if r["seed"] == s] for s in range(3)]
     means = []
