@@ -125,7 +125,10 @@ class _Headline:
         self.y = np.array([r["label"] == "defective" for r in records])
         self.p = np.array([r["p_defective"] for r in records], dtype=float)
         self.pixels, self.threshold = PixelTable(records), threshold
-        self.boxes = {name: box_hits(records, key) for name, key in BOX_RATES.items()}
+        self.boxes = {}  # name -> (the counted records' hits, the counted records)
+        for name, key in BOX_RATES.items():
+            hits, counted = box_hits(records, key)
+            self.boxes[name] = hits & counted, counted
 
     def __call__(self, rows: np.ndarray) -> dict:
         y, p = self.y[rows], self.p[rows]

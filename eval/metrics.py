@@ -41,13 +41,13 @@ BOX_RATES = {"box_hit_rate_1pct": "boxes", "generated_box_hit_rate_1pct": "gener
 
 
 def box_hits(records: list[dict], key: str = "boxes") -> tuple[np.ndarray, np.ndarray]:
-    """Per record: whether one of its `key` boxes overlaps one of its true boxes at IoU >= 0.5, and whether it counts
-    toward a `BOX_RATES` hit rate (a defective record with true boxes and `key` set, its defect covering at least
-    `LARGE_AREA` of the image). The metrics and their bootstrap resamples read the same two arrays."""
-    counted = np.array([r["label"] == "defective" and r.get("true_boxes") is not None and r.get(key) is not None
-                        and (r.get("area") or 0) >= LARGE_AREA for r in records], dtype=bool)  # fmt: skip
-    hits = np.array([c and any(box_iou(b, t) >= 0.5 for b in r[key] for t in r["true_boxes"])
-                     for c, r in zip(counted, records, strict=True)], dtype=bool)  # fmt: skip
+    """Per record: whether it is defective with true boxes and `key` set and one of its `key` boxes overlaps one of
+    them at IoU >= 0.5, and whether it counts toward a `BOX_RATES` hit rate (such a record whose defect covers at
+    least `LARGE_AREA` of the image). The metrics and their bootstrap resamples read the same two arrays."""
+    boxed = [r["label"] == "defective" and r.get("true_boxes") is not None and r.get(key) is not None for r in records]
+    hits = np.array([b and any(box_iou(x, t) >= 0.5 for x in r[key] for t in r["true_boxes"])
+                     for b, r in zip(boxed, records, strict=True)], dtype=bool)  # fmt: skip
+    counted = np.array(boxed, dtype=bool) & np.array([(r.get("area") or 0) >= LARGE_AREA for r in records], dtype=bool)
     return hits, counted
 
 
@@ -245,10 +245,10 @@ def metrics(records: list[dict], threshold: float = 0.5) -> dict:
         out["unlike_share"] = float(np.mean([r["unlike"] is not None for r in records]))
     defective = [r for r in records if r["label"] == "defective"]
     if defective and "true_boxes" in defective[0]:
-        hit = [any(box_iou(b, t) >= 0.5 for b in r["boxes"] for t in r["true_boxes"]) for r in defective]
-        out["box_hit_rate"], out["ap50"] = float(np.mean(hit)), ap50(defective)
+        found = {key: box_hits(records, key) for key in BOX_RATES.values()}
+        out["box_hit_rate"], out["ap50"] = float(found["boxes"][0][y].mean()), ap50(defective)
         for name, key in BOX_RATES.items():  # the Inspector's boxes; the generated answer's, where it was generated
-            hits, counted = box_hits(records, key)
+            hits, counted = found[key]
             if counted.any():
                 out[name] = float(hits[counted].mean())
     return out
